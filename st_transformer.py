@@ -1,0 +1,241 @@
+"""The ST-Transformer world model of the compression track (paper section 3), in one file.
+
+Given token grids z_0 .. z_{T-1} (each 32 x 32 Cosmos DV8x8x8 tokens) and the robot states of
+the sample, it predicts every grid z_{t+1} from the grids up to z_t (teacher forcing in
+training, greedy or sampled decoding in generate()). Read top to bottom:
+  STConfig -> Attention (spatial or causal temporal) -> MLP -> Block -> StateEncoder ->
+  STTransformer (forward, generate) -> the Top-500 cross-entropy metric.
+Shape suffixes: B batch, T grids (time), H, W grid rows and columns, S = H * W token positions,
+C channels, L state rows (frames), D state dims, V vocabulary, N tokens.
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+
+# Top-500 CE (../shared/1X-DATA.md): a true token outside the k largest logits scores
+# -log(P_FLOOR). The official scorer is not public; we choose 1 / 64000, i.e. such a token
+# costs what a uniform guess over the real Cosmos vocabulary costs (log 64000 = 11.07 nats).
+TOP_K = 500
+P_FLOOR = 1 / 64000
+
+
+@dataclass
+class STConfig:
+    vocab_size: int = 64000     # Cosmos FSQ codebook (8*8*8*5*5*5); the synthetic CPU run uses less
+    n_layer: int = 24           # paper 3.1: 24 layers, 8 heads, d = 512, T = 5, dropout 0.1
+    n_head: int = 8
+    n_embd: int = 512
+    T: int = 5                  # grids read at once: 0..4 in, 1..5 predicted
+    H: int = 32
+    W: int = 32
+    dropout: float = 0.1
+    state_dim: int = 25
+    state_window: int = 64      # state rows per sample (paper: s_{0:63}), see StateEncoder
+    use_states: bool = True     # False: the state-blind ablation
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention over the second axis of x_BNC, with QK-norm (paper 3.1)."""
+
+    def __init__(self, cfg, causal):
+        super().__init__()
+        assert cfg.n_embd % cfg.n_head == 0, f"n_embd={cfg.n_embd} must be divisible by n_head={cfg.n_head}"
+        self.n_head, self.causal, self.dropout = cfg.n_head, causal, cfg.dropout
+        self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd)
+        self.proj = nn.Linear(cfg.n_embd, cfg.n_embd)
+        # QK-norm (paper 3.1, for stability): LayerNorm of queries and keys per head, on top of the
+        # block's pre-LayerNorm (1xgpt drops the pre-LN when QK-norm is on; the paper keeps both)
+        head_dim = cfg.n_embd // cfg.n_head
+        self.q_norm, self.k_norm = nn.LayerNorm(head_dim), nn.LayerNorm(head_dim)
+        self.resid_drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x_BNC):
+        q, k, v = rearrange(self.qkv(x_BNC), 'b n (three h c) -> three b h n c', three=3, h=self.n_head)
+        y = F.scaled_dot_product_attention(self.q_norm(q), self.k_norm(k), v, is_causal=self.causal,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        return self.resid_drop(self.proj(rearrange(y, 'b h n c -> b n (h c)')))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.fc, self.proj = nn.Linear(cfg.n_embd, 4 * cfg.n_embd), nn.Linear(4 * cfg.n_embd, cfg.n_embd)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x):
+        return self.drop(self.proj(F.gelu(self.fc(x))))
+
+
+class Block(nn.Module):
+    """One ST block (paper 3.1, Fig. 3a): pre-LN spatial attention over the H x W tokens of one
+    grid, then pre-LN causal temporal attention over the T grids at one token position, then a
+    pre-LN MLP. Spatial attention never mixes grids; temporal attention never looks ahead."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.ln_s, self.ln_t, self.ln_m = nn.LayerNorm(cfg.n_embd), nn.LayerNorm(cfg.n_embd), nn.LayerNorm(cfg.n_embd)
+        self.spatial, self.temporal = Attention(cfg, causal=False), Attention(cfg, causal=True)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x_BTSC):
+        B, T, S, C = x_BTSC.shape
+        x = rearrange(x_BTSC, 'b t s c -> (b t) s c')
+        x = x + self.spatial(self.ln_s(x))
+        x = rearrange(x, '(b t) s c -> (b s) t c', b=B)
+        x = x + self.temporal(self.ln_t(x))
+        x = x + self.mlp(self.ln_m(x))
+        return rearrange(x, '(b s) t c -> b t s c', b=B)
+
+
+def grid_frame_pool(T, state_window):
+    """(T, state_window) averaging matrix from state rows to input positions.
+
+    The state window ends with the sample's 34 frames (data.TokenDataset): two 17-frame blocks,
+    and Cosmos DV8x8x8 is causal in time, so grid 0 of a block encodes its frame 0, grid 1 frames
+    1-8, grid 2 frames 9-16. Input position t predicts grid t+1, so it gets the mean state feature
+    of the frames grid t+1 encodes: the motion that turns grid t into grid t+1 (as Genie adds the
+    action a_t to frame t to predict frame t+1). With causal temporal attention, position t thus
+    sees the states of all frames up to the end of grid t+1. The 30 history rows before the
+    sample reach the features through the kernel-3 convolution at the sample's first frame only.
+    """
+    pool_TL = torch.zeros(T, state_window)
+    start = state_window - 34  # first row of the sample's frames in the window
+    for t in range(T):
+        g = t + 1
+        first = 17 * (g // 3) + (0, 1, 9)[g % 3]
+        end = 17 * (g // 3) + (1, 9, 17)[g % 3]
+        pool_TL[t, start + first:start + end] = 1 / (end - first)
+    return pool_TL
+
+
+class StateEncoder(nn.Module):
+    """Paper 3.1, state conditioning (after Genie): states (L x 25) -> MLP -> Conv1d (k=3, p=1)
+    over time -> + absolute position embedding of each state row -> pooled to the T input
+    positions (grid_frame_pool) -> added to the token embeddings of that time step."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(cfg.state_dim, cfg.n_embd), nn.GELU(), nn.Linear(cfg.n_embd, cfg.n_embd))
+        self.conv = nn.Conv1d(cfg.n_embd, cfg.n_embd, kernel_size=3, padding=1)
+        self.pos_emb_LC = nn.Parameter(torch.zeros(cfg.state_window, cfg.n_embd))
+        self.register_buffer('pool_TL', grid_frame_pool(cfg.T, cfg.state_window), persistent=False)
+
+    def forward(self, states_BLD, T):
+        h_BLC = self.mlp(states_BLD)
+        h_BLC = self.conv(h_BLC.transpose(1, 2)).transpose(1, 2) + self.pos_emb_LC
+        return torch.einsum('tl,blc->btc', self.pool_TL[:T], h_BLC)
+
+
+class STTransformer(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        # learnable absolute position embeddings, spatial (32 x 32) and temporal (T) (paper 3.1)
+        self.pos_emb_SC = nn.Parameter(torch.zeros(cfg.H * cfg.W, cfg.n_embd))
+        self.pos_emb_TC = nn.Parameter(torch.zeros(cfg.T, cfg.n_embd))
+        self.states = StateEncoder(cfg) if cfg.use_states else None
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.ln_f = nn.LayerNorm(cfg.n_embd)
+        self.head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.head.weight = self.tok_emb.weight  # paper 3.2: tied input and output embeddings
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m):
+        # paper 3.2: weights (embeddings included) N(0, 0.02), linear biases zero
+        if isinstance(m, (nn.Linear, nn.Conv1d, nn.Embedding)):
+            nn.init.normal_(m.weight, std=0.02)
+            if getattr(m, 'bias', None) is not None:
+                nn.init.zeros_(m.bias)
+        for name, p in m.named_parameters(recurse=False):
+            if name.startswith('pos_emb'):
+                nn.init.normal_(p, std=0.02)
+
+    def forward(self, z_BTHW, states_BLD=None, predict_from=0):
+        """Logits (B, T - predict_from, H, W, V) for grids predict_from+1 .. T from grids 0 .. T-1.
+
+        Only the positions that are scored get the output head: training scores the future
+        grids 3, 4, 5 (paper 3.2), i.e. positions 2, 3, 4, and the 64k-way head is the largest
+        cost of the model, so this is cheaper and exact."""
+        B, T, H, W = z_BTHW.shape
+        cfg = self.cfg
+        assert (H, W) == (cfg.H, cfg.W), f"token grids must be {cfg.H} x {cfg.W}, got {H} x {W}"
+        assert 1 <= T <= cfg.T, f"the model reads at most T={cfg.T} grids, got {T}"
+        x_BTSC = self.tok_emb(rearrange(z_BTHW, 'b t h w -> b t (h w)'))
+        x_BTSC = x_BTSC + self.pos_emb_SC + self.pos_emb_TC[:T, None]
+        if self.states is not None:
+            assert states_BLD is not None and states_BLD.shape[1:] == (cfg.state_window, cfg.state_dim), \
+                f"states must be (B, {cfg.state_window}, {cfg.state_dim}), got {None if states_BLD is None else tuple(states_BLD.shape)}"
+            x_BTSC = x_BTSC + self.states(states_BLD, T)[:, :, None]
+        x_BTSC = self.drop(x_BTSC)
+        for block in self.blocks:
+            x_BTSC = block(x_BTSC)
+        x_BTSC = self.ln_f(x_BTSC[:, predict_from:])
+        return rearrange(self.head(x_BTSC), 'b t (h w) v -> b t h w v', h=H)
+
+    @torch.no_grad()
+    def generate(self, z_BTHW, states_BLD=None, num_grids=3, temperature=0.0, top_k=None):
+        """Predict the next num_grids grids after the context, one grid at a time: the 1024 tokens
+        of a grid are predicted in parallel given the grids before it (paper 3.3). temperature 0
+        is greedy decoding (the paper's choice); otherwise sample from the top_k logits at that
+        temperature. Computed in fp32 (paper 3.2: inference in bf16 degraded).
+        Returns the grids (B, num_grids, H, W) and their logits (B, num_grids, H, W, V).
+        Each step reruns the whole (short) sequence; a temporal KV cache would reuse the past."""
+        assert z_BTHW.shape[1] + num_grids - 1 <= self.cfg.T, \
+            f"{z_BTHW.shape[1]} context + {num_grids} new grids need T >= {z_BTHW.shape[1] + num_grids - 1}"
+        grids, all_logits = z_BTHW, []
+        with torch.autocast(z_BTHW.device.type, enabled=False):
+            for _ in range(num_grids):
+                logits_BHWV = self.forward(grids, states_BLD, predict_from=grids.shape[1] - 1)[:, 0].float()
+                if temperature == 0.0:
+                    next_BHW = logits_BHWV.argmax(-1)
+                else:
+                    scaled = logits_BHWV / temperature
+                    if top_k is not None:
+                        kth = scaled.topk(top_k, dim=-1).values[..., -1:]
+                        scaled = scaled.masked_fill(scaled < kth, float('-inf'))
+                    probs = F.softmax(scaled, dim=-1)
+                    next_BHW = torch.multinomial(probs.flatten(0, -2), 1).view(probs.shape[:-1])
+                grids = torch.cat([grids, next_BHW[:, None]], dim=1)
+                all_logits.append(logits_BHWV)
+        return grids[:, z_BTHW.shape[1]:], torch.stack(all_logits, dim=1)
+
+    def param_groups(self, weight_decay):
+        """Paper 3.2: weight decay on parameter matrices only; biases, norm gains and position
+        embeddings are not decayed. (The tied embedding/head matrix is a matrix: decayed.)"""
+        decay, no_decay = [], []
+        for name, p in self.named_parameters():
+            is_pos = name.split('.')[-1].startswith('pos_emb')
+            (decay if p.dim() >= 2 and not is_pos else no_decay).append(p)
+        return [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())  # parameters() counts the tied matrix once
+
+    def flops_per_sample(self, predict_grids=3):
+        """Forward + backward FLOPs of one training sample (6 N per token for the matmuls, as in
+        the PaLM appendix, plus attention scores and the head on the scored grids only)."""
+        cfg = self.cfg
+        S, C, T = cfg.H * cfg.W, cfg.n_embd, cfg.T
+        n_block = sum(p.numel() for p in self.blocks.parameters())
+        attn = cfg.n_layer * 2 * 2 * C * (S + T)  # QK^T and AV per token: spatial over S, temporal over T
+        return 3 * (2 * n_block * T * S + attn * T * S + 2 * C * cfg.vocab_size * predict_grids * S)
+
+
+def cross_entropy_topk(logits_NV, target_N, k=TOP_K, p_floor=P_FLOOR):
+    """Top-k cross-entropy per token (nanoWM's reading of the 1X challenge metric, 1X-DATA.md):
+    keep the k largest logits, log-softmax over them, loss = -log p(true token); a true token
+    outside the top k scores -log(p_floor). With k = V this is the plain cross-entropy."""
+    logits_NV = logits_NV.float()
+    top_NK, idx_NK = logits_NV.topk(min(k, logits_NV.shape[-1]), dim=-1)
+    logp_NK = F.log_softmax(top_NK, dim=-1)
+    hit_NK = idx_NK == target_N[:, None]
+    in_top_N = hit_NK.any(-1)
+    logp_true_N = (logp_NK * hit_NK).sum(-1)
+    return torch.where(in_top_N, -logp_true_N, torch.full_like(logp_true_N, -math.log(p_floor)))
