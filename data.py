@@ -142,13 +142,18 @@ class TokenDataset(torch.utils.data.Dataset):
 
 
 # --- the synthetic world --------------------------------------------------------------------
-# Each grid is the previous grid rolled on the torus by an offset that the robot states of the
-# frames it encodes determine (state dims 0, 1 = dy, dx), then a fraction eps of its tokens is
-# replaced by uniform random ones. The first grid of each segment is uniform random. So the
-# teacher-forced Bayes-optimal predictive of a future token is known exactly: the rolled token
-# with probability q = 1 - eps + eps/V, every other token eps/V; a model that ignores the
-# states can at best mix over the offsets.
-SYNTHETIC_OFFSETS = ((1, 0), (-1, 0), (0, 1), (0, -1))
+# The robot turns its head between views it has seen: each grid is a copy of the grid `lag`
+# steps earlier (lag 1, 2 or 3), where the lag is what the robot states of the frames the new
+# grid encodes say (state dim 20, neck pitch, holds the lag); then a fraction eps of its tokens
+# is replaced by uniform random ones. The first grid of each segment is uniform random, and a
+# lag never reaches before the segment start. So the teacher-forced Bayes-optimal predictive of
+# a future token is known exactly: the copied token with probability q = 1 - eps + eps/V, every
+# other token eps/V; a model that ignores the states can at best mix over the lags. (A spatial
+# world, e.g. grids rolled by a state-given offset, needs far more than a 5-minute CPU run to
+# learn relative positions from absolute 32 x 32 embeddings; the lag world exercises the
+# causal temporal attention and the state path, which is what the compression model adds.)
+SYNTHETIC_LAGS = (1, 2, 3)
+SYNTHETIC_STATE_DIM = 20
 
 
 def write_shard(out_dir, i, tokens_BGHW, states_FD, segment_F, nested):
@@ -173,25 +178,26 @@ def synthetic_shard(rng, num_frames, vocab, eps, seg_id0=0, min_seg=40, max_seg=
     segment_F = np.repeat(np.arange(len(seg_len)) + seg_id0, seg_len)[:num_frames].astype(np.int32)
     blocks = math.ceil(num_frames / FRAMES_PER_BLOCK)
     n_grids = blocks * GRIDS_PER_BLOCK
-    offset_G = rng.integers(len(SYNTHETIC_OFFSETS), size=n_grids)
     states_FD = rng.standard_normal((num_frames, STATE_DIM)).astype(np.float32)
     tokens_GHW = np.empty((n_grids, GRID_H, GRID_W), dtype=np.int32)
-    prev_seg = None
+    prev_seg, run = None, 0  # run: how many grids of the current segment came before this one
     for g in range(n_grids):
-        f0 = FRAMES_PER_BLOCK * (g // GRIDS_PER_BLOCK) + GRID_FRAMES[g % GRIDS_PER_BLOCK][0]
-        f1 = min(FRAMES_PER_BLOCK * (g // GRIDS_PER_BLOCK) + GRID_FRAMES[g % GRIDS_PER_BLOCK][1], num_frames)
+        b, j = divmod(g, GRIDS_PER_BLOCK)
+        f0, f1 = FRAMES_PER_BLOCK * b + GRID_FRAMES[j][0], min(FRAMES_PER_BLOCK * b + GRID_FRAMES[j][1], num_frames)
         segs = set(segment_F[f0:f1].tolist())
-        seg = segs.pop() if len(segs) == 1 else None  # None: the grid straddles a boundary or the shard end
-        dy, dx = SYNTHETIC_OFFSETS[offset_G[g]]
-        states_FD[f0:f1, 0], states_FD[f0:f1, 1] = dy, dx
-        if seg is not None and seg == prev_seg:
-            grid = np.roll(tokens_GHW[g - 1], (dy, dx), axis=(0, 1))
-            noise = rng.random((GRID_H, GRID_W)) < eps
-            grid[noise] = rng.integers(vocab, size=int(noise.sum()))
-            tokens_GHW[g] = grid
-        else:
-            tokens_GHW[g] = rng.integers(vocab, size=(GRID_H, GRID_W))
+        seg = segs.pop() if len(segs) == 1 and f1 > f0 else None  # None: straddles a boundary or the shard end
+        run = run + 1 if seg is not None and seg == prev_seg else 0
         prev_seg = seg
+        lags = [lag for lag in SYNTHETIC_LAGS if lag <= run]
+        if not lags:
+            tokens_GHW[g] = rng.integers(vocab, size=(GRID_H, GRID_W))
+            continue
+        lag = lags[rng.integers(len(lags))]
+        states_FD[f0:f1, SYNTHETIC_STATE_DIM] = lag
+        grid = tokens_GHW[g - lag].copy()
+        noise = rng.random((GRID_H, GRID_W)) < eps
+        grid[noise] = rng.integers(vocab, size=int(noise.sum()))
+        tokens_GHW[g] = grid
     return tokens_GHW.reshape(blocks, GRIDS_PER_BLOCK, GRID_H, GRID_W), states_FD, segment_F
 
 
@@ -199,7 +205,7 @@ def write_synthetic(out, seed=0, vocab=1000, eps=0.1, train_shards=2, train_fram
     """Write out/train_v2.0 (nested layout) and out/val_v2.0 (flat layout). Deterministic in seed."""
     assert vocab > 500, f"vocab={vocab}: Top-500 CE needs more than 500 tokens"
     rng = np.random.default_rng(seed)
-    world = dict(vocab=vocab, eps=eps, offsets=SYNTHETIC_OFFSETS, seed=seed)
+    world = dict(vocab=vocab, eps=eps, lags=SYNTHETIC_LAGS, state_dim=SYNTHETIC_STATE_DIM, seed=seed)
     seg_id0 = 0
     for split, n_shards, frames, nested in (('train_v2.0', train_shards, train_frames, True),
                                             ('val_v2.0', 1, val_frames, False)):
@@ -237,23 +243,20 @@ def synthetic_floors(vocab, eps, k=500, p_floor=None):
 
 def synthetic_oracle_logits(tokens_BGHW, states_BLD, world, use_states=True):
     """Log-probabilities (B, 3, 32, 32, V) of the Bayes-optimal teacher-forced predictor of the
-    future grids 3, 4, 5 of synthetic samples, given the true previous grid. use_states=False
-    gives the best state-blind predictor: a uniform mixture over the offsets (they are drawn
+    future grids 3, 4, 5 of synthetic samples, given the true earlier grids. use_states=False
+    gives the best state-blind predictor: a uniform mixture over the lags (they are drawn
     independently of everything it can see). Used for the floors in the results table."""
-    V, eps, offsets = world['vocab'], world['eps'], [tuple(o) for o in world['offsets']]
+    V, eps, lags = world['vocab'], world['eps'], world['lags']
     B, L = states_BLD.shape[:2]
-    probs = torch.full((B, SAMPLE_GRIDS // 2, GRID_H, GRID_W, V), eps / V, dtype=torch.float64)
+    probs = torch.full((B, SAMPLE_GRIDS // 2, GRID_H, GRID_W, V), eps / V)
     for t, g in enumerate(range(SAMPLE_GRIDS // 2, SAMPLE_GRIDS)):
-        f0, f1 = grid_frames(g)
-        dydx_B2 = states_BLD[:, L - SAMPLE_FRAMES + f0, :2].round().long()  # the world's offset code
-        for o, (dy, dx) in enumerate(offsets):
-            src = torch.roll(tokens_BGHW[:, g - 1], (dy, dx), dims=(1, 2))
-            if use_states:
-                w = ((dydx_B2[:, 0] == dy) & (dydx_B2[:, 1] == dx)).double()
-            else:
-                w = torch.full((B,), 1 / len(offsets), dtype=torch.float64)
-            probs[:, t].scatter_add_(-1, src[..., None], ((1 - eps) * w)[:, None, None, None].expand(-1, GRID_H, GRID_W, 1))
+        lag_B = states_BLD[:, L - SAMPLE_FRAMES + grid_frames(g)[0], world['state_dim']].round().long()
+        for lag in lags:
+            w_B = (lag_B == lag).float() if use_states else torch.full((B,), 1 / len(lags))
+            src = tokens_BGHW[:, g - lag, :, :, None]
+            probs[:, t].scatter_add_(-1, src, ((1 - eps) * w_B)[:, None, None, None].expand(-1, GRID_H, GRID_W, 1))
     return probs.log()
+
 
 def default_synthetic_dir():
     """data/synthetic next to this file, written on first use (the no-flag default of train_compression.py)."""
@@ -395,6 +398,33 @@ class RawShard:
         frames_THWC = self.read_frames(start, RAW_CLIP_LEN)[idx]
         states_TD = np.array(self.states_ND[start + idx])
         return frames_THWC, states_TD
+
+    def iter_clips(self, starts):
+        """read_clip for each of the sorted `starts`, decoding the video front to back once (for
+        pre-encoding: read_clip seeks and decodes 77 frames per clip, which overlapping clips repeat)."""
+        idx = np.array(clip_frame_indices())
+        pending, buf = list(starts), {}
+        if not pending:
+            return
+        with av.open(self.video_path) as container:
+            stream = container.streams.video[0]
+            stream.thread_type = 'AUTO'
+            fps, tb = stream.average_rate, stream.time_base
+            t0 = stream.start_time or 0
+            container.seek(t0 + int(pending[0] / fps / tb), stream=stream, backward=True)
+            for frame in container.decode(stream):
+                n = round((frame.pts - t0) * tb * fps)
+                if n < pending[0]:
+                    continue
+                buf[n] = frame.to_ndarray(format='rgb24')
+                while pending and n == pending[0] + TARGET_FRAME:
+                    s = pending.pop(0)
+                    yield s, np.stack([buf[s + i] for i in idx]), np.array(self.states_ND[s + idx])
+                if not pending:
+                    return
+                buf = {k: v for k, v in buf.items() if k >= pending[0]}
+        raise ValueError(f"{self.video_path}: the video ends before frame {pending[0] + TARGET_FRAME}; it is "
+                         f"shorter than its metadata says (truncated download?)")
 
 
 def raw_shards(split_dir):
@@ -549,26 +579,31 @@ def write_synthetic_raw(split_dir, num_shards=1, frames_per_shard=1200, size=64,
 # --- latents on disk: encode once, train many steps ---------------------------------------------
 
 def encode_raw_split(split_dir, out_dir, codec, stride=RAW_CLIP_LEN, batch_size=8, device='cpu',
-                     dtype=torch.float32, max_clips=None):
+                     dtype=torch.float32):
     """Encode every clip of a raw split with `codec` (PixelCodec or wan_state.WanVAE) to
     out_dir/latents_{shard}.safetensors holding latents [N, 48, 6, h, w], states [N, 21, 25] and
     starts [N] (the raw frame each window starts at). Store bf16 for the Wan VAE, float32 for the
-    lossless pixel codec."""
+    lossless pixel codec. Returns the number of clips."""
     os.makedirs(out_dir, exist_ok=True)
-    clips = RawClips(split_dir, stride, max_clips)
-    loader = torch.utils.data.DataLoader(clips, batch_size=batch_size, num_workers=0)
-    per_shard = {}
-    for batch in tqdm(loader, desc=f'encode {split_dir}'):
-        with torch.no_grad():
-            z = codec.encode(frames_to_video(batch['frames_THWC']).to(device)).to('cpu', dtype)
-        for k, shard in enumerate(batch['shard'].tolist()):
-            per_shard.setdefault(shard, []).append((z[k], batch['states_TD'][k], batch['start'][k]))
-    for shard, rows in per_shard.items():
-        save_file({'latents': torch.stack([r[0] for r in rows]).contiguous(),
-                   'states': torch.stack([r[1] for r in rows]).contiguous(),
-                   'starts': torch.stack([r[2] for r in rows]).long()},
-                  os.path.join(out_dir, f'latents_{shard}.safetensors'))
-    return len(clips)
+    total = 0
+    for shard_id in raw_shards(split_dir):
+        shard = RawShard(split_dir, shard_id)
+        starts = shard.clip_starts(stride)
+        latents, states, batch = [], [], []
+        for k, (_, frames_THWC, states_TD) in enumerate(tqdm(shard.iter_clips(starts), total=len(starts),
+                                                              desc=f'encode {split_dir} shard {shard_id}')):
+            batch.append(torch.from_numpy(frames_THWC))
+            states.append(torch.from_numpy(states_TD))
+            if len(batch) == batch_size or k == len(starts) - 1:
+                with torch.no_grad():
+                    latents.append(codec.encode(frames_to_video(torch.stack(batch)).to(device)).to('cpu', dtype))
+                batch = []
+        if starts:
+            save_file({'latents': torch.cat(latents).contiguous(), 'states': torch.stack(states).contiguous(),
+                       'starts': torch.tensor(starts, dtype=torch.int64)},
+                      os.path.join(out_dir, f'latents_{shard_id}.safetensors'))
+        total += len(starts)
+    return total
 
 
 class LatentClips(torch.utils.data.Dataset):

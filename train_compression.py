@@ -26,7 +26,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import data
-from st_transformer import STConfig, STTransformer, cross_entropy_topk, TOP_K
+from st_transformer import STConfig, STTransformer, cross_entropy_topk, get_lr, TOP_K
 
 # --- settings (defaults: the CPU run on synthetic data) ---------------------------------------
 preset = 'cpu'             # 'cpu' or 'paper' (PRESETS below)
@@ -41,7 +41,7 @@ resume = False             # continue from out_dir/ckpt.pt
 dry_run = False            # build the model on the meta device, print its size, exit
 # model
 vocab_size = 1000          # synthetic tokens lie in [0, 1000); the real data needs 64000
-n_layer = 2
+n_layer = 1
 n_head = 4
 n_embd = 64
 T = 5                      # paper 3.1: grids 0..4 are read, grids 1..5 predicted
@@ -52,21 +52,20 @@ use_states = True
 total_batch_size = 8       # samples per optimizer step (paper: 160), via gradient accumulation
 batch_size = 8             # samples per micro-step per process
 epochs = 0.0               # length of the run in passes over the training set ...
-max_iters = 400            # ... or in steps, when epochs == 0
-learning_rate = 3e-3       # peak; linear warmup then linear decay to 0 (paper: 8e-4)
-warmup_iters = 40
+max_iters = 200            # ... or in steps, when epochs == 0
+learning_rate = 5e-3       # peak; linear warmup then linear decay to 0 (paper: 8e-4)
+warmup_iters = 20
 weight_decay = 0.05        # on matrices only (STTransformer.param_groups)
 beta1 = 0.9
 beta2 = 0.95
 grad_clip = 1.0            # not stated in the paper; the usual GPT-2 value
 # evaluation and bookkeeping
-eval_interval = 100
-eval_samples = 64          # teacher-forced val samples at each eval_interval
-final_eval_samples = 0     # samples for the final table (0 = the whole split)
-log_interval = 10
+eval_interval = 50
+eval_samples = 16          # teacher-forced val samples at each eval_interval
+final_eval_samples = 48    # samples for the final table (0 = the whole split)
 ckpt_interval = 0          # save every this many steps (0 = only at the end)
 stop_at = 0                # save and stop after this many steps without ending the schedule (0 = off)
-num_workers = 2
+num_workers = 1
 seed = 1337
 device = 'auto'            # 'auto', 'cpu', 'cuda', 'cuda:1', 'mps'
 dtype = 'bfloat16'         # autocast dtype on CUDA (paper 3.2: bf16 AMP); the CPU runs in fp32
@@ -78,7 +77,7 @@ PRESETS = {
     'paper': dict(vocab_size=data.VOCAB_SIZE, n_layer=24, n_head=8, n_embd=512, T=5, dropout=0.1,
                   total_batch_size=160, batch_size=20, epochs=80.0, learning_rate=8e-4, warmup_iters=2000,
                   weight_decay=0.05, beta1=0.9, beta2=0.95, eval_interval=2000, eval_samples=512,
-                  log_interval=50, ckpt_interval=2000, num_workers=8),
+                  final_eval_samples=0, ckpt_interval=2000, num_workers=8),
 }
 for arg in sys.argv[1:]:  # the preset goes first so that every other flag can override it
     if arg.startswith('--preset='):
@@ -89,13 +88,6 @@ for arg in sys.argv[1:]:  # the preset goes first so that every other flag can o
 from configurator import configure  # noqa: E402
 configure(globals())
 config = {k: v for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))}
-
-
-def get_lr(it, max_iters):
-    """Paper 3.2: linear warmup over warmup_iters to the peak, then linear decay to 0 at max_iters."""
-    if it < warmup_iters:
-        return learning_rate * (it + 1) / warmup_iters
-    return learning_rate * max(0.0, (max_iters - it) / max(1, max_iters - warmup_iters))
 
 
 class StepBatches(torch.utils.data.Sampler):
@@ -291,7 +283,7 @@ log = open(os.path.join(out_dir, 'log.jsonl'), 'a') if master else None
 bar = tqdm(total=stop, initial=step, desc='train', disable=not master, dynamic_ncols=True)
 t0 = time.time()
 while step < stop:
-    lr = get_lr(step, max_iters)
+    lr = get_lr(step, learning_rate, warmup_iters, max_iters)
     for group in optimizer.param_groups:
         group['lr'] = lr
     loss_sum = 0.0

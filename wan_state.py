@@ -6,7 +6,9 @@ AdaLN-Zero state conditioning and LoRA.
 
 API (the sampling scripts use these names):
     cfg = WanConfig()                      # TI2V-5B numbers; WanConfig.tiny() for tests / CPU
-    model = WanDiT(cfg, state_cond=True)   # random init; or WanDiT.from_pretrained(repo_or_dir)
+    model = WanDiT(cfg, state_cond=True)   # random init (state conditioning and LoRA add nothing yet)
+    model = WanDiT.from_pretrained('Wan-AI/Wan2.2-TI2V-5B' or a local dir, official or diffusers layout,
+                                   state_cond=True, device='cuda', dtype=None -> bf16 on CUDA)
     v_BCFHW = model(x_BCFHW, t, context_BLD, states_BTD=None, drop_states_B=None)
         t: [B] one timestep per sample (0..1000), or [B, L] per token, L = F * H/2 * W/2
         states_BTD: [B, 4 * (F - 1) + 1, 25] states after the 4x frame downsampling (None: the
@@ -18,6 +20,7 @@ API (the sampling scripts use these names):
     trainable_state_dict(model); save_trainable(model, path); load_trainable(model, path)
     vae = WanVAE.from_pretrained(repo_or_dir); z = vae.encode(video_BCTHW); video = vae.decode(z)
     context_1LD = null_context(repo_or_dir)   # umT5 encoding of "" padded to 512 slots
+    parameter_counts(); benchmark(...)        # `python wan_state.py [bench]`
 
 Precision: on the CPU everything is fp32. With bf16 weights (set_dtype / from_pretrained on
 CUDA) the forward runs under bf16 autocast and keeps the residual stream, the timestep and state
@@ -745,3 +748,75 @@ def _umt5_one_token(root, token_id):
         h = rms(x, w('n2', i))
         x = x + (F.gelu(h @ w('gate', i).T, approximate='tanh') * (h @ w('fc1', i).T)) @ w('fc2', i).T
     return rms(x, w('final'))
+
+
+# ---------------------------------------------------------------------------------------------
+# Size and speed: `python wan_state.py` (parameter counts, meta device) and
+# `python wan_state.py bench` (full-size random-weight DiT on CUDA, bf16, 512x512 x 21 frames)
+# ---------------------------------------------------------------------------------------------
+
+def parameter_counts(cfg=None, lora_rank=32):
+    """Base / state-conditioning / LoRA parameter counts, built on the meta device (no memory)."""
+    with torch.device('meta'):
+        model = WanDiT(cfg or WanConfig(), state_cond=True)
+        add_lora(model, rank=lora_rank, alpha=lora_rank)
+    count = {'base': 0, 'state': 0, 'lora': 0}
+    for name, p in model.named_parameters():
+        count['lora' if '.lora_' in name else 'state' if name.startswith('state_embedder.') else 'base'] += p.numel()
+    return count
+
+
+def benchmark(cfg=None, device='cuda', batch=1, latent_frames=6, latent_hw=32, train=False, steps=5):
+    """Mean ms per forward (train=True: forward + backward with LoRA and checkpointing) and peak GiB.
+
+    Defaults are the challenge clip: 21 frames of 512x512 -> 6 x 32 x 32 latents -> 1536 tokens,
+    five latent frames as context at t = 0 (paper 2.1), random weights in bf16 on CUDA.
+    """
+    import time
+    cfg = cfg or WanConfig()
+    with torch.device(device):
+        model = WanDiT(cfg)
+    if str(device).startswith('cuda'):
+        model.set_dtype(torch.bfloat16)
+    if train:
+        add_lora(model)
+        model.gradient_checkpointing = True
+    x = torch.randn(batch, cfg.in_dim, latent_frames, latent_hw, latent_hw, device=device)
+    mask_BF = torch.ones(batch, latent_frames, device=device)
+    mask_BF[:, :max(latent_frames - 1, 1)] = 0
+    t_BL = per_token_timestep(mask_BF, torch.full((batch,), 500.0, device=device), (latent_hw // 2) ** 2)
+    context = torch.randn(batch, cfg.text_len, cfg.text_dim, device=device)
+    states = torch.randn(batch, 4 * (latent_frames - 1) + 1, cfg.state_dim, device=device)
+    sync = torch.cuda.synchronize if str(device).startswith('cuda') else (lambda: None)
+
+    def step():
+        with torch.set_grad_enabled(train):
+            out = model(x, t_BL, context, states)
+            if train:
+                out.float().square().mean().backward()
+
+    step()   # warm-up
+    sync()
+    if str(device).startswith('cuda'):
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync()
+    ms = (time.perf_counter() - start) / steps * 1000
+    peak = torch.cuda.max_memory_allocated() / 2 ** 30 if str(device).startswith('cuda') else float('nan')
+    return ms, peak
+
+
+if __name__ == '__main__':
+    import sys
+    if sys.argv[1:] == ['bench']:
+        assert torch.cuda.is_available(), "bench measures the full-size DiT on a CUDA GPU"
+        for train in (False, True):
+            ms, gib = benchmark(train=train)
+            print(f"{'LoRA train step' if train else 'forward'} bf16, 1 x 21 x 512 x 512: {ms:.1f} ms, "
+                  f"peak {gib:.1f} GiB ({torch.cuda.get_device_name()})")
+    else:
+        c = parameter_counts()
+        print(f"Wan 2.2 TI2V-5B DiT: {c['base']:,} base + {c['state']:,} state conditioning + "
+              f"{c['lora']:,} LoRA (rank 32) = {sum(c.values()):,} parameters")
