@@ -142,18 +142,23 @@ class TokenDataset(torch.utils.data.Dataset):
 
 
 # --- the synthetic world --------------------------------------------------------------------
-# The robot turns its head between views it has seen: each grid is a copy of the grid `lag`
-# steps earlier (lag 1, 2 or 3), where the lag is what the robot states of the frames the new
-# grid encodes say (state dim 20, neck pitch, holds the lag); then a fraction eps of its tokens
-# is replaced by uniform random ones. The first grid of each segment is uniform random, and a
-# lag never reaches before the segment start. So the teacher-forced Bayes-optimal predictive of
-# a future token is known exactly: the copied token with probability q = 1 - eps + eps/V, every
-# other token eps/V; a model that ignores the states can at best mix over the lags. (A spatial
-# world, e.g. grids rolled by a state-given offset, needs far more than a 5-minute CPU run to
-# learn relative positions from absolute 32 x 32 embeddings; the lag world exercises the
-# causal temporal attention and the state path, which is what the compression model adds.)
-SYNTHETIC_LAGS = (1, 2, 3)
-SYNTHETIC_STATE_DIM = 20
+# The robot looks around three places. At each grid it turns to one of the two places it is not
+# looking at (uniformly; state dim 21 holds the place). A place it saw within the last 3 grids
+# looks as it did then, with a fraction eps of the tokens replaced by uniform random ones; a
+# place unseen for longer (or not yet seen in the segment) has changed completely: uniform
+# random tokens. State dim 20 holds the lag: how many grids ago the place was last seen (2 or
+# 3), or 0 when it is new. So for a future grid g (at least 3 grids into its segment, as every
+# future grid of a sample is) the lag is 2 with probability 1/2 (back to the place of g-2), 3 with
+# probability 1/4 (the third place, if it was seen at g-3) and new with probability 1/4, and the
+# teacher-forced Bayes-optimal predictive is known exactly: for a copy, the copied token with
+# probability q = 1 - eps + eps/V and every other token eps/V; for a new place, uniform. A model
+# that ignores the states can at best mix over the cases. The copy sources are two different
+# places, so they hold independent tokens. (A spatial world, e.g. grids rolled by a state-given
+# offset, needs far more than a 5-minute CPU run to learn relative positions from absolute
+# 32 x 32 embeddings; this world exercises the causal temporal attention and the state path.)
+SYNTHETIC_PLACES = 3
+SYNTHETIC_P_NEW = 1 / 4         # derived above
+LAG_DIM, PLACE_DIM = 20, 21
 
 
 def write_shard(out_dir, i, tokens_BGHW, states_FD, segment_F, nested):
@@ -180,20 +185,23 @@ def synthetic_shard(rng, num_frames, vocab, eps, seg_id0=0, min_seg=40, max_seg=
     n_grids = blocks * GRIDS_PER_BLOCK
     states_FD = rng.standard_normal((num_frames, STATE_DIM)).astype(np.float32)
     tokens_GHW = np.empty((n_grids, GRID_H, GRID_W), dtype=np.int32)
-    prev_seg, run = None, 0  # run: how many grids of the current segment came before this one
+    prev_seg, places = None, []  # places: the place of each grid so far in the current segment
     for g in range(n_grids):
         b, j = divmod(g, GRIDS_PER_BLOCK)
         f0, f1 = FRAMES_PER_BLOCK * b + GRID_FRAMES[j][0], min(FRAMES_PER_BLOCK * b + GRID_FRAMES[j][1], num_frames)
         segs = set(segment_F[f0:f1].tolist())
         seg = segs.pop() if len(segs) == 1 and f1 > f0 else None  # None: straddles a boundary or the shard end
-        run = run + 1 if seg is not None and seg == prev_seg else 0
+        if seg is None or seg != prev_seg:
+            places = []
         prev_seg = seg
-        lags = [lag for lag in SYNTHETIC_LAGS if lag <= run]
-        if not lags:
+        others = [p for p in range(SYNTHETIC_PLACES) if not places or p != places[-1]]
+        place = others[rng.integers(len(others))]
+        lag = next((k for k in (2, 3) if len(places) >= k and places[-k] == place), 0)
+        places.append(place)
+        states_FD[f0:f1, LAG_DIM], states_FD[f0:f1, PLACE_DIM] = lag, place
+        if lag == 0:
             tokens_GHW[g] = rng.integers(vocab, size=(GRID_H, GRID_W))
             continue
-        lag = lags[rng.integers(len(lags))]
-        states_FD[f0:f1, SYNTHETIC_STATE_DIM] = lag
         grid = tokens_GHW[g - lag].copy()
         noise = rng.random((GRID_H, GRID_W)) < eps
         grid[noise] = rng.integers(vocab, size=int(noise.sum()))
@@ -205,7 +213,7 @@ def write_synthetic(out, seed=0, vocab=1000, eps=0.1, train_shards=2, train_fram
     """Write out/train_v2.0 (nested layout) and out/val_v2.0 (flat layout). Deterministic in seed."""
     assert vocab > 500, f"vocab={vocab}: Top-500 CE needs more than 500 tokens"
     rng = np.random.default_rng(seed)
-    world = dict(vocab=vocab, eps=eps, lags=SYNTHETIC_LAGS, state_dim=SYNTHETIC_STATE_DIM, seed=seed)
+    world = dict(vocab=vocab, eps=eps, places=SYNTHETIC_PLACES, p_new=SYNTHETIC_P_NEW, seed=seed)
     seg_id0 = 0
     for split, n_shards, frames, nested in (('train_v2.0', train_shards, train_frames, True),
                                             ('val_v2.0', 1, val_frames, False)):
@@ -220,41 +228,54 @@ def write_synthetic(out, seed=0, vocab=1000, eps=0.1, train_shards=2, train_fram
     return world
 
 
-def synthetic_floors(vocab, eps, k=500, p_floor=None):
+def synthetic_floors(vocab, eps, p_new=SYNTHETIC_P_NEW, k=500, p_floor=None):
     """Closed-form teacher-forced Bayes CE per future token of the synthetic world (nats).
 
-    q = 1 - eps + eps/V is the probability that the token is the rolled one (a random
-    replacement may draw it too); each of the other V - 1 tokens has probability eps/V.
+    A copied grid (probability 1 - p_new): q = 1 - eps + eps/V is the probability that a token
+    is the copied one (a random replacement may draw it too); each of the other V - 1 tokens has
+    probability eps/V.
       full CE   = -q log q - (1 - q) log(eps / V)
-      Top-k CE  = keep the rolled token and k - 1 of the equally likely others: renormalised
-                  over them (the best any predictor can do under this metric, since the kept set
-                  must hold k tokens and the loss on it is minimised by the true probabilities
-                  restricted to it); a true token among the V - k dropped ones scores -log p_floor.
+      Top-k CE  = keep the copied token and k - 1 of the equally likely others, renormalised over
+                  them (the best any predictor can do under this metric: the kept set must hold
+                  k tokens, and the loss on it is least for the true probabilities restricted to
+                  it); a true token among the V - k dropped ones scores -log p_floor.
+    A new place (probability p_new) is uniform: log V, and under Top-k: k/V of the tokens are
+    kept at probability 1/k, the rest score -log p_floor.
     """
     from st_transformer import P_FLOOR
     p_floor = P_FLOOR if p_floor is None else p_floor
     q, r = 1 - eps + eps / vocab, eps / vocab
-    full = -q * math.log(q) - (1 - q) * math.log(r)
+    copy_full = -q * math.log(q) - (1 - q) * math.log(r)
     z = q + (k - 1) * r
-    kept = (k - 1) / (vocab - 1)  # chance that a non-rolled true token is among the kept others
-    topk = -q * math.log(q / z) - (1 - q) * (kept * math.log(r / z) + (1 - kept) * math.log(p_floor))
-    return dict(full=full, topk=topk)
+    kept = (k - 1) / (vocab - 1)  # chance that a non-copied true token is among the kept others
+    copy_topk = -q * math.log(q / z) - (1 - q) * (kept * math.log(r / z) + (1 - kept) * math.log(p_floor))
+    new_topk = k / vocab * math.log(k) - (1 - k / vocab) * math.log(p_floor)
+    return dict(full=(1 - p_new) * copy_full + p_new * math.log(vocab),
+                topk=(1 - p_new) * copy_topk + p_new * new_topk)
 
 
 def synthetic_oracle_logits(tokens_BGHW, states_BLD, world, use_states=True):
     """Log-probabilities (B, 3, 32, 32, V) of the Bayes-optimal teacher-forced predictor of the
     future grids 3, 4, 5 of synthetic samples, given the true earlier grids. use_states=False
-    gives the best state-blind predictor: a uniform mixture over the lags (they are drawn
-    independently of everything it can see). Used for the floors in the results table."""
-    V, eps, lags = world['vocab'], world['eps'], world['lags']
+    gives the best predictor that does not see the states of the grid it predicts (it may know
+    the places of the earlier grids: their tokens show them): with probability 1/2 the robot
+    returns to the place of grid g-2; otherwise it turns to the third place, a copy of grid g-3
+    if that showed it, else new. Used for the floors in the results table."""
+    V, eps = world['vocab'], world['eps']
     B, L = states_BLD.shape[:2]
-    probs = torch.full((B, SAMPLE_GRIDS // 2, GRID_H, GRID_W, V), eps / V)
+    state = lambda g, dim: states_BLD[:, L - SAMPLE_FRAMES + grid_frames(g)[0], dim].round().long()
+    probs = torch.zeros(B, SAMPLE_GRIDS // 2, GRID_H, GRID_W, V)
     for t, g in enumerate(range(SAMPLE_GRIDS // 2, SAMPLE_GRIDS)):
-        lag_B = states_BLD[:, L - SAMPLE_FRAMES + grid_frames(g)[0], world['state_dim']].round().long()
-        for lag in lags:
-            w_B = (lag_B == lag).float() if use_states else torch.full((B,), 1 / len(lags))
+        if use_states:
+            lag = state(g, LAG_DIM)
+            w_B = {2: (lag == 2).float(), 3: (lag == 3).float(), 0: (lag == 0).float()}
+        else:
+            third_seen = (state(g - 3, PLACE_DIM) != state(g - 1, PLACE_DIM)).float()
+            w_B = {2: torch.full((B,), 0.5), 3: 0.5 * third_seen, 0: 0.5 * (1 - third_seen)}
+        probs[:, t] += (w_B[0] / V + (w_B[2] + w_B[3]) * eps / V)[:, None, None, None]
+        for lag in (2, 3):
             src = tokens_BGHW[:, g - lag, :, :, None]
-            probs[:, t].scatter_add_(-1, src, ((1 - eps) * w_B)[:, None, None, None].expand(-1, GRID_H, GRID_W, 1))
+            probs[:, t].scatter_add_(-1, src, ((1 - eps) * w_B[lag])[:, None, None, None].expand(-1, GRID_H, GRID_W, 1))
     return probs.log()
 
 

@@ -197,6 +197,7 @@ model_cfg = STConfig(vocab_size=vocab_size, n_layer=n_layer, n_head=n_head, n_em
 if dry_run:
     with torch.device('meta'):
         meta_model = STTransformer(model_cfg)
+    print(f"settings: {json.dumps(config)}")
     print(f"{model_cfg}\nparameters: {meta_model.num_params():,} "
           f"(embedding/head {meta_model.tok_emb.weight.numel():,}, tied)\n"
           f"training FLOPs per sample: {meta_model.flops_per_sample():.3e}")

@@ -13,14 +13,17 @@ API (the sampling scripts use these names):
         t: [B] one timestep per sample (0..1000), or [B, L] per token, L = F * H/2 * W/2
         states_BTD: [B, 4 * (F - 1) + 1, 25] states after the 4x frame downsampling (None: the
             learned no-state embedding); drop_states_B: bool [B], True -> no-state embedding
-    model.gradient_checkpointing = True    # recompute blocks in backward (training)
+    model.gradient_checkpointing = True    # recompute every block in backward (training); an int n:
+                                           # only the first n blocks (trade memory for speed)
+    model.compile_blocks()                 # torch.compile each block in place (same maths, fused kernels)
+    model.flops_per_sample(F, H, W, backward=None | 'lora' | 'full')   # matmul FLOPs, for MFU
     model.set_dtype(torch.bfloat16)        # bf16 weights, fp32 where the reference is fp32
     t_BL = per_token_timestep(mask_BF, t_B, tokens_per_frame)   # mask 0 = context frame -> t = 0
     add_lora(model, rank=32, alpha=32); merge_lora(model); unmerge_lora(model)
     trainable_state_dict(model); save_trainable(model, path); load_trainable(model, path)
     vae = WanVAE.from_pretrained(repo_or_dir); z = vae.encode(video_BCTHW); video = vae.decode(z)
     context_1LD = null_context(repo_or_dir)   # umT5 encoding of "" padded to 512 slots
-    parameter_counts(); benchmark(...)        # `python wan_state.py [bench]`
+    parameter_counts()                     # `python wan_state.py`; timings: `python bench.py --what=wan_fwd`
 
 Precision: on the CPU everything is fp32. With bf16 weights (set_dtype / from_pretrained on
 CUDA) the forward runs under bf16 autocast and keeps the residual stream, the timestep and state
@@ -332,8 +335,9 @@ class WanDiT(nn.Module):
             context_BSD = F.pad(context_BLD, (0, 0, 0, cfg.text_len - context_BLD.shape[1]))
             context_BSD = self.text_embedding(context_BSD.expand(B, -1, -1))
             rope = rope_cos_sin(f, h, w, cfg.head_dim, cfg.rope_theta, x_BCFHW.device)
-            for block in self.blocks:
-                if self.gradient_checkpointing and torch.is_grad_enabled():
+            n_ckpt = self.checkpointed_blocks() if torch.is_grad_enabled() else 0
+            for i, block in enumerate(self.blocks):
+                if i < n_ckpt:
                     x_BLD = checkpoint(block, x_BLD, e0_BL6D, context_BSD, rope, use_reentrant=False)
                 else:
                     x_BLD = block(x_BLD, e0_BL6D, context_BSD, rope)
@@ -341,6 +345,53 @@ class WanDiT(nn.Module):
                 out_BLP = self.head(x_BLD, e_BLD)
         return rearrange(out_BLP, 'b (f h w) (pt ph pw c) -> b c (f pt) (h ph) (w pw)',
                          f=f, h=h, w=w, pt=pt, ph=ph, pw=pw)
+
+    def checkpointed_blocks(self):
+        """How many blocks (the first ones) recompute their activations in backward: all for
+        gradient_checkpointing = True, none for False, n for an int n. Checkpointing only some
+        blocks keeps the others' activations: faster when memory allows (same gradients)."""
+        n = self.gradient_checkpointing
+        if isinstance(n, bool):
+            return len(self.blocks) if n else 0
+        assert isinstance(n, int) and 0 <= n <= len(self.blocks), (
+            f"gradient_checkpointing must be True, False or a block count in 0..{len(self.blocks)}, got {n!r}")
+        return n
+
+    def compile_blocks(self, **compile_kwargs):
+        """torch.compile every block in place (nn.Module.compile: parameter names and state_dict keys
+        stay as they are). The blocks are all the same, so one compiled graph serves all 30; the
+        first forward pays the compilation."""
+        for block in self.blocks:
+            block.compile(**compile_kwargs)
+        return self
+
+    def flops_per_sample(self, num_frames, height, width, backward=None):
+        """Matmul FLOPs of one sample with latents [in_dim, num_frames, height, width] (for MFU).
+
+        backward=None: one forward. 'full': forward + backward of every weight (3x the forward).
+        'lora': a frozen base with LoRA, as in fine-tuning: the backward computes activation
+        gradients (1x the linear layers, 2x the attention products) but no base weight gradients,
+        plus the LoRA matmuls (6 per parameter and token). Recomputation by gradient checkpointing
+        is not counted (MFU counts the model's FLOPs, not the hardware's). Elementwise work, norms
+        and RoPE are left out; they are small next to the matmuls at full size.
+        """
+        cfg = self.cfg
+        pt, ph, pw = cfg.patch_size
+        L, S, d = (num_frames // pt) * (height // ph) * (width // pw), cfg.text_len, cfg.dim
+        patch = math.prod(cfg.patch_size)
+        # per block: q, k, v, o on the L tokens; cross-attention q, o on L and k, v on the S text
+        # slots; the FFN; attention scores and weighted sums (2 products of 2 * n * m * d each)
+        linear = cfg.num_layers * (2 * L * 4 * d * d + 2 * L * 2 * d * d + 2 * S * 2 * d * d + 2 * L * 2 * d * cfg.ffn_dim)
+        linear += 2 * L * d * cfg.in_dim * patch + 2 * L * d * cfg.out_dim * patch + 2 * S * (cfg.text_dim * d + d * d)
+        attn = cfg.num_layers * (4 * L * L * d + 4 * L * S * d)
+        if backward is None:
+            return linear + attn
+        if backward == 'full':
+            return 3 * (linear + attn)
+        assert backward == 'lora', f"backward must be None, 'lora' or 'full', got {backward!r}"
+        lora = sum(p.numel() for n, p in self.named_parameters() if '.lora_' in n)
+        assert lora > 0, "backward='lora' needs a model with LoRA adapters (add_lora)"
+        return 2 * linear + 3 * attn + 6 * lora * L
 
     def set_dtype(self, dtype):
         """Cast the weights to dtype (bf16 on GPU), keeping fp32 what the reference runs in fp32."""
@@ -751,8 +802,7 @@ def _umt5_one_token(root, token_id):
 
 
 # ---------------------------------------------------------------------------------------------
-# Size and speed: `python wan_state.py` (parameter counts, meta device) and
-# `python wan_state.py bench` (full-size random-weight DiT on CUDA, bf16, 512x512 x 21 frames)
+# Size: `python wan_state.py` (parameter counts, meta device). Speed lives in bench.py.
 # ---------------------------------------------------------------------------------------------
 
 def parameter_counts(cfg=None, lora_rank=32):
@@ -766,57 +816,7 @@ def parameter_counts(cfg=None, lora_rank=32):
     return count
 
 
-def benchmark(cfg=None, device='cuda', batch=1, latent_frames=6, latent_hw=32, train=False, steps=5):
-    """Mean ms per forward (train=True: forward + backward with LoRA and checkpointing) and peak GiB.
-
-    Defaults are the challenge clip: 21 frames of 512x512 -> 6 x 32 x 32 latents -> 1536 tokens,
-    five latent frames as context at t = 0 (paper 2.1), random weights in bf16 on CUDA.
-    """
-    import time
-    cfg = cfg or WanConfig()
-    with torch.device(device):
-        model = WanDiT(cfg)
-    if str(device).startswith('cuda'):
-        model.set_dtype(torch.bfloat16)
-    if train:
-        add_lora(model)
-        model.gradient_checkpointing = True
-    x = torch.randn(batch, cfg.in_dim, latent_frames, latent_hw, latent_hw, device=device)
-    mask_BF = torch.ones(batch, latent_frames, device=device)
-    mask_BF[:, :max(latent_frames - 1, 1)] = 0
-    t_BL = per_token_timestep(mask_BF, torch.full((batch,), 500.0, device=device), (latent_hw // 2) ** 2)
-    context = torch.randn(batch, cfg.text_len, cfg.text_dim, device=device)
-    states = torch.randn(batch, 4 * (latent_frames - 1) + 1, cfg.state_dim, device=device)
-    sync = torch.cuda.synchronize if str(device).startswith('cuda') else (lambda: None)
-
-    def step():
-        with torch.set_grad_enabled(train):
-            out = model(x, t_BL, context, states)
-            if train:
-                out.float().square().mean().backward()
-
-    step()   # warm-up
-    sync()
-    if str(device).startswith('cuda'):
-        torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    sync()
-    ms = (time.perf_counter() - start) / steps * 1000
-    peak = torch.cuda.max_memory_allocated() / 2 ** 30 if str(device).startswith('cuda') else float('nan')
-    return ms, peak
-
-
 if __name__ == '__main__':
-    import sys
-    if sys.argv[1:] == ['bench']:
-        assert torch.cuda.is_available(), "bench measures the full-size DiT on a CUDA GPU"
-        for train in (False, True):
-            ms, gib = benchmark(train=train)
-            print(f"{'LoRA train step' if train else 'forward'} bf16, 1 x 21 x 512 x 512: {ms:.1f} ms, "
-                  f"peak {gib:.1f} GiB ({torch.cuda.get_device_name()})")
-    else:
-        c = parameter_counts()
-        print(f"Wan 2.2 TI2V-5B DiT: {c['base']:,} base + {c['state']:,} state conditioning + "
-              f"{c['lora']:,} LoRA (rank 32) = {sum(c.values()):,} parameters")
+    c = parameter_counts()
+    print(f"Wan 2.2 TI2V-5B DiT: {c['base']:,} base + {c['state']:,} state conditioning + "
+          f"{c['lora']:,} LoRA (rank 32) = {sum(c.values()):,} parameters")

@@ -1,0 +1,283 @@
+"""Time nanoWM's models (as nanoGPT's bench.py): training steps, decoding and sampling, with
+warm-up and device synchronisation, in samples/s, tokens/s and MFU against the device's peak.
+
+    python bench.py                                   # CPU: tiny configs, the same code (smoke test)
+    python bench.py --preset=full                     # GPU: the paper's sizes (defaults to full on CUDA)
+    python bench.py --preset=full --what=st_train --compile
+    python bench.py --preset=full --what=wan_lora --wan_lora_batch=4 --wan_ckpt_blocks=10
+
+What each benchmark times (--what=all runs them all, or name one):
+  st_train   one optimizer step of the compression ST-transformer (paper 3.1-3.2: 24 layers,
+             d 512, T 5, bf16 autocast, fused AdamW), random tokens of the real shapes; loss on
+             the predicted grids 3-5 only, as train_compression.py computes it
+  st_decode  greedy decoding of 3 grids from 3 context grids (st_transformer.generate, fp32 as the
+             paper decodes), with and without the temporal KV cache, next to one teacher-forced
+             forward of the same 5 grids in the same precision (the issue's target: cached
+             decoding <= 1.3x that forward)
+  wan_fwd    one forward of the Wan 2.2 TI2V-5B DiT on a 512x512, 21-frame clip (6 x 32 x 32
+             latents, 1536 tokens), bf16 weights with the fp32 modulation of the reference
+  wan_lora   one LoRA fine-tuning step (rank 32, frozen bf16 base, flow-matching loss of
+             train_sampling.py, fused AdamW), gradient checkpointing on the first
+             --wan_ckpt_blocks blocks
+  ensemble   sample.py's sampler (sample_latents): --ensemble members x --steps solver steps as
+             one batch, and, for comparison, the same members one at a time (DiT only: the VAE
+             encode/decode of sample.py is not in this timing)
+
+On CUDA every benchmark runs with only the flash attention kernel of
+F.scaled_dot_product_attention allowed (--sdpa=flash), so a run that leaves the flash path fails
+loudly instead of running slowly; fp32 decoding, which flash does not support, also allows the
+memory-efficient kernel. MFU = model FLOPs / time / the device's dense bf16 peak
+(st_transformer.peak_flops); it is n/a on the CPU and for the fp32 decoding rows.
+"""
+import sys
+import time
+from contextlib import nullcontext
+
+import torch
+import torch.nn.functional as F
+
+import data
+from st_transformer import STConfig, STTransformer, peak_flops
+from wan_state import WanConfig, WanDiT, add_lora, per_token_timestep
+
+# --- settings --------------------------------------------------------------------------------
+preset = 'auto'            # 'cpu' (tiny configs), 'full' (the paper's sizes); 'auto': full on CUDA
+what = 'all'               # all, st_train, st_decode, wan_fwd, wan_lora, ensemble
+device = 'auto'            # 'auto', 'cpu', 'cuda', 'cuda:1'
+compile = False            # torch.compile the ST-transformer and the DiT blocks
+sdpa = 'flash'             # CUDA: 'flash' (only the flash kernel allowed: fails if not taken) or 'any'
+warmup = 1                 # untimed calls first (compilation, cuDNN autotuning, allocator)
+iters = 2                  # timed calls, averaged
+seed = 0
+# compression ST-transformer (PRESETS below fill these)
+st_layers, st_heads, st_embd, st_vocab, st_grid = 2, 2, 32, 512, 8
+st_batch = 2               # training samples per step
+decode_batch = 2           # samples decoded at once
+# sampling-track DiT
+wan_model = 'tiny'         # 'tiny' (WanConfig.tiny) or 'ti2v-5b'
+latent_hw = 8              # latent height = width (512 px / 16 = 32 at full size)
+wan_batch = 1              # clips per forward
+wan_lora_batch = 1         # clips per LoRA step
+wan_ckpt_blocks = 0        # blocks with gradient checkpointing in the LoRA step (0 = none)
+ensemble = 4               # members (paper: 20)
+steps = 2                  # solver steps (paper: 20)
+cfg_scale = 1.0            # classifier-free guidance (1.0 = off, the paper's choice; else 2N rows)
+ensemble_looped = True     # also time the members one at a time (the batched / looped ratio)
+
+PRESETS = {
+    'cpu': dict(),   # the defaults above: a smoke test that runs in seconds
+    # paper 3.1: 24 layers, 8 heads, d 512, 64k vocabulary, 32 x 32 grids; Wan 2.2 TI2V-5B at
+    # 512 x 512, 21 frames; sample.py --ensemble 20 --steps 20
+    'full': dict(st_layers=24, st_heads=8, st_embd=512, st_vocab=data.VOCAB_SIZE, st_grid=data.GRID_H,
+                 st_batch=8, decode_batch=8, wan_model='ti2v-5b', latent_hw=32, wan_batch=4, wan_lora_batch=2,
+                 ensemble=20, steps=20, warmup=2, iters=5),
+}
+for arg in sys.argv[1:]:   # the preset first, so that every other flag overrides it
+    if arg.startswith('--preset='):
+        preset = arg.split('=', 1)[1]
+if preset == 'auto':
+    preset = 'full' if torch.cuda.is_available() and '--device=cpu' not in sys.argv else 'cpu'
+if preset not in PRESETS:
+    raise SystemExit(f"--preset={preset}: unknown; choose auto, {', '.join(PRESETS)}")
+globals().update(PRESETS[preset])
+from configurator import configure  # noqa: E402
+configure(globals())
+WHAT = ('st_train', 'st_decode', 'wan_fwd', 'wan_lora', 'ensemble')
+if what != 'all' and what not in WHAT:
+    raise SystemExit(f"--what={what}: unknown; choose all or one of {', '.join(WHAT)}")
+if sdpa not in ('flash', 'any'):
+    raise SystemExit(f"--sdpa={sdpa}: choose 'flash' or 'any'")
+
+# --- setup -----------------------------------------------------------------------------------
+if device == 'auto':
+    device = 'cuda' if torch.cuda.is_available() else 'cpu'
+cuda = device.startswith('cuda')
+if cuda:
+    torch.cuda.set_device(device)
+torch.manual_seed(seed)
+peak = peak_flops(device)
+device_name = torch.cuda.get_device_name(device) if cuda else f'CPU ({torch.get_num_threads()} threads)'
+autocast = torch.autocast('cuda', dtype=torch.bfloat16) if cuda else nullcontext()
+
+
+def sync():
+    if cuda:
+        torch.cuda.synchronize()
+
+
+def attention_kernels(fp32=False):
+    """On CUDA with --sdpa=flash: allow only the flash kernel of F.scaled_dot_product_attention
+    (and the memory-efficient one for fp32, which flash cannot run), so that SDPA raises an error
+    rather than silently falling back to the slow math path."""
+    if not cuda or sdpa == 'any':
+        return nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    allowed = [SDPBackend.FLASH_ATTENTION] + ([SDPBackend.EFFICIENT_ATTENTION] if fp32 else [])
+    return sdpa_kernel(allowed)
+
+
+def timed(fn, fp32=False):
+    """Mean seconds per call of fn after warm-up calls, synchronised; the peak GiB on CUDA; and
+    the output of the last call."""
+    with attention_kernels(fp32):
+        for _ in range(warmup):
+            fn()
+        sync()
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            out = fn()
+        sync()
+    seconds = (time.perf_counter() - t0) / iters
+    return seconds, (torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else float('nan')), out
+
+
+rows = []   # (name, shape, seconds, samples, tokens, flops or None, GiB)
+
+
+def report(name, shape, seconds, gib, samples, tokens, flops=None):
+    rows.append(dict(name=name, shape=shape, seconds=seconds, samples_per_s=samples / seconds,
+                     tokens_per_s=tokens / seconds, mfu=(flops / seconds / peak) if flops and peak else None, gib=gib))
+    r = rows[-1]
+    mfu = f"{100 * r['mfu']:5.1f}%" if r['mfu'] is not None else '   n/a'
+    print(f"{name:18s} {shape:34s} {seconds * 1000:10.2f} {r['samples_per_s']:10.2f} {r['tokens_per_s']:12.0f} "
+          f"{mfu:>7s} {gib:6.1f}", flush=True)
+
+
+print(f"device: {device_name}; preset {preset}; peak bf16 "
+      f"{'%.0f TFLOP/s' % (peak / 1e12) if peak else 'n/a'}; compile {compile}; sdpa {sdpa}; "
+      f"warm-up {warmup}, {iters} timed calls; torch {torch.__version__}")
+print(f"{'benchmark':18s} {'shape':34s} {'ms / call':>10s} {'samples/s':>10s} {'tokens/s':>12s} {'MFU':>7s} {'GiB':>6s}")
+ratios = {}
+
+# --- compression: ST-transformer training step -------------------------------------------------
+if what in ('all', 'st_train', 'st_decode'):
+    st_cfg = STConfig(vocab_size=st_vocab, n_layer=st_layers, n_head=st_heads, n_embd=st_embd, T=5,
+                      H=st_grid, W=st_grid, dropout=0.1)
+    st = STTransformer(st_cfg).to(device)
+    st_run = torch.compile(st) if compile else st
+    S = st_grid * st_grid
+    z_BGHW = torch.randint(0, st_vocab, (max(st_batch, decode_batch), 6, st_grid, st_grid), device=device)
+    states_BLD = torch.randn(max(st_batch, decode_batch), st_cfg.state_window, st_cfg.state_dim, device=device)
+
+if what in ('all', 'st_train'):
+    optimizer = torch.optim.AdamW(st.param_groups(0.05), lr=1e-4, betas=(0.9, 0.95), fused=cuda)
+    z, s = z_BGHW[:st_batch], states_BLD[:st_batch]
+
+    def st_step():
+        # exactly train_compression.py's step: logits of grids 3..5 from positions 2..4
+        with autocast:
+            logits = st_run(z[:, :5], s, predict_from=2)
+            loss = F.cross_entropy(logits.flatten(0, -2).float(), z[:, 3:].reshape(-1))
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    st.train()
+    sec, gib, _ = timed(st_step)
+    report('st_train', f'{st_batch} x 5 x {st_grid}x{st_grid}, L{st_layers} d{st_embd}', sec, gib,
+           st_batch, st_batch * 5 * S, st_batch * st.flops_per_sample())
+    del optimizer
+
+if what in ('all', 'st_decode'):
+    st.eval()
+    z, s = z_BGHW[:decode_batch], states_BLD[:decode_batch]
+    shape = f'{decode_batch} x (3 + 3) x {st_grid}x{st_grid}'
+    with torch.no_grad(), torch.autocast(device.split(':')[0], enabled=False):
+        sec_tf, gib, _ = timed(lambda: st_run(z[:, :5], s, predict_from=2), fp32=True)
+        report('st_forward_fp32', f'{decode_batch} x 5 x {st_grid}x{st_grid} (teacher-forced)', sec_tf, gib,
+               decode_batch, decode_batch * 3 * S)
+        sec_c, gib, (grids_c, _) = timed(lambda: st.generate(z[:, :3], s, num_grids=3, use_cache=True), fp32=True)
+        report('st_decode_cache', shape, sec_c, gib, decode_batch, decode_batch * 3 * S)
+        sec_u, gib, (grids_u, _) = timed(lambda: st.generate(z[:, :3], s, num_grids=3, use_cache=False), fp32=True)
+        report('st_decode_nocache', shape, sec_u, gib, decode_batch, decode_batch * 3 * S)
+    ratios['decode with cache / teacher-forced forward'] = sec_c / sec_tf
+    ratios['decode without cache / with cache'] = sec_u / sec_c
+    ratios['decode greedy tokens that differ with / without cache'] = (grids_c != grids_u).sum().item()
+
+if what in ('all', 'st_train', 'st_decode'):
+    del st, st_run
+    if cuda:
+        torch.cuda.empty_cache()
+
+# --- sampling track: the Wan DiT ---------------------------------------------------------------
+if what in ('all', 'wan_fwd', 'wan_lora', 'ensemble'):
+    wcfg = WanConfig.tiny() if wan_model == 'tiny' else WanConfig()
+    assert wan_model in ('tiny', 'ti2v-5b'), f"--wan_model={wan_model}: use 'tiny' or 'ti2v-5b'"
+    with torch.device(device):
+        net = WanDiT(wcfg, state_cond=True)
+    if cuda:
+        net.set_dtype(torch.bfloat16)   # bf16 weights, the reference's fp32 modulation, norms and head
+    net.requires_grad_(False)
+    if compile:
+        net.compile_blocks()
+    Fr, K = data.NUM_LATENTS, data.NUM_CONTEXT_LATENTS
+    tokens_per_frame = (latent_hw // 2) * (latent_hw // 2)
+    L = Fr * tokens_per_frame
+    n_max = max(wan_batch, wan_lora_batch, ensemble)
+    x_BCFHW = torch.randn(n_max, wcfg.in_dim, Fr, latent_hw, latent_hw, device=device)
+    wstates_BTD = torch.randn(n_max, 4 * (Fr - 1) + 1, wcfg.state_dim, device=device)
+    context_1LD = torch.randn(1, wcfg.text_len, wcfg.text_dim, device=device)   # umT5("") stand-in
+    mask_BF = torch.ones(n_max, Fr, device=device)
+    mask_BF[:, :K] = 0   # the 2 context latents at t = 0 (paper 2.1)
+    clip = f'{latent_hw * 16}x{latent_hw * 16} x 21 frames'
+
+if what in ('all', 'wan_fwd'):
+    b = wan_batch
+    t_BL = per_token_timestep(mask_BF[:b], torch.full((b,), 500.0, device=device), tokens_per_frame)
+    with torch.no_grad():
+        sec, gib, _ = timed(lambda: net(x_BCFHW[:b], t_BL, context_1LD, wstates_BTD[:b]))
+    report('wan_fwd', f'{b} x {clip}', sec, gib, b, b * L, b * net.flops_per_sample(Fr, latent_hw, latent_hw))
+
+if what in ('all', 'ensemble'):
+    from sample import sample_latents
+    n = ensemble
+    z_ctx = x_BCFHW[:1, :, :K].expand(n, -1, -1, -1, -1)   # one clip's context, repeated per member
+    noise = torch.randn(n, wcfg.in_dim, Fr, latent_hw, latent_hw, device=device)
+    states_n = wstates_BTD[:1].expand(n, -1, -1)
+    rows_per_member = 2 if cfg_scale != 1.0 else 1
+    flops = n * steps * rows_per_member * net.flops_per_sample(Fr, latent_hw, latent_hw)
+
+    def batched():
+        return sample_latents(net, z_ctx, states_n, context_1LD, noise, steps, cfg_scale)
+
+    def looped():
+        return torch.cat([sample_latents(net, z_ctx[i:i + 1], states_n[i:i + 1], context_1LD, noise[i:i + 1], steps,
+                                         cfg_scale) for i in range(n)])
+
+    sec_b, gib, z_batched = timed(batched)
+    report('ensemble_batched', f'{n} members x {steps} steps, {clip}', sec_b, gib, n, n * steps * L, flops)
+    if ensemble_looped:
+        sec_l, gib, z_looped = timed(looped)
+        report('ensemble_looped', f'{n} x (1 member x {steps} steps)', sec_l, gib, n, n * steps * L, flops)
+        ratios['ensemble looped / batched'] = sec_l / sec_b
+        ratios['ensemble max |batched - looped| latent (same maths)'] = (z_batched - z_looped).abs().max().item()
+
+if what in ('all', 'wan_lora'):
+    from train_sampling import flow_matching_loss
+    b = wan_lora_batch
+    add_lora(net, rank=32, alpha=32)   # freezes the base; fp32 adapters and state weights train
+    net.gradient_checkpointing = wan_ckpt_blocks
+    trainable = [p for p in net.parameters() if p.requires_grad]
+    for p in trainable:
+        p.data = p.data.float()   # the optimizer's master copy (as train_sampling.build_model)
+    optimizer = torch.optim.AdamW(trainable, lr=4e-4, fused=cuda)
+    g = torch.Generator(device=device).manual_seed(seed)
+    sigma_B = torch.rand(b, device=device, generator=g)
+    noise_B = torch.randn(b, wcfg.in_dim, Fr, latent_hw, latent_hw, device=device, generator=g)
+    drop_B = torch.zeros(b, dtype=torch.bool, device=device)
+
+    def lora_step():
+        loss = flow_matching_loss(net, x_BCFHW[:b], wstates_BTD[:b], context_1LD, sigma_B, noise_B, drop_B)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    net.train()
+    sec, gib, _ = timed(lora_step)
+    report('wan_lora', f'{b} x {clip}, ckpt {net.checkpointed_blocks()}/{wcfg.num_layers}', sec, gib, b, b * L,
+           b * net.flops_per_sample(Fr, latent_hw, latent_hw, backward='lora'))
+
+for name, value in ratios.items():
+    print(f"{name}: {value:.3g}")
