@@ -5,6 +5,8 @@ warm-up and device synchronisation, in samples/s, tokens/s and MFU against the d
     python bench.py --preset=full                     # GPU: the paper's sizes (defaults to full on CUDA)
     python bench.py --preset=full --what=st_train --compile
     python bench.py --preset=full --what=wan_lora --wan_lora_batch=4 --wan_ckpt_blocks=10
+    python bench.py --preset=full --what=wan_fwd --profile   # where the time goes (torch.profiler)
+    python bench.py --device=cpu --preset=cpu_ratios          # the CPU ratios (KV cache, batched ensemble)
 
 What each benchmark times (--what=all runs them all, or name one):
   st_train   one optimizer step of the compression ST-transformer (paper 3.1-3.2: 24 layers,
@@ -20,8 +22,10 @@ What each benchmark times (--what=all runs them all, or name one):
              train_sampling.py, fused AdamW), gradient checkpointing on the first
              --wan_ckpt_blocks blocks
   ensemble   sample.py's sampler (sample_latents): --ensemble members x --steps solver steps as
-             one batch, and, for comparison, the same members one at a time (DiT only: the VAE
-             encode/decode of sample.py is not in this timing)
+             one batch, and, for comparison, the same members one at a time (the DiT only)
+  vae        the rest of sample.py's work on a clip: encode the 5 context frames, decode the
+             members' latents 4 at a time (Wan 2.2 VAE architecture, random weights, fp32 as
+             sample.py runs it); ensemble + vae = sample.py's seconds per clip
 
 On CUDA every benchmark runs with only the flash attention kernel of
 F.scaled_dot_product_attention allowed (--sdpa=flash), so a run that leaves the flash path fails
@@ -42,13 +46,15 @@ from wan_state import WanConfig, WanDiT, add_lora, per_token_timestep
 
 # --- settings --------------------------------------------------------------------------------
 preset = 'auto'            # 'cpu' (tiny configs), 'full' (the paper's sizes); 'auto': full on CUDA
-what = 'all'               # all, st_train, st_decode, wan_fwd, wan_lora, ensemble
+what = 'all'               # all, or some of st_train,st_decode,wan_fwd,ensemble,wan_lora,vae
 device = 'auto'            # 'auto', 'cpu', 'cuda', 'cuda:1'
 compile = False            # torch.compile the ST-transformer and the DiT blocks
 sdpa = 'flash'             # CUDA: 'flash' (only the flash kernel allowed: fails if not taken) or 'any'
 warmup = 1                 # untimed calls first (compilation, cuDNN autotuning, allocator)
 iters = 2                  # timed calls, averaged
+profile = False            # also print torch.profiler's top operators of each benchmark's timed calls
 seed = 0
+threads = 0                # CPU threads for torch (0 = torch's default)
 # compression ST-transformer (PRESETS below fill these)
 st_layers, st_heads, st_embd, st_vocab, st_grid = 2, 2, 32, 512, 8
 st_batch = 2               # training samples per step
@@ -63,14 +69,22 @@ ensemble = 4               # members (paper: 20)
 steps = 2                  # solver steps (paper: 20)
 cfg_scale = 1.0            # classifier-free guidance (1.0 = off, the paper's choice; else 2N rows)
 ensemble_looped = True     # also time the members one at a time (the batched / looped ratio)
+vae = 'tiny'               # 'tiny' (a few channels, same architecture) or 'wan2.2' (TI2V-5B's VAE)
 
 PRESETS = {
-    'cpu': dict(),   # the defaults above: a smoke test that runs in seconds
+    # the defaults above: a smoke test that runs in seconds. One thread: tiny models gain nothing
+    # from more, and on a busy machine competing OpenMP threads make them many times slower
+    'cpu': dict(threads=1),
+    # the CPU ratios of the issue (decoding with / without the KV cache, batched / looped ensemble)
+    # at sizes where compute, not Python overhead, dominates: real 32 x 32 token grids, and the
+    # real 1536-token clip through the tiny DiT
+    'cpu_ratios': dict(threads=1, what='st_decode,ensemble', st_layers=4, st_heads=4, st_embd=128, st_vocab=4096,
+                       st_grid=data.GRID_H, decode_batch=2, latent_hw=32, ensemble=8, steps=4, warmup=1, iters=3),
     # paper 3.1: 24 layers, 8 heads, d 512, 64k vocabulary, 32 x 32 grids; Wan 2.2 TI2V-5B at
     # 512 x 512, 21 frames; sample.py --ensemble 20 --steps 20
     'full': dict(st_layers=24, st_heads=8, st_embd=512, st_vocab=data.VOCAB_SIZE, st_grid=data.GRID_H,
                  st_batch=8, decode_batch=8, wan_model='ti2v-5b', latent_hw=32, wan_batch=4, wan_lora_batch=2,
-                 ensemble=20, steps=20, warmup=2, iters=5),
+                 ensemble=20, steps=20, vae='wan2.2', warmup=2, iters=5),
 }
 for arg in sys.argv[1:]:   # the preset first, so that every other flag overrides it
     if arg.startswith('--preset='):
@@ -82,9 +96,10 @@ if preset not in PRESETS:
 globals().update(PRESETS[preset])
 from configurator import configure  # noqa: E402
 configure(globals())
-WHAT = ('st_train', 'st_decode', 'wan_fwd', 'wan_lora', 'ensemble')
-if what != 'all' and what not in WHAT:
-    raise SystemExit(f"--what={what}: unknown; choose all or one of {', '.join(WHAT)}")
+WHAT = ('st_train', 'st_decode', 'wan_fwd', 'ensemble', 'wan_lora', 'vae')
+selected = WHAT if what == 'all' else tuple(what.split(','))
+if not set(selected) <= set(WHAT):
+    raise SystemExit(f"--what={what}: unknown; choose all or some of {', '.join(WHAT)}, comma-separated")
 if sdpa not in ('flash', 'any'):
     raise SystemExit(f"--sdpa={sdpa}: choose 'flash' or 'any'")
 
@@ -92,6 +107,8 @@ if sdpa not in ('flash', 'any'):
 if device == 'auto':
     device = 'cuda' if torch.cuda.is_available() else 'cpu'
 cuda = device.startswith('cuda')
+if threads > 0:
+    torch.set_num_threads(threads)
 if cuda:
     torch.cuda.set_device(device)
 torch.manual_seed(seed)
@@ -118,18 +135,24 @@ def attention_kernels(fp32=False):
 
 def timed(fn, fp32=False):
     """Mean seconds per call of fn after warm-up calls, synchronised; the peak GiB on CUDA; and
-    the output of the last call."""
+    the output of the last call. With --profile, the timed calls run under torch.profiler (which
+    slows them a little) and its table of the most expensive operators is printed."""
     with attention_kernels(fp32):
         for _ in range(warmup):
             fn()
         sync()
         if cuda:
             torch.cuda.reset_peak_memory_stats()
-        t0 = time.perf_counter()
-        for _ in range(iters):
-            out = fn()
-        sync()
-    seconds = (time.perf_counter() - t0) / iters
+        prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU] + (
+            [torch.profiler.ProfilerActivity.CUDA] if cuda else [])) if profile else nullcontext()
+        with prof:
+            t0 = time.perf_counter()
+            for _ in range(iters):
+                out = fn()
+            sync()
+            seconds = (time.perf_counter() - t0) / iters
+    if profile:
+        print(prof.key_averages().table(sort_by='cuda_time_total' if cuda else 'cpu_time_total', row_limit=15))
     return seconds, (torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else float('nan')), out
 
 
@@ -141,18 +164,18 @@ def report(name, shape, seconds, gib, samples, tokens, flops=None):
                      tokens_per_s=tokens / seconds, mfu=(flops / seconds / peak) if flops and peak else None, gib=gib))
     r = rows[-1]
     mfu = f"{100 * r['mfu']:5.1f}%" if r['mfu'] is not None else '   n/a'
-    print(f"{name:18s} {shape:34s} {seconds * 1000:10.2f} {r['samples_per_s']:10.2f} {r['tokens_per_s']:12.0f} "
+    print(f"{name:18s} {shape:42s} {seconds * 1000:10.2f} {r['samples_per_s']:10.2f} {r['tokens_per_s']:12.0f} "
           f"{mfu:>7s} {gib:6.1f}", flush=True)
 
 
 print(f"device: {device_name}; preset {preset}; peak bf16 "
       f"{'%.0f TFLOP/s' % (peak / 1e12) if peak else 'n/a'}; compile {compile}; sdpa {sdpa}; "
       f"warm-up {warmup}, {iters} timed calls; torch {torch.__version__}")
-print(f"{'benchmark':18s} {'shape':34s} {'ms / call':>10s} {'samples/s':>10s} {'tokens/s':>12s} {'MFU':>7s} {'GiB':>6s}")
+print(f"{'benchmark':18s} {'shape':42s} {'ms / call':>10s} {'samples/s':>10s} {'tokens/s':>12s} {'MFU':>7s} {'GiB':>6s}")
 ratios = {}
 
 # --- compression: ST-transformer training step -------------------------------------------------
-if what in ('all', 'st_train', 'st_decode'):
+if any(w in selected for w in ('st_train', 'st_decode')):
     st_cfg = STConfig(vocab_size=st_vocab, n_layer=st_layers, n_head=st_heads, n_embd=st_embd, T=5,
                       H=st_grid, W=st_grid, dropout=0.1)
     st = STTransformer(st_cfg).to(device)
@@ -161,7 +184,7 @@ if what in ('all', 'st_train', 'st_decode'):
     z_BGHW = torch.randint(0, st_vocab, (max(st_batch, decode_batch), 6, st_grid, st_grid), device=device)
     states_BLD = torch.randn(max(st_batch, decode_batch), st_cfg.state_window, st_cfg.state_dim, device=device)
 
-if what in ('all', 'st_train'):
+if 'st_train' in selected:
     optimizer = torch.optim.AdamW(st.param_groups(0.05), lr=1e-4, betas=(0.9, 0.95), fused=cuda)
     z, s = z_BGHW[:st_batch], states_BLD[:st_batch]
 
@@ -180,12 +203,12 @@ if what in ('all', 'st_train'):
            st_batch, st_batch * 5 * S, st_batch * st.flops_per_sample())
     del optimizer
 
-if what in ('all', 'st_decode'):
+if 'st_decode' in selected:
     st.eval()
     z, s = z_BGHW[:decode_batch], states_BLD[:decode_batch]
     shape = f'{decode_batch} x (3 + 3) x {st_grid}x{st_grid}'
     with torch.no_grad(), torch.autocast(device.split(':')[0], enabled=False):
-        sec_tf, gib, _ = timed(lambda: st_run(z[:, :5], s, predict_from=2), fp32=True)
+        sec_tf, gib, _ = timed(lambda: st(z[:, :5], s, predict_from=2), fp32=True)
         report('st_forward_fp32', f'{decode_batch} x 5 x {st_grid}x{st_grid} (teacher-forced)', sec_tf, gib,
                decode_batch, decode_batch * 3 * S)
         sec_c, gib, (grids_c, _) = timed(lambda: st.generate(z[:, :3], s, num_grids=3, use_cache=True), fp32=True)
@@ -196,13 +219,13 @@ if what in ('all', 'st_decode'):
     ratios['decode without cache / with cache'] = sec_u / sec_c
     ratios['decode greedy tokens that differ with / without cache'] = (grids_c != grids_u).sum().item()
 
-if what in ('all', 'st_train', 'st_decode'):
+if any(w in selected for w in ('st_train', 'st_decode')):
     del st, st_run
     if cuda:
         torch.cuda.empty_cache()
 
 # --- sampling track: the Wan DiT ---------------------------------------------------------------
-if what in ('all', 'wan_fwd', 'wan_lora', 'ensemble'):
+if any(w in selected for w in ('wan_fwd', 'wan_lora', 'ensemble')):
     wcfg = WanConfig.tiny() if wan_model == 'tiny' else WanConfig()
     assert wan_model in ('tiny', 'ti2v-5b'), f"--wan_model={wan_model}: use 'tiny' or 'ti2v-5b'"
     with torch.device(device):
@@ -223,14 +246,14 @@ if what in ('all', 'wan_fwd', 'wan_lora', 'ensemble'):
     mask_BF[:, :K] = 0   # the 2 context latents at t = 0 (paper 2.1)
     clip = f'{latent_hw * 16}x{latent_hw * 16} x 21 frames'
 
-if what in ('all', 'wan_fwd'):
+if 'wan_fwd' in selected:
     b = wan_batch
     t_BL = per_token_timestep(mask_BF[:b], torch.full((b,), 500.0, device=device), tokens_per_frame)
     with torch.no_grad():
         sec, gib, _ = timed(lambda: net(x_BCFHW[:b], t_BL, context_1LD, wstates_BTD[:b]))
     report('wan_fwd', f'{b} x {clip}', sec, gib, b, b * L, b * net.flops_per_sample(Fr, latent_hw, latent_hw))
 
-if what in ('all', 'ensemble'):
+if 'ensemble' in selected:
     from sample import sample_latents
     n = ensemble
     z_ctx = x_BCFHW[:1, :, :K].expand(n, -1, -1, -1, -1)   # one clip's context, repeated per member
@@ -254,7 +277,7 @@ if what in ('all', 'ensemble'):
         ratios['ensemble looped / batched'] = sec_l / sec_b
         ratios['ensemble max |batched - looped| latent (same maths)'] = (z_batched - z_looped).abs().max().item()
 
-if what in ('all', 'wan_lora'):
+if 'wan_lora' in selected:
     from train_sampling import flow_matching_loss
     b = wan_lora_batch
     add_lora(net, rank=32, alpha=32)   # freezes the base; fp32 adapters and state weights train
@@ -277,7 +300,32 @@ if what in ('all', 'wan_lora'):
     net.train()
     sec, gib, _ = timed(lora_step)
     report('wan_lora', f'{b} x {clip}, ckpt {net.checkpointed_blocks()}/{wcfg.num_layers}', sec, gib, b, b * L,
-           b * net.flops_per_sample(Fr, latent_hw, latent_hw, backward='lora'))
+           b * net.flops_per_sample(Fr, latent_hw, latent_hw, lora_step=True))
+
+# --- sampling track: the VAE work of sample.py on one clip --------------------------------------
+if 'vae' in selected:
+    from diffusers import AutoencoderKLWan
+    from wan_state import WanVAE
+    # Wan-AI/Wan2.2-TI2V-5B-Diffusers vae/config.json (48 channels, 2x2 patchify, 16x16x4)
+    size = dict(tiny=dict(base_dim=8, decoder_base_dim=8, dim_mult=[1, 2, 2, 2], num_res_blocks=1),
+                **{'wan2.2': dict(base_dim=160, decoder_base_dim=256, dim_mult=[1, 2, 4, 4], num_res_blocks=2)})
+    assert vae in size, f"--vae={vae}: use 'tiny' or 'wan2.2'"
+    codec = WanVAE(AutoencoderKLWan(z_dim=48, temperal_downsample=[False, True, True], is_residual=True,
+                                    in_channels=12, out_channels=12, patch_size=2, scale_factor_spatial=16,
+                                    scale_factor_temporal=4, latents_mean=[0.0] * 48, latents_std=[1.0] * 48,
+                                    **size[vae]).to(device))
+    frames = torch.rand(1, 3, data.NUM_CONTEXT_FRAMES, latent_hw * 16, latent_hw * 16, device=device) * 2 - 1
+    latents = torch.randn(ensemble, 48, data.NUM_LATENTS, latent_hw, latent_hw, device=device)
+
+    def vae_clip():   # as sample.py: encode the context frames, decode 4 members at a time
+        codec.encode(frames)
+        return [codec.decode(latents[i:i + 4]) for i in range(0, ensemble, 4)]
+
+    sec_vae, gib, _ = timed(vae_clip)
+    report('vae_clip', f'encode 5 + decode {ensemble} x 21 frames, {latent_hw * 16}px', sec_vae, gib,
+           ensemble, ensemble * data.NUM_LATENTS * latent_hw ** 2)
+    if 'ensemble' in selected:
+        ratios['sample.py seconds per clip (ensemble_batched + vae_clip)'] = sec_b + sec_vae
 
 for name, value in ratios.items():
     print(f"{name}: {value:.3g}")

@@ -11,7 +11,7 @@ import torch
 
 import data
 from sample import blur_baseline, match_histograms, psnr, sample_latents, ssim
-from train_sampling import build_model, flow_matching_loss, sample_draws, shift_sigma, text_context
+from train_sampling import build_model, flow_matching_loss, sample_draws, shift_sigma, text_context, tokens_per_frame
 
 REPO = Path(__file__).resolve().parent
 SIZE = 32   # synthetic frames: 32x32 -> pixel-codec latents [48, 6, 8, 8], 16 tokens per latent frame
@@ -132,19 +132,19 @@ def test_loss_is_zero_for_the_true_velocity_and_ignores_context_latents():
         v = noise - z0
         v[:, :, :2] = 1e6
         return v
-    oracle.cfg = net.cfg
-    assert flow_matching_loss(oracle, z0, states, ctx, sigma, noise, drop).item() == 0.0
+    tokens = tokens_per_frame(net.cfg, z0)
+    assert tokens == 16
+    assert flow_matching_loss(oracle, z0, states, ctx, sigma, noise, drop, tokens).item() == 0.0
     assert torch.equal(seen['x_t'][:, :, :2], z0[:, :, :2])              # context enters clean ...
     assert torch.all(seen['t_BL'][:, :2 * 16] == 0)                      # ... at timestep 0
     assert torch.allclose(seen['t_BL'][:, 2 * 16:], 1000 * sigma[:, None].expand(3, 4 * 16))
     # the real model: changing its output on the context latents leaves the loss unchanged
-    base = flow_matching_loss(net, z0, states, ctx, sigma, noise, drop)
+    base = flow_matching_loss(net, z0, states, ctx, sigma, noise, drop, tokens)
 
     def perturbed(*args):
         v = net(*args)
         return torch.cat([v[:, :, :2] + 100.0, v[:, :, 2:]], dim=2)
-    perturbed.cfg = net.cfg
-    assert flow_matching_loss(perturbed, z0, states, ctx, sigma, noise, drop).item() == base.item()
+    assert flow_matching_loss(perturbed, z0, states, ctx, sigma, noise, drop, tokens).item() == base.item()
 
 
 @pytest.mark.parametrize('scheduler,cfg_scale', [('euler', 1.0), ('unipc', 1.5)])
@@ -193,22 +193,28 @@ def trained(out):
     return torch.load(Path(out) / 'ckpt.pt', weights_only=False)
 
 
-def test_ddp_two_processes_equals_single_process(synthetic, tmp_path):
-    run_script(*train_args(synthetic, tmp_path / 'one', '--max_iters=3'))
-    out = run_script(*train_args(synthetic, tmp_path / 'two', '--max_iters=3'), torchrun=True)
-    assert '2 process(es) x batch 2 x 2 accumulation' in out
-    one, two = trained(tmp_path / 'one'), trained(tmp_path / 'two')
+@pytest.fixture(scope='module')
+def straight_run(synthetic, tmp_path_factory):
+    """4 uninterrupted steps in one process: the reference for the DDP and resume tests."""
+    out = tmp_path_factory.mktemp('straight')
+    run_script(*train_args(synthetic, out, '--max_iters=4'))
+    return trained(out)
+
+
+def test_ddp_two_processes_equals_single_process(synthetic, straight_run, tmp_path):
+    out = run_script(*train_args(synthetic, tmp_path, '--max_iters=4'), torchrun=True)
+    assert '2 process(es) x batch 2 x 2 accumulation' in out   # the single process accumulates 4
+    two = trained(tmp_path)
     init = build_model('tiny', '', 'full', 32, 32, 0, 'cpu', torch.float32, TINY).state_dict()
-    for n, p in one['trainable'].items():
+    for n, p in straight_run['trainable'].items():
         assert torch.allclose(p, two['trainable'][n], atol=1e-6, rtol=1e-5), n
-    assert max((p - init[n]).abs().max().item() for n, p in one['trainable'].items()) > 1e-4   # it did train
+    assert max((p - init[n]).abs().max().item() for n, p in straight_run['trainable'].items()) > 1e-4   # it trained
 
 
-def test_resume_equals_no_stop(synthetic, tmp_path):
-    run_script(*train_args(synthetic, tmp_path / 'straight', '--max_iters=4'))
-    run_script(*train_args(synthetic, tmp_path / 'stopped', '--max_iters=2'))
-    run_script(*train_args(synthetic, tmp_path / 'stopped', '--max_iters=4', '--init_from=resume'))
-    a, b = trained(tmp_path / 'straight'), trained(tmp_path / 'stopped')
+def test_resume_equals_no_stop(synthetic, straight_run, tmp_path):
+    run_script(*train_args(synthetic, tmp_path, '--max_iters=2'))
+    run_script(*train_args(synthetic, tmp_path, '--max_iters=4', '--init_from=resume'))
+    a, b = straight_run, trained(tmp_path)
     assert a['step'] == b['step'] == 4
     for n, p in a['trainable'].items():
         assert torch.equal(p, b['trainable'][n]), n

@@ -47,12 +47,13 @@ def latent_mask(batch, num_latents=data.NUM_LATENTS, num_context=data.NUM_CONTEX
     return mask_BF
 
 
-def tokens_per_frame(model, z_BCFHW):
-    _, ph, pw = model.cfg.patch_size
+def tokens_per_frame(cfg, z_BCFHW):
+    """DiT tokens per latent frame: (H / 2) * (W / 2) with Wan's (1, 2, 2) patches."""
+    _, ph, pw = cfg.patch_size
     return (z_BCFHW.shape[-2] // ph) * (z_BCFHW.shape[-1] // pw)
 
 
-def flow_matching_loss(model, z0_BCFHW, states_BTD, context_BLD, sigma_B, noise_BCFHW, drop_B,
+def flow_matching_loss(model, z0_BCFHW, states_BTD, context_BLD, sigma_B, noise_BCFHW, drop_B, tokens,
                        num_context=data.NUM_CONTEXT_LATENTS):
     """Mean squared error of the predicted velocity on the latents to generate (context excluded).
 
@@ -64,7 +65,7 @@ def flow_matching_loss(model, z0_BCFHW, states_BTD, context_BLD, sigma_B, noise_
     s = sigma_B.view(B, 1, 1, 1, 1)
     x_t = (1 - s) * z0_BCFHW + s * noise_BCFHW
     x_t = torch.where(mask_BF.view(B, 1, Fr, 1, 1) == 0, z0_BCFHW, x_t)
-    t_BL = per_token_timestep(mask_BF, 1000 * sigma_B, tokens_per_frame(model, z0_BCFHW))
+    t_BL = per_token_timestep(mask_BF, 1000 * sigma_B, tokens)
     v_BCFHW = model(x_t, t_BL, context_BLD, states_BTD, drop_B)
     target = noise_BCFHW - z0_BCFHW
     return F.mse_loss(v_BCFHW[:, :, num_context:].float(), target[:, :, num_context:].float())
@@ -145,7 +146,9 @@ if __name__ == '__main__':
     vae = 'pixel'               # 'pixel': the CPU-demo codec (data.PixelCodec); 'wan': Wan 2.2 VAE
     vae_path = 'Wan-AI/Wan2.2-TI2V-5B-Diffusers'
     model = 'tiny'              # 'tiny' (WanConfig.tiny with the sizes below) or 'ti2v-5b'
-    dim, num_layers, num_heads, ffn_dim = 128, 4, 4, 256
+    # tiny sizes: dim must be >= 192, the 48 x 2 x 2 latent values a token carries, or the model
+    # cannot even pass its input through (dim 64 plateaus at loss 0.84, dim 256 reaches 0.2)
+    dim, num_layers, num_heads, ffn_dim = 256, 2, 4, 512
     pretrained = ''             # hub repo or folder of Wan 2.2 TI2V-5B; '' = random init
     text_encoder = 'zeros'      # 'zeros' (tiny demo) or a repo/folder with Wan's umT5 (null_context)
     train_mode = 'full'         # 'lora' (paper) or 'full' (the demo's random base)
@@ -176,6 +179,7 @@ if __name__ == '__main__':
         globals().update(PAPER)
     from configurator import configure
     configure(globals())
+    assert preset in ('cpu', 'paper'), f"--preset={preset!r}: use 'cpu' or 'paper'"
     config = {k: v for k, v in globals().items() if not k.startswith('_') and k != 'PAPER'
               and isinstance(v, (int, float, bool, str, tuple, list, type(None)))}
 
@@ -248,6 +252,7 @@ if __name__ == '__main__':
         if master:
             print(f"resumed from {ckpt_path} at step {start_step}")
     context_1LD = text_context(net.cfg, text_encoder, device)
+    tokens = tokens_per_frame(net.cfg, z_example)
     train_net = torch.compile(net) if compile else net
     if ddp:   # DDP syncs the gradients of the trainable parameters only
         train_net = DDP(train_net, device_ids=[torch.cuda.current_device()] if device_type == 'cuda' else None)
@@ -274,7 +279,7 @@ if __name__ == '__main__':
             z0, states, sigma, noise, drop = (x.to(device) for x in (z0, states, sigma, noise, drop))
             sync = nullcontext() if not ddp or micro == accum - 1 else train_net.no_sync()
             with sync:
-                loss = flow_matching_loss(train_net, z0, states, context_1LD, sigma, noise, drop) / accum
+                loss = flow_matching_loss(train_net, z0, states, context_1LD, sigma, noise, drop, tokens) / accum
                 loss.backward()
             loss_sum += loss.item()
         if grad_clip > 0:

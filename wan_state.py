@@ -16,7 +16,7 @@ API (the sampling scripts use these names):
     model.gradient_checkpointing = True    # recompute every block in backward (training); an int n:
                                            # only the first n blocks (trade memory for speed)
     model.compile_blocks()                 # torch.compile each block in place (same maths, fused kernels)
-    model.flops_per_sample(F, H, W, backward=None | 'lora' | 'full')   # matmul FLOPs, for MFU
+    model.flops_per_sample(F, H, W, lora_step=False)   # matmul FLOPs of a forward (or LoRA step), for MFU
     model.set_dtype(torch.bfloat16)        # bf16 weights, fp32 where the reference is fp32
     t_BL = per_token_timestep(mask_BF, t_B, tokens_per_frame)   # mask 0 = context frame -> t = 0
     add_lora(model, rank=32, alpha=32); merge_lora(model); unmerge_lora(model)
@@ -365,33 +365,37 @@ class WanDiT(nn.Module):
             block.compile(**compile_kwargs)
         return self
 
-    def flops_per_sample(self, num_frames, height, width, backward=None):
-        """Matmul FLOPs of one sample with latents [in_dim, num_frames, height, width] (for MFU).
+    def flops_per_sample(self, num_frames, height, width, lora_step=False):
+        """Matmul FLOPs of one sample with latents [in_dim, num_frames, height, width] and a
+        per-token timestep (for MFU); elementwise work, norms, RoPE and the state embedder are left
+        out (small next to the matmuls at full size; test_perf checks the count).
 
-        backward=None: one forward. 'full': forward + backward of every weight (3x the forward).
-        'lora': a frozen base with LoRA, as in fine-tuning: the backward computes activation
-        gradients (1x the linear layers, 2x the attention products) but no base weight gradients,
-        plus the LoRA matmuls (6 per parameter and token). Recomputation by gradient checkpointing
-        is not counted (MFU counts the model's FLOPs, not the hardware's). Elementwise work, norms
-        and RoPE are left out; they are small next to the matmuls at full size.
+        lora_step=False: one forward. True: a LoRA fine-tuning step on the frozen base: forward,
+        then the backward of the activations (1x the linears the gradient passes through, 2x the
+        attention products), no base weight gradients, and the LoRA matmuls (3 per adapter weight
+        and token forward and backward, 2 where the input is the text context). Recomputation by
+        gradient checkpointing is not counted: MFU counts the model's FLOPs, not the hardware's.
         """
         cfg = self.cfg
         pt, ph, pw = cfg.patch_size
         L, S, d = (num_frames // pt) * (height // ph) * (width // pw), cfg.text_len, cfg.dim
         patch = math.prod(cfg.patch_size)
-        # per block: q, k, v, o on the L tokens; cross-attention q, o on L and k, v on the S text
-        # slots; the FFN; attention scores and weighted sums (2 products of 2 * n * m * d each)
-        linear = cfg.num_layers * (2 * L * 4 * d * d + 2 * L * 2 * d * d + 2 * S * 2 * d * d + 2 * L * 2 * d * cfg.ffn_dim)
-        linear += 2 * L * d * cfg.in_dim * patch + 2 * L * d * cfg.out_dim * patch + 2 * S * (cfg.text_dim * d + d * d)
+        # the gradient flows through these (per block: q, k, v, o; cross-attention q, o; the FFN; the head)
+        on_path = 2 * L * (cfg.num_layers * (6 * d * d + 2 * d * cfg.ffn_dim) + d * cfg.out_dim * patch)
+        # ... and not through these: their inputs (latents, text, timesteps) need no gradient
+        off_path = (2 * L * d * cfg.in_dim * patch + 2 * S * (cfg.text_dim * d + d * d)
+                    + cfg.num_layers * 2 * S * 2 * d * d + 2 * L * (cfg.freq_dim * d + d * d + d * 6 * d))
+        # attention: scores and weighted sums, self over L keys and cross over the S text slots
         attn = cfg.num_layers * (4 * L * L * d + 4 * L * S * d)
-        if backward is None:
-            return linear + attn
-        if backward == 'full':
-            return 3 * (linear + attn)
-        assert backward == 'lora', f"backward must be None, 'lora' or 'full', got {backward!r}"
-        lora = sum(p.numel() for n, p in self.named_parameters() if '.lora_' in n)
-        assert lora > 0, "backward='lora' needs a model with LoRA adapters (add_lora)"
-        return 2 * linear + 3 * attn + 6 * lora * L
+        if not lora_step:
+            return on_path + off_path + attn
+        lora = 0
+        for name, m in self.named_modules():
+            if isinstance(m, LoRALinear):
+                n_ab = m.rank * (m.in_features + m.out_features)
+                lora += 4 * S * n_ab if name.endswith(('cross_attn.k', 'cross_attn.v')) else 6 * L * n_ab
+        assert lora > 0, "lora_step=True needs a model with LoRA adapters (add_lora)"
+        return 2 * on_path + off_path + 3 * attn + lora
 
     def set_dtype(self, dtype):
         """Cast the weights to dtype (bf16 on GPU), keeping fp32 what the reference runs in fp32."""
