@@ -8,7 +8,7 @@ warm-up and device synchronisation, in samples/s, tokens/s and MFU against the d
     python bench.py --preset=full --what=wan_fwd --profile   # where the time goes (torch.profiler)
     python bench.py --device=cpu --preset=cpu_ratios          # the CPU ratios (KV cache, batched ensemble)
 
-What each benchmark times (--what=all runs them all, or name one):
+What each benchmark times (--what=all runs them all; or name some, e.g. --what=st_decode,ensemble):
   st_train   one optimizer step of the compression ST-transformer (paper 3.1-3.2: 24 layers,
              d 512, T 5, bf16 autocast, fused AdamW), random tokens of the real shapes; loss on
              the predicted grids 3-5 only, as train_compression.py computes it

@@ -497,9 +497,11 @@ class PixelCodec:
     layout the DiT sees (48 channels, 1 + (T - 1) / 4 latent frames; 4x spatial compression where
     Wan's is 16x): latent k = pixel_unshuffle by 4 of frame 4k. It is lossless on those keyframes, which
     include the target (clip frame 20 = latent 5); decode fills the frames in between by linear
-    interpolation. It proves the pipeline, not the Wan VAE (full-scale runs use --vae=wan).
+    interpolation. Latents are pixels x 2 (exact in floating point), about unit variance as Wan's
+    VAE normalises its latents, so flow matching's noise levels mean what they mean at full scale.
+    It proves the pipeline, not the Wan VAE (full-scale runs use --vae=wan).
     """
-    z_dim, spatial, temporal = 48, 4, 4
+    z_dim, spatial, temporal, scale = 48, 4, 4, 2.0
 
     def encode(self, video_BCTHW):
         B, C, T, H, W = video_BCTHW.shape
@@ -507,11 +509,12 @@ class PixelCodec:
         assert H % 4 == 0 and W % 4 == 0, f"frame size {H}x{W} must be divisible by 4"
         keys_BCFHW = video_BCTHW[:, :, ::4]
         z = F.pixel_unshuffle(keys_BCFHW.transpose(1, 2).flatten(0, 1), 4)  # [B*F, 48, H/4, W/4]
-        return z.unflatten(0, (B, -1)).transpose(1, 2)
+        return z.unflatten(0, (B, -1)).transpose(1, 2) * self.scale
 
     def decode(self, z_BCFHW):
         B, C, Fz, h, w = z_BCFHW.shape
         assert C == 48, f"pixel-codec latents have 48 channels, got {C}"
+        z_BCFHW = z_BCFHW / self.scale
         keys = F.pixel_shuffle(z_BCFHW.transpose(1, 2).flatten(0, 1), 4).unflatten(0, (B, Fz)).transpose(1, 2)
         if Fz == 1:
             return keys

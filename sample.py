@@ -205,6 +205,8 @@ if __name__ == '__main__':
             for n, v in ckpt['trainable'].items():
                 params[n].copy_(v)
     net.eval().requires_grad_(False)
+    if base_dtype != torch.float32:   # bf16 inference on GPUs (fp32 kept where the reference keeps it)
+        net.set_dtype(base_dtype)
     context_1LD = text_context(net.cfg, run['text_encoder'], device)
     shift = shift or run['shift']
     if run['vae'] == 'pixel':

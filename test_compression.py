@@ -221,21 +221,27 @@ def test_synthetic_world_is_deterministic_and_its_floor_is_exact(tmp_path, synth
     for f in ('train_v2.0/videos/video_1.bin', 'train_v2.0/robot_states/states_1.bin', 'val_v2.0/video_0.bin'):
         assert (tmp_path / f).read_bytes() == open(os.path.join(synthetic_dir, f), 'rb').read()
     ds = data.TokenDataset(os.path.join(synthetic_dir, 'train_v2.0'), vocab_size=1000)
-    z, s = (torch.stack(x) for x in zip(*[ds[j] for j in range(0, len(ds), 3)]))
     world = ds.metadata['synthetic']
-    target = z[:, 3:].reshape(-1)
-    oracle = data.synthetic_oracle_logits(z, s, world).reshape(-1, 1000)
-    blind = data.synthetic_oracle_logits(z, s, world, use_states=False).reshape(-1, 1000)
+    sums, lags = torch.zeros(3), []
+    for j in range(0, len(ds), 48):  # chunks of 8 samples: the oracle logits are 8 x 3072 x 1000
+        z, s = (torch.stack(x) for x in zip(*[ds[i] for i in range(j, min(j + 48, len(ds)), 6)]))
+        target = z[:, 3:].reshape(-1)
+        oracle = data.synthetic_oracle_logits(z, s, world).reshape(-1, 1000)
+        blind = data.synthetic_oracle_logits(z, s, world, use_states=False).reshape(-1, 1000)
+        sums += torch.tensor([F.cross_entropy(oracle, target, reduction='sum'), cross_entropy_topk(oracle, target).sum(),
+                              F.cross_entropy(blind, target, reduction='sum')]) / 1024
+        lags.append(s[:, -34:, data.LAG_DIM][:, [data.grid_frames(g)[0] for g in (3, 4, 5)]])
+    lags = torch.cat(lags)
+    full, topk, blind = (sums / lags.numel()).tolist()
     # the closed form equals the metric applied to the Bayes predictor, given the fraction of
     # new places in these samples (their tokens are many, the grids few: the fraction is noisy)
-    lag = s[:, -34:, data.LAG_DIM][:, [data.grid_frames(g)[0] for g in (3, 4, 5)]]
-    p_new = (lag == 0).float().mean().item()
+    p_new = (lags == 0).float().mean().item()
     assert p_new == pytest.approx(data.SYNTHETIC_P_NEW, abs=0.06)
     floors = data.synthetic_floors(world['vocab'], world['eps'], p_new=p_new)
-    assert F.cross_entropy(oracle, target).item() == pytest.approx(floors['full'], abs=0.01)
-    assert cross_entropy_topk(oracle, target).mean().item() == pytest.approx(floors['topk'], abs=0.02)
+    assert full == pytest.approx(floors['full'], abs=0.01)
+    assert topk == pytest.approx(floors['topk'], abs=0.02)
     # ignoring the states costs about half a nat: the states are needed
-    assert F.cross_entropy(blind, target).item() > floors['full'] + 0.4
+    assert blind > floors['full'] + 0.4
 
 
 # --- training --------------------------------------------------------------------------------
@@ -246,16 +252,17 @@ def test_tiny_model_overfits_one_batch(synthetic_dir):
     model = tiny_model(n_embd=64, n_head=4)
     opt = torch.optim.AdamW(model.param_groups(0.0), lr=1e-2)
     losses = []
-    for _ in range(60):
+    for _ in range(45):
         loss = F.cross_entropy(model(z[:, :5], s, predict_from=2).flatten(0, -2), z[:, 3:].reshape(-1))
         loss.backward()
         opt.step()
         opt.zero_grad()
         losses.append(loss.item())
-    assert losses[0] > 6.5 and losses[-1] < 1.0, losses[::10]
+    # these grids are copies (Bayes CE 1.0 nats): below that, the model memorises the noise
+    assert losses[0] > 6.5 and losses[-1] < 0.6, losses[::10]
 
 
-SMALL_RUN = ['--n_embd=32', '--n_head=2', '--eval_interval=1000', '--final_eval_samples=8', '--num_workers=0',
+SMALL_RUN = ['--n_embd=32', '--n_head=2', '--eval_interval=1000', '--eval_samples=2', '--final_eval=False', '--num_workers=0',
              '--learning_rate=1e-3', '--warmup_iters=1']
 
 
@@ -267,8 +274,11 @@ def test_two_process_ddp_takes_the_same_step_as_one_process_with_accumulation(tm
     ddp = torch.load(tmp_path / 'ddp' / 'ckpt.pt', weights_only=False)
     torch.manual_seed(1337)  # the script's seed: its initial weights
     init = STTransformer(STConfig(**one['model_cfg'])).state_dict()
+    # the same step up to fp32 summation order: within 1% of the step size (lr = 1e-3; Adam's
+    # first step moves every weight by about lr, and gradients near its eps = 1e-8 amplify
+    # rounding differences)
     for name, p in one['model'].items():
-        torch.testing.assert_close(ddp['model'][name], p, rtol=0, atol=1e-6)
+        torch.testing.assert_close(ddp['model'][name], p, rtol=0, atol=1e-5)
     # the step changed every weight matrix by about the learning rate (Adam's first step)
     delta = [(one['model'][n] - init[n]).abs().max().item() for n in init if init[n].dim() >= 2]
     assert min(delta) > 5e-4, delta
@@ -285,3 +295,35 @@ def test_resume_gives_the_same_next_loss_as_not_stopping(tmp_path, synthetic_dir
     assert [r['step'] for r in split] == [0, 1, 2, 3, 4]
     assert [r['loss'] for r in split] == [r['loss'] for r in full]  # exact, dropout included
     assert [r['lr'] for r in split] == [r['lr'] for r in full]
+
+
+def results_of(out_dir):
+    with open(os.path.join(out_dir, 'results.json')) as f:
+        return json.load(f)
+
+
+LEARN_RUN = ['--max_iters=100', '--final_eval_samples=24', '--eval_interval=1000', '--eval_samples=2', '--num_workers=0']
+
+
+def test_short_run_beats_copy_last_grid_and_nears_the_bayes_floor(tmp_path, synthetic_dir):
+    """A shorter run than the README default (100 steps instead of 200, for the CI budget)."""
+    run_script(LEARN_RUN + [f'--data_dir={synthetic_dir}', f'--out_dir={tmp_path}'], cwd=tmp_path)
+    r = results_of(tmp_path)
+    model, copy_last = r['model, teacher-forced'], r['copy the last context grid']
+    floor, blind = r['Bayes floor (states known)'], r['state-blind floor']
+    assert model['top500'] < copy_last['top500'] - 2.0
+    assert model['top500'] < floor['top500'] + 0.35 and model['ce'] < floor['ce'] + 0.35
+    # it uses the states: better than any predictor that cannot see them
+    assert model['ce'] < blind['ce'] - 0.2
+    assert r['model, greedy autoregressive']['top500'] < copy_last['top500']
+
+
+def test_model_without_states_cannot_reach_the_floor(tmp_path, synthetic_dir):
+    run_script(LEARN_RUN + [f'--data_dir={synthetic_dir}', f'--out_dir={tmp_path}', '--use_states=False'], cwd=tmp_path)
+    r = results_of(tmp_path)
+    model, blind = r['model, teacher-forced'], r['state-blind floor']
+    # it learned the world as far as it can (well below copy-last) ...
+    assert model['top500'] < r['copy the last context grid']['top500'] - 1.5
+    # ... but stays above the best state-blind predictor, half a nat above the Bayes floor
+    assert model['ce'] > blind['ce'] - 0.05
+    assert model['ce'] > r['Bayes floor (states known)']['ce'] + 0.4
