@@ -142,22 +142,21 @@ class TokenDataset(torch.utils.data.Dataset):
 
 
 # --- the synthetic world --------------------------------------------------------------------
-# The robot looks around three places. At each grid it turns to one of the two places it is not
-# looking at (uniformly; state dim 21 holds the place). A place it saw within the last 3 grids
-# looks as it did then, with a fraction eps of the tokens replaced by uniform random ones; a
-# place unseen for longer (or not yet seen in the segment) has changed completely: uniform
-# random tokens. State dim 20 holds the lag: how many grids ago the place was last seen (2 or
-# 3), or 0 when it is new. So for a future grid g (at least 3 grids into its segment, as every
-# future grid of a sample is) the lag is 2 with probability 1/2 (back to the place of g-2), 3 with
-# probability 1/4 (the third place, if it was seen at g-3) and new with probability 1/4, and the
-# teacher-forced Bayes-optimal predictive is known exactly: for a copy, the copied token with
-# probability q = 1 - eps + eps/V and every other token eps/V; for a new place, uniform. A model
-# that ignores the states can at best mix over the cases. The copy sources are two different
-# places, so they hold independent tokens. (A spatial world, e.g. grids rolled by a state-given
-# offset, needs far more than a 5-minute CPU run to learn relative positions from absolute
-# 32 x 32 embeddings; this world exercises the causal temporal attention and the state path.)
+# The robot looks around three places: at each grid it looks at one of them, uniformly at
+# random (state dim 21 holds the place). A place it saw within the last 3 grids looks as it
+# did then, with a fraction eps of the tokens replaced by uniform random ones; a place unseen
+# for longer (or not yet in this segment) has changed completely: uniform random tokens. State
+# dim 20 holds the lag: how many grids ago the place was last seen (1, 2 or 3), or 0 when it is
+# new. A future grid g (at least 3 grids into its segment, as every future grid of a sample is)
+# is new with probability p_new = (2/3)^3 = 8/27 (its place is none of 3 independent uniform
+# draws), so the teacher-forced Bayes-optimal predictive is known exactly: for a copy, the
+# copied token with probability q = 1 - eps + eps/V and every other token eps/V; for a new
+# place, uniform. A model that ignores the states can at best mix over the three places
+# (different places hold independent tokens). (A spatial world, e.g. grids rolled by a
+# state-given offset, needs far more than a 5-minute CPU run to learn relative positions from
+# absolute 32 x 32 embeddings; this one exercises the causal temporal attention and the states.)
 SYNTHETIC_PLACES = 3
-SYNTHETIC_P_NEW = 1 / 4         # derived above
+SYNTHETIC_P_NEW = 8 / 27        # derived above
 LAG_DIM, PLACE_DIM = 20, 21
 
 
@@ -194,9 +193,8 @@ def synthetic_shard(rng, num_frames, vocab, eps, seg_id0=0, min_seg=40, max_seg=
         if seg is None or seg != prev_seg:
             places = []
         prev_seg = seg
-        others = [p for p in range(SYNTHETIC_PLACES) if not places or p != places[-1]]
-        place = others[rng.integers(len(others))]
-        lag = next((k for k in (2, 3) if len(places) >= k and places[-k] == place), 0)
+        place = int(rng.integers(SYNTHETIC_PLACES))
+        lag = next((k for k in (1, 2, 3) if len(places) >= k and places[-k] == place), 0)
         places.append(place)
         states_FD[f0:f1, LAG_DIM], states_FD[f0:f1, PLACE_DIM] = lag, place
         if lag == 0:
@@ -258,9 +256,9 @@ def synthetic_oracle_logits(tokens_BGHW, states_BLD, world, use_states=True):
     """Log-probabilities (B, 3, 32, 32, V) of the Bayes-optimal teacher-forced predictor of the
     future grids 3, 4, 5 of synthetic samples, given the true earlier grids. use_states=False
     gives the best predictor that does not see the states of the grid it predicts (it may know
-    the places of the earlier grids: their tokens show them): with probability 1/2 the robot
-    returns to the place of grid g-2; otherwise it turns to the third place, a copy of grid g-3
-    if that showed it, else new. Used for the floors in the results table."""
+    the places of the earlier grids: their tokens show them): each place with probability 1/3,
+    a copy of the last grid that showed it within 3 grids, else new. Used for the floors in the
+    results table."""
     V, eps = world['vocab'], world['eps']
     B, L = states_BLD.shape[:2]
     state = lambda g, dim: states_BLD[:, L - SAMPLE_FRAMES + grid_frames(g)[0], dim].round().long()
@@ -268,12 +266,14 @@ def synthetic_oracle_logits(tokens_BGHW, states_BLD, world, use_states=True):
     for t, g in enumerate(range(SAMPLE_GRIDS // 2, SAMPLE_GRIDS)):
         if use_states:
             lag = state(g, LAG_DIM)
-            w_B = {2: (lag == 2).float(), 3: (lag == 3).float(), 0: (lag == 0).float()}
-        else:
-            third_seen = (state(g - 3, PLACE_DIM) != state(g - 1, PLACE_DIM)).float()
-            w_B = {2: torch.full((B,), 0.5), 3: 0.5 * third_seen, 0: 0.5 * (1 - third_seen)}
-        probs[:, t] += (w_B[0] / V + (w_B[2] + w_B[3]) * eps / V)[:, None, None, None]
-        for lag in (2, 3):
+            w_B = {k: (lag == k).float() for k in (0, 1, 2, 3)}
+        else:  # a place is last seen at lag k if grid g-k shows it and no later grid does
+            seen = [state(g - k, PLACE_DIM) for k in (1, 2, 3)]
+            w_B = {1: torch.full((B,), 1 / 3), 2: (seen[1] != seen[0]).float() / 3,
+                   3: ((seen[2] != seen[0]) & (seen[2] != seen[1])).float() / 3}
+            w_B[0] = 1 - w_B[1] - w_B[2] - w_B[3]
+        probs[:, t] += (w_B[0] / V + (w_B[1] + w_B[2] + w_B[3]) * eps / V)[:, None, None, None]
+        for lag in (1, 2, 3):
             src = tokens_BGHW[:, g - lag, :, :, None]
             probs[:, t].scatter_add_(-1, src, ((1 - eps) * w_B[lag])[:, None, None, None].expand(-1, GRID_H, GRID_W, 1))
     return probs.log()

@@ -164,7 +164,7 @@ if __name__ == '__main__':
     split = ''                  # a raw split folder; '' = {data_dir of the run}/val_v2.0_raw
     max_clips = 0               # 0 = every clip of the split
     clip_stride = 77            # frames between evaluated windows (77 = no overlap)
-    ensemble = 8                # N members, averaged in pixel space (paper: 20)
+    ensemble = 16               # N members, averaged in pixel space (paper: 20)
     steps = 20                  # solver steps (paper: 20)
     cfg = 1.0                   # classifier-free guidance scale; 1.0 = off (paper's best: 1.0 or 1.5)
     scheduler = 'euler'         # 'euler' (FlowMatchEulerDiscreteScheduler) or 'unipc'

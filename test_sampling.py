@@ -22,7 +22,7 @@ def run_script(*args, torchrun=False):
     """Run a repo script the way a user does; fail with its output if it fails."""
     launcher = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2'] if torchrun \
         else [sys.executable]
-    env = dict(os.environ, OMP_NUM_THREADS='1')
+    env = dict(os.environ, OMP_NUM_THREADS='1') if torchrun else dict(os.environ)
     res = subprocess.run([*launcher, *args], cwd=REPO, capture_output=True, text=True, env=env, timeout=600)
     assert res.returncode == 0, f"{' '.join(args)} failed:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
     return res.stdout
@@ -227,17 +227,17 @@ def demo_metrics(synthetic, tmp_path_factory):
     """Train a tiny model on the synthetic clips and evaluate it on the validation split."""
     out = tmp_path_factory.mktemp('demo')
     run_script('train_sampling.py', f'--data_dir={synthetic}', '--make_synthetic=False', f'--out_dir={out}',
-               '--dim=64', '--num_layers=4', '--num_heads=2', '--ffn_dim=128', '--max_iters=300', '--log_interval=50')
-    run_script('sample.py', f'--out_dir={out}', '--ensemble=8', '--steps=10', '--max_clips=12')
+               '--max_iters=300', '--log_interval=50')   # the demo's defaults: dim 256, 2 layers, batch 8
+    run_script('sample.py', f'--out_dir={out}', '--ensemble=16', '--steps=10', '--max_clips=8')
     with open(out / 'samples' / 'metrics.csv') as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 12 and (out / 'samples' / 'clip_0.png').exists()
+    assert len(rows) == 8 and (out / 'samples' / 'clip_0.png').exists()
     return {k: np.mean([float(r[k]) for r in rows]) for k in rows[0] if k.startswith(('psnr', 'ssim'))}
 
 
 def test_trained_tiny_model_beats_copy_last_frame(demo_metrics):
-    assert demo_metrics['psnr_ensemble_8'] > demo_metrics['psnr_copy_last'] + 1.0, demo_metrics
+    assert demo_metrics['psnr_ensemble_16'] > demo_metrics['psnr_copy_last'] + 0.2, demo_metrics
 
 
 def test_ensemble_mean_beats_a_single_sample(demo_metrics):
-    assert demo_metrics['psnr_ensemble_8'] > demo_metrics['psnr_single'] + 0.5, demo_metrics
+    assert demo_metrics['psnr_ensemble_16'] > demo_metrics['psnr_single'] + 1.0, demo_metrics
