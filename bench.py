@@ -292,7 +292,8 @@ if 'wan_lora' in selected:
     drop_B = torch.zeros(b, dtype=torch.bool, device=device)
 
     def lora_step():
-        loss = flow_matching_loss(net, x_BCFHW[:b], wstates_BTD[:b], context_1LD, sigma_B, noise_B, drop_B)
+        loss = flow_matching_loss(net, x_BCFHW[:b], wstates_BTD[:b], context_1LD, sigma_B, noise_B, drop_B,
+                                  tokens_per_frame)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -304,7 +304,7 @@ def download_tokenized(out, split='val_v2.0', shards=None):
 
 def cmd_synthetic(args):
     world = write_synthetic(args.out, seed=args.seed, vocab=args.vocab)
-    floors = synthetic_floors(world['vocab'], world['eps'])
+    floors = synthetic_floors(world['vocab'], world['eps'], world['p_new'])
     print(f"wrote {args.out}/train_v2.0 and {args.out}/val_v2.0 (vocab {world['vocab']}, eps {world['eps']})")
     print(f"Bayes-optimal teacher-forced CE per future token: full {floors['full']:.4f}, Top-500 {floors['topk']:.4f} nats")
 
@@ -334,8 +334,7 @@ from tqdm import tqdm
 
 RAW_CLIP_LEN = 77       # a challenge clip: frames 0..76 at 30 Hz (paper 2, problem statement)
 RAW_CONTEXT_LEN = 17    # frames 0..16 are given; frame 76 is predicted
-STATE_DIM = 25          # one state row per 30 Hz frame (layout in ../shared/1X-DATA.md)
-RAW_HZ = 30
+RAW_HZ = 30             # states: one STATE_DIM row per frame, as in the tokenized data (section 1)
 HF_REPO_RAW = '1x-technologies/worldmodel_raw_data'
 TIME_STRIDE = 4         # paper 2, data pre-processing: downsample the 77 frames by four
 CLIP_LEN = 21           # frames the model sees: Wan's VAE needs 4k + 1 frames

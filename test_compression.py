@@ -240,7 +240,7 @@ def test_synthetic_world_is_deterministic_and_its_floor_is_exact(tmp_path, synth
     floors = data.synthetic_floors(world['vocab'], world['eps'], p_new=p_new)
     assert full == pytest.approx(floors['full'], abs=0.01)
     assert topk == pytest.approx(floors['topk'], abs=0.02)
-    # ignoring the states costs about half a nat: the states are needed
+    # ignoring the states costs most of a nat: the states are needed
     assert blind > floors['full'] + 0.4
 
 

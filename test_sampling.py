@@ -206,8 +206,10 @@ def test_ddp_two_processes_equals_single_process(synthetic, straight_run, tmp_pa
     assert '2 process(es) x batch 2 x 2 accumulation' in out   # the single process accumulates 4
     two = trained(tmp_path)
     init = build_model('tiny', '', 'full', 32, 32, 0, 'cpu', torch.float32, TINY).state_dict()
+    # equal up to float summation order; AdamW turns the ~1e-9 gradient noise of weights whose true
+    # gradient is 0 (cross-attention key biases) into updates of ~1e-6, hence atol 1e-5 (lr 1e-3 x 4 steps)
     for n, p in straight_run['trainable'].items():
-        assert torch.allclose(p, two['trainable'][n], atol=1e-6, rtol=1e-5), n
+        assert torch.allclose(p, two['trainable'][n], atol=1e-5, rtol=1e-4), n
     assert max((p - init[n]).abs().max().item() for n, p in straight_run['trainable'].items()) > 1e-4   # it trained
 
 

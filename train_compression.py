@@ -175,7 +175,7 @@ def print_table(results, world=None):
     for name, (top, full) in results.items():
         lines.append(f"{name:34s} {top:10.4f} {full:8.4f}")
     if world is not None:
-        floors = data.synthetic_floors(world['vocab'], world['eps'])
+        floors = data.synthetic_floors(world['vocab'], world['eps'], world['p_new'])
         lines.append(f"{'Bayes floor, closed form':34s} {floors['topk']:10.4f} {floors['full']:8.4f}")
     print('\n'.join(lines))
 
