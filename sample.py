@@ -13,7 +13,6 @@ Outputs in {out_dir}/samples/: clip_{k}.png (context | members | mean | truth | 
 """
 import csv
 import os
-import sys
 import time
 
 import numpy as np

@@ -49,10 +49,10 @@ dropout = 0.0
 state_window = data.STATE_WINDOW
 use_states = True
 # optimisation (paper 3.2)
-total_batch_size = 8       # samples per optimizer step (paper: 160), via gradient accumulation
-batch_size = 8             # samples per micro-step per process
+total_batch_size = 4       # samples per optimizer step (paper: 160), via gradient accumulation
+batch_size = 4             # samples per micro-step per process
 epochs = 0.0               # length of the run in passes over the training set ...
-max_iters = 200            # ... or in steps, when epochs == 0
+max_iters = 300            # ... or in steps, when epochs == 0
 learning_rate = 5e-3       # peak; linear warmup then linear decay to 0 (paper: 8e-4)
 warmup_iters = 20
 weight_decay = 0.05        # on matrices only (STTransformer.param_groups)
@@ -60,7 +60,7 @@ beta1 = 0.9
 beta2 = 0.95
 grad_clip = 1.0            # not stated in the paper; the usual GPT-2 value
 # evaluation and bookkeeping
-eval_interval = 50
+eval_interval = 100
 eval_samples = 16          # teacher-forced val samples at each eval_interval
 final_eval_samples = 48    # samples for the final table (0 = the whole split)
 final_eval = True          # print the table at the end of the run
