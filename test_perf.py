@@ -21,7 +21,7 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
+def perf_one_thread():
     """Tiny models gain nothing from threads; on a busy 2-core box competing threads are much slower."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -29,7 +29,7 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-def randomize(model, std, seed=0):
+def random_weights(model, std, seed=0):
     """Random values in every parameter, large enough that greedy decoding has no near-ties."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -68,7 +68,7 @@ def test_peak_flops_is_unknown_on_the_cpu():
 
 def st_model(dropout=0.0):
     cfg = STConfig(vocab_size=97, n_layer=2, n_head=2, n_embd=32, T=5, H=4, W=4, dropout=dropout, state_window=64)
-    return randomize(STTransformer(cfg), std=0.3), cfg
+    return random_weights(STTransformer(cfg), std=0.3), cfg
 
 
 def st_inputs(cfg, seed=1):
@@ -135,7 +135,7 @@ def wan_inputs(cfg, seed=1):
 
 def test_checkpointing_the_first_n_blocks_gives_the_same_loss_and_gradients():
     cfg = WanConfig.tiny(num_layers=3)
-    model = randomize(WanDiT(cfg), std=0.1)
+    model = random_weights(WanDiT(cfg), std=0.1)
     x, t_BL, context, states = wan_inputs(cfg)
     calls = [0] * 3
     for i, block in enumerate(model.blocks):
