@@ -7,15 +7,21 @@ Sections:
   3. command line: `python data.py synthetic --out DIR`, ...
 """
 
-# ---------------------------------------------------------------------------------------------
-# 1. Tokenized data (compression track)
-# ---------------------------------------------------------------------------------------------
 import json
 import math
 import os
 
+import av
 import numpy as np
 import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+# ---------------------------------------------------------------------------------------------
+# 1. Tokenized data (compression track)
+# ---------------------------------------------------------------------------------------------
 
 # Facts of the 1X v2.0 tokenized data (../shared/1X-DATA.md). No 1X file states the vocabulary:
 # 64,000 is the size of the Cosmos DV8x8x8 FSQ codebook (levels 8,8,8,5,5,5).
@@ -319,18 +325,6 @@ def cmd_download(args):
 # ---------------------------------------------------------------------------------------------
 # 2. Raw video data (sampling track)
 # ---------------------------------------------------------------------------------------------
-
-# Section 2 imports are kept here so the two data.py sections can be edited independently.
-import json
-import os
-
-import av
-import numpy as np
-import torch
-import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import save_file
-from tqdm import tqdm
 
 RAW_CLIP_LEN = 77       # a challenge clip: frames 0..76 at 30 Hz (paper 2, problem statement)
 RAW_CONTEXT_LEN = 17    # frames 0..16 are given; frame 76 is predicted

@@ -53,10 +53,21 @@ class Attention(nn.Module):
         self.q_norm, self.k_norm = nn.LayerNorm(head_dim), nn.LayerNorm(head_dim)
         self.resid_drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x_BNC):
+    def forward(self, x_BNC, kv_cache=None):
+        """kv_cache (temporal attention in generate only): a dict that keeps the keys and values of
+        the positions seen so far. Empty: x_BNC holds the context positions (causal, as usual).
+        Filled: x_BNC is the one new position; it attends to the cached keys and its own, all of
+        which lie in its past, so no mask is needed. The new keys and values are appended."""
         q, k, v = rearrange(self.qkv(x_BNC), 'b n (three h c) -> three b h n c', three=3, h=self.n_head)
-        y = F.scaled_dot_product_attention(self.q_norm(q), self.k_norm(k), v, is_causal=self.causal,
-                                           dropout_p=self.dropout if self.training else 0.0)
+        q, k = self.q_norm(q), self.k_norm(k)
+        causal = self.causal
+        if kv_cache is not None:
+            if kv_cache:
+                assert x_BNC.shape[1] == 1, "with a filled KV cache, feed one new position at a time"
+                k, v = torch.cat([kv_cache['k'], k], dim=2), torch.cat([kv_cache['v'], v], dim=2)
+                causal = False
+            kv_cache['k'], kv_cache['v'] = k, v
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=causal, dropout_p=self.dropout if self.training else 0.0)
         return self.resid_drop(self.proj(rearrange(y, 'b h n c -> b n (h c)')))
 
 
@@ -81,12 +92,12 @@ class Block(nn.Module):
         self.spatial, self.temporal = Attention(cfg, causal=False), Attention(cfg, causal=True)
         self.mlp = MLP(cfg)
 
-    def forward(self, x_BTSC):
+    def forward(self, x_BTSC, kv_cache=None):
         B, T, S, C = x_BTSC.shape
         x = rearrange(x_BTSC, 'b t s c -> (b t) s c')
         x = x + self.spatial(self.ln_s(x))
         x = rearrange(x, '(b t) s c -> (b s) t c', b=B)
-        x = x + self.temporal(self.ln_t(x))
+        x = x + self.temporal(self.ln_t(x), kv_cache)
         x = x + self.mlp(self.ln_m(x))
         return rearrange(x, '(b s) t c -> b t s c', b=B)
 
@@ -163,36 +174,59 @@ class STTransformer(nn.Module):
         Only the positions that are scored get the output head: training scores the future
         grids 3, 4, 5 (paper 3.2), i.e. positions 2, 3, 4, and the 64k-way head is the largest
         cost of the model, so this is cheaper and exact."""
+        return self.blocks_and_head(self.embed(z_BTHW, states_BLD), predict_from)
+
+    def embed(self, z_BTHW, states_BLD=None, t0=0):
+        """Input embeddings (B, T, S, C) of the grids at time positions t0 .. t0 + T - 1: token +
+        spatial + temporal position embeddings (+ the state features of those positions)."""
         B, T, H, W = z_BTHW.shape
         cfg = self.cfg
         assert (H, W) == (cfg.H, cfg.W), f"token grids must be {cfg.H} x {cfg.W}, got {H} x {W}"
-        assert 1 <= T <= cfg.T, f"the model reads at most T={cfg.T} grids, got {T}"
+        assert 1 <= t0 + T <= cfg.T, f"the model reads at most T={cfg.T} grids, got {t0 + T}"
         x_BTSC = self.tok_emb(rearrange(z_BTHW, 'b t h w -> b t (h w)'))
-        x_BTSC = x_BTSC + self.pos_emb_SC + self.pos_emb_TC[:T, None]
+        x_BTSC = x_BTSC + self.pos_emb_SC + self.pos_emb_TC[t0:t0 + T, None]
         if self.states is not None:
             assert states_BLD is not None and states_BLD.shape[1:] == (cfg.state_window, cfg.state_dim), \
                 f"states must be (B, {cfg.state_window}, {cfg.state_dim}), got {None if states_BLD is None else tuple(states_BLD.shape)}"
-            x_BTSC = x_BTSC + self.states(states_BLD, T)[:, :, None]
-        x_BTSC = self.drop(x_BTSC)
-        for block in self.blocks:
-            x_BTSC = block(x_BTSC)
+            x_BTSC = x_BTSC + self.states(states_BLD, t0 + T)[:, t0:, None]
+        return self.drop(x_BTSC)
+
+    def blocks_and_head(self, x_BTSC, predict_from=0, kv_caches=None):
+        """The ST blocks, then logits of the positions from predict_from on. kv_caches: one dict per
+        block for the temporal KV cache of generate()."""
+        for i, block in enumerate(self.blocks):
+            x_BTSC = block(x_BTSC, None if kv_caches is None else kv_caches[i])
         x_BTSC = self.ln_f(x_BTSC[:, predict_from:])
-        return rearrange(self.head(x_BTSC), 'b t (h w) v -> b t h w v', h=H)
+        return rearrange(self.head(x_BTSC), 'b t (h w) v -> b t h w v', h=self.cfg.H)
 
     @torch.no_grad()
-    def generate(self, z_BTHW, states_BLD=None, num_grids=3, temperature=0.0, top_k=None):
+    def generate(self, z_BTHW, states_BLD=None, num_grids=3, temperature=0.0, top_k=None, use_cache=True):
         """Predict the next num_grids grids after the context, one grid at a time: the 1024 tokens
         of a grid are predicted in parallel given the grids before it (paper 3.3). temperature 0
         is greedy decoding (the paper's choice); otherwise sample from the top_k logits at that
         temperature. Computed in fp32 (paper 3.2: inference in bf16 degraded).
         Returns the grids (B, num_grids, H, W) and their logits (B, num_grids, H, W, V).
-        Each step reruns the whole (short) sequence; a temporal KV cache would reuse the past."""
+
+        use_cache: a temporal KV cache. Spatial attention stays within a grid and temporal
+        attention is causal, so a grid's activations never depend on later grids: each block keeps
+        the temporal keys and values of the grids seen so far, and each step after the first runs
+        only the newest grid through the blocks (its spatial attention over itself, its temporal
+        attention over the cache). Same maths as rerunning the whole sequence, about 3 grids of
+        work less for 3 new grids (test_all.py checks the greedy tokens are equal). Dropout is off."""
         assert z_BTHW.shape[1] + num_grids - 1 <= self.cfg.T, \
             f"{z_BTHW.shape[1]} context + {num_grids} new grids need T >= {z_BTHW.shape[1] + num_grids - 1}"
+        was_training = self.training
+        self.eval()
+        kv_caches = [{} for _ in self.blocks] if use_cache else None
         grids, all_logits = z_BTHW, []
         with torch.autocast(z_BTHW.device.type, enabled=False):
-            for _ in range(num_grids):
-                logits_BHWV = self.forward(grids, states_BLD, predict_from=grids.shape[1] - 1)[:, 0].float()
+            for i in range(num_grids):
+                if use_cache:   # the context grids at once, then only the newest grid
+                    t0 = 0 if i == 0 else grids.shape[1] - 1
+                    x_BTSC = self.embed(grids[:, t0:], states_BLD, t0)
+                    logits_BHWV = self.blocks_and_head(x_BTSC, x_BTSC.shape[1] - 1, kv_caches)[:, 0].float()
+                else:
+                    logits_BHWV = self.forward(grids, states_BLD, predict_from=grids.shape[1] - 1)[:, 0].float()
                 if temperature == 0.0:
                     next_BHW = logits_BHWV.argmax(-1)
                 else:
@@ -204,6 +238,7 @@ class STTransformer(nn.Module):
                     next_BHW = torch.multinomial(probs.flatten(0, -2), 1).view(probs.shape[:-1])
                 grids = torch.cat([grids, next_BHW[:, None]], dim=1)
                 all_logits.append(logits_BHWV)
+        self.train(was_training)
         return grids[:, z_BTHW.shape[1]:], torch.stack(all_logits, dim=1)
 
     def param_groups(self, weight_decay):
@@ -227,6 +262,20 @@ class STTransformer(nn.Module):
         attn = cfg.n_layer * 2 * 2 * C * (S + T)  # QK^T and AV per token: spatial over S, temporal over T
         return 3 * (2 * n_block * T * S + attn * T * S + 2 * C * cfg.vocab_size * predict_grids * S)
 
+
+
+# Dense bf16 peak FLOP/s (vendor datasheets, without sparsity), for MFU; the first name that
+# occurs in torch.cuda.get_device_name() wins, so the PCIe H100 comes before the SXM one.
+PEAK_BF16_FLOPS = (('H100 PCIe', 756e12), ('H100', 989e12), ('H200', 989e12),
+                   ('B200', 2250e12), ('A100', 312e12))
+
+
+def peak_flops(device):
+    """The device's dense bf16 peak FLOP/s, or None (the CPU, an unlisted GPU: no MFU)."""
+    if not str(device).startswith('cuda'):
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((flops for key, flops in PEAK_BF16_FLOPS if key in name), None)
 
 
 def get_lr(it, peak_lr, warmup_iters, max_iters):

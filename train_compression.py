@@ -26,7 +26,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import data
-from st_transformer import STConfig, STTransformer, cross_entropy_topk, get_lr
+from st_transformer import STConfig, STTransformer, cross_entropy_topk, get_lr, peak_flops
 
 # --- settings (defaults: the CPU run on synthetic data) ---------------------------------------
 preset = 'cpu'             # 'cpu' or 'paper' (PRESETS below)
@@ -289,7 +289,13 @@ loader = iter(torch.utils.data.DataLoader(train_ds, batch_sampler=sampler, num_w
 log = open(os.path.join(out_dir, 'log.jsonl'), 'a') if master else None
 bar = tqdm(total=stop, initial=step, desc='train', disable=not master, dynamic_ncols=True)
 t0 = time.time()
+# MFU as nanoGPT prints it: this process's model FLOPs per step over its time and the device's
+# bf16 peak (None on the CPU and unknown GPUs: then no MFU), averaged once warm-up has passed
+peak = peak_flops(device)
+flops_per_step = raw_model.flops_per_sample() * batch_size * grad_accum
+first_step, running_mfu = step, -1.0
 while step < stop:
+    t_step = time.time()
     lr = get_lr(step, learning_rate, warmup_iters, max_iters)
     for group in optimizer.param_groups:
         group['lr'] = lr
@@ -307,16 +313,23 @@ while step < stop:
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+    dt = time.time() - t_step
     step += 1
     if master:
-        record = dict(step=step - 1, loss=loss_sum, lr=lr)
+        record = dict(step=step - 1, loss=loss_sum, lr=lr, samples_per_s=total_batch_size / dt)
+        postfix = dict(loss=f'{loss_sum:.4f}', lr=f'{lr:.2e}', samples_s=f'{total_batch_size / dt:.1f}')
+        if peak and step - first_step > 5:
+            mfu = flops_per_step / dt / peak
+            running_mfu = mfu if running_mfu < 0 else 0.9 * running_mfu + 0.1 * mfu
+            record['mfu'] = running_mfu
+            postfix['mfu'] = f'{100 * running_mfu:.1f}%'
         if step % eval_interval == 0 or step == max_iters:
             val = evaluate(raw_model, val_ds, eval_samples, False, autocast)['model, teacher-forced']
             record.update(val_top500=val[0], val_ce=val[1])
             tqdm.write(f"step {step}: val teacher-forced Top-500 CE {val[0]:.4f}, CE {val[1]:.4f}")
         log.write(json.dumps(record) + '\n')
         log.flush()
-        bar.set_postfix(loss=f'{loss_sum:.4f}', lr=f'{lr:.2e}')
+        bar.set_postfix(**postfix)
         bar.update(1)
         if (ckpt_interval > 0 and step % ckpt_interval == 0) or step == stop:
             save_checkpoint()

@@ -163,7 +163,7 @@ if __name__ == '__main__':
     batch_size = 8              # per GPU micro-batch
     global_batch_size = 8       # paper 2.2: 1024
     max_iters = 400             # paper 2.2: 23k steps
-    gradient_checkpointing = False
+    gradient_checkpointing = 0  # recompute the first n blocks in backward (0: none; the paper preset: all 30)
     base_dtype = 'float32'      # 'bfloat16' on GPUs: the frozen base
     compile = False
     device = 'cuda' if torch.cuda.is_available() else 'cpu'
@@ -173,7 +173,7 @@ if __name__ == '__main__':
     ckpt_interval = 100
     PAPER = dict(data_dir='data/1x', make_synthetic=False, clip_stride=77, vae='wan', model='ti2v-5b',
                  pretrained='Wan-AI/Wan2.2-TI2V-5B', text_encoder='Wan-AI/Wan2.2-TI2V-5B', train_mode='lora',
-                 learning_rate=4e-4, shift=5.0, batch_size=8, global_batch_size=1024, max_iters=23000, gradient_checkpointing=True,
+                 learning_rate=4e-4, shift=5.0, batch_size=8, global_batch_size=1024, max_iters=23000, gradient_checkpointing=30,
                  base_dtype='bfloat16', out_dir='out_sampling_paper', ckpt_interval=500)
     if '--preset=paper' in sys.argv[1:]:
         globals().update(PAPER)

@@ -368,7 +368,7 @@ class WanDiT(nn.Module):
     def flops_per_sample(self, num_frames, height, width, lora_step=False):
         """Matmul FLOPs of one sample with latents [in_dim, num_frames, height, width] and a
         per-token timestep (for MFU); elementwise work, norms, RoPE and the state embedder are left
-        out (small next to the matmuls at full size; test_perf checks the count).
+        out (small next to the matmuls at full size; test_all.py checks the count).
 
         lora_step=False: one forward. True: a LoRA fine-tuning step on the frozen base: forward,
         then the backward of the activations (1x the linears the gradient passes through, 2x the

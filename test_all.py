@@ -1,0 +1,1106 @@
+"""nanoWM's tests, run by CI: `python -m pytest -q test_all.py` (README). CPU only, tiny configs.
+
+Each test checks one behaviour with the numbers that matter. Sections follow the repo's files:
+the compression track, the Wan 2.2 model, the sampling track, and the performance work."""
+
+from pathlib import Path
+import csv
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+import data
+from st_transformer import P_FLOOR, STConfig, STTransformer, cross_entropy_topk, get_lr, peak_flops
+from wan_state import (WanConfig, WanDiT, WanVAE, add_lora, load_trainable, lora_modules, merge_lora,
+                       null_context, parameter_counts, per_token_timestep, save_trainable,
+                       to_diffusers_state_dict, trainable_state_dict, unmerge_lora)
+from sample import blur_baseline, match_histograms, psnr, sample_latents, ssim
+from train_sampling import (build_model, flow_matching_loss, sample_draws, shift_sigma, text_context,
+                            tokens_per_frame)
+
+
+REPO = os.path.dirname(os.path.abspath(__file__))
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The models here are tiny: they gain nothing from threads, and on a busy 2-core machine two
+    OpenMP threads made them up to 50x slower. Scripts run in subprocesses keep their own setting."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def randomize(model, std=0.1, seed=0):
+    """Random values in every parameter (zero-initialised heads and gates would hide bugs)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+    return model
+
+
+# ===============================================================================================
+# Compression track: st_transformer.py, data.py section 1, train_compression.py
+# ===============================================================================================
+
+
+ST_TINY = dict(vocab_size=1000, n_layer=1, n_head=2, n_embd=32, dropout=0.0)
+
+
+def tiny_st_model(**kw):
+    torch.manual_seed(0)
+    return STTransformer(STConfig(**{**ST_TINY, **kw}))
+
+
+def run_compression(args, cwd, nproc=None, timeout=300):
+    """Run train_compression.py (under torchrun when nproc is given); return its stdout."""
+    cmd = [sys.executable, os.path.join(REPO, 'train_compression.py')] + args
+    if nproc:
+        cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}'] + cmd[1:]
+    env = {**os.environ, 'OMP_NUM_THREADS': '1' if nproc else os.environ.get('OMP_NUM_THREADS', '2')}
+    out = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
+    assert out.returncode == 0, f"{' '.join(cmd)} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+    return out.stdout
+
+
+@pytest.fixture(scope='module')
+def synthetic_dir(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp('synthetic'))
+    data.write_synthetic(out, seed=0)
+    return out
+
+
+def test_forward_and_generate_shapes():
+    model = tiny_st_model().eval()
+    z = torch.randint(0, 1000, (2, 6, 32, 32))
+    s = torch.randn(2, 64, 25)
+    assert model(z[:, :5], s).shape == (2, 5, 32, 32, 1000)
+    assert model(z[:, :5], s, predict_from=2).shape == (2, 3, 32, 32, 1000)
+    grids, logits = model.generate(z[:, :3], s, num_grids=3)
+    assert grids.shape == (2, 3, 32, 32) and grids.dtype == torch.int64
+    assert logits.shape == (2, 3, 32, 32, 1000) and logits.dtype == torch.float32
+    # greedy decoding: each grid is the argmax of its logits, and its logits are the
+    # teacher-forced logits of the sequence built from the earlier generated grids
+    assert torch.equal(grids, logits.argmax(-1))
+    tf = model(torch.cat([z[:, :3], grids[:, :2]], 1), s, predict_from=2)
+    torch.testing.assert_close(tf, logits, rtol=1e-4, atol=1e-4)
+    sampled, _ = model.generate(z[:, :3], s, num_grids=2, temperature=1.0, top_k=5)
+    assert sampled.shape == (2, 2, 32, 32)
+
+
+def test_attention_is_spatial_per_grid_and_causal_in_time():
+    model = tiny_st_model(n_layer=2).eval()
+    z = torch.randint(0, 1000, (1, 5, 32, 32))
+    s = torch.randn(1, 64, 25)
+    z2 = z.clone()
+    z2[:, 3] = torch.randint(0, 1000, (32, 32))  # change grid 3 only
+    out, out2 = model(z, s), model(z2, s)
+    # positions 0..2 can see neither grid 3 through temporal attention (causal) nor through
+    # spatial attention (it stays within one grid): bit-identical
+    assert torch.equal(out[:, :3], out2[:, :3])
+    assert not torch.allclose(out[:, 3:], out2[:, 3:])
+    # one changed token at grid 3 spreads over all tokens of grid 3 (spatial attention) and on
+    # to grid 4 at every position after two layers
+    z3 = z.clone()
+    z3[0, 3, 0, 0] = (z[0, 3, 0, 0] + 1) % 1000
+    diff = (model(z3, s) - out).abs().amax(-1)[0]
+    assert (diff[3] > 0).all() and (diff[4] > 0).all() and (diff[:3] == 0).all()
+
+
+def test_output_head_is_tied_to_token_embedding():
+    model = tiny_st_model()
+    assert model.head.weight is model.tok_emb.weight
+    untied = sum(p.numel() for p in model.parameters()) + model.tok_emb.weight.numel()
+    assert model.num_params() == untied - 1000 * 32
+
+
+def test_init_follows_paper():
+    model = tiny_st_model(n_embd=256)
+    assert all((m.bias == 0).all() for m in model.modules() if isinstance(m, torch.nn.Linear) and m.bias is not None)
+    assert abs(model.tok_emb.weight.std().item() - 0.02) < 0.002
+    assert abs(model.blocks[0].mlp.fc.weight.std().item() - 0.02) < 0.002
+    assert abs(model.pos_emb_SC.std().item() - 0.02) < 0.002
+
+
+def test_weight_decay_groups_and_lr_schedule_match_paper():
+    with torch.device('meta'):
+        model = STTransformer(STConfig())
+    decay, no_decay = model.param_groups(0.05)
+    assert decay['weight_decay'] == 0.05 and no_decay['weight_decay'] == 0.0
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for p in decay['params']}
+    kept = {names[id(p)] for p in no_decay['params']}
+    assert 'tok_emb.weight' in decayed and 'states.conv.weight' in decayed
+    assert 'blocks.0.spatial.qkv.weight' in decayed and 'blocks.23.mlp.proj.weight' in decayed
+    # biases, LayerNorm gains (block, final, QK-norm) and all position embeddings are not decayed
+    assert {'pos_emb_SC', 'pos_emb_TC', 'states.pos_emb_LC', 'ln_f.weight', 'blocks.0.spatial.q_norm.weight',
+            'blocks.0.ln_s.weight', 'blocks.0.mlp.fc.bias'} <= kept
+    assert all(n.endswith('.weight') and 'ln' not in n and 'norm' not in n for n in decayed)
+    assert all(n.endswith('.bias') or 'ln' in n or 'norm' in n or 'pos_emb' in n for n in kept)
+    assert len(decayed) + len(kept) == len(list(model.parameters()))
+    # peak 8e-4, warmup 2000 steps, linear to 0
+    lr = [get_lr(it, 8e-4, 2000, 100_000) for it in (0, 999, 1999, 2000, 51_000, 99_999, 100_000)]
+    assert lr == pytest.approx([4e-7, 4e-4, 8e-4, 8e-4, 4e-4, 8e-4 / 98_000, 0.0])
+
+
+def test_paper_preset_dry_run(tmp_path):
+    out = run_compression(['--preset=paper', '--dry_run'], cwd=tmp_path)
+    cfg = json.loads(out.split('settings: ', 1)[1].splitlines()[0])
+    assert (cfg['n_layer'], cfg['n_head'], cfg['n_embd'], cfg['T'], cfg['dropout']) == (24, 8, 512, 5, 0.1)
+    assert (cfg['total_batch_size'], cfg['epochs'], cfg['warmup_iters'], cfg['learning_rate']) == (160, 80.0, 2000, 8e-4)
+    assert (cfg['beta1'], cfg['beta2'], cfg['weight_decay'], cfg['vocab_size']) == (0.9, 0.95, 0.05, 64000)
+    n = int(out.split('parameters: ', 1)[1].split()[0].replace(',', ''))
+    # 24 blocks of (2 x 4d^2 attention + 8d^2 MLP) + 64000 x 512 tied embedding, plus small parts
+    assert 24 * 16 * 512 ** 2 + 64000 * 512 < n < 24 * 16 * 512 ** 2 + 64000 * 512 + 2_000_000
+
+
+def brute_force_topk_ce(logits_NV, target_N, k, p_floor):
+    losses = []
+    for row, t in zip(logits_NV.double().tolist(), target_N.tolist()):
+        top = sorted(range(len(row)), key=lambda i: -row[i])[:k]
+        if t not in top:
+            losses.append(-math.log(p_floor))
+            continue
+        z = sum(math.exp(row[i]) for i in top)
+        losses.append(-(row[t] - math.log(z)))
+    return torch.tensor(losses)
+
+
+def test_top500_cross_entropy_matches_brute_force():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(40, 1200, generator=g) * 3
+    target = torch.randint(0, 1200, (40,), generator=g)
+    target[:10] = logits[:10].argmax(-1)    # surely in the top 500
+    target[10:20] = logits[10:20].argmin(-1)  # surely outside the top 500
+    ours = cross_entropy_topk(logits, target, k=500)
+    ref = brute_force_topk_ce(logits, target, 500, P_FLOOR)
+    torch.testing.assert_close(ours, ref.float(), rtol=1e-5, atol=1e-5)
+    assert torch.equal(ours[10:20], torch.full((10,), -math.log(P_FLOOR)))
+    assert (ours[:10] < F.cross_entropy(logits[:10], target[:10], reduction='none')).all()
+    # with k = V it is the plain cross-entropy
+    torch.testing.assert_close(cross_entropy_topk(logits, target, k=1200), F.cross_entropy(logits, target, reduction='none'))
+
+
+def write_known_shard(split_dir, i, nested, segment_F, vocab=1000, seed=0):
+    rng = np.random.default_rng(seed)
+    n = len(segment_F)
+    tokens = rng.integers(0, vocab, size=(math.ceil(n / 17), 3, 32, 32)).astype(np.int32)
+    states = rng.standard_normal((n, 25)).astype(np.float32)
+    data.write_shard(split_dir, i, tokens, states, np.asarray(segment_F, np.int32), nested)
+    return tokens, states
+
+
+def write_meta(split_dir, num_shards, frames):
+    with open(os.path.join(split_dir, 'metadata.json'), 'w') as f:
+        json.dump({'num_shards': num_shards, 'query': None, 'hz': 30, 'num_images': frames}, f)
+
+
+@pytest.mark.parametrize('nested', [True, False], ids=['train-subfolders', 'val-flat'])
+def test_reader_round_trip_and_windows_stay_in_one_segment(tmp_path, nested):
+    # 10 blocks minus 5 frames (a partial last block); segments change at frames 40 and 100
+    n = 165
+    segment = np.repeat([7, 8, 9], [40, 60, 65])
+    tokens, states = write_known_shard(str(tmp_path), 0, nested, segment)
+    write_meta(str(tmp_path), 1, n)
+    assert os.path.exists(tmp_path / ('videos/video_0.bin' if nested else 'video_0.bin'))
+    ds = data.TokenDataset(str(tmp_path), vocab_size=1000)
+    # brute force: block k starts a sample if frames 17k .. 17k+33 exist and share one id
+    expect = [k for k in range(10) if 17 * k + 34 <= n and len(set(segment[17 * k:17 * k + 34])) == 1]
+    assert [int(k) for _, k in ds.index] == expect == [0, 3, 6, 7]
+    for j, k in enumerate(expect):
+        z, s = ds[j]
+        assert torch.equal(z, torch.from_numpy(tokens[k:k + 2].reshape(6, 32, 32)).long())
+        last = 17 * k + 33
+        assert torch.equal(s[-34:], torch.from_numpy(states[last - 33:last + 1]))
+        # rows before the segment start (or frame 0) repeat the segment's first row
+        seg_start = int(np.argmax(segment == segment[last]))
+        rows = np.clip(np.arange(last - 63, last + 1), seg_start, None)
+        assert torch.equal(s, torch.from_numpy(states[rows]))
+
+
+def test_reader_errors_name_the_file_and_the_problem(tmp_path):
+    segment = np.zeros(68, np.int32)
+    write_known_shard(str(tmp_path), 0, True, segment)
+    write_meta(str(tmp_path), 2, 136)
+    with pytest.raises(FileNotFoundError, match=r'videos/video_1\.bin'):
+        data.TokenDataset(str(tmp_path))
+    assert len(data.TokenDataset(str(tmp_path), shards=[0], vocab_size=1000)) == 3
+    with pytest.raises(ValueError, match=r'outside the vocabulary \[0, 500\)'):
+        data.TokenDataset(str(tmp_path), shards=[0], vocab_size=500)[0]
+    video = tmp_path / 'videos' / 'video_0.bin'
+    video.write_bytes(video.read_bytes()[:-4])
+    with pytest.raises(ValueError, match=r'video_0\.bin.*truncated'):
+        data.TokenDataset(str(tmp_path), shards=[0])
+    write_known_shard(str(tmp_path), 0, True, segment)
+    states = tmp_path / 'robot_states' / 'states_0.bin'
+    states.write_bytes(np.zeros((68, 24), np.float32).tobytes())
+    with pytest.raises(ValueError, match=r'states_0\.bin.*68 frames x 24 float32.*25 wide'):
+        data.TokenDataset(str(tmp_path), shards=[0])
+    with pytest.raises(FileNotFoundError, match='metadata.json'):
+        data.TokenDataset(str(tmp_path / 'nowhere'))
+
+
+def test_synthetic_world_is_deterministic_and_its_floor_is_exact(tmp_path, synthetic_dir):
+    data.write_synthetic(str(tmp_path), seed=0)
+    for f in ('train_v2.0/videos/video_1.bin', 'train_v2.0/robot_states/states_1.bin', 'val_v2.0/video_0.bin'):
+        assert (tmp_path / f).read_bytes() == open(os.path.join(synthetic_dir, f), 'rb').read()
+    ds = data.TokenDataset(os.path.join(synthetic_dir, 'train_v2.0'), vocab_size=1000)
+    world = ds.metadata['synthetic']
+    sums, lags = torch.zeros(3), []
+    for j in range(0, len(ds), 48):  # chunks of 8 samples: the oracle logits are 8 x 3072 x 1000
+        z, s = (torch.stack(x) for x in zip(*[ds[i] for i in range(j, min(j + 48, len(ds)), 6)]))
+        target = z[:, 3:].reshape(-1)
+        oracle = data.synthetic_oracle_logits(z, s, world).reshape(-1, 1000)
+        blind = data.synthetic_oracle_logits(z, s, world, use_states=False).reshape(-1, 1000)
+        sums += torch.tensor([F.cross_entropy(oracle, target, reduction='sum'), cross_entropy_topk(oracle, target).sum(),
+                              F.cross_entropy(blind, target, reduction='sum')]) / 1024
+        lags.append(s[:, -34:, data.LAG_DIM][:, [data.grid_frames(g)[0] for g in (3, 4, 5)]])
+    lags = torch.cat(lags)
+    full, topk, blind = (sums / lags.numel()).tolist()
+    # the closed form equals the metric applied to the Bayes predictor, given the fraction of
+    # new places in these samples (their tokens are many, the grids few: the fraction is noisy)
+    p_new = (lags == 0).float().mean().item()
+    every_lag = torch.stack([ds[i][1][-34:, data.LAG_DIM][[17, 18, 26]] for i in range(len(ds))])
+    assert (every_lag == 0).float().mean().item() == pytest.approx(data.SYNTHETIC_P_NEW, abs=0.03)  # 8/27
+    floors = data.synthetic_floors(world['vocab'], world['eps'], p_new=p_new)
+    assert full == pytest.approx(floors['full'], abs=0.01)
+    assert topk == pytest.approx(floors['topk'], abs=0.02)
+    # ignoring the states costs most of a nat: the states are needed
+    assert blind > floors['full'] + 0.4
+
+
+def test_tiny_model_overfits_one_batch(synthetic_dir):
+    ds = data.TokenDataset(os.path.join(synthetic_dir, 'train_v2.0'), vocab_size=1000)
+    z, s = (torch.stack(x) for x in zip(ds[0], ds[1]))
+    target = z[:, 3:].reshape(-1)
+    bayes = F.cross_entropy(data.synthetic_oracle_logits(z, s, ds.metadata['synthetic']).reshape(-1, 1000), target)
+    model = tiny_st_model(n_embd=64, n_head=4)
+    opt = torch.optim.AdamW(model.param_groups(0.0), lr=1e-2)
+    losses = []
+    for _ in range(45):
+        loss = F.cross_entropy(model(z[:, :5], s, predict_from=2).flatten(0, -2), target)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    # below the Bayes CE of these grids, which no predictor that generalises can beat: memorised
+    assert losses[0] > 6.5 and losses[-1] < bayes.item() - 0.5, (losses[::10], bayes.item())
+
+
+SMALL_RUN = ['--n_embd=32', '--n_head=2', '--eval_interval=1000', '--eval_samples=2', '--final_eval=False', '--num_workers=0',
+             '--learning_rate=1e-3', '--warmup_iters=1']
+
+
+def test_two_process_ddp_takes_the_same_step_as_one_process_with_accumulation(tmp_path, synthetic_dir):
+    common = SMALL_RUN + [f'--data_dir={synthetic_dir}', '--max_iters=1', '--total_batch_size=4', '--batch_size=2']
+    run_compression(common + [f'--out_dir={tmp_path}/one'], cwd=tmp_path)
+    run_compression(common + [f'--out_dir={tmp_path}/ddp'], cwd=tmp_path, nproc=2)
+    one = torch.load(tmp_path / 'one' / 'ckpt.pt', weights_only=False)
+    ddp = torch.load(tmp_path / 'ddp' / 'ckpt.pt', weights_only=False)
+    torch.manual_seed(1337)  # the script's seed: its initial weights
+    init = STTransformer(STConfig(**one['model_cfg'])).state_dict()
+    # the same step up to fp32 summation order: within 1% of the step size (lr = 1e-3; Adam's
+    # first step moves every weight by about lr, and gradients near its eps = 1e-8 amplify
+    # rounding differences)
+    for name, p in one['model'].items():
+        torch.testing.assert_close(ddp['model'][name], p, rtol=0, atol=1e-5)
+    # the step changed every weight matrix by about the learning rate (Adam's first step)
+    delta = [(one['model'][n] - init[n]).abs().max().item() for n in init if init[n].dim() >= 2]
+    assert min(delta) > 5e-4, delta
+
+
+def test_resume_gives_the_same_next_loss_as_not_stopping(tmp_path, synthetic_dir):
+    common = SMALL_RUN + [f'--data_dir={synthetic_dir}', '--max_iters=5', '--batch_size=2', '--total_batch_size=2',
+                          '--dropout=0.1']
+    run_compression(common + [f'--out_dir={tmp_path}/full'], cwd=tmp_path)
+    run_compression(common + [f'--out_dir={tmp_path}/split', '--stop_at=3'], cwd=tmp_path)
+    run_compression(common + [f'--out_dir={tmp_path}/split', '--resume'], cwd=tmp_path)
+    log = lambda d: [json.loads(line) for line in open(tmp_path / d / 'log.jsonl')]
+    full, split = log('full'), log('split')
+    assert [r['step'] for r in split] == [0, 1, 2, 3, 4]
+    assert [r['loss'] for r in split] == [r['loss'] for r in full]  # exact, dropout included
+    assert [r['lr'] for r in split] == [r['lr'] for r in full]
+
+
+def results_of(out_dir):
+    with open(os.path.join(out_dir, 'results.json')) as f:
+        return json.load(f)
+
+
+LEARN_RUN = ['--max_iters=80', '--batch_size=4', '--total_batch_size=4', '--final_eval_samples=16',
+             '--eval_interval=1000', '--eval_samples=2', '--num_workers=0']
+
+
+def test_short_run_learns_beyond_the_baselines(tmp_path, synthetic_dir):
+    """80 steps of batch 4 (the README default is longer; neither reaches the Bayes floor)."""
+    run_compression(LEARN_RUN + [f'--data_dir={synthetic_dir}', f'--out_dir={tmp_path}'], cwd=tmp_path)
+    r = results_of(tmp_path)
+    model, copy_last = r['model, teacher-forced'], r['copy the last context grid']
+    assert model['top500'] < copy_last['top500'] - 0.3 and model['ce'] < copy_last['ce'] - 0.3
+    assert model['ce'] < r['uniform over the vocabulary']['ce'] - 1.0
+    assert model['ce'] > r['Bayes floor (states known)']['ce'] - 0.05  # nothing beats the floor
+    assert r['model, greedy autoregressive']['top500'] < r['uniform over the vocabulary']['top500']
+
+
+def test_model_without_states_cannot_beat_the_state_blind_floor(tmp_path, synthetic_dir):
+    run_compression(LEARN_RUN + [f'--data_dir={synthetic_dir}', f'--out_dir={tmp_path}', '--use_states=False'], cwd=tmp_path)
+    r = results_of(tmp_path)
+    model, blind = r['model, teacher-forced'], r['state-blind floor']
+    assert model['ce'] < r['uniform over the vocabulary']['ce'] - 0.5  # it learned something
+    # but it cannot see where the robot looks next: above the best state-blind predictor,
+    # which is most of a nat above the Bayes floor
+    assert model['ce'] > blind['ce'] - 0.05
+    assert blind['ce'] > r['Bayes floor (states known)']['ce'] + 0.5
+
+
+# ===============================================================================================
+# wan_state.py: the Wan 2.2 DiT, checkpoints, null context, state conditioning, LoRA, VAE
+# ===============================================================================================
+
+
+B, C, NF, H, W = 2, 48, 3, 8, 8          # 3 latent frames of 8x8 -> 3 x 16 tokens
+
+
+TOKENS_PER_FRAME = (H // 2) * (W // 2)
+
+
+NS = 4 * (NF - 1) + 1                    # state rows for 3 latent frames
+
+
+def inputs(cfg, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, C, NF, H, W, generator=g)
+    context = torch.randn(B, cfg.text_len, cfg.text_dim, generator=g)
+    mask_BF = torch.tensor([[0, 1, 1], [0, 0, 1]])       # first frame(s) held as context
+    t_BL = per_token_timestep(mask_BF, torch.tensor([999.0, 421.5]), TOKENS_PER_FRAME)
+    states = torch.randn(B, NS, 25, generator=g)
+    states[..., 21:23] = torch.rand(B, NS, 2, generator=g)
+    return x, t_BL, context, states
+
+
+def diffusers_twin(cfg):
+    from diffusers import WanTransformer3DModel
+    return WanTransformer3DModel(
+        patch_size=cfg.patch_size, num_attention_heads=cfg.num_heads, attention_head_dim=cfg.head_dim,
+        in_channels=cfg.in_dim, out_channels=cfg.out_dim, text_dim=cfg.text_dim, freq_dim=cfg.freq_dim,
+        ffn_dim=cfg.ffn_dim, num_layers=cfg.num_layers, cross_attn_norm=True,
+        qk_norm='rms_norm_across_heads', eps=cfg.eps)
+
+
+def test_per_token_timestep_gives_context_frames_t0():
+    t_BL = per_token_timestep(torch.tensor([[0, 1, 1], [0, 0, 1]]), torch.tensor([700.0, 300.0]), 4)
+    assert t_BL.shape == (2, 12)
+    assert t_BL[0].tolist() == [0.0] * 4 + [700.0] * 8
+    assert t_BL[1].tolist() == [0.0] * 8 + [300.0] * 4
+
+
+def test_dit_matches_diffusers_with_per_token_timestep():
+    cfg = WanConfig.tiny()
+    ours = randomize(WanDiT(cfg, state_cond=False))
+    ref = diffusers_twin(cfg)
+    ref.load_state_dict(to_diffusers_state_dict(ours.state_dict()), strict=True)
+    x, t_BL, context, _ = inputs(cfg)
+    with torch.no_grad():
+        out = ours(x, t_BL, context)
+        want = ref(x, t_BL, context).sample
+        out_B = ours(x, torch.tensor([999.0, 3.0]), context)          # one timestep per sample
+        want_B = ref(x, torch.tensor([999.0, 3.0]), context).sample
+    assert out.shape == (B, C, NF, H, W)
+    assert want.abs().max() > 1.0    # a real signal, not zeros
+    # diffusers builds the timestep sinusoid in fp32, the reference (and we) in fp64: ~1e-5 apart
+    assert (out - want).abs().max() < 1e-4
+    assert (out_B - want_B).abs().max() < 1e-4
+
+
+def test_short_context_is_zero_padded_to_text_len():
+    cfg = WanConfig.tiny()
+    model = randomize(WanDiT(cfg, state_cond=False))
+    x, t_BL, context, _ = inputs(cfg)
+    short = context[:, :3]
+    padded = torch.cat([short, torch.zeros(B, cfg.text_len - 3, cfg.text_dim)], dim=1)
+    with torch.no_grad():
+        assert torch.equal(model(x, t_BL, short), model(x, t_BL, padded))
+
+
+def test_full_config_parameter_count_on_meta():
+    with torch.device('meta'):
+        base = {k: v for k, v in WanDiT(WanConfig(), state_cond=False).state_dict().items()}
+    assert len(base) == 825                   # the official checkpoint's tensor count
+    count = parameter_counts(WanConfig(), lora_rank=32)
+    assert count['base'] == sum(v.numel() for v in base.values()) == 4_999_787_712    # "about 5.0B"
+    assert count['lora'] == 30 * 32 * (8 * (3072 + 3072) + 2 * (3072 + 14336))       # 10 linears a block
+    assert 5e6 < count['state'] < 6e6
+
+
+def test_gradient_checkpointing_gives_same_gradients():
+    cfg = WanConfig.tiny()
+    model = randomize(WanDiT(cfg))
+    x, t_BL, context, states = inputs(cfg)
+    grads = []
+    for ckpt in (False, True):
+        model.zero_grad()
+        model.gradient_checkpointing = ckpt
+        model(x, t_BL, context, states, torch.tensor([False, True])).square().mean().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
+def test_bf16_weights_run_under_autocast_with_fp32_islands():
+    cfg = WanConfig.tiny()
+    model = randomize(WanDiT(cfg))
+    x, t_BL, context, states = inputs(cfg)
+    with torch.no_grad():
+        want = model(x, t_BL, context, states)
+        model.set_dtype(torch.bfloat16)
+        got = model(x, t_BL, context, states)
+    assert model.blocks[0].self_attn.q.weight.dtype == torch.bfloat16
+    assert model.blocks[0].modulation.dtype == torch.float32 and model.time_embedding[0].weight.dtype == torch.float32
+    assert got.dtype == torch.float32
+    assert (got - want).abs().max() / want.abs().max() < 0.05   # bf16 rounding only
+
+
+def write_official_checkpoint(model, root, n_shards=2):
+    """The layout of Wan-AI/Wan2.2-TI2V-5B: config.json, index json, sharded safetensors."""
+    from safetensors.torch import save_file
+    cfg = model.cfg
+    root.mkdir(parents=True, exist_ok=True)
+    (root / 'config.json').write_text(json.dumps(dict(
+        _class_name='WanModel', model_type='ti2v', dim=cfg.dim, ffn_dim=cfg.ffn_dim, num_layers=cfg.num_layers,
+        num_heads=cfg.num_heads, in_dim=cfg.in_dim, out_dim=cfg.out_dim, text_len=cfg.text_len, eps=cfg.eps,
+        freq_dim=cfg.freq_dim, text_dim=cfg.text_dim)))
+    sd = {k: v.contiguous() for k, v in model.state_dict().items() if not k.startswith('state_embedder.')}
+    keys = sorted(sd)
+    weight_map = {}
+    for i in range(n_shards):
+        name = f'diffusion_pytorch_model-{i + 1:05d}-of-{n_shards:05d}.safetensors'
+        part = keys[i::n_shards]
+        save_file({k: sd[k] for k in part}, str(root / name))
+        weight_map.update({k: name for k in part})
+    (root / 'diffusion_pytorch_model.safetensors.index.json').write_text(json.dumps(
+        {'metadata': {'total_size': 0}, 'weight_map': weight_map}))
+    return root
+
+
+def test_from_pretrained_loads_official_sharded_layout(tmp_path):
+    cfg = WanConfig.tiny()
+    src = randomize(WanDiT(cfg, state_cond=False))
+    write_official_checkpoint(src, tmp_path / 'ckpt')
+    loaded = WanDiT.from_pretrained(tmp_path / 'ckpt', state_cond=True, r_dim=cfg.r_dim)
+    assert loaded.cfg == cfg and loaded.state_cond
+    assert all(p.device.type == 'cpu' and p.dtype == torch.float32 for p in loaded.parameters())
+    x, t_BL, context, states = inputs(cfg)
+    with torch.no_grad():
+        assert torch.equal(loaded(x, t_BL, context, states), src(x, t_BL, context))
+
+
+def test_from_pretrained_loads_diffusers_layout(tmp_path):
+    cfg = WanConfig.tiny()
+    src = randomize(WanDiT(cfg, state_cond=False))
+    ref = diffusers_twin(cfg)
+    ref.load_state_dict(to_diffusers_state_dict(src.state_dict()), strict=True)
+    ref.save_pretrained(tmp_path / 'repo' / 'transformer')
+    loaded = WanDiT.from_pretrained(tmp_path / 'repo', state_cond=False, text_len=cfg.text_len, r_dim=cfg.r_dim)
+    assert loaded.cfg == cfg
+    x, t_BL, context, _ = inputs(cfg)
+    with torch.no_grad():
+        assert torch.equal(loaded(x, t_BL, context), src(x, t_BL, context))
+
+
+def test_from_pretrained_missing_shard_fails_clearly(tmp_path):
+    root = write_official_checkpoint(randomize(WanDiT(WanConfig.tiny(), state_cond=False)), tmp_path / 'ckpt')
+    (root / 'diffusion_pytorch_model-00002-of-00002.safetensors').unlink()
+    with pytest.raises(FileNotFoundError, match='00002-of-00002.*download the checkpoint again'):
+        WanDiT.from_pretrained(root)
+
+
+def test_from_pretrained_truncated_shard_fails_clearly(tmp_path):
+    root = write_official_checkpoint(randomize(WanDiT(WanConfig.tiny(), state_cond=False)), tmp_path / 'ckpt')
+    shard = root / 'diffusion_pytorch_model-00001-of-00002.safetensors'
+    shard.write_bytes(shard.read_bytes()[:1000])
+    with pytest.raises(ValueError, match='00001-of-00002.safetensors: cannot read.*truncated'):
+        WanDiT.from_pretrained(root)
+
+
+def test_from_pretrained_lists_missing_unexpected_and_wrong_shape(tmp_path):
+    from safetensors.torch import save_file
+    cfg = WanConfig.tiny()
+    sd = {k: v.contiguous() for k, v in randomize(WanDiT(cfg, state_cond=False)).state_dict().items()}
+    del sd['blocks.1.ffn.2.bias']
+    sd['blocks.0.extra.weight'] = torch.zeros(3)
+    sd['head.head.weight'] = torch.zeros(7, cfg.dim)
+    root = tmp_path / 'bad'
+    root.mkdir()
+    save_file(sd, str(root / 'diffusion_pytorch_model.safetensors'))
+    (root / 'config.json').write_text(json.dumps(dict(dim=cfg.dim, ffn_dim=cfg.ffn_dim, num_layers=cfg.num_layers,
+                                                      num_heads=cfg.num_heads, text_dim=cfg.text_dim,
+                                                      text_len=cfg.text_len, freq_dim=cfg.freq_dim)))
+    with pytest.raises(ValueError) as err:
+        WanDiT.from_pretrained(root)
+    msg = str(err.value)
+    assert 'missing (1): blocks.1.ffn.2.bias' in msg
+    assert 'unexpected (1): blocks.0.extra.weight' in msg
+    assert 'wrong shape (1): head.head.weight: checkpoint (7, 64) vs model (192, 64)' in msg
+
+
+def tiny_umt5(tmp_path):
+    from transformers import UMT5Config, UMT5EncoderModel
+    torch.manual_seed(0)
+    config = UMT5Config(vocab_size=40, d_model=16, d_kv=4, d_ff=24, num_layers=2, num_heads=4,
+                        relative_attention_num_buckets=8, feed_forward_proj='gated-gelu', dropout_rate=0.0)
+    model = UMT5EncoderModel(config).eval()
+    with torch.no_grad():   # T5 init leaves the norms at 1; make them matter
+        for n, p in model.named_parameters():
+            if 'layer_norm' in n:
+                p.copy_(1 + 0.5 * torch.randn_like(p))
+        want = model(input_ids=torch.tensor([[1]])).last_hidden_state[0]   # "" -> [EOS], EOS id 1
+    return model, want
+
+
+def test_null_context_matches_transformers_umt5_on_eos(tmp_path):
+    model, want = tiny_umt5(tmp_path)
+    model.save_pretrained(tmp_path / 'repo' / 'text_encoder')
+    cache = tmp_path / 'null.safetensors'
+    ctx = null_context(tmp_path / 'repo', cache_path=cache, text_len=8)
+    assert ctx.shape == (1, 8, 16)
+    assert (ctx[0, :1] - want).abs().max() < 1e-5
+    assert ctx[0, 1:].abs().max() == 0        # zero-padded to text_len as the reference does
+    (tmp_path / 'repo' / 'text_encoder' / 'model.safetensors').unlink()
+    assert torch.equal(null_context(tmp_path / 'repo', cache_path=cache, text_len=8), ctx)   # from the cache
+
+
+def test_null_context_reads_original_umt5_checkpoint(tmp_path):
+    model, want = tiny_umt5(tmp_path)
+    hf = model.state_dict()
+    orig = {'token_embedding.weight': hf['shared.weight'], 'norm.weight': hf['encoder.final_layer_norm.weight']}
+    for i in range(2):
+        p = f'encoder.block.{i}.layer.'
+        orig.update({f'blocks.{i}.norm1.weight': hf[p + '0.layer_norm.weight'],
+                     f'blocks.{i}.norm2.weight': hf[p + '1.layer_norm.weight'],
+                     f'blocks.{i}.ffn.gate.0.weight': hf[p + '1.DenseReluDense.wi_0.weight'],
+                     f'blocks.{i}.ffn.fc1.weight': hf[p + '1.DenseReluDense.wi_1.weight'],
+                     f'blocks.{i}.ffn.fc2.weight': hf[p + '1.DenseReluDense.wo.weight'],
+                     f'blocks.{i}.pos_embedding.embedding.weight':
+                         hf[p + '0.SelfAttention.relative_attention_bias.weight']})
+        for n in 'qkvo':
+            orig[f'blocks.{i}.attn.{n}.weight'] = hf[p + f'0.SelfAttention.{n}.weight']
+    (tmp_path / 'official').mkdir()
+    torch.save(orig, tmp_path / 'official' / 'models_t5_umt5-xxl-enc-bf16.pth')
+    ctx = null_context(tmp_path / 'official', cache_path=tmp_path / 'n.safetensors', text_len=8)
+    assert (ctx[0, :1] - want).abs().max() < 1e-5
+
+
+def test_state_conditioning_changes_nothing_at_init_then_learns():
+    cfg = WanConfig.tiny()
+    base = randomize(WanDiT(cfg, state_cond=False))
+    model = WanDiT(cfg, state_cond=True)
+    model.load_state_dict(base.state_dict(), strict=False)
+    x, t_BL, context, states = inputs(cfg)
+    with torch.no_grad():
+        want = base(x, t_BL, context)
+        assert torch.equal(model(x, t_BL, context, states), want)
+        assert torch.equal(model(x, t_BL, context, None), want)
+    add_lora(model)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    model(x, t_BL, context, states).square().mean().backward()
+    assert model.state_embedder.mlp_out[2].weight.grad.abs().sum() > 0
+    opt.step()
+    opt.zero_grad()
+    model(x, t_BL, context, states).square().mean().backward()   # second step reaches the inner layers
+    opt.step()
+    with torch.no_grad():
+        with_states = model(x, t_BL, context, states)
+        other_states = model(x, t_BL, context, states.flip(1))
+        dropped = model(x, t_BL, context, states, drop_states_B=torch.tensor([True, False]))
+        none = model(x, t_BL, context, None)
+    assert (with_states - want).abs().max() > 1e-4
+    assert (with_states - other_states).abs().max() > 1e-6        # the states matter
+    assert torch.equal(dropped[0], none[0])                      # dropped = the no-state embedding
+    assert torch.equal(dropped[1], with_states[1])
+
+
+def test_states_of_wrong_length_fail_clearly():
+    cfg = WanConfig.tiny()
+    model = WanDiT(cfg)
+    x, t_BL, context, states = inputs(cfg)
+    with pytest.raises(AssertionError, match=r'give 4 \* \(F - 1\) \+ 1 = 9 state rows'):
+        model(x, t_BL, context, states[:, :5])
+
+
+def test_lora_zero_init_train_merge_and_frozen_base():
+    cfg = WanConfig.tiny()
+    model = randomize(WanDiT(cfg, state_cond=False))
+    x, t_BL, context, _ = inputs(cfg)
+    with torch.no_grad():
+        want = model(x, t_BL, context)
+    base_before = {k: v.clone() for k, v in model.state_dict().items()}
+    add_lora(model, rank=4, alpha=8)
+    assert len(lora_modules(model)) == 10 * cfg.num_layers
+    with torch.no_grad():
+        assert torch.equal(model(x, t_BL, context), want)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all('.lora_' in n for n in trainable)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    model(x, t_BL, context).square().mean().backward()
+    assert all(p.grad is None for n, p in model.named_parameters() if '.lora_' not in n)   # frozen base
+    opt.step()
+    with torch.no_grad():
+        tuned = model(x, t_BL, context)
+        assert (tuned - want).abs().max() > 1e-4
+        merge_lora(model)
+        assert (model(x, t_BL, context) - tuned).abs().max() < 1e-5
+        unmerge_lora(model)
+        assert (model(x, t_BL, context) - tuned).abs().max() < 1e-5
+    for k, v in base_before.items():
+        assert torch.allclose(model.state_dict()[k], v, atol=1e-6), k
+
+
+def test_save_and_load_trainable_roundtrip(tmp_path):
+    cfg = WanConfig.tiny()
+    base = randomize(WanDiT(cfg, state_cond=False)).state_dict()
+    model = WanDiT(cfg)
+    model.load_state_dict(base, strict=False)
+    add_lora(model, rank=4, alpha=4)
+    randomize(model.state_embedder, seed=3)
+    for m in lora_modules(model):
+        torch.nn.init.normal_(m.lora_B.weight, std=0.01)
+    save_trainable(model, tmp_path / 'lora.safetensors')
+
+    fresh = WanDiT(cfg)
+    fresh.load_state_dict(base, strict=False)
+    load_trainable(fresh, tmp_path / 'lora.safetensors')          # adds rank-4 LoRA from the metadata
+    assert 'blocks.0.self_attn.q.lora_A.weight' in trainable_state_dict(fresh)
+    assert 'blocks.1.ffn.2.lora_B.weight' in trainable_state_dict(fresh)
+    assert not any(k.endswith('q.weight') for k in trainable_state_dict(fresh))
+    x, t_BL, context, states = inputs(cfg)
+    with torch.no_grad():
+        assert torch.equal(fresh(x, t_BL, context, states), model(x, t_BL, context, states))
+
+
+def test_vae_encode_decode_shapes_and_normalisation(tmp_path):
+    from diffusers import AutoencoderKLWan
+    torch.manual_seed(0)
+    mean, std = torch.linspace(-1, 1, 48).tolist(), torch.linspace(0.5, 3, 48).tolist()
+    # the Wan 2.2 kind: 48 latent channels, 2x2 patchify + residual blocks, 16x spatial, 4x temporal
+    tiny = AutoencoderKLWan(base_dim=8, decoder_base_dim=8, z_dim=48, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
+                            temperal_downsample=[False, True, True], is_residual=True, in_channels=12,
+                            out_channels=12, patch_size=2, scale_factor_spatial=16,
+                            latents_mean=mean, latents_std=std)
+    tiny.save_pretrained(tmp_path / 'repo' / 'vae')
+    vae = WanVAE.from_pretrained(tmp_path / 'repo')
+    video = torch.rand(1, 3, 5, 32, 32) * 2 - 1
+    z = vae.encode(video)
+    assert z.shape == (1, 48, 2, 2, 2)           # 1 + (5 - 1) / 4 latent frames, 32 / 16 pixels
+    with torch.no_grad():
+        mu = tiny.encode(video).latent_dist.mode()
+    want = (mu - torch.tensor(mean).view(1, -1, 1, 1, 1)) / torch.tensor(std).view(1, -1, 1, 1, 1)
+    assert torch.allclose(z, want, atol=1e-5)
+    out = vae.decode(z)
+    assert out.shape == (1, 3, 5, 32, 32) and out.abs().max() <= 1
+    with pytest.raises(AssertionError, match=r'\[B, 3, 4k\+1, H, W\]'):
+        vae.encode(video[:, :, :4])
+
+
+# ===============================================================================================
+# Sampling track: data.py section 2, train_sampling.py, sample.py
+# ===============================================================================================
+
+
+SIZE = 32   # synthetic frames: 32x32 -> pixel-codec latents [48, 6, 8, 8], 16 tokens per latent frame
+
+
+WAN_TINY = dict(dim=32, num_layers=1, num_heads=2, ffn_dim=64)
+
+
+def run_repo_script(*args, torchrun=False):
+    """Run a repo script the way a user does; fail with its output if it fails."""
+    launcher = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2'] if torchrun \
+        else [sys.executable]
+    env = dict(os.environ, OMP_NUM_THREADS='1') if torchrun else dict(os.environ)
+    res = subprocess.run([*launcher, *args], cwd=REPO, capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0, f"{' '.join(args)} failed:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
+    return res.stdout
+
+
+@pytest.fixture(scope='module')
+def synthetic(tmp_path_factory):
+    """A small synthetic raw dataset in the 1X layout, with its training latents encoded."""
+    root = tmp_path_factory.mktemp('sampling_data')
+    data.write_synthetic_raw(root / 'train_v2.0_raw', num_shards=2, frames_per_shard=1500, size=SIZE, seed=0)
+    data.write_synthetic_raw(root / 'val_v2.0_raw', num_shards=1, frames_per_shard=1200, size=SIZE, seed=1, flat=True)
+    data.encode_raw_split(root / 'train_v2.0_raw', root / 'latents_pixel' / 'train', data.PixelCodec(), stride=8)
+    return root
+
+
+def tiny_wan_model(seed=0):
+    net = build_model('tiny', '', 'full', 32, 32, seed, 'cpu', torch.float32, WAN_TINY)
+    torch.nn.init.normal_(net.head.head.weight, std=0.02)   # the zero-init head would output 0 everywhere
+    return net
+
+
+def test_clip_indices_put_context_in_latents_0_1_and_frame_76_last():
+    idx = data.clip_frame_indices()
+    assert idx == [0, 4, 8, 12, 16, 20, 24, 28, 32, 36, 40, 44, 48, 52, 56, 60, 64, 68, 72, 76, 76]
+    assert idx[:data.NUM_CONTEXT_FRAMES] == [0, 4, 8, 12, 16] and max(idx[data.NUM_CONTEXT_FRAMES:]) == 76
+    # Wan's causal VAE: latent 0 = clip frame 0, latent k = clip frames 4k-3 .. 4k
+    frames_of_latent = [[0]] + [list(range(4 * k - 3, 4 * k + 1)) for k in range(1, data.NUM_LATENTS)]
+    context = [idx[j] for k in range(data.NUM_CONTEXT_LATENTS) for j in frames_of_latent[k]]
+    assert context == [0, 4, 8, 12, 16]                       # latents 0-1 hold exactly the given frames
+    assert idx[frames_of_latent[-1][-1]] == data.TARGET_FRAME == 76   # the target is the last clip frame
+
+
+def test_pixel_codec_has_wan_layout_and_is_lossless_on_keyframes():
+    codec = data.PixelCodec()
+    video = torch.rand(2, 3, 21, SIZE, SIZE) * 2 - 1
+    z = codec.encode(video)
+    assert z.shape == (2, 48, 6, SIZE // 4, SIZE // 4)
+    back = codec.decode(z)
+    assert back.shape == video.shape
+    assert torch.equal(back[:, :, ::4], video[:, :, ::4])     # keyframes 0, 4, .., 20 (target included)
+    assert torch.allclose(back[:, :, 1], 0.75 * video[:, :, 0] + 0.25 * video[:, :, 4])
+    assert torch.equal(codec.encode(video[:, :, :5]), z[:, :, :2])   # context alone -> the same 2 latents
+
+
+def test_synthetic_raw_is_deterministic_readable_and_follows_states(tmp_path):
+    for name, seed in (('a', 3), ('b', 3), ('c', 4)):
+        data.write_synthetic_raw(tmp_path / name, num_shards=1, frames_per_shard=300, size=SIZE, seed=seed)
+    a, b, c = (data.RawShard(tmp_path / n, 0) for n in 'abc')
+    assert np.array_equal(a.states_ND, b.states_ND) and np.array_equal(a.segment_N, b.segment_N)
+    assert np.array_equal(a.read_frames(0, 77), b.read_frames(0, 77))
+    assert not np.array_equal(a.states_ND, c.states_ND)
+    starts = a.clip_starts(stride=10)
+    assert starts and all(len(set(a.segment_N[s:s + 77])) == 1 for s in starts)
+    assert all(len(set(a.segment_N[s:s + 77])) > 1 for s in range(300 - 76) if s not in a.clip_starts(stride=1))
+    frames_THWC, states_TD = a.read_clip(starts[0])
+    assert frames_THWC.shape == (21, SIZE, SIZE, 3) and states_TD.shape == (21, 25)
+    assert np.array_equal(frames_THWC[20], a.read_frames(starts[0] + 76, 1)[0])
+    assert np.array_equal(states_TD[20], a.states_ND[starts[0] + 76])
+    # the picture is a function of the states: moving an arm joint moves its disc
+    tex = data._texture(np.random.default_rng(0), SIZE * 3 // 2)
+    s = np.zeros(25, np.float32)
+    moved = s.copy()
+    moved[6] = 0.8
+    assert np.abs(data.render_synthetic_frame(tex, s, SIZE).astype(int) - data.render_synthetic_frame(tex, moved, SIZE)).sum() > 0
+
+
+def test_reader_rejects_truncated_and_missing_files(tmp_path):
+    data.write_synthetic_raw(tmp_path / 'raw', num_shards=1, frames_per_shard=200, size=SIZE, seed=0, flat=True)
+    with open(tmp_path / 'raw' / 'states_0.bin', 'r+b') as f:
+        f.truncate(100)
+    with pytest.raises(ValueError, match='states_0.bin.*truncated'):
+        data.RawShard(tmp_path / 'raw', 0)
+    with pytest.raises(FileNotFoundError, match='metadata.json'):
+        data.RawClips(tmp_path / 'nothing')
+
+
+def test_encoded_latents_match_the_codec_on_raw_clips(synthetic):
+    clips, latents = data.RawClips(synthetic / 'train_v2.0_raw', stride=8), data.LatentClips(synthetic / 'latents_pixel' / 'train')
+    assert len(clips) == len(latents) > 100
+    for k in (0, len(clips) - 1):
+        z, states = latents[k]
+        item = clips[k]
+        assert torch.equal(z, data.PixelCodec().encode(data.frames_to_video(item['frames_THWC'][None]))[0])
+        assert torch.equal(states, item['states_TD'])
+
+
+def test_shifted_sigma_matches_wan():
+    u = torch.tensor([0.0, 0.25, 0.5, 1.0])
+    assert torch.allclose(shift_sigma(u, 5.0), torch.tensor([0.0, 1.25 / 2.0, 2.5 / 3.0, 1.0]))
+    assert torch.equal(shift_sigma(u, 1.0), u)
+
+
+def test_loss_is_zero_for_the_true_velocity_and_ignores_context_latents():
+    net = tiny_wan_model()
+    z0 = torch.randn(3, 48, 6, 8, 8)
+    states = torch.randn(3, 21, 25)
+    sigma, noise, drop = sample_draws(0, 0, [0, 1, 2], z0.shape[1:], 3.0, 0.0)
+    ctx = text_context(net.cfg, 'zeros', 'cpu')
+    seen = {}
+
+    def oracle(x_t, t_BL, context, states_BTD, drop_B):   # predicts noise - x0 exactly, garbage on context
+        seen.update(x_t=x_t, t_BL=t_BL)
+        v = noise - z0
+        v[:, :, :2] = 1e6
+        return v
+    tokens = tokens_per_frame(net.cfg, z0)
+    assert tokens == 16
+    assert flow_matching_loss(oracle, z0, states, ctx, sigma, noise, drop, tokens).item() == 0.0
+    assert torch.equal(seen['x_t'][:, :, :2], z0[:, :, :2])              # context enters clean ...
+    assert torch.all(seen['t_BL'][:, :2 * 16] == 0)                      # ... at timestep 0
+    assert torch.allclose(seen['t_BL'][:, 2 * 16:], 1000 * sigma[:, None].expand(3, 4 * 16))
+    # the real model: changing its output on the context latents leaves the loss unchanged
+    base = flow_matching_loss(net, z0, states, ctx, sigma, noise, drop, tokens)
+
+    def perturbed(*args):
+        v = net(*args)
+        return torch.cat([v[:, :, :2] + 100.0, v[:, :, 2:]], dim=2)
+    assert flow_matching_loss(perturbed, z0, states, ctx, sigma, noise, drop, tokens).item() == base.item()
+
+
+@pytest.mark.parametrize('scheduler,cfg_scale', [('euler', 1.0), ('unipc', 1.5)])
+def test_sampling_keeps_context_latents_bit_identical(scheduler, cfg_scale):
+    net = tiny_wan_model()
+    g = torch.Generator().manual_seed(0)
+    z_ctx = torch.randn(2, 48, 2, 8, 8, generator=g)
+    noise = torch.randn(2, 48, 6, 8, 8, generator=g)
+    inputs = []
+
+    def recording(x, *args):
+        inputs.append(x.clone())
+        return net(x, *args)
+    recording.cfg = net.cfg
+    z = sample_latents(recording, z_ctx, torch.randn(2, 21, 25, generator=g), text_context(net.cfg, 'zeros', 'cpu'),
+                       noise, steps=4, cfg_scale=cfg_scale, shift=3.0, scheduler=scheduler)
+    assert len(inputs) == 4 and inputs[0].shape[0] == (4 if cfg_scale != 1.0 else 2)   # CFG: one batch of 2B
+    for x in [*inputs, z]:
+        assert torch.equal(x[:2, :, :2], z_ctx)
+    assert (z[:, :, 2:] - noise[:, :, 2:]).abs().mean() > 0.01   # the other latents moved
+
+
+def test_metrics_and_blur_baseline():
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    assert psnr(img, img) == 100.0 and ssim(img, img) == pytest.approx(1.0)
+    off = np.clip(img.astype(int) + 10, 0, 255).astype(np.uint8)
+    assert psnr(off, img) == pytest.approx(10 * np.log10(1 / np.mean(((off.astype(float) - img) / 255) ** 2)))
+    ref = rng.normal(120, 20, (32, 32, 3)).clip(0, 255).astype(np.uint8)
+    matched = match_histograms(img, ref)   # uniform values take the reference's normal histogram
+    assert abs(matched.mean() - ref.mean()) < 1 and abs(matched.std() - ref.std()) < 1
+    order = np.argsort(img[..., 0], axis=None)
+    assert np.all(np.diff(matched[..., 0].ravel()[order].astype(int)) >= 0)   # a monotone map of the values
+    assert blur_baseline(img, ref, 1.0).std() <= ref.std() + 1
+
+
+def train_args(synthetic, out, *extra):
+    return ['train_sampling.py', f'--data_dir={synthetic}', '--make_synthetic=False', f'--out_dir={out}',
+            *(f'--{k}={v}' for k, v in WAN_TINY.items()), '--batch_size=2', '--global_batch_size=8',
+            '--log_interval=1', *extra]
+
+
+def trained(out):
+    return torch.load(Path(out) / 'ckpt.pt', weights_only=False)
+
+
+@pytest.fixture(scope='module')
+def straight_run(synthetic, tmp_path_factory):
+    """4 uninterrupted steps in one process: the reference for the DDP and resume tests."""
+    out = tmp_path_factory.mktemp('straight')
+    run_repo_script(*train_args(synthetic, out, '--max_iters=4'))
+    return trained(out)
+
+
+def test_ddp_two_processes_equals_single_process(synthetic, straight_run, tmp_path):
+    out = run_repo_script(*train_args(synthetic, tmp_path, '--max_iters=4'), torchrun=True)
+    assert '2 process(es) x batch 2 x 2 accumulation' in out   # the single process accumulates 4
+    two = trained(tmp_path)
+    init = build_model('tiny', '', 'full', 32, 32, 0, 'cpu', torch.float32, WAN_TINY).state_dict()
+    # equal up to float summation order; AdamW turns the ~1e-9 gradient noise of weights whose true
+    # gradient is 0 (cross-attention key biases) into updates of ~1e-6, hence atol 1e-5 (lr 1e-3 x 4 steps)
+    for n, p in straight_run['trainable'].items():
+        assert torch.allclose(p, two['trainable'][n], atol=1e-5, rtol=1e-4), n
+    assert max((p - init[n]).abs().max().item() for n, p in straight_run['trainable'].items()) > 1e-4   # it trained
+
+
+def test_resume_equals_no_stop(synthetic, straight_run, tmp_path):
+    run_repo_script(*train_args(synthetic, tmp_path, '--max_iters=2'))
+    run_repo_script(*train_args(synthetic, tmp_path, '--max_iters=4', '--init_from=resume'))
+    a, b = straight_run, trained(tmp_path)
+    assert a['step'] == b['step'] == 4
+    for n, p in a['trainable'].items():
+        assert torch.equal(p, b['trainable'][n]), n
+    for sa, sb in zip(a['optimizer']['state'].values(), b['optimizer']['state'].values()):
+        assert torch.equal(sa['exp_avg'], sb['exp_avg']) and torch.equal(sa['exp_avg_sq'], sb['exp_avg_sq'])
+
+
+@pytest.fixture(scope='module')
+def demo_metrics(synthetic, tmp_path_factory):
+    """Train a tiny model on the synthetic clips and evaluate it on the validation split."""
+    out = tmp_path_factory.mktemp('demo')
+    run_repo_script('train_sampling.py', f'--data_dir={synthetic}', '--make_synthetic=False', f'--out_dir={out}',
+               '--max_iters=300', '--log_interval=50')   # the demo's defaults: dim 256, 2 layers, batch 8
+    run_repo_script('sample.py', f'--out_dir={out}', '--ensemble=16', '--steps=10', '--max_clips=8')
+    with open(out / 'samples' / 'metrics.csv') as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 8 and (out / 'samples' / 'clip_0.png').exists()
+    return {k: np.mean([float(r[k]) for r in rows]) for k in rows[0] if k.startswith(('psnr', 'ssim'))}
+
+
+def test_trained_tiny_model_beats_copy_last_frame(demo_metrics):
+    assert demo_metrics['psnr_ensemble_16'] > demo_metrics['psnr_copy_last'] + 0.2, demo_metrics
+
+
+def test_ensemble_mean_beats_a_single_sample(demo_metrics):
+    assert demo_metrics['psnr_ensemble_16'] > demo_metrics['psnr_single'] + 1.0, demo_metrics
+
+
+# ===============================================================================================
+# Performance: bench.py, KV cache, checkpointing, FLOP counts
+# ===============================================================================================
+
+
+def test_bench_cpu_smoke_prints_finite_positive_figures_for_every_benchmark():
+    out = subprocess.run([sys.executable, 'bench.py', '--device=cpu', '--preset=cpu'], cwd=REPO,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = {}
+    for line in out.stdout.splitlines():
+        m = re.match(r'(\w+)\s+.*?\s+([\d.]+)\s+([\d.]+)\s+(\d+)\s+(n/a|[\d.]+%)\s+(nan|[\d.]+)$', line)
+        if m:
+            rows[m[1]] = [float(m[i]) for i in (2, 3, 4)] + [m[5]]
+    assert set(rows) == {'st_train', 'st_forward_fp32', 'st_decode_cache', 'st_decode_nocache', 'wan_fwd',
+                         'ensemble_batched', 'ensemble_looped', 'wan_lora', 'vae_clip'}, out.stdout
+    for name, (ms, samples_per_s, tokens_per_s, mfu) in rows.items():
+        assert all(math.isfinite(v) and v > 0 for v in (ms, samples_per_s, tokens_per_s)), (name, rows[name])
+        assert mfu == 'n/a'   # no peak FLOP/s for a CPU
+    ratios = dict(re.findall(r'^(.+): ([-\d.e+]+)$', out.stdout, re.M))
+    assert float(ratios['decode greedy tokens that differ with / without cache']) == 0
+    assert float(ratios['ensemble max |batched - looped| latent (same maths)']) < 1e-4
+    assert float(ratios['decode with cache / teacher-forced forward']) > 0
+
+
+def test_peak_flops_is_unknown_on_the_cpu():
+    assert peak_flops('cpu') is None
+
+
+def st_model(dropout=0.0):
+    cfg = STConfig(vocab_size=97, n_layer=2, n_head=2, n_embd=32, T=5, H=4, W=4, dropout=dropout, state_window=64)
+    return randomize(STTransformer(cfg), std=0.3), cfg
+
+
+def st_inputs(cfg, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    z_BTHW = torch.randint(0, cfg.vocab_size, (3, 3, cfg.H, cfg.W), generator=g)
+    return z_BTHW, torch.randn(3, cfg.state_window, cfg.state_dim, generator=g)
+
+
+def test_greedy_decoding_with_kv_cache_equals_without_token_for_token():
+    model, cfg = st_model()
+    z_BTHW, states_BLD = st_inputs(cfg)
+    grids_c, logits_c = model.generate(z_BTHW, states_BLD, num_grids=3, use_cache=True)
+    grids_u, logits_u = model.generate(z_BTHW, states_BLD, num_grids=3, use_cache=False)
+    assert grids_c.shape == (3, 3, cfg.H, cfg.W)
+    assert torch.equal(grids_c, grids_u)
+    assert torch.allclose(logits_c, logits_u, atol=1e-5, rtol=1e-5)
+    # and both are what the model predicts teacher-forced on its own output
+    full = torch.cat([z_BTHW, grids_c[:, :2]], dim=1)
+    assert torch.allclose(model(full, states_BLD, predict_from=2), logits_c, atol=1e-5, rtol=1e-5)
+
+
+def test_sampled_decoding_with_kv_cache_equals_without_for_the_same_seed():
+    model, cfg = st_model()
+    z_BTHW, states_BLD = st_inputs(cfg, seed=2)
+    torch.manual_seed(5)
+    grids_c, _ = model.generate(z_BTHW, states_BLD, num_grids=3, temperature=1.0, top_k=10, use_cache=True)
+    torch.manual_seed(5)
+    grids_u, _ = model.generate(z_BTHW, states_BLD, num_grids=3, temperature=1.0, top_k=10, use_cache=False)
+    assert torch.equal(grids_c, grids_u)
+
+
+def test_kv_cache_runs_only_the_new_grid_through_the_blocks():
+    model, cfg = st_model()
+    z_BTHW, states_BLD = st_inputs(cfg)
+    grids_seen = []
+    hook = model.blocks[0].register_forward_hook(lambda mod, args, out: grids_seen.append(args[0].shape[1]))
+    model.generate(z_BTHW, states_BLD, num_grids=3, use_cache=True)
+    cached, grids_seen[:] = list(grids_seen), []
+    model.generate(z_BTHW, states_BLD, num_grids=3, use_cache=False)
+    hook.remove()
+    assert cached == [3, 1, 1]          # the 3 context grids, then one new grid per step
+    assert grids_seen == [3, 4, 5]      # without the cache: the whole sequence every step
+
+
+def test_generate_turns_dropout_off_and_restores_training_mode():
+    model, cfg = st_model(dropout=0.5)
+    z_BTHW, states_BLD = st_inputs(cfg)
+    model.eval()
+    want, _ = model.generate(z_BTHW, states_BLD, use_cache=False)
+    model.train()
+    for use_cache in (True, False):
+        got, _ = model.generate(z_BTHW, states_BLD, use_cache=use_cache)
+        assert torch.equal(got, want) and model.training
+
+
+def wan_inputs(cfg, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, cfg.in_dim, 3, 8, 8, generator=g)
+    t_BL = per_token_timestep(torch.tensor([[0, 1, 1], [0, 0, 1]]), torch.tensor([999.0, 421.5]), 16)
+    return x, t_BL, torch.randn(2, cfg.text_len, cfg.text_dim, generator=g), torch.randn(2, 9, 25, generator=g)
+
+
+def test_checkpointing_the_first_n_blocks_gives_the_same_loss_and_gradients():
+    cfg = WanConfig.tiny(num_layers=3)
+    model = randomize(WanDiT(cfg), std=0.1)
+    x, t_BL, context, states = wan_inputs(cfg)
+    calls = [0] * 3
+    for i, block in enumerate(model.blocks):
+        block.register_forward_pre_hook(lambda mod, args, i=i: calls.__setitem__(i, calls[i] + 1))
+    results = {}
+    for setting, want_n in ((False, 0), (1, 1), (2, 2), (True, 3)):   # True == 1 in Python: not a dict
+        model.zero_grad()
+        calls[:] = [0] * 3
+        model.gradient_checkpointing = setting
+        loss = model(x, t_BL, context, states, torch.tensor([False, True])).square().mean()
+        loss.backward()
+        n = model.checkpointed_blocks()
+        assert n == want_n
+        assert calls == [2 if i < n else 1 for i in range(3)]   # checkpointed blocks rerun in backward
+        results[n] = loss.item(), torch.cat([p.grad.flatten() for p in model.parameters()])
+    loss0, grad0 = results[0]
+    for n, (loss, grad) in results.items():
+        assert loss == loss0 and torch.allclose(grad, grad0, atol=1e-6), f"{n} checkpointed blocks"
+
+
+def test_checkpointing_more_blocks_than_the_model_has_fails_clearly():
+    model = WanDiT(WanConfig.tiny(num_layers=2))
+    model.gradient_checkpointing = 3
+    x, t_BL, context, states = wan_inputs(model.cfg)
+    with pytest.raises(AssertionError, match='block count in 0..2'):
+        model(x, t_BL, context, states)
+
+
+def counted_flops(fn):
+    """FLOPs that torch counts for fn (math attention, so that the attention products are counted)."""
+    with FlopCounterMode(display=False) as counter, sdpa_kernel([SDPBackend.MATH]):
+        fn()
+    return counter.get_total_flops()
+
+
+def test_wan_flop_estimates_match_torch_flop_counter():
+    cfg = WanConfig.tiny(num_layers=3)
+    model = WanDiT(cfg)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, cfg.in_dim, 6, 16, 16, generator=g)
+    mask_BF = torch.ones(2, 6)
+    mask_BF[:, :2] = 0
+    t_BL = per_token_timestep(mask_BF, torch.tensor([500.0, 100.0]), 64)
+    context, states = torch.randn(1, cfg.text_len, cfg.text_dim, generator=g), torch.randn(2, 21, 25, generator=g)
+    with torch.no_grad():
+        fwd = counted_flops(lambda: model(x, t_BL, context, states)) / 2
+    assert abs(model.flops_per_sample(6, 16, 16) / fwd - 1) < 0.01
+    add_lora(model)
+    step = counted_flops(lambda: model(x, t_BL, context, states).square().mean().backward()) / 2
+    assert abs(model.flops_per_sample(6, 16, 16, lora_step=True) / step - 1) < 0.01
+
+
+def test_st_transformer_training_flops_match_torch_flop_counter():
+    cfg = STConfig(vocab_size=1024, n_layer=2, n_head=4, n_embd=64, H=8, W=8, dropout=0.0)
+    model = STTransformer(cfg)
+    g = torch.Generator().manual_seed(0)
+    z = torch.randint(0, cfg.vocab_size, (1, 6, 8, 8), generator=g)
+    states = torch.randn(1, cfg.state_window, cfg.state_dim, generator=g)
+
+    def train_step():
+        logits = model(z[:, :5], states, predict_from=2)
+        F.cross_entropy(logits.flatten(0, -2), z[:, 3:].reshape(-1)).backward()
+    assert abs(model.flops_per_sample() / counted_flops(train_step) - 1) < 0.02
