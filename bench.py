@@ -31,7 +31,7 @@ On CUDA every benchmark runs with only the flash attention kernel of
 F.scaled_dot_product_attention allowed (--sdpa=flash), so a run that leaves the flash path fails
 loudly instead of running slowly; fp32 decoding, which flash does not support, also allows the
 memory-efficient kernel. MFU = model FLOPs / time / the device's dense bf16 peak
-(st_transformer.peak_flops); it is n/a on the CPU and for the fp32 decoding rows.
+(data.peak_flops); it is n/a on the CPU and for the fp32 decoding rows.
 """
 import sys
 import time
@@ -41,8 +41,8 @@ import torch
 import torch.nn.functional as F
 
 import data
-from st_transformer import STConfig, STTransformer, peak_flops
-from wan_state import WanConfig, WanDiT, add_lora, per_token_timestep
+from st_transformer import STConfig, STTransformer
+from wan_state import WanConfig, WanDiT, add_lora, frame_timesteps, per_token_timestep
 
 # --- settings --------------------------------------------------------------------------------
 preset = 'auto'            # 'cpu' (tiny configs), 'full' (the paper's sizes); 'auto': full on CUDA
@@ -60,7 +60,8 @@ st_layers, st_heads, st_embd, st_vocab, st_grid = 2, 2, 32, 512, 8
 st_batch = 2               # training samples per step
 decode_batch = 2           # samples decoded at once
 # sampling-track DiT
-wan_model = 'tiny'         # 'tiny' (WanConfig.tiny) or 'ti2v-5b'
+wan_model = 'tiny'         # 'tiny' (WanConfig.tiny with the sizes below) or 'ti2v-5b'
+wan_dim, wan_layers, wan_heads, wan_ffn = 64, 2, 2, 128   # the tiny DiT's sizes
 latent_hw = 8              # latent height = width (512 px / 16 = 32 at full size)
 wan_batch = 1              # clips per forward
 wan_lora_batch = 1         # clips per LoRA step
@@ -75,11 +76,13 @@ PRESETS = {
     # the defaults above: a smoke test that runs in seconds. One thread: tiny models gain nothing
     # from more, and on a busy machine competing OpenMP threads make them many times slower
     'cpu': dict(threads=1),
-    # the CPU ratios of the issue (decoding with / without the KV cache, batched / looped ensemble)
-    # at sizes where compute, not Python overhead, dominates: real 32 x 32 token grids, and the
-    # real 1536-token clip through the tiny DiT
-    'cpu_ratios': dict(threads=1, what='st_decode,ensemble', st_layers=4, st_heads=4, st_embd=128, st_vocab=4096,
-                       st_grid=data.GRID_H, decode_batch=2, latent_hw=32, ensemble=8, steps=4, warmup=1, iters=3),
+    # the CPU ratios of the issue (decoding with / without the KV cache, batched / looped ensemble,
+    # per-frame / per-token modulation) at sizes where compute, not Python overhead, dominates:
+    # real 32 x 32 token grids, and the real 1536-token clip through a small DiT with the full
+    # model's head width (128) and FFN ratio
+    'cpu_ratios': dict(threads=1, what='st_decode,wan_fwd,ensemble', st_layers=4, st_heads=4, st_embd=128,
+                       st_vocab=4096, st_grid=data.GRID_H, decode_batch=2, latent_hw=32, wan_dim=256, wan_heads=2,
+                       wan_ffn=1195, wan_batch=4, ensemble=8, steps=4, warmup=1, iters=3),
     # paper 3.1: 24 layers, 8 heads, d 512, 64k vocabulary, 32 x 32 grids; Wan 2.2 TI2V-5B at
     # 512 x 512, 21 frames; sample.py --ensemble 20 --steps 20
     'full': dict(st_layers=24, st_heads=8, st_embd=512, st_vocab=data.VOCAB_SIZE, st_grid=data.GRID_H,
@@ -112,7 +115,7 @@ if threads > 0:
 if cuda:
     torch.cuda.set_device(device)
 torch.manual_seed(seed)
-peak = peak_flops(device)
+peak = data.peak_flops(device)
 device_name = torch.cuda.get_device_name(device) if cuda else f'CPU ({torch.get_num_threads()} threads)'
 autocast = torch.autocast('cuda', dtype=torch.bfloat16) if cuda else nullcontext()
 
@@ -226,7 +229,8 @@ if any(w in selected for w in ('st_train', 'st_decode')):
 
 # --- sampling track: the Wan DiT ---------------------------------------------------------------
 if any(w in selected for w in ('wan_fwd', 'wan_lora', 'ensemble')):
-    wcfg = WanConfig.tiny() if wan_model == 'tiny' else WanConfig()
+    wcfg = (WanConfig.tiny(dim=wan_dim, num_layers=wan_layers, num_heads=wan_heads, ffn_dim=wan_ffn)
+            if wan_model == 'tiny' else WanConfig())
     assert wan_model in ('tiny', 'ti2v-5b'), f"--wan_model={wan_model}: use 'tiny' or 'ti2v-5b'"
     with torch.device(device):
         net = WanDiT(wcfg, state_cond=True)
@@ -248,10 +252,16 @@ if any(w in selected for w in ('wan_fwd', 'wan_lora', 'ensemble')):
 
 if 'wan_fwd' in selected:
     b = wan_batch
-    t_BL = per_token_timestep(mask_BF[:b], torch.full((b,), 500.0, device=device), tokens_per_frame)
+    t_B = torch.full((b,), 500.0, device=device)
+    flops = b * net.flops_per_sample(Fr, latent_hw, latent_hw, batch=b)
     with torch.no_grad():
-        sec, gib, _ = timed(lambda: net(x_BCFHW[:b], t_BL, context_1LD, wstates_BTD[:b]))
-    report('wan_fwd', f'{b} x {clip}', sec, gib, b, b * L, b * net.flops_per_sample(Fr, latent_hw, latent_hw))
+        sec, gib, _ = timed(lambda: net(x_BCFHW[:b], frame_timesteps(mask_BF[:b], t_B), context_1LD, wstates_BTD[:b]))
+        report('wan_fwd', f'{b} x {clip}', sec, gib, b, b * L, flops)
+        # the reference's way, for comparison: one timestep per token, the context once per sample
+        t_BL = per_token_timestep(mask_BF[:b], t_B, tokens_per_frame)
+        sec_ref, gib, _ = timed(lambda: net(x_BCFHW[:b], t_BL, context_1LD.expand(b, -1, -1), wstates_BTD[:b]))
+        report('wan_fwd_per_token', f'{b} x {clip}, t per token', sec_ref, gib, b, b * L, flops)
+    ratios['DiT forward, per-token timesteps and per-sample context / per-frame and shared'] = sec_ref / sec
 
 if 'ensemble' in selected:
     from sample import sample_latents
@@ -260,7 +270,7 @@ if 'ensemble' in selected:
     noise = torch.randn(n, wcfg.in_dim, Fr, latent_hw, latent_hw, device=device)
     states_n = wstates_BTD[:1].expand(n, -1, -1)
     rows_per_member = 2 if cfg_scale != 1.0 else 1
-    flops = n * steps * rows_per_member * net.flops_per_sample(Fr, latent_hw, latent_hw)
+    flops = n * steps * rows_per_member * net.flops_per_sample(Fr, latent_hw, latent_hw, batch=n * rows_per_member)
 
     def batched():
         return sample_latents(net, z_ctx, states_n, context_1LD, noise, steps, cfg_scale)
@@ -292,8 +302,7 @@ if 'wan_lora' in selected:
     drop_B = torch.zeros(b, dtype=torch.bool, device=device)
 
     def lora_step():
-        loss = flow_matching_loss(net, x_BCFHW[:b], wstates_BTD[:b], context_1LD, sigma_B, noise_B, drop_B,
-                                  tokens_per_frame)
+        loss = flow_matching_loss(net, x_BCFHW[:b], wstates_BTD[:b], context_1LD, sigma_B, noise_B, drop_B)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -301,7 +310,7 @@ if 'wan_lora' in selected:
     net.train()
     sec, gib, _ = timed(lora_step)
     report('wan_lora', f'{b} x {clip}, ckpt {net.checkpointed_blocks()}/{wcfg.num_layers}', sec, gib, b, b * L,
-           b * net.flops_per_sample(Fr, latent_hw, latent_hw, lora_step=True))
+           b * net.flops_per_sample(Fr, latent_hw, latent_hw, lora_step=True, batch=b))
 
 # --- sampling track: the VAE work of sample.py on one clip --------------------------------------
 if 'vae' in selected:

@@ -4,7 +4,8 @@ synthetic datasets written in the same layout. Facts: ../shared/1X-DATA.md.
 Sections:
   1. tokenized data (compression track): reader, synthetic writer, download
   2. raw video data (sampling track): reader, synthetic writer, latent pre-encoding
-  3. command line: `python data.py synthetic --out DIR`, ...
+  3. training setup shared by both tracks: distributed processes, the device's peak FLOP/s
+  4. command line: `python data.py synthetic --out DIR`, ...
 """
 
 import json
@@ -666,7 +667,38 @@ def cmd_encode_raw(args):
 # (end of section 2)
 
 # ---------------------------------------------------------------------------------------------
-# 3. Command line
+# 3. Training setup shared by both tracks: distributed processes, the device's peak
+# ---------------------------------------------------------------------------------------------
+
+def setup_distributed(device):
+    """DDP when launched by torchrun (RANK set), as nanoGPT: NCCL on GPUs, gloo on the CPU, and
+    each process on the GPU of its LOCAL_RANK. Returns (ddp, rank, world_size, device)."""
+    if int(os.environ.get('RANK', -1)) == -1:
+        return False, 0, 1, device
+    import torch.distributed as dist
+    dist.init_process_group(backend='nccl' if device.startswith('cuda') else 'gloo')
+    if device.startswith('cuda'):
+        device = f'cuda:{int(os.environ["LOCAL_RANK"])}'
+        torch.cuda.set_device(device)
+    return True, dist.get_rank(), dist.get_world_size(), device
+
+
+# Dense bf16 peak FLOP/s (vendor datasheets, without sparsity), for MFU; the first name that
+# occurs in torch.cuda.get_device_name() wins, so the PCIe H100 comes before the SXM one.
+PEAK_BF16_FLOPS = (('H100 PCIe', 756e12), ('H100', 989e12), ('H200', 989e12),
+                   ('B200', 2250e12), ('A100', 312e12))
+
+
+def peak_flops(device):
+    """The device's dense bf16 peak FLOP/s, or None (the CPU, an unlisted GPU: no MFU)."""
+    if not str(device).startswith('cuda'):
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((flops for key, flops in PEAK_BF16_FLOPS if key in name), None)
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Command line
 # ---------------------------------------------------------------------------------------------
 
 def main(argv=None):

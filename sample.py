@@ -22,7 +22,7 @@ from PIL import Image
 from tqdm import tqdm
 
 import data
-from wan_state import per_token_timestep
+from wan_state import frame_timesteps, merge_lora
 
 
 # ---------------------------------------------------------------------------------------------
@@ -63,15 +63,13 @@ def sample_latents(model, z_ctx_BCKHW, states_BTD, context_1LD, noise_BCFHW, ste
         drop_B = torch.arange(2 * B, device=noise_BCFHW.device) >= B
     else:
         drop_B = torch.zeros(B, dtype=torch.bool, device=noise_BCFHW.device)
-    _, ph, pw = model.cfg.patch_size
-    tokens = (H // ph) * (W // pw)
     sched = make_scheduler(scheduler, shift)
     sched.set_timesteps(steps, device=noise_BCFHW.device)
     latent = torch.where(is_ctx, z_ctx_full, noise_BCFHW)
     for t in sched.timesteps:
         x_in = torch.cat([latent, latent]) if guided else latent
-        t_BL = per_token_timestep(torch.cat([mask_BF] * (2 if guided else 1)), t.float().expand(x_in.shape[0]), tokens)
-        v = model(x_in, t_BL, context_1LD, states_BTD, drop_B).float()
+        t_BF = frame_timesteps(torch.cat([mask_BF] * (2 if guided else 1)), t.float().expand(x_in.shape[0]))
+        v = model(x_in, t_BF, context_1LD, states_BTD, drop_B).float()
         if guided:
             v_cond, v_uncond = v.chunk(2)
             v = v_uncond + cfg_scale * (v_cond - v_uncond)
@@ -171,6 +169,7 @@ if __name__ == '__main__':
     blur = True                 # also score the blur + histogram-matching baseline
     blur_sigma = 1.0            # Gaussian sigma in pixels for the blur baseline
     png_members = 4             # members drawn in each PNG
+    compile = False             # torch.compile the DiT blocks (GPU; the first clip is slower)
     seed = 0
     device = 'cuda' if torch.cuda.is_available() else 'cpu'
     # used only with --init_from=random (otherwise read from the checkpoint)
@@ -204,9 +203,13 @@ if __name__ == '__main__':
             for n, v in ckpt['trainable'].items():
                 params[n].copy_(v)
     net.eval().requires_grad_(False)
+    if run['train_mode'] == 'lora':   # W + B A alpha / r once: sampling then runs at the base model's cost
+        merge_lora(net)
     if base_dtype != torch.float32:   # bf16 inference on GPUs (fp32 kept where the reference keeps it)
         net.set_dtype(base_dtype)
-    context_1LD = text_context(net.cfg, run['text_encoder'], device)
+    if compile:   # fused kernels for the 30 identical blocks; the first clip pays the compilation
+        net.compile_blocks()
+    context_1LD = text_context(net.cfg, run['text_encoder'], device)   # [1, 512, 4096]: shared by every row
     shift = shift or run['shift']
     if run['vae'] == 'pixel':
         codec = data.PixelCodec()

@@ -264,20 +264,6 @@ class STTransformer(nn.Module):
 
 
 
-# Dense bf16 peak FLOP/s (vendor datasheets, without sparsity), for MFU; the first name that
-# occurs in torch.cuda.get_device_name() wins, so the PCIe H100 comes before the SXM one.
-PEAK_BF16_FLOPS = (('H100 PCIe', 756e12), ('H100', 989e12), ('H200', 989e12),
-                   ('B200', 2250e12), ('A100', 312e12))
-
-
-def peak_flops(device):
-    """The device's dense bf16 peak FLOP/s, or None (the CPU, an unlisted GPU: no MFU)."""
-    if not str(device).startswith('cuda'):
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((flops for key, flops in PEAK_BF16_FLOPS if key in name), None)
-
-
 def get_lr(it, peak_lr, warmup_iters, max_iters):
     """Paper 3.2: linear warmup to peak_lr over warmup_iters steps, then linear decay to 0 at max_iters."""
     if it < warmup_iters:

@@ -20,13 +20,12 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 import data
-from st_transformer import P_FLOOR, STConfig, STTransformer, cross_entropy_topk, get_lr, peak_flops
-from wan_state import (WanConfig, WanDiT, WanVAE, add_lora, load_trainable, lora_modules, merge_lora,
-                       null_context, parameter_counts, per_token_timestep, save_trainable,
+from st_transformer import P_FLOOR, STConfig, STTransformer, cross_entropy_topk, get_lr
+from wan_state import (WanConfig, WanDiT, WanVAE, add_lora, frame_timesteps, load_trainable, lora_modules,
+                       merge_lora, null_context, parameter_counts, per_token_timestep, save_trainable,
                        to_diffusers_state_dict, trainable_state_dict, unmerge_lora)
 from sample import blur_baseline, match_histograms, psnr, sample_latents, ssim
-from train_sampling import (build_model, flow_matching_loss, sample_draws, shift_sigma, text_context,
-                            tokens_per_frame)
+from train_sampling import build_model, flow_matching_loss, sample_draws, shift_sigma, text_context
 
 
 REPO = os.path.dirname(os.path.abspath(__file__))
@@ -64,15 +63,16 @@ def tiny_st_model(**kw):
     return STTransformer(STConfig(**{**ST_TINY, **kw}))
 
 
-def run_compression(args, cwd, nproc=None, timeout=300):
-    """Run train_compression.py (under torchrun when nproc is given); return its stdout."""
-    cmd = [sys.executable, os.path.join(REPO, 'train_compression.py')] + args
-    if nproc:
-        cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}'] + cmd[1:]
-    env = {**os.environ, 'OMP_NUM_THREADS': '1' if nproc else os.environ.get('OMP_NUM_THREADS', '2')}
-    out = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
-    assert out.returncode == 0, f"{' '.join(cmd)} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
-    return out.stdout
+def run_script(script, *args, cwd=REPO, nproc=0):
+    """Run a repo script the way a user does (under torchrun with nproc processes, one thread each);
+    return its stdout, or fail with its output."""
+    launcher = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}'] \
+        if nproc else [sys.executable]
+    env = dict(os.environ, OMP_NUM_THREADS='1') if nproc else dict(os.environ)
+    cmd = [*launcher, os.path.join(REPO, script), *args]
+    res = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0, f"{' '.join(cmd)} failed:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
+    return res.stdout
 
 
 @pytest.fixture(scope='module')
@@ -156,7 +156,7 @@ def test_weight_decay_groups_and_lr_schedule_match_paper():
 
 
 def test_paper_preset_dry_run(tmp_path):
-    out = run_compression(['--preset=paper', '--dry_run'], cwd=tmp_path)
+    out = run_script('train_compression.py', '--preset=paper', '--dry_run', cwd=tmp_path)
     cfg = json.loads(out.split('settings: ', 1)[1].splitlines()[0])
     assert (cfg['n_layer'], cfg['n_head'], cfg['n_embd'], cfg['T'], cfg['dropout']) == (24, 8, 512, 5, 0.1)
     assert (cfg['total_batch_size'], cfg['epochs'], cfg['warmup_iters'], cfg['learning_rate']) == (160, 80.0, 2000, 8e-4)
@@ -305,8 +305,8 @@ SMALL_RUN = ['--n_embd=32', '--n_head=2', '--eval_interval=1000', '--eval_sample
 
 def test_two_process_ddp_takes_the_same_step_as_one_process_with_accumulation(tmp_path, synthetic_dir):
     common = SMALL_RUN + [f'--data_dir={synthetic_dir}', '--max_iters=1', '--total_batch_size=4', '--batch_size=2']
-    run_compression(common + [f'--out_dir={tmp_path}/one'], cwd=tmp_path)
-    run_compression(common + [f'--out_dir={tmp_path}/ddp'], cwd=tmp_path, nproc=2)
+    run_script('train_compression.py', *common, f'--out_dir={tmp_path}/one', cwd=tmp_path)
+    run_script('train_compression.py', *common, f'--out_dir={tmp_path}/ddp', cwd=tmp_path, nproc=2)
     one = torch.load(tmp_path / 'one' / 'ckpt.pt', weights_only=False)
     ddp = torch.load(tmp_path / 'ddp' / 'ckpt.pt', weights_only=False)
     torch.manual_seed(1337)  # the script's seed: its initial weights
@@ -324,9 +324,9 @@ def test_two_process_ddp_takes_the_same_step_as_one_process_with_accumulation(tm
 def test_resume_gives_the_same_next_loss_as_not_stopping(tmp_path, synthetic_dir):
     common = SMALL_RUN + [f'--data_dir={synthetic_dir}', '--max_iters=5', '--batch_size=2', '--total_batch_size=2',
                           '--dropout=0.1']
-    run_compression(common + [f'--out_dir={tmp_path}/full'], cwd=tmp_path)
-    run_compression(common + [f'--out_dir={tmp_path}/split', '--stop_at=3'], cwd=tmp_path)
-    run_compression(common + [f'--out_dir={tmp_path}/split', '--resume'], cwd=tmp_path)
+    run_script('train_compression.py', *common, f'--out_dir={tmp_path}/full', cwd=tmp_path)
+    run_script('train_compression.py', *common, f'--out_dir={tmp_path}/split', '--stop_at=3', cwd=tmp_path)
+    run_script('train_compression.py', *common, f'--out_dir={tmp_path}/split', '--resume', cwd=tmp_path)
     log = lambda d: [json.loads(line) for line in open(tmp_path / d / 'log.jsonl')]
     full, split = log('full'), log('split')
     assert [r['step'] for r in split] == [0, 1, 2, 3, 4]
@@ -345,7 +345,7 @@ LEARN_RUN = ['--max_iters=80', '--batch_size=4', '--total_batch_size=4', '--fina
 
 def test_short_run_learns_beyond_the_baselines(tmp_path, synthetic_dir):
     """80 steps of batch 4 (the README default is longer; neither reaches the Bayes floor)."""
-    run_compression(LEARN_RUN + [f'--data_dir={synthetic_dir}', f'--out_dir={tmp_path}'], cwd=tmp_path)
+    run_script('train_compression.py', *LEARN_RUN, f'--data_dir={synthetic_dir}', f'--out_dir={tmp_path}', cwd=tmp_path)
     r = results_of(tmp_path)
     model, copy_last = r['model, teacher-forced'], r['copy the last context grid']
     assert model['top500'] < copy_last['top500'] - 0.3 and model['ce'] < copy_last['ce'] - 0.3
@@ -355,7 +355,8 @@ def test_short_run_learns_beyond_the_baselines(tmp_path, synthetic_dir):
 
 
 def test_model_without_states_cannot_beat_the_state_blind_floor(tmp_path, synthetic_dir):
-    run_compression(LEARN_RUN + [f'--data_dir={synthetic_dir}', f'--out_dir={tmp_path}', '--use_states=False'], cwd=tmp_path)
+    run_script('train_compression.py', *LEARN_RUN, f'--data_dir={synthetic_dir}', f'--out_dir={tmp_path}',
+               '--use_states=False', cwd=tmp_path)
     r = results_of(tmp_path)
     model, blind = r['model, teacher-forced'], r['state-blind floor']
     assert model['ce'] < r['uniform over the vocabulary']['ce'] - 0.5  # it learned something
@@ -422,6 +423,26 @@ def test_dit_matches_diffusers_with_per_token_timestep():
     # diffusers builds the timestep sinusoid in fp32, the reference (and we) in fp64: ~1e-5 apart
     assert (out - want).abs().max() < 1e-4
     assert (out_B - want_B).abs().max() < 1e-4
+
+
+def test_per_frame_timesteps_and_a_shared_context_give_the_reference_per_token_output():
+    # the scripts pass one timestep per latent frame and one context for the batch; the reference
+    # (and diffusers) one timestep per token and a context per sample: the same maths, less work
+    cfg = WanConfig.tiny()
+    model = randomize(WanDiT(cfg, state_cond=True), std=0.1)
+    x, _, context, states = inputs(cfg)
+    mask_BF, t_B = torch.tensor([[0, 1, 1], [0, 0, 1]]), torch.tensor([999.0, 421.5])
+    drop = torch.tensor([False, True])
+    with torch.no_grad():
+        want = model(x, per_token_timestep(mask_BF, t_B, TOKENS_PER_FRAME), context[:1].expand(B, -1, -1), states, drop)
+        got = model(x, frame_timesteps(mask_BF, t_B), context[:1], states, drop)
+        want_B = model(x, per_token_timestep(torch.ones(B, NF), t_B, TOKENS_PER_FRAME), context, states)
+        got_B = model(x, t_B, context, states)   # [B]: one timestep for every frame of a sample
+    assert want.abs().max() > 0.1
+    assert (got - want).abs().max() < 1e-5
+    assert (got_B - want_B).abs().max() < 1e-5
+    with pytest.raises(AssertionError, match=r'\[B\], \[B, F\] or \[B, L\]'):
+        model(x, torch.zeros(B, 5), context, states)
 
 
 def test_short_context_is_zero_padded_to_text_len():
@@ -723,16 +744,6 @@ SIZE = 32   # synthetic frames: 32x32 -> pixel-codec latents [48, 6, 8, 8], 16 t
 WAN_TINY = dict(dim=32, num_layers=1, num_heads=2, ffn_dim=64)
 
 
-def run_repo_script(*args, torchrun=False):
-    """Run a repo script the way a user does; fail with its output if it fails."""
-    launcher = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2'] if torchrun \
-        else [sys.executable]
-    env = dict(os.environ, OMP_NUM_THREADS='1') if torchrun else dict(os.environ)
-    res = subprocess.run([*launcher, *args], cwd=REPO, capture_output=True, text=True, env=env, timeout=600)
-    assert res.returncode == 0, f"{' '.join(args)} failed:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
-    return res.stdout
-
-
 @pytest.fixture(scope='module')
 def synthetic(tmp_path_factory):
     """A small synthetic raw dataset in the 1X layout, with its training latents encoded."""
@@ -828,24 +839,22 @@ def test_loss_is_zero_for_the_true_velocity_and_ignores_context_latents():
     ctx = text_context(net.cfg, 'zeros', 'cpu')
     seen = {}
 
-    def oracle(x_t, t_BL, context, states_BTD, drop_B):   # predicts noise - x0 exactly, garbage on context
-        seen.update(x_t=x_t, t_BL=t_BL)
+    def oracle(x_t, t_BF, context, states_BTD, drop_B):   # predicts noise - x0 exactly, garbage on context
+        seen.update(x_t=x_t, t_BF=t_BF)
         v = noise - z0
         v[:, :, :2] = 1e6
         return v
-    tokens = tokens_per_frame(net.cfg, z0)
-    assert tokens == 16
-    assert flow_matching_loss(oracle, z0, states, ctx, sigma, noise, drop, tokens).item() == 0.0
+    assert flow_matching_loss(oracle, z0, states, ctx, sigma, noise, drop).item() == 0.0
     assert torch.equal(seen['x_t'][:, :, :2], z0[:, :, :2])              # context enters clean ...
-    assert torch.all(seen['t_BL'][:, :2 * 16] == 0)                      # ... at timestep 0
-    assert torch.allclose(seen['t_BL'][:, 2 * 16:], 1000 * sigma[:, None].expand(3, 4 * 16))
+    assert torch.all(seen['t_BF'][:, :2] == 0)                           # ... at timestep 0
+    assert torch.allclose(seen['t_BF'][:, 2:], 1000 * sigma[:, None].expand(3, 4))
     # the real model: changing its output on the context latents leaves the loss unchanged
-    base = flow_matching_loss(net, z0, states, ctx, sigma, noise, drop, tokens)
+    base = flow_matching_loss(net, z0, states, ctx, sigma, noise, drop)
 
     def perturbed(*args):
         v = net(*args)
         return torch.cat([v[:, :, :2] + 100.0, v[:, :, 2:]], dim=2)
-    assert flow_matching_loss(perturbed, z0, states, ctx, sigma, noise, drop, tokens).item() == base.item()
+    assert flow_matching_loss(perturbed, z0, states, ctx, sigma, noise, drop).item() == base.item()
 
 
 @pytest.mark.parametrize('scheduler,cfg_scale', [('euler', 1.0), ('unipc', 1.5)])
@@ -896,12 +905,12 @@ def trained(out):
 def straight_run(synthetic, tmp_path_factory):
     """4 uninterrupted steps in one process: the reference for the DDP and resume tests."""
     out = tmp_path_factory.mktemp('straight')
-    run_repo_script(*train_args(synthetic, out, '--max_iters=4'))
+    run_script(*train_args(synthetic, out, '--max_iters=4'))
     return trained(out)
 
 
 def test_ddp_two_processes_equals_single_process(synthetic, straight_run, tmp_path):
-    out = run_repo_script(*train_args(synthetic, tmp_path, '--max_iters=4'), torchrun=True)
+    out = run_script(*train_args(synthetic, tmp_path, '--max_iters=4'), nproc=2)
     assert '2 process(es) x batch 2 x 2 accumulation' in out   # the single process accumulates 4
     two = trained(tmp_path)
     init = build_model('tiny', '', 'full', 32, 32, 0, 'cpu', torch.float32, WAN_TINY).state_dict()
@@ -913,8 +922,8 @@ def test_ddp_two_processes_equals_single_process(synthetic, straight_run, tmp_pa
 
 
 def test_resume_equals_no_stop(synthetic, straight_run, tmp_path):
-    run_repo_script(*train_args(synthetic, tmp_path, '--max_iters=2'))
-    run_repo_script(*train_args(synthetic, tmp_path, '--max_iters=4', '--init_from=resume'))
+    run_script(*train_args(synthetic, tmp_path, '--max_iters=2'))
+    run_script(*train_args(synthetic, tmp_path, '--max_iters=4', '--init_from=resume'))
     a, b = straight_run, trained(tmp_path)
     assert a['step'] == b['step'] == 4
     for n, p in a['trainable'].items():
@@ -923,13 +932,30 @@ def test_resume_equals_no_stop(synthetic, straight_run, tmp_path):
         assert torch.equal(sa['exp_avg'], sb['exp_avg']) and torch.equal(sa['exp_avg_sq'], sb['exp_avg_sq'])
 
 
+def test_lora_run_trains_adapters_and_state_weights_only_and_samples_merged(synthetic, tmp_path):
+    # the paper's mode through both scripts: a base in the official layout, frozen; LoRA and state
+    # conditioning trained; sample.py merges the adapters into the base weights before sampling
+    base = write_official_checkpoint(randomize(WanDiT(WanConfig.tiny(**WAN_TINY), state_cond=False), std=0.1),
+                                     tmp_path / 'base')
+    run_script(*train_args(synthetic, tmp_path, '--max_iters=2', f'--pretrained={base}', '--train_mode=lora',
+                           '--lora_rank=4'))
+    trainable = trained(tmp_path)['trainable']
+    assert trainable and all('.lora_' in n or n.startswith('state_embedder.') for n in trainable)
+    assert any(n.endswith('lora_B.weight') and p.abs().max() > 0 for n, p in trainable.items())   # B left 0
+    out = run_script('sample.py', f'--out_dir={tmp_path}', '--ensemble=2', '--steps=2', '--max_clips=1')
+    assert 'lora' in out
+    with open(tmp_path / 'samples' / 'metrics.csv') as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 1 and all(math.isfinite(float(v)) for k, v in rows[0].items() if k.startswith('psnr'))
+
+
 @pytest.fixture(scope='module')
 def demo_metrics(synthetic, tmp_path_factory):
     """Train a tiny model on the synthetic clips and evaluate it on the validation split."""
     out = tmp_path_factory.mktemp('demo')
-    run_repo_script('train_sampling.py', f'--data_dir={synthetic}', '--make_synthetic=False', f'--out_dir={out}',
+    run_script('train_sampling.py', f'--data_dir={synthetic}', '--make_synthetic=False', f'--out_dir={out}',
                '--max_iters=300', '--log_interval=50')   # the demo's defaults: dim 256, 2 layers, batch 8
-    run_repo_script('sample.py', f'--out_dir={out}', '--ensemble=16', '--steps=10', '--max_clips=8')
+    run_script('sample.py', f'--out_dir={out}', '--ensemble=16', '--steps=10', '--max_clips=8')
     with open(out / 'samples' / 'metrics.csv') as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 8 and (out / 'samples' / 'clip_0.png').exists()
@@ -959,7 +985,7 @@ def test_bench_cpu_smoke_prints_finite_positive_figures_for_every_benchmark():
         if m:
             rows[m[1]] = [float(m[i]) for i in (2, 3, 4)] + [m[5]]
     assert set(rows) == {'st_train', 'st_forward_fp32', 'st_decode_cache', 'st_decode_nocache', 'wan_fwd',
-                         'ensemble_batched', 'ensemble_looped', 'wan_lora', 'vae_clip'}, out.stdout
+                         'wan_fwd_per_token', 'ensemble_batched', 'ensemble_looped', 'wan_lora', 'vae_clip'}, out.stdout
     for name, (ms, samples_per_s, tokens_per_s, mfu) in rows.items():
         assert all(math.isfinite(v) and v > 0 for v in (ms, samples_per_s, tokens_per_s)), (name, rows[name])
         assert mfu == 'n/a'   # no peak FLOP/s for a CPU
@@ -970,7 +996,7 @@ def test_bench_cpu_smoke_prints_finite_positive_figures_for_every_benchmark():
 
 
 def test_peak_flops_is_unknown_on_the_cpu():
-    assert peak_flops('cpu') is None
+    assert data.peak_flops('cpu') is None
 
 
 def st_model(dropout=0.0):
@@ -1083,14 +1109,15 @@ def test_wan_flop_estimates_match_torch_flop_counter():
     x = torch.randn(2, cfg.in_dim, 6, 16, 16, generator=g)
     mask_BF = torch.ones(2, 6)
     mask_BF[:, :2] = 0
-    t_BL = per_token_timestep(mask_BF, torch.tensor([500.0, 100.0]), 64)
+    t_BF = frame_timesteps(mask_BF, torch.tensor([500.0, 100.0]))
+    # one context for the batch of 2, as the scripts pass the empty prompt: counted once
     context, states = torch.randn(1, cfg.text_len, cfg.text_dim, generator=g), torch.randn(2, 21, 25, generator=g)
     with torch.no_grad():
-        fwd = counted_flops(lambda: model(x, t_BL, context, states)) / 2
-    assert abs(model.flops_per_sample(6, 16, 16) / fwd - 1) < 0.01
+        fwd = counted_flops(lambda: model(x, t_BF, context, states)) / 2
+    assert abs(model.flops_per_sample(6, 16, 16, batch=2) / fwd - 1) < 0.01
     add_lora(model)
-    step = counted_flops(lambda: model(x, t_BL, context, states).square().mean().backward()) / 2
-    assert abs(model.flops_per_sample(6, 16, 16, lora_step=True) / step - 1) < 0.01
+    step = counted_flops(lambda: model(x, t_BF, context, states).square().mean().backward()) / 2
+    assert abs(model.flops_per_sample(6, 16, 16, lora_step=True, batch=2) / step - 1) < 0.01
 
 
 def test_st_transformer_training_flops_match_torch_flop_counter():

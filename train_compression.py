@@ -26,7 +26,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import data
-from st_transformer import STConfig, STTransformer, cross_entropy_topk, get_lr, peak_flops
+from st_transformer import STConfig, STTransformer, cross_entropy_topk, get_lr
 
 # --- settings (defaults: the CPU run on synthetic data) ---------------------------------------
 preset = 'cpu'             # 'cpu' or 'paper' (PRESETS below)
@@ -181,17 +181,9 @@ def print_table(results, world=None):
 
 
 # --- setup: device, distributed, data, model ---------------------------------------------------
-ddp = int(os.environ.get('RANK', -1)) != -1
 if device == 'auto':
     device = 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
-if ddp:  # torchrun sets RANK, LOCAL_RANK, WORLD_SIZE; NCCL on GPUs, gloo on the CPU
-    dist.init_process_group(backend='nccl' if device.startswith('cuda') else 'gloo')
-    rank, local_rank, world_size = dist.get_rank(), int(os.environ['LOCAL_RANK']), dist.get_world_size()
-    if device.startswith('cuda'):
-        device = f'cuda:{local_rank}'
-        torch.cuda.set_device(device)
-else:
-    rank, world_size = 0, 1
+ddp, rank, world_size, device = data.setup_distributed(device)   # torchrun sets RANK: DDP
 master = rank == 0
 device_type = 'cuda' if device.startswith('cuda') else 'cpu' if device == 'cpu' else device
 autocast = (torch.autocast(device_type, dtype={'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype])
@@ -262,7 +254,7 @@ raw_model = model
 if compile:
     model = torch.compile(model)
 if ddp:
-    model = DDP(model, device_ids=[local_rank] if device_type == 'cuda' else None)
+    model = DDP(model, device_ids=[torch.cuda.current_device()] if device_type == 'cuda' else None)
 if master:
     os.makedirs(out_dir, exist_ok=True)
     print(f"data {data_dir}: {len(train_ds)} train / {len(val_ds)} val samples; {world_size} process(es) x "
@@ -291,7 +283,7 @@ bar = tqdm(total=stop, initial=step, desc='train', disable=not master, dynamic_n
 t0 = time.time()
 # MFU as nanoGPT prints it: this process's model FLOPs per step over its time and the device's
 # bf16 peak (None on the CPU and unknown GPUs: then no MFU), averaged once warm-up has passed
-peak = peak_flops(device)
+peak = data.peak_flops(device)
 flops_per_step = raw_model.flops_per_sample() * batch_size * grad_accum
 first_step, running_mfu = step, -1.0
 while step < stop:

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 import data
-from wan_state import WanConfig, WanDiT, add_lora, null_context, per_token_timestep
+from wan_state import WanConfig, WanDiT, add_lora, frame_timesteps, null_context
 
 
 # ---------------------------------------------------------------------------------------------
@@ -47,13 +47,7 @@ def latent_mask(batch, num_latents=data.NUM_LATENTS, num_context=data.NUM_CONTEX
     return mask_BF
 
 
-def tokens_per_frame(cfg, z_BCFHW):
-    """DiT tokens per latent frame: (H / 2) * (W / 2) with Wan's (1, 2, 2) patches."""
-    _, ph, pw = cfg.patch_size
-    return (z_BCFHW.shape[-2] // ph) * (z_BCFHW.shape[-1] // pw)
-
-
-def flow_matching_loss(model, z0_BCFHW, states_BTD, context_BLD, sigma_B, noise_BCFHW, drop_B, tokens,
+def flow_matching_loss(model, z0_BCFHW, states_BTD, context_BLD, sigma_B, noise_BCFHW, drop_B,
                        num_context=data.NUM_CONTEXT_LATENTS):
     """Mean squared error of the predicted velocity on the latents to generate (context excluded).
 
@@ -65,8 +59,7 @@ def flow_matching_loss(model, z0_BCFHW, states_BTD, context_BLD, sigma_B, noise_
     s = sigma_B.view(B, 1, 1, 1, 1)
     x_t = (1 - s) * z0_BCFHW + s * noise_BCFHW
     x_t = torch.where(mask_BF.view(B, 1, Fr, 1, 1) == 0, z0_BCFHW, x_t)
-    t_BL = per_token_timestep(mask_BF, 1000 * sigma_B, tokens)
-    v_BCFHW = model(x_t, t_BL, context_BLD, states_BTD, drop_B)
+    v_BCFHW = model(x_t, frame_timesteps(mask_BF, 1000 * sigma_B), context_BLD, states_BTD, drop_B)
     target = noise_BCFHW - z0_BCFHW
     return F.mse_loss(v_BCFHW[:, :, num_context:].float(), target[:, :, num_context:].float())
 
@@ -183,18 +176,10 @@ if __name__ == '__main__':
     config = {k: v for k, v in globals().items() if not k.startswith('_') and k != 'PAPER'
               and isinstance(v, (int, float, bool, str, tuple, list, type(None)))}
 
-    # distributed setup: DDP when launched by torchrun (RANK set), as nanoGPT
-    ddp = int(os.environ.get('RANK', -1)) != -1
+    ddp, rank, world, device = data.setup_distributed(device)   # torchrun sets RANK: DDP, as nanoGPT
     if ddp:
         import torch.distributed as dist
         from torch.nn.parallel import DistributedDataParallel as DDP
-        dist.init_process_group(backend='nccl' if device.startswith('cuda') else 'gloo')
-        rank, world = dist.get_rank(), dist.get_world_size()
-        if device.startswith('cuda'):
-            device = f'cuda:{int(os.environ["LOCAL_RANK"])}'
-            torch.cuda.set_device(device)
-    else:
-        rank, world = 0, 1
     master = rank == 0
     assert global_batch_size % (batch_size * world) == 0, (
         f"--global_batch_size={global_batch_size} must be a multiple of --batch_size={batch_size} x {world} processes")
@@ -252,7 +237,6 @@ if __name__ == '__main__':
         if master:
             print(f"resumed from {ckpt_path} at step {start_step}")
     context_1LD = text_context(net.cfg, text_encoder, device)
-    tokens = tokens_per_frame(net.cfg, z_example)
     train_net = torch.compile(net) if compile else net
     if ddp:   # DDP syncs the gradients of the trainable parameters only
         train_net = DDP(train_net, device_ids=[torch.cuda.current_device()] if device_type == 'cuda' else None)
@@ -265,9 +249,16 @@ if __name__ == '__main__':
         os.replace(ckpt_path + '.tmp', ckpt_path)   # never leave a half-written checkpoint
         print(f"saved {ckpt_path} at step {step}")
 
-    # training loop
-    t0 = time.time()
+    # training loop. MFU as nanoGPT prints it: this process's model FLOPs per step over its time and
+    # the device's bf16 peak (none on the CPU). A LoRA step is counted exactly (flops_per_sample);
+    # full training as 3 forwards (forward, activation and weight gradients), the usual estimate.
+    peak = data.peak_flops(device)
+    _, Fr, Hl, Wl = z_example.shape
+    flops_per_step = accum * batch_size * (
+        net.flops_per_sample(Fr, Hl, Wl, lora_step=True, batch=batch_size) if train_mode == 'lora'
+        else 3 * net.flops_per_sample(Fr, Hl, Wl, batch=batch_size))
     for step in range(start_step, max_iters):
+        t_step = time.time()
         loss_sum = 0.0
         for micro in range(accum):
             # this micro-batch's positions in the step's global batch, the same under any world size
@@ -279,7 +270,7 @@ if __name__ == '__main__':
             z0, states, sigma, noise, drop = (x.to(device) for x in (z0, states, sigma, noise, drop))
             sync = nullcontext() if not ddp or micro == accum - 1 else train_net.no_sync()
             with sync:
-                loss = flow_matching_loss(train_net, z0, states, context_1LD, sigma, noise, drop, tokens) / accum
+                loss = flow_matching_loss(train_net, z0, states, context_1LD, sigma, noise, drop) / accum
                 loss.backward()
             loss_sum += loss.item()
         if grad_clip > 0:
@@ -291,8 +282,10 @@ if __name__ == '__main__':
             dist.all_reduce(loss_t, op=dist.ReduceOp.AVG)
             loss_sum = loss_t.item()
         if master and (step % log_interval == 0 or step == max_iters - 1):
-            dt = (time.time() - t0) / (step - start_step + 1)
-            print(f"step {step}: loss {loss_sum:.4f}, {dt * 1000:.0f} ms/step")
+            dt = time.time() - t_step
+            mfu = f", MFU {100 * flops_per_step / dt / peak:.1f}%" if peak else ''
+            print(f"step {step}: loss {loss_sum:.4f}, {dt * 1000:.0f} ms/step, "
+                  f"{global_batch_size / dt / world:.2f} samples/s per process{mfu}")
         if master and ((step + 1) % ckpt_interval == 0 or step == max_iters - 1):
             save_checkpoint(step + 1)
     if ddp:

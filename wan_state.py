@@ -10,15 +10,17 @@ API (the sampling scripts use these names):
     model = WanDiT.from_pretrained('Wan-AI/Wan2.2-TI2V-5B' or a local dir, official or diffusers layout,
                                    state_cond=True, device='cuda', dtype=None -> bf16 on CUDA)
     v_BCFHW = model(x_BCFHW, t, context_BLD, states_BTD=None, drop_states_B=None)
-        t: [B] one timestep per sample (0..1000), or [B, L] per token, L = F * H/2 * W/2
+        t: [B] one timestep per sample (0..1000), [B, F] one per latent frame (frame_timesteps), or
+            [B, L] one per token as the reference, L = F * H/2 * W/2 (same output, slower)
+        context_BLD: [1 or B, <= 512, 4096]; a batch of 1 is shared by all samples (computed once)
         states_BTD: [B, 4 * (F - 1) + 1, 25] states after the 4x frame downsampling (None: the
             learned no-state embedding); drop_states_B: bool [B], True -> no-state embedding
     model.gradient_checkpointing = True    # recompute every block in backward (training); an int n:
                                            # only the first n blocks (trade memory for speed)
     model.compile_blocks()                 # torch.compile each block in place (same maths, fused kernels)
-    model.flops_per_sample(F, H, W, lora_step=False)   # matmul FLOPs of a forward (or LoRA step), for MFU
+    model.flops_per_sample(F, H, W, lora_step=False, batch=1)   # matmul FLOPs (forward or LoRA step), for MFU
     model.set_dtype(torch.bfloat16)        # bf16 weights, fp32 where the reference is fp32
-    t_BL = per_token_timestep(mask_BF, t_B, tokens_per_frame)   # mask 0 = context frame -> t = 0
+    t_BF = frame_timesteps(mask_BF, t_B)   # mask 0 = context frame -> t = 0 (per_token_timestep: [B, L])
     add_lora(model, rank=32, alpha=32); merge_lora(model); unmerge_lora(model)
     trainable_state_dict(model); save_trainable(model, path); load_trainable(model, path)
     vae = WanVAE.from_pretrained(repo_or_dir); z = vae.encode(video_BCTHW); video = vae.decode(z)
@@ -163,8 +165,26 @@ class Attention(nn.Module):
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
             q, k = q.type_as(v), k.type_as(v)
+        if k.shape[0] != q.shape[0]:   # one context shared by the batch: its k, v were computed once
+            k, v = (a.expand(q.shape[0], -1, -1, -1).contiguous() for a in (k, v))
         out = F.scaled_dot_product_attention(q, k, v)
         return self.o(rearrange(out, 'b h l d -> b l (h d)'))
+
+
+def modulate(x_BLD, shift_BGD, scale_BGD):
+    """x * (1 + scale) + shift (DiT's adaLN), one (shift, scale) per group of L / G consecutive
+    tokens: G = F, one per latent frame (tokens are frame-major), or G = L, one per token."""
+    B, L, D = x_BLD.shape
+    G = shift_BGD.shape[1]
+    x_BGND = x_BLD.view(B, G, L // G, D)
+    return (x_BGND * (1 + scale_BGD[:, :, None]) + shift_BGD[:, :, None]).view(B, L, D)
+
+
+def gated(y_BLD, gate_BGD):
+    """The residual branch y times its gate, one gate per group of tokens as in modulate()."""
+    B, L, D = y_BLD.shape
+    G = gate_BGD.shape[1]
+    return (y_BLD.float().view(B, G, L // G, D) * gate_BGD[:, :, None]).view(B, L, D)
 
 
 class Block(nn.Module):
@@ -181,12 +201,13 @@ class Block(nn.Module):
         self.ffn = nn.Sequential(nn.Linear(d, cfg.ffn_dim), nn.GELU(approximate='tanh'), nn.Linear(cfg.ffn_dim, d))
         self.modulation = nn.Parameter(torch.randn(1, 6, d) / d ** 0.5)
 
-    def forward(self, x_BLD, e_BL6D, context_BSD, rope):
-        # 6-way modulation in fp32: this block's learned offset + the timestep (+ state) embedding
-        shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (self.modulation.float() + e_BL6D).unbind(2)
-        x_BLD = x_BLD + gate_sa * self.self_attn(self.norm1(x_BLD) * (1 + scale_sa) + shift_sa, rope=rope).float()
+    def forward(self, x_BLD, e_BG6D, context_BSD, rope):
+        # 6-way modulation in fp32: this block's learned offset + the timestep (+ state) embedding,
+        # one per group of tokens (a latent frame, or a token: see WanDiT.forward)
+        shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (self.modulation.float() + e_BG6D).unbind(2)
+        x_BLD = x_BLD + gated(self.self_attn(modulate(self.norm1(x_BLD), shift_sa, scale_sa), rope=rope), gate_sa)
         x_BLD = x_BLD + self.cross_attn(self.norm3(x_BLD), context_BSD).float()
-        x_BLD = x_BLD + gate_ff * self.ffn(self.norm2(x_BLD) * (1 + scale_ff) + shift_ff).float()
+        x_BLD = x_BLD + gated(self.ffn(modulate(self.norm2(x_BLD), shift_ff, scale_ff)), gate_ff)
         return x_BLD
 
 
@@ -199,9 +220,9 @@ class Head(nn.Module):
         self.head = nn.Linear(cfg.dim, cfg.out_dim * math.prod(cfg.patch_size))
         self.modulation = nn.Parameter(torch.randn(1, 2, cfg.dim) / cfg.dim ** 0.5)
 
-    def forward(self, x_BLD, e_BLD):
-        shift, scale = (self.modulation.float() + e_BLD[:, :, None]).unbind(2)
-        return self.head(self.norm(x_BLD) * (1 + scale) + shift)
+    def forward(self, x_BLD, e_BGD):
+        shift, scale = (self.modulation.float() + e_BGD[:, :, None]).unbind(2)
+        return self.head(modulate(self.norm(x_BLD), shift, scale))
 
 
 class StateEmbedder(nn.Module):
@@ -256,15 +277,22 @@ class StateEmbedder(nn.Module):
 # The model
 # ---------------------------------------------------------------------------------------------
 
-def per_token_timestep(mask_BF, t_B, tokens_per_frame):
-    """[B, F] frame mask (0 = context frame, 1 = generated) x [B] timesteps -> [B, L] per token.
+def frame_timesteps(mask_BF, t_B):
+    """[B, F] frame mask (0 = context frame, 1 = generated) x [B] timesteps -> [B, F] per frame.
 
-    This is how TI2V holds its first frame fixed (WAN22.md); the paper holds several frames.
-    tokens_per_frame = (H / 2) * (W / 2) for latents of height H and width W.
+    This is how TI2V holds its first frame fixed (WAN22.md: timestep 0 on its tokens); the paper
+    holds several frames. The DiT takes it as it is (one modulation per latent frame).
     """
     assert mask_BF.ndim == 2 and t_B.shape == mask_BF.shape[:1], (
         f"mask must be [B, F] and t [B], got {tuple(mask_BF.shape)} and {tuple(t_B.shape)}")
-    return (mask_BF.float() * t_B.float()[:, None]).repeat_interleave(tokens_per_frame, dim=1)
+    return mask_BF.float() * t_B.float()[:, None]
+
+
+def per_token_timestep(mask_BF, t_B, tokens_per_frame):
+    """The same timesteps one per token, [B, L], as the reference TI2V passes them (and diffusers'
+    WanTransformer3DModel takes them); tokens_per_frame = (H / 2) * (W / 2). The DiT gives the same
+    output for these as for frame_timesteps(), more slowly (bench.py measures by how much)."""
+    return frame_timesteps(mask_BF, t_B).repeat_interleave(tokens_per_frame, dim=1)
 
 
 class WanDiT(nn.Module):
@@ -310,11 +338,16 @@ class WanDiT(nn.Module):
         f, h, w = Fr // pt, H // ph, W // pw
         L = f * h * w
         t = torch.as_tensor(t, device=x_BCFHW.device)
-        assert t.shape in ((B,), (B, L)), f"t must be [B] or [B, L] = [{B}, {L}], got {tuple(t.shape)}"
-        t_BL = t[:, None] if t.ndim == 1 else t   # [B, 1] broadcasts over tokens
+        assert t.shape in ((B,), (B, f), (B, L)), (
+            f"t must be [B], [B, F] or [B, L] = [{B}], [{B}, {f}] or [{B}, {L}], got {tuple(t.shape)}")
+        # Modulation groups: G = f (one timestep per latent frame) or G = L (one per token, as the
+        # reference). Every token of a frame has the same timestep and the same states, so per
+        # frame is the same maths with h * w times less modulation work and memory (bench.py).
+        t_BG = t[:, None].expand(B, f) if t.ndim == 1 else t
+        G = t_BG.shape[1]
         assert context_BLD.ndim == 3 and context_BLD.shape[0] in (1, B) and context_BLD.shape[2] == cfg.text_dim \
             and context_BLD.shape[1] <= cfg.text_len, (
-                f"context must be [B, <= {cfg.text_len}, {cfg.text_dim}], got {tuple(context_BLD.shape)}")
+                f"context must be [B or 1, <= {cfg.text_len}, {cfg.text_dim}], got {tuple(context_BLD.shape)}")
         assert self.state_cond or (states_BTD is None and drop_states_B is None), \
             "this WanDiT was built with state_cond=False; it takes no states"
 
@@ -326,23 +359,23 @@ class WanDiT(nn.Module):
         with amp:
             x_BLD = rearrange(self.patch_embedding(x_BCFHW), 'b d f h w -> b (f h w) d').float()
             with fp32:   # timestep embedding and modulation in fp32
-                e_BLD = self.time_embedding(sinusoidal_embedding(t_BL, cfg.freq_dim))
-                e0_BL6D = rearrange(self.time_projection(e_BLD), 'b l (six d) -> b l six d', six=6)
+                e_BGD = self.time_embedding(sinusoidal_embedding(t_BG, cfg.freq_dim))
+                e0_BG6D = rearrange(self.time_projection(e_BGD), 'b g (six d) -> b g six d', six=6)
                 if self.state_cond:   # paper 2.1: state modulation added to the timestep modulation
                     s_BF6D = self.state_embedder(states_BTD, drop_states_B, B, f)
-                    e0_BL6D = e0_BL6D + s_BF6D.repeat_interleave(h * w, dim=1)
-            # the reference zero-pads the text context to text_len slots, then embeds all of them
-            context_BSD = F.pad(context_BLD, (0, 0, 0, cfg.text_len - context_BLD.shape[1]))
-            context_BSD = self.text_embedding(context_BSD.expand(B, -1, -1))
+                    e0_BG6D = e0_BG6D + s_BF6D.repeat_interleave(G // f, dim=1)
+            # the reference zero-pads the text context to text_len slots, then embeds all of them;
+            # a context shared by the batch (the empty prompt) is embedded once, not B times
+            context_BSD = self.text_embedding(F.pad(context_BLD, (0, 0, 0, cfg.text_len - context_BLD.shape[1])))
             rope = rope_cos_sin(f, h, w, cfg.head_dim, cfg.rope_theta, x_BCFHW.device)
             n_ckpt = self.checkpointed_blocks() if torch.is_grad_enabled() else 0
             for i, block in enumerate(self.blocks):
                 if i < n_ckpt:
-                    x_BLD = checkpoint(block, x_BLD, e0_BL6D, context_BSD, rope, use_reentrant=False)
+                    x_BLD = checkpoint(block, x_BLD, e0_BG6D, context_BSD, rope, use_reentrant=False)
                 else:
-                    x_BLD = block(x_BLD, e0_BL6D, context_BSD, rope)
+                    x_BLD = block(x_BLD, e0_BG6D, context_BSD, rope)
             with fp32:   # the head's modulation is the timestep's alone (no state term)
-                out_BLP = self.head(x_BLD, e_BLD)
+                out_BLP = self.head(x_BLD, e_BGD)
         return rearrange(out_BLP, 'b (f h w) (pt ph pw c) -> b c (f pt) (h ph) (w pw)',
                          f=f, h=h, w=w, pt=pt, ph=ph, pw=pw)
 
@@ -365,10 +398,12 @@ class WanDiT(nn.Module):
             block.compile(**compile_kwargs)
         return self
 
-    def flops_per_sample(self, num_frames, height, width, lora_step=False):
-        """Matmul FLOPs of one sample with latents [in_dim, num_frames, height, width] and a
-        per-token timestep (for MFU); elementwise work, norms, RoPE and the state embedder are left
-        out (small next to the matmuls at full size; test_all.py checks the count).
+    def flops_per_sample(self, num_frames, height, width, lora_step=False, batch=1):
+        """Matmul FLOPs per sample (for MFU) of a forward on a batch of `batch` latents [in_dim,
+        num_frames, height, width] with one timestep per latent frame and one text context shared
+        by the batch (its embedding and cross-attention keys / values are computed once a batch).
+        Elementwise work, norms, RoPE and the state embedder are left out (small next to the
+        matmuls at full size; test_all.py checks the count against torch's FLOP counter).
 
         lora_step=False: one forward. True: a LoRA fine-tuning step on the frozen base: forward,
         then the backward of the activations (1x the linears the gradient passes through, 2x the
@@ -378,13 +413,14 @@ class WanDiT(nn.Module):
         """
         cfg = self.cfg
         pt, ph, pw = cfg.patch_size
-        L, S, d = (num_frames // pt) * (height // ph) * (width // pw), cfg.text_len, cfg.dim
+        f, S, d = num_frames // pt, cfg.text_len, cfg.dim
+        L = f * (height // ph) * (width // pw)
         patch = math.prod(cfg.patch_size)
         # the gradient flows through these (per block: q, k, v, o; cross-attention q, o; the FFN; the head)
         on_path = 2 * L * (cfg.num_layers * (6 * d * d + 2 * d * cfg.ffn_dim) + d * cfg.out_dim * patch)
-        # ... and not through these: their inputs (latents, text, timesteps) need no gradient
-        off_path = (2 * L * d * cfg.in_dim * patch + 2 * S * (cfg.text_dim * d + d * d)
-                    + cfg.num_layers * 2 * S * 2 * d * d + 2 * L * (cfg.freq_dim * d + d * d + d * 6 * d))
+        # ... and not through these: their inputs (latents, timesteps, text) need no gradient
+        off_path = (2 * L * d * cfg.in_dim * patch + 2 * f * (cfg.freq_dim * d + d * d + d * 6 * d)
+                    + (2 * S * (cfg.text_dim * d + d * d) + cfg.num_layers * 2 * S * 2 * d * d) / batch)
         # attention: scores and weighted sums, self over L keys and cross over the S text slots
         attn = cfg.num_layers * (4 * L * L * d + 4 * L * S * d)
         if not lora_step:
@@ -393,7 +429,7 @@ class WanDiT(nn.Module):
         for name, m in self.named_modules():
             if isinstance(m, LoRALinear):
                 n_ab = m.rank * (m.in_features + m.out_features)
-                lora += 4 * S * n_ab if name.endswith(('cross_attn.k', 'cross_attn.v')) else 6 * L * n_ab
+                lora += 4 * S * n_ab / batch if name.endswith(('cross_attn.k', 'cross_attn.v')) else 6 * L * n_ab
         assert lora > 0, "lora_step=True needs a model with LoRA adapters (add_lora)"
         return 2 * on_path + off_path + 3 * attn + lora
 
