@@ -170,6 +170,8 @@ if __name__ == '__main__':
     blur_sigma = 1.0            # Gaussian sigma in pixels for the blur baseline
     png_members = 4             # members drawn in each PNG
     compile = False             # torch.compile the DiT blocks (GPU; the first clip is slower)
+    decode_batch = 4            # members the VAE decodes at once (more: faster on a large GPU, more memory)
+    vae_dtype = 'float32'       # the Wan VAE's precision: 'float32' (the reference's) or 'bfloat16' (faster)
     seed = 0
     device = 'cuda' if torch.cuda.is_available() else 'cpu'
     # used only with --init_from=random (otherwise read from the checkpoint)
@@ -179,6 +181,8 @@ if __name__ == '__main__':
     data_dir = 'data/1x'
     from configurator import configure
     configure(globals())
+    assert vae_dtype in ('float32', 'bfloat16'), f"--vae_dtype={vae_dtype!r}: use 'float32' or 'bfloat16'"
+    assert ensemble >= 1 and decode_batch >= 1, "--ensemble and --decode_batch must be at least 1"
     from train_sampling import build_model, text_context
 
     if init_from == 'checkpoint':
@@ -215,7 +219,7 @@ if __name__ == '__main__':
         codec = data.PixelCodec()
     else:
         from wan_state import WanVAE
-        codec = WanVAE.from_pretrained(run['vae_path'], device=device)
+        codec = WanVAE.from_pretrained(run['vae_path'], device=device, dtype=getattr(torch, vae_dtype))
 
     split = split or os.path.join(run['data_dir'], 'val_v2.0_raw')
     clips = data.RawClips(split, stride=clip_stride, max_clips=max_clips or None)
@@ -236,7 +240,8 @@ if __name__ == '__main__':
         noise = torch.randn((ensemble, *latent_shape), generator=g).to(device)
         z = sample_latents(net, z_ctx.expand(ensemble, -1, -1, -1, -1), states_TD[None].expand(ensemble, -1, -1).to(device),
                            context_1LD, noise, steps, cfg, shift, scheduler)
-        pred = torch.cat([codec.decode(z[i:i + 4])[:, :, -1] for i in range(0, ensemble, 4)])  # [N, 3, H, W], frame 77
+        pred = torch.cat([codec.decode(z[i:i + decode_batch])[:, :, -1]   # [N, 3, H, W]: frame 77
+                          for i in range(0, ensemble, decode_batch)])
         mean = data.video_to_frames(pred.float().mean(0)[None, :, None])[0, 0].cpu().numpy()
         if device_type == 'cuda':
             torch.cuda.synchronize()

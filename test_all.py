@@ -1087,6 +1087,19 @@ def test_checkpointing_the_first_n_blocks_gives_the_same_loss_and_gradients():
         assert loss == loss0 and torch.allclose(grad, grad0, atol=1e-6), f"{n} checkpointed blocks"
 
 
+def test_compiled_dit_blocks_give_the_eager_output():
+    # sample.py / bench.py --compile: torch.compile each block (inductor; needs a C compiler on the CPU)
+    model = randomize(WanDiT(WanConfig.tiny()), std=0.1).eval()
+    x, t_BL, context, states = wan_inputs(model.cfg)
+    t_BF = t_BL[:, ::16]   # one timestep per latent frame, as the scripts pass them
+    with torch.no_grad():
+        want = model(x, t_BF, context[:1], states)
+        model.compile_blocks()
+        got = model(x, t_BF, context[:1], states)
+    assert want.abs().max() > 0.1 and (got - want).abs().max() < 1e-5
+    assert all(block._compiled_call_impl is not None for block in model.blocks)
+
+
 def test_checkpointing_more_blocks_than_the_model_has_fails_clearly():
     model = WanDiT(WanConfig.tiny(num_layers=2))
     model.gradient_checkpointing = 3
