@@ -600,11 +600,22 @@ def encode_raw_split(split_dir, out_dir, codec, stride=RAW_CLIP_LEN, batch_size=
                      dtype=torch.float32):
     """Encode every clip of a raw split with `codec` (PixelCodec or wan_state.WanVAE) to
     out_dir/latents_{shard}.safetensors holding latents [N, 48, 6, h, w], states [N, 21, 25] and
-    starts [N] (the raw frame each window starts at). Store bf16 for the Wan VAE, float32 for the
-    lossless pixel codec. Returns the number of clips."""
-    os.makedirs(out_dir, exist_ok=True)
+    starts [N] (the raw frame each window starts at), and out_dir/encoding.json (codec, stride,
+    clips). Store bf16 for the Wan VAE, float32 for the lossless pixel codec. Returns the number
+    of clips. The shards are written to out_dir.partial, each file renamed into place whole, and
+    the folder renamed to out_dir at the end: an interrupted run leaves no out_dir that looks
+    finished, and running it again resumes at the first shard it had not written."""
+    out_dir = str(out_dir).rstrip('/')
+    assert not os.path.exists(out_dir), f"{out_dir} exists: delete it to encode again"
+    partial = out_dir + '.partial'
+    os.makedirs(partial, exist_ok=True)
     total = 0
     for shard_id in raw_shards(split_dir):
+        path = os.path.join(partial, f'latents_{shard_id}.safetensors')
+        if os.path.exists(path):   # written whole by an interrupted run
+            with safe_open(path, framework='pt') as f:
+                total += f.get_slice('starts').get_shape()[0]
+            continue
         shard = RawShard(split_dir, shard_id)
         starts = shard.clip_starts(stride)
         latents, states, batch = [], [], []
@@ -618,9 +629,12 @@ def encode_raw_split(split_dir, out_dir, codec, stride=RAW_CLIP_LEN, batch_size=
                 batch = []
         if starts:
             save_file({'latents': torch.cat(latents).contiguous(), 'states': torch.stack(states).contiguous(),
-                       'starts': torch.tensor(starts, dtype=torch.int64)},
-                      os.path.join(out_dir, f'latents_{shard_id}.safetensors'))
+                       'starts': torch.tensor(starts, dtype=torch.int64)}, path + '.tmp')
+            os.replace(path + '.tmp', path)
         total += len(starts)
+    with open(os.path.join(partial, 'encoding.json'), 'w') as f:
+        json.dump(dict(codec=type(codec).__name__, stride=stride, clips=total, split=str(split_dir)), f)
+    os.replace(partial, out_dir)
     return total
 
 

@@ -241,12 +241,12 @@ if __name__ == '__main__':
         z = sample_latents(net, z_ctx.expand(ensemble, -1, -1, -1, -1), states_TD[None].expand(ensemble, -1, -1).to(device),
                            context_1LD, noise, steps, cfg, shift, scheduler)
         pred = torch.cat([codec.decode(z[i:i + decode_batch])[:, :, -1]   # [N, 3, H, W]: frame 77
-                          for i in range(0, ensemble, decode_batch)])
-        mean = data.video_to_frames(pred.float().mean(0)[None, :, None])[0, 0].cpu().numpy()
+                          for i in range(0, ensemble, decode_batch)]).float().clamp(-1, 1)   # images, then the mean
+        mean = data.video_to_frames(pred.mean(0)[None, :, None])[0, 0].cpu().numpy()
         if device_type == 'cuda':
             torch.cuda.synchronize()
         seconds.append(time.time() - t0)
-        members = data.video_to_frames(pred.float()[:, :, None])[:, 0].cpu().numpy()
+        members = data.video_to_frames(pred[:, :, None])[:, 0].cpu().numpy()
         truth = frames_THWC[-1].numpy()
         last_ctx = frames_THWC[data.NUM_CONTEXT_FRAMES - 1].numpy()
         preds = {'copy_last': last_ctx, 'single': members[0], f'ensemble_{ensemble}': mean}

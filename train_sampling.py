@@ -1,8 +1,8 @@
 """Train the sampling-track world model: Wan 2.2 TI2V-5B + state conditioning (paper 2.1, 2.2).
 
-CPU demo (no flags): writes synthetic raw clips to data/sampling_synthetic/ (the 1X layout, 64x64
+CPU demo (no flags): writes synthetic raw clips to data/sampling_demo/ (the 1X layout, 32x32
 frames that follow the states), encodes them with the pixel codec, trains a tiny WanDiT from
-scratch for a few minutes and saves out_sampling/ckpt.pt. Then `python sample.py --ensemble 8`.
+scratch for a few minutes and saves out_sampling/ckpt.pt. Then `python sample.py --ensemble=16`.
 
 Full scale, the paper's recipe (README: data preparation first):
     torchrun --nnodes 4 --nproc_per_node 8 train_sampling.py --preset=paper --data_dir=data/1x
@@ -18,6 +18,7 @@ seeded by (seed, step, position in the global batch), and every micro-batch has 
 the run computes the same gradients whatever the number of GPUs, and a resumed run continues
 exactly as if it had never stopped (tests check both).
 """
+import json
 import os
 import sys
 import time
@@ -131,10 +132,12 @@ def text_context(cfg, text_encoder, device):
 if __name__ == '__main__':
     # settings: the CPU demo; --preset=paper switches to the paper's recipe (flags still override)
     preset = 'cpu'
-    data_dir = 'data/sampling_synthetic'  # holds train_v2.0_raw/ and val_v2.0_raw/ (1X layout)
+    data_dir = 'data/sampling_demo'  # holds train_v2.0_raw/ and val_v2.0_raw/ (1X layout)
     latent_dir = ''             # pre-encoded latents; '' = {data_dir}/latents_{vae}/train
     make_synthetic = True       # if data_dir has no raw data, write the synthetic set there
     synthetic_size = 32         # synthetic frame size (the real data is 512; 32 keeps the CPU demo minutes)
+    synthetic_shards = 16       # synthetic training shards of 1500 frames (16: ~2000 clips, enough textures
+                                # that the tiny model learns the world rather than memorising 2 shards)
     clip_stride = 8             # frames between training windows (77 = no overlap)
     vae = 'pixel'               # 'pixel': the CPU-demo codec (data.PixelCodec); 'wan': Wan 2.2 VAE
     vae_path = 'Wan-AI/Wan2.2-TI2V-5B-Diffusers'
@@ -151,11 +154,12 @@ if __name__ == '__main__':
     learning_rate = 1e-3        # constant; the paper's 4e-4 (--preset=paper) is for LoRA on a pretrained base
     weight_decay = 0.0          # not stated in the paper
     grad_clip = 1.0             # not stated in the paper; 0 disables
-    shift = 1.0                 # timestep shift (Wan: 5.0 at 704p; the demo's 8x8 latents train best unshifted)
+    shift = 12.0                # timestep shift (Wan: 5.0 at 704p). Shift > 1 trains more at high noise,
+                                # where sampling starts; the demo measured 1, 3, 6, 12, 24: 12 is best
     state_dropout = 0.1         # paper 2.4: trained with CFG; the learned no-state embedding
     batch_size = 8              # per GPU micro-batch
     global_batch_size = 8       # paper 2.2: 1024
-    max_iters = 400             # paper 2.2: 23k steps
+    max_iters = 800             # paper 2.2: 23k steps
     gradient_checkpointing = 0  # recompute the first n blocks in backward (0: none; the paper preset: all 30)
     base_dtype = 'float32'      # 'bfloat16' on GPUs: the frozen base
     compile = False
@@ -191,20 +195,38 @@ if __name__ == '__main__':
     if master:
         print(f"{world} process(es) x batch {batch_size} x {accum} accumulation = global batch {global_batch_size}")
 
-    # data: raw clips -> latents on disk (once)
+    # data: raw clips -> latents on disk (once). The synthetic set records its settings, and the
+    # latents their stride, so that a flag that no longer matches what is on disk is an error,
+    # not silently ignored
     train_raw = os.path.join(data_dir, 'train_v2.0_raw')
     latent_dir = latent_dir or os.path.join(data_dir, f'latents_{vae}', 'train')
+    synthetic_json = os.path.join(data_dir, 'synthetic.json')
+    wanted = dict(size=synthetic_size, shards=synthetic_shards, seed=seed)
     if master and not os.path.exists(os.path.join(train_raw, 'metadata.json')) and not os.path.isdir(latent_dir):
         assert make_synthetic, f"{train_raw} has no metadata.json: download the raw data (README) or --make_synthetic=True"
-        print(f"writing synthetic raw clips ({synthetic_size}x{synthetic_size}) to {data_dir}")
-        data.write_synthetic_raw(train_raw, num_shards=2, frames_per_shard=1500, size=synthetic_size, seed=seed)
+        print(f"writing synthetic raw clips ({synthetic_shards} shards, {synthetic_size}x{synthetic_size}) to {data_dir}")
+        data.write_synthetic_raw(train_raw, num_shards=synthetic_shards, frames_per_shard=1500, size=synthetic_size,
+                                 seed=seed)
         data.write_synthetic_raw(os.path.join(data_dir, 'val_v2.0_raw'), num_shards=1, frames_per_shard=1200,
                                  size=synthetic_size, seed=seed + 1, flat=True)
+        with open(synthetic_json, 'w') as f:
+            json.dump(wanted, f)
+    elif make_synthetic and os.path.exists(synthetic_json):
+        with open(synthetic_json) as f:
+            on_disk = json.load(f)
+        assert on_disk == wanted, (f"{data_dir} holds a synthetic set written with {on_disk}, not the {wanted} "
+                                   f"asked for: pass another --data_dir, or delete {data_dir}")
     if master and not os.path.isdir(latent_dir):
         assert vae == 'pixel', f"{latent_dir} missing: encode first with `python data.py encode_raw --vae={vae} ...` (README)"
         data.encode_raw_split(train_raw, latent_dir, data.PixelCodec(), stride=clip_stride)
     if ddp:
         dist.barrier()
+    encoding_json = os.path.join(latent_dir, 'encoding.json')
+    if os.path.exists(encoding_json):
+        with open(encoding_json) as f:
+            stride_on_disk = json.load(f)['stride']
+        assert stride_on_disk == clip_stride, (f"{latent_dir} was encoded with stride {stride_on_disk}: pass "
+                                               f"--clip_stride={stride_on_disk}, or delete it to encode again")
     dataset = data.LatentClips(latent_dir)
     z_example, _ = dataset[0]
     if master:
