@@ -9,7 +9,8 @@ decode; average the N predicted frames in pixel space (paper 2.3: the mean of an
 where the future is uncertain, which PSNR rewards). Prints and writes per clip PSNR and SSIM of:
 copy-last-context-frame, a single sample, the ensemble mean, and the earlier baseline (Gaussian
 blur + histogram matching to the last context frame, applied to the single sample).
-Outputs in {out_dir}/samples/: clip_{k}.png (context | members | mean | truth | error) and metrics.csv.
+Outputs in {out_dir}/samples/ (--results_dir to keep runs apart): clip_{k}.png (context | members |
+mean | truth | error) and metrics.csv.
 """
 import csv
 import os
@@ -156,7 +157,8 @@ def save_png(path, context_THWC, members_NHWC, mean_HWC, truth_HWC):
 # ---------------------------------------------------------------------------------------------
 
 if __name__ == '__main__':
-    out_dir = 'out_sampling'    # where train_sampling.py saved ckpt.pt; results go to {out_dir}/samples
+    out_dir = 'out_sampling'    # where train_sampling.py saved ckpt.pt
+    results_dir = ''            # where the PNGs and metrics.csv go; '' = {out_dir}/samples
     init_from = 'checkpoint'    # 'checkpoint' or 'random' (random weights from the train flags: timing only)
     split = ''                  # a raw split folder; '' = {data_dir of the run}/val_v2.0_raw
     max_clips = 0               # 0 = every clip of the split
@@ -223,7 +225,7 @@ if __name__ == '__main__':
 
     split = split or os.path.join(run['data_dir'], 'val_v2.0_raw')
     clips = data.RawClips(split, stride=clip_stride, max_clips=max_clips or None)
-    results_dir = os.path.join(out_dir, 'samples')
+    results_dir = results_dir or os.path.join(out_dir, 'samples')
     os.makedirs(results_dir, exist_ok=True)
     print(f"{len(clips)} clips of {split}; ensemble {ensemble}, {steps} {scheduler} steps, shift {shift}, cfg {cfg}")
     rows, seconds = [], []
