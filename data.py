@@ -47,18 +47,28 @@ def grid_frames(g):
     return FRAMES_PER_BLOCK * (g // GRIDS_PER_BLOCK) + first, FRAMES_PER_BLOCK * (g // GRIDS_PER_BLOCK) + end
 
 
+def shard_files(i, video_ext='bin'):
+    """(subfolder, file name) of each of the four files of shard i, in both 1X datasets (video_ext
+    'bin' for the tokenized data, 'mp4' for the raw videos). Train splits keep each file in its
+    subfolder, val splits keep them all flat in the split folder."""
+    return dict(video=('videos', f'video_{i}.{video_ext}'), states=('robot_states', f'states_{i}.bin'),
+                segment_idx=('segment_indices', f'segment_idx_{i}.bin'), metadata=('metadata', f'metadata_{i}.json'))
+
+
+def layout_path(split_dir, folder, name, nested):
+    return os.path.join(split_dir, folder, name) if nested else os.path.join(split_dir, name)
+
+
 def shard_paths(split_dir, i):
-    """The four files of shard i: train_v2.0 keeps them in subfolders, val_v2.0 flat. Try both."""
-    nested = dict(video=f'videos/video_{i}.bin', states=f'robot_states/states_{i}.bin',
-                  segment_idx=f'segment_indices/segment_idx_{i}.bin', metadata=f'metadata/metadata_{i}.json')
-    flat = dict(video=f'video_{i}.bin', states=f'states_{i}.bin',
-                segment_idx=f'segment_idx_{i}.bin', metadata=f'metadata_{i}.json')
-    layout = nested if os.path.exists(os.path.join(split_dir, nested['video'])) else flat
-    paths = {k: os.path.join(split_dir, v) for k, v in layout.items()}
+    """The four files of tokenized shard i, nested (train_v2.0) or flat (val_v2.0): try both."""
+    files = shard_files(i)
+    nested = os.path.exists(layout_path(split_dir, *files['video'], nested=True))
+    paths = {kind: layout_path(split_dir, folder, name, nested) for kind, (folder, name) in files.items()}
     for kind, path in paths.items():
         if not os.path.exists(path):
-            raise FileNotFoundError(f"missing shard file {path} (shard {i}, {kind}). Tried {split_dir}/{nested[kind]} "
-                                    f"and {split_dir}/{flat[kind]}. Download it with `python data.py download` "
+            folder, name = files[kind]
+            raise FileNotFoundError(f"missing shard file {path} (shard {i}, {kind}). Tried {split_dir}/{folder}/{name} "
+                                    f"and {split_dir}/{name}. Download it with `python data.py download` "
                                     f"or pass shards= to read only the shards you have.")
     return paths
 
@@ -169,9 +179,7 @@ LAG_DIM, PLACE_DIM = 20, 21
 
 def write_shard(out_dir, i, tokens_BGHW, states_FD, segment_F, nested):
     """Write one shard in the 1X layout: nested (train) or flat (val)."""
-    sub = (lambda d, f: os.path.join(out_dir, d, f)) if nested else (lambda d, f: os.path.join(out_dir, f))
-    paths = dict(video=sub('videos', f'video_{i}.bin'), states=sub('robot_states', f'states_{i}.bin'),
-                 segment_idx=sub('segment_indices', f'segment_idx_{i}.bin'), metadata=sub('metadata', f'metadata_{i}.json'))
+    paths = {kind: layout_path(out_dir, folder, name, nested) for kind, (folder, name) in shard_files(i).items()}
     for p in paths.values():
         os.makedirs(os.path.dirname(p), exist_ok=True)
     np.ascontiguousarray(tokens_BGHW, dtype=np.int32).tofile(paths['video'])
@@ -302,9 +310,8 @@ def download_tokenized(out, split='val_v2.0', shards=None):
     if shards is None:
         patterns = [f'{split}/*', f'{split}/**']
     else:
-        patterns = [f'{split}/metadata.json'] + [f'{split}/{p}' for i in shards for p in (
-            f'videos/video_{i}.bin', f'robot_states/states_{i}.bin', f'segment_indices/segment_idx_{i}.bin',
-            f'metadata/metadata_{i}.json', f'video_{i}.bin', f'states_{i}.bin', f'segment_idx_{i}.bin', f'metadata_{i}.json')]
+        patterns = [f'{split}/metadata.json'] + [f'{split}/{p}' for i in shards for folder, name in shard_files(i).values()
+                                                 for p in (f'{folder}/{name}', name)]   # nested or flat
     snapshot_download(HF_REPO_TOKENIZED, repo_type='dataset', local_dir=out, allow_patterns=patterns)
     return os.path.join(out, split)
 
@@ -352,7 +359,7 @@ def clip_frame_indices():
 
 def _split_file(split_dir, folder, name):
     """train_v2.0_raw keeps files in subfolders, val_v2.0_raw keeps them flat: try both."""
-    for path in (os.path.join(split_dir, folder, name), os.path.join(split_dir, name)):
+    for path in (layout_path(split_dir, folder, name, True), layout_path(split_dir, folder, name, False)):
         if os.path.exists(path):
             return path
     raise FileNotFoundError(f"{split_dir}: neither {folder}/{name} nor {name} exists; is this a "
@@ -364,11 +371,10 @@ class RawShard:
     """One shard of the raw data: one long 30 Hz mp4 with a state row and a segment id per frame."""
 
     def __init__(self, split_dir, shard):
-        self.video_path = _split_file(split_dir, 'videos', f'video_{shard}.mp4')
-        with open(_split_file(split_dir, 'metadata', f'metadata_{shard}.json')) as f:
+        paths = {kind: _split_file(split_dir, *file) for kind, file in shard_files(shard, 'mp4').items()}
+        self.video_path, states_path, segment_path = paths['video'], paths['states'], paths['segment_idx']
+        with open(paths['metadata']) as f:
             self.num_frames = json.load(f)['shard_num_frames']
-        states_path = _split_file(split_dir, 'robot_states', f'states_{shard}.bin')
-        segment_path = _split_file(split_dir, 'segment_indices', f'segment_idx_{shard}.bin')
         for path, nbytes in ((states_path, self.num_frames * STATE_DIM * 4), (segment_path, self.num_frames * 4)):
             if os.path.getsize(path) != nbytes:
                 raise ValueError(f"{path} has {os.path.getsize(path)} bytes, expected {nbytes} for "
@@ -387,9 +393,9 @@ class RawShard:
                 starts.append(s)
         return starts
 
-    def read_frames(self, start, count):
-        """Frames start .. start+count-1 as uint8 [count, H, W, 3]: seek to the keyframe before, decode forward."""
-        frames = []
+    def _decode_from(self, start):
+        """(frame index, uint8 [H, W, 3]) for every frame from `start` to the end of the video:
+        seek to the keyframe before `start`, decode forward."""
         with av.open(self.video_path) as container:
             stream = container.streams.video[0]
             stream.thread_type = 'AUTO'
@@ -398,10 +404,16 @@ class RawShard:
             container.seek(t0 + int(start / fps / tb), stream=stream, backward=True)
             for frame in container.decode(stream):
                 idx = round((frame.pts - t0) * tb * fps)
-                if idx >= start + count:
-                    break
                 if idx >= start:
-                    frames.append(frame.to_ndarray(format='rgb24'))
+                    yield idx, frame.to_ndarray(format='rgb24')
+
+    def read_frames(self, start, count):
+        """Frames start .. start+count-1 as uint8 [count, H, W, 3]."""
+        frames = []
+        for idx, frame in self._decode_from(start):
+            if idx >= start + count:
+                break
+            frames.append(frame)
         if len(frames) != count:
             raise ValueError(f"{self.video_path}: got {len(frames)} frames from frame {start}, expected {count}; "
                              f"the video is shorter than its metadata says (truncated download?)")
@@ -421,23 +433,16 @@ class RawShard:
         pending, buf = list(starts), {}
         if not pending:
             return
-        with av.open(self.video_path) as container:
-            stream = container.streams.video[0]
-            stream.thread_type = 'AUTO'
-            fps, tb = stream.average_rate, stream.time_base
-            t0 = stream.start_time or 0
-            container.seek(t0 + int(pending[0] / fps / tb), stream=stream, backward=True)
-            for frame in container.decode(stream):
-                n = round((frame.pts - t0) * tb * fps)
-                if n < pending[0]:
-                    continue
-                buf[n] = frame.to_ndarray(format='rgb24')
-                while pending and n == pending[0] + TARGET_FRAME:
-                    s = pending.pop(0)
-                    yield s, np.stack([buf[s + i] for i in idx]), np.array(self.states_ND[s + idx])
-                if not pending:
-                    return
-                buf = {k: v for k, v in buf.items() if k >= pending[0]}
+        for n, frame in self._decode_from(pending[0]):
+            if n < pending[0]:   # between two windows
+                continue
+            buf[n] = frame
+            while pending and n == pending[0] + TARGET_FRAME:
+                s = pending.pop(0)
+                yield s, np.stack([buf[s + i] for i in idx]), np.array(self.states_ND[s + idx])
+            if not pending:
+                return
+            buf = {k: v for k, v in buf.items() if k >= pending[0]}
         raise ValueError(f"{self.video_path}: the video ends before frame {pending[0] + TARGET_FRAME}; it is "
                          f"shorter than its metadata says (truncated download?)")
 
@@ -562,11 +567,12 @@ def write_synthetic_raw(split_dir, num_shards=1, frames_per_shard=1200, size=64,
     """
     assert size % 16 == 0, f"size={size}: use a multiple of 16 (VAE and patch strides)"
     rng = np.random.default_rng(seed)
-    sub = (lambda folder: split_dir) if flat else (lambda folder: os.path.join(split_dir, folder))
-    for folder in ('videos', 'robot_states', 'segment_indices', 'metadata'):
-        os.makedirs(sub(folder), exist_ok=True)
     segment_id = 0
     for shard in range(num_shards):
+        paths = {kind: layout_path(split_dir, folder, name, not flat)
+                 for kind, (folder, name) in shard_files(shard, 'mp4').items()}
+        for path in paths.values():
+            os.makedirs(os.path.dirname(path), exist_ok=True)
         lengths = []
         while sum(lengths) < frames_per_shard:
             lengths.append(int(rng.integers(100, 400)))
@@ -575,7 +581,7 @@ def write_synthetic_raw(split_dir, num_shards=1, frames_per_shard=1200, size=64,
         segment_id += len(lengths)
         states_ND = np.concatenate([_smooth_states(rng, n) for n in lengths])
         textures = [_texture(rng, size * 3 // 2) for _ in lengths]
-        with av.open(os.path.join(sub('videos'), f'video_{shard}.mp4'), 'w') as container:
+        with av.open(paths['video'], 'w') as container:
             stream = container.add_stream('libx264', rate=RAW_HZ)
             stream.width = stream.height = size
             stream.pix_fmt = 'yuv444p'
@@ -585,9 +591,9 @@ def write_synthetic_raw(split_dir, num_shards=1, frames_per_shard=1200, size=64,
                 frame = av.VideoFrame.from_ndarray(render_synthetic_frame(tex, states_ND[n], size), format='rgb24')
                 container.mux(stream.encode(frame))
             container.mux(stream.encode())
-        states_ND.tofile(os.path.join(sub('robot_states'), f'states_{shard}.bin'))
-        segment_N.tofile(os.path.join(sub('segment_indices'), f'segment_idx_{shard}.bin'))
-        with open(os.path.join(sub('metadata'), f'metadata_{shard}.json'), 'w') as f:
+        states_ND.tofile(paths['states'])
+        segment_N.tofile(paths['segment_idx'])
+        with open(paths['metadata'], 'w') as f:
             json.dump({'shard_num_frames': frames_per_shard, 'shard_ind': shard}, f)
     with open(os.path.join(split_dir, 'metadata.json'), 'w') as f:
         json.dump({'num_shards': num_shards, 'query': None, 'hz': RAW_HZ,

@@ -263,12 +263,12 @@ class STTransformer(nn.Module):
         return 3 * (2 * n_block * T * S + attn * T * S + 2 * C * cfg.vocab_size * predict_grids * S)
 
 
-
 def get_lr(it, peak_lr, warmup_iters, max_iters):
     """Paper 3.2: linear warmup to peak_lr over warmup_iters steps, then linear decay to 0 at max_iters."""
     if it < warmup_iters:
         return peak_lr * (it + 1) / warmup_iters
     return peak_lr * max(0.0, (max_iters - it) / max(1, max_iters - warmup_iters))
+
 
 def cross_entropy_topk(logits_NV, target_N, k=TOP_K, p_floor=P_FLOOR):
     """Top-k cross-entropy per token (nanoWM's reading of the 1X challenge metric, 1X-DATA.md):

@@ -63,14 +63,17 @@ def tiny_st_model(**kw):
     return STTransformer(STConfig(**{**ST_TINY, **kw}))
 
 
-def run_script(script, *args, cwd=REPO, nproc=0):
-    """Run a repo script the way a user does (under torchrun with nproc processes, one thread each);
-    return its stdout, or fail with its output."""
+def run_script(script, *args, cwd=REPO, nproc=0, fails=False):
+    """Run a repo script the way a user does (under torchrun with nproc processes, one thread each).
+    Return its stdout, or fail with its output; fails=True: it must fail, return its stderr."""
     launcher = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}'] \
         if nproc else [sys.executable]
     env = dict(os.environ, OMP_NUM_THREADS='1') if nproc else dict(os.environ)
     cmd = [*launcher, os.path.join(REPO, script), *args]
     res = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=env, timeout=600)
+    if fails:
+        assert res.returncode != 0, f"{' '.join(cmd)} should have failed:\n{res.stdout[-3000:]}"
+        return res.stderr
     assert res.returncode == 0, f"{' '.join(cmd)} failed:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
     return res.stdout
 
@@ -777,10 +780,7 @@ def test_encoding_is_atomic_resumes_an_interrupted_run_and_refuses_to_overwrite(
 
 def test_train_sampling_refuses_data_on_disk_that_its_flags_do_not_describe(synthetic, tmp_path):
     def fails(*args):
-        res = subprocess.run([sys.executable, os.path.join(REPO, 'train_sampling.py'), *args, f'--out_dir={tmp_path}'],
-                             cwd=tmp_path, capture_output=True, text=True, timeout=120)
-        assert res.returncode != 0
-        return res.stderr
+        return run_script('train_sampling.py', *args, f'--out_dir={tmp_path}', cwd=tmp_path, fails=True)
     # latents encoded with stride 8 (the fixture) asked for with stride 77
     assert 'encoded with stride 8: pass --clip_stride=8' in fails(f'--data_dir={synthetic}', '--make_synthetic=False',
                                                                   '--clip_stride=77')
@@ -851,6 +851,19 @@ def test_reader_rejects_truncated_and_missing_files(tmp_path):
         data.RawShard(tmp_path / 'raw', 0)
     with pytest.raises(FileNotFoundError, match='metadata.json'):
         data.RawClips(tmp_path / 'nothing')
+
+
+def test_a_video_shorter_than_its_metadata_fails_clearly(tmp_path):
+    data.write_synthetic_raw(tmp_path / 'raw', num_shards=1, frames_per_shard=200, size=SIZE, seed=0, flat=True)
+    data.write_synthetic_raw(tmp_path / 'short', num_shards=1, frames_per_shard=120, size=SIZE, seed=0, flat=True)
+    os.replace(tmp_path / 'short' / 'video_0.mp4', tmp_path / 'raw' / 'video_0.mp4')   # 120 of the 200 frames
+    shard = data.RawShard(tmp_path / 'raw', 0)
+    late = [s for s in shard.clip_starts(1) if s + data.RAW_CLIP_LEN > 120]
+    assert late
+    with pytest.raises(ValueError, match=r'video_0\.mp4: got \d+ frames .*shorter than its metadata'):
+        shard.read_clip(late[0])
+    with pytest.raises(ValueError, match=r'video_0\.mp4: the video ends before frame .*shorter than its metadata'):
+        list(shard.iter_clips(late))
 
 
 def test_encoded_latents_match_the_codec_on_raw_clips(synthetic):
@@ -1017,20 +1030,18 @@ def test_ensemble_mean_beats_a_single_sample(demo_metrics):
 
 
 def test_bench_cpu_smoke_prints_finite_positive_figures_for_every_benchmark():
-    out = subprocess.run([sys.executable, 'bench.py', '--device=cpu', '--preset=cpu'], cwd=REPO,
-                         capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
+    out = run_script('bench.py', '--device=cpu', '--preset=cpu')
     rows = {}
-    for line in out.stdout.splitlines():
+    for line in out.splitlines():
         m = re.match(r'(\w+)\s+.*?\s+([\d.]+)\s+([\d.]+)\s+(\d+)\s+(n/a|[\d.]+%)\s+(nan|[\d.]+)$', line)
         if m:
             rows[m[1]] = [float(m[i]) for i in (2, 3, 4)] + [m[5]]
     assert set(rows) == {'st_train', 'st_forward_fp32', 'st_decode_cache', 'st_decode_nocache', 'wan_fwd',
-                         'wan_fwd_per_token', 'ensemble_batched', 'ensemble_looped', 'wan_lora', 'vae_clip'}, out.stdout
+                         'wan_fwd_per_token', 'ensemble_batched', 'ensemble_looped', 'wan_lora', 'vae_clip'}, out
     for name, (ms, samples_per_s, tokens_per_s, mfu) in rows.items():
         assert all(math.isfinite(v) and v > 0 for v in (ms, samples_per_s, tokens_per_s)), (name, rows[name])
         assert mfu == 'n/a'   # no peak FLOP/s for a CPU
-    ratios = dict(re.findall(r'^(.+): ([-\d.e+]+)$', out.stdout, re.M))
+    ratios = dict(re.findall(r'^(.+): ([-\d.e+]+)$', out, re.M))
     assert float(ratios['decode greedy tokens that differ with / without cache']) == 0
     assert float(ratios['ensemble max |batched - looped| latent (same maths)']) < 1e-4
     assert float(ratios['decode with cache / teacher-forced forward']) > 0

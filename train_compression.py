@@ -201,10 +201,10 @@ if dry_run:
           f"training FLOPs per sample: {meta_model.flops_per_sample():.3e}")
     raise SystemExit(0)
 
+train_shards = [int(s) for s in shards.split(',')] if shards else None
 if download:
     assert data_dir, "--download needs --data_dir=<folder to download into>"
     if master:
-        train_shards = [int(s) for s in shards.split(',')] if shards else None
         data.download_tokenized(data_dir, 'train_v2.0', train_shards)
         data.download_tokenized(data_dir, 'val_v2.0')
     if ddp:
@@ -216,7 +216,6 @@ if not data_dir:
         dist.barrier()
     data_dir = data.default_synthetic_dir()
 split_dir = lambda name: os.path.join(data_dir, name)
-train_shards = [int(s) for s in shards.split(',')] if shards else None
 
 if eval_only:
     assert ckpt, "--eval_only needs --ckpt=<path to ckpt.pt>"
@@ -242,6 +241,7 @@ optimizer = torch.optim.AdamW(model.param_groups(weight_decay), lr=learning_rate
 step = 0
 ckpt_path = os.path.join(out_dir, 'ckpt.pt')
 if resume:
+    assert os.path.exists(ckpt_path), f"--resume but {ckpt_path} does not exist (train first, or pass --out_dir)"
     state = torch.load(ckpt_path, map_location='cpu', weights_only=False)
     model.load_state_dict(state['model'])
     optimizer.load_state_dict(state['optimizer'])
