@@ -1,44 +1,192 @@
-"""Command-line overrides for the flat training scripts, as nanoGPT does it.
+"""Command-line overrides for the flat scripts, as nanoGPT does it.
 
-A script keeps its settings as plain module globals and calls, right after defining them,
+A script keeps its settings as plain module globals, each with a one-line comment, and calls,
+right after defining them,
 
     from configurator import configure
-    configure(globals())
+    configure(globals(), presets=PRESETS, choices=..., positive=..., fractions=...)
 
-Then `python train_compression.py --batch_size=8 --preset=paper` overrides those globals.
-A bare argument (`python train_compression.py config/my_run.py`) is a Python file of
-assignments that runs first. `--key=value` is parsed with ast.literal_eval (strings may be
-given bare); an unknown key or a value of the wrong type is an error that says what to do.
+Then `python train_compression.py --batch_size=8` (or `--batch_size 8`) overrides those globals:
+  - the values are parsed with ast.literal_eval; a setting whose default is a string takes the
+    text as it is (`--shards=0,1`, `--data_dir=/data/1x`); a boolean flag alone means True;
+  - an unknown key, a value of the wrong type, a value outside a setting's `choices`, a count
+    that must be positive, or a probability outside [0, 1] stops the script with a message that
+    names the flag and says what is allowed;
+  - a bare argument (`python train_compression.py my_run.py`) is a Python file of assignments;
+  - `--help` / `-h` prints every setting with its default and its comment, then exits.
+
+Presets. A preset is a dict of overrides applied before the flags, so any flag wins over it. The
+script's own `preset` default names the one used by a plain `python script.py`; a script launched
+by torchrun on CUDA GPUs uses `gpu_preset` instead (the paper's recipe: nobody launches 32 GPUs
+to run a CPU demo); an explicit `--preset` always wins. The first line printed says which preset
+was chosen and why.
 """
 import ast
+import os
+import re
 import sys
 
+SETTING_TYPES = (int, float, bool, str, type(None), tuple, list)
 
-def configure(config, argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    known = {k for k, v in config.items()
-             if not k.startswith('_') and isinstance(v, (int, float, bool, str, type(None), tuple, list))}
-    for arg in argv:
+
+def launched_by_torchrun():
+    """torchrun (torch.distributed.run) sets these for every process it starts."""
+    return 'LOCAL_RANK' in os.environ and 'WORLD_SIZE' in os.environ
+
+
+def _comments(path):
+    """setting name -> its comment in the script's source (`name = value  # comment`, with the
+    comment lines right below it that continue it)."""
+    notes, last = {}, None
+    try:
+        lines = open(path).read().splitlines()
+    except OSError:
+        return notes
+    for line in lines:
+        m = re.match(r'^\s*([A-Za-z_]\w*)\s*=[^=].*?#\s?(.*)$', line)
+        if m:
+            last = m.group(1)
+            notes[last] = m.group(2).strip()
+        elif last and re.match(r'^\s+#', line) and not line.strip().startswith('# ---'):
+            notes[last] += ' ' + line.strip()[1:].strip()
+        else:
+            last = None
+    return notes
+
+
+def _print_help(config, known, presets, gpu_preset):
+    script = os.path.basename(config.get('__file__', sys.argv[0]))
+    notes = _comments(config.get('__file__', ''))
+    doc = (config.get('__doc__') or '').strip().splitlines()
+    print(f"usage: python {script} [config.py] [--key=value | --key value ...]\n")
+    if doc:
+        print(doc[0] + '\n')
+    if presets:
+        default = config.get('preset')
+        rule = f"; torchrun on CUDA GPUs: {gpu_preset}" if gpu_preset else ''
+        print(f"presets (--preset=NAME; default: {default}{rule}; later flags override them):")
+        for name, overrides in presets.items():
+            print(f"  {name}: " + (' '.join(f"{k}={v!r}" for k, v in overrides.items()) or '(the defaults below)'))
+        print()
+    print("settings (default, then what it is):")
+    width = max(len(k) for k in known)
+    for key in known:
+        default = repr(config[key])
+        print(f"  --{key:<{width}}  {default:<{max(12, len(default))}}" + (f"  {notes[key]}" if key in notes else ''))
+
+
+def _parse_args(argv, known, config):
+    """[(key, text)] from --key=value, --key value and a bare --flag; a config file is (None, path)."""
+    pairs, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        i += 1
         if not arg.startswith('--'):
-            with open(arg) as f:  # a config file: plain Python assignments
-                code = f.read()
-            print(f"config file {arg}:\n{code}")
-            exec(code, config)
+            if not os.path.isfile(arg):
+                raise SystemExit(f"{arg}: no such config file (settings are given as --key=value)")
+            pairs.append((None, arg))
             continue
         key, sep, value = arg[2:].partition('=')
         if key not in known:
-            raise SystemExit(f"unknown config key --{key}; known keys: {', '.join(sorted(known))}")
-        if not sep:  # `--flag` alone sets a boolean to True
-            if not isinstance(config[key], bool):
-                raise SystemExit(f"--{key} needs a value, e.g. --{key}={config[key]!r}")
-            value = 'True'
-        try:
-            value = ast.literal_eval(value)
-        except (SyntaxError, ValueError):
-            pass  # a bare string, e.g. --data_dir=/data/1x
-        old = config[key]
-        if old is not None and not isinstance(value, type(old)) and not (isinstance(old, float) and isinstance(value, int)):
-            raise SystemExit(f"--{key}={value!r} has type {type(value).__name__}, expected {type(old).__name__} "
-                             f"(default {old!r})")
-        config[key] = float(value) if isinstance(old, float) else value
+            raise SystemExit(f"unknown setting --{key}; known settings: {', '.join(sorted(known))} "
+                             f"(--help describes them)")
+        if not sep:
+            nxt = argv[i] if i < len(argv) else None
+            if isinstance(config[key], bool):   # `--flag` alone is True; `--flag False` also works
+                if nxt in ('True', 'False'):
+                    value, i = nxt, i + 1
+                else:
+                    value = 'True'
+            elif nxt is None or (nxt.startswith('--') and not re.match(r'^--?\d', nxt)):
+                raise SystemExit(f"--{key} needs a value, e.g. --{key}={config[key]!r} or --{key} {config[key]!r}")
+            else:
+                value, i = nxt, i + 1
+        pairs.append((key, value))
+    return pairs
+
+
+def _convert(key, text, old):
+    if isinstance(old, str):
+        return text   # strings are taken as typed: --shards=0,1 stays '0,1'
+    try:
+        value = ast.literal_eval(text)
+    except (SyntaxError, ValueError):
+        value = text
+    if isinstance(old, (list, tuple)) and not isinstance(value, (list, tuple)):
+        value = [value]   # --shards=0 for a list setting
+    if isinstance(old, (list, tuple)):
+        return type(old)(value)
+    ok = old is None or isinstance(value, type(old)) or (isinstance(old, float) and isinstance(value, int)
+                                                        and not isinstance(value, bool))
+    if isinstance(old, int) and not isinstance(old, bool) and isinstance(value, bool):
+        ok = False
+    if not ok:
+        raise SystemExit(f"--{key}={text} has type {type(value).__name__}, expected {type(old).__name__} "
+                         f"(default {old!r})")
+    return float(value) if isinstance(old, float) else value
+
+
+def check(config, choices=None, positive=(), nonnegative=(), fractions=()):
+    """Stop with a message naming the flag if a setting is outside what it allows."""
+    for key, allowed in (choices or {}).items():
+        if config[key] not in allowed:
+            raise SystemExit(f"--{key}={config[key]!r} is not one of {', '.join(map(repr, allowed))}")
+    for key in positive:
+        if not config[key] > 0:
+            raise SystemExit(f"--{key}={config[key]!r} must be positive")
+    for key in nonnegative:
+        if not config[key] >= 0:
+            raise SystemExit(f"--{key}={config[key]!r} must be >= 0")
+    for key in fractions:
+        if not 0 <= config[key] <= 1:
+            raise SystemExit(f"--{key}={config[key]!r} must lie in [0, 1]")
+
+
+def configure(config, argv=None, presets=None, gpu_preset=None, choices=None, positive=(), nonnegative=(),
+              fractions=()):
+    """Apply a preset, then config files and flags, to the globals dict `config`; then check them.
+
+    presets: name -> dict of overrides (the script's `preset` global names the default one).
+    gpu_preset: the preset used when torchrun launches the script on CUDA GPUs and no --preset is
+    given. choices: setting -> allowed values. positive / nonnegative / fractions: settings that
+    must be > 0 / >= 0 / in [0, 1]."""
+    argv = sys.argv[1:] if argv is None else argv
+    known = [k for k, v in config.items() if not k.startswith('_') and not k.isupper()
+             and isinstance(v, SETTING_TYPES)]
+    if presets:   # listed first in --help
+        known.insert(0, known.pop(known.index('preset')))
+    if '--help' in argv or '-h' in argv:
+        _print_help(config, known, presets, gpu_preset)
+        raise SystemExit(0)
+    pairs = _parse_args(argv, known, config)
+    if presets:
+        given = [v for k, v in pairs if k == 'preset']
+        if given:
+            name, why = given[-1], 'given by --preset'
+        elif gpu_preset and launched_by_torchrun() and _cuda_available():
+            name, why = gpu_preset, 'launched by torchrun on CUDA GPUs (--preset=cpu for the demo)'
+        else:
+            name, why = config['preset'], f"the default of a plain `python` run (--preset={gpu_preset} for the paper's)" \
+                if gpu_preset else 'the default'
+        if name not in presets:
+            raise SystemExit(f"--preset={name!r} is not one of {', '.join(map(repr, presets))}")
+        config['preset'] = name
+        config.update(presets[name])
+        print(f"preset {name}: {why}")
+    for key, text in pairs:
+        if key is None:   # a config file: plain Python assignments, in order with the flags
+            with open(text) as f:
+                code = f.read()
+            print(f"config file {text}:\n{code}")
+            exec(code, config)
+            continue
+        if key == 'preset':
+            continue
+        config[key] = _convert(key, text, config[key])
         print(f"override: {key} = {config[key]!r}")
+    check(config, choices, positive, nonnegative, fractions)
+
+
+def _cuda_available():
+    import torch
+    return torch.cuda.is_available()

@@ -41,6 +41,16 @@ GRID_FRAMES = ((0, 1), (1, 9), (9, 17))
 HF_REPO_TOKENIZED = '1x-technologies/worldmodel'
 
 
+def read_json(path):
+    """A metadata file, or an error that names it (a truncated download is the usual cause)."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}): the file is truncated or "
+                         f"damaged; download or write it again") from None
+
+
 def grid_frames(g):
     """Frames [first, end) of the sample that grid g (0..5) of a sample encodes."""
     first, end = GRID_FRAMES[g % GRIDS_PER_BLOCK]

@@ -13,6 +13,7 @@ import subprocess
 import sys
 
 import numpy as np
+from PIL import Image
 import pytest
 import torch
 import torch.nn.functional as F
@@ -68,7 +69,8 @@ def run_script(script, *args, cwd=REPO, nproc=0, fails=False):
     Return its stdout, or fail with its output; fails=True: it must fail, return its stderr."""
     launcher = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}'] \
         if nproc else [sys.executable]
-    env = dict(os.environ, OMP_NUM_THREADS='1') if nproc else dict(os.environ)
+    # torchrun runs use gloo on the CPU even on a GPU machine: two processes on one GPU would ask for cuda:1
+    env = dict(os.environ, OMP_NUM_THREADS='1', CUDA_VISIBLE_DEVICES='') if nproc else dict(os.environ)
     cmd = [*launcher, os.path.join(REPO, script), *args]
     res = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=env, timeout=600)
     if fails:
@@ -1196,3 +1198,171 @@ def test_st_transformer_training_flops_match_torch_flop_counter():
         logits = model(z[:, :5], states, predict_from=2)
         F.cross_entropy(logits.flatten(0, -2), z[:, 3:].reshape(-1)).backward()
     assert abs(model.flops_per_sample() / counted_flops(train_step) - 1) < 0.02
+
+
+# =============================================================================================
+# The command line (configurator.py) and the run folder (run_dir.py)
+# =============================================================================================
+
+import configurator  # noqa: E402
+import run_dir  # noqa: E402
+
+
+def settings(**extra):
+    """A script's globals as configure() sees them."""
+    return dict(__file__=os.path.join(REPO, 'train_compression.py'), preset='cpu', batch_size=4, shards='',
+                learning_rate=1e-3, compile=False, mode='a', dropout=0.1, sizes=[1, 2], **extra)
+
+
+def configure(argv, cfg=None, **kw):
+    cfg = settings() if cfg is None else cfg
+    configurator.configure(cfg, argv=argv, presets={'cpu': {}, 'paper': dict(batch_size=20, mode='b')},
+                           gpu_preset='paper', choices={'mode': ('a', 'b')},
+                           positive=('batch_size', 'learning_rate'), fractions=('dropout',), **kw)
+    return cfg
+
+
+def test_key_space_value_equals_key_equals_value_and_lists_and_strings_parse():
+    a = configure(['--batch_size=8', '--shards=0,1', '--learning_rate=3e-4', '--compile', '--sizes=3'])
+    b = configure(['--batch_size', '8', '--shards', '0,1', '--learning_rate', '3e-4', '--compile', 'True',
+                   '--sizes', '3'])
+    for cfg in (a, b):
+        assert (cfg['batch_size'], cfg['shards'], cfg['learning_rate'], cfg['compile'], cfg['sizes']) == \
+            (8, '0,1', 3e-4, True, [3])
+    assert configure(['--shards=0'])['shards'] == '0'   # a string setting keeps the text as typed
+
+
+def test_bad_flags_name_the_flag_and_what_is_allowed():
+    cases = [(['--batch_size=0'], '--batch_size=0 must be positive'),
+             (['--batch_size=-4'], '--batch_size=-4 must be positive'),
+             (['--dropout=1.5'], '--dropout=1.5 must lie in [0, 1]'),
+             (['--mode=c'], "--mode='c' is not one of 'a', 'b'"),
+             (['--preset=Paper'], "--preset='Paper' is not one of 'cpu', 'paper'"),
+             (['--batch_sise=8'], 'unknown setting --batch_sise'),
+             (['--batch_size=eight'], '--batch_size=eight has type str, expected int'),
+             (['--batch_size'], '--batch_size needs a value')]
+    for argv, message in cases:
+        with pytest.raises(SystemExit, match=re.escape(message)):
+            configure(argv)
+
+
+def test_help_lists_every_setting_with_default_and_comment_and_exits_0():
+    out = run_script('train_compression.py', '--help')
+    for line in ('--batch_size', '--learning_rate', '--max_iters', '--preset', 'paper:'):
+        assert line in out
+    assert run_script('train_compression.py', '-h') == out
+    notes = configurator._comments(os.path.join(REPO, 'train_compression.py'))
+    assert notes['batch_size'], "every setting of the training script has a one-line comment"
+
+
+def test_torchrun_on_cuda_picks_the_paper_preset_plain_python_the_demo_explicit_wins(monkeypatch, capsys):
+    monkeypatch.setattr(configurator, '_cuda_available', lambda: True)
+    monkeypatch.delenv('LOCAL_RANK', raising=False)
+    assert configure([])['batch_size'] == 4
+    assert 'preset cpu' in capsys.readouterr().out
+    monkeypatch.setenv('LOCAL_RANK', '0')
+    monkeypatch.setenv('WORLD_SIZE', '32')
+    cfg = configure(['--batch_size=10'])
+    assert (cfg['preset'], cfg['mode'], cfg['batch_size']) == ('paper', 'b', 10)   # later flags win
+    assert 'preset paper: launched by torchrun on CUDA GPUs' in capsys.readouterr().out
+    assert configure(['--preset', 'cpu'])['batch_size'] == 4
+    monkeypatch.setattr(configurator, '_cuda_available', lambda: False)   # torchrun on CPUs (the tests): demo
+    assert configure([])['preset'] == 'cpu'
+
+
+def test_claim_refuses_to_train_over_a_checkpoint_unless_resuming_or_overwriting(tmp_path):
+    out = tmp_path / 'run'
+    run_dir.claim(str(out), resume=False)
+    run_dir.save_checkpoint(str(out), dict(kind='compression', step=1))
+    run_dir._release_lock(str(out / 'run.lock'), os.getpid())
+    before = (out / 'ckpt.pt').read_bytes()
+    with pytest.raises(SystemExit, match='already exists. To continue that run pass --resume'):
+        run_dir.claim(str(out), resume=False)
+    with pytest.raises(SystemExit, match='does not exist'):
+        run_dir.claim(str(tmp_path / 'empty'), resume=True)
+    assert (out / 'ckpt.pt').read_bytes() == before
+    run_dir.claim(str(out), resume=True)
+    run_dir._release_lock(str(out / 'run.lock'), os.getpid())
+    run_dir.claim(str(out), resume=False, overwrite=True)
+
+
+def test_a_live_run_holds_the_lock_and_a_killed_one_does_not(tmp_path):
+    out = tmp_path / 'run'
+    out.mkdir()
+    sleeper = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])
+    try:
+        (out / 'run.lock').write_text(json.dumps(dict(pid=sleeper.pid, host=__import__('socket').gethostname(),
+                                                      started='then')))
+        with pytest.raises(SystemExit, match=f'in use by another run \\(pid {sleeper.pid}'):
+            run_dir.claim(str(out), resume=False)
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    run_dir.claim(str(out), resume=False)   # the owner is gone: the lock is taken over
+    assert json.loads((out / 'run.lock').read_text())['pid'] == os.getpid()
+
+
+def test_saves_keep_the_previous_and_the_best_checkpoint(tmp_path):
+    out = str(tmp_path)
+    for step, val in ((1, 5.0), (2, 4.0), (3, 4.5)):   # step 3 is worse than step 2
+        run_dir.save_checkpoint(out, dict(kind='compression', step=step, config={}), metric=val)
+    load = lambda name: run_dir.load_checkpoint(os.path.join(out, name), 'compression')['step']
+    assert (load('ckpt.pt'), load('ckpt_prev.pt'), load('ckpt_best.pt')) == (3, 2, 2)
+    assert json.loads((tmp_path / 'best.json').read_text())['value'] == 4.0
+    assert not [f for f in os.listdir(out) if f.endswith('.tmp')]
+
+
+class _Payload:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return exec, (f"open({self.path!r}, 'w').write('pwned')",)
+
+
+def test_loading_a_crafted_pickle_runs_no_code(tmp_path):
+    marker = tmp_path / 'pwned.txt'
+    torch.save(dict(kind='compression', step=1, config={}, evil=_Payload(str(marker))), tmp_path / 'ckpt.pt')
+    with pytest.raises(SystemExit, match='refusing to load it'):
+        run_dir.load_checkpoint(str(tmp_path / 'ckpt.pt'), 'compression')
+    assert not marker.exists()
+
+
+def test_checkpoint_of_the_other_track_or_other_model_settings_is_named(tmp_path):
+    path = str(tmp_path / 'ckpt.pt')
+    torch.save(dict(kind='sampling', step=1, config=dict(n_layer=2)), path)
+    with pytest.raises(SystemExit, match='not a compression-track checkpoint'):
+        run_dir.load_checkpoint(path, 'compression')
+    with pytest.raises(SystemExit, match=re.escape('n_layer=2 in the checkpoint, 24 now')):
+        run_dir.load_checkpoint(path, 'sampling', expect=dict(n_layer=24))
+    (tmp_path / 'cut.pt').write_bytes(open(path, 'rb').read()[:100])
+    with pytest.raises(SystemExit, match='may be truncated'):
+        run_dir.load_checkpoint(str(tmp_path / 'cut.pt'), 'sampling')
+
+
+def test_rng_states_survive_a_weights_only_round_trip(tmp_path):
+    torch.manual_seed(3)
+    np.random.seed(4)
+    torch.save(dict(rng=run_dir.rng_state()), tmp_path / 'r.pt')
+    expected = (torch.rand(3), np.random.rand(3), np.random.randn())
+    run_dir.set_rng_state(torch.load(tmp_path / 'r.pt', weights_only=True)['rng'])
+    got = (torch.rand(3), np.random.rand(3), np.random.randn())
+    assert torch.equal(expected[0], got[0]) and np.array_equal(expected[1], got[1]) and expected[2] == got[2]
+
+
+def test_non_finite_loss_stops_and_names_the_checkpoint_kept(tmp_path):
+    run_dir.stop_if_not_finite(1.5, 'loss', 3, str(tmp_path))
+    with pytest.raises(SystemExit, match='step 7: the loss is nan: stopping. no checkpoint was written'):
+        run_dir.stop_if_not_finite(float('nan'), 'loss', 7, str(tmp_path))
+
+
+def test_log_of_a_resumed_run_reads_as_one_run_and_plots(tmp_path):
+    out = str(tmp_path)
+    log = run_dir.RunLog(out)
+    for step in range(6):
+        log.write(dict(step=step, loss=1.0 / (step + 1), val=None if step % 2 else 2.0 - step / 10))
+    log = run_dir.RunLog(out, start_step=4)   # resumed from the checkpoint of step 4: 4, 5 are redone
+    log.write(dict(step=4, loss=0.1))
+    assert [r['step'] for r in run_dir.read_log(out)] == [0, 1, 2, 3, 4]
+    png = run_dir.plot_curves(out, [('loss', ['loss']), ('val', ['val'])])
+    assert Image.open(png).size[0] > 500

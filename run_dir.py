@@ -1,0 +1,283 @@
+"""What a training run keeps in its out_dir, and how it keeps it safe.
+
+A long run (about 17 h for compression, 36 h on 32 GPUs for sampling) must never lose its last
+good state. Both training scripts use these few functions:
+
+    claim(out_dir, resume, overwrite)   refuse to train from scratch over an existing checkpoint,
+                                        check the folder is writable, and lock it (run.lock) so
+                                        that a second run cannot write into it at the same time
+    save_checkpoint(out_dir, state)     ckpt.pt written atomically; the one before it kept as
+                                        ckpt_prev.pt, and the best by a validation metric as
+                                        ckpt_best.pt (hard links: no extra disk)
+    load_checkpoint(path, kind, expect) torch.load(weights_only=True): a checkpoint holds tensors
+                                        and plain data only, so loading one never runs code; the
+                                        track and the model settings are checked
+    rng_state() / set_rng_state(d)      the RNG states as tensors (so weights_only loading works)
+    RunLog(out_dir, ...)                log.jsonl (and Weights & Biases, if asked for)
+    plot_curves(out_dir, panels)        curves.png from log.jsonl
+    stop_if_not_finite(value, ...)      a NaN or inf loss stops the run; the checkpoint on disk
+                                        stays the last good one
+"""
+import atexit
+import json
+import math
+import os
+import pickle
+import socket
+import time
+
+import numpy as np
+import torch
+
+CKPT, PREV, BEST, LOCK = 'ckpt.pt', 'ckpt_prev.pt', 'ckpt_best.pt', 'run.lock'
+LOCK_STALE_S = 900   # a lock from another host not refreshed for this long is taken over
+
+
+# ---------------------------------------------------------------------------------------------
+# Claiming the folder: no accidental overwrite, one writer at a time
+# ---------------------------------------------------------------------------------------------
+
+def _pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _lock_is_stale(path):
+    try:
+        with open(path) as f:
+            owner = json.load(f)
+    except (OSError, ValueError):
+        return time.time() - os.path.getmtime(path) > 60, 'an unreadable lock file'
+    who = f"pid {owner['pid']} on {owner['host']}, started {owner['started']}"
+    if owner['host'] == socket.gethostname():
+        return not _pid_alive(owner['pid']), who
+    return time.time() - os.path.getmtime(path) > LOCK_STALE_S, who
+
+
+def _take_lock(out_dir):
+    path = os.path.join(out_dir, LOCK)
+    me = dict(pid=os.getpid(), host=socket.gethostname(), started=time.strftime('%Y-%m-%d %H:%M:%S'))
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            stale, who = _lock_is_stale(path)
+            if not stale:
+                raise SystemExit(f"{out_dir} is in use by another run ({who}): wait for it to finish, or pass "
+                                 f"another --out_dir. If that run is gone, delete {path}.")
+            print(f"taking over {path}: left by a run that is no longer running ({who})")
+            os.remove(path)
+            continue
+        with os.fdopen(fd, 'w') as f:
+            json.dump(me, f)
+        atexit.register(_release_lock, path, os.getpid())
+        return path
+    raise SystemExit(f"could not lock {path}: another run keeps taking it")
+
+
+def _release_lock(path, pid):
+    try:
+        with open(path) as f:
+            if json.load(f)['pid'] == pid:
+                os.remove(path)
+    except (OSError, ValueError, KeyError):
+        pass
+
+
+def claim(out_dir, resume, overwrite=False, resume_flag='--resume'):
+    """Call on the process that saves (rank 0) before any work. Stops with a message if out_dir
+    holds a checkpoint and this is not a resume (unless overwrite), if a resume finds none, if the
+    folder cannot be written, or if another live run holds it."""
+    ckpt = os.path.join(out_dir, CKPT)
+    if resume and not os.path.exists(ckpt):
+        raise SystemExit(f"{resume_flag}: {ckpt} does not exist (train first, or pass the run's --out_dir)")
+    if not resume and os.path.exists(ckpt) and not overwrite:
+        raise SystemExit(f"{ckpt} already exists. To continue that run pass {resume_flag}; to start a new one "
+                         f"pass another --out_dir, or --overwrite to train from scratch in this folder "
+                         f"(its checkpoints are replaced as the new run saves).")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        probe = os.path.join(out_dir, f'.write_test_{os.getpid()}')
+        with open(probe, 'w') as f:
+            f.write('ok')
+        os.remove(probe)
+    except OSError as e:
+        raise SystemExit(f"--out_dir={out_dir} is not writable ({e.strerror}): pass a folder you can write to")
+    _take_lock(out_dir)
+
+
+def heartbeat(out_dir):
+    """Refresh the lock's time, so a run on another host knows this one is alive."""
+    try:
+        os.utime(os.path.join(out_dir, LOCK))
+    except OSError:
+        pass
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+# ---------------------------------------------------------------------------------------------
+
+def save_checkpoint(out_dir, state, metric=None, higher_is_better=False):
+    """Write ckpt.pt atomically; keep the previous one as ckpt_prev.pt; if `metric` is given and
+    is the best so far, ckpt.pt is also kept as ckpt_best.pt (best.json says its step and value).
+    At every moment ckpt.pt is a whole checkpoint: a run killed while saving loses nothing."""
+    path = os.path.join(out_dir, CKPT)
+    torch.save(state, path + '.tmp')
+    with open(path + '.tmp', 'rb') as f:
+        os.fsync(f.fileno())
+    if os.path.exists(path):
+        _link_or_copy(path, os.path.join(out_dir, PREV))
+    os.replace(path + '.tmp', path)
+    if metric is not None and math.isfinite(metric):
+        best_json = os.path.join(out_dir, 'best.json')
+        best = json.load(open(best_json)) if os.path.exists(best_json) else None
+        if best is None or (metric > best['value'] if higher_is_better else metric < best['value']):
+            _link_or_copy(path, os.path.join(out_dir, BEST))
+            with open(best_json + '.tmp', 'w') as f:
+                json.dump(dict(step=state.get('step'), value=metric, higher_is_better=higher_is_better), f)
+            os.replace(best_json + '.tmp', best_json)
+    heartbeat(out_dir)
+
+
+def _link_or_copy(src, dst):
+    """dst becomes a hard link to src's current file (its content stays when src is replaced)."""
+    tmp = dst + '.tmp'
+    if os.path.exists(tmp):
+        os.remove(tmp)
+    try:
+        os.link(src, tmp)
+    except OSError:   # a file system without hard links
+        import shutil
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
+def load_checkpoint(path, kind, expect=None):
+    """Load a checkpoint with weights_only=True (tensors and plain data only: never runs code).
+    kind: 'compression' or 'sampling'. expect: settings that must equal the checkpoint's
+    config (the model's shape); each difference is named."""
+    if not os.path.exists(path):
+        raise SystemExit(f"{path} does not exist")
+    try:
+        state = torch.load(path, map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SystemExit(f"{path}: refusing to load it: it holds Python objects, not only tensors and plain data "
+                         f"({first}). nanoWM loads checkpoints with torch.load(weights_only=True), so a file "
+                         f"that would run code is rejected; only load checkpoints you trust and that nanoWM wrote.")
+    except (RuntimeError, EOFError, OSError) as e:
+        raise SystemExit(f"{path} cannot be read ({str(e).splitlines()[0]}): it may be truncated; "
+                         f"{PREV} or {BEST} in the same folder hold earlier states")
+    if not isinstance(state, dict) or state.get('kind') != kind:
+        found = state.get('kind', 'no track recorded') if isinstance(state, dict) else type(state).__name__
+        raise SystemExit(f"{path} is not a {kind}-track checkpoint of nanoWM (it says: {found}); "
+                         f"pass the checkpoint of a {kind} run")
+    saved = state.get('config', {})
+    diffs = [f"{k}={saved.get(k)!r} in the checkpoint, {v!r} now" for k, v in (expect or {}).items()
+             if saved.get(k) != v]
+    if diffs:
+        raise SystemExit(f"{path} was trained with other model settings: " + '; '.join(diffs)
+                         + ". Pass the same settings (or another --out_dir to start a new run).")
+    return state
+
+
+def plain(config):
+    """The settings as plain data (what weights_only loading accepts): tuples become lists."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in config.items()
+            if isinstance(v, (int, float, bool, str, type(None), list, tuple))}
+
+
+def rng_state():
+    """torch (CPU and CUDA) and numpy RNG states, as tensors and plain numbers."""
+    _, keys, pos, has_gauss, cached = np.random.get_state()
+    state = dict(torch=torch.get_rng_state(), numpy_keys=torch.from_numpy(keys.astype(np.int64)),
+                 numpy_pos=int(pos), numpy_has_gauss=int(has_gauss), numpy_cached_gaussian=float(cached))
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state['cuda'] = torch.cuda.get_rng_state()   # a CPU ByteTensor, as set_rng_state wants it
+    return state
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state['torch'].cpu())
+    np.random.set_state(('MT19937', state['numpy_keys'].numpy().astype(np.uint32), state['numpy_pos'],
+                         state['numpy_has_gauss'], state['numpy_cached_gaussian']))
+    if 'cuda' in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state['cuda'].cpu())
+
+
+# ---------------------------------------------------------------------------------------------
+# Logs and curves
+# ---------------------------------------------------------------------------------------------
+
+def stop_if_not_finite(value, what, step, out_dir):
+    """A NaN or inf loss stops the run (exit code 1) before the optimizer step: the weights are
+    not updated, and the checkpoint on disk stays the last good one. A stop, not a skipped step,
+    is the safe default: a run that diverges once usually diverges again."""
+    if not math.isfinite(value):
+        ckpt = os.path.join(out_dir, CKPT)
+        kept = f"{ckpt} (the last good state) is untouched" if os.path.exists(ckpt) else "no checkpoint was written"
+        raise SystemExit(f"step {step}: the {what} is {value}: stopping. {kept}. Lower --learning_rate, "
+                         f"check the data, or resume from the checkpoint with other settings.")
+
+
+class RunLog:
+    """One json line per record in out_dir/log.jsonl, and Weights & Biases if wandb_project is set
+    (imported only then). On resume, records at or after the resumed step are dropped first, so the
+    log reads as one uninterrupted run."""
+
+    def __init__(self, out_dir, start_step=0, wandb_project='', wandb_run_name='', config=None):
+        self.out_dir, self.path = out_dir, os.path.join(out_dir, 'log.jsonl')
+        kept = []
+        if start_step > 0 and os.path.exists(self.path):
+            with open(self.path) as f:
+                kept = [line for line in f if line.strip() and json.loads(line).get('step', 0) < start_step]
+        with open(self.path, 'w') as f:
+            f.writelines(kept)
+        self.wandb = None
+        if wandb_project:
+            import wandb   # optional: pip install wandb
+            self.wandb = wandb.init(project=wandb_project, name=wandb_run_name or None, config=config,
+                                    resume='allow')
+
+    def write(self, record):
+        with open(self.path, 'a') as f:
+            f.write(json.dumps(record) + '\n')
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in record.items() if k != 'step'}, step=record['step'])
+        heartbeat(self.out_dir)
+
+
+def read_log(out_dir):
+    with open(os.path.join(out_dir, 'log.jsonl')) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_curves(out_dir, panels, title=''):
+    """curves.png in out_dir: one panel per (y label, [log keys]), step on the x axis."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    records = read_log(out_dir)
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
+    for ax, (ylabel, keys) in zip(axes[0], panels):
+        for key in keys:
+            points = [(r['step'], r[key]) for r in records if r.get(key) is not None]
+            if points:
+                ax.plot(*zip(*points), marker='o' if len(points) < 30 else None, markersize=3, label=key)
+        ax.set_xlabel('step')
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path = os.path.join(out_dir, 'curves.png')
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
