@@ -19,19 +19,21 @@ What each benchmark times (--what=all runs them all; or name some, e.g. --what=s
   wan_fwd    one forward of the Wan 2.2 TI2V-5B DiT on a 512x512, 21-frame clip (6 x 32 x 32
              latents, 1536 tokens), bf16 weights with the fp32 modulation of the reference
   wan_lora   one LoRA fine-tuning step (rank 32, frozen bf16 base, flow-matching loss of
-             train_sampling.py, fused AdamW), gradient checkpointing on the first
+             flow_matching.py, fused AdamW), gradient checkpointing on the first
              --wan_ckpt_blocks blocks
-  ensemble   sample.py's sampler (sample_latents): --ensemble members x --steps solver steps as
-             one batch, and, for comparison, the same members one at a time (the DiT only)
+  ensemble   sample.py's sampler (flow_matching.sample_latents): --ensemble members x --steps
+             solver steps as one batch, and, for comparison, the same members one at a time (the
+             DiT only)
   vae        the rest of sample.py's work on a clip: encode the 5 context frames, decode the
              members' latents 4 at a time (Wan 2.2 VAE architecture, random weights, fp32 as
              sample.py runs it); ensemble + vae = sample.py's seconds per clip
 
-On CUDA every benchmark runs with only the flash attention kernel of
+On CUDA every transformer benchmark runs with only the flash attention kernel of
 F.scaled_dot_product_attention allowed (--sdpa=flash), so a run that leaves the flash path fails
 loudly instead of running slowly; fp32 decoding, which flash does not support, also allows the
-memory-efficient kernel. MFU = model FLOPs / time / the device's dense bf16 peak
-(data.peak_flops); it is n/a on the CPU and for the fp32 decoding rows.
+memory-efficient kernel. The VAE row has no such check (its attention is fp32, single-head, with
+640 / 1024 channels: no fused kernel takes it). MFU = model FLOPs / time / the device's dense bf16
+peak (data.peak_flops); it is n/a on the CPU and for the fp32 decoding rows.
 """
 import sys
 import time
@@ -112,7 +114,9 @@ if device == 'auto':
 cuda = device.startswith('cuda')
 if threads > 0:
     torch.set_num_threads(threads)
-if cuda:
+if cuda:   # set_device needs an index: plain 'cuda' is the current device
+    index = torch.device(device).index
+    device = f'cuda:{torch.cuda.current_device() if index is None else index}'
     torch.cuda.set_device(device)
 torch.manual_seed(seed)
 peak = data.peak_flops(device)
@@ -125,22 +129,24 @@ def sync():
         torch.cuda.synchronize()
 
 
-def attention_kernels(fp32=False):
+def attention_kernels(kernels):
     """On CUDA with --sdpa=flash: allow only the flash kernel of F.scaled_dot_product_attention
-    (and the memory-efficient one for fp32, which flash cannot run), so that SDPA raises an error
-    rather than silently falling back to the slow math path."""
-    if not cuda or sdpa == 'any':
+    for the transformers' bf16 rows (kernels='flash'), and the memory-efficient one too for their
+    fp32 decoding rows (kernels='fp32', which flash cannot run), so that SDPA raises an error rather
+    than silently falling back to the slow math path. kernels=None: no restriction (the VAE: its
+    attention in diffusers is fp32 and single-head with 640 / 1024 channels, outside both kernels)."""
+    if not cuda or sdpa == 'any' or kernels is None:
         return nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
-    allowed = [SDPBackend.FLASH_ATTENTION] + ([SDPBackend.EFFICIENT_ATTENTION] if fp32 else [])
+    allowed = [SDPBackend.FLASH_ATTENTION] + ([SDPBackend.EFFICIENT_ATTENTION] if kernels == 'fp32' else [])
     return sdpa_kernel(allowed)
 
 
-def timed(fn, fp32=False):
+def timed(fn, kernels='flash'):
     """Mean seconds per call of fn after warm-up calls, synchronised; the peak GiB on CUDA; and
     the output of the last call. With --profile, the timed calls run under torch.profiler (which
     slows them a little) and its table of the most expensive operators is printed."""
-    with attention_kernels(fp32):
+    with attention_kernels(kernels):
         for _ in range(warmup):
             fn()
         sync()
@@ -211,12 +217,14 @@ if 'st_decode' in selected:
     z, s = z_BGHW[:decode_batch], states_BLD[:decode_batch]
     shape = f'{decode_batch} x (3 + 3) x {st_grid}x{st_grid}'
     with torch.no_grad(), torch.autocast(device.split(':')[0], enabled=False):
-        sec_tf, gib, _ = timed(lambda: st(z[:, :5], s, predict_from=2), fp32=True)
+        sec_tf, gib, _ = timed(lambda: st(z[:, :5], s, predict_from=2), kernels='fp32')
         report('st_forward_fp32', f'{decode_batch} x 5 x {st_grid}x{st_grid} (teacher-forced)', sec_tf, gib,
                decode_batch, decode_batch * 3 * S)
-        sec_c, gib, (grids_c, _) = timed(lambda: st.generate(z[:, :3], s, num_grids=3, use_cache=True), fp32=True)
+        sec_c, gib, (grids_c, _) = timed(lambda: st.generate(z[:, :3], s, num_grids=3, use_cache=True),
+                                         kernels='fp32')
         report('st_decode_cache', shape, sec_c, gib, decode_batch, decode_batch * 3 * S)
-        sec_u, gib, (grids_u, _) = timed(lambda: st.generate(z[:, :3], s, num_grids=3, use_cache=False), fp32=True)
+        sec_u, gib, (grids_u, _) = timed(lambda: st.generate(z[:, :3], s, num_grids=3, use_cache=False),
+                                         kernels='fp32')
         report('st_decode_nocache', shape, sec_u, gib, decode_batch, decode_batch * 3 * S)
     ratios['decode with cache / teacher-forced forward'] = sec_c / sec_tf
     ratios['decode without cache / with cache'] = sec_u / sec_c
@@ -264,7 +272,7 @@ if 'wan_fwd' in selected:
     ratios['DiT forward, per-token timesteps and per-sample context / per-frame and shared'] = sec_ref / sec
 
 if 'ensemble' in selected:
-    from sample import sample_latents
+    from flow_matching import sample_latents
     n = ensemble
     z_ctx = x_BCFHW[:1, :, :K].expand(n, -1, -1, -1, -1)   # one clip's context, repeated per member
     noise = torch.randn(n, wcfg.in_dim, Fr, latent_hw, latent_hw, device=device)
@@ -288,13 +296,13 @@ if 'ensemble' in selected:
         ratios['ensemble max |batched - looped| latent (same maths)'] = (z_batched - z_looped).abs().max().item()
 
 if 'wan_lora' in selected:
-    from train_sampling import flow_matching_loss
+    from flow_matching import flow_matching_loss
     b = wan_lora_batch
     add_lora(net, rank=32, alpha=32)   # freezes the base; fp32 adapters and state weights train
     net.gradient_checkpointing = wan_ckpt_blocks
     trainable = [p for p in net.parameters() if p.requires_grad]
     for p in trainable:
-        p.data = p.data.float()   # the optimizer's master copy (as train_sampling.build_model)
+        p.data = p.data.float()   # the optimizer's master copy (as flow_matching.build_model)
     optimizer = torch.optim.AdamW(trainable, lr=4e-4, fused=cuda)
     g = torch.Generator(device=device).manual_seed(seed)
     sigma_B = torch.rand(b, device=device, generator=g)
@@ -331,7 +339,7 @@ if 'vae' in selected:
         codec.encode(frames)
         return [codec.decode(latents[i:i + 4]) for i in range(0, ensemble, 4)]
 
-    sec_vae, gib, _ = timed(vae_clip)
+    sec_vae, gib, _ = timed(vae_clip, kernels=None)   # not a transformer: no flash-only check
     report('vae_clip', f'encode 5 + decode {ensemble} x 21 frames, {latent_hw * 16}px', sec_vae, gib,
            ensemble, ensemble * data.NUM_LATENTS * latent_hw ** 2)
     if 'ensemble' in selected:

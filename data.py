@@ -1,5 +1,5 @@
 """nanoWM data: the 1X World Model Challenge v2.0 datasets, read exactly as published, and small
-synthetic datasets written in the same layout. Facts: ../shared/1X-DATA.md.
+synthetic datasets written in the same layout.
 
 Sections:
   1. tokenized data (compression track): reader, synthetic writer, download
@@ -11,8 +11,8 @@ Sections:
 import json
 import math
 import os
+import shutil
 
-import av
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -24,7 +24,7 @@ from tqdm import tqdm
 # 1. Tokenized data (compression track)
 # ---------------------------------------------------------------------------------------------
 
-# Facts of the 1X v2.0 tokenized data (../shared/1X-DATA.md). No 1X file states the vocabulary:
+# Facts of the 1X v2.0 tokenized data (its dataset card and the 1xgpt code). No 1X file states the vocabulary:
 # 64,000 is the size of the Cosmos DV8x8x8 FSQ codebook (levels 8,8,8,5,5,5).
 VOCAB_SIZE = 64000
 FRAMES_PER_BLOCK = 17      # one Cosmos DV8x8x8 block: 17 frames at 30 Hz ...
@@ -90,34 +90,49 @@ def _check_size(path, expected_bytes, what):
                          f"The file is truncated or does not belong to this metadata; download it again.")
 
 
+def check_finite_rows(path, array_ND, what, chunk=1 << 16):
+    """Stop with the file, row (frame) and column of the first NaN or inf in array_ND (a memmap is
+    read in chunks of rows: cheap next to a training run)."""
+    for start in range(0, len(array_ND), chunk):
+        ok_ND = np.isfinite(array_ND[start:start + chunk])
+        if not ok_ND.all():
+            row, col = (int(v) for v in np.argwhere(~ok_ND)[0])
+            bad = float(array_ND[start + row, col])
+            raise ValueError(f"{path}: {what} hold {bad} at row (frame) {start + row}, column {col}: the file is "
+                             f"damaged or was written from bad data; fix or replace it (or leave out its shard).")
+
+
 class TokenDataset(torch.utils.data.Dataset):
     """Samples of the 1X tokenized v2.0 data: 6 token grids (2 blocks) and 64 state rows.
 
     A sample starts at block k of a shard and covers frames 17k .. 17k+33; it is valid only if
-    all those frames share one segment id (1X-DATA.md). Returns
+    all those frames share one segment id (frames of different ids are not contiguous). stride 1
+    starts a sample at every block (samples overlap by one block); stride 2 only at even blocks:
+    non-overlapping samples, the paper's ~306k per epoch (2 x 306k blocks = 92% of the data). Returns
       tokens_GHW  int64 (6, 32, 32)   grids 0-2 are the context, 3-5 the future (paper 3)
       states_LD   float32 (64, 25)    the state_window frames ending at the sample's last frame.
     The paper does not say how 64 state rows align with 34 frames; we take the window that ends
     with the sample (30 frames of history + the 34 frames of the sample) and repeat the first row
     of the segment where the window would reach before the segment (or shard) start, so a window
     never mixes episodes. Shards are memory-mapped lazily, so DataLoader workers share nothing.
+    Robot states are checked for NaN and inf when a shard is opened (an error names the file and
+    the first bad row); tokens outside [0, vocab_size) are an error when a sample is read.
     """
 
-    def __init__(self, split_dir, shards=None, vocab_size=VOCAB_SIZE, state_window=STATE_WINDOW):
+    def __init__(self, split_dir, shards=None, vocab_size=VOCAB_SIZE, state_window=STATE_WINDOW, stride=1):
         meta_path = os.path.join(split_dir, 'metadata.json')
         if not os.path.exists(meta_path):
             raise FileNotFoundError(f"{meta_path} not found: {split_dir} is not a 1X tokenized split folder "
                                     f"(expected e.g. .../train_v2.0 or .../val_v2.0 with metadata.json).")
-        with open(meta_path) as f:
-            self.metadata = json.load(f)
+        self.metadata = read_json(meta_path)
+        assert stride in (1, 2), f"stride={stride}: 1 (a sample at every block) or 2 (non-overlapping samples)"
         assert state_window >= SAMPLE_FRAMES, f"state_window={state_window} must cover the {SAMPLE_FRAMES} sample frames"
         self.split_dir, self.vocab_size, self.state_window = split_dir, vocab_size, state_window
         self.shards = list(range(self.metadata['num_shards'])) if shards is None else list(shards)
         self.files, self.num_frames, index = {}, {}, []
         for i in self.shards:
             paths = shard_paths(split_dir, i)
-            with open(paths['metadata']) as f:
-                n = json.load(f)['shard_num_frames']
+            n = read_json(paths['metadata'])['shard_num_frames']
             blocks = math.ceil(n / FRAMES_PER_BLOCK)
             _check_size(paths['video'], blocks * GRIDS_PER_BLOCK * GRID_H * GRID_W * 4,
                         f"int32 tokens ({blocks}, {GRIDS_PER_BLOCK}, {GRID_H}, {GRID_W}) for {n} frames")
@@ -128,9 +143,11 @@ class TokenDataset(torch.utils.data.Dataset):
                 raise ValueError(f"{paths['states']}: {state_bytes} bytes = {n} frames x {width:g} float32, "
                                  f"but robot states must be {STATE_DIM} wide ({n * STATE_DIM * 4} bytes).")
             self.files[i], self.num_frames[i] = paths, n
+            check_finite_rows(paths['states'], np.memmap(paths['states'], dtype=np.float32, mode='r').reshape(n, STATE_DIM),
+                              'robot states')
             seg = np.fromfile(paths['segment_idx'], dtype=np.int32)
             # block k is a valid sample start if frames 17k .. 17k+33 exist and share one segment id
-            for k in range((n - SAMPLE_FRAMES) // FRAMES_PER_BLOCK + 1):
+            for k in range(0, (n - SAMPLE_FRAMES) // FRAMES_PER_BLOCK + 1, stride):
                 f0 = k * FRAMES_PER_BLOCK
                 if seg[f0] == seg[f0 + SAMPLE_FRAMES - 1] and (seg[f0:f0 + SAMPLE_FRAMES] == seg[f0]).all():
                     index.append((i, k))
@@ -233,22 +250,57 @@ def synthetic_shard(rng, num_frames, vocab, eps, seg_id0=0, min_seg=40, max_seg=
 
 
 def write_synthetic(out, seed=0, vocab=1000, eps=0.1, train_shards=2, train_frames=6800, val_frames=1700):
-    """Write out/train_v2.0 (nested layout) and out/val_v2.0 (flat layout). Deterministic in seed."""
+    """Write out/train_v2.0 (nested layout) and out/val_v2.0 (flat layout) and out/synthetic.json
+    (the settings). Deterministic in the settings. Each split is written to SPLIT.partial and
+    renamed into place whole, and synthetic.json comes last: a folder without it is unfinished,
+    and is written again. A folder written with other settings is an error, never reused."""
     assert vocab > 500, f"vocab={vocab}: Top-500 CE needs more than 500 tokens"
+    settings = dict(seed=seed, vocab=vocab, eps=eps, train_shards=train_shards, train_frames=train_frames,
+                    val_frames=val_frames)
+    if synthetic_is_written(out, settings):
+        return read_json(os.path.join(out, 'synthetic.json'))['world']
     rng = np.random.default_rng(seed)
     world = dict(vocab=vocab, eps=eps, places=SYNTHETIC_PLACES, p_new=SYNTHETIC_P_NEW, seed=seed)
     seg_id0 = 0
     for split, n_shards, frames, nested in (('train_v2.0', train_shards, train_frames, True),
                                             ('val_v2.0', 1, val_frames, False)):
         split_dir = os.path.join(out, split)
+        partial = split_dir + '.partial'
+        shutil.rmtree(partial, ignore_errors=True)   # left by an interrupted run
         for i in range(n_shards):
             tokens, states, segment = synthetic_shard(rng, frames, vocab, eps, seg_id0)
             seg_id0 = int(segment.max()) + 1
-            write_shard(split_dir, i, tokens, states, segment, nested)
-        with open(os.path.join(split_dir, 'metadata.json'), 'w') as f:
+            write_shard(partial, i, tokens, states, segment, nested)
+        with open(os.path.join(partial, 'metadata.json'), 'w') as f:
             json.dump({'num_shards': n_shards, 'query': None, 'hz': 30, 'num_images': n_shards * frames,
                        'synthetic': world}, f)
+        if os.path.exists(split_dir):   # an unfinished synthetic split: replaced (never a real one)
+            shutil.rmtree(split_dir)
+        os.replace(partial, split_dir)
+    with open(os.path.join(out, 'synthetic.json.tmp'), 'w') as f:
+        json.dump(dict(settings=settings, world=world), f)
+    os.replace(os.path.join(out, 'synthetic.json.tmp'), os.path.join(out, 'synthetic.json'))
     return world
+
+
+def synthetic_is_written(out, settings):
+    """True if out holds a finished synthetic set of these settings; False if it holds none or an
+    unfinished one (no synthetic.json); an error if it holds one of other settings or real data."""
+    path = os.path.join(out, 'synthetic.json')
+    if os.path.exists(path):
+        saved = read_json(path)['settings']
+        if saved != settings:
+            diffs = '; '.join(f"{k}={saved.get(k)!r} on disk, {v!r} asked for" for k, v in settings.items()
+                              if saved.get(k) != v)
+            raise SystemExit(f"{out} holds a synthetic set written with other settings ({diffs}): pass another "
+                             f"folder, or delete {out} to write it again")
+        return True
+    for split in ('train_v2.0', 'val_v2.0'):
+        meta = os.path.join(out, split, 'metadata.json')
+        if os.path.exists(os.path.join(out, split)) and not (os.path.exists(meta) and 'synthetic' in read_json(meta)):
+            raise SystemExit(f"{os.path.join(out, split)} exists and is not a synthetic split: refusing to write "
+                             f"synthetic data over it; pass another folder")
+    return False
 
 
 def synthetic_floors(vocab, eps, p_new=SYNTHETIC_P_NEW, k=500, p_floor=None):
@@ -307,27 +359,99 @@ def synthetic_oracle_logits(tokens_BGHW, states_BLD, world, use_states=True):
 def default_synthetic_dir():
     """data/synthetic next to this file, written on first use (the no-flag default of train_compression.py)."""
     out = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', 'synthetic')
-    if not os.path.exists(os.path.join(out, 'val_v2.0', 'metadata.json')):
+    if not synthetic_is_written(out, dict(seed=0, vocab=1000, eps=0.1, train_shards=2, train_frames=6800,
+                                          val_frames=1700)):
         print(f"writing the synthetic dataset to {out} (first use)")
         write_synthetic(out)
     return out
 
 
-def download_tokenized(out, split='val_v2.0', shards=None):
-    """Fetch a split of 1x-technologies/worldmodel with huggingface_hub. shards=[0] fetches one
-    train shard to try (allow_patterns), plus the split's metadata.json."""
-    from huggingface_hub import snapshot_download
-    if shards is None:
-        patterns = [f'{split}/*', f'{split}/**']
-    else:
-        patterns = [f'{split}/metadata.json'] + [f'{split}/{p}' for i in shards for folder, name in shard_files(i).values()
-                                                 for p in (f'{folder}/{name}', name)]   # nested or flat
-    snapshot_download(HF_REPO_TOKENIZED, repo_type='dataset', local_dir=out, allow_patterns=patterns)
+def tokenized_split_problems(split_dir, shards=None):
+    """What is missing or the wrong size in a tokenized split (the sizes follow from the metadata,
+    so a partial download is recognised); [] when it is whole."""
+    meta = os.path.join(split_dir, 'metadata.json')
+    if not os.path.exists(meta):
+        return [f"{meta} is missing"]
+    problems = []
+    for i in range(read_json(meta)['num_shards']) if shards is None else shards:
+        try:
+            paths = shard_paths(split_dir, i)
+            n = read_json(paths['metadata'])['shard_num_frames']
+        except (FileNotFoundError, ValueError) as e:
+            problems.append(str(e).split('. ')[0])
+            continue
+        for kind, size in expected_sizes(n).items():
+            if os.path.getsize(paths[kind]) != size:
+                problems.append(f"{paths[kind]} has {os.path.getsize(paths[kind])} bytes, not {size}")
+    return problems
+
+
+def expected_sizes(num_frames):
+    """Bytes of the binary files of a tokenized shard of num_frames frames."""
+    blocks = math.ceil(num_frames / FRAMES_PER_BLOCK)
+    return dict(video=blocks * GRIDS_PER_BLOCK * GRID_H * GRID_W * 4, states=num_frames * STATE_DIM * 4,
+                segment_idx=num_frames * 4)
+
+
+def _fetch(repo_file, out, force=False):
+    """One file of the dataset repo into out/repo_file, through the huggingface_hub cache
+    (HF_HUB_CACHE: resumable, atomic per file), then hard-linked (or copied) into place atomically."""
+    from huggingface_hub import hf_hub_download
+    try:
+        cached = hf_hub_download(HF_REPO_TOKENIZED, repo_file, repo_type='dataset', force_download=force)
+    except Exception as e:   # offline, no network, no such file, ... (huggingface_hub's errors vary by version)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SystemExit(f"could not fetch {repo_file} of the Hugging Face dataset {HF_REPO_TOKENIZED} ({first}).\n"
+                         f"Without network access here, prepare the data where there is one and copy the folder:\n"
+                         f"    python data.py download --out DIR --split train_v2.0\n"
+                         f"    python data.py download --out DIR --split val_v2.0\n"
+                         f"then pass --data_dir=DIR (or point HF_HUB_CACHE at a cache that holds the dataset).")
+    dst = os.path.join(out, repo_file)
+    os.makedirs(os.path.dirname(dst), exist_ok=True)
+    tmp = f"{dst}.tmp{os.getpid()}"
+    try:
+        os.link(os.path.realpath(cached), tmp)
+    except OSError:   # another file system: copy
+        shutil.copyfile(cached, tmp)
+    os.replace(tmp, dst)
+    return dst
+
+
+def download_tokenized(out, split='val_v2.0', shards=None, rank=0, world=1):
+    """Fetch a split of 1x-technologies/worldmodel into out/split with huggingface_hub: its
+    metadata, then the shards (shards=[0]: one train shard to try; None: all), shard i by rank
+    i % world, so every rank of a run shares the work (out must be on storage they all see).
+    Every file is checked against the size its metadata implies and fetched again once if it is
+    wrong. Train splits keep files in subfolders, the others flat (the dataset's layout)."""
+    nested = split.startswith('train')
+    meta = read_json(_fetch(f'{split}/metadata.json', out))
+    for i in range(meta['num_shards']) if shards is None else shards:
+        if i % world != rank:
+            continue
+        files = {kind: f'{split}/{folder}/{name}' if nested else f'{split}/{name}'
+                 for kind, (folder, name) in shard_files(i).items()}
+        n = read_json(_fetch(files['metadata'], out))['shard_num_frames']
+        for kind, size in expected_sizes(n).items():
+            path = os.path.join(out, files[kind])
+            if os.path.exists(path) and os.path.getsize(path) == size:
+                continue   # a resumed download: this file is whole
+            if os.path.getsize(_fetch(files[kind], out)) != size:
+                if os.path.getsize(_fetch(files[kind], out, force=True)) != size:
+                    raise SystemExit(f"{path}: {os.path.getsize(path)} bytes after download, its metadata implies "
+                                     f"{size}: the dataset on the Hub does not match its metadata")
     return os.path.join(out, split)
 
 
+def finish_download(out, split, shards=None):
+    """After every rank's share: the whole split must be there (else data_dir is not shared)."""
+    problems = tokenized_split_problems(os.path.join(out, split), shards)
+    if problems:
+        raise SystemExit(f"{os.path.join(out, split)} is incomplete after the download: {'; '.join(problems[:3])}. "
+                         f"A multi-node run needs data_dir on storage that every node sees.")
+
+
 def cmd_synthetic(args):
-    world = write_synthetic(args.out, seed=args.seed, vocab=args.vocab)
+    world = write_synthetic(args.out, seed=args.seed, vocab=args.vocab)   # reuses a finished set of these settings
     floors = synthetic_floors(world['vocab'], world['eps'], world['p_new'])
     print(f"wrote {args.out}/train_v2.0 and {args.out}/val_v2.0 (vocab {world['vocab']}, eps {world['eps']})")
     print(f"Bayes-optimal teacher-forced CE per future token: full {floors['full']:.4f}, Top-500 {floors['topk']:.4f} nats")
@@ -335,7 +459,9 @@ def cmd_synthetic(args):
 
 def cmd_download(args):
     shards = None if args.shards is None else [int(s) for s in args.shards.split(',')]
-    print(f"downloaded to {download_tokenized(args.out, args.split, shards)}")
+    split_dir = download_tokenized(args.out, args.split, shards)
+    finish_download(args.out, args.split, shards)
+    print(f"downloaded to {split_dir}")
 
 
 # (end of section 1)
@@ -378,19 +504,24 @@ def _split_file(split_dir, folder, name):
 
 
 class RawShard:
-    """One shard of the raw data: one long 30 Hz mp4 with a state row and a segment id per frame."""
+    """One shard of the raw data: one long 30 Hz mp4 with a state row and a segment id per frame.
 
-    def __init__(self, split_dir, shard):
+    Checked when opened: file sizes against the metadata, robot states for NaN and inf (the error
+    names the file and the frame). Checked when decoded: a damaged mp4, and frames of another size
+    than frame_size (None: any size), are errors that name the video."""
+
+    def __init__(self, split_dir, shard, frame_size=None):
         paths = {kind: _split_file(split_dir, *file) for kind, file in shard_files(shard, 'mp4').items()}
         self.video_path, states_path, segment_path = paths['video'], paths['states'], paths['segment_idx']
-        with open(paths['metadata']) as f:
-            self.num_frames = json.load(f)['shard_num_frames']
+        self.num_frames = read_json(paths['metadata'])['shard_num_frames']
+        self.frame_size = frame_size
         for path, nbytes in ((states_path, self.num_frames * STATE_DIM * 4), (segment_path, self.num_frames * 4)):
             if os.path.getsize(path) != nbytes:
                 raise ValueError(f"{path} has {os.path.getsize(path)} bytes, expected {nbytes} for "
                                  f"shard_num_frames={self.num_frames}; the file is truncated or from another shard")
         self.states_ND = np.memmap(states_path, dtype=np.float32, mode='r', shape=(self.num_frames, STATE_DIM))
         self.segment_N = np.memmap(segment_path, dtype=np.int32, mode='r', shape=(self.num_frames,))
+        check_finite_rows(states_path, self.states_ND, 'robot states')
 
     def clip_starts(self, stride=RAW_CLIP_LEN):
         """Starts of the 77-frame windows whose frames all share one segment id (contiguous video)."""
@@ -406,16 +537,28 @@ class RawShard:
     def _decode_from(self, start):
         """(frame index, uint8 [H, W, 3]) for every frame from `start` to the end of the video:
         seek to the keyframe before `start`, decode forward."""
-        with av.open(self.video_path) as container:
-            stream = container.streams.video[0]
-            stream.thread_type = 'AUTO'
-            fps, tb = stream.average_rate, stream.time_base
-            t0 = stream.start_time or 0
-            container.seek(t0 + int(start / fps / tb), stream=stream, backward=True)
-            for frame in container.decode(stream):
-                idx = round((frame.pts - t0) * tb * fps)
-                if idx >= start:
-                    yield idx, frame.to_ndarray(format='rgb24')
+        import av   # only the sampling track reads videos
+        try:
+            with av.open(self.video_path) as container:
+                if not container.streams.video:
+                    raise ValueError(f"{self.video_path} holds no video stream")
+                stream = container.streams.video[0]
+                stream.thread_type = 'AUTO'
+                size = (stream.codec_context.height, stream.codec_context.width)
+                if self.frame_size is not None and size != tuple(self.frame_size):
+                    raise ValueError(f"{self.video_path}: frames are {size[0]}x{size[1]}, expected "
+                                     f"{self.frame_size[0]}x{self.frame_size[1]} (the size the other shards, or the "
+                                     f"model's training data, have); the file is from another dataset")
+                fps, tb = stream.average_rate, stream.time_base
+                t0 = stream.start_time or 0
+                container.seek(t0 + int(start / fps / tb), stream=stream, backward=True)
+                for frame in container.decode(stream):
+                    idx = round((frame.pts - t0) * tb * fps)
+                    if idx >= start:
+                        yield idx, frame.to_ndarray(format='rgb24')
+        except (av.FFmpegError, TypeError, ZeroDivisionError) as e:   # no rate or time base: not a video either
+            raise ValueError(f"{self.video_path} cannot be decoded ({type(e).__name__}: {e}): the file is damaged "
+                             f"or truncated; download or write it again") from None
 
     def read_frames(self, start, count):
         """Frames start .. start+count-1 as uint8 [count, H, W, 3]."""
@@ -462,8 +605,7 @@ def raw_shards(split_dir):
     path = os.path.join(split_dir, 'metadata.json')
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} missing: point at a 1X raw split folder (train_v2.0_raw/ or val_v2.0_raw/)")
-    with open(path) as f:
-        num_shards = json.load(f)['num_shards']
+    num_shards = read_json(path)['num_shards']
     if os.path.exists(os.path.join(split_dir, 'metadata')):
         return [int(n[len('metadata_'):-len('.json')]) for n in sorted(os.listdir(os.path.join(split_dir, 'metadata')))
                 if n.startswith('metadata_')][:num_shards]
@@ -474,8 +616,8 @@ class RawClips(torch.utils.data.Dataset):
     """All valid 77-frame windows of a raw split, `stride` frames apart at least. Item: dict with
     frames_THWC uint8 [21, H, W, 3] (clip frame 20 = raw frame 76 = the target), states_TD [21, 25]."""
 
-    def __init__(self, split_dir, stride=RAW_CLIP_LEN, max_clips=None):
-        self.shards = {i: RawShard(split_dir, i) for i in raw_shards(split_dir)}
+    def __init__(self, split_dir, stride=RAW_CLIP_LEN, max_clips=None, frame_size=None):
+        self.shards = {i: RawShard(split_dir, i, frame_size) for i in raw_shards(split_dir)}
         self.items = [(i, s) for i, shard in self.shards.items() for s in shard.clip_starts(stride)][:max_clips]
         assert self.items, f"{split_dir}: no 77-frame window lies inside one segment"
 
@@ -527,7 +669,7 @@ class PixelCodec:
         keys = F.pixel_shuffle(z_BCFHW.transpose(1, 2).flatten(0, 1), 4).unflatten(0, (B, Fz)).transpose(1, 2)
         if Fz == 1:
             return keys
-        a = torch.arange(4, dtype=keys.dtype).div(4).view(1, 1, 1, 4, 1, 1)  # weight of the next keyframe
+        a = torch.arange(4, dtype=keys.dtype, device=keys.device).div(4).view(1, 1, 1, 4, 1, 1)  # weight of the next keyframe
         between = keys[:, :, :-1, None] * (1 - a) + keys[:, :, 1:, None] * a   # [B, 3, Fz-1, 4, H, W]
         return torch.cat([between.flatten(2, 3), keys[:, :, -1:]], dim=2)
 
@@ -574,8 +716,14 @@ def write_synthetic_raw(split_dir, num_shards=1, frames_per_shard=1200, size=64,
     Deterministic from `seed`. Each segment (100-400 frames) has its own texture, so the context
     frames are needed to know the scene and the states to know where the camera and arms go.
     Videos are libx264 at crf 0 in yuv444p, so decoding returns the rendered colours up to rounding.
+    The split is written to SPLIT.partial and renamed into place whole: a killed write leaves no
+    split that looks finished (SPLIT.partial is deleted by the next write).
     """
+    import av   # only the sampling track writes videos
     assert size % 16 == 0, f"size={size}: use a multiple of 16 (VAE and patch strides)"
+    final_dir = str(split_dir).rstrip('/')
+    split_dir = final_dir + '.partial'
+    shutil.rmtree(split_dir, ignore_errors=True)
     rng = np.random.default_rng(seed)
     segment_id = 0
     for shard in range(num_shards):
@@ -607,32 +755,82 @@ def write_synthetic_raw(split_dir, num_shards=1, frames_per_shard=1200, size=64,
             json.dump({'shard_num_frames': frames_per_shard, 'shard_ind': shard}, f)
     with open(os.path.join(split_dir, 'metadata.json'), 'w') as f:
         json.dump({'num_shards': num_shards, 'query': None, 'hz': RAW_HZ,
-                   'num_images': num_shards * frames_per_shard}, f)
+                   'num_images': num_shards * frames_per_shard, 'synthetic': dict(seed=seed, size=size)}, f)
+    if os.path.exists(final_dir):
+        shutil.rmtree(final_dir)
+    os.replace(split_dir, final_dir)
+
+
+def write_synthetic_raw_set(out, train_shards=2, frames=1200, size=64, seed=0, val_frames=None):
+    """out/train_v2.0_raw and out/val_v2.0_raw (one shard), then out/synthetic.json with the
+    settings, last. A finished set of the same settings is kept; one of other settings is an error
+    (never mixed or silently reused); a set without synthetic.json (an interrupted write) is written
+    again; a folder holding real data is never written over."""
+    settings = dict(train_shards=train_shards, frames=frames, val_frames=val_frames or frames, size=size, seed=seed)
+    path = os.path.join(out, 'synthetic.json')
+    if os.path.exists(path):
+        saved = read_json(path)
+        if saved != settings:
+            diffs = '; '.join(f"{k}={saved.get(k)!r} on disk, {v!r} asked for" for k, v in settings.items()
+                              if saved.get(k) != v)
+            raise SystemExit(f"{out} holds a synthetic raw set written with other settings ({diffs}): pass another "
+                             f"folder, or delete {out} to write it again")
+        return False
+    for split in ('train_v2.0_raw', 'val_v2.0_raw'):
+        meta = os.path.join(out, split, 'metadata.json')
+        if os.path.exists(os.path.join(out, split)) and not (os.path.exists(meta) and 'synthetic' in read_json(meta)):
+            raise SystemExit(f"{os.path.join(out, split)} exists and is not a synthetic split: refusing to write "
+                             f"synthetic data over it; pass another folder")
+    for name in os.listdir(out) if os.path.isdir(out) else []:   # latents of an unfinished set: stale
+        if name.startswith('latents_'):
+            shutil.rmtree(os.path.join(out, name))
+    write_synthetic_raw(os.path.join(out, 'train_v2.0_raw'), train_shards, frames, size, seed)
+    write_synthetic_raw(os.path.join(out, 'val_v2.0_raw'), 1, val_frames or frames, size, seed + 1, flat=True)
+    with open(path + '.tmp', 'w') as f:
+        json.dump(settings, f)
+    os.replace(path + '.tmp', path)
+    return True
 
 
 # --- latents on disk: encode once, train many steps ---------------------------------------------
 
 def encode_raw_split(split_dir, out_dir, codec, stride=RAW_CLIP_LEN, batch_size=8, device='cpu',
-                     dtype=torch.float32):
+                     dtype=torch.float32, rank=0, world=1):
     """Encode every clip of a raw split with `codec` (PixelCodec or wan_state.WanVAE) to
     out_dir/latents_{shard}.safetensors holding latents [N, 48, 6, h, w], states [N, 21, 25] and
-    starts [N] (the raw frame each window starts at), and out_dir/encoding.json (codec, stride,
-    clips). Store bf16 for the Wan VAE, float32 for the lossless pixel codec. Returns the number
-    of clips. The shards are written to out_dir.partial, each file renamed into place whole, and
-    the folder renamed to out_dir at the end: an interrupted run leaves no out_dir that looks
-    finished, and running it again resumes at the first shard it had not written."""
+    starts [N] (the raw frame each window starts at), and out_dir/encoding.json (the settings and
+    the number of clips). Store bf16 for the Wan VAE, float32 for the lossless pixel codec.
+
+    Safe to interrupt and to share: the shards are written to out_dir.partial, each file renamed
+    into place whole; the settings go first to out_dir.partial/settings.json, so a rerun resumes
+    at the first shard not written and refuses other settings (another stride, codec, frame size)
+    instead of mixing them. With world > 1 process `rank` encodes shards rank, rank + world, ...
+    and the master calls finish_encoding after all are done. A finished out_dir of the same
+    settings is kept as it is; one of other settings is an error. Returns the number of clips
+    (world == 1) or None. Latents that come out NaN or inf are an error naming the video."""
     out_dir = str(out_dir).rstrip('/')
-    assert not os.path.exists(out_dir), f"{out_dir} exists: delete it to encode again"
+    shards = raw_shards(split_dir)
+    frame_size = RawShard(split_dir, shards[0]).read_frames(0, 1).shape[1:3]
+    settings = dict(codec=type(codec).__name__, stride=stride, frame_size=list(frame_size), dtype=str(dtype),
+                    split=os.path.basename(str(split_dir).rstrip('/')))
+    if os.path.exists(out_dir):
+        check_encoding(out_dir, settings)
+        return read_json(os.path.join(out_dir, 'encoding.json'))['clips']
     partial = out_dir + '.partial'
     os.makedirs(partial, exist_ok=True)
-    total = 0
-    for shard_id in raw_shards(split_dir):
+    settings_json = os.path.join(partial, 'settings.json')
+    if os.path.exists(settings_json):
+        _same_settings(settings_json, settings, f"an interrupted encoding in {partial}", partial)
+    else:
+        tmp = f"{settings_json}.tmp{rank}"
+        with open(tmp, 'w') as f:
+            json.dump(settings, f)
+        os.replace(tmp, settings_json)
+    for shard_id in shards[rank::world]:
         path = os.path.join(partial, f'latents_{shard_id}.safetensors')
         if os.path.exists(path):   # written whole by an interrupted run
-            with safe_open(path, framework='pt') as f:
-                total += f.get_slice('starts').get_shape()[0]
             continue
-        shard = RawShard(split_dir, shard_id)
+        shard = RawShard(split_dir, shard_id, frame_size)
         starts = shard.clip_starts(stride)
         latents, states, batch = [], [], []
         for k, (_, frames_THWC, states_TD) in enumerate(tqdm(shard.iter_clips(starts), total=len(starts),
@@ -641,27 +839,74 @@ def encode_raw_split(split_dir, out_dir, codec, stride=RAW_CLIP_LEN, batch_size=
             states.append(torch.from_numpy(states_TD))
             if len(batch) == batch_size or k == len(starts) - 1:
                 with torch.no_grad():
-                    latents.append(codec.encode(frames_to_video(torch.stack(batch)).to(device)).to('cpu', dtype))
+                    z = codec.encode(frames_to_video(torch.stack(batch)).to(device)).to('cpu', dtype)
+                if not torch.isfinite(z).all():
+                    bad = starts[k + 1 - len(batch) + int((~torch.isfinite(z)).flatten(1).any(1).nonzero()[0])]
+                    raise ValueError(f"{shard.video_path}: the codec's latents of the clip at frame {bad} hold NaN or "
+                                     f"inf (codec {type(codec).__name__}, {dtype}); check the video and the VAE")
+                latents.append(z)
                 batch = []
-        if starts:
-            save_file({'latents': torch.cat(latents).contiguous(), 'states': torch.stack(states).contiguous(),
-                       'starts': torch.tensor(starts, dtype=torch.int64)}, path + '.tmp')
-            os.replace(path + '.tmp', path)
-        total += len(starts)
+        save_file({'latents': torch.cat(latents).contiguous() if latents else torch.zeros(0),
+                   'states': torch.stack(states).contiguous() if states else torch.zeros(0, RAW_CLIP_LEN, STATE_DIM),
+                   'starts': torch.tensor(starts, dtype=torch.int64)}, path + '.tmp')
+        os.replace(path + '.tmp', path)
+    if world == 1:
+        return finish_encoding(split_dir, out_dir)
+
+
+def finish_encoding(split_dir, out_dir):
+    """After every rank's share: check that every shard is there, write encoding.json, rename
+    out_dir.partial to out_dir. Returns the number of clips."""
+    out_dir = str(out_dir).rstrip('/')
+    partial = out_dir + '.partial'
+    total = 0
+    for shard_id in raw_shards(split_dir):
+        path = os.path.join(partial, f'latents_{shard_id}.safetensors')
+        if not os.path.exists(path):
+            raise SystemExit(f"{path} is missing after encoding: a rank failed, or out_dir is not on storage that "
+                             f"every node sees; rerun to resume")
+        with safe_open(path, framework='pt') as f:
+            total += f.get_slice('starts').get_shape()[0]
+    settings = read_json(os.path.join(partial, 'settings.json'))
     with open(os.path.join(partial, 'encoding.json'), 'w') as f:
-        json.dump(dict(codec=type(codec).__name__, stride=stride, clips=total, split=str(split_dir)), f)
+        json.dump(dict(settings, clips=total), f)
     os.replace(partial, out_dir)
     return total
 
 
+def _same_settings(path, settings, what, where):
+    saved = read_json(path)
+    diffs = [f"{k}={saved.get(k)!r} on disk, {v!r} asked for" for k, v in settings.items() if saved.get(k) != v]
+    if diffs:
+        raise SystemExit(f"{what} has other settings ({'; '.join(diffs)}): pass the same settings, another "
+                         f"folder, or delete {where} to encode again")
+
+
+def check_encoding(out_dir, settings):
+    """A finished encoding in out_dir must have these settings (keys of encoding.json)."""
+    path = os.path.join(out_dir, 'encoding.json')
+    if not os.path.exists(path):
+        raise SystemExit(f"{out_dir} exists but has no encoding.json: it is not a finished encoding; delete it")
+    saved = read_json(path)
+    if saved.get('stride') != settings.get('stride', saved.get('stride')):   # the flag users change most
+        raise SystemExit(f"{out_dir} was encoded with stride {saved.get('stride')}: pass "
+                         f"--clip_stride={saved.get('stride')} (data.py encode_raw: --stride), or delete it to encode again")
+    _same_settings(path, settings, f"the encoding in {out_dir}", out_dir)
+
+
 class LatentClips(torch.utils.data.Dataset):
-    """Pre-encoded clips (encode_raw_split's files), read row by row without loading whole shards."""
+    """Pre-encoded clips (encode_raw_split's files), read row by row without loading whole shards.
+    Only a finished encoding (with encoding.json) is read."""
 
     def __init__(self, latent_dir):
+        if not os.path.exists(os.path.join(latent_dir, 'encoding.json')):
+            raise FileNotFoundError(f"{latent_dir}/encoding.json missing: not a finished encoding; run "
+                                    f"`python data.py encode_raw` (it resumes an interrupted one)")
+        self.encoding = read_json(os.path.join(latent_dir, 'encoding.json'))
         names = sorted(n for n in os.listdir(latent_dir) if n.startswith('latents_') and n.endswith('.safetensors'))
-        assert names, f"{latent_dir}: no latents_*.safetensors; run `python data.py encode_raw` first"
         self.files = [safe_open(os.path.join(latent_dir, n), framework='pt') for n in names]
-        self.items = [(f, k) for f in self.files for k in range(f.get_slice('states').get_shape()[0])]
+        self.items = [(f, k) for f in self.files for k in range(f.get_slice('starts').get_shape()[0])]
+        assert self.items, f"{latent_dir}: no clips"
 
     def __len__(self):
         return len(self.items)
@@ -671,17 +916,64 @@ class LatentClips(torch.utils.data.Dataset):
         return f.get_slice('latents')[row:row + 1][0].float(), f.get_slice('states')[row:row + 1][0]
 
 
-def download_raw(out, split='val_v2.0_raw'):
-    """Fetch a raw split of 1x-technologies/worldmodel_raw_data with huggingface_hub."""
-    from huggingface_hub import snapshot_download
-    snapshot_download(HF_REPO_RAW, repo_type='dataset', local_dir=out, allow_patterns=[f'{split}/*', f'{split}/**'])
+def _fetch_raw(repo_file, out):
+    """One file of the raw dataset repo into out/repo_file, through the huggingface_hub cache
+    (resumable, atomic per file), then hard-linked (or copied) into place atomically."""
+    from huggingface_hub import hf_hub_download
+    dst = os.path.join(out, repo_file)
+    if os.path.exists(dst):   # placed whole by an earlier run
+        return dst
+    try:
+        cached = hf_hub_download(HF_REPO_RAW, repo_file, repo_type='dataset')
+    except Exception as e:   # offline, no network, no such file, ... (huggingface_hub's errors vary by version)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SystemExit(f"could not fetch {repo_file} of the Hugging Face dataset {HF_REPO_RAW} ({first}).\n"
+                         f"Without network access here, prepare the data where there is one and copy the folder:\n"
+                         f"    python data.py download_raw --out DIR --split train_v2.0_raw\n"
+                         f"    python data.py download_raw --out DIR --split val_v2.0_raw\n"
+                         f"    python data.py encode_raw --vae=wan --stride=8 --split DIR/train_v2.0_raw "
+                         f"--out DIR/latents_wan/train_v2.0_raw\n"
+                         f"then pass --data_dir=DIR (or point HF_HUB_CACHE at a cache that holds the dataset).")
+    os.makedirs(os.path.dirname(dst), exist_ok=True)
+    tmp = f"{dst}.tmp{os.getpid()}"
+    try:
+        os.link(os.path.realpath(cached), tmp)
+    except OSError:   # another file system: copy
+        shutil.copyfile(cached, tmp)
+    os.replace(tmp, dst)
+    return dst
+
+
+def download_raw(out, split='val_v2.0_raw', rank=0, world=1):
+    """Fetch a raw split of 1x-technologies/worldmodel_raw_data into out/split with huggingface_hub:
+    the split's metadata.json, then shard i's four files by rank i % world (out must be on storage
+    every rank sees). Each file is placed whole (atomic) and kept by a rerun; states and segment
+    files are checked against the sizes their metadata implies."""
+    nested = split.startswith('train')
+    meta = read_json(_fetch_raw(f'{split}/metadata.json', out))
+    for i in range(meta['num_shards']):
+        if i % world != rank:
+            continue
+        files = {kind: f'{split}/{folder}/{name}' if nested else f'{split}/{name}'
+                 for kind, (folder, name) in shard_files(i, 'mp4').items()}
+        paths = {kind: _fetch_raw(f, out) for kind, f in files.items()}
+        RawShard(os.path.join(out, split), i)   # sizes and finite states
     return os.path.join(out, split)
 
 
+def raw_split_is_whole(split_dir):
+    """True if a raw split holds its metadata.json and every shard's four files."""
+    try:
+        return all(os.path.exists(_split_file(split_dir, *f)) for i in raw_shards(split_dir)
+                   for f in shard_files(i, 'mp4').values())
+    except FileNotFoundError:
+        return False
+
+
 def cmd_synthetic_raw(args):
-    write_synthetic_raw(os.path.join(args.out, 'train_v2.0_raw'), args.train_shards, args.frames, args.size, args.seed)
-    write_synthetic_raw(os.path.join(args.out, 'val_v2.0_raw'), 1, args.frames, args.size, args.seed + 1, flat=True)
-    print(f"wrote {args.out}/train_v2.0_raw and {args.out}/val_v2.0_raw ({args.size}x{args.size})")
+    written = write_synthetic_raw_set(args.out, args.train_shards, args.frames, args.size, args.seed)
+    print(f"{'wrote' if written else 'kept (already written with these settings)'} {args.out}/train_v2.0_raw and "
+          f"{args.out}/val_v2.0_raw ({args.size}x{args.size})")
 
 
 def cmd_encode_raw(args):

@@ -4,7 +4,7 @@ Given token grids z_0 .. z_{T-1} (each 32 x 32 Cosmos DV8x8x8 tokens) and the ro
 the sample, it predicts every grid z_{t+1} from the grids up to z_t (teacher forcing in
 training, greedy or sampled decoding in generate()). Read top to bottom:
   STConfig -> Attention (spatial or causal temporal) -> MLP -> Block -> StateEncoder ->
-  STTransformer (forward, generate) -> the Top-500 cross-entropy metric.
+  STTransformer (forward, generate) -> the chunked training loss -> the Top-500 cross-entropy metric.
 Shape suffixes: B batch, T grids (time), H, W grid rows and columns, S = H * W token positions,
 C channels, L state rows (frames), D state dims, V vocabulary, N tokens.
 """
@@ -14,9 +14,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from einops import rearrange
 
-# Top-500 CE (../shared/1X-DATA.md): a true token outside the k largest logits scores
+# Top-500 CE (the 1X challenge metric; its scorer is not public, see cross_entropy_topk): a true token outside the k largest logits scores
 # -log(P_FLOOR). The official scorer is not public; we choose 1 / 64000, i.e. such a token
 # costs what a uniform guess over the real Cosmos vocabulary costs (log 64000 = 11.07 nats).
 TOP_K = 500
@@ -168,13 +169,21 @@ class STTransformer(nn.Module):
             if name.startswith('pos_emb'):
                 nn.init.normal_(p, std=0.02)
 
-    def forward(self, z_BTHW, states_BLD=None, predict_from=0):
-        """Logits (B, T - predict_from, H, W, V) for grids predict_from+1 .. T from grids 0 .. T-1.
+    def forward(self, z_BTHW, states_BLD=None, predict_from=0, targets_BTHW=None, loss_chunk=4096):
+        """Logits (B, T - predict_from, H, W, V) for grids predict_from+1 .. T from grids 0 .. T-1;
+        with targets_BTHW (the true grids predict_from+1 .. T), the mean cross-entropy instead.
 
         Only the positions that are scored get the output head: training scores the future
         grids 3, 4, 5 (paper 3.2), i.e. positions 2, 3, 4, and the 64k-way head is the largest
-        cost of the model, so this is cheaper and exact."""
-        return self.blocks_and_head(self.embed(z_BTHW, states_BLD), predict_from)
+        cost of the model, so this is cheaper and exact. The loss never holds the logits of the
+        whole batch (head_cross_entropy): at the paper's size they would be 2 GiB in fp32 per
+        sample."""
+        h_BTSC = self.hidden(self.embed(z_BTHW, states_BLD), predict_from)
+        if targets_BTHW is None:
+            return rearrange(self.head(h_BTSC), 'b t (h w) v -> b t h w v', h=self.cfg.H)
+        assert targets_BTHW.shape == h_BTSC.shape[:2] + (self.cfg.H, self.cfg.W), \
+            f"targets must be the {h_BTSC.shape[1]} predicted grids, got {tuple(targets_BTHW.shape)}"
+        return head_cross_entropy(h_BTSC.flatten(0, 2), self.head.weight, targets_BTHW.reshape(-1), loss_chunk)
 
     def embed(self, z_BTHW, states_BLD=None, t0=0):
         """Input embeddings (B, T, S, C) of the grids at time positions t0 .. t0 + T - 1: token +
@@ -191,13 +200,17 @@ class STTransformer(nn.Module):
             x_BTSC = x_BTSC + self.states(states_BLD, t0 + T)[:, t0:, None]
         return self.drop(x_BTSC)
 
-    def blocks_and_head(self, x_BTSC, predict_from=0, kv_caches=None):
-        """The ST blocks, then logits of the positions from predict_from on. kv_caches: one dict per
-        block for the temporal KV cache of generate()."""
+    def hidden(self, x_BTSC, predict_from=0, kv_caches=None):
+        """The ST blocks, then the final LayerNorm of the positions from predict_from on. kv_caches:
+        one dict per block for the temporal KV cache of generate()."""
         for i, block in enumerate(self.blocks):
             x_BTSC = block(x_BTSC, None if kv_caches is None else kv_caches[i])
-        x_BTSC = self.ln_f(x_BTSC[:, predict_from:])
-        return rearrange(self.head(x_BTSC), 'b t (h w) v -> b t h w v', h=self.cfg.H)
+        return self.ln_f(x_BTSC[:, predict_from:])
+
+    def blocks_and_head(self, x_BTSC, predict_from=0, kv_caches=None):
+        """Logits (B, T', H, W, V) of the positions from predict_from on."""
+        h_BTSC = self.hidden(x_BTSC, predict_from, kv_caches)
+        return rearrange(self.head(h_BTSC), 'b t (h w) v -> b t h w v', h=self.cfg.H)
 
     @torch.no_grad()
     def generate(self, z_BTHW, states_BLD=None, num_grids=3, temperature=0.0, top_k=None, use_cache=True):
@@ -270,8 +283,27 @@ def get_lr(it, peak_lr, warmup_iters, max_iters):
     return peak_lr * max(0.0, (max_iters - it) / max(1, max_iters - warmup_iters))
 
 
+def _chunk_ce_sum(h_NC, weight_VC, target_N):
+    return F.cross_entropy(F.linear(h_NC, weight_VC).float(), target_N, reduction='sum')
+
+
+def head_cross_entropy(h_NC, weight_VC, target_N, chunk=4096):
+    """Mean cross-entropy of the logits h_NC @ weight_VC^T (fp32 log-softmax) against target_N,
+    computed chunk tokens at a time with activation checkpointing: each chunk's logits are made,
+    reduced to a sum and freed, and made again in the backward pass. So at most one chunk of fp32
+    logits (chunk x V x 4 bytes: 1 GiB at 4096 x 64000) exists at a time instead of the whole
+    micro-batch's (30720 x 64000 x 4 bytes = 7.3 GiB at batch 10), for one extra head matmul.
+    Equal to F.cross_entropy on the full logits (test_all.py checks value and gradients)."""
+    total = h_NC.new_zeros((), dtype=torch.float32)
+    for i in range(0, len(target_N), chunk):
+        total = total + torch.utils.checkpoint.checkpoint(_chunk_ce_sum, h_NC[i:i + chunk], weight_VC,
+                                                          target_N[i:i + chunk], use_reentrant=False)
+    return total / len(target_N)
+
+
 def cross_entropy_topk(logits_NV, target_N, k=TOP_K, p_floor=P_FLOOR):
-    """Top-k cross-entropy per token (nanoWM's reading of the 1X challenge metric, 1X-DATA.md):
+    """Top-k cross-entropy per token (nanoWM's reading of the 1X challenge metric, which is only
+    described as "considers only the top-500 logits per token"):
     keep the k largest logits, log-softmax over them, loss = -log p(true token); a true token
     outside the top k scores -log(p_floor). With k = V this is the plain cross-entropy."""
     logits_NV = logits_NV.float()

@@ -9,6 +9,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -22,11 +23,14 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import data
 from st_transformer import P_FLOOR, STConfig, STTransformer, cross_entropy_topk, get_lr
-from wan_state import (WanConfig, WanDiT, WanVAE, add_lora, frame_timesteps, load_trainable, lora_modules,
-                       merge_lora, null_context, parameter_counts, per_token_timestep, save_trainable,
-                       to_diffusers_state_dict, trainable_state_dict, unmerge_lora)
-from sample import blur_baseline, match_histograms, psnr, sample_latents, ssim
-from train_sampling import build_model, flow_matching_loss, sample_draws, shift_sigma, text_context
+from wan_state import (LORA_TARGETS, WanConfig, WanDiT, WanVAE, add_lora, export_lora, frame_timesteps,
+                       load_lora, load_trainable, lora_modules, merge_lora, null_context, parameter_counts,
+                       per_token_timestep, save_trainable, to_diffusers_state_dict, trainable_state_dict,
+                       unmerge_lora)
+from wan_state import main as wan_state_main
+from sample import blur_baseline, match_histograms, ssim
+from flow_matching import (build_model, flow_matching_loss, psnr, reference_sigmas, sample_draws, sample_latents,
+                           shift_sigma, text_context)
 
 
 REPO = os.path.dirname(os.path.abspath(__file__))
@@ -163,9 +167,15 @@ def test_weight_decay_groups_and_lr_schedule_match_paper():
 def test_paper_preset_dry_run(tmp_path):
     out = run_script('train_compression.py', '--preset=paper', '--dry_run', cwd=tmp_path)
     cfg = json.loads(out.split('settings: ', 1)[1].splitlines()[0])
-    assert (cfg['n_layer'], cfg['n_head'], cfg['n_embd'], cfg['T'], cfg['dropout']) == (24, 8, 512, 5, 0.1)
+    assert (cfg['n_layer'], cfg['n_head'], cfg['n_embd'], cfg['dropout']) == (24, 8, 512, 0.1)
     assert (cfg['total_batch_size'], cfg['epochs'], cfg['warmup_iters'], cfg['learning_rate']) == (160, 80.0, 2000, 8e-4)
     assert (cfg['beta1'], cfg['beta2'], cfg['weight_decay'], cfg['vocab_size']) == (0.9, 0.95, 0.05, 64000)
+    # one 80 GB GPU per process: micro-batch 10; the paper's epoch: non-overlapping samples
+    assert (cfg['batch_size'], cfg['sample_stride'], cfg['max_iters'], cfg['data_dir']) == (10, 2, 0, 'data/1x')
+    assert 'T=5' in out
+    assert '/ 160 per step = 153,000' in out and '(1 GPU: 16), (8 GPUs: 2), (16 GPUs: 1)' in out
+    # --max_iters alone shortens the paper run
+    assert 'steps: 1,000\n' in run_script('train_compression.py', '--preset=paper', '--dry_run', '--max_iters', '1000')
     n = int(out.split('parameters: ', 1)[1].split()[0].replace(',', ''))
     # 24 blocks of (2 x 4d^2 attention + 8d^2 MLP) + 64000 x 512 tied embedding, plus small parts
     assert 24 * 16 * 512 ** 2 + 64000 * 512 < n < 24 * 16 * 512 ** 2 + 64000 * 512 + 2_000_000
@@ -369,6 +379,154 @@ def test_model_without_states_cannot_beat_the_state_blind_floor(tmp_path, synthe
     # which is most of a nat above the Bayes floor
     assert model['ce'] > blind['ce'] - 0.05
     assert blind['ce'] > r['Bayes floor (states known)']['ce'] + 0.5
+
+
+def test_chunked_loss_equals_cross_entropy_on_full_logits_value_and_gradients():
+    model = randomize(tiny_st_model(), std=0.05)
+    z, s = torch.randint(0, 1000, (2, 6, 32, 32)), torch.randn(2, 64, 25)
+    full = F.cross_entropy(model(z[:, :5], s, predict_from=2).flatten(0, -2), z[:, 3:].reshape(-1))
+    grads = torch.autograd.grad(full, list(model.parameters()))
+    chunked = model(z[:, :5], s, predict_from=2, targets_BTHW=z[:, 3:], loss_chunk=1000)   # 7 chunks, the last short
+    torch.testing.assert_close(chunked, full, rtol=1e-5, atol=1e-6)
+    for g_full, g_chunk in zip(grads, torch.autograd.grad(chunked, list(model.parameters()))):
+        torch.testing.assert_close(g_chunk, g_full, rtol=1e-4, atol=1e-7)
+
+
+def test_paper_epoch_is_non_overlapping_samples_inside_segments(tmp_path):
+    segment = np.repeat([0, 1, 2], [120, 200, 100])   # 420 frames: 25 blocks
+    write_known_shard(str(tmp_path), 0, True, segment)
+    write_meta(str(tmp_path), 1, len(segment))
+    every = data.TokenDataset(str(tmp_path), vocab_size=1000)
+    paper = data.TokenDataset(str(tmp_path), vocab_size=1000, stride=2)
+    # brute force: samples of blocks (2j, 2j + 1) whose 34 frames share one segment id
+    expect = [2 * j for j in range(25 // 2) if len(set(segment[34 * j:34 * j + 34])) == 1]
+    assert [int(k) for _, k in paper.index] == expect == [0, 2, 4, 8, 10, 12, 14, 16, 20, 22]
+    every_expect = [k for k in range(25) if 17 * k + 34 <= 420 and len(set(segment[17 * k:17 * k + 34])) == 1]
+    assert len(every) == len(every_expect) == 19   # a sample at every block: about twice as many
+
+
+COMPRESSION_RUN = ['--n_embd=32', '--n_head=2', '--eval_samples=2', '--eval_batch_size=2', '--final_eval=False',
+                   '--num_workers=0', '--batch_size=2', '--total_batch_size=2']
+
+
+def run_compression(*args, cwd, fails=False):
+    return run_script('train_compression.py', *COMPRESSION_RUN, *args, cwd=cwd, fails=fails)
+
+
+def all_finite(path):
+    state = torch.load(path, weights_only=True)
+    return all(torch.isfinite(t).all() for t in state['model'].values())
+
+
+def test_compression_nan_loss_stops_with_an_error_and_never_saves_a_nan_checkpoint(tmp_path, synthetic_dir):
+    run_compression(f'--data_dir={synthetic_dir}', f'--out_dir={tmp_path}', '--max_iters=2', cwd=tmp_path)
+    err = run_compression(f'--data_dir={synthetic_dir}', f'--out_dir={tmp_path}', '--max_iters=30', '--overwrite',
+                          '--learning_rate=1e6', '--ckpt_interval=1', cwd=tmp_path, fails=True)
+    assert re.search(r'step \d+: the (training loss|gradient norm) is (nan|inf): stopping', err), err
+    assert all_finite(tmp_path / 'ckpt.pt') and all_finite(tmp_path / 'ckpt_prev.pt')
+
+
+def test_compression_nan_in_robot_states_names_the_file_and_the_row(tmp_path, synthetic_dir):
+    bad = tmp_path / 'data'
+    shutil.copytree(synthetic_dir, bad)
+    states = np.fromfile(bad / 'val_v2.0' / 'states_0.bin', np.float32).reshape(-1, 25)
+    states[77, 3] = np.nan
+    states.tofile(bad / 'val_v2.0' / 'states_0.bin')
+    err = run_compression(f'--data_dir={bad}', f'--out_dir={tmp_path}/run', '--max_iters=1', cwd=tmp_path, fails=True)
+    assert re.search(r'val_v2.0/states_0.bin: robot states hold nan at row \(frame\) 77, column 3', err), err
+    assert not (tmp_path / 'run' / 'ckpt.pt').exists()
+
+
+def test_compression_refuses_to_train_over_a_checkpoint_and_bad_flags_before_any_work(tmp_path, synthetic_dir):
+    out = tmp_path / 'run'
+    run_compression(f'--data_dir={synthetic_dir}', f'--out_dir={out}', '--max_iters=1', cwd=tmp_path)
+    before = (out / 'ckpt.pt').read_bytes()
+    for args, message in ((['--max_iters=1'], 'already exists. To continue that run pass --resume'),
+                          (['--max_iters=1', '--batch_size=0'], '--batch_size=0 must be positive'),
+                          (['--max_iters=0'], '--max_iters=0 and --epochs=0: give the run a length'),
+                          (['--max_iters=1', '--sample_stride=3'], '--sample_stride=3 is not one of 1, 2'),
+                          (['--max_iters=1', '--init_from=Resume'], 'unknown setting --init_from')):
+        assert message in run_compression(f'--data_dir={synthetic_dir}', f'--out_dir={out}', *args, cwd=tmp_path,
+                                          fails=True)
+    assert (out / 'ckpt.pt').read_bytes() == before
+    (tmp_path / 'file').write_text('')
+    err = run_compression(f'--data_dir={synthetic_dir}', f'--out_dir={tmp_path}/file/run', '--max_iters=1',
+                          cwd=tmp_path, fails=True)
+    assert 'is not writable' in err
+
+
+def test_compression_loads_no_code_and_names_the_wrong_track_or_model(tmp_path, synthetic_dir):
+    out = tmp_path / 'run'
+    run_compression(f'--data_dir={synthetic_dir}', f'--out_dir={out}', '--max_iters=1', cwd=tmp_path)
+    err = run_compression(f'--data_dir={synthetic_dir}', f'--out_dir={out}', '--max_iters=2', '--resume',
+                          '--n_layer=2', cwd=tmp_path, fails=True)
+    assert 'n_layer=1 in the checkpoint, 2 now' in err
+    marker = tmp_path / 'pwned.txt'
+    torch.save(dict(kind='compression', step=1, config={}, evil=_Payload(str(marker))), tmp_path / 'evil.pt')
+    torch.save(dict(kind='sampling', step=1, config={}), tmp_path / 'sampling.pt')
+    for name, message in (('evil.pt', 'refusing to load it'), ('sampling.pt', 'not a compression-track checkpoint')):
+        err = run_compression(f'--data_dir={synthetic_dir}', '--eval_only', f'--ckpt={tmp_path / name}',
+                              cwd=tmp_path, fails=True)
+        assert message in err
+    assert not marker.exists()
+
+
+def fake_hub(root, synthetic_dir):
+    """A Hugging Face cache holding the dataset repo, as huggingface_hub lays it out: the offline
+    stand-in for the Hub (HF_HUB_OFFLINE=1 serves files from it)."""
+    rev = 'a' * 40
+    repo = root / 'datasets--1x-technologies--worldmodel'
+    for split in ('train_v2.0', 'val_v2.0'):
+        shutil.copytree(os.path.join(synthetic_dir, split), repo / 'snapshots' / rev / split)
+    (repo / 'refs').mkdir()
+    (repo / 'refs' / 'main').write_text(rev)
+    return dict(HF_HUB_CACHE=str(root), HF_HUB_OFFLINE='1')
+
+
+def test_compression_prepares_its_data_from_an_empty_folder_trains_and_logs_validation(tmp_path, synthetic_dir,
+                                                                                      monkeypatch):
+    monkeypatch.setenv('HF_HUB_OFFLINE', '1')
+    monkeypatch.setenv('HF_HUB_CACHE', str(tmp_path / 'empty_cache'))
+    err = run_compression('--data_dir', str(tmp_path / 'data'), '--out_dir', str(tmp_path / 'run'), '--max_iters', '2',
+                          cwd=tmp_path, fails=True)
+    assert 'could not fetch train_v2.0/metadata.json' in err and 'python data.py download --out DIR' in err
+    for key, value in fake_hub(tmp_path / 'hub', synthetic_dir).items():
+        monkeypatch.setenv(key, value)
+    args = ['--data_dir', str(tmp_path / 'data'), '--out_dir', str(tmp_path / 'run'), '--max_iters', '2',
+            '--eval_interval', '1', '--train_splits=train_v2.0,val_v2.0']
+    out = run_compression(*args, cwd=tmp_path)
+    video = tmp_path / 'data' / 'train_v2.0' / 'videos' / 'video_1.bin'
+    assert video.read_bytes() == open(os.path.join(synthetic_dir, 'train_v2.0/videos/video_1.bin'), 'rb').read()
+    n_train, n_val = (len(data.TokenDataset(os.path.join(synthetic_dir, s), vocab_size=1000)) for s in ('train_v2.0', 'val_v2.0'))
+    assert f'{n_train + n_val} train samples (train_v2.0, val_v2.0' in out and 'not held-out numbers' in out
+    log = run_dir.read_log(str(tmp_path / 'run'))
+    assert [r['step'] for r in log] == [0, 1]
+    assert all(math.isfinite(r[k]) for r in log for k in ('loss', 'val_tf_top500', 'val_ar_top500', 'val_ar_ce'))
+    assert (tmp_path / 'run' / 'curves.png').exists() and (tmp_path / 'run' / 'ckpt_best.pt').exists()
+    # a short file (e.g. an interrupted copy of the folder) is recognised and fetched again
+    short = video.read_bytes()[:1000]
+    video.unlink()   # a new file: the downloaded one is a hard link into the cache
+    video.write_bytes(short)
+    run_compression(*args, '--overwrite', cwd=tmp_path)
+    assert video.stat().st_size == os.path.getsize(os.path.join(synthetic_dir, 'train_v2.0/videos/video_1.bin'))
+
+
+def test_synthetic_writer_redoes_an_unfinished_set_and_refuses_other_settings(tmp_path):
+    small = dict(train_shards=1, train_frames=340, val_frames=340)
+    data.write_synthetic(str(tmp_path), **small)
+    video = tmp_path / 'val_v2.0' / 'video_0.bin'
+    good = video.read_bytes()
+    # interrupted: a half-written split and no synthetic.json -> written again, not reused
+    (tmp_path / 'synthetic.json').unlink()
+    video.write_bytes(good[:100])
+    (tmp_path / 'train_v2.0.partial').mkdir()
+    data.write_synthetic(str(tmp_path), **small)
+    assert video.read_bytes() == good and not (tmp_path / 'train_v2.0.partial').exists()
+    with pytest.raises(SystemExit, match='other settings \\(vocab=1000 on disk, 2000 asked for\\)'):
+        data.write_synthetic(str(tmp_path), vocab=2000, **small)
+    (tmp_path / 'synthetic.json').write_text('{"settings": {"seed"')
+    with pytest.raises(ValueError, match='synthetic.json is not valid JSON'):
+        data.write_synthetic(str(tmp_path), **small)
 
 
 # ===============================================================================================
@@ -714,6 +872,191 @@ def test_save_and_load_trainable_roundtrip(tmp_path):
         assert torch.equal(fresh(x, t_BL, context, states), model(x, t_BL, context, states))
 
 
+def random_lora(cfg, rank=4, seed=5):
+    """{module: (A [r, in], B [out, r])} on every LoRA target of every block, official names."""
+    g = torch.Generator().manual_seed(seed)
+    model = WanDiT(cfg, state_cond=False)
+    out = {}
+    for i in range(cfg.num_layers):
+        for t in LORA_TARGETS:
+            lin = model.blocks[i].get_submodule(t)
+            out[f'blocks.{i}.{t}'] = (torch.randn(rank, lin.in_features, generator=g) * 0.1,
+                                      torch.randn(lin.out_features, rank, generator=g) * 0.1)
+    return out
+
+
+def diffusers_pipe(base):
+    """diffusers' WanPipeline around a twin of `base` (a WanDiT without LoRA): the reference loader."""
+    from diffusers import WanPipeline
+    twin = diffusers_twin(base.cfg)
+    twin.load_state_dict(to_diffusers_state_dict(base.state_dict()), strict=True)
+    return WanPipeline(tokenizer=None, text_encoder=None, vae=None, scheduler=None, transformer=twin)
+
+
+def test_exported_lora_loads_in_diffusers_with_the_output_of_our_merged_model(tmp_path):
+    cfg = WanConfig.tiny()
+    model = randomize(WanDiT(cfg, state_cond=False))
+    base = WanDiT(cfg, state_cond=False)
+    base.load_state_dict(model.state_dict())
+    add_lora(model, rank=4, alpha=8)                       # alpha != rank: the scale 2 must survive
+    for m in lora_modules(model):
+        torch.nn.init.normal_(m.lora_B.weight, std=0.05)
+    assert [p.name for p in export_lora(model, tmp_path)] == ['lora.safetensors']   # no state embedder here
+    pipe = diffusers_pipe(base)
+    pipe.load_lora_weights(str(tmp_path), weight_name='lora.safetensors')          # as a user calls it
+    x, t_BL, context, _ = inputs(cfg)
+    with torch.no_grad():
+        merge_lora(model)
+        ours, want, plain = model(x, t_BL, context), pipe.transformer(x, t_BL, context).sample, base(x, t_BL, context)
+    assert (ours - plain).abs().max() > 1e-2          # the LoRA changes the output
+    assert (ours - want).abs().max() < 1e-4
+
+
+def test_exported_lora_has_comfyui_keys_and_needs_no_alpha_to_apply(tmp_path):
+    from safetensors.torch import load_file
+    cfg = WanConfig.tiny()
+    model = randomize(WanDiT(cfg))
+    add_lora(model, rank=4, alpha=8)
+    for m in lora_modules(model):
+        torch.nn.init.normal_(m.lora_B.weight, std=0.05)
+    export_lora(model, tmp_path)
+    sd = load_file(str(tmp_path / 'lora.safetensors'))
+    assert len(sd) == 3 * 10 * cfg.num_layers
+    m = model.blocks[1].cross_attn.o
+    key = 'diffusion_model.blocks.1.cross_attn.o'
+    assert sd[f'{key}.alpha'].item() == 4.0              # alpha = rank: scale 1 whoever reads it...
+    delta = sd[f'{key}.lora_B.weight'] @ sd[f'{key}.lora_A.weight']
+    assert torch.allclose(delta, m.delta(), atol=1e-6)   # ...so B @ A alone (DiffSynth) is the update
+    assert set(load_file(str(tmp_path / 'state_embedder.safetensors'))) == {
+        k for k in model.state_dict() if k.startswith('state_embedder.')}
+
+
+def write_lora(fmt, lora, path, alpha):
+    """The same adapters as another tool writes them."""
+    from safetensors.torch import save_file
+    if fmt == 'diffusers':   # diffusers' own writer, with its PEFT metadata (r, lora_alpha)
+        from diffusers import WanPipeline
+        layers = to_diffusers_state_dict({f'{name}.lora_{p}.weight': w for name, (A, B) in lora.items()
+                                          for p, w in (('A', A), ('B', B))})   # blocks.0.attn1.to_q.lora_A.weight
+        WanPipeline.save_lora_weights(path.parent, transformer_lora_layers=layers, weight_name=path.name,
+                                      transformer_lora_adapter_metadata=dict(r=4, lora_alpha=alpha, target_modules=[
+                                          'to_q', 'to_k', 'to_v', 'to_out.0', 'ffn.net.0.proj', 'ffn.net.2']))
+        return
+    sd = {}
+    for name, (A, B) in lora.items():
+        if fmt == 'comfyui':
+            sd.update({f'diffusion_model.{name}.lora_down.weight': A, f'diffusion_model.{name}.lora_up.weight': B,
+                       f'diffusion_model.{name}.alpha': torch.tensor(float(alpha))})
+        elif fmt == 'musubi':
+            k = 'lora_unet_' + name.replace('.', '_')
+            sd.update({f'{k}.lora_down.weight': A, f'{k}.lora_up.weight': B, f'{k}.alpha': torch.tensor(float(alpha))})
+        elif fmt == 'diffsynth':
+            sd.update({f'{name}.lora_A.default.weight': A, f'{name}.lora_B.default.weight': B})
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
+
+
+@pytest.mark.parametrize('fmt', ['comfyui', 'diffusers', 'musubi', 'diffsynth'])
+def test_load_lora_reads_each_common_format_as_its_tool_applies_it(tmp_path, fmt):
+    cfg = WanConfig.tiny()
+    base = randomize(WanDiT(cfg, state_cond=False))
+    lora = random_lora(cfg)
+    write_lora(fmt, lora, tmp_path / 'file.safetensors', alpha=8)
+    x, t_BL, context, _ = inputs(cfg)
+    if fmt == 'diffsynth':   # DiffSynth's GeneralLoRALoader: W += B @ A (no alpha)
+        ref = WanDiT(cfg, state_cond=False)
+        ref.load_state_dict(base.state_dict())
+        with torch.no_grad():
+            for name, (A, B) in lora.items():
+                ref.get_submodule(name).weight += B @ A
+            want = ref(x, t_BL, context)
+    else:                    # diffusers' own loader reads the other three (scale 8 / 4)
+        pipe = diffusers_pipe(base)
+        pipe.load_lora_weights(str(tmp_path), weight_name='file.safetensors')
+        with torch.no_grad():
+            want = pipe.transformer(x, t_BL, context).sample
+    model = WanDiT(cfg, state_cond=False)
+    model.load_state_dict(base.state_dict())
+    load_lora(model, tmp_path / 'file.safetensors')             # as trainable adapters of the file's rank
+    assert {m.rank for m in lora_modules(model)} == {4} and len(lora_modules(model)) == 10 * cfg.num_layers
+    merged = WanDiT(cfg, state_cond=False)
+    merged.load_state_dict(base.state_dict())
+    load_lora(merged, tmp_path / 'file.safetensors', merge=True)  # into the base weights
+    with torch.no_grad():
+        got, got_merged, plain = model(x, t_BL, context), merged(x, t_BL, context), base(x, t_BL, context)
+    assert (want - plain).abs().max() > 1e-2
+    assert (got - want).abs().max() < 1e-4
+    assert (got_merged - want).abs().max() < 1e-4
+
+
+def test_export_command_and_load_lora_round_trip_a_checkpoint(tmp_path):
+    cfg = WanConfig.tiny()
+    model = randomize(WanDiT(cfg))
+    add_lora(model, rank=4, alpha=2)
+    randomize(model.state_embedder, seed=3)
+    for m in lora_modules(model):
+        torch.nn.init.normal_(m.lora_B.weight, std=0.05)
+    base = {k: v for k, v in model.state_dict().items() if '.lora_' not in k and not k.startswith('state_embedder.')}
+    ckpt = dict(trainable={n: p.detach() for n, p in model.named_parameters() if p.requires_grad},
+                config=dict(lora_rank=4, lora_alpha=2))
+    torch.save(ckpt, tmp_path / 'ckpt.pt')
+    wan_state_main(['export', '--ckpt', str(tmp_path / 'ckpt.pt')])   # python wan_state.py export --ckpt ...
+    fresh = WanDiT(cfg)
+    fresh.load_state_dict(base, strict=False)
+    load_lora(fresh, tmp_path)                   # the folder: lora.safetensors + state_embedder.safetensors
+    x, t_BL, context, states = inputs(cfg)
+    with torch.no_grad():
+        assert (fresh(x, t_BL, context, states) - model(x, t_BL, context, states)).abs().max() < 1e-5
+
+
+def official_vae_names(sd):
+    """diffusers AutoencoderKLWan names -> the original Wan2.2_VAE.pth names (wan/modules/vae2_2.py),
+    written independently of the loader's map and in the other direction."""
+    n_resnets = {}   # the official stage is one Sequential: its resnets, then the resampler
+    for k in sd:
+        m = re.match(r'(encoder\.down|decoder\.up)_blocks\.(\d+)\.resnets\.(\d+)\.', k)
+        if m:
+            n_resnets[m[1], m[2]] = max(n_resnets.get((m[1], m[2]), 0), int(m[3]) + 1)
+
+    def stage(m):    # encoder.down_blocks.1.resnets.0. -> encoder.downsamples.1.downsamples.0.
+        index = m[4] if m[3] == 'resnets.' else n_resnets[m[1], m[2]]
+        return f"{m[1]}samples.{m[2]}.{m[1].split('.')[1]}samples.{index}."
+    out = {}
+    for k, v in sd.items():
+        o = re.sub(r'(encoder\.down|decoder\.up)_blocks\.(\d+)\.(resnets\.|downsampler|upsampler)(\d*)\.', stage, k)
+        for a, b in (('.norm1.', '.residual.0.'), ('.conv1.', '.residual.2.'), ('.norm2.', '.residual.3.'),
+                     ('.conv2.', '.residual.6.'), ('.conv_shortcut.', '.shortcut.'), ('.conv_in.', '.conv1.'),
+                     ('.norm_out.', '.head.0.'), ('.conv_out.', '.head.2.'), ('mid_block.resnets.0.', 'middle.0.'),
+                     ('mid_block.attentions.0.', 'middle.1.'), ('mid_block.resnets.1.', 'middle.2.')):
+            o = o.replace(a, b)
+        out[re.sub(r'^quant_conv\.', 'conv1.', re.sub(r'^post_quant_conv\.', 'conv2.', o))] = v
+    return out
+
+
+def test_official_vae_pth_loads_as_the_diffusers_layout(tmp_path):
+    from diffusers import AutoencoderKLWan
+    torch.manual_seed(0)
+    mean, std = torch.linspace(-1, 1, 48).tolist(), torch.linspace(0.5, 3, 48).tolist()
+    size = dict(base_dim=8, decoder_base_dim=8, dim_mult=[1, 2, 2, 2], num_res_blocks=1, latents_mean=mean,
+                latents_std=std)
+    tiny = AutoencoderKLWan(z_dim=48, temperal_downsample=[False, True, True], is_residual=True, in_channels=12,
+                            out_channels=12, patch_size=2, scale_factor_spatial=16, **size)
+    randomize(tiny, std=0.2)
+    tiny.save_pretrained(tmp_path / 'diffusers' / 'vae')
+    (tmp_path / 'official').mkdir()
+    official = official_vae_names(tiny.state_dict())
+    assert 'encoder.downsamples.1.downsamples.1.time_conv.weight' in official    # resampler after 1 resnet
+    assert 'decoder.upsamples.0.upsamples.2.resample.1.weight' in official      # after 2 (num_res_blocks + 1)
+    torch.save(official, tmp_path / 'official' / 'Wan2.2_VAE.pth')
+    (tmp_path / 'official' / 'config.json').write_text(json.dumps(dict(dim=3072)))   # the DiT's, as in the repo
+    want = WanVAE.from_pretrained(tmp_path / 'diffusers')
+    for src in (tmp_path / 'official', tmp_path / 'official' / 'Wan2.2_VAE.pth'):
+        got = WanVAE.from_pretrained(src, **size)
+        video = torch.rand(1, 3, 5, 32, 32) * 2 - 1
+        z = got.encode(video)
+        assert torch.equal(z, want.encode(video))
+        assert torch.equal(got.decode(z), want.decode(z))
+
+
 def test_vae_encode_decode_shapes_and_normalisation(tmp_path):
     from diffusers import AutoencoderKLWan
     torch.manual_seed(0)
@@ -755,7 +1098,7 @@ def synthetic(tmp_path_factory):
     root = tmp_path_factory.mktemp('sampling_data')
     data.write_synthetic_raw(root / 'train_v2.0_raw', num_shards=2, frames_per_shard=1500, size=SIZE, seed=0)
     data.write_synthetic_raw(root / 'val_v2.0_raw', num_shards=1, frames_per_shard=1200, size=SIZE, seed=1, flat=True)
-    data.encode_raw_split(root / 'train_v2.0_raw', root / 'latents_pixel' / 'train', data.PixelCodec(), stride=8)
+    data.encode_raw_split(root / 'train_v2.0_raw', root / 'latents_pixel' / 'train_v2.0_raw', data.PixelCodec(), stride=8)
     return root
 
 
@@ -776,8 +1119,15 @@ def test_encoding_is_atomic_resumes_an_interrupted_run_and_refuses_to_overwrite(
     assert resumed['latents'].abs().max() == 0                          # kept, not encoded again
     assert torch.equal(load_file(tmp_path / 'resumed' / 'latents_1.safetensors')['latents'],
                        load_file(whole / 'latents_1.safetensors')['latents'])   # the rest encoded
-    with pytest.raises(AssertionError, match='exists: delete it'):
-        data.encode_raw_split(raw, whole, data.PixelCodec(), stride=77)
+    assert data.encode_raw_split(raw, whole, data.PixelCodec(), stride=77) == n        # finished: kept as it is
+    with pytest.raises(SystemExit, match='encoded with stride 77: pass --clip_stride=77'):
+        data.encode_raw_split(raw, whole, data.PixelCodec(), stride=8)
+    # an interrupted encoding resumed with another stride is an error, not two strides under one encoding.json
+    (tmp_path / 'mixed.partial').mkdir()
+    settings = {k: v for k, v in info.items() if k != 'clips'}
+    (tmp_path / 'mixed.partial' / 'settings.json').write_text(json.dumps(settings))
+    with pytest.raises(SystemExit, match=r'mixed.partial has other settings \(stride=77 on disk, 8 asked for\)'):
+        data.encode_raw_split(raw, tmp_path / 'mixed', data.PixelCodec(), stride=8)
 
 
 def test_train_sampling_refuses_data_on_disk_that_its_flags_do_not_describe(synthetic, tmp_path):
@@ -790,8 +1140,9 @@ def test_train_sampling_refuses_data_on_disk_that_its_flags_do_not_describe(synt
     demo = tmp_path / 'demo'
     (demo / 'train_v2.0_raw').mkdir(parents=True)
     (demo / 'train_v2.0_raw' / 'metadata.json').write_text('{}')
-    (demo / 'synthetic.json').write_text(json.dumps(dict(size=32, shards=2, seed=0)))
-    assert "holds a synthetic set written with {'size': 32, 'shards': 2, 'seed': 0}" in fails(f'--data_dir={demo}')
+    (demo / 'synthetic.json').write_text(json.dumps(dict(train_shards=2, frames=1500, val_frames=1200, size=32, seed=0)))
+    assert ("holds a synthetic raw set written with other settings (train_shards=2 on disk, 16 asked for)"
+            in fails(f'--data_dir={demo}', '--make_synthetic'))
 
 
 def tiny_wan_model(seed=0):
@@ -869,7 +1220,7 @@ def test_a_video_shorter_than_its_metadata_fails_clearly(tmp_path):
 
 
 def test_encoded_latents_match_the_codec_on_raw_clips(synthetic):
-    clips, latents = data.RawClips(synthetic / 'train_v2.0_raw', stride=8), data.LatentClips(synthetic / 'latents_pixel' / 'train')
+    clips, latents = data.RawClips(synthetic / 'train_v2.0_raw', stride=8), data.LatentClips(synthetic / 'latents_pixel' / 'train_v2.0_raw')
     assert len(clips) == len(latents) > 100
     for k in (0, len(clips) - 1):
         z, states = latents[k]
@@ -947,7 +1298,7 @@ def test_metrics_and_blur_baseline():
 def train_args(synthetic, out, *extra):
     return ['train_sampling.py', f'--data_dir={synthetic}', '--make_synthetic=False', f'--out_dir={out}',
             *(f'--{k}={v}' for k, v in WAN_TINY.items()), '--batch_size=2', '--global_batch_size=8',
-            '--log_interval=1', *extra]
+            '--log_interval=1', *VAL, *extra]
 
 
 def trained(out):
@@ -1024,6 +1375,206 @@ def test_trained_tiny_model_beats_copy_last_frame(demo_metrics):
 
 def test_ensemble_mean_beats_a_single_sample(demo_metrics):
     assert demo_metrics['psnr_ensemble_16'] > demo_metrics['psnr_single'] + 0.5, demo_metrics
+
+
+# --- sampling track: the sampler's schedule, the presets, devices, optional packages --------------
+
+def test_euler_sampler_follows_the_reference_schedule_and_steps_to_zero():
+    # Wan 2.2 (get_sampling_sigmas) and DiffSynth: sigmas = shift(linspace(1, 0, N + 1)[:N]), then 0
+    sigmas = reference_sigmas(20, 5.0)
+    u = np.linspace(1, 0, 21)[:20]
+    assert np.allclose(sigmas.numpy(), np.append(5 * u / (1 + 4 * u), 0.0), atol=1e-12)
+    assert sigmas[0] == 1.0 and sigmas[-2].item() == pytest.approx(0.25 / 1.2) and sigmas[-1] == 0   # 0.208, not 0.024
+    seen = []
+
+    def constant(x, t_BF, *args):   # v = 1 everywhere: Euler from s = 1 to 0 moves each latent by -1
+        seen.append(t_BF[0, -1].item())
+        return torch.ones_like(x)
+    noise = torch.randn(1, 48, 6, 4, 4)
+    z = sample_latents(constant, torch.zeros(1, 48, 2, 4, 4), torch.zeros(1, 21, 25), None, noise, steps=20, shift=5.0)
+    assert np.allclose(seen, 1000 * sigmas[:-1].numpy(), rtol=1e-6)      # t = 1000 sigma, as Wan's timesteps
+    assert torch.allclose(z[:, :, 2:], noise[:, :, 2:] - 1, atol=1e-5) and torch.equal(z[:, :, :2], torch.zeros(1, 48, 2, 4, 4))
+
+
+def test_paper_presets_are_the_submissions_recipes_and_torchrun_on_cuda_picks_paper(tmp_path):
+    out = run_script('train_sampling.py', '--preset=paper', '--dry_run', cwd=tmp_path)
+    for line in ('clip_stride = 8', 'learning_rate = 0.0004', 'weight_decay = 0.01', 'grad_clip = 0.0',
+                 'state_dropout = 0.0', 'shift = 5.0', 'global_batch_size = 1024', 'max_iters = 23000',
+                 "vae = 'wan'", 'LoRA rank 32'):
+        assert line in out, (line, out)
+    assert 'state_dropout = 0.1' in run_script('train_sampling.py', '--preset=paper_cfg', '--dry_run', cwd=tmp_path)
+    assert run_script('train_sampling.py', '--dry_run', cwd=tmp_path).startswith('preset cpu: the default of a plain')
+    # torchrun on CUDA GPUs, simulated: torchrun's variables and a torch that reports a GPU
+    (tmp_path / 'sitecustomize.py').write_text('import torch\ntorch.cuda.is_available = lambda: True\n')
+    env = dict(os.environ, LOCAL_RANK='0', WORLD_SIZE='1', PYTHONPATH=str(tmp_path))
+    res = subprocess.run([sys.executable, os.path.join(REPO, 'train_sampling.py'), '--dry_run'], cwd=tmp_path,
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert res.stdout.startswith('preset paper: launched by torchrun on CUDA GPUs') and 'max_iters = 23000' in res.stdout
+
+
+def test_pixel_codec_decodes_on_the_latents_device():
+    z = torch.empty(2, 48, 6, 8, 8, device='meta')   # a tensor made without device= would be on the CPU: error
+    assert data.PixelCodec().decode(z).shape == (2, 3, 21, 32, 32)
+
+
+def test_data_and_the_compression_track_work_without_av(tmp_path):
+    code = ("import sys; sys.modules['av'] = None\n"
+            "import data\n"
+            f"data.write_synthetic({str(tmp_path)!r}, train_shards=1, train_frames=340, val_frames=340)\n"
+            f"ds = data.TokenDataset({str(tmp_path / 'val_v2.0')!r}, vocab_size=1000)\n"
+            "print(len(ds), tuple(ds[0][0].shape))\n")
+    res = subprocess.run([sys.executable, '-c', code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and '(6, 32, 32)' in res.stdout, res.stderr
+
+
+# --- sampling track: run-grade reliability, tried as a user would --------------------------------
+
+VAL = ['--val_clips=1', '--val_ensemble=2', '--val_steps=2']
+
+
+@pytest.fixture(scope='module')
+def one_step_run(synthetic, tmp_path_factory):
+    out = tmp_path_factory.mktemp('one_step')
+    run_script(*train_args(synthetic, out, '--max_iters=1'))
+    return out
+
+
+def weights_finite(path):
+    return all(torch.isfinite(t).all() for t in torch.load(path, weights_only=True)['trainable'].values())
+
+
+def test_sampling_nan_loss_stops_every_rank_and_keeps_the_last_good_checkpoint(synthetic, tmp_path):
+    run_script(*train_args(synthetic, tmp_path, '--max_iters=1'))
+    err = run_script(*train_args(synthetic, tmp_path, '--max_iters=30', '--overwrite', '--learning_rate=1e6',
+                                 '--ckpt_interval=1', '--eval_interval=100'), nproc=2, fails=True)
+    assert re.search(r'step \d+: the training loss is (nan|inf): stopping', err), err[-2000:]
+    assert weights_finite(tmp_path / 'ckpt.pt') and weights_finite(tmp_path / 'ckpt_prev.pt')
+
+
+def test_sampling_nan_in_states_or_samples_names_the_file_the_row_or_the_clip(synthetic, one_step_run, tmp_path):
+    bad = tmp_path / 'data'
+    shutil.copytree(synthetic, bad)
+    states = np.fromfile(bad / 'val_v2.0_raw' / 'states_0.bin', np.float32).reshape(-1, 25)
+    states[100, 3] = np.nan
+    states.tofile(bad / 'val_v2.0_raw' / 'states_0.bin')
+    message = r'val_v2.0_raw/states_0.bin: robot states hold nan at row \(frame\) 100, column 3'
+    err = run_script(*train_args(bad, tmp_path / 'run', '--max_iters=1'), fails=True)
+    assert re.search(message, err) and not (tmp_path / 'run' / 'ckpt.pt').exists(), err[-2000:]
+    assert re.search(message, run_script('sample.py', f'--out_dir={one_step_run}', f'--split={bad}/val_v2.0_raw',
+                                         f'--results_dir={tmp_path}/res', fails=True))
+    # weights that give NaN: an error, never a `nan` in the table
+    state = torch.load(one_step_run / 'ckpt.pt', weights_only=True)
+    state['trainable']['head.head.weight'][:] = float('nan')
+    (tmp_path / 'nan_run').mkdir()
+    torch.save(state, tmp_path / 'nan_run' / 'ckpt.pt')
+    err = run_script('sample.py', f'--out_dir={tmp_path}/nan_run', '--max_clips=1', '--ensemble=2', '--steps=2',
+                     fails=True)
+    assert 'clip 0 (shard 0, frame' in err and 'non-finite latent values' in err
+
+
+def test_sampling_refuses_to_train_over_a_checkpoint_bad_values_and_a_second_run(synthetic, one_step_run, tmp_path):
+    import socket
+    before = (one_step_run / 'ckpt.pt').read_bytes()
+    for args, message in (([], 'already exists. To continue that run pass --init_from=resume'),
+                          (['--init_from=Resume'], "--init_from='Resume' is not one of 'scratch', 'resume'"),
+                          (['--preset=gpu'], "--preset='gpu' is not one of 'cpu', 'paper', 'paper_cfg'"),
+                          (['--vae=wan2'], "--vae='wan2' is not one of 'pixel', 'wan'"),
+                          (['--batch_size=0'], '--batch_size=0 must be positive'),
+                          (['--val_ensemble=0'], '--val_ensemble=0 must be positive'),
+                          (['--state_dropout=1.5'], '--state_dropout=1.5 must lie in [0, 1]')):
+        assert message in run_script(*train_args(synthetic, one_step_run, '--max_iters=2', *args), fails=True)
+    for args, message in ((['--ensemble=0'], '--ensemble=0 must be positive'), (['--steps=0'], '--steps=0 must be'),
+                          (['--scheduler=ddim'], "--scheduler='ddim' is not one of 'euler', 'unipc'")):
+        assert message in run_script('sample.py', f'--out_dir={one_step_run}', *args, fails=True)
+    (one_step_run / 'run.lock').write_text(json.dumps(dict(pid=os.getpid(), host=socket.gethostname(), started='now')))
+    try:
+        assert 'is in use by another run' in run_script(*train_args(synthetic, one_step_run, '--max_iters=2',
+                                                                    '--init_from=resume'), fails=True)
+    finally:
+        (one_step_run / 'run.lock').unlink()
+    assert (one_step_run / 'ckpt.pt').read_bytes() == before
+    (tmp_path / 'file').write_text('')
+    assert 'is not writable' in run_script(*train_args(synthetic, tmp_path / 'file' / 'run', '--max_iters=1'), fails=True)
+
+
+def test_sampling_checkpoints_load_no_code_and_name_the_wrong_track_or_model(synthetic, one_step_run, tmp_path):
+    assert 'dim=32 in the checkpoint, 64 now' in run_script(
+        *train_args(synthetic, one_step_run, '--max_iters=2', '--init_from=resume', '--dim=64'), fails=True)
+    marker = tmp_path / 'pwned.txt'
+    for name, state, message in (('evil', dict(kind='sampling', step=1, config={}, evil=_Payload(str(marker))),
+                                  'refusing to load it'),
+                                 ('compression', dict(kind='compression', step=1, config={}),
+                                  'not a sampling-track checkpoint')):
+        (tmp_path / name).mkdir()
+        torch.save(state, tmp_path / name / 'ckpt.pt')
+        assert message in run_script('sample.py', f'--out_dir={tmp_path / name}', fails=True)
+        assert message in run_script(*train_args(synthetic, tmp_path / name, '--max_iters=2', '--init_from=resume'),
+                                     fails=True)
+    assert not marker.exists()
+
+
+def test_sampling_data_is_written_only_where_asked_and_bad_files_are_named(synthetic, one_step_run, tmp_path):
+    # a mistyped --data_dir is an error, not a fresh synthetic set
+    err = run_script('train_sampling.py', f'--data_dir={tmp_path}/dta', f'--out_dir={tmp_path}/run', fails=True)
+    assert 'holds no whole train_v2.0_raw, val_v2.0_raw (a mistyped --data_dir?)' in err
+    assert not (tmp_path / 'dta').exists()
+    # an interrupted synthetic write (a split half written, no synthetic.json) is written again, not reused
+    small = dict(train_shards=1, frames=200, size=SIZE, seed=0)
+    data.write_synthetic_raw_set(tmp_path / 'syn', **small)
+    video = tmp_path / 'syn' / 'val_v2.0_raw' / 'video_0.mp4'
+    good = video.read_bytes()
+    (tmp_path / 'syn' / 'synthetic.json').unlink()
+    video.write_bytes(good[:48])
+    (tmp_path / 'syn' / 'train_v2.0_raw.partial').mkdir()
+    assert data.write_synthetic_raw_set(tmp_path / 'syn', **small)
+    assert video.read_bytes() == good and not (tmp_path / 'syn' / 'train_v2.0_raw.partial').exists()
+    with pytest.raises(SystemExit, match=r'other settings \(size=32 on disk, 64 asked for\)'):
+        data.write_synthetic_raw_set(tmp_path / 'syn', **{**small, 'size': 64})
+    # a damaged mp4, frames of another size, a truncated metadata file: errors that name the file
+    with pytest.raises(ValueError, match=r'video_0.mp4: frames are 32x32, expected 64x64'):
+        data.RawShard(tmp_path / 'syn' / 'val_v2.0_raw', 0, frame_size=(64, 64)).read_frames(0, 1)
+    video.write_bytes(good[:48])
+    with pytest.raises(ValueError, match=r'video_0.mp4 cannot be decoded'):
+        data.RawShard(tmp_path / 'syn' / 'val_v2.0_raw', 0).read_frames(0, 1)
+    err = run_script('sample.py', f'--out_dir={one_step_run}', f'--split={tmp_path}/syn/val_v2.0_raw', fails=True)
+    assert 'video_0.mp4 cannot be decoded' in err
+    (tmp_path / 'syn' / 'val_v2.0_raw' / 'metadata_0.json').write_text('{"shard_num_fr')
+    with pytest.raises(ValueError, match='metadata_0.json is not valid JSON'):
+        data.RawShard(tmp_path / 'syn' / 'val_v2.0_raw', 0)
+
+
+def fake_raw_hub(root, synthetic):
+    """A Hugging Face cache holding the raw dataset repo (HF_HUB_OFFLINE=1 serves files from it)."""
+    rev = 'b' * 40
+    repo = root / 'datasets--1x-technologies--worldmodel_raw_data'
+    for split in ('train_v2.0_raw', 'val_v2.0_raw'):
+        shutil.copytree(synthetic / split, repo / 'snapshots' / rev / split)
+    (repo / 'refs').mkdir()
+    (repo / 'refs' / 'main').write_text(rev)
+    return dict(HF_HUB_CACHE=str(root), HF_HUB_OFFLINE='1')
+
+
+def test_sampling_prepares_its_data_on_two_ranks_trains_on_train_and_val_and_logs_validation(synthetic, tmp_path,
+                                                                                           monkeypatch):
+    monkeypatch.setenv('HF_HUB_OFFLINE', '1')
+    monkeypatch.setenv('HF_HUB_CACHE', str(tmp_path / 'empty_cache'))
+    args = ['train_sampling.py', '--data_dir', str(tmp_path / 'data'), '--out_dir', str(tmp_path / 'run'), '--download',
+            '--clip_stride', '77', '--max_iters', '2', '--eval_interval', '1', '--batch_size=2', '--global_batch_size=4',
+            '--dim=32', '--num_layers=1', '--num_heads=2', '--ffn_dim=64', *VAL]
+    err = run_script(*args, fails=True)
+    assert 'could not fetch train_v2.0_raw/metadata.json' in err and 'python data.py download_raw --out DIR' in err
+    for key, value in fake_raw_hub(tmp_path / 'hub', synthetic).items():
+        monkeypatch.setenv(key, value)
+    out = run_script(*args, '--train_splits=train_v2.0_raw,val_v2.0_raw', nproc=2)
+    video = tmp_path / 'data' / 'train_v2.0_raw' / 'videos' / 'video_1.mp4'
+    assert video.read_bytes() == (synthetic / 'train_v2.0_raw' / 'videos' / 'video_1.mp4').read_bytes()
+    n_train, n_val = (len(data.RawClips(synthetic / s, stride=77)) for s in ('train_v2.0_raw', 'val_v2.0_raw'))
+    assert f'{n_train + n_val} training clips (train_v2.0_raw, val_v2.0_raw' in out and 'not a held-out number' in out
+    log = run_dir.read_log(str(tmp_path / 'run'))
+    assert [r['step'] for r in log] == [0, 1]
+    assert all(math.isfinite(r[k]) for r in log for k in ('loss', 'val_psnr_single', 'val_psnr_ensemble'))
+    for path in ('val/step_1/clip_0.png', 'val/step_2/clip_0.png', 'curves.png', 'ckpt_best.pt', 'log.jsonl'):
+        assert (tmp_path / 'run' / path).exists(), path
 
 
 # ===============================================================================================

@@ -1,96 +1,118 @@
 """Train (or evaluate) the ST-Transformer of the compression track (paper section 3).
 
-    python train_compression.py                    # CPU, synthetic data in the 1X layout, < 5 min
-    python train_compression.py --preset=paper --data_dir=/data/1x   # the paper's model
-    torchrun --nproc_per_node 8 train_compression.py --preset=paper --data_dir=/data/1x
-    python train_compression.py --eval_only --ckpt=out/compression/ckpt.pt --split=val_v2.0
-    python train_compression.py --preset=paper --dry_run            # parameter count, no data
+    python train_compression.py                    # CPU demo: synthetic data in the 1X layout, ~3.5 min
+    torchrun --nproc_per_node 8 train_compression.py     # on CUDA GPUs: the paper's recipe (preset paper)
+    python train_compression.py --preset=paper --dry_run # the paper's model and run length, no data
+    python train_compression.py --eval_only --out_dir=out/compression --split=val_v2.0
+    python train_compression.py --resume                 # continue out_dir/ckpt.pt
 
-Settings are the module globals below; `--key=value` overrides them (configurator.py).
-`--preset=paper` first sets the paper's numbers, then the other flags override those.
-Ends with a table: Top-500 CE (and full CE) of the model, teacher-forced and greedy
-autoregressive, next to baselines and, on synthetic data, the exact Bayes floor.
+Settings are the module globals below; `--key=value` or `--key value` overrides them
+(configurator.py), `--help` lists them. A plain `python` run uses preset cpu, torchrun on CUDA
+GPUs preset paper; `--preset=...` always wins, and later flags override the preset. With preset
+paper and no data in data_dir, the run downloads it first (huggingface_hub, spread over the
+ranks). Logs go to out_dir/log.jsonl (and Weights & Biases with --wandb_log), curves to
+out_dir/curves.png. Ends with a table: Top-500 CE (and full CE) of the model, teacher-forced and
+greedy autoregressive, next to baselines and, on synthetic data, the exact Bayes floor.
 """
+import datetime
 import json
 import math
 import os
-import sys
 import time
 from contextlib import nullcontext
 
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import data
+import run_dir
+from configurator import configure
 from st_transformer import STConfig, STTransformer, cross_entropy_topk, get_lr
 
-# --- settings (defaults: the CPU run on synthetic data) ---------------------------------------
-preset = 'cpu'             # 'cpu' or 'paper' (PRESETS below)
-data_dir = ''              # folder holding train_v2.0/ and val_v2.0/; '' = data/synthetic, made on first use
-download = False           # fetch the data into data_dir with huggingface_hub first
-shards = ''                # train shards to use, e.g. '0' or '0,1' ('' = all in metadata.json)
-out_dir = 'out/compression'
-eval_only = False
-ckpt = ''                  # checkpoint for --eval_only
+# --- settings (defaults: the CPU demo on synthetic data) --------------------------------------
+preset = 'cpu'             # 'cpu' (the demo) or 'paper' (PRESETS below)
+data_dir = ''              # folder of train_v2.0/ and val_v2.0/ ('' = data/synthetic, written on first use)
+train_splits = 'train_v2.0'  # splits to train on, e.g. 'train_v2.0,val_v2.0' (val numbers then not comparable)
+shards = ''                # shards of train_v2.0 to use, e.g. '0' or '0,1' ('' = all in metadata.json)
+sample_stride = 1          # blocks between training samples: 1 = a sample at every block, 2 = non-overlapping
+out_dir = 'out/compression'  # checkpoints, log.jsonl, curves.png, results.json
+resume = False             # continue from out_dir/ckpt.pt (model, optimizer, step, RNG)
+overwrite = False          # train from scratch even if out_dir holds a checkpoint (it gets replaced)
+eval_only = False          # only evaluate a checkpoint (--ckpt) on --split, then exit
+ckpt = ''                  # checkpoint for --eval_only ('' = out_dir/ckpt.pt)
 split = 'val_v2.0'         # split that --eval_only evaluates
-resume = False             # continue from out_dir/ckpt.pt
-dry_run = False            # build the model on the meta device, print its size, exit
-# model
-vocab_size = 1000          # synthetic tokens lie in [0, 1000); the real data needs 64000
-n_layer = 1
-n_head = 4
-n_embd = 64
-T = 5                      # paper 3.1: grids 0..4 are read, grids 1..5 predicted
-dropout = 0.0
-state_window = data.STATE_WINDOW
-use_states = True
+dry_run = False            # build the model on the meta device, print its size and the run length, exit
+# model (paper 3.1)
+vocab_size = 1000          # tokens lie in [0, vocab_size): the synthetic set uses 1000, the 1X data 64000
+n_layer = 1                # ST blocks
+n_head = 4                 # attention heads
+n_embd = 64                # width
+dropout = 0.0              # on attention, MLP and residual branches
+state_window = data.STATE_WINDOW  # state rows per sample (the 64 frames ending with the sample)
+use_states = True          # False: the state-blind ablation
 # optimisation (paper 3.2)
-total_batch_size = 4       # samples per optimizer step (paper: 160), via gradient accumulation
-batch_size = 4             # samples per micro-step per process
-epochs = 0.0               # length of the run in passes over the training set ...
-max_iters = 300            # ... or in steps, when epochs == 0
-learning_rate = 5e-3       # peak; linear warmup then linear decay to 0 (paper: 8e-4)
-warmup_iters = 20
+total_batch_size = 4       # samples per optimizer step, over all processes and micro-steps
+batch_size = 4             # samples per micro-step per process (gradient accumulation makes up the rest)
+epochs = 0.0               # length of the run in passes over the training set, used when max_iters == 0
+max_iters = 300            # length of the run in steps (0 = from epochs)
+learning_rate = 5e-3       # peak; linear warmup then linear decay to 0
+warmup_iters = 20          # steps of linear warmup
 weight_decay = 0.05        # on matrices only (STTransformer.param_groups)
-beta1 = 0.9
-beta2 = 0.95
-grad_clip = 1.0            # not stated in the paper; the usual GPT-2 value
+beta1 = 0.9                # AdamW beta1
+beta2 = 0.95               # AdamW beta2
+grad_clip = 1.0            # clip the gradient norm to this (0 = off); not stated in the paper, GPT-2's value
+loss_chunk = 4096          # tokens whose fp32 logits exist at once in the loss (head_cross_entropy)
 # evaluation and bookkeeping
-eval_interval = 100
-eval_samples = 16          # teacher-forced val samples at each eval_interval
-final_eval_samples = 48    # samples for the final table (0 = the whole split)
+eval_interval = 25         # validate (teacher-forced and greedy autoregressive) every this many steps
+eval_samples = 16          # the fixed val subset of each validation: its first eval_samples samples
+final_eval_samples = 48    # val samples of the final table (0 = the whole split)
 final_eval = True          # print the table at the end of the run
-eval_batch_size = 8
+eval_batch_size = 8        # samples per evaluation batch
 ckpt_interval = 0          # save every this many steps (0 = only at the end)
 stop_at = 0                # save and stop after this many steps without ending the schedule (0 = off)
-num_workers = 1
-seed = 1337
+num_workers = 1            # DataLoader worker processes
+seed = 1337                # initial weights, data order and dropout
 device = 'auto'            # 'auto', 'cpu', 'cuda', 'cuda:1', 'mps'
 dtype = 'bfloat16'         # autocast dtype on CUDA (paper 3.2: bf16 AMP); the CPU runs in fp32
-compile = False
+compile = False            # torch.compile the model
+wandb_log = False          # also log to Weights & Biases (pip install wandb)
+wandb_project = 'nanowm'   # W&B project
+wandb_run_name = 'compression'  # W&B run name
 
-_settings = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))]
 PRESETS = {
-    # paper 3.1-3.2: 24 layers, 8 heads, d = 512, T = 5, dropout 0.1, batch 160, 80 epochs,
-    # warmup 2000, peak 8e-4 linear to 0, AdamW (0.9, 0.95), wd 0.05 on matrices.
-    'paper': dict(vocab_size=data.VOCAB_SIZE, n_layer=24, n_head=8, n_embd=512, T=5, dropout=0.1,
-                  total_batch_size=160, batch_size=20, epochs=80.0, learning_rate=8e-4, warmup_iters=2000,
-                  weight_decay=0.05, beta1=0.9, beta2=0.95, eval_interval=2000, eval_samples=512,
-                  final_eval_samples=0, eval_batch_size=4, ckpt_interval=2000, num_workers=8),
+    'cpu': {},   # the defaults above: a 1-layer model on synthetic data, a few minutes on a laptop CPU
+    # paper 3.1: 24 layers, 8 heads, d = 512, T = 5, dropout 0.1 on the 64,000-token Cosmos vocabulary.
+    # paper 3.2: effective batch 160, 80 epochs, warmup 2000 then linear from 8e-4 to 0, AdamW
+    # (0.9, 0.95), weight decay 0.05 on matrices. The paper's ~306k samples per epoch (1.88B of the
+    # 2.03B tokens) are non-overlapping two-block samples: sample_stride 2. Micro-batch 10 (our
+    # choice) fits an 80 GB GPU with margin; 160 = 10 x GPUs x accumulation for 1, 2, 4, 8 or 16 GPUs.
+    'paper': dict(data_dir='data/1x', sample_stride=2, vocab_size=data.VOCAB_SIZE, n_layer=24, n_head=8,
+                  n_embd=512, dropout=0.1, total_batch_size=160, batch_size=10, epochs=80.0, max_iters=0,
+                  learning_rate=8e-4, warmup_iters=2000, weight_decay=0.05, beta1=0.9, beta2=0.95,
+                  eval_interval=2000, eval_samples=256, final_eval_samples=0, eval_batch_size=4,
+                  ckpt_interval=2000, num_workers=8),
 }
-for _arg in sys.argv[1:]:  # the preset goes first so that every other flag can override it
-    if _arg.startswith('--preset='):
-        preset = _arg.split('=', 1)[1]
-        if preset != 'cpu' and preset not in PRESETS:
-            raise SystemExit(f"--preset={preset}: unknown; choose cpu or {', '.join(PRESETS)}")
-        globals().update(PRESETS.get(preset, {}))
-from configurator import configure  # noqa: E402
-configure(globals())
-config = {k: globals()[k] for k in _settings}  # saved in checkpoints
+PAPER_TRAIN_SAMPLES = 306_000   # paper 3: the tokenized training set holds about 306,000 samples
+T = data.SAMPLE_GRIDS - 1       # paper 3.1: T = 5 grids read (0..4), 1..5 predicted; fixed by the 6-grid sample
+configure(globals(), presets=PRESETS, gpu_preset='paper',
+          choices=dict(sample_stride=(1, 2), dtype=('bfloat16', 'float16', 'float32')),
+          positive=('vocab_size', 'n_layer', 'n_head', 'n_embd', 'state_window', 'total_batch_size', 'batch_size',
+                    'learning_rate', 'loss_chunk', 'eval_interval', 'eval_samples', 'eval_batch_size'),
+          nonnegative=('epochs', 'max_iters', 'warmup_iters', 'weight_decay', 'grad_clip', 'final_eval_samples',
+                       'ckpt_interval', 'stop_at', 'num_workers'),
+          fractions=('dropout', 'beta1', 'beta2'))
+if max_iters == 0 and epochs == 0 and not eval_only:
+    raise SystemExit("--max_iters=0 and --epochs=0: give the run a length (--max_iters=N steps, or --epochs=E)")
+if n_embd % n_head:
+    raise SystemExit(f"--n_embd={n_embd} must be divisible by --n_head={n_head}")
+if state_window < data.SAMPLE_FRAMES:
+    raise SystemExit(f"--state_window={state_window} must cover the {data.SAMPLE_FRAMES} frames of a sample")
+config = {k: v for k, v in globals().items() if not k.startswith('_') and not k.isupper()
+          and isinstance(v, (int, float, bool, str))}   # saved in checkpoints and W&B
+MODEL_KEYS = ('vocab_size', 'n_layer', 'n_head', 'n_embd', 'state_window', 'use_states')  # must match on resume
 
 
 class StepBatches(torch.utils.data.Sampler):
@@ -105,7 +127,6 @@ class StepBatches(torch.utils.data.Sampler):
         self.n, self.start, self.stop, self.batch, self.accum = n, start, stop, batch, accum
         self.world, self.rank, self.seed = world, rank, seed
         self.total = batch * accum * world
-        assert n >= self.total, f"the training set has {n} samples, fewer than total_batch_size={self.total}"
 
     def __len__(self):
         return (self.stop - self.start) * self.accum
@@ -121,10 +142,11 @@ class StepBatches(torch.utils.data.Sampler):
 
 
 @torch.no_grad()
-def evaluate(model, ds, num_samples, autoregressive, autocast):
+def evaluate(model, ds, num_samples, autocast, autoregressive=True, baselines=False):
     """Mean per-token Top-500 CE and full CE of the future grids 3, 4, 5 over the first
-    num_samples samples of ds (teacher-forced; and greedy autoregressive if asked, in fp32),
-    with the baselines. Returns a dict of name -> (top500, full)."""
+    num_samples samples of ds: teacher-forced (under autocast, as trained), greedy autoregressive
+    (in fp32, paper 3.2-3.3) if asked, and the baselines if asked. Returns name -> (top500, full).
+    A non-finite figure stops the run: a NaN metric is never printed as a result."""
     model.eval()
     dev = next(model.parameters()).device
     V = model.cfg.vocab_size
@@ -140,10 +162,10 @@ def evaluate(model, ds, num_samples, autoregressive, autocast):
         for i in range(0, len(target_N), 4096):  # in chunks: fp32 logits over 64k tokens are large
             chunk_NV, chunk_N = logits_NV[i:i + 4096].float(), target_N[i:i + 4096]
             s[0] += cross_entropy_topk(chunk_NV, chunk_N).sum().item()
-            s[1] += F.cross_entropy(chunk_NV, chunk_N, reduction='sum').item()
+            s[1] += torch.nn.functional.cross_entropy(chunk_NV, chunk_N, reduction='sum').item()
             s[2] += len(chunk_N)
 
-    for z_BGHW, states_BLD in tqdm(loader, desc='eval', leave=False, disable=not autoregressive):
+    for z_BGHW, states_BLD in tqdm(loader, desc='eval', leave=False, disable=not baselines):
         z_BGHW, states_BLD = z_BGHW.to(dev), states_BLD.to(dev)
         future_BMHW = z_BGHW[:, 3:]
         with autocast:
@@ -151,13 +173,14 @@ def evaluate(model, ds, num_samples, autoregressive, autocast):
         if autoregressive:
             _, logits = model.generate(z_BGHW[:, :3], states_BLD, num_grids=3)
             add('model, greedy autoregressive', logits, future_BMHW)
+        if baselines:
             add('uniform over the vocabulary', torch.zeros(1, V, device=dev).expand(future_BMHW.numel(), V), future_BMHW)
             copy_src.append(z_BGHW[:, 2:3].expand_as(future_BMHW).cpu())
             targets.append(future_BMHW.cpu())
             if world is not None:
                 for name, use in (('Bayes floor (states known)', True), ('state-blind floor', False)):
                     add(name, data.synthetic_oracle_logits(z_BGHW.cpu(), states_BLD.cpu(), world, use).to(dev), future_BMHW)
-    if autoregressive:
+    if baselines:
         # copy the last context grid into grids 3, 4, 5, with the best constant confidence a:
         # p(copied token) = a, every other token (1 - a) / (V - 1); a = the fraction that matches
         src, tgt = torch.cat(copy_src).reshape(-1), torch.cat(targets).reshape(-1)
@@ -167,7 +190,13 @@ def evaluate(model, ds, num_samples, autoregressive, autocast):
             logits = torch.full((len(t), V), math.log((1 - a) / (V - 1))).scatter_(1, s[:, None], math.log(a))
             add('copy the last context grid', logits, t)
     model.train()
-    return {k: (v[0] / v[2], v[1] / v[2]) for k, v in sums.items()}
+    results = {k: (v[0] / v[2], v[1] / v[2]) for k, v in sums.items()}
+    bad = [f"{name}: Top-500 CE {top}, CE {full}" for name, (top, full) in results.items()
+           if not (math.isfinite(top) and math.isfinite(full))]
+    if bad:
+        raise SystemExit(f"evaluation on {ds.split_dir} gave non-finite figures ({'; '.join(bad)}): the model's "
+                         f"weights or the data hold NaN/inf; {os.path.join(out_dir, run_dir.PREV)} holds an earlier state")
+    return results
 
 
 def print_table(results, world=None):
@@ -180,16 +209,10 @@ def print_table(results, world=None):
     print('\n'.join(lines))
 
 
-# --- setup: device, distributed, data, model ---------------------------------------------------
+# --- setup: device, distributed, out_dir, data, model -----------------------------------------
 if device == 'auto':
     device = 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
-ddp, rank, world_size, device = data.setup_distributed(device)   # torchrun sets RANK: DDP
-master = rank == 0
 device_type = 'cuda' if device.startswith('cuda') else 'cpu' if device == 'cpu' else device
-autocast = (torch.autocast(device_type, dtype={'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype])
-            if device_type == 'cuda' else nullcontext())
-torch.manual_seed(seed)  # the same on every rank: identical initial weights
-
 model_cfg = STConfig(vocab_size=vocab_size, n_layer=n_layer, n_head=n_head, n_embd=n_embd, T=T, dropout=dropout,
                      state_window=state_window, use_states=use_states)
 if dry_run:
@@ -199,76 +222,136 @@ if dry_run:
     print(f"{model_cfg}\nparameters: {meta_model.num_params():,} "
           f"(embedding/head {meta_model.tok_emb.weight.numel():,}, tied)\n"
           f"training FLOPs per sample: {meta_model.flops_per_sample():.3e}")
+    if max_iters == 0:   # the real run counts its samples; the paper states about 306k
+        print(f"steps: {epochs:g} epochs x {PAPER_TRAIN_SAMPLES:,} samples (the paper's count; a run counts "
+              f"its data) / {total_batch_size} per step = {int(epochs * PAPER_TRAIN_SAMPLES // total_batch_size):,}")
+    else:
+        print(f"steps: {max_iters:,}")
+    print(f"micro-batch {batch_size} per process: {total_batch_size} = {batch_size} x GPUs x accumulation "
+          + ', '.join(f"({g} GPU{'s' if g > 1 else ''}: {total_batch_size // (batch_size * g)})"
+                      for g in (1, 8, 16) if total_batch_size % (batch_size * g) == 0))
     raise SystemExit(0)
 
+ddp, rank, world_size, device = data.setup_distributed(device)   # torchrun sets RANK: DDP
+master = rank == 0
+autocast = (torch.autocast(device_type, dtype={'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype])
+            if device_type == 'cuda' and dtype != 'float32' else nullcontext())
+
+
+def on_master(fn, *args):
+    """Run fn on rank 0 only; if it stops the run, every rank stops with its message (none is left
+    waiting for the others at a later collective)."""
+    message = None
+    if master:
+        try:
+            fn(*args)
+        except SystemExit as e:
+            message = str(e)
+    if ddp:
+        box = [message]
+        dist.broadcast_object_list(box, src=0)
+        message = box[0]
+    if message is not None:
+        raise SystemExit(message if master else 1)
+
+
+def wait_for_all(what):
+    """A barrier that does not time out during a long download: NCCL's (and the default group's)
+    timeout is minutes, the first download of the 1X data can take an hour. A gloo group with a
+    long timeout waits on the CPU, only here."""
+    if ddp:
+        if master:
+            print(f"waiting for every rank to finish {what}")
+        dist.barrier(group=dist.new_group(backend='gloo', timeout=datetime.timedelta(hours=24)))
+
+
+if not eval_only:
+    if total_batch_size % (batch_size * world_size):
+        raise SystemExit(f"--total_batch_size={total_batch_size} must be a multiple of --batch_size={batch_size} x "
+                         f"{world_size} process(es)")
+    # before any work: no training over a checkpoint by accident, a writable folder, one run at a time
+    on_master(run_dir.claim, out_dir, resume, overwrite)
+
+# the data: synthetic by default; with a data_dir that lacks it, downloaded (all ranks share the work)
+train_split_names = [s for s in train_splits.split(',') if s]
 train_shards = [int(s) for s in shards.split(',')] if shards else None
-if download:
-    assert data_dir, "--download needs --data_dir=<folder to download into>"
-    if master:
-        data.download_tokenized(data_dir, 'train_v2.0', train_shards)
-        data.download_tokenized(data_dir, 'val_v2.0')
-    if ddp:
-        dist.barrier()
 if not data_dir:
-    if master:
-        data.default_synthetic_dir()  # rank 0 writes it on first use
-    if ddp:
-        dist.barrier()
+    on_master(data.default_synthetic_dir)   # rank 0 writes it on first use
+    wait_for_all('the synthetic data')
     data_dir = data.default_synthetic_dir()
+else:
+    needed = [split] if eval_only else sorted(set(train_split_names) | {'val_v2.0'})
+    missing = [s for s in needed if data.tokenized_split_problems(os.path.join(data_dir, s),
+                                                                   train_shards if s == 'train_v2.0' else None)]
+    for s in missing:
+        data.download_tokenized(data_dir, s, train_shards if s == 'train_v2.0' else None, rank, world_size)
+    if missing:
+        wait_for_all(f"downloading {', '.join(missing)}")
+        for s in missing:
+            on_master(data.finish_download, data_dir, s, train_shards if s == 'train_v2.0' else None)
+        wait_for_all('the split metadata')
 split_dir = lambda name: os.path.join(data_dir, name)
 
 if eval_only:
-    assert ckpt, "--eval_only needs --ckpt=<path to ckpt.pt>"
-    state = torch.load(ckpt, map_location='cpu', weights_only=False)
+    ckpt = ckpt or os.path.join(out_dir, run_dir.CKPT)
+    state = run_dir.load_checkpoint(ckpt, 'compression')
     model = STTransformer(STConfig(**state['model_cfg'])).to(device)
     model.load_state_dict(state['model'])
     ds = data.TokenDataset(split_dir(split), vocab_size=model.cfg.vocab_size, state_window=model.cfg.state_window)
     print(f"{ckpt} (step {state['step']}) on {split} ({len(ds)} samples):")
-    print_table(evaluate(model, ds, final_eval_samples, True, autocast), ds.metadata.get('synthetic'))
+    print_table(evaluate(model, ds, final_eval_samples, autocast, baselines=True), ds.metadata.get('synthetic'))
     raise SystemExit(0)
 
-train_ds = data.TokenDataset(split_dir('train_v2.0'), train_shards, vocab_size=vocab_size, state_window=state_window)
+train_parts = [data.TokenDataset(split_dir(s), train_shards if s == 'train_v2.0' else None, vocab_size=vocab_size,
+                                 state_window=state_window, stride=sample_stride) for s in train_split_names]
+train_ds = torch.utils.data.ConcatDataset(train_parts)
 val_ds = data.TokenDataset(split_dir('val_v2.0'), vocab_size=vocab_size, state_window=state_window)
-assert total_batch_size % (batch_size * world_size) == 0, \
-    f"total_batch_size={total_batch_size} must be a multiple of batch_size={batch_size} x {world_size} processes"
+for ds in (*train_parts, val_ds):
+    world = ds.metadata.get('synthetic')
+    if world is not None and world['vocab'] != vocab_size:
+        raise SystemExit(f"{ds.split_dir} is a synthetic set of vocabulary {world['vocab']}, but --vocab_size="
+                         f"{vocab_size} (preset {preset}): pass --vocab_size={world['vocab']}, or a --data_dir "
+                         f"with the 1X data")
+if len(train_ds) < total_batch_size:
+    raise SystemExit(f"the training set has {len(train_ds)} samples, fewer than --total_batch_size={total_batch_size}")
 grad_accum = total_batch_size // (batch_size * world_size)
-if epochs > 0:
+if max_iters == 0:
     max_iters = int(epochs * len(train_ds) // total_batch_size)
 
+step = 0
+ckpt_path = os.path.join(out_dir, run_dir.CKPT)
+torch.manual_seed(seed)  # the same on every rank: identical initial weights
 model = STTransformer(model_cfg).to(device)
 optimizer = torch.optim.AdamW(model.param_groups(weight_decay), lr=learning_rate, betas=(beta1, beta2),
                               fused=device_type == 'cuda')  # paper 3.2: fused AdamW
-step = 0
-ckpt_path = os.path.join(out_dir, 'ckpt.pt')
 if resume:
-    assert os.path.exists(ckpt_path), f"--resume but {ckpt_path} does not exist (train first, or pass --out_dir)"
-    state = torch.load(ckpt_path, map_location='cpu', weights_only=False)
+    state = run_dir.load_checkpoint(ckpt_path, 'compression', expect={k: config[k] for k in MODEL_KEYS})
     model.load_state_dict(state['model'])
     optimizer.load_state_dict(state['optimizer'])
     step = state['step']
-    torch.set_rng_state(state['rng_cpu'])  # dropout continues exactly where it stopped
-    if device_type == 'cuda' and state.get('rng_cuda') is not None:
-        torch.cuda.set_rng_state(state['rng_cuda'])
-    print(f"resumed from {ckpt_path} at step {step}")
+    run_dir.set_rng_state(state['rng'])  # dropout continues exactly where it stopped
+    if master:
+        print(f"resumed from {ckpt_path} at step {step}")
 raw_model = model
 if compile:
     model = torch.compile(model)
 if ddp:
     model = DDP(model, device_ids=[torch.cuda.current_device()] if device_type == 'cuda' else None)
 if master:
-    os.makedirs(out_dir, exist_ok=True)
-    print(f"data {data_dir}: {len(train_ds)} train / {len(val_ds)} val samples; {world_size} process(es) x "
-          f"{grad_accum} micro-steps x {batch_size} = {total_batch_size} samples per step, {max_iters} steps")
+    if 'val_v2.0' in train_split_names:
+        print("training on val_v2.0 too: the validation figures below are not held-out numbers")
+    print(f"data {data_dir}: {len(train_ds)} train samples ({', '.join(train_split_names)}, one every "
+          f"{sample_stride} block{'s' if sample_stride > 1 else ''}) / {len(val_ds)} val; {world_size} process(es) x "
+          f"{grad_accum} micro-steps x {batch_size} = {total_batch_size} samples per step, {max_iters} steps "
+          f"({max_iters * total_batch_size / len(train_ds):.2f} epochs)")
     print(f"model: {raw_model.num_params():,} parameters, {raw_model.flops_per_sample():.3e} training FLOPs per sample, "
           f"device {device}")
 
 
-def save_checkpoint():
-    state = dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(), step=step,
-                 model_cfg=vars(model_cfg), config=config, rng_cpu=torch.get_rng_state(),
-                 rng_cuda=torch.cuda.get_rng_state() if device_type == 'cuda' else None)
-    torch.save(state, ckpt_path + '.tmp')
-    os.replace(ckpt_path + '.tmp', ckpt_path)  # never leave a half-written checkpoint
+def save_checkpoint(metric=None):
+    state = dict(kind='compression', model=raw_model.state_dict(), optimizer=optimizer.state_dict(), step=step,
+                 model_cfg=dict(vars(model_cfg)), config=run_dir.plain(config), rng=run_dir.rng_state())
+    run_dir.save_checkpoint(out_dir, state, metric)   # ckpt.pt atomically; ckpt_prev.pt; ckpt_best.pt by metric
 
 
 # --- training loop -------------------------------------------------------------------------
@@ -278,7 +361,7 @@ sampler = StepBatches(len(train_ds), step, stop, batch_size, grad_accum, world_s
 loader = iter(torch.utils.data.DataLoader(train_ds, batch_sampler=sampler, num_workers=num_workers,
                                           pin_memory=device_type == 'cuda', generator=torch.Generator(),
                                           persistent_workers=False))
-log = open(os.path.join(out_dir, 'log.jsonl'), 'a') if master else None
+log = run_dir.RunLog(out_dir, step, wandb_project if wandb_log else '', wandb_run_name, config) if master else None
 bar = tqdm(total=stop, initial=step, desc='train', disable=not master, dynamic_ncols=True)
 t0 = time.time()
 # MFU as nanoGPT prints it: this process's model FLOPs per step over its time and the device's
@@ -291,45 +374,65 @@ while step < stop:
     lr = get_lr(step, learning_rate, warmup_iters, max_iters)
     for group in optimizer.param_groups:
         group['lr'] = lr
-    loss_sum = 0.0
+    loss_sum = torch.zeros((), device=device)
     for micro in range(grad_accum):
         z_BGHW, states_BLD = (x.to(device, non_blocking=True) for x in next(loader))
         # gradients are all-reduced only on the last micro-step
         sync = nullcontext() if (not ddp or micro == grad_accum - 1) else model.no_sync()
         with sync, autocast:
-            logits = model(z_BGHW[:, :T], states_BLD, predict_from=2)  # positions 2..4 -> grids 3..5
-            loss = F.cross_entropy(logits.flatten(0, -2).float(), z_BGHW[:, 3:T + 1].reshape(-1))
+            # positions 2..4 predict grids 3..5 (paper 3.2: the loss on the future grids only)
+            loss = model(z_BGHW[:, :T], states_BLD, predict_from=2, targets_BTHW=z_BGHW[:, 3:T + 1],
+                         loss_chunk=loss_chunk)
             (loss / grad_accum).backward()
-        loss_sum += loss.item() / grad_accum
-    if grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        loss_sum += loss.detach() / grad_accum
+    if ddp:   # every rank sees the same mean loss, so a NaN on one rank stops them all together
+        dist.all_reduce(loss_sum)
+        loss_sum /= world_size
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float('inf'))
+    loss_value, grad_norm = loss_sum.item(), grad_norm.item()
+    # a non-finite loss or gradient stops the run before the weights change: ckpt.pt stays the last
+    # good state. A stop, not a skipped step: a run that diverges once usually diverges again.
+    for what, value in (('training loss', loss_value), ('gradient norm', grad_norm)):
+        if master:
+            run_dir.stop_if_not_finite(value, what, step, out_dir)
+        elif not math.isfinite(value):
+            raise SystemExit(1)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     dt = time.time() - t_step
     step += 1
     if master:
-        record = dict(step=step - 1, loss=loss_sum, lr=lr, samples_per_s=total_batch_size / dt)
-        postfix = dict(loss=f'{loss_sum:.4f}', lr=f'{lr:.2e}', samples_s=f'{total_batch_size / dt:.1f}')
+        record = dict(step=step - 1, loss=loss_value, lr=lr, grad_norm=grad_norm, samples_per_s=total_batch_size / dt)
+        postfix = dict(loss=f'{loss_value:.4f}', lr=f'{lr:.2e}', samples_s=f'{total_batch_size / dt:.1f}')
         if peak and step - first_step > 5:
             mfu = flops_per_step / dt / peak
             running_mfu = mfu if running_mfu < 0 else 0.9 * running_mfu + 0.1 * mfu
             record['mfu'] = running_mfu
             postfix['mfu'] = f'{100 * running_mfu:.1f}%'
+        if device_type == 'cuda':
+            record['max_mem_gib'] = torch.cuda.max_memory_allocated() / 2 ** 30   # peak GPU memory so far
+        metric = None
         if step % eval_interval == 0 or step == max_iters:
-            val = evaluate(raw_model, val_ds, eval_samples, False, autocast)['model, teacher-forced']
-            record.update(val_top500=val[0], val_ce=val[1])
-            tqdm.write(f"step {step}: val teacher-forced Top-500 CE {val[0]:.4f}, CE {val[1]:.4f}")
-        log.write(json.dumps(record) + '\n')
-        log.flush()
+            # the fixed val subset, teacher-forced and greedy autoregressive (the challenge's number)
+            val = evaluate(raw_model, val_ds, eval_samples, autocast)
+            (tf_top, tf_ce), (ar_top, ar_ce) = val['model, teacher-forced'], val['model, greedy autoregressive']
+            record.update(val_tf_top500=tf_top, val_tf_ce=tf_ce, val_ar_top500=ar_top, val_ar_ce=ar_ce)
+            metric = ar_top   # ckpt_best.pt: the lowest greedy autoregressive Top-500 CE
+            tqdm.write(f"step {step}: val Top-500 CE teacher-forced {tf_top:.4f}, greedy autoregressive {ar_top:.4f}")
+        log.write(record)
         bar.set_postfix(**postfix)
         bar.update(1)
         if (ckpt_interval > 0 and step % ckpt_interval == 0) or step == stop:
-            save_checkpoint()
+            save_checkpoint(metric)
 bar.close()
 if master:
     print(f"trained {step} steps in {time.time() - t0:.0f} s; checkpoint {ckpt_path}")
+    png = run_dir.plot_curves(out_dir, [('cross-entropy (nats)', ['loss', 'val_tf_ce', 'val_ar_ce']),
+                                        ('Top-500 CE (nats)', ['val_tf_top500', 'val_ar_top500'])],
+                              title=f'compression: train (teacher-forced) and val ({eval_samples} samples)')
+    print(f"curves: {png}")
 if step == max_iters and master and final_eval:
-    results = evaluate(raw_model, val_ds, final_eval_samples, True, autocast)
+    results = evaluate(raw_model, val_ds, final_eval_samples, autocast, baselines=True)
     print(f"\nval_v2.0 ({len(val_ds) if final_eval_samples <= 0 else min(final_eval_samples, len(val_ds))} samples), "
           f"per token of the future grids 3-5, nats; Top-500 CE as defined in st_transformer.py:")
     print_table(results, val_ds.metadata.get('synthetic'))

@@ -1,8 +1,10 @@
 """Wan 2.2 TI2V-5B with robot-state conditioning: the sampling track's model in one file.
 
-The DiT computes what the reference (Wan-Video/Wan2.2 wan/modules/model.py) computes; facts in
-../shared/WAN22.md. On top of it, the two things the winning solution added (PAPER.md 2.1, 2.2):
-AdaLN-Zero state conditioning and LoRA.
+The DiT computes what the reference (Wan-Video/Wan2.2 wan/modules/model.py) computes, checked
+against diffusers' WanTransformer3DModel in test_all.py. On top of it, the two things the winning
+solution added (paper sections 2.1, 2.2): AdaLN-Zero state conditioning and LoRA. Its files are
+those of the Wan ecosystem: official or diffusers checkpoints in, LoRA out in the ComfyUI /
+diffusers format and in from their formats.
 
 API (the sampling scripts use these names):
     cfg = WanConfig()                      # TI2V-5B numbers; WanConfig.tiny() for tests / CPU
@@ -23,9 +25,14 @@ API (the sampling scripts use these names):
     t_BF = frame_timesteps(mask_BF, t_B)   # mask 0 = context frame -> t = 0 (per_token_timestep: [B, L])
     add_lora(model, rank=32, alpha=32); merge_lora(model); unmerge_lora(model)
     trainable_state_dict(model); save_trainable(model, path); load_trainable(model, path)
-    vae = WanVAE.from_pretrained(repo_or_dir); z = vae.encode(video_BCTHW); video = vae.decode(z)
+    export_lora(model, out_dir)            # lora.safetensors (ComfyUI, diffusers, DiffSynth read it)
+                                           # + state_embedder.safetensors (nanoWM's own)
+    load_lora(model, path_or_dir, merge=False)   # a Wan LoRA of ComfyUI, diffusers/PEFT, DiffSynth or kohya format
+    vae = WanVAE.from_pretrained(repo_or_dir)    # official Wan2.2_VAE.pth or the diffusers vae/
+    z = vae.encode(video_BCTHW); video = vae.decode(z)
     context_1LD = null_context(repo_or_dir)   # umT5 encoding of "" padded to 512 slots
     parameter_counts()                     # `python wan_state.py`; timings: `python bench.py --what=wan_fwd`
+    `python wan_state.py export --ckpt out_sampling/ckpt.pt [--out DIR]`   # export_lora of a checkpoint
 
 Precision: on the CPU everything is fp32. With bf16 weights (set_dtype / from_pretrained on
 CUDA) the forward runs under bf16 autocast and keeps the residual stream, the timestep and state
@@ -82,7 +89,7 @@ class WanConfig:
         return self.dim // self.num_heads
 
 
-# Columns of the 1X state vector (../shared/1X-DATA.md): 0-20 joint angles, 21-22 hand closure
+# Columns of the 1X state vector (the 1X dataset's robot_states): 0-20 joint angles, 21-22 hand closure
 # (0 open .. 1 closed), 23-24 linear / angular velocity. The hand closures are already in [0, 1]
 # and pass through as they are; the rest get sin/cos features.
 STATE_HAND_DIMS = (21, 22)
@@ -725,8 +732,190 @@ def load_trainable(model, path):
 
 
 # ---------------------------------------------------------------------------------------------
+# LoRA files other Wan tools read and write: ComfyUI, diffusers, DiffSynth-Studio, kohya / musubi
+# ---------------------------------------------------------------------------------------------
+# The same adapters under four key conventions (module names in the official Wan naming, ours):
+#   ComfyUI / Wan     diffusion_model.blocks.0.self_attn.q.lora_A.weight, .lora_B.weight, .alpha
+#   diffusers / PEFT  transformer.blocks.0.attn1.to_q.lora_A.weight (alpha in the file's metadata)
+#   DiffSynth-Studio  blocks.0.self_attn.q.lora_A.default.weight (no alpha)
+#   kohya / musubi    lora_unet_blocks_0_self_attn_q.lora_down.weight, .lora_up.weight, .alpha
+# lora_A = lora_down [rank, in], lora_B = lora_up [out, rank]; the update is B @ A * alpha / rank,
+# or B @ A where a file has no alpha (ComfyUI comfy/lora.py, diffusers lora_conversion_utils.py
+# _convert_non_diffusers_wan_lora_to_diffusers / _convert_musubi_wan_lora_to_diffusers, DiffSynth
+# GeneralLoRALoader, which ignores alpha).
+_LORA_KEY = re.compile(r'(?:diffusion_model\.|transformer\.|base_model\.model\.|lora_unet_)?(.+?)'
+                       r'\.(lora_A|lora_B|lora_down|lora_up|alpha)(?:\.default)?(?:\.weight)?')
+_LORA_PART = {'lora_A': 'A', 'lora_down': 'A', 'lora_B': 'B', 'lora_up': 'B', 'alpha': 'alpha'}
+
+
+def export_lora(model_or_trainable, out_dir, lora_alpha=None):
+    """Write out_dir/lora.safetensors, which ComfyUI, diffusers and DiffSynth-Studio load for Wan 2.2
+    TI2V-5B, and out_dir/state_embedder.safetensors (the robot-state conditioning: nanoWM's own,
+    no other tool has it). Returns the paths written.
+
+    model_or_trainable: a WanDiT with LoRA (merged or not), or a checkpoint's trainable tensors
+    (ckpt['trainable']: blocks.N.<module>.lora_A.weight ..., state_embedder.*) with its lora_alpha.
+    Keys diffusion_model.blocks.N.<module>.lora_A.weight [r, in], .lora_B.weight [out, r] and
+    .alpha = r: alpha / rank is folded into lora_B, so B @ A is the whole update and loaders that
+    read .alpha (ComfyUI, diffusers) and loaders that do not (DiffSynth) apply the same update."""
+    from safetensors.torch import save_file
+    if isinstance(model_or_trainable, nn.Module):
+        loras = {n: (m.lora_A.weight, m.lora_B.weight, m.scale) for n, m in model_or_trainable.named_modules()
+                 if isinstance(m, LoRALinear)}
+        state = {k: v for k, v in model_or_trainable.state_dict().items() if k.startswith('state_embedder.')}
+    else:
+        sd = model_or_trainable
+        a_keys = [k for k in sd if k.endswith('.lora_A.weight')]
+        assert lora_alpha is not None or not a_keys, "a trainable state dict needs its lora_alpha (ckpt['config'])"
+        loras = {k[:-len('.lora_A.weight')]: (sd[k], sd[k.replace('.lora_A.', '.lora_B.')],
+                                              lora_alpha / sd[k].shape[0]) for k in a_keys}
+        state = {k: v for k, v in sd.items() if k.startswith('state_embedder.')}
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    if loras:
+        sd = {}
+        for name, (A, B, scale) in loras.items():
+            sd[f'diffusion_model.{name}.lora_A.weight'] = A.detach().float().cpu().contiguous()
+            sd[f'diffusion_model.{name}.lora_B.weight'] = (B.detach().float().cpu() * scale).contiguous()
+            sd[f'diffusion_model.{name}.alpha'] = torch.tensor(float(A.shape[0]))
+        save_file(sd, str(out_dir / 'lora.safetensors'), metadata={'format': 'pt'})
+        written.append(out_dir / 'lora.safetensors')
+    if state:
+        save_file({k: v.detach().float().cpu().contiguous() for k, v in state.items()},
+                  str(out_dir / 'state_embedder.safetensors'), metadata={'format': 'pt'})
+        written.append(out_dir / 'state_embedder.safetensors')
+    return written
+
+
+def read_lora(path_or_state_dict, num_layers):
+    """A Wan LoRA in any format above -> {our module name: (A [r, in], B [out, r], scale)}, fp32.
+    The scale is alpha / rank from .alpha tensors, else from diffusers' lora_adapter_metadata
+    (lora_alpha / r), else 1. Keys of other modules (time or head adapters, DoRA, diffs) are an error."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+    sd, meta = path_or_state_dict, {}
+    if not isinstance(sd, dict):
+        with safe_open(str(sd), framework='pt') as f:
+            meta = f.metadata() or {}
+        sd = load_file(str(sd))
+    peft = {k.split('.')[-1]: v for k, v in json.loads(meta.get('lora_adapter_metadata', '{}')).items()}
+    default_scale = peft['lora_alpha'] / peft['r'] if 'lora_alpha' in peft and 'r' in peft else 1.0
+    targets = [f'blocks.{i}.{t}' for i in range(num_layers) for t in LORA_TARGETS]
+    underscored = {n.replace('.', '_'): n for n in targets}   # kohya / musubi write dots as _
+    parts, unknown = {}, []
+    for key, tensor in sd.items():
+        m = _LORA_KEY.fullmatch(key)
+        name = m and (underscored.get(m[1]) or _official_name(m[1] + '.weight')[:-len('.weight')])
+        if name not in targets:
+            unknown.append(key)
+            continue
+        parts.setdefault(name, {})[_LORA_PART[m[2]]] = tensor
+    if unknown:
+        raise ValueError(f"{len(unknown)} key(s) are not LoRA adapters of the {len(LORA_TARGETS)} linears of a Wan "
+                         f"block this loader knows ({', '.join(LORA_TARGETS)}), e.g. {unknown[:4]}")
+    out = {}
+    for name, p in parts.items():
+        assert 'A' in p and 'B' in p, f"{name}: the file has {sorted(p)} but a LoRA needs both A (down) and B (up)"
+        rank = p['A'].shape[0]
+        out[name] = (p['A'].float(), p['B'].float(), p['alpha'].item() / rank if 'alpha' in p else default_scale)
+    return out
+
+
+@torch.no_grad()
+def load_lora(model, path, merge=False):
+    """Load a Wan LoRA of any format above (a file, or export_lora's folder: lora.safetensors and,
+    if there, state_embedder.safetensors) into a WanDiT. Returns the model.
+
+    merge=False: the file's adapters become the model's LoRA (unmerged, trainable: to start from
+        or evaluate a LoRA trained elsewhere). A model without adapters gets add_lora with the file's
+        rank and alpha; one with adapters keeps them (the file must have their rank) and those the
+        file lacks get B = 0, so the model is the base plus exactly the file's update.
+    merge=True: W += B @ A * scale into the base weights of any model, with or without adapters of
+        its own (to stack LoRAs, or to sample at base speed)."""
+    path = Path(path)
+    lora_file, state_file = (path / 'lora.safetensors', path / 'state_embedder.safetensors') if path.is_dir() \
+        else (path, None)
+    loras = read_lora(lora_file, len(model.blocks)) if lora_file.exists() else {}
+    if not loras and not (state_file and state_file.exists()):
+        raise FileNotFoundError(f"{path}: no LoRA file (or export_lora folder) there")
+    if merge:
+        for name, (A, B, scale) in loras.items():
+            w = model.get_submodule(name).weight
+            w += ((B @ A) * scale).to(device=w.device, dtype=w.dtype)
+    elif loras:
+        if not lora_modules(model):
+            ranks = {A.shape[0] for A, _, _ in loras.values()}
+            assert len(ranks) == 1, f"{lora_file}: adapters of ranks {sorted(ranks)}; load it with merge=True"
+            rank, scale = ranks.pop(), next(iter(loras.values()))[2]
+            add_lora(model, rank=rank, alpha=scale * rank,
+                     targets=sorted({n.split('.', 2)[2] for n in loras}, key=LORA_TARGETS.index))
+        for name, m in ((n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)):
+            assert not m.merged, "unmerge_lora(model) before loading adapters"
+            A, B, scale = loras.pop(name, (None, None, None))
+            if A is None:
+                m.lora_B.weight.zero_()
+                continue
+            assert A.shape == m.lora_A.weight.shape and B.shape == m.lora_B.weight.shape, (
+                f"{name}: the file's adapter is rank {A.shape[0]}, the model's rank {m.rank}; load with merge=True")
+            m.lora_A.weight.copy_(A)
+            m.lora_B.weight.copy_(B * (scale / m.scale))
+        assert not loras, f"the model has no adapters on {sorted(loras)[:4]}...: add_lora with these targets first"
+    if state_file is not None and state_file.exists():
+        from safetensors.torch import load_file
+        assert model.state_cond, f"{state_file}: state conditioning weights, but the model has state_cond=False"
+        sd = load_file(str(state_file))
+        own = {k: tuple(v.shape) for k, v in model.state_dict().items() if k.startswith('state_embedder.')}
+        _check_keys(own, {k: tuple(v.shape) for k, v in sd.items()}, state_file)
+        model.load_state_dict(sd, strict=False)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
 # VAE: Wan 2.2 (48 channels, 4x16x16) through diffusers' AutoencoderKLWan
 # ---------------------------------------------------------------------------------------------
+
+VAE_FILE = 'Wan2.2_VAE.pth'
+# AutoencoderKLWan as the Wan 2.2 VAE (the -Diffusers repo's vae/config.json; the official .pth has
+# weights only). Latent means and stds as wan/modules/vae2_2.py Wan2_2_VAE.
+VAE22_CONFIG = dict(
+    base_dim=160, decoder_base_dim=256, z_dim=48, dim_mult=[1, 2, 4, 4], num_res_blocks=2,
+    temperal_downsample=[False, True, True], is_residual=True, in_channels=12, out_channels=12, patch_size=2,
+    scale_factor_temporal=4, scale_factor_spatial=16,
+    latents_mean=[-0.2289, -0.0052, -0.1323, -0.2339, -0.2799, 0.0174, 0.1838, 0.1557, -0.1382, 0.0542, 0.2813,
+                  0.0891, 0.1570, -0.0098, 0.0375, -0.1825, -0.2246, -0.1207, -0.0698, 0.5109, 0.2665, -0.2108,
+                  -0.2158, 0.2502, -0.2055, -0.0322, 0.1109, 0.1567, -0.0729, 0.0899, -0.2799, -0.1230, -0.0313,
+                  -0.1649, 0.0117, 0.0723, -0.2839, -0.2083, -0.0520, 0.3748, 0.0152, 0.1957, 0.1433, -0.2944,
+                  0.3573, -0.0548, -0.1681, -0.0667],
+    latents_std=[0.4765, 1.0364, 0.4514, 1.1677, 0.5313, 0.4990, 0.4818, 0.5013, 0.8158, 1.0344, 0.5894, 1.0901,
+                 0.6885, 0.6165, 0.8454, 0.4978, 0.5759, 0.3523, 0.7135, 0.6804, 0.5833, 1.4146, 0.8986, 0.5659,
+                 0.7069, 0.5338, 0.4889, 0.4917, 0.4069, 0.4999, 0.6866, 0.4093, 0.5709, 0.6065, 0.6415, 0.4944,
+                 0.5726, 1.2042, 0.5458, 1.6887, 0.3971, 1.0600, 0.3943, 0.5537, 0.5444, 0.4089, 0.7468, 0.7744])
+
+# Official Wan2.2_VAE.pth name -> AutoencoderKLWan name, applied in order (diffusers
+# scripts/convert_wan_to_diffusers.py convert_vae_22 does the same). The official stages are
+# Sequentials of residual blocks with the resampler last; diffusers names them resnets and
+# downsampler / upsampler. The residual Sequential is (norm, SiLU, conv, norm, SiLU, dropout, conv).
+_VAE_KEYS = [(r'^conv1\.', 'quant_conv.'), (r'^conv2\.', 'post_quant_conv.'),
+             (r'^(encoder|decoder)\.conv1\.', r'\1.conv_in.'),
+             (r'^(encoder|decoder)\.head\.0\.', r'\1.norm_out.'), (r'^(encoder|decoder)\.head\.2\.', r'\1.conv_out.'),
+             (r'^(encoder|decoder)\.middle\.0\.', r'\1.mid_block.resnets.0.'),
+             (r'^(encoder|decoder)\.middle\.1\.', r'\1.mid_block.attentions.0.'),
+             (r'^(encoder|decoder)\.middle\.2\.', r'\1.mid_block.resnets.1.'),
+             (r'^encoder\.downsamples\.(\d+)\.downsamples\.\d+\.(resample|time_conv)',
+              r'encoder.down_blocks.\1.downsampler.\2'),
+             (r'^decoder\.upsamples\.(\d+)\.upsamples\.\d+\.(resample|time_conv)', r'decoder.up_blocks.\1.upsampler.\2'),
+             (r'^encoder\.downsamples\.(\d+)\.downsamples\.', r'encoder.down_blocks.\1.resnets.'),
+             (r'^decoder\.upsamples\.(\d+)\.upsamples\.', r'decoder.up_blocks.\1.resnets.'),
+             (r'\.residual\.0\.', '.norm1.'), (r'\.residual\.2\.', '.conv1.'), (r'\.residual\.3\.', '.norm2.'),
+             (r'\.residual\.6\.', '.conv2.'), (r'\.shortcut\.', '.conv_shortcut.')]
+
+
+def _vae_diffusers_name(key):
+    for pattern, repl in _VAE_KEYS:
+        key = re.sub(pattern, repl, key)
+    return key
+
 
 class WanVAE:
     """encode(video in [-1, 1], [B, 3, T, H, W]) -> normalised latents [B, 48, 1 + (T-1)/4, H/16, W/16];
@@ -740,16 +929,31 @@ class WanVAE:
         self.dtype = p.dtype
 
     @classmethod
-    def from_pretrained(cls, repo_id_or_dir='Wan-AI/Wan2.2-TI2V-5B-Diffusers', device='cpu', dtype=torch.float32):
+    def from_pretrained(cls, repo_id_or_dir='Wan-AI/Wan2.2-TI2V-5B', device='cpu', dtype=torch.float32,
+                        **config_overrides):
+        """The official repo (Wan-AI/Wan2.2-TI2V-5B: its Wan2.2_VAE.pth alone is downloaded), the
+        -Diffusers repo (its vae/), a local copy of either, or the path of a Wan2.2_VAE.pth. The
+        .pth has original key names (wan/modules/vae2_2.py) and no config: its weights are renamed
+        into AutoencoderKLWan built with VAE22_CONFIG (config_overrides change it, for tests)."""
         from diffusers import AutoencoderKLWan
-        if str(repo_id_or_dir) == 'Wan-AI/Wan2.2-TI2V-5B':   # same VAE weights, diffusers format
-            repo_id_or_dir = 'Wan-AI/Wan2.2-TI2V-5B-Diffusers'
-        root = _resolve(repo_id_or_dir, ['vae/*'])
-        sub = root / 'vae' if (root / 'vae').is_dir() else root
-        if not (sub / 'config.json').exists():
-            raise FileNotFoundError(f"no vae/config.json in {root}: pass the diffusers-format repo "
-                                    f"(Wan-AI/Wan2.2-TI2V-5B-Diffusers) or a copy of its vae/ folder")
-        return cls(AutoencoderKLWan.from_pretrained(str(sub), torch_dtype=dtype).to(device))
+        p = Path(os.path.expanduser(str(repo_id_or_dir)))
+        pth = p if p.is_file() else _resolve(repo_id_or_dir, [VAE_FILE, 'vae/*']) / VAE_FILE
+        if not p.is_file():   # the official root's config.json is the DiT's: its .pth comes first
+            root = pth.parent
+            sub = next((d for d in (root / 'vae', root) if (d / 'config.json').exists()), None)
+            if sub is not None and (sub != root or not pth.exists()):
+                return cls(AutoencoderKLWan.from_pretrained(str(sub), torch_dtype=dtype).to(device))
+            if not pth.exists():
+                raise FileNotFoundError(f"{root} has neither {VAE_FILE} (the official Wan-AI/Wan2.2-TI2V-5B) nor "
+                                        f"vae/config.json (Wan-AI/Wan2.2-TI2V-5B-Diffusers)")
+        raw = torch.load(pth, map_location='cpu', mmap=True, weights_only=True)   # mmap: read lazily
+        sd = {_vae_diffusers_name(k): v for k, v in raw.items()}
+        with torch.device('meta'):
+            vae = AutoencoderKLWan(**{**VAE22_CONFIG, **config_overrides})
+        _check_keys({k: tuple(v.shape) for k, v in vae.state_dict().items()},
+                    {k: tuple(v.shape) for k, v in sd.items()}, pth)
+        vae.load_state_dict(sd, strict=True, assign=True)
+        return cls(vae.to(device=device, dtype=dtype))
 
     @torch.no_grad()
     def encode(self, video_BCTHW):
@@ -856,7 +1060,25 @@ def parameter_counts(cfg=None, lora_rank=32):
     return count
 
 
-if __name__ == '__main__':
+def main(argv=None):
+    """`python wan_state.py`: parameter counts. `python wan_state.py export --ckpt out_sampling/ckpt.pt
+    [--out DIR]`: lora.safetensors + state_embedder.safetensors of a sampling checkpoint (export_lora)."""
+    import argparse
+    parser = argparse.ArgumentParser(prog='wan_state.py', description=main.__doc__)
+    sub = parser.add_subparsers(dest='command')
+    p = sub.add_parser('export', help="write a sampling checkpoint's LoRA in the ComfyUI / diffusers format")
+    p.add_argument('--ckpt', required=True, help="a train_sampling.py checkpoint (ckpt.pt)")
+    p.add_argument('--out', default=None, help="output folder (default: the checkpoint's folder)")
+    args = parser.parse_args(argv)
+    if args.command == 'export':
+        ckpt = torch.load(args.ckpt, map_location='cpu', weights_only=True)
+        written = export_lora(ckpt['trainable'], args.out or Path(args.ckpt).parent, ckpt['config'].get('lora_alpha'))
+        print('\n'.join(f"wrote {p}" for p in written) or f"{args.ckpt}: no LoRA or state weights to export")
+        return
     c = parameter_counts()
     print(f"Wan 2.2 TI2V-5B DiT: {c['base']:,} base + {c['state']:,} state conditioning + "
           f"{c['lora']:,} LoRA (rank 32) = {sum(c.values()):,} parameters")
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,209 @@
+"""Flow matching for the sampling track, as Wan 2.2 does it: what train_sampling.py and sample.py share.
+
+    x_s = (1 - s) x0 + s noise,  target v = noise - x0,  timestep t = 1000 s   (s = 1: pure noise)
+
+Sections: the noise schedule (Wan's shift, the reference sampler's sigmas), the training loss and
+its per-sample random draws, the samplers (hand-written Euler on the reference schedule; diffusers'
+UniPC, Wan's own default solver), building the DiT and its empty-prompt text context, and the
+prediction of frame 77 with its score (PSNR), which sample.py and the validation of a training
+run both use.
+"""
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import data
+from wan_state import WanConfig, WanDiT, add_lora, frame_timesteps, null_context
+
+NUM_TRAIN_TIMESTEPS = 1000   # Wan 2.2: t = 1000 s
+
+
+# ---------------------------------------------------------------------------------------------
+# Noise schedule
+# ---------------------------------------------------------------------------------------------
+
+def shift_sigma(u, shift):
+    """Wan's timestep shift: s' = shift s / (1 + (shift - 1) s); shift > 1 spends more steps near noise."""
+    return shift * u / (1 + (shift - 1) * u)
+
+
+def reference_sigmas(steps, shift):
+    """The sampling schedule of the reference samplers (Wan 2.2's get_sampling_sigmas with its
+    flow-matching Euler, and DiffSynth's FlowMatchScheduler): the N noise levels
+    shift(linspace(1, 0, N + 1)[:N]), then 0, where the last step lands. float64 [N + 1].
+    (diffusers' FlowMatchEulerDiscreteScheduler, built with shift=, shifts its smallest sigma
+    twice: at shift 5 and 20 steps its last nonzero sigma is 0.024 instead of 0.208.)"""
+    u = torch.linspace(1, 0, steps + 1, dtype=torch.float64)[:steps]
+    return torch.cat([shift_sigma(u, shift), torch.zeros(1, dtype=torch.float64)])
+
+
+# ---------------------------------------------------------------------------------------------
+# Training loss
+# ---------------------------------------------------------------------------------------------
+
+def latent_mask(batch, num_latents=data.NUM_LATENTS, num_context=data.NUM_CONTEXT_LATENTS, device='cpu'):
+    """[B, F] frame mask: 0 on the context latents (held clean), 1 on the latents to generate."""
+    mask_BF = torch.ones(batch, num_latents, device=device)
+    mask_BF[:, :num_context] = 0
+    return mask_BF
+
+
+def flow_matching_loss(model, z0_BCFHW, states_BTD, context_BLD, sigma_B, noise_BCFHW, drop_B,
+                       num_context=data.NUM_CONTEXT_LATENTS):
+    """Mean squared error of the predicted velocity on the latents to generate (context excluded).
+
+    The context latents enter clean, with timestep 0 on their tokens, as Wan's TI2V holds its first
+    frame; their output is not a prediction of anything, so it is left out of the loss.
+    """
+    B, C, Fr, H, W = z0_BCFHW.shape
+    mask_BF = latent_mask(B, Fr, num_context, z0_BCFHW.device)
+    s = sigma_B.view(B, 1, 1, 1, 1)
+    x_t = (1 - s) * z0_BCFHW + s * noise_BCFHW
+    x_t = torch.where(mask_BF.view(B, 1, Fr, 1, 1) == 0, z0_BCFHW, x_t)
+    v_BCFHW = model(x_t, frame_timesteps(mask_BF, NUM_TRAIN_TIMESTEPS * sigma_B), context_BLD, states_BTD, drop_B)
+    target = noise_BCFHW - z0_BCFHW
+    return F.mse_loss(v_BCFHW[:, :, num_context:].float(), target[:, :, num_context:].float())
+
+
+def sample_draws(seed, step, positions, latent_shape, shift, p_drop):
+    """Per-sample randomness (noise level, noise, state dropout), a function of (seed, step,
+    position in the global batch) only: the same under any number of GPUs, and after a resume."""
+    sigma, noise, drop = [], [], []
+    for pos in positions:
+        g = torch.Generator().manual_seed(hash((seed, step, pos)) % 2 ** 62)
+        sigma.append(shift_sigma(torch.rand(1, generator=g), shift))
+        noise.append(torch.randn(latent_shape, generator=g))
+        drop.append(torch.rand(1, generator=g) < p_drop)
+    return torch.cat(sigma), torch.stack(noise), torch.cat(drop)
+
+
+# ---------------------------------------------------------------------------------------------
+# Samplers
+# ---------------------------------------------------------------------------------------------
+
+def _unipc(shift):
+    """diffusers' UniPC as Wan 2.2's TI2V pipeline configures it (order 2, x0 prediction from the
+    flow, Wan's shifted flow sigmas)."""
+    from diffusers import UniPCMultistepScheduler
+    return UniPCMultistepScheduler(num_train_timesteps=NUM_TRAIN_TIMESTEPS, prediction_type='flow_prediction',
+                                   use_flow_sigmas=True, flow_shift=shift)
+
+
+@torch.no_grad()
+def sample_latents(model, z_ctx_BCKHW, states_BTD, context_1LD, noise_BCFHW, steps, cfg_scale=1.0,
+                   shift=5.0, scheduler='euler'):
+    """Denoise noise_BCFHW with the K context latents z_ctx held fixed; returns clean latents.
+
+    scheduler 'euler': x <- x + (s_next - s) v on reference_sigmas(steps, shift) (Wan's and
+    DiffSynth's flow-matching Euler). 'unipc': diffusers' UniPC with Wan's schedule.
+    Each row of the batch is one sample (the caller repeats a clip's context and states for its
+    ensemble members). Context tokens get timestep 0; after every solver step the context latents
+    are put back exactly (torch.where, bit for bit), as Wan's TI2V holds its first frame. With
+    cfg_scale != 1 the unconditional pass (the learned no-state embedding) runs in the same batch.
+    """
+    B, C, Fr, H, W = noise_BCFHW.shape
+    K = z_ctx_BCKHW.shape[2]
+    assert z_ctx_BCKHW.shape == (B, C, K, H, W), (
+        f"context latents {tuple(z_ctx_BCKHW.shape)} do not match noise {tuple(noise_BCFHW.shape)}")
+    device = noise_BCFHW.device
+    mask_BF = latent_mask(B, Fr, K, device)
+    is_ctx = (mask_BF == 0).view(B, 1, Fr, 1, 1)
+    z_ctx_full = F.pad(z_ctx_BCKHW, (0, 0, 0, 0, 0, Fr - K))
+    guided = cfg_scale != 1.0
+    if guided:   # rows B.. are the unconditional copies
+        states_BTD = torch.cat([states_BTD, states_BTD])
+        drop_B = torch.arange(2 * B, device=device) >= B
+    else:
+        drop_B = torch.zeros(B, dtype=torch.bool, device=device)
+
+    def velocity(latent, t):
+        x_in = torch.cat([latent, latent]) if guided else latent
+        t_BF = frame_timesteps(torch.cat([mask_BF] * (2 if guided else 1)), t.float().expand(x_in.shape[0]))
+        v = model(x_in, t_BF, context_1LD, states_BTD, drop_B).float()
+        if guided:
+            v_cond, v_uncond = v.chunk(2)
+            v = v_uncond + cfg_scale * (v_cond - v_uncond)
+        return v
+
+    latent = torch.where(is_ctx, z_ctx_full, noise_BCFHW)
+    if scheduler == 'euler':
+        sigmas = reference_sigmas(steps, shift).tolist()
+        for s, s_next in zip(sigmas[:-1], sigmas[1:]):
+            v = velocity(latent, torch.tensor(NUM_TRAIN_TIMESTEPS * s, device=device))
+            latent = torch.where(is_ctx, z_ctx_full, latent + (s_next - s) * v)
+        return latent
+    assert scheduler == 'unipc', f"scheduler={scheduler!r}: 'euler' or 'unipc'"
+    sched = _unipc(shift)
+    sched.set_timesteps(steps, device=device)
+    for t in sched.timesteps:
+        latent = sched.step(velocity(latent, t), t, latent).prev_sample
+        latent = torch.where(is_ctx, z_ctx_full, latent)
+    return latent
+
+
+# ---------------------------------------------------------------------------------------------
+# The model and its text context
+# ---------------------------------------------------------------------------------------------
+
+def build_model(model, pretrained, train_mode, lora_rank, lora_alpha, init_seed, device, base_dtype, tiny):
+    """The DiT to fine-tune. pretrained = '' builds random weights from init_seed (tiny demo, timing).
+    train_mode 'lora': frozen base + LoRA + state parameters (the paper); 'full': every weight
+    (the CPU demo, whose base is random: LoRA on a random base has nothing to adapt)."""
+    assert model in ('tiny', 'ti2v-5b'), f"model={model!r}: 'tiny' or 'ti2v-5b'"
+    assert train_mode in ('lora', 'full'), f"train_mode={train_mode!r}: 'lora' or 'full'"
+    torch.manual_seed(init_seed)
+    if pretrained:
+        net = WanDiT.from_pretrained(pretrained, state_cond=True, device=device, dtype=base_dtype)
+    else:
+        cfg = WanConfig.tiny(**tiny) if model == 'tiny' else WanConfig()
+        net = WanDiT(cfg, state_cond=True).to(device)
+        if base_dtype != torch.float32:
+            net.set_dtype(base_dtype)
+    if train_mode == 'lora':
+        add_lora(net, rank=lora_rank, alpha=lora_alpha)   # freezes all but LoRA and state params
+    else:
+        net.requires_grad_(True)
+    for p in net.parameters():   # trained weights stay fp32: they are the optimizer's master copy
+        if p.requires_grad:
+            p.data = p.data.float()
+    return net
+
+
+def text_context(cfg, text_encoder, device):
+    """The empty-prompt context (paper 2.1: "" as the prompt, cross-attention kept). text_encoder
+    'zeros': zeros [1, text_len, text_dim] (the tiny demo has no umT5); otherwise a hub repo or
+    folder with Wan's umT5, encoded once by wan_state.null_context and cached."""
+    if text_encoder == 'zeros':
+        return torch.zeros(1, cfg.text_len, cfg.text_dim, device=device)
+    return null_context(text_encoder, text_len=cfg.text_len).to(device)
+
+
+# ---------------------------------------------------------------------------------------------
+# Predicting frame 77, and its score
+# ---------------------------------------------------------------------------------------------
+
+def predict_frame77(net, codec, frames_THWC, states_TD, context_1LD, ensemble, steps, cfg_scale, shift, scheduler,
+                    noise_seed, decode_batch=4, device='cpu'):
+    """The challenge's prediction for one clip: encode the 5 context frames, denoise `ensemble`
+    members in one batch, decode frame 77 of each. Returns the members uint8 [N, H, W, 3] and
+    their mean in pixel space (paper 2.3) uint8 [H, W, 3]. Non-finite latents are an error."""
+    z_ctx = codec.encode(data.frames_to_video(frames_THWC[None, :data.NUM_CONTEXT_FRAMES]).to(device))
+    latent_shape = (z_ctx.shape[1], data.NUM_LATENTS, *z_ctx.shape[3:])
+    noise = torch.randn((ensemble, *latent_shape), generator=torch.Generator().manual_seed(noise_seed)).to(device)
+    z = sample_latents(net, z_ctx.expand(ensemble, -1, -1, -1, -1),
+                       states_TD[None].expand(ensemble, -1, -1).to(device), context_1LD, noise, steps, cfg_scale,
+                       shift, scheduler)
+    if not torch.isfinite(z).all():
+        raise FloatingPointError(f"the model's sample holds {int((~torch.isfinite(z)).sum())} non-finite latent "
+                                 f"values: the weights are broken (diverged training?), not the data")
+    pred = torch.cat([codec.decode(z[i:i + decode_batch])[:, :, -1]   # [N, 3, H, W]: frame 77
+                      for i in range(0, ensemble, decode_batch)]).float().clamp(-1, 1)   # images, then the mean
+    mean_HWC = data.video_to_frames(pred.mean(0)[None, :, None])[0, 0].cpu().numpy()
+    members_NHWC = data.video_to_frames(pred[:, :, None])[:, 0].cpu().numpy()
+    return members_NHWC, mean_HWC
+
+
+def psnr(pred_HWC, target_HWC):
+    """PSNR in dB of uint8 images with pixels in [0, 1] (the challenge metric; paper 2, problem statement)."""
+    mse = np.mean((pred_HWC.astype(np.float64) / 255 - target_HWC.astype(np.float64) / 255) ** 2)
+    return float(10 * np.log10(1.0 / max(mse, 1e-10)))
