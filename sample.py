@@ -103,10 +103,6 @@ def save_png(path, context_THWC, members_NHWC, mean_HWC, truth_HWC):
 # The script
 # ---------------------------------------------------------------------------------------------
 
-# ---------------------------------------------------------------------------------------------
-# The script
-# ---------------------------------------------------------------------------------------------
-
 if __name__ == '__main__':
     out_dir = ''                # the run's folder (ckpt.pt); '' = out_sampling_paper if it has one, else out_sampling
     ckpt = 'ckpt.pt'            # checkpoint file in out_dir (ckpt_best.pt: the best val PSNR)

@@ -1,6 +1,6 @@
 """Train the sampling-track world model: Wan 2.2 TI2V-5B + state conditioning (paper 2.1, 2.2).
 
-    python train_sampling.py                       # CPU demo: synthetic 32x32 clips, a tiny DiT, ~3 min
+    python train_sampling.py                       # CPU demo: synthetic 32x32 clips, a tiny DiT, ~1.5 min
     torchrun --nnodes 4 --nproc_per_node 8 ... train_sampling.py   # on CUDA GPUs: the paper's recipe
     python train_sampling.py --preset=paper --dry_run   # print the paper recipe and the model size, exit
     python train_sampling.py --init_from=resume    # continue out_dir/ckpt.pt
@@ -41,6 +41,7 @@ from tqdm import tqdm
 import data
 import run_dir
 from configurator import configure
+from wan_state import export_lora
 from flow_matching import build_model, flow_matching_loss, predict_frame77, psnr, sample_draws, text_context
 
 # --- settings (defaults: the CPU demo on synthetic clips) -----------------------------------
@@ -270,6 +271,9 @@ def save_checkpoint(step, metric):
                  optimizer=optimizer.state_dict(), step=step, config=run_dir.plain(dict(config, frame_size=frame_size)),
                  rng=run_dir.rng_state())
     run_dir.save_checkpoint(out_dir, state, metric, higher_is_better=True)   # ckpt_best.pt: the best val PSNR
+    # the same weights for other tools: lora.safetensors (ComfyUI / diffusers keys, README) and the
+    # state conditioning, which only nanoWM has, in state_embedder.safetensors
+    export_lora(net, out_dir)
 
 
 def validate(step):

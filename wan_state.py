@@ -287,7 +287,7 @@ class StateEmbedder(nn.Module):
 def frame_timesteps(mask_BF, t_B):
     """[B, F] frame mask (0 = context frame, 1 = generated) x [B] timesteps -> [B, F] per frame.
 
-    This is how TI2V holds its first frame fixed (WAN22.md: timestep 0 on its tokens); the paper
+    This is how TI2V holds its first frame fixed (Wan 2.2 TI2V: timestep 0 on its tokens); the paper
     holds several frames. The DiT takes it as it is (one modulation per latent frame).
     """
     assert mask_BF.ndim == 2 and t_B.shape == mask_BF.shape[:1], (
@@ -590,7 +590,7 @@ def _config_from_json(path):
     return WanConfig(**kw)
 
 
-# official name prefix -> diffusers name prefix (WAN22.md; diffusers scripts/convert_wan_to_diffusers.py)
+# official name prefix -> diffusers name prefix (the official Wan2.2 checkpoint; diffusers scripts/convert_wan_to_diffusers.py)
 _TOP_KEYS = {'time_embedding.0.': 'condition_embedder.time_embedder.linear_1.',
              'time_embedding.2.': 'condition_embedder.time_embedder.linear_2.',
              'time_projection.1.': 'condition_embedder.time_proj.',
@@ -779,13 +779,19 @@ def export_lora(model_or_trainable, out_dir, lora_alpha=None):
             sd[f'diffusion_model.{name}.lora_A.weight'] = A.detach().float().cpu().contiguous()
             sd[f'diffusion_model.{name}.lora_B.weight'] = (B.detach().float().cpu() * scale).contiguous()
             sd[f'diffusion_model.{name}.alpha'] = torch.tensor(float(A.shape[0]))
-        save_file(sd, str(out_dir / 'lora.safetensors'), metadata={'format': 'pt'})
-        written.append(out_dir / 'lora.safetensors')
+        written.append(_save_atomic(sd, out_dir / 'lora.safetensors'))
     if state:
-        save_file({k: v.detach().float().cpu().contiguous() for k, v in state.items()},
-                  str(out_dir / 'state_embedder.safetensors'), metadata={'format': 'pt'})
-        written.append(out_dir / 'state_embedder.safetensors')
+        written.append(_save_atomic({k: v.detach().float().cpu().contiguous() for k, v in state.items()},
+                                    out_dir / 'state_embedder.safetensors'))
     return written
+
+
+def _save_atomic(sd, path):
+    """safetensors file written whole or not at all (a run killed while saving leaves the old one)."""
+    from safetensors.torch import save_file
+    save_file(sd, str(path) + '.tmp', metadata={'format': 'pt'})
+    os.replace(str(path) + '.tmp', path)
+    return path
 
 
 def read_lora(path_or_state_dict, num_layers):
