@@ -4,7 +4,7 @@ synthetic datasets written in the same layout.
 Sections:
   1. tokenized data (compression track): reader, synthetic writer, download
   2. raw video data (sampling track): reader, synthetic writer, latent pre-encoding
-  3. training setup shared by both tracks: distributed processes, the device's peak FLOP/s
+  3. the device's peak FLOP/s (for MFU)
   4. command line: `python data.py synthetic --out DIR`, ...
 """
 
@@ -283,19 +283,21 @@ def write_synthetic(out, seed=0, vocab=1000, eps=0.1, train_shards=2, train_fram
     return world
 
 
-def synthetic_is_written(out, settings):
+def synthetic_is_written(out, settings, splits=('train_v2.0', 'val_v2.0')):
     """True if out holds a finished synthetic set of these settings; False if it holds none or an
-    unfinished one (no synthetic.json); an error if it holds one of other settings or real data."""
+    unfinished one (no synthetic.json, which is written last); an error if it holds one of other
+    settings or real data. Both tracks' synthetic writers ask this first."""
     path = os.path.join(out, 'synthetic.json')
     if os.path.exists(path):
-        saved = read_json(path)['settings']
+        saved = read_json(path)
+        saved = saved.get('settings', saved)   # the raw set's file holds the settings alone
         if saved != settings:
             diffs = '; '.join(f"{k}={saved.get(k)!r} on disk, {v!r} asked for" for k, v in settings.items()
                               if saved.get(k) != v)
             raise SystemExit(f"{out} holds a synthetic set written with other settings ({diffs}): pass another "
                              f"folder, or delete {out} to write it again")
         return True
-    for split in ('train_v2.0', 'val_v2.0'):
+    for split in splits:
         meta = os.path.join(out, split, 'metadata.json')
         if os.path.exists(os.path.join(out, split)) and not (os.path.exists(meta) and 'synthetic' in read_json(meta)):
             raise SystemExit(f"{os.path.join(out, split)} exists and is not a synthetic split: refusing to write "
@@ -393,18 +395,18 @@ def expected_sizes(num_frames):
                 segment_idx=num_frames * 4)
 
 
-def _fetch(repo_file, out, force=False):
-    """One file of the dataset repo into out/repo_file, through the huggingface_hub cache
-    (HF_HUB_CACHE: resumable, atomic per file), then hard-linked (or copied) into place atomically."""
+def hub_file(repo, repo_file, out, how_to_prepare, force=False):
+    """One file of a Hugging Face dataset repo into out/repo_file, through the huggingface_hub cache
+    (HF_HUB_CACHE: resumable, atomic per file), then hard-linked (or copied) into place atomically.
+    Offline, stop with how_to_prepare: the commands that prepare the data on another machine."""
     from huggingface_hub import hf_hub_download
     try:
-        cached = hf_hub_download(HF_REPO_TOKENIZED, repo_file, repo_type='dataset', force_download=force)
+        cached = hf_hub_download(repo, repo_file, repo_type='dataset', force_download=force)
     except Exception as e:   # offline, no network, no such file, ... (huggingface_hub's errors vary by version)
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise SystemExit(f"could not fetch {repo_file} of the Hugging Face dataset {HF_REPO_TOKENIZED} ({first}).\n"
+        raise SystemExit(f"could not fetch {repo_file} of the Hugging Face dataset {repo} ({first}).\n"
                          f"Without network access here, prepare the data where there is one and copy the folder:\n"
-                         f"    python data.py download --out DIR --split train_v2.0\n"
-                         f"    python data.py download --out DIR --split val_v2.0\n"
+                         f"{how_to_prepare}"
                          f"then pass --data_dir=DIR (or point HF_HUB_CACHE at a cache that holds the dataset).")
     dst = os.path.join(out, repo_file)
     os.makedirs(os.path.dirname(dst), exist_ok=True)
@@ -415,6 +417,12 @@ def _fetch(repo_file, out, force=False):
         shutil.copyfile(cached, tmp)
     os.replace(tmp, dst)
     return dst
+
+
+def _fetch(repo_file, out, force=False):
+    """One file of the tokenized dataset into out/repo_file (hub_file)."""
+    return hub_file(HF_REPO_TOKENIZED, repo_file, out, "    python data.py download --out DIR --split train_v2.0\n"
+                    "    python data.py download --out DIR --split val_v2.0\n", force)
 
 
 def download_tokenized(out, split='val_v2.0', shards=None, rank=0, world=1):
@@ -767,25 +775,14 @@ def write_synthetic_raw_set(out, train_shards=2, frames=1200, size=64, seed=0, v
     (never mixed or silently reused); a set without synthetic.json (an interrupted write) is written
     again; a folder holding real data is never written over."""
     settings = dict(train_shards=train_shards, frames=frames, val_frames=val_frames or frames, size=size, seed=seed)
-    path = os.path.join(out, 'synthetic.json')
-    if os.path.exists(path):
-        saved = read_json(path)
-        if saved != settings:
-            diffs = '; '.join(f"{k}={saved.get(k)!r} on disk, {v!r} asked for" for k, v in settings.items()
-                              if saved.get(k) != v)
-            raise SystemExit(f"{out} holds a synthetic raw set written with other settings ({diffs}): pass another "
-                             f"folder, or delete {out} to write it again")
+    if synthetic_is_written(out, settings, ('train_v2.0_raw', 'val_v2.0_raw')):
         return False
-    for split in ('train_v2.0_raw', 'val_v2.0_raw'):
-        meta = os.path.join(out, split, 'metadata.json')
-        if os.path.exists(os.path.join(out, split)) and not (os.path.exists(meta) and 'synthetic' in read_json(meta)):
-            raise SystemExit(f"{os.path.join(out, split)} exists and is not a synthetic split: refusing to write "
-                             f"synthetic data over it; pass another folder")
     for name in os.listdir(out) if os.path.isdir(out) else []:   # latents of an unfinished set: stale
         if name.startswith('latents_'):
             shutil.rmtree(os.path.join(out, name))
     write_synthetic_raw(os.path.join(out, 'train_v2.0_raw'), train_shards, frames, size, seed)
     write_synthetic_raw(os.path.join(out, 'val_v2.0_raw'), 1, val_frames or frames, size, seed + 1, flat=True)
+    path = os.path.join(out, 'synthetic.json')
     with open(path + '.tmp', 'w') as f:
         json.dump(settings, f)
     os.replace(path + '.tmp', path)
@@ -917,31 +914,14 @@ class LatentClips(torch.utils.data.Dataset):
 
 
 def _fetch_raw(repo_file, out):
-    """One file of the raw dataset repo into out/repo_file, through the huggingface_hub cache
-    (resumable, atomic per file), then hard-linked (or copied) into place atomically."""
-    from huggingface_hub import hf_hub_download
+    """One file of the raw dataset into out/repo_file (hub_file); one placed by an earlier run is kept."""
     dst = os.path.join(out, repo_file)
     if os.path.exists(dst):   # placed whole by an earlier run
         return dst
-    try:
-        cached = hf_hub_download(HF_REPO_RAW, repo_file, repo_type='dataset')
-    except Exception as e:   # offline, no network, no such file, ... (huggingface_hub's errors vary by version)
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise SystemExit(f"could not fetch {repo_file} of the Hugging Face dataset {HF_REPO_RAW} ({first}).\n"
-                         f"Without network access here, prepare the data where there is one and copy the folder:\n"
-                         f"    python data.py download_raw --out DIR --split train_v2.0_raw\n"
-                         f"    python data.py download_raw --out DIR --split val_v2.0_raw\n"
-                         f"    python data.py encode_raw --vae=wan --stride=8 --split DIR/train_v2.0_raw "
-                         f"--out DIR/latents_wan/train_v2.0_raw\n"
-                         f"then pass --data_dir=DIR (or point HF_HUB_CACHE at a cache that holds the dataset).")
-    os.makedirs(os.path.dirname(dst), exist_ok=True)
-    tmp = f"{dst}.tmp{os.getpid()}"
-    try:
-        os.link(os.path.realpath(cached), tmp)
-    except OSError:   # another file system: copy
-        shutil.copyfile(cached, tmp)
-    os.replace(tmp, dst)
-    return dst
+    return hub_file(HF_REPO_RAW, repo_file, out, "    python data.py download_raw --out DIR --split train_v2.0_raw\n"
+                    "    python data.py download_raw --out DIR --split val_v2.0_raw\n"
+                    "    python data.py encode_raw --vae=wan --stride=8 --split DIR/train_v2.0_raw "
+                    "--out DIR/latents_wan/train_v2.0_raw\n")
 
 
 def download_raw(out, split='val_v2.0_raw', rank=0, world=1):
@@ -956,7 +936,8 @@ def download_raw(out, split='val_v2.0_raw', rank=0, world=1):
             continue
         files = {kind: f'{split}/{folder}/{name}' if nested else f'{split}/{name}'
                  for kind, (folder, name) in shard_files(i, 'mp4').items()}
-        paths = {kind: _fetch_raw(f, out) for kind, f in files.items()}
+        for f in files.values():
+            _fetch_raw(f, out)
         RawShard(os.path.join(out, split), i)   # sizes and finite states
     return os.path.join(out, split)
 
@@ -989,21 +970,8 @@ def cmd_encode_raw(args):
 # (end of section 2)
 
 # ---------------------------------------------------------------------------------------------
-# 3. Training setup shared by both tracks: distributed processes, the device's peak
+# 3. The device's peak FLOP/s (for MFU)
 # ---------------------------------------------------------------------------------------------
-
-def setup_distributed(device):
-    """DDP when launched by torchrun (RANK set), as nanoGPT: NCCL on GPUs, gloo on the CPU, and
-    each process on the GPU of its LOCAL_RANK. Returns (ddp, rank, world_size, device)."""
-    if int(os.environ.get('RANK', -1)) == -1:
-        return False, 0, 1, device
-    import torch.distributed as dist
-    dist.init_process_group(backend='nccl' if device.startswith('cuda') else 'gloo')
-    if device.startswith('cuda'):
-        device = f'cuda:{int(os.environ["LOCAL_RANK"])}'
-        torch.cuda.set_device(device)
-    return True, dist.get_rank(), dist.get_world_size(), device
-
 
 # Dense bf16 peak FLOP/s (vendor datasheets, without sparsity), for MFU; the first name that
 # occurs in torch.cuda.get_device_name() wins, so the PCIe H100 comes before the SXM one.

@@ -1141,7 +1141,7 @@ def test_train_sampling_refuses_data_on_disk_that_its_flags_do_not_describe(synt
     (demo / 'train_v2.0_raw').mkdir(parents=True)
     (demo / 'train_v2.0_raw' / 'metadata.json').write_text('{}')
     (demo / 'synthetic.json').write_text(json.dumps(dict(train_shards=2, frames=1500, val_frames=1200, size=32, seed=0)))
-    assert ("holds a synthetic raw set written with other settings (train_shards=2 on disk, 16 asked for)"
+    assert ("holds a synthetic set written with other settings (train_shards=2 on disk, 16 asked for)"
             in fails(f'--data_dir={demo}', '--make_synthetic'))
 
 

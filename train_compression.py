@@ -14,7 +14,6 @@ ranks). Logs go to out_dir/log.jsonl (and Weights & Biases with --wandb_log), cu
 out_dir/curves.png. Ends with a table: Top-500 CE (and full CE) of the model, teacher-forced and
 greedy autoregressive, next to baselines and, on synthetic data, the exact Bayes floor.
 """
-import datetime
 import json
 import math
 import os
@@ -30,6 +29,7 @@ from tqdm import tqdm
 import data
 import run_dir
 from configurator import configure
+from distributed import on_master, setup_distributed, wait_for_all
 from st_transformer import STConfig, STTransformer, cross_entropy_topk, get_lr
 
 # --- settings (defaults: the CPU demo on synthetic data) --------------------------------------
@@ -232,37 +232,11 @@ if dry_run:
                       for g in (1, 8, 16) if total_batch_size % (batch_size * g) == 0))
     raise SystemExit(0)
 
-ddp, rank, world_size, device = data.setup_distributed(device)   # torchrun sets RANK: DDP
+ddp, rank, world_size, device = setup_distributed(device)   # torchrun sets RANK: DDP
 master = rank == 0
 autocast = (torch.autocast(device_type, dtype={'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype])
             if device_type == 'cuda' and dtype != 'float32' else nullcontext())
 
-
-def on_master(fn, *args):
-    """Run fn on rank 0 only; if it stops the run, every rank stops with its message (none is left
-    waiting for the others at a later collective)."""
-    message = None
-    if master:
-        try:
-            fn(*args)
-        except SystemExit as e:
-            message = str(e)
-    if ddp:
-        box = [message]
-        dist.broadcast_object_list(box, src=0)
-        message = box[0]
-    if message is not None:
-        raise SystemExit(message if master else 1)
-
-
-def wait_for_all(what):
-    """A barrier that does not time out during a long download: NCCL's (and the default group's)
-    timeout is minutes, the first download of the 1X data can take an hour. A gloo group with a
-    long timeout waits on the CPU, only here."""
-    if ddp:
-        if master:
-            print(f"waiting for every rank to finish {what}")
-        dist.barrier(group=dist.new_group(backend='gloo', timeout=datetime.timedelta(hours=24)))
 
 
 if not eval_only:

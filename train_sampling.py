@@ -26,7 +26,6 @@ the run computes the same gradients whatever the number of GPUs, and a resumed r
 exactly as if it had never stopped (tests check both). A NaN or inf loss stops every rank before
 the optimizer step (exit code 1): ckpt.pt stays the last good state.
 """
-import datetime
 import os
 import time
 from contextlib import nullcontext
@@ -41,6 +40,7 @@ from tqdm import tqdm
 import data
 import run_dir
 from configurator import configure
+from distributed import on_master, setup_distributed, wait_for_all
 from wan_state import export_lora
 from flow_matching import build_model, flow_matching_loss, predict_frame77, psnr, sample_draws, text_context
 
@@ -154,33 +154,9 @@ if dry_run:   # the recipe as resolved, and the model's size; no data, no weight
         print(f"{key} = {globals()[key]!r}")
     raise SystemExit(0)
 
-ddp, rank, world, device = data.setup_distributed(device)   # torchrun sets RANK: DDP, as nanoGPT
+ddp, rank, world, device = setup_distributed(device)   # torchrun sets RANK: DDP, as nanoGPT
 master = rank == 0
 
-
-def on_master(fn, *args):
-    """Run fn on rank 0 only; if it stops the run, every rank stops with its message."""
-    message = None
-    if master:
-        try:
-            fn(*args)
-        except SystemExit as e:
-            message = str(e)
-    if ddp:
-        box = [message]
-        dist.broadcast_object_list(box, src=0)
-        message = box[0]
-    if message is not None:
-        raise SystemExit(message if master else 1)
-
-
-def wait_for_all(what):
-    """A barrier that does not time out during a long download or encoding (NCCL's timeout is
-    minutes; the first preparation of the 1X data takes hours): a gloo group with a long timeout."""
-    if ddp:
-        if master:
-            print(f"waiting for every rank to finish {what}")
-        dist.barrier(group=dist.new_group(backend='gloo', timeout=datetime.timedelta(hours=48)))
 
 
 if global_batch_size % (batch_size * world):

@@ -758,7 +758,6 @@ def export_lora(model_or_trainable, out_dir, lora_alpha=None):
     Keys diffusion_model.blocks.N.<module>.lora_A.weight [r, in], .lora_B.weight [out, r] and
     .alpha = r: alpha / rank is folded into lora_B, so B @ A is the whole update and loaders that
     read .alpha (ComfyUI, diffusers) and loaders that do not (DiffSynth) apply the same update."""
-    from safetensors.torch import save_file
     if isinstance(model_or_trainable, nn.Module):
         loras = {n: (m.lora_A.weight, m.lora_B.weight, m.scale) for n, m in model_or_trainable.named_modules()
                  if isinstance(m, LoRALinear)}

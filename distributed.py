@@ -1,0 +1,52 @@
+"""The processes of a training run, as torchrun starts them (both training scripts use these).
+
+    ddp, rank, world, device = setup_distributed(device)   # DDP when torchrun set RANK, else one process
+    on_master(fn, *args)    # rank 0 does fn (a check, a write); if fn stops the run, every rank stops
+    wait_for_all(what)      # a barrier that does not time out during hours of data preparation
+"""
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def setup_distributed(device):
+    """DDP when launched by torchrun (RANK set), as nanoGPT: NCCL on GPUs, gloo on the CPU, and
+    each process on the GPU of its LOCAL_RANK. Returns (ddp, rank, world_size, device)."""
+    if int(os.environ.get('RANK', -1)) == -1:
+        return False, 0, 1, device
+    dist.init_process_group(backend='nccl' if device.startswith('cuda') else 'gloo')
+    if device.startswith('cuda'):
+        device = f'cuda:{int(os.environ["LOCAL_RANK"])}'
+        torch.cuda.set_device(device)
+    return True, dist.get_rank(), dist.get_world_size(), device
+
+
+def on_master(fn, *args):
+    """Run fn on rank 0 only. If it stops the run (SystemExit), every rank stops, rank 0 with fn's
+    message: no rank is left waiting for the others at a later collective."""
+    ddp = dist.is_available() and dist.is_initialized()
+    master = not ddp or dist.get_rank() == 0
+    message = None
+    if master:
+        try:
+            fn(*args)
+        except SystemExit as e:
+            message = str(e)
+    if ddp:
+        box = [message]
+        dist.broadcast_object_list(box, src=0)
+        message = box[0]
+    if message is not None:
+        raise SystemExit(message if master else 1)
+
+
+def wait_for_all(what, hours=48):
+    """A barrier that does not time out during a long download or encoding: NCCL's (and the default
+    group's) timeout is minutes, the first preparation of the 1X data takes hours. A gloo group with
+    a long timeout waits on the CPU, only here."""
+    if dist.is_available() and dist.is_initialized():
+        if dist.get_rank() == 0:
+            print(f"waiting for every rank to finish {what}")
+        dist.barrier(group=dist.new_group(backend='gloo', timeout=datetime.timedelta(hours=hours)))
