@@ -35,7 +35,6 @@ memory-efficient kernel. The VAE row has no such check (its attention is fp32, s
 640 / 1024 channels: no fused kernel takes it). MFU = model FLOPs / time / the device's dense bf16
 peak (data.peak_flops); it is n/a on the CPU and for the fp32 decoding rows.
 """
-import sys
 import time
 from contextlib import nullcontext
 
@@ -47,7 +46,7 @@ from st_transformer import STConfig, STTransformer
 from wan_state import WanConfig, WanDiT, add_lora, frame_timesteps, per_token_timestep
 
 # --- settings --------------------------------------------------------------------------------
-preset = 'auto'            # 'cpu' (tiny configs), 'full' (the paper's sizes); 'auto': full on CUDA
+preset = 'full' if torch.cuda.is_available() else 'cpu'  # 'cpu' (tiny), 'cpu_ratios', 'full' (the paper's sizes)
 what = 'all'               # all, or some of st_train,st_decode,wan_fwd,ensemble,wan_lora,vae
 device = 'auto'            # 'auto', 'cpu', 'cuda', 'cuda:1'
 compile = False            # torch.compile the ST-transformer and the DiT blocks
@@ -91,16 +90,11 @@ PRESETS = {
                  st_batch=8, decode_batch=8, wan_model='ti2v-5b', latent_hw=32, wan_batch=4, wan_lora_batch=2,
                  ensemble=20, steps=20, vae='wan2.2', warmup=2, iters=5),
 }
-for arg in sys.argv[1:]:   # the preset first, so that every other flag overrides it
-    if arg.startswith('--preset='):
-        preset = arg.split('=', 1)[1]
-if preset == 'auto':
-    preset = 'full' if torch.cuda.is_available() and '--device=cpu' not in sys.argv else 'cpu'
-if preset not in PRESETS:
-    raise SystemExit(f"--preset={preset}: unknown; choose auto, {', '.join(PRESETS)}")
-globals().update(PRESETS[preset])
 from configurator import configure  # noqa: E402
-configure(globals())
+configure(globals(), presets=PRESETS, choices=dict(sdpa=('flash', 'any'), vae=('tiny', 'wan2.2'),
+                                                   wan_model=('tiny', 'ti2v-5b')),
+          positive=('iters', 'st_batch', 'decode_batch', 'wan_batch', 'wan_lora_batch', 'ensemble', 'steps'),
+          nonnegative=('warmup', 'threads', 'wan_ckpt_blocks'))
 WHAT = ('st_train', 'st_decode', 'wan_fwd', 'ensemble', 'wan_lora', 'vae')
 selected = WHAT if what == 'all' else tuple(what.split(','))
 if not set(selected) <= set(WHAT):
