@@ -65,6 +65,14 @@ def shard_files(i, video_ext='bin'):
                 segment_idx=('segment_indices', f'segment_idx_{i}.bin'), metadata=('metadata', f'metadata_{i}.json'))
 
 
+def repo_files(split, i, video_ext='bin'):
+    """Paths in the Hugging Face dataset repo ('/'-separated) of shard i's four files: train splits
+    nested, the others flat, as on disk (layout_path)."""
+    nested = split.startswith('train')
+    return {kind: f'{split}/{folder}/{name}' if nested else f'{split}/{name}'
+            for kind, (folder, name) in shard_files(i, video_ext).items()}
+
+
 def layout_path(split_dir, folder, name, nested):
     return os.path.join(split_dir, folder, name) if nested else os.path.join(split_dir, name)
 
@@ -134,7 +142,7 @@ class TokenDataset(torch.utils.data.Dataset):
             paths = shard_paths(split_dir, i)
             n = read_json(paths['metadata'])['shard_num_frames']
             blocks = math.ceil(n / FRAMES_PER_BLOCK)
-            _check_size(paths['video'], blocks * GRIDS_PER_BLOCK * GRID_H * GRID_W * 4,
+            _check_size(paths['video'], expected_sizes(n)['video'],
                         f"int32 tokens ({blocks}, {GRIDS_PER_BLOCK}, {GRID_H}, {GRID_W}) for {n} frames")
             _check_size(paths['segment_idx'], n * 4, f"int32 segment id per frame, {n} frames")
             state_bytes = os.path.getsize(paths['states'])
@@ -283,6 +291,12 @@ def write_synthetic(out, seed=0, vocab=1000, eps=0.1, train_shards=2, train_fram
     return world
 
 
+def settings_differ(saved, settings):
+    """'key=on disk, asked for' for each setting that differs ('' when they agree)."""
+    return '; '.join(f"{k}={saved.get(k)!r} on disk, {v!r} asked for" for k, v in settings.items()
+                     if saved.get(k) != v)
+
+
 def synthetic_is_written(out, settings, splits=('train_v2.0', 'val_v2.0')):
     """True if out holds a finished synthetic set of these settings; False if it holds none or an
     unfinished one (no synthetic.json, which is written last); an error if it holds one of other
@@ -290,10 +304,8 @@ def synthetic_is_written(out, settings, splits=('train_v2.0', 'val_v2.0')):
     path = os.path.join(out, 'synthetic.json')
     if os.path.exists(path):
         saved = read_json(path)
-        saved = saved.get('settings', saved)   # the raw set's file holds the settings alone
-        if saved != settings:
-            diffs = '; '.join(f"{k}={saved.get(k)!r} on disk, {v!r} asked for" for k, v in settings.items()
-                              if saved.get(k) != v)
+        diffs = settings_differ(saved.get('settings', saved), settings)   # the raw set's file: the settings alone
+        if diffs:
             raise SystemExit(f"{out} holds a synthetic set written with other settings ({diffs}): pass another "
                              f"folder, or delete {out} to write it again")
         return True
@@ -431,13 +443,11 @@ def download_tokenized(out, split='val_v2.0', shards=None, rank=0, world=1):
     i % world, so every rank of a run shares the work (out must be on storage they all see).
     Every file is checked against the size its metadata implies and fetched again once if it is
     wrong. Train splits keep files in subfolders, the others flat (the dataset's layout)."""
-    nested = split.startswith('train')
     meta = read_json(_fetch(f'{split}/metadata.json', out))
     for i in range(meta['num_shards']) if shards is None else shards:
         if i % world != rank:
             continue
-        files = {kind: f'{split}/{folder}/{name}' if nested else f'{split}/{name}'
-                 for kind, (folder, name) in shard_files(i).items()}
+        files = repo_files(split, i)
         n = read_json(_fetch(files['metadata'], out))['shard_num_frames']
         for kind, size in expected_sizes(n).items():
             path = os.path.join(out, files[kind])
@@ -872,10 +882,9 @@ def finish_encoding(split_dir, out_dir):
 
 
 def _same_settings(path, settings, what, where):
-    saved = read_json(path)
-    diffs = [f"{k}={saved.get(k)!r} on disk, {v!r} asked for" for k, v in settings.items() if saved.get(k) != v]
+    diffs = settings_differ(read_json(path), settings)
     if diffs:
-        raise SystemExit(f"{what} has other settings ({'; '.join(diffs)}): pass the same settings, another "
+        raise SystemExit(f"{what} has other settings ({diffs}): pass the same settings, another "
                          f"folder, or delete {where} to encode again")
 
 
@@ -929,14 +938,11 @@ def download_raw(out, split='val_v2.0_raw', rank=0, world=1):
     the split's metadata.json, then shard i's four files by rank i % world (out must be on storage
     every rank sees). Each file is placed whole (atomic) and kept by a rerun; states and segment
     files are checked against the sizes their metadata implies."""
-    nested = split.startswith('train')
     meta = read_json(_fetch_raw(f'{split}/metadata.json', out))
     for i in range(meta['num_shards']):
         if i % world != rank:
             continue
-        files = {kind: f'{split}/{folder}/{name}' if nested else f'{split}/{name}'
-                 for kind, (folder, name) in shard_files(i, 'mp4').items()}
-        for f in files.values():
+        for f in repo_files(split, i, 'mp4').values():
             _fetch_raw(f, out)
         RawShard(os.path.join(out, split), i)   # sizes and finite states
     return os.path.join(out, split)

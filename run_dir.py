@@ -215,11 +215,14 @@ def set_rng_state(state):
 # Logs and curves
 # ---------------------------------------------------------------------------------------------
 
-def stop_if_not_finite(value, what, step, out_dir):
+def stop_if_not_finite(value, what, step, out_dir, master=True):
     """A NaN or inf loss stops the run (exit code 1) before the optimizer step: the weights are
     not updated, and the checkpoint on disk stays the last good one. A stop, not a skipped step,
-    is the safe default: a run that diverges once usually diverges again."""
+    is the safe default: a run that diverges once usually diverges again. Every rank calls it with
+    the same (all-reduced) value, so all stop together; only the master prints why."""
     if not math.isfinite(value):
+        if not master:
+            raise SystemExit(1)
         ckpt = os.path.join(out_dir, CKPT)
         kept = f"{ckpt} (the last good state) is untouched" if os.path.exists(ckpt) else "no checkpoint was written"
         raise SystemExit(f"step {step}: the {what} is {value}: stopping. {kept}. Lower --learning_rate, "

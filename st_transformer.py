@@ -17,8 +17,8 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from einops import rearrange
 
-# Top-500 CE (the 1X challenge metric; its scorer is not public, see cross_entropy_topk): a true token outside the k largest logits scores
-# -log(P_FLOOR). The official scorer is not public; we choose 1 / 64000, i.e. such a token
+# Top-500 CE (the 1X challenge metric, cross_entropy_topk): a true token outside the k largest
+# logits scores -log(P_FLOOR). The official scorer is not public; we choose 1 / 64000, i.e. such a token
 # costs what a uniform guess over the real Cosmos vocabulary costs (log 64000 = 11.07 nats).
 TOP_K = 500
 P_FLOOR = 1 / 64000
@@ -178,9 +178,9 @@ class STTransformer(nn.Module):
         cost of the model, so this is cheaper and exact. The loss never holds the logits of the
         whole batch (head_cross_entropy): at the paper's size they would be 2 GiB in fp32 per
         sample."""
-        h_BTSC = self.hidden(self.embed(z_BTHW, states_BLD), predict_from)
         if targets_BTHW is None:
-            return rearrange(self.head(h_BTSC), 'b t (h w) v -> b t h w v', h=self.cfg.H)
+            return self.blocks_and_head(self.embed(z_BTHW, states_BLD), predict_from)
+        h_BTSC = self.hidden(self.embed(z_BTHW, states_BLD), predict_from)
         assert targets_BTHW.shape == h_BTSC.shape[:2] + (self.cfg.H, self.cfg.W), \
             f"targets must be the {h_BTSC.shape[1]} predicted grids, got {tuple(targets_BTHW.shape)}"
         return head_cross_entropy(h_BTSC.flatten(0, 2), self.head.weight, targets_BTHW.reshape(-1), loss_chunk)

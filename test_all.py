@@ -471,12 +471,12 @@ def test_compression_loads_no_code_and_names_the_wrong_track_or_model(tmp_path, 
     assert not marker.exists()
 
 
-def fake_hub(root, synthetic_dir):
-    """A Hugging Face cache holding the dataset repo, as huggingface_hub lays it out: the offline
+def fake_hub(root, synthetic_dir, repo_id=data.HF_REPO_TOKENIZED, splits=('train_v2.0', 'val_v2.0')):
+    """A Hugging Face cache holding a dataset repo, as huggingface_hub lays it out: the offline
     stand-in for the Hub (HF_HUB_OFFLINE=1 serves files from it)."""
     rev = 'a' * 40
-    repo = root / 'datasets--1x-technologies--worldmodel'
-    for split in ('train_v2.0', 'val_v2.0'):
+    repo = root / f"datasets--{repo_id.replace('/', '--')}"
+    for split in splits:
         shutil.copytree(os.path.join(synthetic_dir, split), repo / 'snapshots' / rev / split)
     (repo / 'refs').mkdir()
     (repo / 'refs' / 'main').write_text(rev)
@@ -996,8 +996,8 @@ def test_export_command_and_load_lora_round_trip_a_checkpoint(tmp_path):
     for m in lora_modules(model):
         torch.nn.init.normal_(m.lora_B.weight, std=0.05)
     base = {k: v for k, v in model.state_dict().items() if '.lora_' not in k and not k.startswith('state_embedder.')}
-    ckpt = dict(trainable={n: p.detach() for n, p in model.named_parameters() if p.requires_grad},
-                config=dict(lora_rank=4, lora_alpha=2))
+    ckpt = dict(kind='sampling', trainable={n: p.detach() for n, p in model.named_parameters() if p.requires_grad},
+                config=dict(lora_rank=4, lora_alpha=2))   # as train_sampling.py writes it
     torch.save(ckpt, tmp_path / 'ckpt.pt')
     wan_state_main(['export', '--ckpt', str(tmp_path / 'ckpt.pt')])   # python wan_state.py export --ckpt ...
     fresh = WanDiT(cfg)
@@ -1543,17 +1543,6 @@ def test_sampling_data_is_written_only_where_asked_and_bad_files_are_named(synth
         data.RawShard(tmp_path / 'syn' / 'val_v2.0_raw', 0)
 
 
-def fake_raw_hub(root, synthetic):
-    """A Hugging Face cache holding the raw dataset repo (HF_HUB_OFFLINE=1 serves files from it)."""
-    rev = 'b' * 40
-    repo = root / 'datasets--1x-technologies--worldmodel_raw_data'
-    for split in ('train_v2.0_raw', 'val_v2.0_raw'):
-        shutil.copytree(synthetic / split, repo / 'snapshots' / rev / split)
-    (repo / 'refs').mkdir()
-    (repo / 'refs' / 'main').write_text(rev)
-    return dict(HF_HUB_CACHE=str(root), HF_HUB_OFFLINE='1')
-
-
 def test_sampling_prepares_its_data_on_two_ranks_trains_on_train_and_val_and_logs_validation(synthetic, tmp_path,
                                                                                            monkeypatch):
     monkeypatch.setenv('HF_HUB_OFFLINE', '1')
@@ -1563,7 +1552,7 @@ def test_sampling_prepares_its_data_on_two_ranks_trains_on_train_and_val_and_log
             '--dim=32', '--num_layers=1', '--num_heads=2', '--ffn_dim=64', *VAL]
     err = run_script(*args, fails=True)
     assert 'could not fetch train_v2.0_raw/metadata.json' in err and 'python data.py download_raw --out DIR' in err
-    for key, value in fake_raw_hub(tmp_path / 'hub', synthetic).items():
+    for key, value in fake_hub(tmp_path / 'hub', synthetic, data.HF_REPO_RAW, ('train_v2.0_raw', 'val_v2.0_raw')).items():
         monkeypatch.setenv(key, value)
     out = run_script(*args, '--train_splits=train_v2.0_raw,val_v2.0_raw', nproc=2)
     video = tmp_path / 'data' / 'train_v2.0_raw' / 'videos' / 'video_1.mp4'

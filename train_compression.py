@@ -237,8 +237,6 @@ master = rank == 0
 autocast = (torch.autocast(device_type, dtype={'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype])
             if device_type == 'cuda' and dtype != 'float32' else nullcontext())
 
-
-
 if not eval_only:
     if total_batch_size % (batch_size * world_size):
         raise SystemExit(f"--total_batch_size={total_batch_size} must be a multiple of --batch_size={batch_size} x "
@@ -367,10 +365,7 @@ while step < stop:
     # a non-finite loss or gradient stops the run before the weights change: ckpt.pt stays the last
     # good state. A stop, not a skipped step: a run that diverges once usually diverges again.
     for what, value in (('training loss', loss_value), ('gradient norm', grad_norm)):
-        if master:
-            run_dir.stop_if_not_finite(value, what, step, out_dir)
-        elif not math.isfinite(value):
-            raise SystemExit(1)
+        run_dir.stop_if_not_finite(value, what, step, out_dir, master)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     dt = time.time() - t_step

@@ -318,10 +318,7 @@ for step in range(start_step, max_iters):
     loss_value = loss_sum.item()
     # a non-finite loss stops the run before the weights change: ckpt.pt stays the last good state.
     # A stop, not a skipped step: a run that diverges once usually diverges again.
-    if master:
-        run_dir.stop_if_not_finite(loss_value, 'training loss', step, out_dir)
-    elif not np.isfinite(loss_value):
-        raise SystemExit(1)
+    run_dir.stop_if_not_finite(loss_value, 'training loss', step, out_dir, master)
     if grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(trainable.values(), grad_clip)
     optimizer.step()

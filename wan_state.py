@@ -1076,7 +1076,8 @@ def main(argv=None):
     p.add_argument('--out', default=None, help="output folder (default: the checkpoint's folder)")
     args = parser.parse_args(argv)
     if args.command == 'export':
-        ckpt = torch.load(args.ckpt, map_location='cpu', weights_only=True)
+        import run_dir   # weights_only loading, the track checked, a truncated file named
+        ckpt = run_dir.load_checkpoint(args.ckpt, 'sampling')
         written = export_lora(ckpt['trainable'], args.out or Path(args.ckpt).parent, ckpt['config'].get('lora_alpha'))
         print('\n'.join(f"wrote {p}" for p in written) or f"{args.ckpt}: no LoRA or state weights to export")
         return
