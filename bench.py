@@ -99,8 +99,6 @@ WHAT = ('st_train', 'st_decode', 'wan_fwd', 'ensemble', 'wan_lora', 'vae')
 selected = WHAT if what == 'all' else tuple(what.split(','))
 if not set(selected) <= set(WHAT):
     raise SystemExit(f"--what={what}: unknown; choose all or some of {', '.join(WHAT)}, comma-separated")
-if sdpa not in ('flash', 'any'):
-    raise SystemExit(f"--sdpa={sdpa}: choose 'flash' or 'any'")
 
 # --- setup -----------------------------------------------------------------------------------
 if device == 'auto':
