@@ -166,8 +166,9 @@ def configure(config, argv=None, presets=None, gpu_preset=None, choices=None, po
         elif gpu_preset and launched_by_torchrun() and _cuda_available():
             name, why = gpu_preset, 'launched by torchrun on CUDA GPUs (--preset=cpu for the demo)'
         else:
-            name, why = config['preset'], f"the default of a plain `python` run (--preset={gpu_preset} for the paper's)" \
-                if gpu_preset else 'the default'
+            how = 'torchrun without CUDA GPUs' if launched_by_torchrun() else 'a plain `python` run'
+            name, why = config['preset'], (f"the default of {how} (--preset={gpu_preset} for the paper's)"
+                                           if gpu_preset else 'the default')
         if name not in presets:
             raise SystemExit(f"--preset={name!r} is not one of {', '.join(map(repr, presets))}")
         config['preset'] = name
