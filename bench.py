@@ -115,6 +115,14 @@ peak = data.peak_flops(device)
 device_name = torch.cuda.get_device_name(device) if cuda else f'CPU ({torch.get_num_threads()} threads)'
 autocast = torch.autocast('cuda', dtype=torch.bfloat16) if cuda else nullcontext()
 
+# the benchmarks' shapes: tokens of an ST grid; latent frames of a clip and of its context, the
+# DiT's tokens (2 x 2 latent patches) per frame and per clip
+S = st_grid * st_grid
+Fr, K = data.NUM_LATENTS, data.NUM_CONTEXT_LATENTS
+tokens_per_frame = (latent_hw // 2) * (latent_hw // 2)
+L = Fr * tokens_per_frame
+clip = f'{latent_hw * 16}x{latent_hw * 16} x 21 frames'
+
 
 def sync():
     if cuda:
@@ -169,28 +177,27 @@ def report(name, shape, seconds, gib, samples, tokens, flops=None):
           f"{mfu:>7s} {gib:6.1f}", flush=True)
 
 
-print(f"device: {device_name}; preset {preset}; peak bf16 "
-      f"{'%.0f TFLOP/s' % (peak / 1e12) if peak else 'n/a'}; compile {compile}; sdpa {sdpa}; "
-      f"warm-up {warmup}, {iters} timed calls; torch {torch.__version__}")
-print(f"{'benchmark':18s} {'shape':42s} {'ms / call':>10s} {'samples/s':>10s} {'tokens/s':>12s} {'MFU':>7s} {'GiB':>6s}")
-ratios = {}
-
-# --- compression: ST-transformer training step -------------------------------------------------
-if any(w in selected for w in ('st_train', 'st_decode')):
-    st_cfg = STConfig(vocab_size=st_vocab, n_layer=st_layers, n_head=st_heads, n_embd=st_embd, T=5,
-                      H=st_grid, W=st_grid, dropout=0.1)
-    st = STTransformer(st_cfg).to(device)
+# --- compression: the ST-transformer ----------------------------------------------------------
+def build_st():
+    """The ST-transformer of the --st_* sizes, the runner st_train times (compiled with --compile),
+    and random tokens and states for the larger of the training and decoding batches."""
+    cfg = STConfig(vocab_size=st_vocab, n_layer=st_layers, n_head=st_heads, n_embd=st_embd, T=5,
+                   H=st_grid, W=st_grid, dropout=0.1)
+    st = STTransformer(cfg).to(device)
     st_run = torch.compile(st) if compile else st
-    S = st_grid * st_grid
     z_BGHW = torch.randint(0, st_vocab, (max(st_batch, decode_batch), 6, st_grid, st_grid), device=device)
-    states_BLD = torch.randn(max(st_batch, decode_batch), st_cfg.state_window, st_cfg.state_dim, device=device)
+    states_BLD = torch.randn(max(st_batch, decode_batch), cfg.state_window, cfg.state_dim, device=device)
+    return st, st_run, z_BGHW, states_BLD
 
-if 'st_train' in selected:
+
+def bench_st_train(st, st_run, z_BGHW, states_BLD):
+    """One optimizer step of the ST-transformer, exactly train_compression.py's: bf16 autocast,
+    fused AdamW, the loss on the predicted grids 3-5 only."""
     optimizer = torch.optim.AdamW(st.param_groups(0.05), lr=1e-4, betas=(0.9, 0.95), fused=cuda)
     z, s = z_BGHW[:st_batch], states_BLD[:st_batch]
 
     def st_step():
-        # exactly train_compression.py's step: logits of grids 3..5 from positions 2..4
+        # logits of grids 3..5 from positions 2..4
         with autocast:
             logits = st_run(z[:, :5], s, predict_from=2)
             loss = F.cross_entropy(logits.flatten(0, -2).float(), z[:, 3:].reshape(-1))
@@ -202,9 +209,13 @@ if 'st_train' in selected:
     sec, gib, _ = timed(st_step)
     report('st_train', f'{st_batch} x 5 x {st_grid}x{st_grid}, L{st_layers} d{st_embd}', sec, gib,
            st_batch, st_batch * 5 * S, st_batch * st.flops_per_sample())
-    del optimizer
 
-if 'st_decode' in selected:
+
+def bench_st_decode(st, z_BGHW, states_BLD):
+    """Greedy decoding of 3 grids from 3 context grids with the temporal KV cache and without,
+    next to one teacher-forced forward of the same 5 grids, all fp32 as the paper decodes. The
+    cache is worth its code if decoding with it costs little more than that one forward (the
+    target: <= 1.3x), runs faster than without it, and changes no token."""
     st.eval()
     z, s = z_BGHW[:decode_batch], states_BLD[:decode_batch]
     shape = f'{decode_batch} x (3 + 3) x {st_grid}x{st_grid}'
@@ -218,20 +229,18 @@ if 'st_decode' in selected:
         sec_u, gib, (grids_u, _) = timed(lambda: st.generate(z[:, :3], s, num_grids=3, use_cache=False),
                                          kernels='fp32')
         report('st_decode_nocache', shape, sec_u, gib, decode_batch, decode_batch * 3 * S)
-    ratios['decode with cache / teacher-forced forward'] = sec_c / sec_tf
-    ratios['decode without cache / with cache'] = sec_u / sec_c
-    ratios['decode greedy tokens that differ with / without cache'] = (grids_c != grids_u).sum().item()
+    return {'decode with cache / teacher-forced forward': sec_c / sec_tf,
+            'decode without cache / with cache': sec_u / sec_c,
+            'decode greedy tokens that differ with / without cache': (grids_c != grids_u).sum().item()}
 
-if any(w in selected for w in ('st_train', 'st_decode')):
-    del st, st_run
-    if cuda:
-        torch.cuda.empty_cache()
 
 # --- sampling track: the Wan DiT ---------------------------------------------------------------
-if any(w in selected for w in ('wan_fwd', 'wan_lora', 'ensemble')):
+def build_dit():
+    """The frozen DiT of --wan_model (bf16 weights on CUDA), and random inputs of a clip's shapes
+    for the largest batch: latents, states, one text context and the mask of the context latents."""
+    assert wan_model in ('tiny', 'ti2v-5b'), f"--wan_model={wan_model}: use 'tiny' or 'ti2v-5b'"
     wcfg = (WanConfig.tiny(dim=wan_dim, num_layers=wan_layers, num_heads=wan_heads, ffn_dim=wan_ffn)
             if wan_model == 'tiny' else WanConfig())
-    assert wan_model in ('tiny', 'ti2v-5b'), f"--wan_model={wan_model}: use 'tiny' or 'ti2v-5b'"
     with torch.device(device):
         net = WanDiT(wcfg, state_cond=True)
     if cuda:
@@ -239,35 +248,40 @@ if any(w in selected for w in ('wan_fwd', 'wan_lora', 'ensemble')):
     net.requires_grad_(False)
     if compile:
         net.compile_blocks()
-    Fr, K = data.NUM_LATENTS, data.NUM_CONTEXT_LATENTS
-    tokens_per_frame = (latent_hw // 2) * (latent_hw // 2)
-    L = Fr * tokens_per_frame
     n_max = max(wan_batch, wan_lora_batch, ensemble)
     x_BCFHW = torch.randn(n_max, wcfg.in_dim, Fr, latent_hw, latent_hw, device=device)
     wstates_BTD = torch.randn(n_max, 4 * (Fr - 1) + 1, wcfg.state_dim, device=device)
     context_1LD = torch.randn(1, wcfg.text_len, wcfg.text_dim, device=device)   # umT5("") stand-in
     mask_BF = torch.ones(n_max, Fr, device=device)
     mask_BF[:, :K] = 0   # the 2 context latents at t = 0 (paper 2.1)
-    clip = f'{latent_hw * 16}x{latent_hw * 16} x 21 frames'
+    return net, x_BCFHW, wstates_BTD, context_1LD, mask_BF
 
-if 'wan_fwd' in selected:
+
+def bench_wan_fwd(net, x_BCFHW, wstates_BTD, context_1LD, mask_BF):
+    """One DiT forward as we run it (a timestep per frame, one text context shared by the batch)
+    next to the reference's way (a timestep per token, the context once per sample): the same
+    maths, so the ratio is what the per-frame modulation and the shared context save."""
     b = wan_batch
     t_B = torch.full((b,), 500.0, device=device)
     flops = b * net.flops_per_sample(Fr, latent_hw, latent_hw, batch=b)
     with torch.no_grad():
         sec, gib, _ = timed(lambda: net(x_BCFHW[:b], frame_timesteps(mask_BF[:b], t_B), context_1LD, wstates_BTD[:b]))
         report('wan_fwd', f'{b} x {clip}', sec, gib, b, b * L, flops)
-        # the reference's way, for comparison: one timestep per token, the context once per sample
         t_BL = per_token_timestep(mask_BF[:b], t_B, tokens_per_frame)
         sec_ref, gib, _ = timed(lambda: net(x_BCFHW[:b], t_BL, context_1LD.expand(b, -1, -1), wstates_BTD[:b]))
         report('wan_fwd_per_token', f'{b} x {clip}, t per token', sec_ref, gib, b, b * L, flops)
-    ratios['DiT forward, per-token timesteps and per-sample context / per-frame and shared'] = sec_ref / sec
+    return {'DiT forward, per-token timesteps and per-sample context / per-frame and shared': sec_ref / sec}
 
-if 'ensemble' in selected:
+
+def bench_ensemble(net, x_BCFHW, wstates_BTD, context_1LD):
+    """sample.py's sampler: the --ensemble members of one clip through --steps solver steps as one
+    batch, and (with --ensemble_looped) the same members one at a time. Batching is worth it if it
+    is faster and its latents are the looped ones (the same maths, up to float rounding). Returns
+    the batched seconds (sample.py's DiT time per clip) and the ratios."""
     from flow_matching import sample_latents
     n = ensemble
     z_ctx = x_BCFHW[:1, :, :K].expand(n, -1, -1, -1, -1)   # one clip's context, repeated per member
-    noise = torch.randn(n, wcfg.in_dim, Fr, latent_hw, latent_hw, device=device)
+    noise = torch.randn(n, net.cfg.in_dim, Fr, latent_hw, latent_hw, device=device)
     states_n = wstates_BTD[:1].expand(n, -1, -1)
     rows_per_member = 2 if cfg_scale != 1.0 else 1
     flops = n * steps * rows_per_member * net.flops_per_sample(Fr, latent_hw, latent_hw, batch=n * rows_per_member)
@@ -281,13 +295,17 @@ if 'ensemble' in selected:
 
     sec_b, gib, z_batched = timed(batched)
     report('ensemble_batched', f'{n} members x {steps} steps, {clip}', sec_b, gib, n, n * steps * L, flops)
-    if ensemble_looped:
-        sec_l, gib, z_looped = timed(looped)
-        report('ensemble_looped', f'{n} x (1 member x {steps} steps)', sec_l, gib, n, n * steps * L, flops)
-        ratios['ensemble looped / batched'] = sec_l / sec_b
-        ratios['ensemble max |batched - looped| latent (same maths)'] = (z_batched - z_looped).abs().max().item()
+    if not ensemble_looped:
+        return sec_b, {}
+    sec_l, gib, z_looped = timed(looped)
+    report('ensemble_looped', f'{n} x (1 member x {steps} steps)', sec_l, gib, n, n * steps * L, flops)
+    return sec_b, {'ensemble looped / batched': sec_l / sec_b,
+                   'ensemble max |batched - looped| latent (same maths)': (z_batched - z_looped).abs().max().item()}
 
-if 'wan_lora' in selected:
+
+def bench_wan_lora(net, x_BCFHW, wstates_BTD, context_1LD):
+    """One LoRA fine-tuning step of the DiT (rank 32, frozen base, flow_matching.py's loss, fused
+    AdamW), with gradient checkpointing on the first --wan_ckpt_blocks blocks. Adds LoRA to net."""
     from flow_matching import flow_matching_loss
     b = wan_lora_batch
     add_lora(net, rank=32, alpha=32)   # freezes the base; fp32 adapters and state weights train
@@ -298,7 +316,7 @@ if 'wan_lora' in selected:
     optimizer = torch.optim.AdamW(trainable, lr=4e-4, fused=cuda)
     g = torch.Generator(device=device).manual_seed(seed)
     sigma_B = torch.rand(b, device=device, generator=g)
-    noise_B = torch.randn(b, wcfg.in_dim, Fr, latent_hw, latent_hw, device=device, generator=g)
+    noise_B = torch.randn(b, net.cfg.in_dim, Fr, latent_hw, latent_hw, device=device, generator=g)
     drop_B = torch.zeros(b, dtype=torch.bool, device=device)
 
     def lora_step():
@@ -309,11 +327,15 @@ if 'wan_lora' in selected:
 
     net.train()
     sec, gib, _ = timed(lora_step)
-    report('wan_lora', f'{b} x {clip}, ckpt {net.checkpointed_blocks()}/{wcfg.num_layers}', sec, gib, b, b * L,
+    report('wan_lora', f'{b} x {clip}, ckpt {net.checkpointed_blocks()}/{net.cfg.num_layers}', sec, gib, b, b * L,
            b * net.flops_per_sample(Fr, latent_hw, latent_hw, lora_step=True, batch=b))
 
+
 # --- sampling track: the VAE work of sample.py on one clip --------------------------------------
-if 'vae' in selected:
+def bench_vae():
+    """The rest of sample.py's work on a clip: encode the context frames, decode the --ensemble
+    members' latents 4 at a time (the Wan 2.2 VAE's architecture, random weights). Returns the
+    seconds."""
     from diffusers import AutoencoderKLWan
     from wan_state import WanVAE
     # Wan-AI/Wan2.2-TI2V-5B-Diffusers vae/config.json (48 channels, 2x2 patchify, 16x16x4)
@@ -334,8 +356,40 @@ if 'vae' in selected:
     sec_vae, gib, _ = timed(vae_clip, kernels=None)   # not a transformer: no flash-only check
     report('vae_clip', f'encode 5 + decode {ensemble} x 21 frames, {latent_hw * 16}px', sec_vae, gib,
            ensemble, ensemble * data.NUM_LATENTS * latent_hw ** 2)
+    return sec_vae
+
+
+# --- run ---------------------------------------------------------------------------------------
+print(f"device: {device_name}; preset {preset}; peak bf16 "
+      f"{'%.0f TFLOP/s' % (peak / 1e12) if peak else 'n/a'}; compile {compile}; sdpa {sdpa}; "
+      f"warm-up {warmup}, {iters} timed calls; torch {torch.__version__}")
+print(f"{'benchmark':18s} {'shape':42s} {'ms / call':>10s} {'samples/s':>10s} {'tokens/s':>12s} {'MFU':>7s} {'GiB':>6s}")
+ratios = {}   # the comparisons, printed after the table
+
+if any(w in selected for w in ('st_train', 'st_decode')):
+    st, st_run, z_BGHW, states_BLD = build_st()
+    if 'st_train' in selected:
+        bench_st_train(st, st_run, z_BGHW, states_BLD)
+    if 'st_decode' in selected:
+        ratios.update(bench_st_decode(st, z_BGHW, states_BLD))
+    del st, st_run
+    if cuda:
+        torch.cuda.empty_cache()
+
+if any(w in selected for w in ('wan_fwd', 'wan_lora', 'ensemble')):
+    net, x_BCFHW, wstates_BTD, context_1LD, mask_BF = build_dit()
+    if 'wan_fwd' in selected:
+        ratios.update(bench_wan_fwd(net, x_BCFHW, wstates_BTD, context_1LD, mask_BF))
     if 'ensemble' in selected:
-        ratios['sample.py seconds per clip (ensemble_batched + vae_clip)'] = sec_b + sec_vae
+        sec_ensemble, ensemble_ratios = bench_ensemble(net, x_BCFHW, wstates_BTD, context_1LD)
+        ratios.update(ensemble_ratios)
+    if 'wan_lora' in selected:
+        bench_wan_lora(net, x_BCFHW, wstates_BTD, context_1LD)   # last: it adds LoRA to net
+
+if 'vae' in selected:
+    sec_vae = bench_vae()
+    if 'ensemble' in selected:
+        ratios['sample.py seconds per clip (ensemble_batched + vae_clip)'] = sec_ensemble + sec_vae
 
 for name, value in ratios.items():
     print(f"{name}: {value:.3g}")
