@@ -91,7 +91,7 @@ def _unipc(shift):
 
 @torch.no_grad()
 def sample_latents(model, z_ctx_BCKHW, states_BTD, context_1LD, noise_BCFHW, steps, cfg_scale=1.0,
-                   shift=5.0, scheduler='euler'):
+                   shift=5.0, scheduler='euler', no_states=False):
     """Denoise noise_BCFHW with the K context latents z_ctx held fixed; returns clean latents.
 
     scheduler 'euler': x <- x + (s_next - s) v on reference_sigmas(steps, shift) (Wan's and
@@ -100,6 +100,7 @@ def sample_latents(model, z_ctx_BCKHW, states_BTD, context_1LD, noise_BCFHW, ste
     ensemble members). Context tokens get timestep 0; after every solver step the context latents
     are put back exactly (torch.where, bit for bit), as Wan's TI2V holds its first frame. With
     cfg_scale != 1 the unconditional pass (the learned no-state embedding) runs in the same batch.
+    no_states=True samples from the no-state embedding alone (the ablation: what the states add).
     """
     B, C, Fr, H, W = noise_BCFHW.shape
     K = z_ctx_BCKHW.shape[2]
@@ -110,11 +111,12 @@ def sample_latents(model, z_ctx_BCKHW, states_BTD, context_1LD, noise_BCFHW, ste
     is_ctx = (mask_BF == 0).view(B, 1, Fr, 1, 1)
     z_ctx_full = F.pad(z_ctx_BCKHW, (0, 0, 0, 0, 0, Fr - K))
     guided = cfg_scale != 1.0
+    assert not (guided and no_states), "no_states samples without the states: there is nothing to guide"
     if guided:   # rows B.. are the unconditional copies
         states_BTD = torch.cat([states_BTD, states_BTD])
         drop_B = torch.arange(2 * B, device=device) >= B
     else:
-        drop_B = torch.zeros(B, dtype=torch.bool, device=device)
+        drop_B = torch.full((B,), no_states, dtype=torch.bool, device=device)
 
     def velocity(latent, t):
         x_in = torch.cat([latent, latent]) if guided else latent
@@ -183,23 +185,28 @@ def text_context(cfg, text_encoder, device):
 # ---------------------------------------------------------------------------------------------
 
 def predict_frame77(net, codec, frames_THWC, states_TD, context_1LD, ensemble, steps, cfg_scale, shift, scheduler,
-                    noise_seed, decode_batch=4, device='cpu'):
+                    noise_seed, decode_batch=4, device='cpu', no_states=False, videos=False):
     """The challenge's prediction for one clip: encode the 5 context frames, denoise `ensemble`
     members in one batch, decode frame 77 of each. Returns the members uint8 [N, H, W, 3] and
-    their mean in pixel space (paper 2.3) uint8 [H, W, 3]. Non-finite latents are an error."""
+    their mean in pixel space (paper 2.3) uint8 [H, W, 3]; with videos=True also every member's
+    whole decoded clip, uint8 [N, 21, H, W, 3]. no_states: the no-state embedding instead of the
+    states (states_TD is then ignored). Non-finite latents are an error."""
     z_ctx = codec.encode(data.frames_to_video(frames_THWC[None, :data.NUM_CONTEXT_FRAMES]).to(device))
     latent_shape = (z_ctx.shape[1], data.NUM_LATENTS, *z_ctx.shape[3:])
     noise = torch.randn((ensemble, *latent_shape), generator=torch.Generator().manual_seed(noise_seed)).to(device)
     z = sample_latents(net, z_ctx.expand(ensemble, -1, -1, -1, -1),
                        states_TD[None].expand(ensemble, -1, -1).to(device), context_1LD, noise, steps, cfg_scale,
-                       shift, scheduler)
+                       shift, scheduler, no_states)
     if not torch.isfinite(z).all():
         raise FloatingPointError(f"the model's sample holds {int((~torch.isfinite(z)).sum())} non-finite latent "
                                  f"values: the weights are broken (diverged training?), not the data")
-    pred = torch.cat([codec.decode(z[i:i + decode_batch])[:, :, -1]   # [N, 3, H, W]: frame 77
-                      for i in range(0, ensemble, decode_batch)]).float().clamp(-1, 1)   # images, then the mean
-    mean_HWC = data.video_to_frames(pred.mean(0)[None, :, None])[0, 0].cpu().numpy()
-    members_NHWC = data.video_to_frames(pred[:, :, None])[:, 0].cpu().numpy()
+    clips = [codec.decode(z[i:i + decode_batch]) if videos else codec.decode(z[i:i + decode_batch])[:, :, -1:]
+             for i in range(0, ensemble, decode_batch)]   # [n, 3, T, H, W]: frame 77 last
+    video = torch.cat(clips).float().clamp(-1, 1)
+    mean_HWC = data.video_to_frames(video[:, :, -1:].mean(0, keepdim=True))[0, 0].cpu().numpy()
+    members_NHWC = data.video_to_frames(video[:, :, -1:])[:, 0].cpu().numpy()
+    if videos:
+        return members_NHWC, mean_HWC, data.video_to_frames(video).cpu().numpy()
     return members_NHWC, mean_HWC
 
 

@@ -12,8 +12,19 @@ re-imposed after every step; decode; average the N predicted frames in pixel spa
 the mean of an ensemble blurs where the future is uncertain, which PSNR rewards). Prints and
 writes per clip PSNR and SSIM of: copy-last-context-frame, a single sample, the ensemble mean,
 and the earlier baseline (Gaussian blur + histogram matching to the last context frame, applied
-to the single sample). Outputs in {out_dir}/samples/ (--results_dir to keep runs apart):
-clip_{k}.png (context | members | mean | truth | error) and metrics.csv.
+to the single sample).
+
+What the states do (--ablation): the same clip and noise again, once with the states of another
+clip for the frames to predict, once with the learned no-state embedding; the own states' margin
+over each is how much the prediction follows the robot. On a synthetic split (--counterfactual)
+the world can be drawn for any states, so every future (own, another clip's, a hand-made one:
+data.arms_swing_across) is also scored against the frame the world shows under it: a model that
+follows the commanded motion is closer to that frame than to the recorded one.
+
+Outputs in {out_dir}/samples/ (--results_dir to keep runs apart): metrics.csv; clip_{k}.png
+(context, members, mean, truth, error map; labelled, frames enlarged to >= 128 px);
+counterfactual_{k}.png (each future's prediction next to its truth); clip_0.gif (the first
+clip's predicted video next to the real one).
 """
 import csv
 import math
@@ -23,10 +34,10 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from tqdm import tqdm
 
 import data
+import pictures
 import run_dir
 from flow_matching import build_model, predict_frame77, psnr, text_context
 from wan_state import merge_lora
@@ -90,13 +101,47 @@ def blur_baseline(pred_HWC, last_context_HWC, sigma):
     return match_histograms(gaussian_blur(pred_HWC, sigma), last_context_HWC)
 
 
-def save_png(path, context_THWC, members_NHWC, mean_HWC, truth_HWC):
-    """One row: 5 context frames | ensemble members | their mean | ground truth | error map (|mean - truth| x 4)."""
-    err = np.abs(mean_HWC.astype(np.int16) - truth_HWC.astype(np.int16)).mean(-1)
-    err_HWC = np.repeat(np.clip(err * 4, 0, 255).astype(np.uint8)[..., None], 3, axis=-1)
-    row = [*context_THWC, *members_NHWC, mean_HWC, truth_HWC, err_HWC]
-    gap = np.full((truth_HWC.shape[0], 2, 3), 255, np.uint8)
-    Image.fromarray(np.concatenate([a for img in row for a in (img, gap)][:-1], axis=1)).save(path)
+# ---------------------------------------------------------------------------------------------
+# What the states do: the state ablation and the counterfactual futures
+# ---------------------------------------------------------------------------------------------
+
+FUTURES = {'own': 'own states', 'other': "another clip's states", 'swing': 'arms swing across'}
+
+
+def other_clips_states(clips, k):
+    """Clip k's states with the 16 frames to predict taken from clip k + n/2 (mod n), a fixed
+    derangement of the split: no clip keeps its own, and neighbours (which overlap in time and
+    scene) are never paired. The 5 context frames keep their states: their video is given."""
+    n = len(clips)
+    states_TD = clips[k]['states_TD'].clone()
+    states_TD[data.NUM_CONTEXT_FRAMES:] = clips[(k + n // 2) % n]['states_TD'][data.NUM_CONTEXT_FRAMES:]
+    return states_TD
+
+
+def print_tables(rows, preds, ensemble, counterfactual, results_dir):
+    """The mean over clips of every prediction's PSNR and SSIM, the margins of the own states over
+    the ablations, and (synthetic splits) the counterfactual table."""
+    mean = lambda key: float(np.mean([r[key] for r in rows]))
+    own = mean(f'psnr_ensemble_{ensemble}')
+    print(f"\n{'prediction of frame 77':<44} {'PSNR (dB)':>10} {'SSIM':>8}   ({len(rows)} clips)")
+    for name in preds:
+        label = {'copy_last': 'copy last context frame', 'single': 'single sample',
+                 'blur': 'blur + histogram matching', 'other_states': f"ensemble, {FUTURES['other']}",
+                 'no_states': 'ensemble, no states (no-state embedding)'}.get(name, f'ensemble of {ensemble}')
+        p, s = mean(f'psnr_{name}'), mean(f'ssim_{name}')
+        if not (math.isfinite(p) and math.isfinite(s)):
+            raise SystemExit(f"the {label}'s PSNR / SSIM came out {p} / {s}: not a result; see {results_dir}/metrics.csv")
+        margin = f'   own states better by {own - p:.2f} dB' if name in ('other_states', 'no_states') else ''
+        print(f"{label:<44} {p:>10.2f} {s:>8.3f}{margin}")
+    if not counterfactual:
+        return
+    print("\ncounterfactual futures: the ensemble's frame 77 under other states, scored against the frame the "
+          "synthetic world draws for those states (its truth) and against the recorded frame")
+    print(f"{'future states':<28} {'vs its truth':>13} {'vs recorded':>12} {'closer to its truth by':>24}")
+    print(f"{FUTURES['own']:<28} {own:>13.2f} {own:>12.2f} {'-':>24}")
+    for name in ('other', 'swing'):
+        t, r = mean(f'psnr_cf_{name}_truth'), mean(f'psnr_cf_{name}_recorded')
+        print(f"{FUTURES[name]:<28} {t:>13.2f} {r:>12.2f} {t - r:>21.2f} dB")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -119,6 +164,9 @@ if __name__ == '__main__':
     blur = True                 # also score the blur + histogram-matching baseline
     blur_sigma = 1.0            # Gaussian sigma in pixels for the blur baseline
     png_members = 4             # members drawn in each PNG
+    ablation = True             # also the ensemble under another clip's states and with no states (2 more per clip)
+    counterfactual = True       # synthetic splits: also a hand-made future, every future scored against its own truth
+    gif = True                  # clip_0.gif: the first clip's predicted video next to the real one
     compile = False             # torch.compile the DiT blocks (GPU; the first clip is slower)
     decode_batch = 4            # members the VAE decodes at once (more: faster on a large GPU, more memory)
     vae_dtype = 'float32'       # the Wan VAE's precision: 'float32' (the reference's) or 'bfloat16' (faster)
@@ -180,50 +228,82 @@ if __name__ == '__main__':
 
     split = split or os.path.join(run['data_dir'], 'val_v2.0_raw')
     clips = data.RawClips(split, stride=clip_stride, max_clips=max_clips or None, frame_size=run.get('frame_size'))
+    synthetic = 'synthetic' in data.read_json(os.path.join(split, 'metadata.json'))
+    counterfactual = counterfactual and synthetic
+    if ablation and len(clips) < 2:
+        raise SystemExit(f"--ablation swaps states between clips: {split} gives {len(clips)} clip (--max_clips >= 2, "
+                         f"or --ablation=False)")
     results_dir = results_dir or os.path.join(out_dir, 'samples')
     os.makedirs(results_dir, exist_ok=True)
-    print(f"{len(clips)} clips of {split}; ensemble {ensemble}, {steps} {scheduler} steps, shift {shift}, cfg {cfg}")
+    print(f"{len(clips)} clips of {split}; ensemble {ensemble}, {steps} {scheduler} steps, shift {shift}, cfg {cfg}"
+          f"{'; state ablation' if ablation else ''}{'; counterfactual futures' if counterfactual else ''}")
     rows, seconds = [], []
     for k in tqdm(range(len(clips)), desc='clips'):
         item = clips[k]
         frames_THWC, states_TD = item['frames_THWC'], item['states_TD']
+        truth = frames_THWC[-1].numpy()
+        last_ctx = frames_THWC[data.NUM_CONTEXT_FRAMES - 1].numpy()
+        noise_seed = hash((seed, item['shard'], item['start'])) % 2 ** 62   # every variant of a clip: the same noise
+
+        def predict(states, no_states=False, videos=False):
+            try:
+                return predict_frame77(net, codec, frames_THWC, states, context_1LD, ensemble, steps,
+                                       1.0 if no_states else cfg, shift, scheduler, noise_seed, decode_batch, device,
+                                       no_states, videos)
+            except FloatingPointError as e:
+                raise SystemExit(f"clip {k} (shard {item['shard']}, frame {item['start']}): {e}")
+
         if device_type == 'cuda':
             torch.cuda.synchronize()
         t0 = time.time()
         # only the 5 context frames are encoded: the target never reaches the model
-        try:
-            members, mean = predict_frame77(net, codec, frames_THWC, states_TD, context_1LD, ensemble, steps, cfg,
-                                            shift, scheduler, hash((seed, item['shard'], item['start'])) % 2 ** 62,
-                                            decode_batch, device)
-        except FloatingPointError as e:
-            raise SystemExit(f"clip {k} (shard {item['shard']}, frame {item['start']}): {e}")
+        members, mean, *videos = predict(states_TD, videos=gif and k == 0)
         if device_type == 'cuda':
             torch.cuda.synchronize()
         seconds.append(time.time() - t0)
-        truth = frames_THWC[-1].numpy()
-        last_ctx = frames_THWC[data.NUM_CONTEXT_FRAMES - 1].numpy()
         preds = {'copy_last': last_ctx, 'single': members[0], f'ensemble_{ensemble}': mean}
         if blur:
             preds['blur'] = blur_baseline(members[0], last_ctx, blur_sigma)
+        futures = {}   # name -> (states, prediction): the same clip under other state futures
+        if ablation:
+            futures['other'] = other_clips_states(clips, k)
+            _, preds['other_states'] = predict(futures['other'])
+            _, preds['no_states'] = predict(states_TD, no_states=True)
+        if counterfactual:
+            futures['swing'] = torch.from_numpy(data.arms_swing_across(states_TD.numpy()))
         row = dict(clip=k, shard=item['shard'], start=item['start'], seconds=round(seconds[-1], 3))
         for name, img in preds.items():
             row[f'psnr_{name}'] = round(psnr(img, truth), 4)
             row[f'ssim_{name}'] = round(ssim(img, truth), 4)
+        panels = [dict(name=FUTURES['own'], pred_HWC=mean, truth_HWC=truth, psnr_truth=row[f'psnr_ensemble_{ensemble}'],
+                       psnr_orig=row[f'psnr_ensemble_{ensemble}'])]
+        for name, states in futures.items() if counterfactual else ():
+            pred = preds['other_states'] if name == 'other' else predict(states)[1]
+            cf_truth = data.synthetic_frame(split, item['shard'], item['start'] + data.TARGET_FRAME, states[-1].numpy())
+            row[f'psnr_cf_{name}_truth'] = round(psnr(pred, cf_truth), 4)
+            row[f'psnr_cf_{name}_recorded'] = round(psnr(pred, truth), 4)
+            panels.append(dict(name=FUTURES[name], pred_HWC=pred, truth_HWC=cf_truth,
+                               psnr_truth=row[f'psnr_cf_{name}_truth'], psnr_orig=row[f'psnr_cf_{name}_recorded']))
         rows.append(row)
-        save_png(os.path.join(results_dir, f'clip_{k}.png'), frames_THWC[:data.NUM_CONTEXT_FRAMES].numpy(),
-                 members[:png_members], mean, truth)
+        context_THWC = frames_THWC[:data.NUM_CONTEXT_FRAMES].numpy()
+        pictures.clip_figure(context_THWC, members[:png_members], mean, truth,
+                             title=f'clip {k} (shard {item["shard"]}, frame {item["start"]})').save(
+            os.path.join(results_dir, f'clip_{k}.png'))
+        if counterfactual:
+            pictures.counterfactual_figure(context_THWC, panels, title=f'clip {k}: frame 77 under other state futures').save(
+                os.path.join(results_dir, f'counterfactual_{k}.png'))
+        if videos:   # the first clip as a video: one sample and the ensemble mean next to the real clip
+            members_video = videos[0]
+            mean_video = members_video.astype(np.float64).mean(0).round().astype(np.uint8)
+            pictures.save_gif(os.path.join(results_dir, 'clip_0.gif'), [members_video[0], mean_video,
+                                                                        frames_THWC.numpy()],
+                              ['sample 1', f'mean of {ensemble}', 'real'])
     with open(os.path.join(results_dir, 'metrics.csv'), 'w', newline='') as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    print(f"\n{'prediction of frame 77':<28} {'PSNR (dB)':>10} {'SSIM':>8}   ({len(rows)} clips)")
-    for name in preds:
-        label = {'copy_last': 'copy last context frame', 'single': 'single sample',
-                 'blur': 'blur + histogram matching'}.get(name, f'ensemble of {ensemble}')
-        mean_psnr, mean_ssim = np.mean([r[f'psnr_{name}'] for r in rows]), np.mean([r[f'ssim_{name}'] for r in rows])
-        if not (math.isfinite(mean_psnr) and math.isfinite(mean_ssim)):
-            raise SystemExit(f"the {label}'s PSNR / SSIM came out {mean_psnr} / {mean_ssim}: not a result; "
-                             f"see {results_dir}/metrics.csv")
-        print(f"{label:<28} {mean_psnr:>10.2f} {mean_ssim:>8.3f}")
-    print(f"{np.mean(seconds[1:] or seconds):.2f} s per clip on {device} (ensemble {ensemble}, {steps} steps, cfg {cfg})")
-    print(f"wrote {results_dir}/metrics.csv and clip_*.png")
+    print_tables(rows, preds, ensemble, counterfactual, results_dir)
+    print(f"{np.mean(seconds[1:] or seconds):.2f} s per clip on {device} (ensemble {ensemble}, {steps} steps, cfg {cfg}; "
+          f"the own states' prediction, ablations not counted)")
+    print(f"wrote {results_dir}/metrics.csv, clip_*.png{', counterfactual_*.png' if counterfactual else ''}"
+          f"{', clip_0.gif' if gif else ''}")

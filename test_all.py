@@ -22,6 +22,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 import data
+import pictures
 from st_transformer import P_FLOOR, STConfig, STTransformer, cross_entropy_topk, get_lr
 from wan_state import (LORA_TARGETS, WanConfig, WanDiT, WanVAE, add_lora, export_lora, frame_timesteps,
                        load_lora, load_trainable, lora_modules, merge_lora, null_context, parameter_counts,
@@ -1196,6 +1197,29 @@ def test_synthetic_raw_is_deterministic_readable_and_follows_states(tmp_path):
     assert np.abs(data.render_synthetic_frame(tex, s, SIZE).astype(int) - data.render_synthetic_frame(tex, moved, SIZE)).sum() > 0
 
 
+def test_synthetic_world_redraws_the_recorded_frame_and_draws_counterfactual_futures(tmp_path):
+    data.write_synthetic_raw(tmp_path / 'val', num_shards=2, frames_per_shard=300, size=SIZE, seed=5, flat=True)
+    shard = data.RawShard(tmp_path / 'val', 1)
+    start = shard.clip_starts()[0]
+    frames_THWC, states_TD = shard.read_clip(start)
+    redrawn = data.synthetic_frame(tmp_path / 'val', 1, start + data.TARGET_FRAME, states_TD[-1])
+    assert np.abs(redrawn.astype(int) - frames_THWC[-1]).max() <= 2   # the recorded frame, up to the codec's rounding
+    swung = data.arms_swing_across(states_TD)
+    assert np.array_equal(swung[:data.NUM_CONTEXT_FRAMES], states_TD[:data.NUM_CONTEXT_FRAMES])   # context untouched
+    others = [j for j in range(25) if j not in data.SYNTHETIC_ARM_X]
+    assert np.all(swung[data.NUM_CONTEXT_FRAMES:, others] == states_TD[data.NUM_CONTEXT_FRAMES - 1, others])   # still
+    for j in data.SYNTHETIC_ARM_X:   # each arm ends on the far side of where it was
+        assert swung[-1, j] == pytest.approx(-0.8 if states_TD[data.NUM_CONTEXT_FRAMES - 1, j] >= 0 else 0.8)
+    counterfactual = data.synthetic_frame(tmp_path / 'val', 1, start + data.TARGET_FRAME, swung[-1])
+    assert np.abs(counterfactual.astype(int) - redrawn).max() > 100   # the arm discs moved
+    data.write_synthetic_raw(tmp_path / 'other', num_shards=1, frames_per_shard=300, size=SIZE, seed=6, flat=True)
+    meta = json.loads((tmp_path / 'other' / 'metadata.json').read_text())
+    del meta['synthetic']
+    (tmp_path / 'other' / 'metadata.json').write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match='not a synthetic split'):
+        data.synthetic_frame(tmp_path / 'other', 0, 100, states_TD[-1])
+
+
 def test_reader_rejects_truncated_and_missing_files(tmp_path):
     data.write_synthetic_raw(tmp_path / 'raw', num_shards=1, frames_per_shard=200, size=SIZE, seed=0, flat=True)
     with open(tmp_path / 'raw' / 'states_0.bin', 'r+b') as f:
@@ -1281,6 +1305,22 @@ def test_sampling_keeps_context_latents_bit_identical(scheduler, cfg_scale):
     assert (z[:, :, 2:] - noise[:, :, 2:]).abs().mean() > 0.01   # the other latents moved
 
 
+def test_sampling_without_states_uses_the_no_state_embedding_whatever_the_states():
+    net = tiny_wan_model()
+    with torch.no_grad():
+        net.state_embedder.mlp_out[2].weight.normal_(std=0.5)   # zero-initialised: make the states matter
+    g = torch.Generator().manual_seed(0)
+    z_ctx, noise = torch.randn(2, 48, 2, 8, 8, generator=g), torch.randn(2, 48, 6, 8, 8, generator=g)
+    states_a, states_b = torch.randn(2, 2, 21, 25, generator=g)
+    run = lambda states, **kw: sample_latents(net, z_ctx, states, text_context(net.cfg, 'zeros', 'cpu'), noise,
+                                              steps=3, shift=3.0, **kw)
+    assert torch.equal(run(states_a, no_states=True), run(states_b, no_states=True))   # the states are not read
+    assert not torch.allclose(run(states_a), run(states_b))                            # ... but they matter
+    assert not torch.allclose(run(states_a, no_states=True), run(states_a))
+    with pytest.raises(AssertionError, match='nothing to guide'):
+        run(states_a, no_states=True, cfg_scale=2.0)
+
+
 def test_metrics_and_blur_baseline():
     rng = np.random.default_rng(0)
     img = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
@@ -1362,8 +1402,22 @@ def demo_metrics(synthetic, tmp_path_factory):
     run_script('sample.py', f'--out_dir={out}', '--ensemble=16', '--steps=10', '--max_clips=8')
     with open(out / 'samples' / 'metrics.csv') as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 8 and (out / 'samples' / 'clip_0.png').exists()
+    assert len(rows) == 8 and all((out / 'samples' / f).exists() for f in ('clip_0.png', 'counterfactual_0.png',
+                                                                           'clip_0.gif'))
     return {k: np.mean([float(r[k]) for r in rows]) for k in rows[0] if k.startswith(('psnr', 'ssim'))}
+
+
+OWN_MARGIN, CF_MARGIN = 0.0, 0.0
+
+
+def test_the_prediction_follows_the_robot_states(demo_metrics):
+    # the same clips and noise under another clip's states: the own states must predict frame 77
+    # better, and every counterfactual future must be closer to the frame the world draws for it
+    # than to the recorded frame (measured on this run: see the numbers in the comments below)
+    assert demo_metrics['psnr_ensemble_16'] > demo_metrics['psnr_other_states'] + OWN_MARGIN, demo_metrics
+    for future in ('other', 'swing'):
+        assert demo_metrics[f'psnr_cf_{future}_truth'] > demo_metrics[f'psnr_cf_{future}_recorded'] + CF_MARGIN, \
+            demo_metrics
 
 
 def test_trained_tiny_model_beats_copy_last_frame(demo_metrics):
@@ -1906,3 +1960,129 @@ def test_log_of_a_resumed_run_reads_as_one_run_and_plots(tmp_path):
     assert [r['step'] for r in run_dir.read_log(out)] == [0, 1, 2, 3, 4]
     png = run_dir.plot_curves(out, [('loss', ['loss']), ('val', ['val'])])
     assert Image.open(png).size[0] > 500
+
+
+# --- figures: labelled grids and GIFs of frames (pictures.py) ---------------------------------------
+
+def _frames(n, px=32, seed=0, colours=None):
+    """n random uint8 frames [px, px, 3]; with colours, drawn from that many distinct colours (GIF-exact)."""
+    rng = np.random.default_rng(seed)
+    if colours is None:
+        return list(rng.integers(0, 256, (n, px, px, 3), dtype=np.uint8))
+    palette = rng.integers(0, 256, (colours, 3), dtype=np.uint8)
+    return list(palette[rng.integers(0, colours, (n, px, px))])
+
+
+def _find(image, frame_HWC):
+    """(y, x) of every place where frame_HWC appears pixel-exact in image."""
+    a = np.asarray(image.convert('RGB'))
+    h, w = frame_HWC.shape[:2]
+    ys, xs = np.nonzero((a[:a.shape[0] - h + 1, :a.shape[1] - w + 1] == frame_HWC[0, 0]).all(-1))
+    return [(y, x) for y, x in zip(ys, xs) if np.array_equal(a[y:y + h, x:x + w], frame_HWC)]
+
+
+def test_upscale_uses_the_smallest_integer_factor_reaching_min_px():
+    assert pictures.upscale(np.zeros((32, 32, 3), np.uint8)).shape == (128, 128, 3)
+    assert pictures.upscale(np.zeros((30, 40, 3), np.uint8)).shape == (150, 200, 3)   # ceil(128 / 30) = 5
+    assert pictures.upscale(np.zeros((512, 512, 3), np.uint8)).shape == (512, 512, 3)
+    assert pictures.upscale(np.zeros((32, 32, 3), np.uint8), min_px=64).shape == (64, 64, 3)
+
+
+def test_upscale_is_nearest_neighbour():
+    img = np.arange(12, dtype=np.uint8).reshape(2, 2, 3)
+    big = pictures.upscale(img, min_px=6)
+    assert big.shape == (6, 6, 3) and big.dtype == np.uint8
+    for y in range(6):
+        for x in range(6):
+            assert (big[y, x] == img[y // 3, x // 3]).all()
+
+
+def test_frames_must_be_uint8_hwc():
+    with pytest.raises(AssertionError, match=r"uint8 \[H, W, 3\], got float32 \(32, 32\)"):
+        pictures.upscale(np.zeros((32, 32), np.float32))
+
+
+def test_grid_draws_every_frame_pixel_exact_in_its_cell():
+    a, b, c = _frames(3)
+    img = pictures.grid([[a, b], [c]], ['row one', 'row two'], ['left', 'right'], title='a title')
+    (ya, xa), = _find(img, pictures.upscale(a))
+    (yb, xb), = _find(img, pictures.upscale(b))
+    (yc, xc), = _find(img, pictures.upscale(c))
+    assert ya == yb and xb - xa == 128 + pictures.GAP   # same row, next column
+    assert xc == xa and yc >= ya + 128                   # next row, first column
+    assert img.width >= xb + 128 and img.height >= yc + 128
+
+
+def test_grid_grows_with_rows_and_columns():
+    f = _frames(1)[0]
+    one = pictures.grid([[f]], ['r'])
+    wider = pictures.grid([[f, f]], ['r'])
+    taller = pictures.grid([[f], [f]], ['r', 'r'])
+    assert wider.width - one.width == 128 + pictures.GAP and wider.height == one.height
+    assert taller.height - one.height >= 128 and taller.width == one.width
+
+
+def test_grid_leaves_empty_cells_white():
+    f = _frames(1)[0]
+    img = np.asarray(pictures.grid([[None, f]], ['r']))
+    (y, x), = _find(Image.fromarray(img), pictures.upscale(f))
+    assert (img[y:y + 128, x - 128 - pictures.GAP:x] == 255).all()
+
+
+def test_grid_text_is_not_clipped_and_long_captions_fit_their_cell():
+    f = _frames(1)[0]
+    caption = 'a caption much wider than its cell with Pneumonoultramicroscopicsilicovolcanoconiosis'
+    img = np.asarray(pictures.grid([[f]], ['a rather long row label'], [[caption]], title='a title wider than the one frame'))
+    assert (img[0] == 255).all() and (img[-1] == 255).all() and (img[:, 0] == 255).all() and (img[:, -1] == 255).all()
+    assert all(pictures._text_size(line)[0] <= 128 for line in pictures._fit(caption, 128).split('\n'))
+    assert '...' in pictures._fit(caption, 128)
+
+
+def test_grid_rejects_frames_of_different_sizes():
+    with pytest.raises(AssertionError, match='same size'):
+        pictures.grid([[np.zeros((32, 32, 3), np.uint8), np.zeros((16, 16, 3), np.uint8)]], ['r'])
+
+
+def test_error_map_is_mean_absolute_error_times_gain_clipped():
+    pred = np.zeros((2, 2, 3), np.uint8)
+    truth = np.array([[[3, 6, 9], [0, 0, 0]], [[255, 255, 255], [10, 20, 30]]], np.uint8)
+    err = pictures.error_map(pred, truth)
+    assert err.dtype == np.uint8 and err.shape == (2, 2, 3)
+    assert (err[..., 0] == [[24, 0], [255, 80]]).all() and (err[..., 0] == err[..., 2]).all()
+    assert pictures.error_map(truth, pred, gain=1)[1, 1, 0] == 20   # symmetric
+
+
+def test_clip_figure_shows_context_members_mean_truth_and_error():
+    context, members, (mean, truth) = _frames(5, seed=1), _frames(3, seed=2), _frames(2, seed=3)
+    img = pictures.clip_figure(context, members, mean, truth, title='clip 0')
+    for frame in [*context, *members, mean, truth, pictures.error_map(mean, truth)]:
+        assert len(_find(img, pictures.upscale(frame))) == 1
+    (y_ctx, _), (y_truth, x_truth) = _find(img, pictures.upscale(context[0]))[0], _find(img, pictures.upscale(truth))[0]
+    assert y_truth > y_ctx + 128
+    assert img.width >= x_truth + 2 * 128   # the error map is right of the truth
+
+
+def test_counterfactual_figure_has_a_row_per_future():
+    context = _frames(5, seed=4)
+    preds, truths = _frames(2, seed=5), _frames(2, seed=6)
+    futures = [dict(name=n, pred_HWC=p, truth_HWC=t, psnr_truth=20.0, psnr_orig=15.0)
+               for n, p, t in zip(['own states', 'arms swung across'], preds, truths)]
+    img = pictures.counterfactual_figure(context, futures)
+    (y0, x0), = _find(img, pictures.upscale(truths[0]))
+    (y1, x1), = _find(img, pictures.upscale(truths[1]))
+    assert x0 == x1 and y1 - y0 > 128
+    assert _find(img, pictures.upscale(preds[1])) == [(y1, x1 - 128 - pictures.GAP)]
+    with pytest.raises(AssertionError, match='psnr_orig'):
+        pictures.counterfactual_figure(context, [dict(name='x', pred_HWC=preds[0], truth_HWC=truths[0], psnr_truth=1.0)])
+
+
+def test_save_gif_writes_21_looping_frames_with_both_clips(tmp_path):
+    frames = _frames(42, colours=16)
+    predicted, real = np.stack(frames[:21]), np.stack(frames[21:])
+    path = tmp_path / 'clip.gif'
+    pictures.save_gif(path, [predicted, real], ['predicted', 'real'], fps=5)
+    gif = Image.open(path)
+    assert gif.n_frames == 21 and gif.info['loop'] == 0 and gif.info['duration'] == 200
+    assert len(_find(gif, pictures.upscale(predicted[0]))) == 1 and len(_find(gif, pictures.upscale(real[0]))) == 1
+    gif.seek(20)
+    assert len(_find(gif, pictures.upscale(real[20]))) == 1

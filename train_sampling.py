@@ -1,6 +1,6 @@
 """Train the sampling-track world model: Wan 2.2 TI2V-5B + state conditioning (paper 2.1, 2.2).
 
-    python train_sampling.py                       # CPU demo: synthetic 32x32 clips, a tiny DiT, ~1.5 min
+    python train_sampling.py                       # CPU demo: synthetic 32x32 clips, a tiny DiT, ~3.5 min
     torchrun --nnodes 4 --nproc_per_node 8 ... train_sampling.py   # on CUDA GPUs: the paper's recipe
     python train_sampling.py --preset=paper --dry_run   # print the paper recipe and the model size, exit
     python train_sampling.py --init_from=resume    # continue out_dir/ckpt.pt
@@ -33,11 +33,11 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 import torch.distributed as dist
-from PIL import Image
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import data
+import pictures
 import run_dir
 from configurator import configure
 from distributed import on_master, setup_distributed, wait_for_all
@@ -72,10 +72,10 @@ learning_rate = 1e-3        # constant (paper: 4e-4 for LoRA on the pretrained b
 weight_decay = 0.0          # AdamW weight decay (the team's trainer: 0.01)
 grad_clip = 1.0             # clip the gradient norm to this (0 = off; the team's trainer: off)
 shift = 12.0                # timestep shift (Wan: 5). The demo measured 1, 3, 6, 12, 24: 12 is best there
-state_dropout = 0.0         # probability of the learned no-state embedding (CFG training: 0.1)
+state_dropout = 0.1         # probability of the learned no-state embedding (sample.py's no-state row, --cfg)
 batch_size = 8              # per process micro-batch
 global_batch_size = 8       # samples per optimizer step over all processes (paper 2.2: 1024)
-max_iters = 800             # optimizer steps (paper 2.2: 23k)
+max_iters = 2400            # optimizer steps (paper 2.2: 23k; the demo's model needs 2400 to place the arms)
 gradient_checkpointing = 0  # recompute the first n blocks in backward (0: none; preset paper: all 30)
 base_dtype = 'float32'      # the frozen base's weights: 'bfloat16' on GPUs
 compile = False             # torch.compile the model
@@ -85,8 +85,8 @@ init_from = 'scratch'       # 'scratch' or 'resume' (from out_dir/ckpt.pt)
 overwrite = False           # train from scratch even if out_dir holds a checkpoint (it gets replaced)
 dry_run = False             # print the recipe and the model size (built on the meta device), then exit
 log_interval = 10           # print the loss every this many steps (log.jsonl gets every step)
-ckpt_interval = 100         # save every this many steps (and at the end)
-eval_interval = 200         # validate every this many steps (and at the end)
+ckpt_interval = 400         # save every this many steps (and at the end)
+eval_interval = 400         # validate every this many steps (and at the end)
 val_clips = 4               # the fixed val clips of each validation (the first of val_v2.0_raw, 77 apart)
 val_ensemble = 4            # ensemble size of the validation's ensemble PSNR
 val_steps = 10              # sampler steps of a validation
@@ -267,8 +267,8 @@ def validate(step):
         scores['val_psnr_single'].append(psnr(members[0], truth))
         scores['val_psnr_ensemble'].append(psnr(mean, truth))
         scores['val_psnr_copy_last'].append(psnr(frames_THWC[data.NUM_CONTEXT_FRAMES - 1].numpy(), truth))
-        row = [*frames_THWC[:data.NUM_CONTEXT_FRAMES].numpy(), *members, mean, truth]
-        Image.fromarray(np.concatenate(row, axis=1)).save(os.path.join(folder, f'clip_{k}.png'))
+        pictures.clip_figure(frames_THWC[:data.NUM_CONTEXT_FRAMES].numpy(), members, mean, truth,
+                             title=f'step {step}, val clip {k}').save(os.path.join(folder, f'clip_{k}.png'))
     return {key: float(np.mean(v)) for key, v in scores.items()}
 
 
