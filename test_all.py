@@ -1141,7 +1141,8 @@ def test_train_sampling_refuses_data_on_disk_that_its_flags_do_not_describe(synt
     demo = tmp_path / 'demo'
     (demo / 'train_v2.0_raw').mkdir(parents=True)
     (demo / 'train_v2.0_raw' / 'metadata.json').write_text('{}')
-    (demo / 'synthetic.json').write_text(json.dumps(dict(train_shards=2, frames=1500, val_frames=1200, size=32, seed=0)))
+    (demo / 'synthetic.json').write_text(json.dumps(dict(train_shards=2, frames=1500, val_frames=1200, size=32, seed=0,
+                                                         look=data.SYNTHETIC_LOOK)))
     assert ("holds a synthetic set written with other settings (train_shards=2 on disk, 16 asked for)"
             in fails(f'--data_dir={demo}', '--make_synthetic'))
 
@@ -1407,22 +1408,21 @@ def demo_metrics(synthetic, tmp_path_factory):
     return {k: np.mean([float(r[k]) for r in rows]) for k in rows[0] if k.startswith(('psnr', 'ssim'))}
 
 
-OWN_MARGIN, CF_MARGIN = 0.0, 0.0
-
-
 def test_the_prediction_follows_the_robot_states(demo_metrics):
-    # the same clips and noise under another clip's states: the own states must predict frame 77
-    # better, and every counterfactual future must be closer to the frame the world draws for it
-    # than to the recorded frame (measured on this run: see the numbers in the comments below)
-    assert demo_metrics['psnr_ensemble_16'] > demo_metrics['psnr_other_states'] + OWN_MARGIN, demo_metrics
+    # the same clips and noise under another clip's states for the frames to predict: the own
+    # states must predict frame 77 better, and each counterfactual future must come out closer to
+    # the frame the synthetic world draws for it than to the recorded frame. Measured on this run
+    # (300 steps, 2 shards): own 14.80 vs another clip's 13.92 dB; another clip's future 14.80 vs
+    # its truth, 13.92 vs recorded; arms swung across 14.00 vs 13.42 (the README's demo: 3.6-4.4 dB)
+    assert demo_metrics['psnr_ensemble_16'] > demo_metrics['psnr_other_states'] + 0.3, demo_metrics
     for future in ('other', 'swing'):
-        assert demo_metrics[f'psnr_cf_{future}_truth'] > demo_metrics[f'psnr_cf_{future}_recorded'] + CF_MARGIN, \
+        assert demo_metrics[f'psnr_cf_{future}_truth'] > demo_metrics[f'psnr_cf_{future}_recorded'] + 0.2, \
             demo_metrics
 
 
 def test_trained_tiny_model_beats_copy_last_frame(demo_metrics):
-    # measured on the 2 test shards after 300 steps (shift 12): copy-last 13.85, single 14.25,
-    # ensemble of 16 15.19 dB; a single sample must already beat copying the last context frame
+    # measured on the 2 test shards after 300 steps (shift 12): copy-last 12.17, single 13.85,
+    # ensemble of 16 14.80 dB; a single sample must already beat copying the last context frame
     assert demo_metrics['psnr_single'] > demo_metrics['psnr_copy_last'] + 0.1, demo_metrics
     assert demo_metrics['psnr_ensemble_16'] > demo_metrics['psnr_copy_last'] + 1.0, demo_metrics
 
