@@ -33,7 +33,7 @@ F.scaled_dot_product_attention allowed (--sdpa=flash), so a run that leaves the 
 loudly instead of running slowly; fp32 decoding, which flash does not support, also allows the
 memory-efficient kernel. The VAE row has no such check (its attention is fp32, single-head, with
 640 / 1024 channels: no fused kernel takes it). MFU = model FLOPs / time / the device's dense bf16
-peak (data.peak_flops); it is n/a on the CPU and for the fp32 decoding rows.
+peak (peak_flops.py); it is n/a on the CPU and for the fp32 decoding rows.
 """
 import time
 from contextlib import nullcontext
@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 
 import data
+from peak_flops import peak_flops
 from st_transformer import STConfig, STTransformer
 from wan_state import WanConfig, WanDiT, add_lora, frame_timesteps, per_token_timestep
 
@@ -111,7 +112,7 @@ if cuda:   # set_device needs an index: plain 'cuda' is the current device
     device = f'cuda:{torch.cuda.current_device() if index is None else index}'
     torch.cuda.set_device(device)
 torch.manual_seed(seed)
-peak = data.peak_flops(device)
+peak = peak_flops(device)
 device_name = torch.cuda.get_device_name(device) if cuda else f'CPU ({torch.get_num_threads()} threads)'
 autocast = torch.autocast('cuda', dtype=torch.bfloat16) if cuda else nullcontext()
 

@@ -4,8 +4,7 @@ synthetic datasets written in the same layout.
 Sections:
   1. tokenized data (compression track): reader, synthetic writer, download
   2. raw video data (sampling track): reader, synthetic writer, latent pre-encoding
-  3. the device's peak FLOP/s (for MFU)
-  4. command line: `python data.py synthetic --out DIR`, ...
+  3. command line: `python data.py synthetic --out DIR`, ...
 """
 
 import functools
@@ -20,6 +19,8 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
+
+from metrics import P_FLOOR
 
 # ---------------------------------------------------------------------------------------------
 # 1. Tokenized data (compression track)
@@ -332,7 +333,6 @@ def synthetic_floors(vocab, eps, p_new=SYNTHETIC_P_NEW, k=500, p_floor=None):
     A new place (probability p_new) is uniform: log V, and under Top-k: k/V of the tokens are
     kept at probability 1/k, the rest score -log p_floor.
     """
-    from st_transformer import P_FLOOR
     p_floor = P_FLOOR if p_floor is None else p_floor
     q, r = 1 - eps + eps / vocab, eps / vocab
     copy_full = -q * math.log(q) - (1 - q) * math.log(r)
@@ -972,7 +972,7 @@ def check_encoding(out_dir, settings):
     saved = read_json(path)
     if saved.get('stride') != settings.get('stride', saved.get('stride')):   # the flag users change most
         raise SystemExit(f"{out_dir} was encoded with stride {saved.get('stride')}: pass "
-                         f"--clip_stride={saved.get('stride')} (data.py encode_raw: --stride), or delete it to encode again")
+                         f"--clip_stride={saved.get('stride')} (encode_raw: --stride), or delete it to encode again")
     _same_settings(path, settings, f"the encoding in {out_dir}", out_dir)
 
 
@@ -983,7 +983,8 @@ class LatentClips(torch.utils.data.Dataset):
     def __init__(self, latent_dir):
         if not os.path.exists(os.path.join(latent_dir, 'encoding.json')):
             raise FileNotFoundError(f"{latent_dir}/encoding.json missing: not a finished encoding; run "
-                                    f"`python data.py encode_raw` (it resumes an interrupted one)")
+                                    f"`python data.py encode_raw` (pixel codec) or `python wan_state.py encode_raw` (Wan VAE); "
+                                    f"both resume an interrupted one")
         self.encoding = read_json(os.path.join(latent_dir, 'encoding.json'))
         names = sorted(n for n in os.listdir(latent_dir) if n.startswith('latents_') and n.endswith('.safetensors'))
         self.files = [safe_open(os.path.join(latent_dir, n), framework='pt') for n in names]
@@ -1005,7 +1006,7 @@ def _fetch_raw(repo_file, out):
         return dst
     return hub_file(HF_REPO_RAW, repo_file, out, "    python data.py download_raw --out DIR --split train_v2.0_raw\n"
                     "    python data.py download_raw --out DIR --split val_v2.0_raw\n"
-                    "    python data.py encode_raw --vae=wan --stride=8 --split DIR/train_v2.0_raw "
+                    "    python wan_state.py encode_raw --stride=8 --split DIR/train_v2.0_raw "
                     "--out DIR/latents_wan/train_v2.0_raw\n")
 
 
@@ -1040,38 +1041,25 @@ def cmd_synthetic_raw(args):
 
 
 def cmd_encode_raw(args):
-    if args.vae == 'pixel':
-        codec, dtype = PixelCodec(), torch.float32
-    else:
-        from wan_state import WanVAE  # fp32 VAE: encoding runs once, so spend the precision
-        codec, dtype = WanVAE.from_pretrained(args.vae_path, device=args.device), torch.bfloat16
-    n = encode_raw_split(args.split, args.out, codec, args.stride, args.batch_size, args.device, dtype)
+    n = encode_raw_split(args.split, args.out, PixelCodec(), args.stride, args.batch_size, args.device)
     print(f"encoded {n} clips of {args.split} to {args.out}")
 
 
 # (end of section 2)
 
 # ---------------------------------------------------------------------------------------------
-# 3. The device's peak FLOP/s (for MFU)
+# 3. Command line
 # ---------------------------------------------------------------------------------------------
 
-# Dense bf16 peak FLOP/s (vendor datasheets, without sparsity), for MFU; the first name that
-# occurs in torch.cuda.get_device_name() wins, so the PCIe H100 comes before the SXM one.
-PEAK_BF16_FLOPS = (('H100 PCIe', 756e12), ('H100', 989e12), ('H200', 989e12),
-                   ('B200', 2250e12), ('A100', 312e12))
+def add_encode_arguments(p):
+    """The arguments of an encode_raw command (this file's, with the pixel codec; wan_state.py's, with
+    the Wan VAE)."""
+    p.add_argument('--split', required=True, help='a raw split folder, e.g. data/1x/train_v2.0_raw')
+    p.add_argument('--out', required=True, help='output folder for latents_{shard}.safetensors')
+    p.add_argument('--stride', type=int, default=RAW_CLIP_LEN, help='frames between clip starts (77: no overlap)')
+    p.add_argument('--batch_size', type=int, default=8)
+    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
 
-
-def peak_flops(device):
-    """The device's dense bf16 peak FLOP/s, or None (the CPU, an unlisted GPU: no MFU)."""
-    if not str(device).startswith('cuda'):
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((flops for key, flops in PEAK_BF16_FLOPS if key in name), None)
-
-
-# ---------------------------------------------------------------------------------------------
-# 4. Command line
-# ---------------------------------------------------------------------------------------------
 
 def main(argv=None):
     """`python data.py <subcommand> ...`: each subcommand is one small block below; add yours beside."""
@@ -1100,14 +1088,9 @@ def main(argv=None):
     p.add_argument('--frames', type=int, default=1200, help='frames per shard (30 Hz)')
     p.add_argument('--seed', type=int, default=0)
     p.set_defaults(run=lambda a: cmd_synthetic_raw(a))
-    p = sub.add_parser('encode_raw', help='encode every clip of a raw split to latents (safetensors) for training')
-    p.add_argument('--split', required=True, help='a raw split folder, e.g. data/1x/train_v2.0_raw')
-    p.add_argument('--out', required=True, help='output folder for latents_{shard}.safetensors')
-    p.add_argument('--vae', default='pixel', choices=['pixel', 'wan'], help='pixel: the CPU-demo codec; wan: Wan 2.2 VAE')
-    p.add_argument('--vae_path', default='Wan-AI/Wan2.2-TI2V-5B-Diffusers', help='hub repo id or local folder of the Wan VAE')
-    p.add_argument('--stride', type=int, default=RAW_CLIP_LEN, help='frames between clip starts (77: no overlap)')
-    p.add_argument('--batch_size', type=int, default=8)
-    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    p = sub.add_parser('encode_raw', help='encode every clip of a raw split to pixel-codec latents (the CPU demo\'s); '
+                                          'the Wan VAE\'s: python wan_state.py encode_raw')
+    add_encode_arguments(p)
     p.set_defaults(run=lambda a: cmd_encode_raw(a))
     p = sub.add_parser('download_raw', help='fetch a raw split of 1x-technologies/worldmodel_raw_data')
     p.add_argument('--out', required=True)

@@ -5,10 +5,9 @@
 Sections: the noise schedule (Wan's shift, the reference sampler's sigmas), the training loss and
 its per-sample random draws, the samplers (hand-written Euler on the reference schedule; diffusers'
 UniPC, Wan's own default solver), building the DiT and its empty-prompt text context, and the
-prediction of frame 77 with its score (PSNR), which sample.py and the validation of a training
-run both use.
+prediction of frame 77, which sample.py and the validation of a training run both use (its score,
+PSNR, is in metrics.py).
 """
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -208,9 +207,3 @@ def predict_frame77(net, codec, frames_THWC, states_TD, context_1LD, ensemble, s
     if videos:
         return members_NHWC, mean_HWC, data.video_to_frames(video).cpu().numpy()
     return members_NHWC, mean_HWC
-
-
-def psnr(pred_HWC, target_HWC):
-    """PSNR in dB of uint8 images with pixels in [0, 1] (the challenge metric; paper 2, problem statement)."""
-    mse = np.mean((pred_HWC.astype(np.float64) / 255 - target_HWC.astype(np.float64) / 255) ** 2)
-    return float(10 * np.log10(1.0 / max(mse, 1e-10)))

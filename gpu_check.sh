@@ -139,8 +139,9 @@ def attn(shape_q, shape_k, dtype, kernels, causal=False, dropout=0.0, backward=T
     return tuple(out.shape)
 
 import data
+from peak_flops import peak_flops
 print(f"device {torch.cuda.get_device_name(dev) if cuda else 'cpu (flash probes below are NOT CUDA results)'}; "
-      f"data.peak_flops -> {data.peak_flops(dev)}; flash_sdp_enabled {torch.backends.cuda.flash_sdp_enabled()}, "
+      f"peak_flops -> {peak_flops(dev)}; flash_sdp_enabled {torch.backends.cuda.flash_sdp_enabled()}, "
       f"mem_efficient_sdp_enabled {torch.backends.cuda.mem_efficient_sdp_enabled()}")
 # 1. what CUDA autocast does to the ST attention inputs: LayerNorm (QK-norm) -> fp32, SDPA casts back to bf16
 def ln_dtype():

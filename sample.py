@@ -39,12 +39,13 @@ from tqdm import tqdm
 import data
 import pictures
 import run_dir
-from flow_matching import build_model, predict_frame77, psnr, text_context
+from flow_matching import build_model, predict_frame77, text_context
+from metrics import psnr
 from wan_state import merge_lora
 
 
 # ---------------------------------------------------------------------------------------------
-# Metrics and the blur baseline (images: uint8 [H, W, 3] numpy arrays; PSNR: flow_matching.psnr)
+# Metrics and the blur baseline (images: uint8 [H, W, 3] numpy arrays; PSNR: metrics.psnr)
 # ---------------------------------------------------------------------------------------------
 
 def _gaussian_kernel(sigma, radius=None):

@@ -4,11 +4,11 @@ Given token grids z_0 .. z_{T-1} (each 32 x 32 Cosmos DV8x8x8 tokens) and the ro
 the sample, it predicts every grid z_{t+1} from the grids up to z_t (teacher forcing in
 training, greedy or sampled decoding in generate()). Read top to bottom:
   STConfig -> Attention (spatial or causal temporal) -> MLP -> Block -> StateEncoder ->
-  STTransformer (forward, generate) -> the chunked training loss -> the Top-500 cross-entropy metric.
+  STTransformer (forward, generate) -> the learning-rate schedule -> the chunked training loss.
+(The challenge's Top-500 cross-entropy, which scores it, is in metrics.py.)
 Shape suffixes: B batch, T grids (time), H, W grid rows and columns, S = H * W token positions,
 C channels, L state rows (frames), D state dims, V vocabulary, N tokens.
 """
-import math
 from dataclasses import dataclass
 
 import torch
@@ -17,11 +17,6 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from einops import rearrange
 
-# Top-500 CE (the 1X challenge metric, cross_entropy_topk): a true token outside the k largest
-# logits scores -log(P_FLOOR). The official scorer is not public; we choose 1 / 64000, i.e. such a token
-# costs what a uniform guess over the real Cosmos vocabulary costs (log 64000 = 11.07 nats).
-TOP_K = 500
-P_FLOOR = 1 / 64000
 
 
 @dataclass
@@ -299,17 +294,3 @@ def head_cross_entropy(h_NC, weight_VC, target_N, chunk=4096):
         total = total + torch.utils.checkpoint.checkpoint(_chunk_ce_sum, h_NC[i:i + chunk], weight_VC,
                                                           target_N[i:i + chunk], use_reentrant=False)
     return total / len(target_N)
-
-
-def cross_entropy_topk(logits_NV, target_N, k=TOP_K, p_floor=P_FLOOR):
-    """Top-k cross-entropy per token (nanoWM's reading of the 1X challenge metric, which is only
-    described as "considers only the top-500 logits per token"):
-    keep the k largest logits, log-softmax over them, loss = -log p(true token); a true token
-    outside the top k scores -log(p_floor). With k = V this is the plain cross-entropy."""
-    logits_NV = logits_NV.float()
-    top_NK, idx_NK = logits_NV.topk(min(k, logits_NV.shape[-1]), dim=-1)
-    logp_NK = F.log_softmax(top_NK, dim=-1)
-    hit_NK = idx_NK == target_N[:, None]
-    in_top_N = hit_NK.any(-1)
-    logp_true_N = (logp_NK * hit_NK).sum(-1)
-    return torch.where(in_top_N, -logp_true_N, torch.full_like(logp_true_N, -math.log(p_floor)))

@@ -23,14 +23,16 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import data
 import pictures
-from st_transformer import P_FLOOR, STConfig, STTransformer, cross_entropy_topk, get_lr
+from metrics import P_FLOOR, cross_entropy_topk, psnr
+from peak_flops import peak_flops
+from st_transformer import STConfig, STTransformer, get_lr
 from wan_state import (LORA_TARGETS, WanConfig, WanDiT, WanVAE, add_lora, export_lora, frame_timesteps,
                        load_lora, load_trainable, lora_modules, merge_lora, null_context, parameter_counts,
                        per_token_timestep, save_trainable, to_diffusers_state_dict, trainable_state_dict,
                        unmerge_lora)
 from wan_state import main as wan_state_main
 from sample import blur_baseline, match_histograms, ssim
-from flow_matching import (build_model, flow_matching_loss, psnr, reference_sigmas, sample_draws, sample_latents,
+from flow_matching import (build_model, flow_matching_loss, reference_sigmas, sample_draws, sample_latents,
                            shift_sigma, text_context)
 
 
@@ -1644,7 +1646,7 @@ def test_bench_cpu_smoke_prints_finite_positive_figures_for_every_benchmark():
 
 
 def test_peak_flops_is_unknown_on_the_cpu():
-    assert data.peak_flops('cpu') is None
+    assert peak_flops('cpu') is None
 
 
 def st_model(dropout=0.0):

@@ -30,7 +30,9 @@ import data
 import run_dir
 from configurator import configure
 from distributed import on_master, setup_distributed, wait_for_all
-from st_transformer import STConfig, STTransformer, cross_entropy_topk, get_lr
+from metrics import cross_entropy_topk
+from peak_flops import peak_flops
+from st_transformer import STConfig, STTransformer, get_lr
 
 # --- settings (defaults: the CPU demo on synthetic data) --------------------------------------
 preset = 'cpu'             # 'cpu' (the demo) or 'paper' (PRESETS below)
@@ -338,7 +340,7 @@ bar = tqdm(total=stop, initial=step, desc='train', disable=not master, dynamic_n
 t0 = time.time()
 # MFU as nanoGPT prints it: this process's model FLOPs per step over its time and the device's
 # bf16 peak (None on the CPU and unknown GPUs: then no MFU), averaged once warm-up has passed
-peak = data.peak_flops(device)
+peak = peak_flops(device)
 flops_per_step = raw_model.flops_per_sample() * batch_size * grad_accum
 first_step, running_mfu = step, -1.0
 while step < stop:

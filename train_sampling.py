@@ -42,7 +42,9 @@ import run_dir
 from configurator import configure
 from distributed import on_master, setup_distributed, wait_for_all
 from wan_state import export_lora
-from flow_matching import build_model, flow_matching_loss, predict_frame77, psnr, sample_draws, text_context
+from flow_matching import build_model, flow_matching_loss, predict_frame77, sample_draws, text_context
+from metrics import psnr
+from peak_flops import peak_flops
 
 # --- settings (defaults: the CPU demo on synthetic clips) -----------------------------------
 preset = 'cpu'              # 'cpu' (the demo), 'paper' (the 23.0 dB submission's recipe), 'paper_cfg' (PRESETS)
@@ -288,7 +290,7 @@ def dataset_rows(seed, sample_numbers, n):
 # MFU as nanoGPT prints it: this process's model FLOPs per step over its time and the device's
 # bf16 peak (none on the CPU). A LoRA step is counted exactly (flops_per_sample); full training as
 # 3 forwards (forward, activation and weight gradients), the usual estimate.
-peak = data.peak_flops(device)
+peak = peak_flops(device)
 _, Fr, Hl, Wl = z_example.shape
 flops_per_step = accum * batch_size * (
     net.flops_per_sample(Fr, Hl, Wl, lora_step=True, batch=batch_size) if train_mode == 'lora'

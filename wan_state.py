@@ -1067,14 +1067,25 @@ def parameter_counts(cfg=None, lora_rank=32):
 
 def main(argv=None):
     """`python wan_state.py`: parameter counts. `python wan_state.py export --ckpt out_sampling/ckpt.pt
-    [--out DIR]`: lora.safetensors + state_embedder.safetensors of a sampling checkpoint (export_lora)."""
+    [--out DIR]`: lora.safetensors + state_embedder.safetensors of a sampling checkpoint (export_lora).
+    `python wan_state.py encode_raw --split DIR --out DIR [--stride 8]`: a raw split's clips as Wan
+    2.2 VAE latents, what train_sampling.py --vae=wan trains on (it also encodes them itself)."""
     import argparse
+    import data
     parser = argparse.ArgumentParser(prog='wan_state.py', description=main.__doc__)
     sub = parser.add_subparsers(dest='command')
     p = sub.add_parser('export', help="write a sampling checkpoint's LoRA in the ComfyUI / diffusers format")
     p.add_argument('--ckpt', required=True, help="a train_sampling.py checkpoint (ckpt.pt)")
     p.add_argument('--out', default=None, help="output folder (default: the checkpoint's folder)")
+    p = sub.add_parser('encode_raw', help='encode every clip of a raw split to Wan 2.2 VAE latents (safetensors)')
+    data.add_encode_arguments(p)
+    p.add_argument('--vae_path', default='Wan-AI/Wan2.2-TI2V-5B-Diffusers', help='hub repo id or local folder of the Wan VAE')
     args = parser.parse_args(argv)
+    if args.command == 'encode_raw':   # an fp32 VAE: encoding runs once, so spend the precision; bf16 latents on disk
+        vae = WanVAE.from_pretrained(args.vae_path, device=args.device)
+        n = data.encode_raw_split(args.split, args.out, vae, args.stride, args.batch_size, args.device, torch.bfloat16)
+        print(f"encoded {n} clips of {args.split} to {args.out}")
+        return
     if args.command == 'export':
         import run_dir   # weights_only loading, the track checked, a truncated file named
         ckpt = run_dir.load_checkpoint(args.ckpt, 'sampling')
