@@ -1082,6 +1082,17 @@ def test_vae_encode_decode_shapes_and_normalisation(tmp_path):
     assert out.shape == (1, 3, 5, 32, 32) and out.abs().max() <= 1
     with pytest.raises(AssertionError, match=r'\[B, 3, 4k\+1, H, W\]'):
         vae.encode(video[:, :, :4])
+    # `python wan_state.py encode_raw`: a raw split's clips as bf16 Wan latents, what training reads
+    raw = tmp_path / 'raw'
+    data.write_synthetic_raw(raw, num_shards=1, frames_per_shard=200, size=32, seed=0, flat=True)
+    wan_state_main(['encode_raw', '--split', str(raw), '--out', str(tmp_path / 'latents'), '--vae_path',
+                    str(tmp_path / 'repo'), '--device', 'cpu'])
+    clips = data.LatentClips(tmp_path / 'latents')
+    frames_THWC, _ = data.RawShard(raw, 0).read_clip(data.RawShard(raw, 0).clip_starts()[0])
+    z0, states = clips[0]
+    assert z0.shape == (48, 6, 2, 2) and states.shape == (21, 25)
+    want = vae.encode(data.frames_to_video(torch.from_numpy(frames_THWC)[None]))[0]
+    torch.testing.assert_close(z0, want, atol=1e-2, rtol=8e-3)   # stored in bf16 (8 bits of mantissa)
 
 
 # ===============================================================================================
