@@ -229,7 +229,8 @@ if __name__ == '__main__':
 
     split = split or os.path.join(run['data_dir'], 'val_v2.0_raw')
     clips = data.RawClips(split, stride=clip_stride, max_clips=max_clips or None, frame_size=run.get('frame_size'))
-    synthetic = 'synthetic' in data.read_json(os.path.join(split, 'metadata.json'))
+    # a synthetic split records its world's look: it can be drawn again for any states
+    synthetic = 'look' in data.read_json(os.path.join(split, 'metadata.json')).get('synthetic', {})
     counterfactual = counterfactual and synthetic
     if ablation and len(clips) < 2:
         print("one clip: no state ablation (it takes another clip's states)")
@@ -265,7 +266,7 @@ if __name__ == '__main__':
         preds = {'copy_last': last_ctx, 'single': members[0], f'ensemble_{ensemble}': mean}
         if blur:
             preds['blur'] = blur_baseline(members[0], last_ctx, blur_sigma)
-        futures = {}   # name -> (states, prediction): the same clip under other state futures
+        futures = {}   # name -> states [21, 25]: the same clip under other state futures
         if ablation:
             futures['other'] = other_clips_states(clips, k)
             _, preds['other_states'] = predict(futures['other'])
