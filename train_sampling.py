@@ -54,6 +54,7 @@ make_synthetic = False      # write the synthetic raw set into an explicit data_
 download = False            # fetch missing raw splits from the Hugging Face Hub and encode them (preset paper)
 synthetic_size = 32         # synthetic frame size (the real data is 512; 32 keeps the CPU demo minutes)
 synthetic_shards = 16       # synthetic training shards of 1500 frames (~2000 clips: the model must learn the world)
+                            # (the synthetic world's look, rim and arm discs: data.SYNTHETIC_LOOK)
 clip_stride = 8             # frames between training windows (a 77-frame window starts every 8 frames)
 vae = 'pixel'               # 'pixel': the CPU-demo codec (data.PixelCodec); 'wan': the Wan 2.2 VAE
 vae_path = 'Wan-AI/Wan2.2-TI2V-5B-Diffusers'  # hub repo or folder of the Wan VAE (diffusers format)
