@@ -405,7 +405,7 @@ if master:
 if step == max_iters and master and final_eval:
     results = evaluate(raw_model, val_ds, final_eval_samples, autocast, baselines=True)
     print(f"\nval_v2.0 ({len(val_ds) if final_eval_samples <= 0 else min(final_eval_samples, len(val_ds))} samples), "
-          f"per token of the future grids 3-5, nats; Top-500 CE as defined in st_transformer.py:")
+          f"per token of the future grids 3-5, nats; Top-500 CE as defined in metrics.py:")
     print_table(results, val_ds.metadata.get('synthetic'))
     with open(os.path.join(out_dir, 'results.json'), 'w') as f:
         json.dump({k: dict(top500=v[0], ce=v[1]) for k, v in results.items()}, f, indent=1)
