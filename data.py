@@ -716,7 +716,7 @@ def _texture(rng, size):
 # so a split is always drawn again (synthetic_frame) with the look it was written with.
 SYNTHETIC_LOOK = dict(
     pan=0.25,            # the texture is (1 + pan) x the frame: hip yaw and neck pitch pan the camera over it
-    disc=(0.15, 0.25),   # arm disc radius, hand open .. closed
+    disc=[0.15, 0.25],   # arm disc radius, hand open .. closed (a list: it reads back from JSON the same)
     rim=1 / 16,          # a fixed rim around the picture, each side its own colour (render_synthetic_frame)
 )
 RIM_COLOURS = dict(left=(20, 20, 20), top=(20, 20, 20), right=(235, 235, 235), bottom=(120, 80, 40))
@@ -782,7 +782,7 @@ def write_synthetic_raw(split_dir, num_shards=1, frames_per_shard=1200, size=64,
     final_dir = str(split_dir).rstrip('/')
     split_dir = final_dir + '.partial'
     shutil.rmtree(split_dir, ignore_errors=True)
-    look = dict(SYNTHETIC_LOOK)
+    look = SYNTHETIC_LOOK
     for shard, (segment_N, states_ND, textures) in enumerate(synthetic_raw_world(num_shards, frames_per_shard,
                                                                                  size, seed, look)):
         paths = {kind: layout_path(split_dir, folder, name, not flat)
@@ -832,8 +832,8 @@ def arms_swing_across(states_TD, num_context=NUM_CONTEXT_FRAMES):
 
 
 @functools.lru_cache(maxsize=4)
-def _cached_world(num_shards, frames_per_shard, size, seed, look_items):
-    return synthetic_raw_world(num_shards, frames_per_shard, size, seed, dict(look_items))
+def _cached_world(num_shards, frames_per_shard, size, seed, look_json):
+    return synthetic_raw_world(num_shards, frames_per_shard, size, seed, json.loads(look_json))
 
 
 def synthetic_frame(split_dir, shard, frame, state_D):
@@ -847,11 +847,10 @@ def synthetic_frame(split_dir, shard, frame, state_D):
                          f"'synthetic' look): only the synthetic world can be drawn for states other than the "
                          f"recorded ones")
     world = meta['synthetic']
-    look = {k: tuple(v) if isinstance(v, list) else v for k, v in world['look'].items()}
     segment_N, _, textures = _cached_world(meta['num_shards'], meta['num_images'] // meta['num_shards'],
-                                           world['size'], world['seed'], tuple(sorted(look.items())))[shard]
+                                           world['size'], world['seed'], json.dumps(world['look'], sort_keys=True))[shard]
     return render_synthetic_frame(textures[segment_N[frame] - segment_N[0]], np.asarray(state_D, np.float32),
-                                  world['size'], look)
+                                  world['size'], world['look'])
 
 
 def write_synthetic_raw_set(out, train_shards=2, frames=1200, size=64, seed=0, val_frames=None):
@@ -860,7 +859,7 @@ def write_synthetic_raw_set(out, train_shards=2, frames=1200, size=64, seed=0, v
     (never mixed or silently reused); a set without synthetic.json (an interrupted write) is written
     again; a folder holding real data is never written over."""
     settings = dict(train_shards=train_shards, frames=frames, val_frames=val_frames or frames, size=size, seed=seed,
-                    look={k: list(v) if isinstance(v, tuple) else v for k, v in SYNTHETIC_LOOK.items()})
+                    look=SYNTHETIC_LOOK)
     if synthetic_is_written(out, settings, ('train_v2.0_raw', 'val_v2.0_raw')):
         return False
     for name in os.listdir(out) if os.path.isdir(out) else []:   # latents of an unfinished set: stale

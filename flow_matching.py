@@ -199,8 +199,8 @@ def predict_frame77(net, codec, frames_THWC, states_TD, context_1LD, ensemble, s
     if not torch.isfinite(z).all():
         raise FloatingPointError(f"the model's sample holds {int((~torch.isfinite(z)).sum())} non-finite latent "
                                  f"values: the weights are broken (diverged training?), not the data")
-    clips = [codec.decode(z[i:i + decode_batch]) if videos else codec.decode(z[i:i + decode_batch])[:, :, -1:]
-             for i in range(0, ensemble, decode_batch)]   # [n, 3, T, H, W]: frame 77 last
+    keep = slice(None) if videos else slice(-1, None)   # every frame, or frame 77 (the last) alone
+    clips = [codec.decode(z[i:i + decode_batch])[:, :, keep] for i in range(0, ensemble, decode_batch)]
     video = torch.cat(clips).float().clamp(-1, 1)
     mean_HWC = data.video_to_frames(video[:, :, -1:].mean(0, keepdim=True))[0, 0].cpu().numpy()
     members_NHWC = data.video_to_frames(video[:, :, -1:])[:, 0].cpu().numpy()

@@ -11,13 +11,13 @@ import math
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+import data
+
 GAP = 4            # pixels between cells, and between a caption and its cell
 MARGIN = 8         # pixels around the figure, between rows, and right of the row labels
 FONT_SIZE = 13
 LINE_SPACING = 2   # pixels between the lines of one label
 ERROR_GAIN = 4     # the error maps show |prediction - truth| x 4
-FRAME_STRIDE = 4   # clip frame j is raw frame 4j of the 77-frame clip ...
-LAST_RAW_FRAME = 76  # ... up to the last raw frame, 76, the target ("frame 77")
 
 
 def _load_font():
@@ -138,7 +138,7 @@ def error_map(pred_HWC, truth_HWC, gain=ERROR_GAIN):
 
 def _context_row(context_THWC):
     context = [_frame(f, 'context frames') for f in context_THWC]
-    return context, [f'frame {FRAME_STRIDE * t}' for t in range(len(context))]
+    return context, [f'frame {data.clip_frame_indices()[t]}' for t in range(len(context))]
 
 
 def clip_figure(context_THWC, members_NHWC, mean_HWC, truth_HWC, min_px=128, title=None):
@@ -177,7 +177,7 @@ def save_gif(path, frames_by_row, labels, min_px=128, fps=6):
     pages = []
     for t in range(len(clips[0])):
         figure = grid([[clip[t] for clip in clips]], [''], labels, min_px)
-        counter = f'frame {min(FRAME_STRIDE * t, LAST_RAW_FRAME)} of the clip'
+        counter = f'frame {data.clip_frame_indices()[t]} of the clip'   # the raw frame clip frame t shows
         page = Image.new('RGB', (figure.width, figure.height + _text_size(counter)[1] + MARGIN), 'white')
         page.paste(figure, (0, 0))
         ImageDraw.Draw(page).text((MARGIN, figure.height), counter, fill='black', font=FONT)
