@@ -288,11 +288,11 @@ def bench_ensemble(net, x_BCFHW, wstates_BTD, context_1LD):
     flops = n * steps * rows_per_member * net.flops_per_sample(Fr, latent_hw, latent_hw, batch=n * rows_per_member)
 
     def batched():
-        return sample_latents(net, z_ctx, states_n, context_1LD, noise, steps, cfg_scale)
+        return sample_latents(net, z_ctx, states_n, context_1LD, noise, steps=steps, shift=5.0, cfg_scale=cfg_scale)
 
     def looped():
-        return torch.cat([sample_latents(net, z_ctx[i:i + 1], states_n[i:i + 1], context_1LD, noise[i:i + 1], steps,
-                                         cfg_scale) for i in range(n)])
+        return torch.cat([sample_latents(net, z_ctx[i:i + 1], states_n[i:i + 1], context_1LD, noise[i:i + 1],
+                                         steps=steps, shift=5.0, cfg_scale=cfg_scale) for i in range(n)])
 
     sec_b, gib, z_batched = timed(batched)
     report('ensemble_batched', f'{n} members x {steps} steps, {clip}', sec_b, gib, n, n * steps * L, flops)
@@ -313,7 +313,7 @@ def bench_wan_lora(net, x_BCFHW, wstates_BTD, context_1LD):
     net.gradient_checkpointing = wan_ckpt_blocks
     trainable = [p for p in net.parameters() if p.requires_grad]
     for p in trainable:
-        p.data = p.data.float()   # the optimizer's master copy (as flow_matching.build_model)
+        p.data = p.data.float()   # the optimizer's master copy (as wan_files.build_model)
     optimizer = torch.optim.AdamW(trainable, lr=4e-4, fused=cuda)
     g = torch.Generator(device=device).manual_seed(seed)
     sigma_B = torch.rand(b, device=device, generator=g)
@@ -338,7 +338,7 @@ def bench_vae():
     members' latents 4 at a time (the Wan 2.2 VAE's architecture, random weights). Returns the
     seconds."""
     from diffusers import AutoencoderKLWan
-    from wan_state import WanVAE
+    from vae import WanVAE
     # Wan-AI/Wan2.2-TI2V-5B-Diffusers vae/config.json (48 channels, 2x2 patchify, 16x16x4)
     size = dict(tiny=dict(base_dim=8, decoder_base_dim=8, dim_mult=[1, 2, 2, 2], num_res_blocks=1),
                 **{'wan2.2': dict(base_dim=160, decoder_base_dim=256, dim_mult=[1, 2, 4, 4], num_res_blocks=2)})

@@ -4,15 +4,15 @@
 
 Sections: the noise schedule (Wan's shift, the reference sampler's sigmas), the training loss and
 its per-sample random draws, the samplers (hand-written Euler on the reference schedule; diffusers'
-UniPC, Wan's own default solver), building the DiT and its empty-prompt text context, and the
-prediction of frame 77, which sample.py and the validation of a training run both use (its score,
-PSNR, is in metrics.py).
+UniPC, Wan's own default solver), and the ensemble: the prediction of frame 77 that sample.py and
+the validation of a training run both use (its score, PSNR, is in metrics.py).
 """
 import torch
 import torch.nn.functional as F
 
 import data
-from wan_state import WanConfig, WanDiT, add_lora, frame_timesteps, null_context
+from vae import frames_to_video, video_to_frames
+from wan_state import frame_timesteps
 
 NUM_TRAIN_TIMESTEPS = 1000   # Wan 2.2: t = 1000 s
 
@@ -47,7 +47,7 @@ def latent_mask(batch, num_latents=data.NUM_LATENTS, num_context=data.NUM_CONTEX
     return mask_BF
 
 
-def flow_matching_loss(model, z0_BCFHW, states_BTD, context_BLD, sigma_B, noise_BCFHW, drop_B,
+def flow_matching_loss(model, z0_BCFHW, states_BTD, context_BLD, sigma_B, noise_BCFHW, drop_B, *,
                        num_context=data.NUM_CONTEXT_LATENTS):
     """Mean squared error of the predicted velocity on the latents to generate (context excluded).
 
@@ -89,8 +89,8 @@ def _unipc(shift):
 
 
 @torch.no_grad()
-def sample_latents(model, z_ctx_BCKHW, states_BTD, context_1LD, noise_BCFHW, steps, cfg_scale=1.0,
-                   shift=5.0, scheduler='euler', no_states=False):
+def sample_latents(model, z_ctx_BCKHW, states_BTD, context_1LD, noise_BCFHW, *, steps, shift, cfg_scale=1.0,
+                   scheduler='euler', no_states=False):
     """Denoise noise_BCFHW with the K context latents z_ctx held fixed; returns clean latents.
 
     scheduler 'euler': x <- x + (s_next - s) v on reference_sigmas(steps, shift) (Wan's and
@@ -143,67 +143,30 @@ def sample_latents(model, z_ctx_BCKHW, states_BTD, context_1LD, noise_BCFHW, ste
 
 
 # ---------------------------------------------------------------------------------------------
-# The model and its text context
-# ---------------------------------------------------------------------------------------------
-
-def build_model(model, pretrained, train_mode, lora_rank, lora_alpha, init_seed, device, base_dtype, tiny):
-    """The DiT to fine-tune. pretrained = '' builds random weights from init_seed (tiny demo, timing).
-    train_mode 'lora': frozen base + LoRA + state parameters (the paper); 'full': every weight
-    (the CPU demo, whose base is random: LoRA on a random base has nothing to adapt)."""
-    assert model in ('tiny', 'ti2v-5b'), f"model={model!r}: 'tiny' or 'ti2v-5b'"
-    assert train_mode in ('lora', 'full'), f"train_mode={train_mode!r}: 'lora' or 'full'"
-    torch.manual_seed(init_seed)
-    if pretrained:
-        net = WanDiT.from_pretrained(pretrained, state_cond=True, device=device, dtype=base_dtype)
-    else:
-        cfg = WanConfig.tiny(**tiny) if model == 'tiny' else WanConfig()
-        net = WanDiT(cfg, state_cond=True).to(device)
-        if base_dtype != torch.float32:
-            net.set_dtype(base_dtype)
-    if train_mode == 'lora':
-        add_lora(net, rank=lora_rank, alpha=lora_alpha)   # freezes all but LoRA and state params
-    else:
-        net.requires_grad_(True)
-    for p in net.parameters():   # trained weights stay fp32: they are the optimizer's master copy
-        if p.requires_grad:
-            p.data = p.data.float()
-    return net
-
-
-def text_context(cfg, text_encoder, device):
-    """The empty-prompt context (paper 2.1: "" as the prompt, cross-attention kept). text_encoder
-    'zeros': zeros [1, text_len, text_dim] (the tiny demo has no umT5); otherwise a hub repo or
-    folder with Wan's umT5, encoded once by wan_state.null_context and cached."""
-    if text_encoder == 'zeros':
-        return torch.zeros(1, cfg.text_len, cfg.text_dim, device=device)
-    return null_context(text_encoder, text_len=cfg.text_len).to(device)
-
-
-# ---------------------------------------------------------------------------------------------
 # Predicting frame 77, and its score
 # ---------------------------------------------------------------------------------------------
 
-def predict_frame77(net, codec, frames_THWC, states_TD, context_1LD, ensemble, steps, cfg_scale, shift, scheduler,
-                    noise_seed, decode_batch=4, device='cpu', no_states=False, videos=False):
+def predict_frame77(net, codec, frames_THWC, states_TD, context_1LD, *, ensemble, steps, shift, noise_seed,
+                    cfg_scale=1.0, scheduler='euler', decode_batch=4, device='cpu', no_states=False, videos=False):
     """The challenge's prediction for one clip: encode the 5 context frames, denoise `ensemble`
     members in one batch, decode frame 77 of each. Returns the members uint8 [N, H, W, 3] and
     their mean in pixel space (paper 2.3) uint8 [H, W, 3]; with videos=True also every member's
     whole decoded clip, uint8 [N, 21, H, W, 3]. no_states: the no-state embedding instead of the
     states (states_TD is then ignored). Non-finite latents are an error."""
-    z_ctx = codec.encode(data.frames_to_video(frames_THWC[None, :data.NUM_CONTEXT_FRAMES]).to(device))
+    z_ctx = codec.encode(frames_to_video(frames_THWC[None, :data.NUM_CONTEXT_FRAMES]).to(device))
     latent_shape = (z_ctx.shape[1], data.NUM_LATENTS, *z_ctx.shape[3:])
     noise = torch.randn((ensemble, *latent_shape), generator=torch.Generator().manual_seed(noise_seed)).to(device)
     z = sample_latents(net, z_ctx.expand(ensemble, -1, -1, -1, -1),
-                       states_TD[None].expand(ensemble, -1, -1).to(device), context_1LD, noise, steps, cfg_scale,
-                       shift, scheduler, no_states)
+                       states_TD[None].expand(ensemble, -1, -1).to(device), context_1LD, noise, steps=steps,
+                       shift=shift, cfg_scale=cfg_scale, scheduler=scheduler, no_states=no_states)
     if not torch.isfinite(z).all():
         raise FloatingPointError(f"the model's sample holds {int((~torch.isfinite(z)).sum())} non-finite latent "
                                  f"values: the weights are broken (diverged training?), not the data")
     keep = slice(None) if videos else slice(-1, None)   # every frame, or frame 77 (the last) alone
     clips = [codec.decode(z[i:i + decode_batch])[:, :, keep] for i in range(0, ensemble, decode_batch)]
     video = torch.cat(clips).float().clamp(-1, 1)
-    mean_HWC = data.video_to_frames(video[:, :, -1:].mean(0, keepdim=True))[0, 0].cpu().numpy()
-    members_NHWC = data.video_to_frames(video[:, :, -1:])[:, 0].cpu().numpy()
+    mean_HWC = video_to_frames(video[:, :, -1:].mean(0, keepdim=True))[0, 0].cpu().numpy()
+    members_NHWC = video_to_frames(video[:, :, -1:])[:, 0].cpu().numpy()
     if videos:
-        return members_NHWC, mean_HWC, data.video_to_frames(video).cpu().numpy()
+        return members_NHWC, mean_HWC, video_to_frames(video).cpu().numpy()
     return members_NHWC, mean_HWC

@@ -3,7 +3,10 @@
     compression track: Top-500 cross-entropy per token of the predicted grids (cross_entropy_topk)
     sampling track:    PSNR of the predicted frame 77 against the real one (psnr)
 
-train_compression.py and train_sampling.py / sample.py report them; data.py computes the exact
+and the other image scores sample.py reports beside PSNR: SSIM, and the earlier blur + histogram
+matching baseline (blur_baseline). Images are uint8 [H, W, 3] numpy arrays.
+
+train_compression.py and train_sampling.py / sample.py report them; synthetic.py computes the exact
 floor of its synthetic tokenized set under the first. README (Fidelity) says where the rules are
 silent and what we chose.
 """
@@ -38,3 +41,57 @@ def psnr(pred_HWC, target_HWC):
     """PSNR in dB of uint8 images with pixels in [0, 1] (the challenge metric; paper 2, problem statement)."""
     mse = np.mean((pred_HWC.astype(np.float64) / 255 - target_HWC.astype(np.float64) / 255) ** 2)
     return float(10 * np.log10(1.0 / max(mse, 1e-10)))
+
+
+def _gaussian_kernel(sigma, radius=None):
+    radius = radius if radius is not None else max(1, int(round(3 * sigma)))
+    x = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    k = torch.exp(-x ** 2 / (2 * sigma ** 2))
+    return k / k.sum()
+
+
+def _blur_NCHW(x, k, padding_mode):
+    r = len(k) // 2
+    C = x.shape[1]
+    if padding_mode:
+        x = F.pad(x, (r, r, r, r), mode=padding_mode)
+    x = F.conv2d(x, k.view(1, 1, 1, -1).expand(C, 1, 1, -1).to(x), groups=C)
+    return F.conv2d(x, k.view(1, 1, -1, 1).expand(C, 1, -1, 1).to(x), groups=C)
+
+
+def ssim(pred_HWC, target_HWC):
+    """SSIM (Wang et al. 2004): 11x11 Gaussian window, sigma 1.5, K1 0.01, K2 0.03, pixels in
+    [0, 1], valid windows only, mean over pixels and channels."""
+    x, y = (torch.from_numpy(a.astype(np.float64) / 255).permute(2, 0, 1)[None] for a in (pred_HWC, target_HWC))
+    k = _gaussian_kernel(1.5, radius=5)
+    mu_x, mu_y = _blur_NCHW(x, k, None), _blur_NCHW(y, k, None)
+    var_x = _blur_NCHW(x * x, k, None) - mu_x ** 2
+    var_y = _blur_NCHW(y * y, k, None) - mu_y ** 2
+    cov = _blur_NCHW(x * y, k, None) - mu_x * mu_y
+    c1, c2 = 0.01 ** 2, 0.03 ** 2
+    s = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x ** 2 + mu_y ** 2 + c1) * (var_x + var_y + c2))
+    return float(s.mean())
+
+
+def gaussian_blur(img_HWC, sigma):
+    x = torch.from_numpy(img_HWC.astype(np.float64)).permute(2, 0, 1)[None]
+    out = _blur_NCHW(x, _gaussian_kernel(sigma), 'reflect')
+    return out[0].permute(1, 2, 0).round().clamp(0, 255).numpy().astype(np.uint8)
+
+
+def match_histograms(img_HWC, ref_HWC):
+    """Map each channel's values so its histogram matches the reference's (quantile mapping)."""
+    out = np.empty_like(img_HWC)
+    for c in range(img_HWC.shape[2]):
+        values, inverse, counts = np.unique(img_HWC[..., c], return_inverse=True, return_counts=True)
+        ref_values, ref_counts = np.unique(ref_HWC[..., c], return_counts=True)
+        quantiles = np.cumsum(counts) / img_HWC[..., c].size
+        ref_quantiles = np.cumsum(ref_counts) / ref_HWC[..., c].size
+        out[..., c] = np.round(np.interp(quantiles, ref_quantiles, ref_values))[inverse].reshape(img_HWC.shape[:2])
+    return out
+
+
+def blur_baseline(pred_HWC, last_context_HWC, sigma):
+    """The earlier post-processing (paper 2.3, after Team Duke [24]): Gaussian blur, then match the
+    colour histogram to the last context frame."""
+    return match_histograms(gaussian_blur(pred_HWC, sigma), last_context_HWC)

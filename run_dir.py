@@ -89,7 +89,7 @@ def _release_lock(path, pid):
         pass
 
 
-def claim(out_dir, resume, overwrite=False, resume_flag='--resume'):
+def claim(out_dir, resume, overwrite=False, resume_flag='--init_from=resume'):
     """Call on the process that saves (rank 0) before any work. Stops with a message if out_dir
     holds a checkpoint and this is not a resume (unless overwrite), if a resume finds none, if the
     folder cannot be written, or if another live run holds it."""

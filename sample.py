@@ -18,7 +18,7 @@ What the states do (--ablation): the same clip and noise again, once with the st
 clip for the frames to predict, once with the learned no-state embedding; the own states' margin
 over each is how much the prediction follows the robot. On a synthetic split (--counterfactual)
 the world can be drawn for any states, so every future (own, another clip's, a hand-made one:
-data.arms_swing_across) is also scored against the frame the world shows under it: a model that
+synthetic.arms_swing_across) is also scored against the frame the world shows under it: a model that
 follows the commanded motion is closer to that frame than to the recorded one.
 
 Outputs in {out_dir}/samples/ (--results_dir to keep runs apart): metrics.csv; clip_{k}.png
@@ -33,73 +33,17 @@ import time
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
 import pictures
 import run_dir
-from flow_matching import build_model, predict_frame77, text_context
-from metrics import psnr
+import synthetic
+from flow_matching import predict_frame77
+from metrics import blur_baseline, psnr, ssim
+from vae import PixelCodec
+from wan_files import build_model, text_context
 from wan_state import merge_lora
-
-
-# ---------------------------------------------------------------------------------------------
-# Metrics and the blur baseline (images: uint8 [H, W, 3] numpy arrays; PSNR: metrics.psnr)
-# ---------------------------------------------------------------------------------------------
-
-def _gaussian_kernel(sigma, radius=None):
-    radius = radius if radius is not None else max(1, int(round(3 * sigma)))
-    x = torch.arange(-radius, radius + 1, dtype=torch.float64)
-    k = torch.exp(-x ** 2 / (2 * sigma ** 2))
-    return k / k.sum()
-
-
-def _blur_NCHW(x, k, padding_mode):
-    r = len(k) // 2
-    C = x.shape[1]
-    if padding_mode:
-        x = F.pad(x, (r, r, r, r), mode=padding_mode)
-    x = F.conv2d(x, k.view(1, 1, 1, -1).expand(C, 1, 1, -1).to(x), groups=C)
-    return F.conv2d(x, k.view(1, 1, -1, 1).expand(C, 1, -1, 1).to(x), groups=C)
-
-
-def ssim(pred_HWC, target_HWC):
-    """SSIM (Wang et al. 2004): 11x11 Gaussian window, sigma 1.5, K1 0.01, K2 0.03, pixels in
-    [0, 1], valid windows only, mean over pixels and channels."""
-    x, y = (torch.from_numpy(a.astype(np.float64) / 255).permute(2, 0, 1)[None] for a in (pred_HWC, target_HWC))
-    k = _gaussian_kernel(1.5, radius=5)
-    mu_x, mu_y = _blur_NCHW(x, k, None), _blur_NCHW(y, k, None)
-    var_x = _blur_NCHW(x * x, k, None) - mu_x ** 2
-    var_y = _blur_NCHW(y * y, k, None) - mu_y ** 2
-    cov = _blur_NCHW(x * y, k, None) - mu_x * mu_y
-    c1, c2 = 0.01 ** 2, 0.03 ** 2
-    s = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x ** 2 + mu_y ** 2 + c1) * (var_x + var_y + c2))
-    return float(s.mean())
-
-
-def gaussian_blur(img_HWC, sigma):
-    x = torch.from_numpy(img_HWC.astype(np.float64)).permute(2, 0, 1)[None]
-    out = _blur_NCHW(x, _gaussian_kernel(sigma), 'reflect')
-    return out[0].permute(1, 2, 0).round().clamp(0, 255).numpy().astype(np.uint8)
-
-
-def match_histograms(img_HWC, ref_HWC):
-    """Map each channel's values so its histogram matches the reference's (quantile mapping)."""
-    out = np.empty_like(img_HWC)
-    for c in range(img_HWC.shape[2]):
-        values, inverse, counts = np.unique(img_HWC[..., c], return_inverse=True, return_counts=True)
-        ref_values, ref_counts = np.unique(ref_HWC[..., c], return_counts=True)
-        quantiles = np.cumsum(counts) / img_HWC[..., c].size
-        ref_quantiles = np.cumsum(ref_counts) / ref_HWC[..., c].size
-        out[..., c] = np.round(np.interp(quantiles, ref_quantiles, ref_values))[inverse].reshape(img_HWC.shape[:2])
-    return out
-
-
-def blur_baseline(pred_HWC, last_context_HWC, sigma):
-    """The earlier post-processing (paper 2.3, after Team Duke [24]): Gaussian blur, then match the
-    colour histogram to the last context frame."""
-    return match_histograms(gaussian_blur(pred_HWC, sigma), last_context_HWC)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -153,7 +97,6 @@ if __name__ == '__main__':
     out_dir = ''                # the run's folder (ckpt.pt); '' = out_sampling_paper if it has one, else out_sampling
     ckpt = 'ckpt.pt'            # checkpoint file in out_dir (ckpt_best.pt: the best val PSNR)
     results_dir = ''            # where the PNGs and metrics.csv go; '' = {out_dir}/samples
-    init_from = 'checkpoint'    # 'checkpoint' or 'random' (random weights from the settings below: timing only)
     split = ''                  # a raw split folder; '' = {data_dir of the run}/val_v2.0_raw
     max_clips = 0               # clips to evaluate (0 = every clip of the split)
     clip_stride = 77            # frames between evaluated windows (77 = no overlap)
@@ -173,14 +116,8 @@ if __name__ == '__main__':
     vae_dtype = 'float32'       # the Wan VAE's precision: 'float32' (the reference's) or 'bfloat16' (faster)
     seed = 0                    # the ensemble's noise (per clip)
     device = 'cuda' if torch.cuda.is_available() else 'cpu'  # 'cpu', 'cuda', ...
-    model = 'ti2v-5b'           # --init_from=random only: 'tiny' or 'ti2v-5b'
-    vae = 'wan'                 # --init_from=random only: 'pixel' or 'wan'
-    vae_path = 'Wan-AI/Wan2.2-TI2V-5B-Diffusers'  # --init_from=random only: the Wan VAE
-    data_dir = 'data/1x'        # --init_from=random only: the folder of val_v2.0_raw/
     from configurator import configure
-    configure(globals(), choices=dict(init_from=('checkpoint', 'random'), scheduler=('euler', 'unipc'),
-                                      vae_dtype=('float32', 'bfloat16'), model=('tiny', 'ti2v-5b'),
-                                      vae=('pixel', 'wan')),
+    configure(globals(), choices=dict(scheduler=('euler', 'unipc'), vae_dtype=('float32', 'bfloat16')),
               positive=('ensemble', 'steps', 'clip_stride', 'decode_batch', 'cfg', 'blur_sigma'),
               nonnegative=('max_clips', 'shift', 'png_members'))
     if not out_dir:
@@ -188,50 +125,44 @@ if __name__ == '__main__':
             else 'out_sampling'
         print(f"--out_dir={out_dir} ({'the paper run' if out_dir == 'out_sampling_paper' else 'the demo; no paper run in out_sampling_paper/'})")
 
-    if init_from == 'checkpoint':   # tensors and plain data only (weights_only): loading never runs code
-        ckpt_path = os.path.join(out_dir, ckpt)
-        if not os.path.exists(ckpt_path):
-            raise SystemExit(f"{ckpt_path} not found: train first (python train_sampling.py) or pass --out_dir")
-        state = run_dir.load_checkpoint(ckpt_path, 'sampling')
-        run = state['config']
-        print(f"{ckpt_path}: step {state['step']}, model {run['model']}, vae {run['vae']}, {run['train_mode']}")
-    else:
-        state, run = None, dict(model=model, pretrained='', train_mode='full', lora_rank=32, lora_alpha=32,
-                                init_seed=0, dim=0, num_layers=0, num_heads=0, ffn_dim=0, vae=vae, vae_path=vae_path,
-                                data_dir=data_dir, shift=5.0, text_encoder='zeros', base_dtype='bfloat16')
+    ckpt_path = os.path.join(out_dir, ckpt)   # tensors and plain data only (weights_only): loading never runs code
+    if not os.path.exists(ckpt_path):
+        raise SystemExit(f"{ckpt_path} not found: train first (python train_sampling.py) or pass --out_dir")
+    state = run_dir.load_checkpoint(ckpt_path, 'sampling')
+    run = state['config']
+    print(f"{ckpt_path}: step {state['step']}, model {run['model']}, vae {run['vae']}, {run['train_mode']}")
     device_type = 'cuda' if device.startswith('cuda') else 'cpu'
-    base_dtype = torch.bfloat16 if device_type == 'cuda' and run['base_dtype'] == 'bfloat16' else torch.float32
-    net = build_model(run['model'], run['pretrained'], run['train_mode'], run['lora_rank'], run['lora_alpha'],
-                      run['init_seed'], device, base_dtype, dict(dim=run['dim'], num_layers=run['num_layers'],
-                                                                 num_heads=run['num_heads'], ffn_dim=run['ffn_dim']))
-    if state is not None:
-        params = dict(net.named_parameters())
-        differ = sorted({n for n, p in params.items() if p.requires_grad} ^ set(state['trainable']))
-        if differ:
-            raise SystemExit(f"{ckpt_path} does not fit the model its settings build (tensors differ: {differ[:4]})")
-        with torch.no_grad():
-            for n, v in state['trainable'].items():
-                params[n].copy_(v)
+    ptdtype = torch.bfloat16 if device_type == 'cuda' and run['dtype'] == 'bfloat16' else torch.float32
+    net = build_model(model=run['model'], pretrained=run['pretrained'], train_mode=run['train_mode'],
+                      lora_rank=run['lora_rank'], lora_alpha=run['lora_alpha'], init_seed=run['init_seed'],
+                      device=device, dtype=ptdtype, tiny=dict(dim=run['dim'], num_layers=run['num_layers'],
+                                                              num_heads=run['num_heads'], ffn_dim=run['ffn_dim']))
+    params = dict(net.named_parameters())
+    differ = sorted({n for n, p in params.items() if p.requires_grad} ^ set(state['trainable']))
+    if differ:
+        raise SystemExit(f"{ckpt_path} does not fit the model its settings build (tensors differ: {differ[:4]})")
+    with torch.no_grad():
+        for n, v in state['trainable'].items():
+            params[n].copy_(v)
     net.eval().requires_grad_(False)
     if run['train_mode'] == 'lora':   # W + B A alpha / r once: sampling then runs at the base model's cost
         merge_lora(net)
-    if base_dtype != torch.float32:   # bf16 inference on GPUs (fp32 kept where the reference keeps it)
-        net.set_dtype(base_dtype)
+    if ptdtype != torch.float32:   # bf16 inference on GPUs (fp32 kept where the reference keeps it)
+        net.set_dtype(ptdtype)
     if compile:   # fused kernels for the 30 identical blocks; the first clip pays the compilation
         net.compile_blocks()
     context_1LD = text_context(net.cfg, run['text_encoder'], device)   # [1, 512, 4096]: shared by every row
     shift = shift or run['shift']
     if run['vae'] == 'pixel':
-        codec = data.PixelCodec()
+        codec = PixelCodec()
     else:
-        from wan_state import WanVAE
+        from vae import WanVAE
         codec = WanVAE.from_pretrained(run['vae_path'], device=device, dtype=getattr(torch, vae_dtype))
 
     split = split or os.path.join(run['data_dir'], 'val_v2.0_raw')
     clips = data.RawClips(split, stride=clip_stride, max_clips=max_clips or None, frame_size=run.get('frame_size'))
     # a synthetic split records its world's look: it can be drawn again for any states
-    synthetic = 'look' in data.read_json(os.path.join(split, 'metadata.json')).get('synthetic', {})
-    counterfactual = counterfactual and synthetic
+    counterfactual = counterfactual and 'look' in data.read_json(os.path.join(split, 'metadata.json')).get('synthetic', {})
     if ablation and len(clips) < 2:
         print("one clip: no state ablation (it takes another clip's states)")
         ablation = False
@@ -249,9 +180,10 @@ if __name__ == '__main__':
 
         def predict(states, no_states=False, videos=False):
             try:
-                return predict_frame77(net, codec, frames_THWC, states, context_1LD, ensemble, steps,
-                                       1.0 if no_states else cfg, shift, scheduler, noise_seed, decode_batch, device,
-                                       no_states, videos)
+                return predict_frame77(net, codec, frames_THWC, states, context_1LD, ensemble=ensemble, steps=steps,
+                                       shift=shift, noise_seed=noise_seed, cfg_scale=1.0 if no_states else cfg,
+                                       scheduler=scheduler, decode_batch=decode_batch, device=device,
+                                       no_states=no_states, videos=videos)
             except FloatingPointError as e:
                 raise SystemExit(f"clip {k} (shard {item['shard']}, frame {item['start']}): {e}")
 
@@ -272,7 +204,7 @@ if __name__ == '__main__':
             _, preds['other_states'] = predict(futures['other'])
             _, preds['no_states'] = predict(states_TD, no_states=True)
         if counterfactual:
-            futures['swing'] = torch.from_numpy(data.arms_swing_across(states_TD.numpy()))
+            futures['swing'] = torch.from_numpy(synthetic.arms_swing_across(states_TD.numpy()))
         row = dict(clip=k, shard=item['shard'], start=item['start'], seconds=round(seconds[-1], 3))
         for name, img in preds.items():
             row[f'psnr_{name}'] = round(psnr(img, truth), 4)
@@ -281,7 +213,7 @@ if __name__ == '__main__':
                        psnr_orig=row[f'psnr_ensemble_{ensemble}'])]
         for name, states in futures.items() if counterfactual else ():
             pred = preds['other_states'] if name == 'other' else predict(states)[1]
-            cf_truth = data.synthetic_frame(split, item['shard'], item['start'] + data.TARGET_FRAME, states[-1].numpy())
+            cf_truth = synthetic.synthetic_frame(split, item['shard'], item['start'] + data.TARGET_FRAME, states[-1].numpy())
             row[f'psnr_cf_{name}_truth'] = round(psnr(pred, cf_truth), 4)
             row[f'psnr_cf_{name}_recorded'] = round(psnr(pred, truth), 4)
             panels.append(dict(name=FUTURES[name], pred_HWC=pred, truth_HWC=cf_truth,

@@ -4,7 +4,7 @@ Given token grids z_0 .. z_{T-1} (each 32 x 32 Cosmos DV8x8x8 tokens) and the ro
 the sample, it predicts every grid z_{t+1} from the grids up to z_t (teacher forcing in
 training, greedy or sampled decoding in generate()). Read top to bottom:
   STConfig -> Attention (spatial or causal temporal) -> MLP -> Block -> StateEncoder ->
-  STTransformer (forward, generate) -> the learning-rate schedule -> the chunked training loss.
+  STTransformer (forward, generate) -> the chunked training loss.
 (The challenge's Top-500 cross-entropy, which scores it, is in metrics.py.)
 Shape suffixes: B batch, T grids (time), H, W grid rows and columns, S = H * W token positions,
 C channels, L state rows (frames), D state dims, V vocabulary, N tokens.
@@ -269,13 +269,6 @@ class STTransformer(nn.Module):
         n_block = sum(p.numel() for p in self.blocks.parameters())
         attn = cfg.n_layer * 2 * 2 * C * (S + T)  # QK^T and AV per token: spatial over S, temporal over T
         return 3 * (2 * n_block * T * S + attn * T * S + 2 * C * cfg.vocab_size * predict_grids * S)
-
-
-def get_lr(it, peak_lr, warmup_iters, max_iters):
-    """Paper 3.2: linear warmup to peak_lr over warmup_iters steps, then linear decay to 0 at max_iters."""
-    if it < warmup_iters:
-        return peak_lr * (it + 1) / warmup_iters
-    return peak_lr * max(0.0, (max_iters - it) / max(1, max_iters - warmup_iters))
 
 
 def _chunk_ce_sum(h_NC, weight_VC, target_N):

@@ -23,17 +23,18 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import data
 import pictures
-from metrics import P_FLOOR, cross_entropy_topk, psnr
+import prepare
+import synthetic
+from metrics import P_FLOOR, blur_baseline, cross_entropy_topk, match_histograms, psnr, ssim
 from peak_flops import peak_flops
-from st_transformer import STConfig, STTransformer, get_lr
-from wan_state import (LORA_TARGETS, WanConfig, WanDiT, WanVAE, add_lora, export_lora, frame_timesteps,
-                       load_lora, load_trainable, lora_modules, merge_lora, null_context, parameter_counts,
-                       per_token_timestep, save_trainable, to_diffusers_state_dict, trainable_state_dict,
-                       unmerge_lora)
-from wan_state import main as wan_state_main
-from sample import blur_baseline, match_histograms, ssim
-from flow_matching import (build_model, flow_matching_loss, reference_sigmas, sample_draws, sample_latents,
-                           shift_sigma, text_context)
+from st_transformer import STConfig, STTransformer
+from vae import PixelCodec, WanVAE, frames_to_video
+from wan_files import (build_model, export_lora, load_dit, load_lora, load_trainable, null_context, save_trainable,
+                       text_context, to_diffusers_state_dict)
+from wan_files import main as wan_files_main
+from wan_state import (LORA_TARGETS, WanConfig, WanDiT, add_lora, frame_timesteps, lora_modules, merge_lora,
+                       parameter_counts, per_token_timestep, trainable_state_dict, unmerge_lora)
+from flow_matching import flow_matching_loss, reference_sigmas, sample_draws, sample_latents, shift_sigma
 
 
 REPO = os.path.dirname(os.path.abspath(__file__))
@@ -90,7 +91,7 @@ def run_script(script, *args, cwd=REPO, nproc=0, fails=False):
 @pytest.fixture(scope='module')
 def synthetic_dir(tmp_path_factory):
     out = str(tmp_path_factory.mktemp('synthetic'))
-    data.write_synthetic(out, seed=0)
+    synthetic.write_synthetic(out, seed=0)
     return out
 
 
@@ -146,7 +147,7 @@ def test_init_follows_paper():
     assert abs(model.pos_emb_SC.std().item() - 0.02) < 0.002
 
 
-def test_weight_decay_groups_and_lr_schedule_match_paper():
+def test_weight_decay_groups_match_paper():
     with torch.device('meta'):
         model = STTransformer(STConfig())
     decay, no_decay = model.param_groups(0.05)
@@ -162,16 +163,13 @@ def test_weight_decay_groups_and_lr_schedule_match_paper():
     assert all(n.endswith('.weight') and 'ln' not in n and 'norm' not in n for n in decayed)
     assert all(n.endswith('.bias') or 'ln' in n or 'norm' in n or 'pos_emb' in n for n in kept)
     assert len(decayed) + len(kept) == len(list(model.parameters()))
-    # peak 8e-4, warmup 2000 steps, linear to 0
-    lr = [get_lr(it, 8e-4, 2000, 100_000) for it in (0, 999, 1999, 2000, 51_000, 99_999, 100_000)]
-    assert lr == pytest.approx([4e-7, 4e-4, 8e-4, 8e-4, 4e-4, 8e-4 / 98_000, 0.0])
 
 
 def test_paper_preset_dry_run(tmp_path):
     out = run_script('train_compression.py', '--preset=paper', '--dry_run', cwd=tmp_path)
     cfg = json.loads(out.split('settings: ', 1)[1].splitlines()[0])
     assert (cfg['n_layer'], cfg['n_head'], cfg['n_embd'], cfg['dropout']) == (24, 8, 512, 0.1)
-    assert (cfg['total_batch_size'], cfg['epochs'], cfg['warmup_iters'], cfg['learning_rate']) == (160, 80.0, 2000, 8e-4)
+    assert (cfg['global_batch_size'], cfg['epochs'], cfg['warmup_iters'], cfg['learning_rate']) == (160, 80.0, 2000, 8e-4)
     assert (cfg['beta1'], cfg['beta2'], cfg['weight_decay'], cfg['vocab_size']) == (0.9, 0.95, 0.05, 64000)
     # one 80 GB GPU per process: micro-batch 10; the paper's epoch: non-overlapping samples
     assert (cfg['batch_size'], cfg['sample_stride'], cfg['max_iters'], cfg['data_dir']) == (10, 2, 0, 'data/1x')
@@ -216,7 +214,7 @@ def write_known_shard(split_dir, i, nested, segment_F, vocab=1000, seed=0):
     n = len(segment_F)
     tokens = rng.integers(0, vocab, size=(math.ceil(n / 17), 3, 32, 32)).astype(np.int32)
     states = rng.standard_normal((n, 25)).astype(np.float32)
-    data.write_shard(split_dir, i, tokens, states, np.asarray(segment_F, np.int32), nested)
+    synthetic.write_shard(split_dir, i, tokens, states, np.asarray(segment_F, np.int32), nested)
     return tokens, states
 
 
@@ -271,7 +269,7 @@ def test_reader_errors_name_the_file_and_the_problem(tmp_path):
 
 
 def test_synthetic_world_is_deterministic_and_its_floor_is_exact(tmp_path, synthetic_dir):
-    data.write_synthetic(str(tmp_path), seed=0)
+    synthetic.write_synthetic(str(tmp_path), seed=0)
     for f in ('train_v2.0/videos/video_1.bin', 'train_v2.0/robot_states/states_1.bin', 'val_v2.0/video_0.bin'):
         assert (tmp_path / f).read_bytes() == open(os.path.join(synthetic_dir, f), 'rb').read()
     ds = data.TokenDataset(os.path.join(synthetic_dir, 'train_v2.0'), vocab_size=1000)
@@ -280,19 +278,19 @@ def test_synthetic_world_is_deterministic_and_its_floor_is_exact(tmp_path, synth
     for j in range(0, len(ds), 48):  # chunks of 8 samples: the oracle logits are 8 x 3072 x 1000
         z, s = (torch.stack(x) for x in zip(*[ds[i] for i in range(j, min(j + 48, len(ds)), 6)]))
         target = z[:, 3:].reshape(-1)
-        oracle = data.synthetic_oracle_logits(z, s, world).reshape(-1, 1000)
-        blind = data.synthetic_oracle_logits(z, s, world, use_states=False).reshape(-1, 1000)
+        oracle = synthetic.synthetic_oracle_logits(z, s, world).reshape(-1, 1000)
+        blind = synthetic.synthetic_oracle_logits(z, s, world, use_states=False).reshape(-1, 1000)
         sums += torch.tensor([F.cross_entropy(oracle, target, reduction='sum'), cross_entropy_topk(oracle, target).sum(),
                               F.cross_entropy(blind, target, reduction='sum')]) / 1024
-        lags.append(s[:, -34:, data.LAG_DIM][:, [data.grid_frames(g)[0] for g in (3, 4, 5)]])
+        lags.append(s[:, -34:, synthetic.LAG_DIM][:, [data.grid_frames(g)[0] for g in (3, 4, 5)]])
     lags = torch.cat(lags)
     full, topk, blind = (sums / lags.numel()).tolist()
     # the closed form equals the metric applied to the Bayes predictor, given the fraction of
     # new places in these samples (their tokens are many, the grids few: the fraction is noisy)
     p_new = (lags == 0).float().mean().item()
-    every_lag = torch.stack([ds[i][1][-34:, data.LAG_DIM][[17, 18, 26]] for i in range(len(ds))])
-    assert (every_lag == 0).float().mean().item() == pytest.approx(data.SYNTHETIC_P_NEW, abs=0.03)  # 8/27
-    floors = data.synthetic_floors(world['vocab'], world['eps'], p_new=p_new)
+    every_lag = torch.stack([ds[i][1][-34:, synthetic.LAG_DIM][[17, 18, 26]] for i in range(len(ds))])
+    assert (every_lag == 0).float().mean().item() == pytest.approx(synthetic.SYNTHETIC_P_NEW, abs=0.03)  # 8/27
+    floors = synthetic.synthetic_floors(world['vocab'], world['eps'], p_new=p_new)
     assert full == pytest.approx(floors['full'], abs=0.01)
     assert topk == pytest.approx(floors['topk'], abs=0.02)
     # ignoring the states costs most of a nat: the states are needed
@@ -303,7 +301,7 @@ def test_tiny_model_overfits_one_batch(synthetic_dir):
     ds = data.TokenDataset(os.path.join(synthetic_dir, 'train_v2.0'), vocab_size=1000)
     z, s = (torch.stack(x) for x in zip(ds[0], ds[1]))
     target = z[:, 3:].reshape(-1)
-    bayes = F.cross_entropy(data.synthetic_oracle_logits(z, s, ds.metadata['synthetic']).reshape(-1, 1000), target)
+    bayes = F.cross_entropy(synthetic.synthetic_oracle_logits(z, s, ds.metadata['synthetic']).reshape(-1, 1000), target)
     model = tiny_st_model(n_embd=64, n_head=4)
     opt = torch.optim.AdamW(model.param_groups(0.0), lr=1e-2)
     losses = []
@@ -322,7 +320,7 @@ SMALL_RUN = ['--n_embd=32', '--n_head=2', '--eval_interval=1000', '--eval_sample
 
 
 def test_two_process_ddp_takes_the_same_step_as_one_process_with_accumulation(tmp_path, synthetic_dir):
-    common = SMALL_RUN + [f'--data_dir={synthetic_dir}', '--max_iters=1', '--total_batch_size=4', '--batch_size=2']
+    common = SMALL_RUN + [f'--data_dir={synthetic_dir}', '--max_iters=1', '--global_batch_size=4', '--batch_size=2']
     run_script('train_compression.py', *common, f'--out_dir={tmp_path}/one', cwd=tmp_path)
     run_script('train_compression.py', *common, f'--out_dir={tmp_path}/ddp', cwd=tmp_path, nproc=2)
     one = torch.load(tmp_path / 'one' / 'ckpt.pt', weights_only=False)
@@ -340,16 +338,18 @@ def test_two_process_ddp_takes_the_same_step_as_one_process_with_accumulation(tm
 
 
 def test_resume_gives_the_same_next_loss_as_not_stopping(tmp_path, synthetic_dir):
-    common = SMALL_RUN + [f'--data_dir={synthetic_dir}', '--max_iters=5', '--batch_size=2', '--total_batch_size=2',
+    common = SMALL_RUN + [f'--data_dir={synthetic_dir}', '--max_iters=5', '--batch_size=2', '--global_batch_size=2',
                           '--dropout=0.1']
     run_script('train_compression.py', *common, f'--out_dir={tmp_path}/full', cwd=tmp_path)
     run_script('train_compression.py', *common, f'--out_dir={tmp_path}/split', '--stop_at=3', cwd=tmp_path)
-    run_script('train_compression.py', *common, f'--out_dir={tmp_path}/split', '--resume', cwd=tmp_path)
+    run_script('train_compression.py', *common, f'--out_dir={tmp_path}/split', '--init_from=resume', cwd=tmp_path)
     log = lambda d: [json.loads(line) for line in open(tmp_path / d / 'log.jsonl')]
     full, split = log('full'), log('split')
     assert [r['step'] for r in split] == [0, 1, 2, 3, 4]
     assert [r['loss'] for r in split] == [r['loss'] for r in full]  # exact, dropout included
     assert [r['lr'] for r in split] == [r['lr'] for r in full]
+    # paper 3.2's schedule: linear warmup (here 1 step) to the peak 1e-3, then linear decay to 0 at max_iters
+    assert [r['lr'] for r in full] == pytest.approx([1e-3, 1e-3, 7.5e-4, 5e-4, 2.5e-4])
 
 
 def results_of(out_dir):
@@ -357,7 +357,7 @@ def results_of(out_dir):
         return json.load(f)
 
 
-LEARN_RUN = ['--max_iters=80', '--batch_size=4', '--total_batch_size=4', '--final_eval_samples=16',
+LEARN_RUN = ['--max_iters=80', '--batch_size=4', '--global_batch_size=4', '--final_eval_samples=16',
              '--eval_interval=1000', '--eval_samples=2', '--num_workers=0']
 
 
@@ -409,7 +409,7 @@ def test_paper_epoch_is_non_overlapping_samples_inside_segments(tmp_path):
 
 
 COMPRESSION_RUN = ['--n_embd=32', '--n_head=2', '--eval_samples=2', '--eval_batch_size=2', '--final_eval=False',
-                   '--num_workers=0', '--batch_size=2', '--total_batch_size=2']
+                   '--num_workers=0', '--batch_size=2', '--global_batch_size=2']
 
 
 def run_compression(*args, cwd, fails=False):
@@ -444,11 +444,11 @@ def test_compression_refuses_to_train_over_a_checkpoint_and_bad_flags_before_any
     out = tmp_path / 'run'
     run_compression(f'--data_dir={synthetic_dir}', f'--out_dir={out}', '--max_iters=1', cwd=tmp_path)
     before = (out / 'ckpt.pt').read_bytes()
-    for args, message in ((['--max_iters=1'], 'already exists. To continue that run pass --resume'),
+    for args, message in ((['--max_iters=1'], 'already exists. To continue that run pass --init_from=resume'),
                           (['--max_iters=1', '--batch_size=0'], '--batch_size=0 must be positive'),
                           (['--max_iters=0'], '--max_iters=0 and --epochs=0: give the run a length'),
                           (['--max_iters=1', '--sample_stride=3'], '--sample_stride=3 is not one of 1, 2'),
-                          (['--max_iters=1', '--init_from=Resume'], 'unknown setting --init_from')):
+                          (['--max_iters=1', '--init_from=Resume'], "--init_from='Resume' is not one of 'scratch', 'resume'")):
         assert message in run_compression(f'--data_dir={synthetic_dir}', f'--out_dir={out}', *args, cwd=tmp_path,
                                           fails=True)
     assert (out / 'ckpt.pt').read_bytes() == before
@@ -461,7 +461,7 @@ def test_compression_refuses_to_train_over_a_checkpoint_and_bad_flags_before_any
 def test_compression_loads_no_code_and_names_the_wrong_track_or_model(tmp_path, synthetic_dir):
     out = tmp_path / 'run'
     run_compression(f'--data_dir={synthetic_dir}', f'--out_dir={out}', '--max_iters=1', cwd=tmp_path)
-    err = run_compression(f'--data_dir={synthetic_dir}', f'--out_dir={out}', '--max_iters=2', '--resume',
+    err = run_compression(f'--data_dir={synthetic_dir}', f'--out_dir={out}', '--max_iters=2', '--init_from=resume',
                           '--n_layer=2', cwd=tmp_path, fails=True)
     assert 'n_layer=1 in the checkpoint, 2 now' in err
     marker = tmp_path / 'pwned.txt'
@@ -492,7 +492,7 @@ def test_compression_prepares_its_data_from_an_empty_folder_trains_and_logs_vali
     monkeypatch.setenv('HF_HUB_CACHE', str(tmp_path / 'empty_cache'))
     err = run_compression('--data_dir', str(tmp_path / 'data'), '--out_dir', str(tmp_path / 'run'), '--max_iters', '2',
                           cwd=tmp_path, fails=True)
-    assert 'could not fetch train_v2.0/metadata.json' in err and 'python data.py download --out DIR' in err
+    assert 'could not fetch train_v2.0/metadata.json' in err and 'python prepare.py download --out DIR' in err
     for key, value in fake_hub(tmp_path / 'hub', synthetic_dir).items():
         monkeypatch.setenv(key, value)
     args = ['--data_dir', str(tmp_path / 'data'), '--out_dir', str(tmp_path / 'run'), '--max_iters', '2',
@@ -516,20 +516,20 @@ def test_compression_prepares_its_data_from_an_empty_folder_trains_and_logs_vali
 
 def test_synthetic_writer_redoes_an_unfinished_set_and_refuses_other_settings(tmp_path):
     small = dict(train_shards=1, train_frames=340, val_frames=340)
-    data.write_synthetic(str(tmp_path), **small)
+    synthetic.write_synthetic(str(tmp_path), **small)
     video = tmp_path / 'val_v2.0' / 'video_0.bin'
     good = video.read_bytes()
     # interrupted: a half-written split and no synthetic.json -> written again, not reused
     (tmp_path / 'synthetic.json').unlink()
     video.write_bytes(good[:100])
     (tmp_path / 'train_v2.0.partial').mkdir()
-    data.write_synthetic(str(tmp_path), **small)
+    synthetic.write_synthetic(str(tmp_path), **small)
     assert video.read_bytes() == good and not (tmp_path / 'train_v2.0.partial').exists()
     with pytest.raises(SystemExit, match='other settings \\(vocab=1000 on disk, 2000 asked for\\)'):
-        data.write_synthetic(str(tmp_path), vocab=2000, **small)
+        synthetic.write_synthetic(str(tmp_path), vocab=2000, **small)
     (tmp_path / 'synthetic.json').write_text('{"settings": {"seed"')
     with pytest.raises(ValueError, match='synthetic.json is not valid JSON'):
-        data.write_synthetic(str(tmp_path), **small)
+        synthetic.write_synthetic(str(tmp_path), **small)
 
 
 # ===============================================================================================
@@ -684,7 +684,7 @@ def test_from_pretrained_loads_official_sharded_layout(tmp_path):
     cfg = WanConfig.tiny()
     src = randomize(WanDiT(cfg, state_cond=False))
     write_official_checkpoint(src, tmp_path / 'ckpt')
-    loaded = WanDiT.from_pretrained(tmp_path / 'ckpt', state_cond=True, r_dim=cfg.r_dim)
+    loaded = load_dit(tmp_path / 'ckpt', state_cond=True, r_dim=cfg.r_dim)
     assert loaded.cfg == cfg and loaded.state_cond
     assert all(p.device.type == 'cpu' and p.dtype == torch.float32 for p in loaded.parameters())
     x, t_BL, context, states = inputs(cfg)
@@ -698,7 +698,7 @@ def test_from_pretrained_loads_diffusers_layout(tmp_path):
     ref = diffusers_twin(cfg)
     ref.load_state_dict(to_diffusers_state_dict(src.state_dict()), strict=True)
     ref.save_pretrained(tmp_path / 'repo' / 'transformer')
-    loaded = WanDiT.from_pretrained(tmp_path / 'repo', state_cond=False, text_len=cfg.text_len, r_dim=cfg.r_dim)
+    loaded = load_dit(tmp_path / 'repo', state_cond=False, text_len=cfg.text_len, r_dim=cfg.r_dim)
     assert loaded.cfg == cfg
     x, t_BL, context, _ = inputs(cfg)
     with torch.no_grad():
@@ -709,7 +709,7 @@ def test_from_pretrained_missing_shard_fails_clearly(tmp_path):
     root = write_official_checkpoint(randomize(WanDiT(WanConfig.tiny(), state_cond=False)), tmp_path / 'ckpt')
     (root / 'diffusion_pytorch_model-00002-of-00002.safetensors').unlink()
     with pytest.raises(FileNotFoundError, match='00002-of-00002.*download the checkpoint again'):
-        WanDiT.from_pretrained(root)
+        load_dit(root)
 
 
 def test_from_pretrained_truncated_shard_fails_clearly(tmp_path):
@@ -717,7 +717,7 @@ def test_from_pretrained_truncated_shard_fails_clearly(tmp_path):
     shard = root / 'diffusion_pytorch_model-00001-of-00002.safetensors'
     shard.write_bytes(shard.read_bytes()[:1000])
     with pytest.raises(ValueError, match='00001-of-00002.safetensors: cannot read.*truncated'):
-        WanDiT.from_pretrained(root)
+        load_dit(root)
 
 
 def test_from_pretrained_lists_missing_unexpected_and_wrong_shape(tmp_path):
@@ -734,7 +734,7 @@ def test_from_pretrained_lists_missing_unexpected_and_wrong_shape(tmp_path):
                                                       num_heads=cfg.num_heads, text_dim=cfg.text_dim,
                                                       text_len=cfg.text_len, freq_dim=cfg.freq_dim)))
     with pytest.raises(ValueError) as err:
-        WanDiT.from_pretrained(root)
+        load_dit(root)
     msg = str(err.value)
     assert 'missing (1): blocks.1.ffn.2.bias' in msg
     assert 'unexpected (1): blocks.0.extra.weight' in msg
@@ -1002,7 +1002,7 @@ def test_export_command_and_load_lora_round_trip_a_checkpoint(tmp_path):
     ckpt = dict(kind='sampling', trainable={n: p.detach() for n, p in model.named_parameters() if p.requires_grad},
                 config=dict(lora_rank=4, lora_alpha=2))   # as train_sampling.py writes it
     torch.save(ckpt, tmp_path / 'ckpt.pt')
-    wan_state_main(['export', '--ckpt', str(tmp_path / 'ckpt.pt')])   # python wan_state.py export --ckpt ...
+    wan_files_main(['export', '--ckpt', str(tmp_path / 'ckpt.pt')])   # python wan_files.py export --ckpt ...
     fresh = WanDiT(cfg)
     fresh.load_state_dict(base, strict=False)
     load_lora(fresh, tmp_path)                   # the folder: lora.safetensors + state_embedder.safetensors
@@ -1082,16 +1082,16 @@ def test_vae_encode_decode_shapes_and_normalisation(tmp_path):
     assert out.shape == (1, 3, 5, 32, 32) and out.abs().max() <= 1
     with pytest.raises(AssertionError, match=r'\[B, 3, 4k\+1, H, W\]'):
         vae.encode(video[:, :, :4])
-    # `python wan_state.py encode_raw`: a raw split's clips as bf16 Wan latents, what training reads
+    # `python prepare.py encode_raw --codec=wan`: a raw split's clips as bf16 Wan latents, what training reads
     raw = tmp_path / 'raw'
-    data.write_synthetic_raw(raw, num_shards=1, frames_per_shard=200, size=32, seed=0, flat=True)
-    wan_state_main(['encode_raw', '--split', str(raw), '--out', str(tmp_path / 'latents'), '--vae_path',
-                    str(tmp_path / 'repo'), '--device', 'cpu'])
+    synthetic.write_synthetic_raw(raw, num_shards=1, frames_per_shard=200, size=32, seed=0, flat=True)
+    prepare.main(['encode_raw', '--codec=wan', '--split', str(raw), '--out', str(tmp_path / 'latents'), '--vae_path',
+                  str(tmp_path / 'repo'), '--device', 'cpu'])
     clips = data.LatentClips(tmp_path / 'latents')
     frames_THWC, _ = data.RawShard(raw, 0).read_clip(data.RawShard(raw, 0).clip_starts()[0])
     z0, states = clips[0]
     assert z0.shape == (48, 6, 2, 2) and states.shape == (21, 25)
-    want = vae.encode(data.frames_to_video(torch.from_numpy(frames_THWC)[None]))[0]
+    want = vae.encode(frames_to_video(torch.from_numpy(frames_THWC)[None]))[0]
     torch.testing.assert_close(z0, want, atol=1e-2, rtol=8e-3)   # stored in bf16 (8 bits of mantissa)
 
 
@@ -1107,20 +1107,20 @@ WAN_TINY = dict(dim=32, num_layers=1, num_heads=2, ffn_dim=64)
 
 
 @pytest.fixture(scope='module')
-def synthetic(tmp_path_factory):
-    """A small synthetic raw dataset in the 1X layout, with its training latents encoded."""
+def raw_data(tmp_path_factory):
+    """A small raw_data raw dataset in the 1X layout, with its training latents encoded."""
     root = tmp_path_factory.mktemp('sampling_data')
-    data.write_synthetic_raw(root / 'train_v2.0_raw', num_shards=2, frames_per_shard=1500, size=SIZE, seed=0)
-    data.write_synthetic_raw(root / 'val_v2.0_raw', num_shards=1, frames_per_shard=1200, size=SIZE, seed=1, flat=True)
-    data.encode_raw_split(root / 'train_v2.0_raw', root / 'latents_pixel' / 'train_v2.0_raw', data.PixelCodec(), stride=8)
+    synthetic.write_synthetic_raw(root / 'train_v2.0_raw', num_shards=2, frames_per_shard=1500, size=SIZE, seed=0)
+    synthetic.write_synthetic_raw(root / 'val_v2.0_raw', num_shards=1, frames_per_shard=1200, size=SIZE, seed=1, flat=True)
+    prepare.encode_raw_split(root / 'train_v2.0_raw', root / 'latents_pixel' / 'train_v2.0_raw', PixelCodec(), stride=8)
     return root
 
 
-def test_encoding_is_atomic_resumes_an_interrupted_run_and_refuses_to_overwrite(synthetic, tmp_path):
+def test_encoding_is_atomic_resumes_an_interrupted_run_and_refuses_to_overwrite(raw_data, tmp_path):
     from safetensors.torch import load_file, save_file
-    raw = synthetic / 'train_v2.0_raw'
+    raw = raw_data / 'train_v2.0_raw'
     whole = tmp_path / 'whole'
-    n = data.encode_raw_split(raw, whole, data.PixelCodec(), stride=77)
+    n = prepare.encode_raw_split(raw, whole, PixelCodec(), stride=77)
     info = json.loads((whole / 'encoding.json').read_text())
     assert info['stride'] == 77 and info['codec'] == 'PixelCodec' and info['clips'] == n == len(data.LatentClips(whole))
     assert not (tmp_path / 'whole.partial').exists()
@@ -1128,40 +1128,41 @@ def test_encoding_is_atomic_resumes_an_interrupted_run_and_refuses_to_overwrite(
     (tmp_path / 'resumed.partial').mkdir()
     shard0 = load_file(whole / 'latents_0.safetensors')
     save_file({**shard0, 'latents': torch.zeros_like(shard0['latents'])}, tmp_path / 'resumed.partial' / 'latents_0.safetensors')
-    assert data.encode_raw_split(raw, tmp_path / 'resumed', data.PixelCodec(), stride=77) == n
+    assert prepare.encode_raw_split(raw, tmp_path / 'resumed', PixelCodec(), stride=77) == n
     resumed = load_file(tmp_path / 'resumed' / 'latents_0.safetensors')
     assert resumed['latents'].abs().max() == 0                          # kept, not encoded again
     assert torch.equal(load_file(tmp_path / 'resumed' / 'latents_1.safetensors')['latents'],
                        load_file(whole / 'latents_1.safetensors')['latents'])   # the rest encoded
-    assert data.encode_raw_split(raw, whole, data.PixelCodec(), stride=77) == n        # finished: kept as it is
+    assert prepare.encode_raw_split(raw, whole, PixelCodec(), stride=77) == n        # finished: kept as it is
     with pytest.raises(SystemExit, match='encoded with stride 77: pass --clip_stride=77'):
-        data.encode_raw_split(raw, whole, data.PixelCodec(), stride=8)
+        prepare.encode_raw_split(raw, whole, PixelCodec(), stride=8)
     # an interrupted encoding resumed with another stride is an error, not two strides under one encoding.json
     (tmp_path / 'mixed.partial').mkdir()
     settings = {k: v for k, v in info.items() if k != 'clips'}
     (tmp_path / 'mixed.partial' / 'settings.json').write_text(json.dumps(settings))
     with pytest.raises(SystemExit, match=r'mixed.partial has other settings \(stride=77 on disk, 8 asked for\)'):
-        data.encode_raw_split(raw, tmp_path / 'mixed', data.PixelCodec(), stride=8)
+        prepare.encode_raw_split(raw, tmp_path / 'mixed', PixelCodec(), stride=8)
 
 
-def test_train_sampling_refuses_data_on_disk_that_its_flags_do_not_describe(synthetic, tmp_path):
+def test_train_sampling_refuses_data_on_disk_that_its_flags_do_not_describe(raw_data, tmp_path):
     def fails(*args):
         return run_script('train_sampling.py', *args, f'--out_dir={tmp_path}', cwd=tmp_path, fails=True)
     # latents encoded with stride 8 (the fixture) asked for with stride 77
-    assert 'encoded with stride 8: pass --clip_stride=8' in fails(f'--data_dir={synthetic}', '--make_synthetic=False',
+    assert 'encoded with stride 8: pass --clip_stride=8' in fails(f'--data_dir={raw_data}', '--make_synthetic=False',
                                                                   '--clip_stride=77')
     # a synthetic set written with other settings
     demo = tmp_path / 'demo'
     (demo / 'train_v2.0_raw').mkdir(parents=True)
     (demo / 'train_v2.0_raw' / 'metadata.json').write_text('{}')
     (demo / 'synthetic.json').write_text(json.dumps(dict(train_shards=2, frames=1500, val_frames=1200, size=32, seed=0,
-                                                         look=data.SYNTHETIC_LOOK)))
+                                                         look=synthetic.SYNTHETIC_LOOK)))
     assert ("holds a synthetic set written with other settings (train_shards=2 on disk, 16 asked for)"
             in fails(f'--data_dir={demo}', '--make_synthetic'))
 
 
 def tiny_wan_model(seed=0):
-    net = build_model('tiny', '', 'full', 32, 32, seed, 'cpu', torch.float32, WAN_TINY)
+    net = build_model(model='tiny', pretrained='', train_mode='full', lora_rank=32, lora_alpha=32, init_seed=seed,
+                      device='cpu', dtype=torch.float32, tiny=WAN_TINY)
     torch.nn.init.normal_(net.head.head.weight, std=0.02)   # the zero-init head would output 0 everywhere
     return net
 
@@ -1178,7 +1179,7 @@ def test_clip_indices_put_context_in_latents_0_1_and_frame_76_last():
 
 
 def test_pixel_codec_has_wan_layout_and_is_lossless_on_keyframes():
-    codec = data.PixelCodec()
+    codec = PixelCodec()
     video = torch.rand(2, 3, 21, SIZE, SIZE) * 2 - 1
     z = codec.encode(video)
     assert z.shape == (2, 48, 6, SIZE // 4, SIZE // 4)
@@ -1191,7 +1192,7 @@ def test_pixel_codec_has_wan_layout_and_is_lossless_on_keyframes():
 
 def test_synthetic_raw_is_deterministic_readable_and_follows_states(tmp_path):
     for name, seed in (('a', 3), ('b', 3), ('c', 4)):
-        data.write_synthetic_raw(tmp_path / name, num_shards=1, frames_per_shard=300, size=SIZE, seed=seed)
+        synthetic.write_synthetic_raw(tmp_path / name, num_shards=1, frames_per_shard=300, size=SIZE, seed=seed)
     a, b, c = (data.RawShard(tmp_path / n, 0) for n in 'abc')
     assert np.array_equal(a.states_ND, b.states_ND) and np.array_equal(a.segment_N, b.segment_N)
     assert np.array_equal(a.read_frames(0, 77), b.read_frames(0, 77))
@@ -1204,38 +1205,38 @@ def test_synthetic_raw_is_deterministic_readable_and_follows_states(tmp_path):
     assert np.array_equal(frames_THWC[20], a.read_frames(starts[0] + 76, 1)[0])
     assert np.array_equal(states_TD[20], a.states_ND[starts[0] + 76])
     # the picture is a function of the states: moving an arm joint moves its disc
-    tex = data._texture(np.random.default_rng(0), SIZE * 3 // 2)
+    tex = synthetic._texture(np.random.default_rng(0), SIZE * 3 // 2)
     s = np.zeros(25, np.float32)
     moved = s.copy()
     moved[6] = 0.8
-    assert np.abs(data.render_synthetic_frame(tex, s, SIZE).astype(int) - data.render_synthetic_frame(tex, moved, SIZE)).sum() > 0
+    assert np.abs(synthetic.render_synthetic_frame(tex, s, SIZE).astype(int) - synthetic.render_synthetic_frame(tex, moved, SIZE)).sum() > 0
 
 
 def test_synthetic_world_redraws_the_recorded_frame_and_draws_counterfactual_futures(tmp_path):
-    data.write_synthetic_raw(tmp_path / 'val', num_shards=2, frames_per_shard=300, size=SIZE, seed=5, flat=True)
+    synthetic.write_synthetic_raw(tmp_path / 'val', num_shards=2, frames_per_shard=300, size=SIZE, seed=5, flat=True)
     shard = data.RawShard(tmp_path / 'val', 1)
     start = shard.clip_starts()[0]
     frames_THWC, states_TD = shard.read_clip(start)
-    redrawn = data.synthetic_frame(tmp_path / 'val', 1, start + data.TARGET_FRAME, states_TD[-1])
+    redrawn = synthetic.synthetic_frame(tmp_path / 'val', 1, start + data.TARGET_FRAME, states_TD[-1])
     assert np.abs(redrawn.astype(int) - frames_THWC[-1]).max() <= 2   # the recorded frame, up to the codec's rounding
-    swung = data.arms_swing_across(states_TD)
+    swung = synthetic.arms_swing_across(states_TD)
     assert np.array_equal(swung[:data.NUM_CONTEXT_FRAMES], states_TD[:data.NUM_CONTEXT_FRAMES])   # context untouched
-    others = [j for j in range(25) if j not in data.SYNTHETIC_ARM_X]
+    others = [j for j in range(25) if j not in synthetic.SYNTHETIC_ARM_X]
     assert np.all(swung[data.NUM_CONTEXT_FRAMES:, others] == states_TD[data.NUM_CONTEXT_FRAMES - 1, others])   # still
-    for j in data.SYNTHETIC_ARM_X:   # each arm ends on the far side of where it was
+    for j in synthetic.SYNTHETIC_ARM_X:   # each arm ends on the far side of where it was
         assert swung[-1, j] == pytest.approx(-0.8 if states_TD[data.NUM_CONTEXT_FRAMES - 1, j] >= 0 else 0.8)
-    counterfactual = data.synthetic_frame(tmp_path / 'val', 1, start + data.TARGET_FRAME, swung[-1])
+    counterfactual = synthetic.synthetic_frame(tmp_path / 'val', 1, start + data.TARGET_FRAME, swung[-1])
     assert np.abs(counterfactual.astype(int) - redrawn).max() > 100   # the arm discs moved
-    data.write_synthetic_raw(tmp_path / 'other', num_shards=1, frames_per_shard=300, size=SIZE, seed=6, flat=True)
+    synthetic.write_synthetic_raw(tmp_path / 'other', num_shards=1, frames_per_shard=300, size=SIZE, seed=6, flat=True)
     meta = json.loads((tmp_path / 'other' / 'metadata.json').read_text())
     del meta['synthetic']
     (tmp_path / 'other' / 'metadata.json').write_text(json.dumps(meta))
     with pytest.raises(ValueError, match='not a synthetic split'):
-        data.synthetic_frame(tmp_path / 'other', 0, 100, states_TD[-1])
+        synthetic.synthetic_frame(tmp_path / 'other', 0, 100, states_TD[-1])
 
 
 def test_reader_rejects_truncated_and_missing_files(tmp_path):
-    data.write_synthetic_raw(tmp_path / 'raw', num_shards=1, frames_per_shard=200, size=SIZE, seed=0, flat=True)
+    synthetic.write_synthetic_raw(tmp_path / 'raw', num_shards=1, frames_per_shard=200, size=SIZE, seed=0, flat=True)
     with open(tmp_path / 'raw' / 'states_0.bin', 'r+b') as f:
         f.truncate(100)
     with pytest.raises(ValueError, match='states_0.bin.*truncated'):
@@ -1245,8 +1246,8 @@ def test_reader_rejects_truncated_and_missing_files(tmp_path):
 
 
 def test_a_video_shorter_than_its_metadata_fails_clearly(tmp_path):
-    data.write_synthetic_raw(tmp_path / 'raw', num_shards=1, frames_per_shard=200, size=SIZE, seed=0, flat=True)
-    data.write_synthetic_raw(tmp_path / 'short', num_shards=1, frames_per_shard=120, size=SIZE, seed=0, flat=True)
+    synthetic.write_synthetic_raw(tmp_path / 'raw', num_shards=1, frames_per_shard=200, size=SIZE, seed=0, flat=True)
+    synthetic.write_synthetic_raw(tmp_path / 'short', num_shards=1, frames_per_shard=120, size=SIZE, seed=0, flat=True)
     os.replace(tmp_path / 'short' / 'video_0.mp4', tmp_path / 'raw' / 'video_0.mp4')   # 120 of the 200 frames
     shard = data.RawShard(tmp_path / 'raw', 0)
     late = [s for s in shard.clip_starts(1) if s + data.RAW_CLIP_LEN > 120]
@@ -1257,13 +1258,13 @@ def test_a_video_shorter_than_its_metadata_fails_clearly(tmp_path):
         list(shard.iter_clips(late))
 
 
-def test_encoded_latents_match_the_codec_on_raw_clips(synthetic):
-    clips, latents = data.RawClips(synthetic / 'train_v2.0_raw', stride=8), data.LatentClips(synthetic / 'latents_pixel' / 'train_v2.0_raw')
+def test_encoded_latents_match_the_codec_on_raw_clips(raw_data):
+    clips, latents = data.RawClips(raw_data / 'train_v2.0_raw', stride=8), data.LatentClips(raw_data / 'latents_pixel' / 'train_v2.0_raw')
     assert len(clips) == len(latents) > 100
     for k in (0, len(clips) - 1):
         z, states = latents[k]
         item = clips[k]
-        assert torch.equal(z, data.PixelCodec().encode(data.frames_to_video(item['frames_THWC'][None]))[0])
+        assert torch.equal(z, PixelCodec().encode(frames_to_video(item['frames_THWC'][None]))[0])
         assert torch.equal(states, item['states_TD'])
 
 
@@ -1349,8 +1350,8 @@ def test_metrics_and_blur_baseline():
     assert blur_baseline(img, ref, 1.0).std() <= ref.std() + 1
 
 
-def train_args(synthetic, out, *extra):
-    return ['train_sampling.py', f'--data_dir={synthetic}', '--make_synthetic=False', f'--out_dir={out}',
+def train_args(raw_data, out, *extra):
+    return ['train_sampling.py', f'--data_dir={raw_data}', '--make_synthetic=False', f'--out_dir={out}',
             *(f'--{k}={v}' for k, v in WAN_TINY.items()), '--batch_size=2', '--global_batch_size=8',
             '--log_interval=1', *VAL, *extra]
 
@@ -1360,18 +1361,19 @@ def trained(out):
 
 
 @pytest.fixture(scope='module')
-def straight_run(synthetic, tmp_path_factory):
+def straight_run(raw_data, tmp_path_factory):
     """4 uninterrupted steps in one process: the reference for the DDP and resume tests."""
     out = tmp_path_factory.mktemp('straight')
-    run_script(*train_args(synthetic, out, '--max_iters=4'))
+    run_script(*train_args(raw_data, out, '--max_iters=4'))
     return trained(out)
 
 
-def test_ddp_two_processes_equals_single_process(synthetic, straight_run, tmp_path):
-    out = run_script(*train_args(synthetic, tmp_path, '--max_iters=4'), nproc=2)
+def test_ddp_two_processes_equals_single_process(raw_data, straight_run, tmp_path):
+    out = run_script(*train_args(raw_data, tmp_path, '--max_iters=4'), nproc=2)
     assert '2 process(es) x batch 2 x 2 accumulation' in out   # the single process accumulates 4
     two = trained(tmp_path)
-    init = build_model('tiny', '', 'full', 32, 32, 0, 'cpu', torch.float32, WAN_TINY).state_dict()
+    init = build_model(model='tiny', pretrained='', train_mode='full', lora_rank=32, lora_alpha=32, init_seed=0,
+                       device='cpu', dtype=torch.float32, tiny=WAN_TINY).state_dict()
     # equal up to float summation order; AdamW turns the ~1e-9 gradient noise of weights whose true
     # gradient is 0 (cross-attention key biases) into updates of ~1e-6, hence atol 1e-5 (lr 1e-3 x 4 steps)
     for n, p in straight_run['trainable'].items():
@@ -1379,9 +1381,9 @@ def test_ddp_two_processes_equals_single_process(synthetic, straight_run, tmp_pa
     assert max((p - init[n]).abs().max().item() for n, p in straight_run['trainable'].items()) > 1e-4   # it trained
 
 
-def test_resume_equals_no_stop(synthetic, straight_run, tmp_path):
-    run_script(*train_args(synthetic, tmp_path, '--max_iters=2'))
-    run_script(*train_args(synthetic, tmp_path, '--max_iters=4', '--init_from=resume'))
+def test_resume_equals_no_stop(raw_data, straight_run, tmp_path):
+    run_script(*train_args(raw_data, tmp_path, '--max_iters=2'))
+    run_script(*train_args(raw_data, tmp_path, '--max_iters=4', '--init_from=resume'))
     a, b = straight_run, trained(tmp_path)
     assert a['step'] == b['step'] == 4
     for n, p in a['trainable'].items():
@@ -1390,12 +1392,12 @@ def test_resume_equals_no_stop(synthetic, straight_run, tmp_path):
         assert torch.equal(sa['exp_avg'], sb['exp_avg']) and torch.equal(sa['exp_avg_sq'], sb['exp_avg_sq'])
 
 
-def test_lora_run_trains_adapters_and_state_weights_only_and_samples_merged(synthetic, tmp_path):
+def test_lora_run_trains_adapters_and_state_weights_only_and_samples_merged(raw_data, tmp_path):
     # the paper's mode through both scripts: a base in the official layout, frozen; LoRA and state
     # conditioning trained; sample.py merges the adapters into the base weights before sampling
     base = write_official_checkpoint(randomize(WanDiT(WanConfig.tiny(**WAN_TINY), state_cond=False), std=0.1),
                                      tmp_path / 'base')
-    run_script(*train_args(synthetic, tmp_path, '--max_iters=2', f'--pretrained={base}', '--train_mode=lora',
+    run_script(*train_args(raw_data, tmp_path, '--max_iters=2', f'--pretrained={base}', '--train_mode=lora',
                            '--lora_rank=4'))
     trainable = trained(tmp_path)['trainable']
     assert trainable and all('.lora_' in n or n.startswith('state_embedder.') for n in trainable)
@@ -1408,10 +1410,10 @@ def test_lora_run_trains_adapters_and_state_weights_only_and_samples_merged(synt
 
 
 @pytest.fixture(scope='module')
-def demo_metrics(synthetic, tmp_path_factory):
-    """Train a tiny model on the synthetic clips and evaluate it on the validation split."""
+def demo_metrics(raw_data, tmp_path_factory):
+    """Train a tiny model on the raw_data clips and evaluate it on the validation split."""
     out = tmp_path_factory.mktemp('demo')
-    run_script('train_sampling.py', f'--data_dir={synthetic}', '--make_synthetic=False', f'--out_dir={out}',
+    run_script('train_sampling.py', f'--data_dir={raw_data}', '--make_synthetic=False', f'--out_dir={out}',
                '--max_iters=300', '--log_interval=50')   # the demo's defaults: dim 256, 2 layers, batch 8, shift 12
     run_script('sample.py', f'--out_dir={out}', '--ensemble=16', '--steps=10', '--max_clips=8')
     with open(out / 'samples' / 'metrics.csv') as f:
@@ -1424,7 +1426,7 @@ def demo_metrics(synthetic, tmp_path_factory):
 def test_the_prediction_follows_the_robot_states(demo_metrics):
     # the same clips and noise under another clip's states for the frames to predict: the own
     # states must predict frame 77 better, and each counterfactual future must come out closer to
-    # the frame the synthetic world draws for it than to the recorded frame. Measured on this run
+    # the frame the raw_data world draws for it than to the recorded frame. Measured on this run
     # (300 steps, 2 shards): own 14.80 vs another clip's 13.92 dB; another clip's future 14.80 vs
     # its truth, 13.92 vs recorded; arms swung across 14.00 vs 13.42 (the README's demo: 3.6-4.4 dB)
     assert demo_metrics['psnr_ensemble_16'] > demo_metrics['psnr_other_states'] + 0.3, demo_metrics
@@ -1481,13 +1483,13 @@ def test_paper_presets_are_the_submissions_recipes_and_torchrun_on_cuda_picks_pa
 
 def test_pixel_codec_decodes_on_the_latents_device():
     z = torch.empty(2, 48, 6, 8, 8, device='meta')   # a tensor made without device= would be on the CPU: error
-    assert data.PixelCodec().decode(z).shape == (2, 3, 21, 32, 32)
+    assert PixelCodec().decode(z).shape == (2, 3, 21, 32, 32)
 
 
 def test_data_and_the_compression_track_work_without_av(tmp_path):
     code = ("import sys; sys.modules['av'] = None\n"
-            "import data\n"
-            f"data.write_synthetic({str(tmp_path)!r}, train_shards=1, train_frames=340, val_frames=340)\n"
+            "import data, synthetic\n"
+            f"synthetic.write_synthetic({str(tmp_path)!r}, train_shards=1, train_frames=340, val_frames=340)\n"
             f"ds = data.TokenDataset({str(tmp_path / 'val_v2.0')!r}, vocab_size=1000)\n"
             "print(len(ds), tuple(ds[0][0].shape))\n")
     res = subprocess.run([sys.executable, '-c', code], cwd=REPO, capture_output=True, text=True, timeout=300)
@@ -1500,9 +1502,9 @@ VAL = ['--val_clips=1', '--val_ensemble=2', '--val_steps=2']
 
 
 @pytest.fixture(scope='module')
-def one_step_run(synthetic, tmp_path_factory):
+def one_step_run(raw_data, tmp_path_factory):
     out = tmp_path_factory.mktemp('one_step')
-    run_script(*train_args(synthetic, out, '--max_iters=1'))
+    run_script(*train_args(raw_data, out, '--max_iters=1'))
     return out
 
 
@@ -1510,17 +1512,17 @@ def weights_finite(path):
     return all(torch.isfinite(t).all() for t in torch.load(path, weights_only=True)['trainable'].values())
 
 
-def test_sampling_nan_loss_stops_every_rank_and_keeps_the_last_good_checkpoint(synthetic, tmp_path):
-    run_script(*train_args(synthetic, tmp_path, '--max_iters=1'))
-    err = run_script(*train_args(synthetic, tmp_path, '--max_iters=30', '--overwrite', '--learning_rate=1e6',
+def test_sampling_nan_loss_stops_every_rank_and_keeps_the_last_good_checkpoint(raw_data, tmp_path):
+    run_script(*train_args(raw_data, tmp_path, '--max_iters=1'))
+    err = run_script(*train_args(raw_data, tmp_path, '--max_iters=30', '--overwrite', '--learning_rate=1e6',
                                  '--ckpt_interval=1', '--eval_interval=100'), nproc=2, fails=True)
     assert re.search(r'step \d+: the training loss is (nan|inf): stopping', err), err[-2000:]
     assert weights_finite(tmp_path / 'ckpt.pt') and weights_finite(tmp_path / 'ckpt_prev.pt')
 
 
-def test_sampling_nan_in_states_or_samples_names_the_file_the_row_or_the_clip(synthetic, one_step_run, tmp_path):
+def test_sampling_nan_in_states_or_samples_names_the_file_the_row_or_the_clip(raw_data, one_step_run, tmp_path):
     bad = tmp_path / 'data'
-    shutil.copytree(synthetic, bad)
+    shutil.copytree(raw_data, bad)
     states = np.fromfile(bad / 'val_v2.0_raw' / 'states_0.bin', np.float32).reshape(-1, 25)
     states[100, 3] = np.nan
     states.tofile(bad / 'val_v2.0_raw' / 'states_0.bin')
@@ -1539,7 +1541,7 @@ def test_sampling_nan_in_states_or_samples_names_the_file_the_row_or_the_clip(sy
     assert 'clip 0 (shard 0, frame' in err and 'non-finite latent values' in err
 
 
-def test_sampling_refuses_to_train_over_a_checkpoint_bad_values_and_a_second_run(synthetic, one_step_run, tmp_path):
+def test_sampling_refuses_to_train_over_a_checkpoint_bad_values_and_a_second_run(raw_data, one_step_run, tmp_path):
     import socket
     before = (one_step_run / 'ckpt.pt').read_bytes()
     for args, message in (([], 'already exists. To continue that run pass --init_from=resume'),
@@ -1549,24 +1551,24 @@ def test_sampling_refuses_to_train_over_a_checkpoint_bad_values_and_a_second_run
                           (['--batch_size=0'], '--batch_size=0 must be positive'),
                           (['--val_ensemble=0'], '--val_ensemble=0 must be positive'),
                           (['--state_dropout=1.5'], '--state_dropout=1.5 must lie in [0, 1]')):
-        assert message in run_script(*train_args(synthetic, one_step_run, '--max_iters=2', *args), fails=True)
+        assert message in run_script(*train_args(raw_data, one_step_run, '--max_iters=2', *args), fails=True)
     for args, message in ((['--ensemble=0'], '--ensemble=0 must be positive'), (['--steps=0'], '--steps=0 must be'),
                           (['--scheduler=ddim'], "--scheduler='ddim' is not one of 'euler', 'unipc'")):
         assert message in run_script('sample.py', f'--out_dir={one_step_run}', *args, fails=True)
     (one_step_run / 'run.lock').write_text(json.dumps(dict(pid=os.getpid(), host=socket.gethostname(), started='now')))
     try:
-        assert 'is in use by another run' in run_script(*train_args(synthetic, one_step_run, '--max_iters=2',
+        assert 'is in use by another run' in run_script(*train_args(raw_data, one_step_run, '--max_iters=2',
                                                                     '--init_from=resume'), fails=True)
     finally:
         (one_step_run / 'run.lock').unlink()
     assert (one_step_run / 'ckpt.pt').read_bytes() == before
     (tmp_path / 'file').write_text('')
-    assert 'is not writable' in run_script(*train_args(synthetic, tmp_path / 'file' / 'run', '--max_iters=1'), fails=True)
+    assert 'is not writable' in run_script(*train_args(raw_data, tmp_path / 'file' / 'run', '--max_iters=1'), fails=True)
 
 
-def test_sampling_checkpoints_load_no_code_and_name_the_wrong_track_or_model(synthetic, one_step_run, tmp_path):
+def test_sampling_checkpoints_load_no_code_and_name_the_wrong_track_or_model(raw_data, one_step_run, tmp_path):
     assert 'dim=32 in the checkpoint, 64 now' in run_script(
-        *train_args(synthetic, one_step_run, '--max_iters=2', '--init_from=resume', '--dim=64'), fails=True)
+        *train_args(raw_data, one_step_run, '--max_iters=2', '--init_from=resume', '--dim=64'), fails=True)
     marker = tmp_path / 'pwned.txt'
     for name, state, message in (('evil', dict(kind='sampling', step=1, config={}, evil=_Payload(str(marker))),
                                   'refusing to load it'),
@@ -1575,28 +1577,28 @@ def test_sampling_checkpoints_load_no_code_and_name_the_wrong_track_or_model(syn
         (tmp_path / name).mkdir()
         torch.save(state, tmp_path / name / 'ckpt.pt')
         assert message in run_script('sample.py', f'--out_dir={tmp_path / name}', fails=True)
-        assert message in run_script(*train_args(synthetic, tmp_path / name, '--max_iters=2', '--init_from=resume'),
+        assert message in run_script(*train_args(raw_data, tmp_path / name, '--max_iters=2', '--init_from=resume'),
                                      fails=True)
     assert not marker.exists()
 
 
-def test_sampling_data_is_written_only_where_asked_and_bad_files_are_named(synthetic, one_step_run, tmp_path):
+def test_sampling_data_is_written_only_where_asked_and_bad_files_are_named(raw_data, one_step_run, tmp_path):
     # a mistyped --data_dir is an error, not a fresh synthetic set
     err = run_script('train_sampling.py', f'--data_dir={tmp_path}/dta', f'--out_dir={tmp_path}/run', fails=True)
     assert 'holds no whole train_v2.0_raw, val_v2.0_raw (a mistyped --data_dir?)' in err
     assert not (tmp_path / 'dta').exists()
-    # an interrupted synthetic write (a split half written, no synthetic.json) is written again, not reused
+    # an interrupted raw_data write (a split half written, no synthetic.json) is written again, not reused
     small = dict(train_shards=1, frames=200, size=SIZE, seed=0)
-    data.write_synthetic_raw_set(tmp_path / 'syn', **small)
+    synthetic.write_synthetic_raw_set(tmp_path / 'syn', **small)
     video = tmp_path / 'syn' / 'val_v2.0_raw' / 'video_0.mp4'
     good = video.read_bytes()
     (tmp_path / 'syn' / 'synthetic.json').unlink()
     video.write_bytes(good[:48])
     (tmp_path / 'syn' / 'train_v2.0_raw.partial').mkdir()
-    assert data.write_synthetic_raw_set(tmp_path / 'syn', **small)
+    assert synthetic.write_synthetic_raw_set(tmp_path / 'syn', **small)
     assert video.read_bytes() == good and not (tmp_path / 'syn' / 'train_v2.0_raw.partial').exists()
     with pytest.raises(SystemExit, match=r'other settings \(size=32 on disk, 64 asked for\)'):
-        data.write_synthetic_raw_set(tmp_path / 'syn', **{**small, 'size': 64})
+        synthetic.write_synthetic_raw_set(tmp_path / 'syn', **{**small, 'size': 64})
     # a damaged mp4, frames of another size, a truncated metadata file: errors that name the file
     with pytest.raises(ValueError, match=r'video_0.mp4: frames are 32x32, expected 64x64'):
         data.RawShard(tmp_path / 'syn' / 'val_v2.0_raw', 0, frame_size=(64, 64)).read_frames(0, 1)
@@ -1610,7 +1612,7 @@ def test_sampling_data_is_written_only_where_asked_and_bad_files_are_named(synth
         data.RawShard(tmp_path / 'syn' / 'val_v2.0_raw', 0)
 
 
-def test_sampling_prepares_its_data_on_two_ranks_trains_on_train_and_val_and_logs_validation(synthetic, tmp_path,
+def test_sampling_prepares_its_data_on_two_ranks_trains_on_train_and_val_and_logs_validation(raw_data, tmp_path,
                                                                                            monkeypatch):
     monkeypatch.setenv('HF_HUB_OFFLINE', '1')
     monkeypatch.setenv('HF_HUB_CACHE', str(tmp_path / 'empty_cache'))
@@ -1618,13 +1620,13 @@ def test_sampling_prepares_its_data_on_two_ranks_trains_on_train_and_val_and_log
             '--clip_stride', '77', '--max_iters', '2', '--eval_interval', '1', '--batch_size=2', '--global_batch_size=4',
             '--dim=32', '--num_layers=1', '--num_heads=2', '--ffn_dim=64', *VAL]
     err = run_script(*args, fails=True)
-    assert 'could not fetch train_v2.0_raw/metadata.json' in err and 'python data.py download_raw --out DIR' in err
-    for key, value in fake_hub(tmp_path / 'hub', synthetic, data.HF_REPO_RAW, ('train_v2.0_raw', 'val_v2.0_raw')).items():
+    assert 'could not fetch train_v2.0_raw/metadata.json' in err and 'python prepare.py download_raw --out DIR' in err
+    for key, value in fake_hub(tmp_path / 'hub', raw_data, data.HF_REPO_RAW, ('train_v2.0_raw', 'val_v2.0_raw')).items():
         monkeypatch.setenv(key, value)
     out = run_script(*args, '--train_splits=train_v2.0_raw,val_v2.0_raw', nproc=2)
     video = tmp_path / 'data' / 'train_v2.0_raw' / 'videos' / 'video_1.mp4'
-    assert video.read_bytes() == (synthetic / 'train_v2.0_raw' / 'videos' / 'video_1.mp4').read_bytes()
-    n_train, n_val = (len(data.RawClips(synthetic / s, stride=77)) for s in ('train_v2.0_raw', 'val_v2.0_raw'))
+    assert video.read_bytes() == (raw_data / 'train_v2.0_raw' / 'videos' / 'video_1.mp4').read_bytes()
+    n_train, n_val = (len(data.RawClips(raw_data / s, stride=77)) for s in ('train_v2.0_raw', 'val_v2.0_raw'))
     assert f'{n_train + n_val} training clips (train_v2.0_raw, val_v2.0_raw' in out and 'not a held-out number' in out
     log = run_dir.read_log(str(tmp_path / 'run'))
     assert [r['step'] for r in log] == [0, 1]
@@ -1883,7 +1885,7 @@ def test_claim_refuses_to_train_over_a_checkpoint_unless_resuming_or_overwriting
     run_dir.save_checkpoint(str(out), dict(kind='compression', step=1))
     run_dir._release_lock(str(out / 'run.lock'), os.getpid())
     before = (out / 'ckpt.pt').read_bytes()
-    with pytest.raises(SystemExit, match='already exists. To continue that run pass --resume'):
+    with pytest.raises(SystemExit, match='already exists. To continue that run pass --init_from=resume'):
         run_dir.claim(str(out), resume=False)
     with pytest.raises(SystemExit, match='does not exist'):
         run_dir.claim(str(tmp_path / 'empty'), resume=True)

@@ -4,7 +4,7 @@
     torchrun --nproc_per_node 8 train_compression.py     # on CUDA GPUs: the paper's recipe (preset paper)
     python train_compression.py --preset=paper --dry_run # the paper's model and run length, no data
     python train_compression.py --eval_only --out_dir=out/compression --split=val_v2.0
-    python train_compression.py --resume                 # continue out_dir/ckpt.pt
+    python train_compression.py --init_from=resume       # continue out_dir/ckpt.pt
 
 Settings are the module globals below; `--key=value` or `--key value` overrides them
 (configurator.py), `--help` lists them. A plain `python` run uses preset cpu, torchrun on CUDA
@@ -20,19 +20,20 @@ import os
 import time
 from contextlib import nullcontext
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import data
+import prepare
 import run_dir
+import synthetic
 from configurator import configure
 from distributed import on_master, setup_distributed, wait_for_all
 from metrics import cross_entropy_topk
 from peak_flops import peak_flops
-from st_transformer import STConfig, STTransformer, get_lr
+from st_transformer import STConfig, STTransformer
 
 # --- settings (defaults: the CPU demo on synthetic data) --------------------------------------
 preset = 'cpu'             # 'cpu' (the demo) or 'paper' (PRESETS below)
@@ -41,7 +42,7 @@ train_splits = 'train_v2.0'  # splits to train on, e.g. 'train_v2.0,val_v2.0' (v
 shards = ''                # shards of train_v2.0 to use, e.g. '0' or '0,1' ('' = all in metadata.json)
 sample_stride = 1          # blocks between training samples: 1 = a sample at every block, 2 = non-overlapping
 out_dir = 'out/compression'  # checkpoints, log.jsonl, curves.png, results.json
-resume = False             # continue from out_dir/ckpt.pt (model, optimizer, step, RNG)
+init_from = 'scratch'      # 'scratch' or 'resume' (from out_dir/ckpt.pt: model, optimizer, step, RNG)
 overwrite = False          # train from scratch even if out_dir holds a checkpoint (it gets replaced)
 eval_only = False          # only evaluate a checkpoint (--ckpt) on --split, then exit
 ckpt = ''                  # checkpoint for --eval_only ('' = out_dir/ckpt.pt)
@@ -56,7 +57,7 @@ dropout = 0.0              # on attention, MLP and residual branches
 state_window = data.STATE_WINDOW  # state rows per sample (the 64 frames ending with the sample)
 use_states = True          # False: the state-blind ablation
 # optimisation (paper 3.2)
-total_batch_size = 4       # samples per optimizer step, over all processes and micro-steps
+global_batch_size = 4       # samples per optimizer step, over all processes and micro-steps
 batch_size = 4             # samples per micro-step per process (gradient accumulation makes up the rest)
 epochs = 0.0               # length of the run in passes over the training set, used when max_iters == 0
 max_iters = 300            # length of the run in steps (0 = from epochs)
@@ -92,7 +93,7 @@ PRESETS = {
     # 2.03B tokens) are non-overlapping two-block samples: sample_stride 2. Micro-batch 10 (our
     # choice) fits an 80 GB GPU with margin; 160 = 10 x GPUs x accumulation for 1, 2, 4, 8 or 16 GPUs.
     'paper': dict(data_dir='data/1x', sample_stride=2, vocab_size=data.VOCAB_SIZE, n_layer=24, n_head=8,
-                  n_embd=512, dropout=0.1, total_batch_size=160, batch_size=10, epochs=80.0, max_iters=0,
+                  n_embd=512, dropout=0.1, global_batch_size=160, batch_size=10, epochs=80.0, max_iters=0,
                   learning_rate=8e-4, warmup_iters=2000, weight_decay=0.05, beta1=0.9, beta2=0.95,
                   eval_interval=2000, eval_samples=256, final_eval_samples=0, eval_batch_size=4,
                   ckpt_interval=2000, num_workers=8),
@@ -100,8 +101,9 @@ PRESETS = {
 PAPER_TRAIN_SAMPLES = 306_000   # paper 3: the tokenized training set holds about 306,000 samples
 T = data.SAMPLE_GRIDS - 1       # paper 3.1: T = 5 grids read (0..4), 1..5 predicted; fixed by the 6-grid sample
 configure(globals(), presets=PRESETS, gpu_preset='paper',
-          choices=dict(sample_stride=(1, 2), dtype=('bfloat16', 'float16', 'float32')),
-          positive=('vocab_size', 'n_layer', 'n_head', 'n_embd', 'state_window', 'total_batch_size', 'batch_size',
+          choices=dict(sample_stride=(1, 2), dtype=('bfloat16', 'float16', 'float32'),
+                       init_from=('scratch', 'resume')),
+          positive=('vocab_size', 'n_layer', 'n_head', 'n_embd', 'state_window', 'global_batch_size', 'batch_size',
                     'learning_rate', 'loss_chunk', 'eval_interval', 'eval_samples', 'eval_batch_size'),
           nonnegative=('epochs', 'max_iters', 'warmup_iters', 'weight_decay', 'grad_clip', 'final_eval_samples',
                        'ckpt_interval', 'stop_at', 'num_workers'),
@@ -117,30 +119,11 @@ config = {k: v for k, v in globals().items() if not k.startswith('_') and not k.
 MODEL_KEYS = ('vocab_size', 'n_layer', 'n_head', 'n_embd', 'state_window', 'use_states')  # must match on resume
 
 
-class StepBatches(torch.utils.data.Sampler):
-    """Index lists of the micro-batches of this process, from step `start` on.
-
-    Step s of a run uses samples perm[s * total : (s + 1) * total] of a per-epoch permutation
-    (seeded by seed + epoch), and micro-step m of rank r takes the slice (m * world + r) of
-    them. So the data of a step depends only on (seed, step): resuming is exact, and 2 ranks x 1
-    micro-step see the same samples as 1 rank x 2 micro-steps."""
-
-    def __init__(self, n, start, stop, batch, accum, world, rank, seed):
-        self.n, self.start, self.stop, self.batch, self.accum = n, start, stop, batch, accum
-        self.world, self.rank, self.seed = world, rank, seed
-        self.total = batch * accum * world
-
-    def __len__(self):
-        return (self.stop - self.start) * self.accum
-
-    def __iter__(self):
-        per_epoch = self.n // self.total  # the last partial batch of each epoch is dropped
-        for step in range(self.start, self.stop):
-            epoch, s = divmod(step, per_epoch)
-            perm = np.random.default_rng(self.seed + epoch).permutation(self.n)
-            for m in range(self.accum):
-                first = s * self.total + (m * self.world + self.rank) * self.batch
-                yield perm[first:first + self.batch].tolist()
+def get_lr(it, peak_lr, warmup_iters, max_iters):
+    """Paper 3.2: linear warmup to peak_lr over warmup_iters steps, then linear decay to 0 at max_iters."""
+    if it < warmup_iters:
+        return peak_lr * (it + 1) / warmup_iters
+    return peak_lr * max(0.0, (max_iters - it) / max(1, max_iters - warmup_iters))
 
 
 @torch.no_grad()
@@ -181,7 +164,7 @@ def evaluate(model, ds, num_samples, autocast, autoregressive=True, baselines=Fa
             targets.append(future_BMHW.cpu())
             if world is not None:
                 for name, use in (('Bayes floor (states known)', True), ('state-blind floor', False)):
-                    add(name, data.synthetic_oracle_logits(z_BGHW.cpu(), states_BLD.cpu(), world, use).to(dev), future_BMHW)
+                    add(name, synthetic.synthetic_oracle_logits(z_BGHW.cpu(), states_BLD.cpu(), world, use).to(dev), future_BMHW)
     if baselines:
         # copy the last context grid into grids 3, 4, 5, with the best constant confidence a:
         # p(copied token) = a, every other token (1 - a) / (V - 1); a = the fraction that matches
@@ -206,7 +189,7 @@ def print_table(results, world=None):
     for name, (top, full) in results.items():
         lines.append(f"{name:34s} {top:10.4f} {full:8.4f}")
     if world is not None:
-        floors = data.synthetic_floors(world['vocab'], world['eps'], world['p_new'])
+        floors = synthetic.synthetic_floors(world['vocab'], world['eps'], world['p_new'])
         lines.append(f"{'Bayes floor, closed form':34s} {floors['topk']:10.4f} {floors['full']:8.4f}")
     print('\n'.join(lines))
 
@@ -226,12 +209,12 @@ if dry_run:
           f"training FLOPs per sample: {meta_model.flops_per_sample():.3e}")
     if max_iters == 0:   # the real run counts its samples; the paper states about 306k
         print(f"steps: {epochs:g} epochs x {PAPER_TRAIN_SAMPLES:,} samples (the paper's count; a run counts "
-              f"its data) / {total_batch_size} per step = {int(epochs * PAPER_TRAIN_SAMPLES // total_batch_size):,}")
+              f"its data) / {global_batch_size} per step = {int(epochs * PAPER_TRAIN_SAMPLES // global_batch_size):,}")
     else:
         print(f"steps: {max_iters:,}")
-    print(f"micro-batch {batch_size} per process: {total_batch_size} = {batch_size} x GPUs x accumulation "
-          + ', '.join(f"({g} GPU{'s' if g > 1 else ''}: {total_batch_size // (batch_size * g)})"
-                      for g in (1, 8, 16) if total_batch_size % (batch_size * g) == 0))
+    print(f"micro-batch {batch_size} per process: {global_batch_size} = {batch_size} x GPUs x accumulation "
+          + ', '.join(f"({g} GPU{'s' if g > 1 else ''}: {global_batch_size // (batch_size * g)})"
+                      for g in (1, 8, 16) if global_batch_size % (batch_size * g) == 0))
     raise SystemExit(0)
 
 ddp, rank, world_size, device = setup_distributed(device)   # torchrun sets RANK: DDP
@@ -240,29 +223,29 @@ autocast = (torch.autocast(device_type, dtype={'bfloat16': torch.bfloat16, 'floa
             if device_type == 'cuda' and dtype != 'float32' else nullcontext())
 
 if not eval_only:
-    if total_batch_size % (batch_size * world_size):
-        raise SystemExit(f"--total_batch_size={total_batch_size} must be a multiple of --batch_size={batch_size} x "
+    if global_batch_size % (batch_size * world_size):
+        raise SystemExit(f"--global_batch_size={global_batch_size} must be a multiple of --batch_size={batch_size} x "
                          f"{world_size} process(es)")
     # before any work: no training over a checkpoint by accident, a writable folder, one run at a time
-    on_master(run_dir.claim, out_dir, resume, overwrite)
+    on_master(run_dir.claim, out_dir, init_from == 'resume', overwrite)
 
 # the data: synthetic by default; with a data_dir that lacks it, downloaded (all ranks share the work)
 train_split_names = [s for s in train_splits.split(',') if s]
 train_shards = [int(s) for s in shards.split(',')] if shards else None
 if not data_dir:
-    on_master(data.default_synthetic_dir)   # rank 0 writes it on first use
+    on_master(synthetic.default_synthetic_dir)   # rank 0 writes it on first use
     wait_for_all('the synthetic data')
-    data_dir = data.default_synthetic_dir()
+    data_dir = synthetic.default_synthetic_dir()
 else:
     needed = [split] if eval_only else sorted(set(train_split_names) | {'val_v2.0'})
-    missing = [s for s in needed if data.tokenized_split_problems(os.path.join(data_dir, s),
+    missing = [s for s in needed if prepare.tokenized_split_problems(os.path.join(data_dir, s),
                                                                    train_shards if s == 'train_v2.0' else None)]
     for s in missing:
-        data.download_tokenized(data_dir, s, train_shards if s == 'train_v2.0' else None, rank, world_size)
+        prepare.download_tokenized(data_dir, s, train_shards if s == 'train_v2.0' else None, rank, world_size)
     if missing:
         wait_for_all(f"downloading {', '.join(missing)}")
         for s in missing:
-            on_master(data.finish_download, data_dir, s, train_shards if s == 'train_v2.0' else None)
+            on_master(prepare.finish_download, data_dir, s, train_shards if s == 'train_v2.0' else None)
         wait_for_all('the split metadata')
 split_dir = lambda name: os.path.join(data_dir, name)
 
@@ -286,11 +269,11 @@ for ds in (*train_parts, val_ds):
         raise SystemExit(f"{ds.split_dir} is a synthetic set of vocabulary {world['vocab']}, but --vocab_size="
                          f"{vocab_size} (preset {preset}): pass --vocab_size={world['vocab']}, or a --data_dir "
                          f"with the 1X data")
-if len(train_ds) < total_batch_size:
-    raise SystemExit(f"the training set has {len(train_ds)} samples, fewer than --total_batch_size={total_batch_size}")
-grad_accum = total_batch_size // (batch_size * world_size)
+if len(train_ds) < global_batch_size:
+    raise SystemExit(f"the training set has {len(train_ds)} samples, fewer than --global_batch_size={global_batch_size}")
+grad_accum = global_batch_size // (batch_size * world_size)
 if max_iters == 0:
-    max_iters = int(epochs * len(train_ds) // total_batch_size)
+    max_iters = int(epochs * len(train_ds) // global_batch_size)
 
 step = 0
 ckpt_path = os.path.join(out_dir, run_dir.CKPT)
@@ -298,7 +281,7 @@ torch.manual_seed(seed)  # the same on every rank: identical initial weights
 model = STTransformer(model_cfg).to(device)
 optimizer = torch.optim.AdamW(model.param_groups(weight_decay), lr=learning_rate, betas=(beta1, beta2),
                               fused=device_type == 'cuda')  # paper 3.2: fused AdamW
-if resume:
+if init_from == 'resume':
     state = run_dir.load_checkpoint(ckpt_path, 'compression', expect={k: config[k] for k in MODEL_KEYS})
     model.load_state_dict(state['model'])
     optimizer.load_state_dict(state['optimizer'])
@@ -316,8 +299,8 @@ if master:
         print("training on val_v2.0 too: the validation figures below are not held-out numbers")
     print(f"data {data_dir}: {len(train_ds)} train samples ({', '.join(train_split_names)}, one every "
           f"{sample_stride} block{'s' if sample_stride > 1 else ''}) / {len(val_ds)} val; {world_size} process(es) x "
-          f"{grad_accum} micro-steps x {batch_size} = {total_batch_size} samples per step, {max_iters} steps "
-          f"({max_iters * total_batch_size / len(train_ds):.2f} epochs)")
+          f"{grad_accum} micro-steps x {batch_size} = {global_batch_size} samples per step, {max_iters} steps "
+          f"({max_iters * global_batch_size / len(train_ds):.2f} epochs)")
     print(f"model: {raw_model.num_params():,} parameters, {raw_model.flops_per_sample():.3e} training FLOPs per sample, "
           f"device {device}")
 
@@ -330,9 +313,12 @@ def save_checkpoint(metric=None):
 
 # --- training loop -------------------------------------------------------------------------
 stop = min(max_iters, stop_at) if stop_at > 0 else max_iters
-sampler = StepBatches(len(train_ds), step, stop, batch_size, grad_accum, world_size, rank, seed)
+# this process's rows, step by step and micro-step by micro-step: its micro-batch's positions in the
+# step's global batch, the same under any world size (data.batch_rows)
+micro_batches = (data.batch_rows(seed, s, range(first, first + batch_size), global_batch_size, len(train_ds))
+                 for s in range(step, stop) for first in ((m * world_size + rank) * batch_size for m in range(grad_accum)))
 # own generator: building the loader must not draw from the global RNG that dropout uses
-loader = iter(torch.utils.data.DataLoader(train_ds, batch_sampler=sampler, num_workers=num_workers,
+loader = iter(torch.utils.data.DataLoader(train_ds, batch_sampler=micro_batches, num_workers=num_workers,
                                           pin_memory=device_type == 'cuda', generator=torch.Generator(),
                                           persistent_workers=False))
 log = run_dir.RunLog(out_dir, step, wandb_project if wandb_log else '', wandb_run_name, config) if master else None
@@ -373,8 +359,8 @@ while step < stop:
     dt = time.time() - t_step
     step += 1
     if master:
-        record = dict(step=step - 1, loss=loss_value, lr=lr, grad_norm=grad_norm, samples_per_s=total_batch_size / dt)
-        postfix = dict(loss=f'{loss_value:.4f}', lr=f'{lr:.2e}', samples_s=f'{total_batch_size / dt:.1f}')
+        record = dict(step=step - 1, loss=loss_value, lr=lr, grad_norm=grad_norm, samples_per_s=global_batch_size / dt)
+        postfix = dict(loss=f'{loss_value:.4f}', lr=f'{lr:.2e}', samples_s=f'{global_batch_size / dt:.1f}')
         if peak and step - first_step > 5:
             mfu = flops_per_step / dt / peak
             running_mfu = mfu if running_mfu < 0 else 0.9 * running_mfu + 0.1 * mfu

@@ -38,13 +38,16 @@ from tqdm import tqdm
 
 import data
 import pictures
+import prepare
 import run_dir
+import synthetic
 from configurator import configure
 from distributed import on_master, setup_distributed, wait_for_all
-from wan_state import export_lora
-from flow_matching import build_model, flow_matching_loss, predict_frame77, sample_draws, text_context
+from flow_matching import flow_matching_loss, predict_frame77, sample_draws
 from metrics import psnr
 from peak_flops import peak_flops
+from vae import PixelCodec
+from wan_files import build_model, export_lora, text_context
 
 # --- settings (defaults: the CPU demo on synthetic clips) -----------------------------------
 preset = 'cpu'              # 'cpu' (the demo), 'paper' (the 23.0 dB submission's recipe), 'paper_cfg' (PRESETS)
@@ -54,9 +57,9 @@ make_synthetic = False      # write the synthetic raw set into an explicit data_
 download = False            # fetch missing raw splits from the Hugging Face Hub and encode them (preset paper)
 synthetic_size = 32         # synthetic frame size (the real data is 512; 32 keeps the CPU demo minutes)
 synthetic_shards = 16       # synthetic training shards of 1500 frames (~2000 clips: the model must learn the world)
-                            # (the synthetic world's look, rim and arm discs: data.SYNTHETIC_LOOK)
+                            # (the synthetic world's look, rim and arm discs: synthetic.SYNTHETIC_LOOK)
 clip_stride = 8             # frames between training windows (a 77-frame window starts every 8 frames)
-vae = 'pixel'               # 'pixel': the CPU-demo codec (data.PixelCodec); 'wan': the Wan 2.2 VAE
+vae = 'pixel'               # 'pixel': the CPU-demo codec (vae.PixelCodec); 'wan': the Wan 2.2 VAE
 vae_path = 'Wan-AI/Wan2.2-TI2V-5B-Diffusers'  # hub repo or folder of the Wan VAE (diffusers format)
 encode_batch_size = 8       # clips the VAE encodes at once when the latents are prepared
 model = 'tiny'              # 'tiny' (WanConfig.tiny with the sizes below) or 'ti2v-5b'
@@ -80,7 +83,7 @@ batch_size = 8              # per process micro-batch
 global_batch_size = 8       # samples per optimizer step over all processes (paper 2.2: 1024)
 max_iters = 2400            # optimizer steps (paper 2.2: 23k; the demo's model needs 2400 to place the arms)
 gradient_checkpointing = 0  # recompute the first n blocks in backward (0: none; preset paper: all 30)
-base_dtype = 'float32'      # the frozen base's weights: 'bfloat16' on GPUs
+dtype = 'bfloat16'          # precision on CUDA: bf16 frozen base weights and autocast; the CPU runs fp32
 compile = False             # torch.compile the model
 device = 'cuda' if torch.cuda.is_available() else 'cpu'  # 'cpu', 'cuda', ...
 out_dir = 'out_sampling'    # checkpoints, log.jsonl, curves.png, val/ PNGs
@@ -106,7 +109,7 @@ wandb_run_name = 'sampling'  # W&B run name
 PAPER = dict(data_dir='data/1x', download=True, clip_stride=8, vae='wan', encode_batch_size=4, model='ti2v-5b',
              pretrained='Wan-AI/Wan2.2-TI2V-5B', text_encoder='Wan-AI/Wan2.2-TI2V-5B', train_mode='lora',
              learning_rate=4e-4, weight_decay=0.01, grad_clip=0.0, shift=5.0, state_dropout=0.0, batch_size=8,
-             global_batch_size=1024, max_iters=23000, gradient_checkpointing=30, base_dtype='bfloat16',
+             global_batch_size=1024, max_iters=23000, gradient_checkpointing=30, dtype='bfloat16',
              out_dir='out_sampling_paper', ckpt_interval=500, eval_interval=500, val_clips=8, val_ensemble=4,
              val_steps=20)
 PRESETS = {
@@ -116,7 +119,7 @@ PRESETS = {
 }
 configure(globals(), presets=PRESETS, gpu_preset='paper',
           choices=dict(vae=('pixel', 'wan'), model=('tiny', 'ti2v-5b'), train_mode=('lora', 'full'),
-                       init_from=('scratch', 'resume'), base_dtype=('float32', 'bfloat16')),
+                       init_from=('scratch', 'resume'), dtype=('float32', 'bfloat16')),
           positive=('synthetic_size', 'synthetic_shards', 'clip_stride', 'encode_batch_size', 'dim', 'num_layers',
                     'num_heads', 'ffn_dim', 'lora_rank', 'lora_alpha', 'learning_rate', 'shift', 'batch_size',
                     'global_batch_size', 'max_iters', 'log_interval', 'ckpt_interval', 'eval_interval',
@@ -139,7 +142,7 @@ config = {k: v for k, v in globals().items() if not k.startswith('_') and not k.
 MODEL_KEYS = ('model', 'dim', 'num_layers', 'num_heads', 'ffn_dim', 'pretrained', 'train_mode', 'lora_rank',
               'lora_alpha', 'vae')
 device_type = 'cuda' if device.startswith('cuda') else 'cpu'
-dtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16}[base_dtype]
+ptdtype = torch.bfloat16 if device_type == 'cuda' and dtype == 'bfloat16' else torch.float32
 tiny = dict(dim=dim, num_layers=num_layers, num_heads=num_heads, ffn_dim=ffn_dim)
 
 if dry_run:   # the recipe as resolved, and the model's size; no data, no weights
@@ -157,28 +160,28 @@ if dry_run:   # the recipe as resolved, and the model's size; no data, no weight
         print(f"{key} = {globals()[key]!r}")
     raise SystemExit(0)
 
-ddp, rank, world, device = setup_distributed(device)   # torchrun sets RANK: DDP, as nanoGPT
+ddp, rank, world_size, device = setup_distributed(device)   # torchrun sets RANK: DDP, as nanoGPT
 master = rank == 0
 
 
 
-if global_batch_size % (batch_size * world):
+if global_batch_size % (batch_size * world_size):
     raise SystemExit(f"--global_batch_size={global_batch_size} must be a multiple of --batch_size={batch_size} x "
-                     f"{world} process(es)")
-accum = global_batch_size // (batch_size * world)
+                     f"{world_size} process(es)")
+grad_accum = global_batch_size // (batch_size * world_size)
 if device_type == 'cuda':
     torch.backends.cuda.matmul.allow_tf32 = True
 # before any work: no training over a checkpoint by accident, a writable folder, one run at a time
-on_master(run_dir.claim, out_dir, init_from == 'resume', overwrite, '--init_from=resume')
+on_master(run_dir.claim, out_dir, init_from == 'resume', overwrite)
 if master:
-    print(f"{world} process(es) x batch {batch_size} x {accum} accumulation = global batch {global_batch_size}")
+    print(f"{world_size} process(es) x batch {batch_size} x {grad_accum} accumulation = global batch {global_batch_size}")
 
 # --- data: raw clips (synthetic, downloaded or given) -> latents on disk, once -------------------
 split_dir = lambda name: os.path.join(data_dir, name)
 needed = sorted(set(train_split_names) | {'val_v2.0_raw'})
 latent_dirs = {s: os.path.join(data_dir, f'latents_{vae}', s) for s in train_split_names}
 if demo or make_synthetic:   # written where the user asked for it only: the demo's folder, or --make_synthetic
-    on_master(data.write_synthetic_raw_set, data_dir, synthetic_shards, 1500, synthetic_size, seed, 1200)
+    on_master(synthetic.write_synthetic_raw_set, data_dir, synthetic_shards, 1500, synthetic_size, seed, 1200)
     wait_for_all('the synthetic data')
 missing = [s for s in needed if not data.raw_split_is_whole(split_dir(s))
            and not (s in latent_dirs and os.path.exists(os.path.join(latent_dirs[s], 'encoding.json')))]
@@ -186,24 +189,24 @@ if missing and not download:
     raise SystemExit(f"{data_dir} holds no whole {', '.join(missing)} (a mistyped --data_dir?). Pass the folder that "
                      f"holds the 1X raw data, --download to fetch it from the Hugging Face Hub (preset paper does), "
                      f"or --make_synthetic to write the synthetic demo set there. To prepare it elsewhere: "
-                     f"`python data.py download_raw --out DIR --split train_v2.0_raw` (and val_v2.0_raw).")
+                     f"`python prepare.py download_raw --out DIR --split train_v2.0_raw` (and val_v2.0_raw).")
 for s in missing:   # every rank fetches its share of the shards
-    data.download_raw(data_dir, s, rank, world)
+    prepare.download_raw(data_dir, s, rank, world_size)
 if missing:
     wait_for_all(f"downloading {', '.join(missing)}")
-codec = data.PixelCodec()
+codec = PixelCodec()
 if vae == 'wan':   # fp32 VAE: encoding runs once, validation decodes a few clips
-    from wan_state import WanVAE
+    from vae import WanVAE
     codec = WanVAE.from_pretrained(vae_path, device=device)
 for s, latent_dir in latent_dirs.items():
     if os.path.exists(latent_dir):   # a finished encoding: it must be of this stride and codec
-        on_master(data.check_encoding, latent_dir, dict(stride=clip_stride, codec=type(codec).__name__))
+        on_master(prepare.check_encoding, latent_dir, dict(stride=clip_stride, codec=type(codec).__name__))
         continue
-    data.encode_raw_split(split_dir(s), latent_dir, codec, clip_stride, encode_batch_size, device,
-                          torch.bfloat16 if vae == 'wan' else torch.float32, rank, world)   # one process: finished
+    prepare.encode_raw_split(split_dir(s), latent_dir, codec, clip_stride, encode_batch_size, device,
+                          torch.bfloat16 if vae == 'wan' else torch.float32, rank, world_size)   # one process: finished
     if ddp:   # each rank wrote its share of the shards; the master checks them all and finishes
         wait_for_all(f"encoding {s}")
-        on_master(data.finish_encoding, split_dir(s), latent_dir)
+        on_master(prepare.finish_encoding, split_dir(s), latent_dir)
         wait_for_all(f"the encoding of {s}")
 parts = [data.LatentClips(d) for d in latent_dirs.values()]
 dataset = torch.utils.data.ConcatDataset(parts)
@@ -219,7 +222,8 @@ if master:
           f"from {data_dir}, latents {tuple(z_example.shape)}; {len(val_set)} val clips for validation")
 
 # --- model, optimizer, checkpoint -------------------------------------------------------------
-net = build_model(model, pretrained, train_mode, lora_rank, lora_alpha, init_seed, device, dtype, tiny)
+net = build_model(model=model, pretrained=pretrained, train_mode=train_mode, lora_rank=lora_rank,
+                  lora_alpha=lora_alpha, init_seed=init_seed, device=device, dtype=ptdtype, tiny=tiny)
 net.gradient_checkpointing = gradient_checkpointing
 trainable = {n: p for n, p in net.named_parameters() if p.requires_grad}
 optimizer = torch.optim.AdamW(trainable.values(), lr=learning_rate, weight_decay=weight_decay,
@@ -264,9 +268,9 @@ def validate(step):
     for k in range(len(val_set)):
         item = val_set[k]
         frames_THWC, truth = item['frames_THWC'], item['frames_THWC'][-1].numpy()
-        members, mean = predict_frame77(net, codec, frames_THWC, item['states_TD'], context_1LD, val_ensemble,
-                                        val_steps, 1.0, shift, 'euler', hash((seed, item['shard'], item['start'])) % 2 ** 62,
-                                        device=device)
+        members, mean = predict_frame77(net, codec, frames_THWC, item['states_TD'], context_1LD, ensemble=val_ensemble,
+                                        steps=val_steps, shift=shift,
+                                        noise_seed=hash((seed, item['shard'], item['start'])) % 2 ** 62, device=device)
         scores['val_psnr_single'].append(psnr(members[0], truth))
         scores['val_psnr_ensemble'].append(psnr(mean, truth))
         scores['val_psnr_copy_last'].append(psnr(frames_THWC[data.NUM_CONTEXT_FRAMES - 1].numpy(), truth))
@@ -275,25 +279,13 @@ def validate(step):
     return {key: float(np.mean(v)) for key, v in scores.items()}
 
 
-def dataset_rows(seed, sample_numbers, n):
-    """Dataset rows for the run's k-th samples (k counts every sample of every step): epoch after
-    epoch through a permutation seeded by (seed, epoch)."""
-    perms, rows = {}, []
-    for number in sample_numbers:
-        epoch, k = divmod(number, n)
-        if epoch not in perms:
-            perms[epoch] = torch.randperm(n, generator=torch.Generator().manual_seed(hash((seed, epoch)) % 2 ** 62))
-        rows.append(int(perms[epoch][k]))
-    return rows
-
-
 # --- training loop ----------------------------------------------------------------------------
 # MFU as nanoGPT prints it: this process's model FLOPs per step over its time and the device's
 # bf16 peak (none on the CPU). A LoRA step is counted exactly (flops_per_sample); full training as
 # 3 forwards (forward, activation and weight gradients), the usual estimate.
 peak = peak_flops(device)
 _, Fr, Hl, Wl = z_example.shape
-flops_per_step = accum * batch_size * (
+flops_per_step = grad_accum * batch_size * (
     net.flops_per_sample(Fr, Hl, Wl, lora_step=True, batch=batch_size) if train_mode == 'lora'
     else 3 * net.flops_per_sample(Fr, Hl, Wl, batch=batch_size))
 log = run_dir.RunLog(out_dir, start_step, wandb_project if wandb_log else '', wandb_run_name, config) if master else None
@@ -302,22 +294,22 @@ t0 = time.time()
 for step in range(start_step, max_iters):
     t_step = time.time()
     loss_sum = torch.zeros((), device=device)
-    for micro in range(accum):
+    for micro in range(grad_accum):
         # this micro-batch's positions in the step's global batch, the same under any world size
-        first = (micro * world + rank) * batch_size
+        first = (micro * world_size + rank) * batch_size
         positions = list(range(first, first + batch_size))
-        rows = dataset_rows(seed, [step * global_batch_size + p for p in positions], len(dataset))
+        rows = data.batch_rows(seed, step, positions, global_batch_size, len(dataset))
         z0, states = map(torch.stack, zip(*(dataset[r] for r in rows)))
         sigma, noise, drop = sample_draws(seed, step, positions, z0.shape[1:], shift, state_dropout)
         z0, states, sigma, noise, drop = (x.to(device) for x in (z0, states, sigma, noise, drop))
-        sync = nullcontext() if not ddp or micro == accum - 1 else train_net.no_sync()
+        sync = nullcontext() if not ddp or micro == grad_accum - 1 else train_net.no_sync()
         with sync:
-            loss = flow_matching_loss(train_net, z0, states, context_1LD, sigma, noise, drop) / accum
+            loss = flow_matching_loss(train_net, z0, states, context_1LD, sigma, noise, drop) / grad_accum
             loss.backward()
         loss_sum += loss.detach()
     if ddp:   # every rank sees the same mean loss, so a NaN on one rank stops them all together
         dist.all_reduce(loss_sum)
-        loss_sum /= world
+        loss_sum /= world_size
     loss_value = loss_sum.item()
     # a non-finite loss stops the run before the weights change: ckpt.pt stays the last good state.
     # A stop, not a skipped step: a run that diverges once usually diverges again.

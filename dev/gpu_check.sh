@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # nanoWM: first-GPU-run checks, about 7-8 minutes on one H100 80GB (no internet, random weights,
-# synthetic data). Run from the repo root:
-#     bash gpu_check.sh                 # GPU; logs to $OUT/ if set, else ./gpu_out/
-#     DEVICE=cpu bash gpu_check.sh      # CPU dry run of the same commands at tiny sizes (typos, flags)
+# synthetic data). Run from the repository root:
+#     bash dev/gpu_check.sh             # GPU; logs to $OUT/ if set, else ./gpu_out/
+#     DEVICE=cpu bash dev/gpu_check.sh  # CPU dry run of the same commands at tiny sizes (typos, flags)
 # A GPU machine without a package index may lack `av`, `diffusers` and `matplotlib` (the sampling
 # track needs the first two; without matplotlib a run only skips curves.png). Bring them as wheels,
 # from a machine that has an index:
@@ -17,8 +17,9 @@
 set -u
 DEVICE=${DEVICE:-cuda}
 PY=${PY:-python3}
-REPO=$PWD
-[ -f "$REPO/bench.py" ] && [ -f "$REPO/train_compression.py" ] || { echo "run from the nanoWM repo root"; exit 2; }
+REPO=$PWD                  # the repository root (this script lives in $REPO/dev/)
+[ -f "$REPO/bench.py" ] && [ -f "$REPO/train_compression.py" ] && [ -f "$REPO/dev/gpu_check.sh" ] \
+    || { echo "run from the nanoWM repository root: bash dev/gpu_check.sh"; exit 2; }
 LOGDIR=${OUT:-$REPO/gpu_out}
 WORK=${WORK:-/tmp/nanowm_gpu_work}
 rm -rf "$WORK"/tc_b10 "$WORK"/tc_ddp "$WORK"/ts_5b "$WORK"/ts_tiny "$WORK"/ts_data "$WORK"/logs
@@ -33,8 +34,8 @@ if [ "$DEVICE" = cpu ]; then
     DEV=cpu; BDEV=cpu
     # tiny sizes, appended after each step's own flags (later flags win): the flag names are checked
     B_SMALL="--threads=2 --st_layers=2 --st_heads=2 --st_embd=64 --st_vocab=512 --st_grid=8 --st_batch=2 --decode_batch=2 --wan_model=tiny --latent_hw=8 --wan_batch=1 --wan_lora_batch=1 --ensemble=2 --steps=1 --vae=tiny --wan_ckpt_blocks=1 --warmup=0 --iters=1"
-    TC_SMALL="--n_layer=1 --n_embd=64 --n_head=2 --batch_size=2 --total_batch_size=4 --num_workers=0 --eval_samples=2"
-    TS_SMALL="--model=tiny --base_dtype=float32 --gradient_checkpointing=1 --batch_size=2 --global_batch_size=4"
+    TC_SMALL="--n_layer=1 --n_embd=64 --n_head=2 --batch_size=2 --global_batch_size=4 --num_workers=0 --eval_samples=2"
+    TS_SMALL="--model=tiny --dtype=float32 --gradient_checkpointing=1 --batch_size=2 --global_batch_size=4"
     SYN=32                  # synthetic frame size: the pixel codec's latents are SYN / 4 = 8
 else
     BUDGET=${BUDGET:-450}; TMUL=1
@@ -65,7 +66,7 @@ run_step() {
 }
 
 # ---------------------------------------------------------------------------------------------
-# 0. environment: GPU, versions, packages (wheels from .whl/ when carried, else an `av` stub)
+# 0. environment: GPU, versions, packages (wheels from .whl/ when carried, else the steps needing them skip)
 # ---------------------------------------------------------------------------------------------
 {
     echo "date $(date -u +%FT%TZ); DEVICE=$DEVICE; repo $REPO; commit $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null)"
@@ -110,8 +111,8 @@ runpy.run_path(sys.argv[0], run_name='__main__')
 EOF
 
 cat > "$WORK/probe.py" <<'EOF'
-"""CUDA facts the scripts rely on, each tried alone (PROBE name: OK/FAIL). 'expect FAIL' marks the
-bugs predicted from reading the code on a CPU-only machine."""
+"""CUDA facts the scripts rely on, each tried alone (PROBE name: OK/FAIL). 'expect FAIL' marks what
+torch is known to refuse: the scripts avoid it, and the probe shows they must."""
 import sys, time, traceback
 sys.path.insert(0, '.')
 import torch, torch.nn.functional as F
@@ -138,8 +139,8 @@ def attn(shape_q, shape_k, dtype, kernels, causal=False, dropout=0.0, backward=T
             out.float().sum().backward()
     return tuple(out.shape)
 
-import data
 from peak_flops import peak_flops
+from vae import PixelCodec
 print(f"device {torch.cuda.get_device_name(dev) if cuda else 'cpu (flash probes below are NOT CUDA results)'}; "
       f"peak_flops -> {peak_flops(dev)}; flash_sdp_enabled {torch.backends.cuda.flash_sdp_enabled()}, "
       f"mem_efficient_sdp_enabled {torch.backends.cuda.mem_efficient_sdp_enabled()}")
@@ -157,7 +158,7 @@ probe('flash Wan self  (4, 24, 1536, 128) bf16', lambda: attn((4, 24, 1536, 128)
 probe('flash Wan cross (4, 24, 1536|512, 128) bf16', lambda: attn((4, 24, 1536, 128), (4, 24, 512, 128), torch.bfloat16, FLASH))
 probe('flash+eff ST decode fp32 (8*1024, 8, 1|5, 64)', lambda: attn((8192, 8, 1, 64), (8192, 8, 5, 64), torch.float32, EFF, backward=False))
 # Wan 2.2 VAE mid-block attention: one head of 1024 channels (decoder; 640 in the encoder), fp32
-probe('flash VAE attention fp32 (4, 1, 1024, 1024)  [expect FAIL: bench vae row]', lambda: attn((4, 1, 1024, 1024), (4, 1, 1024, 1024), torch.float32, FLASH, backward=False))
+probe('flash VAE attention fp32 (4, 1, 1024, 1024)  [expect FAIL: why the vae row allows any kernel]', lambda: attn((4, 1, 1024, 1024), (4, 1, 1024, 1024), torch.float32, FLASH, backward=False))
 probe('flash+eff VAE attention fp32 (4, 1, 1024, 1024)', lambda: attn((4, 1, 1024, 1024), (4, 1, 1024, 1024), torch.float32, EFF, backward=False))
 probe('flash VAE attention bf16 (4, 1, 1024, 1024)  [expect FAIL: head_dim > 256]', lambda: attn((4, 1, 1024, 1024), (4, 1, 1024, 1024), torch.bfloat16, FLASH, backward=False))
 # 3. the modules themselves under flash only: one full-width block each, a training step
@@ -188,11 +189,11 @@ def wan_block():
         out.float().pow(2).mean().backward()
     return f"out {out.dtype}"
 probe('flash-only Wan 1 block LoRA step, bf16 weights, checkpointed', wan_block)
-# 4. predicted bugs, each tried directly
-probe("torch.cuda.set_device('cuda')  [torch rejects it; bench.py now passes an index]", lambda: torch.cuda.set_device('cuda'))
+# 4. device handling the scripts rely on, each tried directly
+probe("torch.cuda.set_device('cuda')  [expect FAIL: torch wants an index; bench.py passes one]", lambda: torch.cuda.set_device('cuda'))
 def pixel_decode():
-    z = data.PixelCodec().encode(torch.rand(2, 3, 21, 32, 32, device=dev) * 2 - 1)
-    return tuple(data.PixelCodec().decode(z).shape)
+    z = PixelCodec().encode(torch.rand(2, 3, 21, 32, 32, device=dev) * 2 - 1)
+    return tuple(PixelCodec().decode(z).shape)
 probe('PixelCodec decode of latents on the device', pixel_decode)
 def rng_resume():
     import io, run_dir
@@ -208,15 +209,15 @@ EOF
 # ---------------------------------------------------------------------------------------------
 # 1. the checks, most informative / riskiest first (each step's timeout in GPU seconds)
 # ---------------------------------------------------------------------------------------------
-run_step data_prep 90 bash -c "$PY data.py synthetic --out $WORK/syn64k --vocab 64000 && { [ $HAVE_AV = 0 ] || \
-    $PY -c 'import data; data.write_synthetic_raw_set(\"$WORK/ts_data\", 1, 1500, $SYN, 0, 1200)'; }"
+run_step data_prep 90 bash -c "$PY prepare.py synthetic --out $WORK/syn64k --vocab 64000 && { [ $HAVE_AV = 0 ] || \
+    $PY -c 'import synthetic; synthetic.write_synthetic_raw_set(\"$WORK/ts_data\", 1, 1500, $SYN, 0, 1200)'; }"
 # the sampling runs below: the synthetic raw set above (1 shard, SYN px), pixel codec, a window every 8 frames
 TS_DATA="--data_dir=$WORK/ts_data --make_synthetic --synthetic_shards=1 --synthetic_size=$SYN --vae=pixel --download=False"
-TS_VAL="--val_clips=1 --val_ensemble=2 --val_steps=2 --eval_interval=1000 --ckpt_interval=1000" 
+TS_VAL="--val_clips=1 --val_ensemble=2 --val_steps=2 --eval_interval=1000 --ckpt_interval=1000"
 
 run_step probe 60 $PY "$WORK/probe.py" "$BDEV"
 
-# bench.py with its default device (it used to die at torch.cuda.set_device('cuda'))
+# bench.py with its default device ('cuda' resolved to the current GPU's index)
 run_step bench_default_device 40 $PY bench.py --preset=full --what=wan_fwd --warmup=0 --iters=1 $( [ "$DEVICE" = cpu ] && echo --device=cpu ) $B_SMALL
 
 # Wan 2.2 TI2V-5B LoRA step at the paper's per-GPU setting (batch 8, all 30 blocks checkpointed)
@@ -231,7 +232,7 @@ run_step bench_wan_lora_b8_ckpt30 60 $PY bench.py --preset=full --device=$BDEV -
 
 # compression track, paper preset at its micro-batch 10 (54 GiB measured on an H100)
 run_step train_compression_paper_b10 75 $PY "$WORK/memwrap.py" train_compression.py --preset=paper --device=$DEV \
-    --data_dir=$WORK/syn64k --out_dir=$WORK/tc_b10 --max_iters=8 --total_batch_size=20 \
+    --data_dir=$WORK/syn64k --out_dir=$WORK/tc_b10 --max_iters=8 --global_batch_size=20 \
     --final_eval=False --eval_interval=1000 --eval_samples=16 --num_workers=4 $TC_SMALL
 [ -f "$WORK/tc_b10/log.jsonl" ] && { echo "    tc_b10 log.jsonl (last 3):"; tail -n 3 "$WORK/tc_b10/log.jsonl" | sed 's/^/      /'; } >> "$SUM"
 
@@ -241,7 +242,7 @@ run_step bench_st 60 $PY bench.py --preset=full --device=$BDEV --what=st_train,s
 # DDP with NCCL (torchrun, 1 process: init, no_sync accumulation, all-reduce), both tracks, small models
 run_step ddp_train_compression 45 $PY -m torch.distributed.run --standalone --nproc_per_node=1 train_compression.py \
     --device=$DEV --data_dir=$WORK/syn64k --out_dir=$WORK/tc_ddp --max_iters=2 --n_layer=2 --batch_size=4 \
-    --total_batch_size=8 --final_eval=False --eval_samples=4 --num_workers=2 $TC_SMALL $( [ "$DEVICE" = cpu ] && echo --preset=paper )
+    --global_batch_size=8 --final_eval=False --eval_samples=4 --num_workers=2 $TC_SMALL $( [ "$DEVICE" = cpu ] && echo --preset=paper )
     # (torchrun on CUDA picks preset paper by itself; the CPU dry run names it)
 [ "$HAVE_AV" = 1 ] && run_step ddp_train_sampling_tiny 45 $PY -m torch.distributed.run --standalone --nproc_per_node=1 \
     train_sampling.py --preset=cpu --device=$DEV $TS_DATA $TS_VAL --out_dir=$WORK/ts_tiny \

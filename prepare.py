@@ -1,0 +1,321 @@
+"""Prepare the data: download the 1X datasets, write the synthetic ones, encode raw clips to
+latents. One command line (as nanoGPT's prepare.py), and the functions the trainers call.
+
+    python prepare.py download --out data/1x --split train_v2.0        # tokenized (compression)
+    python prepare.py download_raw --out data/1x --split val_v2.0_raw  # raw videos (sampling)
+    python prepare.py encode_raw --codec=wan --split data/1x/train_v2.0_raw --out data/1x/latents_wan/train_v2.0_raw --stride 8
+    python prepare.py synthetic --out data/synthetic                   # small sets in the same layout
+    python prepare.py synthetic_raw --out data/raw_demo
+"""
+import json
+import os
+import shutil
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+import synthetic
+from data import (HF_REPO_RAW, HF_REPO_TOKENIZED, RAW_CLIP_LEN, STATE_DIM, RawShard, expected_sizes, raw_shards,
+                  read_json, repo_files, settings_differ, shard_paths)
+from vae import PixelCodec, frames_to_video
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenized data (compression track): download and checks
+# ---------------------------------------------------------------------------------------------
+
+def tokenized_split_problems(split_dir, shards=None):
+    """What is missing or the wrong size in a tokenized split (the sizes follow from the metadata,
+    so a partial download is recognised); [] when it is whole."""
+    meta = os.path.join(split_dir, 'metadata.json')
+    if not os.path.exists(meta):
+        return [f"{meta} is missing"]
+    problems = []
+    for i in range(read_json(meta)['num_shards']) if shards is None else shards:
+        try:
+            paths = shard_paths(split_dir, i)
+            n = read_json(paths['metadata'])['shard_num_frames']
+        except (FileNotFoundError, ValueError) as e:
+            problems.append(str(e).split('. ')[0])
+            continue
+        for kind, size in expected_sizes(n).items():
+            if os.path.getsize(paths[kind]) != size:
+                problems.append(f"{paths[kind]} has {os.path.getsize(paths[kind])} bytes, not {size}")
+    return problems
+
+
+def hub_file(repo, repo_file, out, how_to_prepare, force=False):
+    """One file of a Hugging Face dataset repo into out/repo_file, through the huggingface_hub cache
+    (HF_HUB_CACHE: resumable, atomic per file), then hard-linked (or copied) into place atomically.
+    Offline, stop with how_to_prepare: the commands that prepare the data on another machine."""
+    from huggingface_hub import hf_hub_download
+    try:
+        cached = hf_hub_download(repo, repo_file, repo_type='dataset', force_download=force)
+    except Exception as e:   # offline, no network, no such file, ... (huggingface_hub's errors vary by version)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SystemExit(f"could not fetch {repo_file} of the Hugging Face dataset {repo} ({first}).\n"
+                         f"Without network access here, prepare the data where there is one and copy the folder:\n"
+                         f"{how_to_prepare}"
+                         f"then pass --data_dir=DIR (or point HF_HUB_CACHE at a cache that holds the dataset).")
+    dst = os.path.join(out, repo_file)
+    os.makedirs(os.path.dirname(dst), exist_ok=True)
+    tmp = f"{dst}.tmp{os.getpid()}"
+    try:
+        os.link(os.path.realpath(cached), tmp)
+    except OSError:   # another file system: copy
+        shutil.copyfile(cached, tmp)
+    os.replace(tmp, dst)
+    return dst
+
+
+def _fetch(repo_file, out, force=False):
+    """One file of the tokenized dataset into out/repo_file (hub_file)."""
+    return hub_file(HF_REPO_TOKENIZED, repo_file, out, "    python prepare.py download --out DIR --split train_v2.0\n"
+                    "    python prepare.py download --out DIR --split val_v2.0\n", force)
+
+
+def download_tokenized(out, split='val_v2.0', shards=None, rank=0, world=1):
+    """Fetch a split of 1x-technologies/worldmodel into out/split with huggingface_hub: its
+    metadata, then the shards (shards=[0]: one train shard to try; None: all), shard i by rank
+    i % world, so every rank of a run shares the work (out must be on storage they all see).
+    Every file is checked against the size its metadata implies and fetched again once if it is
+    wrong. Train splits keep files in subfolders, the others flat (the dataset's layout)."""
+    meta = read_json(_fetch(f'{split}/metadata.json', out))
+    for i in range(meta['num_shards']) if shards is None else shards:
+        if i % world != rank:
+            continue
+        files = repo_files(split, i)
+        n = read_json(_fetch(files['metadata'], out))['shard_num_frames']
+        for kind, size in expected_sizes(n).items():
+            path = os.path.join(out, files[kind])
+            if os.path.exists(path) and os.path.getsize(path) == size:
+                continue   # a resumed download: this file is whole
+            if os.path.getsize(_fetch(files[kind], out)) != size:
+                if os.path.getsize(_fetch(files[kind], out, force=True)) != size:
+                    raise SystemExit(f"{path}: {os.path.getsize(path)} bytes after download, its metadata implies "
+                                     f"{size}: the dataset on the Hub does not match its metadata")
+    return os.path.join(out, split)
+
+
+def finish_download(out, split, shards=None):
+    """After every rank's share: the whole split must be there (else data_dir is not shared)."""
+    problems = tokenized_split_problems(os.path.join(out, split), shards)
+    if problems:
+        raise SystemExit(f"{os.path.join(out, split)} is incomplete after the download: {'; '.join(problems[:3])}. "
+                         f"A multi-node run needs data_dir on storage that every node sees.")
+
+
+# ---------------------------------------------------------------------------------------------
+# Raw video data (sampling track): download, and latents on disk (encode once, train many steps)
+# ---------------------------------------------------------------------------------------------
+
+def _fetch_raw(repo_file, out):
+    """One file of the raw dataset into out/repo_file (hub_file); one placed by an earlier run is kept."""
+    dst = os.path.join(out, repo_file)
+    if os.path.exists(dst):   # placed whole by an earlier run
+        return dst
+    return hub_file(HF_REPO_RAW, repo_file, out, "    python prepare.py download_raw --out DIR --split train_v2.0_raw\n"
+                    "    python prepare.py download_raw --out DIR --split val_v2.0_raw\n"
+                    "    python prepare.py encode_raw --codec=wan --stride=8 --split DIR/train_v2.0_raw "
+                    "--out DIR/latents_wan/train_v2.0_raw\n")
+
+
+def download_raw(out, split='val_v2.0_raw', rank=0, world=1):
+    """Fetch a raw split of 1x-technologies/worldmodel_raw_data into out/split with huggingface_hub:
+    the split's metadata.json, then shard i's four files by rank i % world (out must be on storage
+    every rank sees). Each file is placed whole (atomic) and kept by a rerun; states and segment
+    files are checked against the sizes their metadata implies."""
+    meta = read_json(_fetch_raw(f'{split}/metadata.json', out))
+    for i in range(meta['num_shards']):
+        if i % world != rank:
+            continue
+        for f in repo_files(split, i, 'mp4').values():
+            _fetch_raw(f, out)
+        RawShard(os.path.join(out, split), i)   # sizes and finite states
+    return os.path.join(out, split)
+
+
+def encode_raw_split(split_dir, out_dir, codec, stride=RAW_CLIP_LEN, batch_size=8, device='cpu',
+                     dtype=torch.float32, rank=0, world=1):
+    """Encode every clip of a raw split with `codec` (vae.PixelCodec or vae.WanVAE) to
+    out_dir/latents_{shard}.safetensors holding latents [N, 48, 6, h, w], states [N, 21, 25] and
+    starts [N] (the raw frame each window starts at), and out_dir/encoding.json (the settings and
+    the number of clips). Store bf16 for the Wan VAE, float32 for the lossless pixel codec.
+
+    Safe to interrupt and to share: the shards are written to out_dir.partial, each file renamed
+    into place whole; the settings go first to out_dir.partial/settings.json, so a rerun resumes
+    at the first shard not written and refuses other settings (another stride, codec, frame size)
+    instead of mixing them. With world > 1 process `rank` encodes shards rank, rank + world, ...
+    and the master calls finish_encoding after all are done. A finished out_dir of the same
+    settings is kept as it is; one of other settings is an error. Returns the number of clips
+    (world == 1) or None. Latents that come out NaN or inf are an error naming the video."""
+    out_dir = str(out_dir).rstrip('/')
+    shards = raw_shards(split_dir)
+    frame_size = RawShard(split_dir, shards[0]).read_frames(0, 1).shape[1:3]
+    settings = dict(codec=type(codec).__name__, stride=stride, frame_size=list(frame_size), dtype=str(dtype),
+                    split=os.path.basename(str(split_dir).rstrip('/')))
+    if os.path.exists(out_dir):
+        check_encoding(out_dir, settings)
+        return read_json(os.path.join(out_dir, 'encoding.json'))['clips']
+    partial = out_dir + '.partial'
+    os.makedirs(partial, exist_ok=True)
+    settings_json = os.path.join(partial, 'settings.json')
+    if os.path.exists(settings_json):
+        _same_settings(settings_json, settings, f"an interrupted encoding in {partial}", partial)
+    else:
+        tmp = f"{settings_json}.tmp{rank}"
+        with open(tmp, 'w') as f:
+            json.dump(settings, f)
+        os.replace(tmp, settings_json)
+    for shard_id in shards[rank::world]:
+        path = os.path.join(partial, f'latents_{shard_id}.safetensors')
+        if os.path.exists(path):   # written whole by an interrupted run
+            continue
+        shard = RawShard(split_dir, shard_id, frame_size)
+        starts = shard.clip_starts(stride)
+        latents, states, batch = [], [], []
+        for k, (_, frames_THWC, states_TD) in enumerate(tqdm(shard.iter_clips(starts), total=len(starts),
+                                                              desc=f'encode {split_dir} shard {shard_id}')):
+            batch.append(torch.from_numpy(frames_THWC))
+            states.append(torch.from_numpy(states_TD))
+            if len(batch) == batch_size or k == len(starts) - 1:
+                with torch.no_grad():
+                    z = codec.encode(frames_to_video(torch.stack(batch)).to(device)).to('cpu', dtype)
+                if not torch.isfinite(z).all():
+                    bad = starts[k + 1 - len(batch) + int((~torch.isfinite(z)).flatten(1).any(1).nonzero()[0])]
+                    raise ValueError(f"{shard.video_path}: the codec's latents of the clip at frame {bad} hold NaN or "
+                                     f"inf (codec {type(codec).__name__}, {dtype}); check the video and the VAE")
+                latents.append(z)
+                batch = []
+        save_file({'latents': torch.cat(latents).contiguous() if latents else torch.zeros(0),
+                   'states': torch.stack(states).contiguous() if states else torch.zeros(0, RAW_CLIP_LEN, STATE_DIM),
+                   'starts': torch.tensor(starts, dtype=torch.int64)}, path + '.tmp')
+        os.replace(path + '.tmp', path)
+    if world == 1:
+        return finish_encoding(split_dir, out_dir)
+
+
+def finish_encoding(split_dir, out_dir):
+    """After every rank's share: check that every shard is there, write encoding.json, rename
+    out_dir.partial to out_dir. Returns the number of clips."""
+    out_dir = str(out_dir).rstrip('/')
+    partial = out_dir + '.partial'
+    total = 0
+    for shard_id in raw_shards(split_dir):
+        path = os.path.join(partial, f'latents_{shard_id}.safetensors')
+        if not os.path.exists(path):
+            raise SystemExit(f"{path} is missing after encoding: a rank failed, or out_dir is not on storage that "
+                             f"every node sees; rerun to resume")
+        with safe_open(path, framework='pt') as f:
+            total += f.get_slice('starts').get_shape()[0]
+    settings = read_json(os.path.join(partial, 'settings.json'))
+    with open(os.path.join(partial, 'encoding.json'), 'w') as f:
+        json.dump(dict(settings, clips=total), f)
+    os.replace(partial, out_dir)
+    return total
+
+
+def _same_settings(path, settings, what, where):
+    diffs = settings_differ(read_json(path), settings)
+    if diffs:
+        raise SystemExit(f"{what} has other settings ({diffs}): pass the same settings, another "
+                         f"folder, or delete {where} to encode again")
+
+
+def check_encoding(out_dir, settings):
+    """A finished encoding in out_dir must have these settings (keys of encoding.json)."""
+    path = os.path.join(out_dir, 'encoding.json')
+    if not os.path.exists(path):
+        raise SystemExit(f"{out_dir} exists but has no encoding.json: it is not a finished encoding; delete it")
+    saved = read_json(path)
+    if saved.get('stride') != settings.get('stride', saved.get('stride')):   # the flag users change most
+        raise SystemExit(f"{out_dir} was encoded with stride {saved.get('stride')}: pass "
+                         f"--clip_stride={saved.get('stride')} (encode_raw: --stride), or delete it to encode again")
+    _same_settings(path, settings, f"the encoding in {out_dir}", out_dir)
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------
+
+def cmd_synthetic(args):
+    world = synthetic.write_synthetic(args.out, seed=args.seed, vocab=args.vocab)   # reuses a finished set of these settings
+    floors = synthetic.synthetic_floors(world['vocab'], world['eps'], world['p_new'])
+    print(f"wrote {args.out}/train_v2.0 and {args.out}/val_v2.0 (vocab {world['vocab']}, eps {world['eps']})")
+    print(f"Bayes-optimal teacher-forced CE per future token: full {floors['full']:.4f}, Top-500 {floors['topk']:.4f} nats")
+
+
+def cmd_download(args):
+    shards = None if args.shards is None else [int(s) for s in args.shards.split(',')]
+    split_dir = download_tokenized(args.out, args.split, shards)
+    finish_download(args.out, args.split, shards)
+    print(f"downloaded to {split_dir}")
+
+
+def cmd_synthetic_raw(args):
+    written = synthetic.write_synthetic_raw_set(args.out, args.train_shards, args.frames, args.size, args.seed)
+    print(f"{'wrote' if written else 'kept (already written with these settings)'} {args.out}/train_v2.0_raw and "
+          f"{args.out}/val_v2.0_raw ({args.size}x{args.size})")
+
+
+def cmd_encode_raw(args):
+    if args.codec == 'wan':   # an fp32 VAE: encoding runs once, so spend the precision; bf16 latents on disk
+        from vae import WanVAE
+        codec, dtype = WanVAE.from_pretrained(args.vae_path, device=args.device), torch.bfloat16
+    else:
+        codec, dtype = PixelCodec(), torch.float32
+    n = encode_raw_split(args.split, args.out, codec, args.stride, args.batch_size, args.device, dtype)
+    print(f"encoded {n} clips of {args.split} to {args.out}")
+
+
+def main(argv=None):
+    """`python prepare.py <subcommand> ...`: each subcommand is one small block below; add yours beside."""
+    import argparse
+    parser = argparse.ArgumentParser(prog='prepare.py', description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest='command', required=True)
+
+    # --- section 1: tokenized data (compression track) ---
+    p = sub.add_parser('synthetic', help='write a synthetic tokenized dataset in the 1X v2.0 layout')
+    p.add_argument('--out', required=True, help='output folder (gets train_v2.0/ and val_v2.0/)')
+    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--vocab', type=int, default=1000, help='tokens are drawn from [0, vocab)')
+    p.set_defaults(run=lambda a: cmd_synthetic(a))
+    p = sub.add_parser('download', help='fetch the tokenized 1X dataset with huggingface_hub')
+    p.add_argument('--out', required=True, help='local folder for the dataset')
+    p.add_argument('--split', default='val_v2.0', help='train_v2.0, val_v2.0 or test_v2.0')
+    p.add_argument('--shards', default=None, help='comma-separated shard numbers (train), e.g. 0,1; default all')
+    p.set_defaults(run=lambda a: cmd_download(a))
+
+    # --- section 2: raw video data (sampling track) ---
+    p = sub.add_parser('synthetic_raw', help='write synthetic raw clips (train_v2.0_raw/, val_v2.0_raw/) whose frames follow the states')
+    p.add_argument('--out', required=True, help='output folder')
+    p.add_argument('--size', type=int, default=64, help='frame size in pixels (the real data is 512)')
+    p.add_argument('--train_shards', type=int, default=2)
+    p.add_argument('--frames', type=int, default=1200, help='frames per shard (30 Hz)')
+    p.add_argument('--seed', type=int, default=0)
+    p.set_defaults(run=lambda a: cmd_synthetic_raw(a))
+    p = sub.add_parser('encode_raw', help='encode every clip of a raw split to latents (what train_sampling.py trains on; '
+                                          'it also encodes them itself)')
+    p.add_argument('--split', required=True, help='a raw split folder, e.g. data/1x/train_v2.0_raw')
+    p.add_argument('--out', required=True, help='output folder for latents_{shard}.safetensors')
+    p.add_argument('--codec', default='pixel', choices=('pixel', 'wan'), help="'pixel' (the CPU demo's) or 'wan' (the Wan 2.2 VAE)")
+    p.add_argument('--vae_path', default='Wan-AI/Wan2.2-TI2V-5B-Diffusers', help='--codec=wan: hub repo id or local folder of the Wan VAE')
+    p.add_argument('--stride', type=int, default=RAW_CLIP_LEN, help='frames between clip starts (77: no overlap)')
+    p.add_argument('--batch_size', type=int, default=8)
+    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    p.set_defaults(run=lambda a: cmd_encode_raw(a))
+    p = sub.add_parser('download_raw', help='fetch a raw split of 1x-technologies/worldmodel_raw_data')
+    p.add_argument('--out', required=True)
+    p.add_argument('--split', default='val_v2.0_raw', help='train_v2.0_raw or val_v2.0_raw')
+    p.set_defaults(run=lambda a: print(f"downloaded to {download_raw(a.out, a.split)}"))
+
+    args = parser.parse_args(argv)
+    args.run(args)
+
+
+
+if __name__ == '__main__':
+    main()
