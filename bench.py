@@ -1,12 +1,14 @@
-"""Time nanoWM's models (as nanoGPT's bench.py): training steps, decoding and sampling, with
-warm-up and device synchronisation, in samples/s, tokens/s and MFU against the device's peak.
+"""Time nanoWM's models: training steps, decoding and sampling, in samples/s, tokens/s and MFU.
+
+As nanoGPT's bench.py: untimed warm-up calls, then timed calls with device synchronisation.
 
     python bench.py                                   # CPU: tiny configs, the same code (smoke test)
     python bench.py --preset=full                     # GPU: the paper's sizes (defaults to full on CUDA)
     python bench.py --preset=full --what=st_train --compile
     python bench.py --preset=full --what=wan_lora --wan_lora_batch=4 --wan_ckpt_blocks=10
     python bench.py --preset=full --what=wan_fwd --profile   # where the time goes (torch.profiler)
-    python bench.py --device=cpu --preset=cpu_ratios          # the CPU ratios (KV cache, batched ensemble)
+    python bench.py --device=cpu --preset=cpu_ratios          # the ratios on the CPU (KV cache, batched ensemble)
+    python bench.py --preset=full --what=ensemble,vae         # sample.py's seconds per clip, random weights
 
 What each benchmark times (--what=all runs them all; or name some, e.g. --what=st_decode,ensemble):
   st_train   one optimizer step of the compression ST-transformer (paper 3.1-3.2: 24 layers,
@@ -14,8 +16,8 @@ What each benchmark times (--what=all runs them all; or name some, e.g. --what=s
              the predicted grids 3-5 only, as train_compression.py computes it
   st_decode  greedy decoding of 3 grids from 3 context grids (st_transformer.generate, fp32 as the
              paper decodes), with and without the temporal KV cache, next to one teacher-forced
-             forward of the same 5 grids in the same precision (the issue's target: cached
-             decoding <= 1.3x that forward)
+             forward of the same 5 grids in the same precision (the target: cached decoding
+             <= 1.3x that forward)
   wan_fwd    one forward of the Wan 2.2 TI2V-5B DiT on a 512x512, 21-frame clip (6 x 32 x 32
              latents, 1536 tokens), bf16 weights with the fp32 modulation of the reference
   wan_lora   one LoRA fine-tuning step (rank 32, frozen bf16 base, flow-matching loss of
@@ -27,6 +29,9 @@ What each benchmark times (--what=all runs them all; or name some, e.g. --what=s
   vae        the rest of sample.py's work on a clip: encode the 5 context frames, decode the
              members' latents 4 at a time (Wan 2.2 VAE architecture, random weights, fp32 as
              sample.py runs it); ensemble + vae = sample.py's seconds per clip
+
+The ensemble and vae rows are also how to time sample.py with random weights, before any run has
+trained: --what=ensemble,vae with the --ensemble, --steps and --cfg_scale sample.py would use.
 
 On CUDA every transformer benchmark runs with only the flash attention kernel of
 F.scaled_dot_product_attention allowed (--sdpa=flash), so a run that leaves the flash path fails
@@ -42,6 +47,7 @@ import torch
 import torch.nn.functional as F
 
 import data
+from configurator import configure
 from peak_flops import peak_flops
 from st_transformer import STConfig, STTransformer
 from wan_state import WanConfig, WanDiT, add_lora, frame_timesteps, per_token_timestep
@@ -55,15 +61,22 @@ sdpa = 'flash'             # CUDA: 'flash' (only the flash kernel allowed: fails
 warmup = 1                 # untimed calls first (compilation, cuDNN autotuning, allocator)
 iters = 2                  # timed calls, averaged
 profile = False            # also print torch.profiler's top operators of each benchmark's timed calls
-seed = 0
+seed = 0                   # seed of the random weights and inputs
 threads = 0                # CPU threads for torch (0 = torch's default)
 # compression ST-transformer (PRESETS below fill these)
-st_layers, st_heads, st_embd, st_vocab, st_grid = 2, 2, 32, 512, 8
+st_layers = 2              # blocks (paper 3.1: 24)
+st_heads = 2               # attention heads (paper: 8)
+st_embd = 32               # width (paper: 512)
+st_vocab = 512             # token vocabulary (paper: 64000)
+st_grid = 8                # token grid height = width (paper: 32)
 st_batch = 2               # training samples per step
 decode_batch = 2           # samples decoded at once
 # sampling-track DiT
 wan_model = 'tiny'         # 'tiny' (WanConfig.tiny with the sizes below) or 'ti2v-5b'
-wan_dim, wan_layers, wan_heads, wan_ffn = 64, 2, 2, 128   # the tiny DiT's sizes
+wan_dim = 64               # the tiny DiT's width
+wan_layers = 2             # the tiny DiT's blocks
+wan_heads = 2              # the tiny DiT's attention heads
+wan_ffn = 128              # the tiny DiT's feed-forward width
 latent_hw = 8              # latent height = width (512 px / 16 = 32 at full size)
 wan_batch = 1              # clips per forward
 wan_lora_batch = 1         # clips per LoRA step
@@ -78,8 +91,9 @@ PRESETS = {
     # the defaults above: a smoke test that runs in seconds. One thread: tiny models gain nothing
     # from more, and on a busy machine competing OpenMP threads make them many times slower
     'cpu': dict(threads=1),
-    # the CPU ratios of the issue (decoding with / without the KV cache, batched / looped ensemble,
-    # per-frame / per-token modulation) at sizes where compute, not Python overhead, dominates:
+    # the ratios that justify the design (decoding with / without the KV cache, batched / looped
+    # ensemble, per-frame / per-token modulation), on the CPU, at sizes where compute, not Python
+    # overhead, dominates:
     # real 32 x 32 token grids, and the real 1536-token clip through a small DiT with the full
     # model's head width (128) and FFN ratio
     'cpu_ratios': dict(threads=1, what='st_decode,wan_fwd,ensemble', st_layers=4, st_heads=4, st_embd=128,
@@ -91,7 +105,6 @@ PRESETS = {
                  st_batch=8, decode_batch=8, wan_model='ti2v-5b', latent_hw=32, wan_batch=4, wan_lora_batch=2,
                  ensemble=20, steps=20, vae='wan2.2', warmup=2, iters=5),
 }
-from configurator import configure  # noqa: E402
 configure(globals(), presets=PRESETS, choices=dict(sdpa=('flash', 'any'), vae=('tiny', 'wan2.2'),
                                                    wan_model=('tiny', 'ti2v-5b')),
           positive=('iters', 'st_batch', 'decode_batch', 'wan_batch', 'wan_lora_batch', 'ensemble', 'steps'),
@@ -364,7 +377,8 @@ def bench_vae():
 print(f"device: {device_name}; preset {preset}; peak bf16 "
       f"{'%.0f TFLOP/s' % (peak / 1e12) if peak else 'n/a'}; compile {compile}; sdpa {sdpa}; "
       f"warm-up {warmup}, {iters} timed calls; torch {torch.__version__}")
-print(f"{'benchmark':18s} {'shape':42s} {'ms / call':>10s} {'samples/s':>10s} {'tokens/s':>12s} {'MFU':>7s} {'GiB':>6s}")
+print(f"{'benchmark':18s} {'shape':42s} {'ms / call':>10s} {'samples/s':>10s} {'tokens/s':>12s} {'MFU':>7s} "
+      f"{'GiB':>6s}")
 ratios = {}   # the comparisons, printed after the table
 
 if any(w in selected for w in ('st_train', 'st_decode')):

@@ -4,8 +4,9 @@
 
 Sections: the noise schedule (Wan's shift, the reference sampler's sigmas), the training loss and
 its per-sample random draws, the samplers (hand-written Euler on the reference schedule; diffusers'
-UniPC, Wan's own default solver), and the ensemble: the prediction of frame 77 that sample.py and
-the validation of a training run both use (its score, PSNR, is in metrics.py).
+UniPC, Wan's own default solver), and the ensemble (paper 2.3, predict_frame77): the prediction of
+frame 77 that sample.py and the validation of a training run both use (its score, PSNR, is in
+metrics.py).
 """
 import torch
 import torch.nn.functional as F
@@ -17,9 +18,7 @@ from wan_state import frame_timesteps
 NUM_TRAIN_TIMESTEPS = 1000   # Wan 2.2: t = 1000 s
 
 
-# ---------------------------------------------------------------------------------------------
-# Noise schedule
-# ---------------------------------------------------------------------------------------------
+# --- Noise schedule -------------------------------------------------------------------------------
 
 def shift_sigma(u, shift):
     """Wan's timestep shift: s' = shift s / (1 + (shift - 1) s); shift > 1 spends more steps near noise."""
@@ -36,9 +35,7 @@ def reference_sigmas(steps, shift):
     return torch.cat([shift_sigma(u, shift), torch.zeros(1, dtype=torch.float64)])
 
 
-# ---------------------------------------------------------------------------------------------
-# Training loss
-# ---------------------------------------------------------------------------------------------
+# --- Training loss --------------------------------------------------------------------------------
 
 def latent_mask(batch, num_latents=data.NUM_LATENTS, num_context=data.NUM_CONTEXT_LATENTS, device='cpu'):
     """[B, F] frame mask: 0 on the context latents (held clean), 1 on the latents to generate."""
@@ -76,9 +73,7 @@ def sample_draws(seed, step, positions, latent_shape, shift, p_drop):
     return torch.cat(sigma), torch.stack(noise), torch.cat(drop)
 
 
-# ---------------------------------------------------------------------------------------------
-# Samplers
-# ---------------------------------------------------------------------------------------------
+# --- Samplers -------------------------------------------------------------------------------------
 
 def _unipc(shift):
     """diffusers' UniPC as Wan 2.2's TI2V pipeline configures it (order 2, x0 prediction from the
@@ -103,14 +98,17 @@ def sample_latents(model, z_ctx_BCKHW, states_BTD, context_1LD, noise_BCFHW, *, 
     """
     B, C, Fr, H, W = noise_BCFHW.shape
     K = z_ctx_BCKHW.shape[2]
-    assert z_ctx_BCKHW.shape == (B, C, K, H, W), (
-        f"context latents {tuple(z_ctx_BCKHW.shape)} do not match noise {tuple(noise_BCFHW.shape)}")
+    guided = cfg_scale != 1.0
+    if z_ctx_BCKHW.shape != (B, C, K, H, W):
+        raise ValueError(f"context latents {tuple(z_ctx_BCKHW.shape)} do not match noise {tuple(noise_BCFHW.shape)}")
+    if guided and no_states:
+        raise ValueError("no_states samples without the states: there is nothing to guide")
+    if scheduler not in ('euler', 'unipc'):
+        raise ValueError(f"scheduler={scheduler!r}: 'euler' or 'unipc'")
     device = noise_BCFHW.device
     mask_BF = latent_mask(B, Fr, K, device)
     is_ctx = (mask_BF == 0).view(B, 1, Fr, 1, 1)
     z_ctx_full = F.pad(z_ctx_BCKHW, (0, 0, 0, 0, 0, Fr - K))
-    guided = cfg_scale != 1.0
-    assert not (guided and no_states), "no_states samples without the states: there is nothing to guide"
     if guided:   # rows B.. are the unconditional copies
         states_BTD = torch.cat([states_BTD, states_BTD])
         drop_B = torch.arange(2 * B, device=device) >= B
@@ -133,7 +131,6 @@ def sample_latents(model, z_ctx_BCKHW, states_BTD, context_1LD, noise_BCFHW, *, 
             v = velocity(latent, torch.tensor(NUM_TRAIN_TIMESTEPS * s, device=device))
             latent = torch.where(is_ctx, z_ctx_full, latent + (s_next - s) * v)
         return latent
-    assert scheduler == 'unipc', f"scheduler={scheduler!r}: 'euler' or 'unipc'"
     sched = _unipc(shift)
     sched.set_timesteps(steps, device=device)
     for t in sched.timesteps:
@@ -142,17 +139,19 @@ def sample_latents(model, z_ctx_BCKHW, states_BTD, context_1LD, noise_BCFHW, *, 
     return latent
 
 
-# ---------------------------------------------------------------------------------------------
-# Predicting frame 77, and its score
-# ---------------------------------------------------------------------------------------------
+# --- The ensemble (paper 2.3) ---------------------------------------------------------------------
 
 def predict_frame77(net, codec, frames_THWC, states_TD, context_1LD, *, ensemble, steps, shift, noise_seed,
                     cfg_scale=1.0, scheduler='euler', decode_batch=4, device='cpu', no_states=False, videos=False):
-    """The challenge's prediction for one clip: encode the 5 context frames, denoise `ensemble`
-    members in one batch, decode frame 77 of each. Returns the members uint8 [N, H, W, 3] and
-    their mean in pixel space (paper 2.3) uint8 [H, W, 3]; with videos=True also every member's
-    whole decoded clip, uint8 [N, 21, H, W, 3]. no_states: the no-state embedding instead of the
-    states (states_TD is then ignored). Non-finite latents are an error."""
+    """The ensemble (paper 2.3): N = `ensemble` members, each from its own noise, denoised in one
+    batch, decoded, and their frames 77 averaged in pixel space: the challenge's prediction for one
+    clip (the mean's squared error is at most the members' average: a higher PSNR than a typical
+    member, if blurrier).
+
+    The 5 context frames are encoded once and held fixed in every member (sample_latents). Returns
+    the members uint8 [N, H, W, 3] and their mean uint8 [H, W, 3]; with videos=True also every
+    member's whole decoded clip, uint8 [N, 21, H, W, 3]. no_states: the no-state embedding instead
+    of the states (states_TD is then ignored). Non-finite latents are an error."""
     z_ctx = codec.encode(frames_to_video(frames_THWC[None, :data.NUM_CONTEXT_FRAMES]).to(device))
     latent_shape = (z_ctx.shape[1], data.NUM_LATENTS, *z_ctx.shape[3:])
     noise = torch.randn((ensemble, *latent_shape), generator=torch.Generator().manual_seed(noise_seed)).to(device)

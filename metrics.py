@@ -1,14 +1,13 @@
-"""The two scores of the 1X World Model Challenge, computed as nanoWM reads the challenge's rules.
+"""The two scores of the 1X World Model Challenge, as nanoWM reads the challenge's rules, and the
+image scores sample.py reports beside them.
 
     compression track: Top-500 cross-entropy per token of the predicted grids (cross_entropy_topk)
     sampling track:    PSNR of the predicted frame 77 against the real one (psnr)
+    beside PSNR:       SSIM (ssim), and the earlier blur + histogram matching baseline (blur_baseline)
 
-and the other image scores sample.py reports beside PSNR: SSIM, and the earlier blur + histogram
-matching baseline (blur_baseline). Images are uint8 [H, W, 3] numpy arrays.
-
-train_compression.py and train_sampling.py / sample.py report them; synthetic.py computes the exact
-floor of its synthetic tokenized set under the first. README (Fidelity) says where the rules are
-silent and what we chose.
+Images are uint8 [H, W, 3] numpy arrays. train_compression.py, train_sampling.py and sample.py
+report these scores; synthetic.py computes the exact floor of its tokenized set under the first.
+The official scorer is not public: the README (Compression track) states our reading of it.
 """
 import math
 
@@ -16,8 +15,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-# Top-500 CE (the 1X challenge metric, cross_entropy_topk): a true token outside the k largest
-# logits scores -log(P_FLOOR). The official scorer is not public; we choose 1 / 64000, i.e. such a token
+# ---------------------------------------------------------------------------------------------
+# Compression track: Top-500 cross-entropy
+# ---------------------------------------------------------------------------------------------
+
+# A true token outside the k largest logits scores -log(P_FLOOR). We choose 1 / 64000: such a token
 # costs what a uniform guess over the real Cosmos vocabulary costs (log 64000 = 11.07 nats).
 TOP_K = 500
 P_FLOOR = 1 / 64000
@@ -37,6 +39,10 @@ def cross_entropy_topk(logits_NV, target_N, k=TOP_K, p_floor=P_FLOOR):
     return torch.where(in_top_N, -logp_true_N, torch.full_like(logp_true_N, -math.log(p_floor)))
 
 
+# ---------------------------------------------------------------------------------------------
+# Sampling track: PSNR, and SSIM beside it
+# ---------------------------------------------------------------------------------------------
+
 def psnr(pred_HWC, target_HWC):
     """PSNR in dB of uint8 images with pixels in [0, 1] (the challenge metric; paper 2, problem statement)."""
     mse = np.mean((pred_HWC.astype(np.float64) / 255 - target_HWC.astype(np.float64) / 255) ** 2)
@@ -44,6 +50,7 @@ def psnr(pred_HWC, target_HWC):
 
 
 def _gaussian_kernel(sigma, radius=None):
+    """A normalised 1-D Gaussian of 2 radius + 1 taps (radius: 3 sigma unless given)."""
     radius = radius if radius is not None else max(1, int(round(3 * sigma)))
     x = torch.arange(-radius, radius + 1, dtype=torch.float64)
     k = torch.exp(-x ** 2 / (2 * sigma ** 2))
@@ -51,6 +58,8 @@ def _gaussian_kernel(sigma, radius=None):
 
 
 def _blur_NCHW(x, k, padding_mode):
+    """Each channel filtered by the separable kernel k (rows, then columns); padding_mode None keeps
+    only the valid positions, else the image is padded by the kernel's radius ('reflect')."""
     r = len(k) // 2
     C = x.shape[1]
     if padding_mode:
@@ -73,7 +82,12 @@ def ssim(pred_HWC, target_HWC):
     return float(s.mean())
 
 
+# ---------------------------------------------------------------------------------------------
+# The earlier baseline: Gaussian blur + histogram matching (paper 2.3)
+# ---------------------------------------------------------------------------------------------
+
 def gaussian_blur(img_HWC, sigma):
+    """img_HWC blurred by a Gaussian of sigma pixels, edges reflected."""
     x = torch.from_numpy(img_HWC.astype(np.float64)).permute(2, 0, 1)[None]
     out = _blur_NCHW(x, _gaussian_kernel(sigma), 'reflect')
     return out[0].permute(1, 2, 0).round().clamp(0, 255).numpy().astype(np.uint8)

@@ -3,28 +3,20 @@
     python sample.py --ensemble 20                  # the paper's evaluation of the trained run
     python sample.py --ensemble 20 --cfg 2.0        # a CFG-trained run (train_sampling.py --preset=paper_cfg)
 
-The checkpoint is out_dir/ckpt.pt; with no --out_dir, the paper run's (out_sampling_paper) if it
-exists, else the demo's (out_sampling); everything else (model, VAE, data) is read from it. For
-each clip: encode the 5 context frames (raw 0, 4, 8, 12, 16) to the 2 context latents; the N
-ensemble members run as one batch (2N with classifier-free guidance), each denoised from its own
-noise by flow-matching Euler on Wan's reference schedule (or UniPC), the context latents
-re-imposed after every step; decode; average the N predicted frames in pixel space (paper 2.3:
-the mean of an ensemble blurs where the future is uncertain, which PSNR rewards). Prints and
-writes per clip PSNR and SSIM of: copy-last-context-frame, a single sample, the ensemble mean,
-and the earlier baseline (Gaussian blur + histogram matching to the last context frame, applied
-to the single sample).
+Everything (model, VAE, data) is read from the run's out_dir/ckpt.pt; with no --out_dir, the
+paper run's (out_sampling_paper) if there is one, else the demo's (out_sampling).
 
-What the states do (--ablation): the same clip and noise again, once with the states of another
-clip for the frames to predict, once with the learned no-state embedding; the own states' margin
-over each is how much the prediction follows the robot. On a synthetic split (--counterfactual)
-the world can be drawn for any states, so every future (own, another clip's, a hand-made one:
-synthetic.arms_swing_across) is also scored against the frame the world shows under it: a model that
-follows the commanded motion is closer to that frame than to the recorded one.
+The ensemble (paper 2.3): a clip's 5 context frames are encoded to the 2 context latents, N
+members are denoised from their own noise as one batch (the context latents re-imposed after
+every step), decoded, and their frames 77 averaged in pixel space. Where the future is uncertain
+the mean blurs, and PSNR rewards that over any single guess.
 
-Outputs in {out_dir}/samples/ (--results_dir to keep runs apart): metrics.csv; clip_{k}.png
-(context, members, mean, truth, error map; labelled, frames enlarged to >= 128 px);
-counterfactual_{k}.png (each future's prediction next to its truth); clip_0.gif (the first
-clip's predicted video next to the real one).
+Each clip's PSNR and SSIM are written for: copy the last context frame, one member, the ensemble
+mean, and the earlier blur + histogram matching baseline. --ablation: the same clip and noise
+under another clip's states and under none (how much the prediction follows the robot);
+--counterfactual, on a synthetic split: each future also scored against the frame the world
+draws for its states. Outputs in {out_dir}/samples/: metrics.csv, clip_{k}.png,
+counterfactual_{k}.png, clip_0.gif.
 """
 import csv
 import math
@@ -39,205 +31,191 @@ import data
 import pictures
 import run_dir
 import synthetic
+from configurator import configure
 from flow_matching import predict_frame77
 from metrics import blur_baseline, psnr, ssim
 from vae import PixelCodec
 from wan_files import build_model, text_context
 from wan_state import merge_lora
 
+# --- settings ----------------------------------------------------------------------------------
+out_dir = ''                # the run's folder (ckpt.pt); '' = out_sampling_paper if it has one, else out_sampling
+ckpt = 'ckpt.pt'            # checkpoint file in out_dir (ckpt_best.pt: the best val PSNR)
+results_dir = ''            # where the PNGs and metrics.csv go; '' = {out_dir}/samples
+split = ''                  # a raw split folder; '' = {data_dir of the run}/val_v2.0_raw
+max_clips = 0               # clips to evaluate (0 = every clip of the split)
+clip_stride = 77            # frames between evaluated windows (77 = no overlap)
+ensemble = 20               # N members, averaged in pixel space (paper 2.3, Table 2: 20)
+steps = 20                  # sampler steps (paper Table 2: 20)
+cfg = 1.0                   # classifier-free guidance scale; 1.0 = off (the 23.0 dB submission; CFG runs: 2.0)
+scheduler = 'euler'         # 'euler' (Wan's reference flow-matching Euler schedule) or 'unipc' (Wan's default)
+shift = 0.0                 # timestep shift; 0 = the one the model was trained with
+blur = True                 # also score the blur + histogram-matching baseline
+blur_sigma = 1.0            # Gaussian sigma in pixels for the blur baseline
+png_members = 4             # members drawn in each PNG
+ablation = True             # also the ensemble under another clip's states and with no states (2 more per clip)
+counterfactual = True       # synthetic splits: also a hand-made future, every future scored against its own truth
+gif = True                  # clip_0.gif: the first clip's predicted video next to the real one
+compile = False             # torch.compile the DiT blocks (GPU; the first clip is slower)
+decode_batch = 4            # members the VAE decodes at once (more: faster on a large GPU, more memory)
+vae_dtype = 'float32'       # the Wan VAE's precision: 'float32' (the reference's) or 'bfloat16' (faster)
+seed = 0                    # the ensemble's noise (per clip)
+device = 'cuda' if torch.cuda.is_available() else 'cpu'  # 'cpu', 'cuda', ...
+configure(globals(), choices=dict(scheduler=('euler', 'unipc'), vae_dtype=('float32', 'bfloat16')),
+          positive=('ensemble', 'steps', 'clip_stride', 'decode_batch', 'cfg', 'blur_sigma'),
+          nonnegative=('max_clips', 'shift', 'png_members'))
+if not out_dir:
+    out_dir = 'out_sampling_paper' if os.path.exists(os.path.join('out_sampling_paper', run_dir.CKPT)) \
+        else 'out_sampling'
+    which = 'the paper run' if out_dir == 'out_sampling_paper' else 'the demo; no paper run in out_sampling_paper/'
+    print(f"--out_dir={out_dir} ({which})")
 
-# ---------------------------------------------------------------------------------------------
-# What the states do: the state ablation and the counterfactual futures
-# ---------------------------------------------------------------------------------------------
+# --- the trained run: its model, text context and VAE ------------------------------------------
+ckpt_path = os.path.join(out_dir, ckpt)   # tensors and plain data only (weights_only): loading never runs code
+if not os.path.exists(ckpt_path):
+    raise SystemExit(f"{ckpt_path} not found: train first (python train_sampling.py) or pass --out_dir")
+state = run_dir.load_checkpoint(ckpt_path, 'sampling')
+run = state['config']
+print(f"{ckpt_path}: step {state['step']}, model {run['model']}, vae {run['vae']}, {run['train_mode']}")
+device_type = 'cuda' if device.startswith('cuda') else 'cpu'
+ptdtype = torch.bfloat16 if device_type == 'cuda' and run['dtype'] == 'bfloat16' else torch.float32
+net = build_model(model=run['model'], pretrained=run['pretrained'], train_mode=run['train_mode'],
+                  lora_rank=run['lora_rank'], lora_alpha=run['lora_alpha'], init_seed=run['init_seed'],
+                  device=device, dtype=ptdtype, tiny=dict(dim=run['dim'], num_layers=run['num_layers'],
+                                                          num_heads=run['num_heads'], ffn_dim=run['ffn_dim']))
+params = dict(net.named_parameters())
+differ = sorted({n for n, p in params.items() if p.requires_grad} ^ set(state['trainable']))
+if differ:
+    raise SystemExit(f"{ckpt_path} does not fit the model its settings build (tensors differ: {differ[:4]})")
+with torch.no_grad():
+    for n, v in state['trainable'].items():
+        params[n].copy_(v)
+net.eval().requires_grad_(False)
+if run['train_mode'] == 'lora':   # W + B A alpha / r once: sampling then runs at the base model's cost
+    merge_lora(net)
+if ptdtype != torch.float32:   # bf16 inference on GPUs (fp32 kept where the reference keeps it)
+    net.set_dtype(ptdtype)
+if compile:   # fused kernels for the 30 identical blocks; the first clip pays the compilation
+    net.compile_blocks()
+context_1LD = text_context(net.cfg, run['text_encoder'], device)   # [1, 512, 4096]: shared by every row
+shift = shift or run['shift']
+if run['vae'] == 'pixel':
+    codec = PixelCodec()
+else:
+    from vae import WanVAE
+    codec = WanVAE.from_pretrained(run['vae_path'], device=device, dtype=getattr(torch, vae_dtype))
 
+# --- the clips ---------------------------------------------------------------------------------
+split = split or os.path.join(run['data_dir'], 'val_v2.0_raw')
+clips = data.RawClips(split, stride=clip_stride, max_clips=max_clips or None, frame_size=run.get('frame_size'))
+# a synthetic split records its world's look: it can be drawn again for any states
+counterfactual = counterfactual and 'look' in data.read_json(os.path.join(split, 'metadata.json')).get('synthetic', {})
+if ablation and len(clips) < 2:
+    print("one clip: no state ablation (it takes another clip's states)")
+    ablation = False
+results_dir = results_dir or os.path.join(out_dir, 'samples')
+os.makedirs(results_dir, exist_ok=True)
+print(f"{len(clips)} clips of {split}; ensemble {ensemble}, {steps} {scheduler} steps, shift {shift}, cfg {cfg}"
+      f"{'; state ablation' if ablation else ''}{'; counterfactual futures' if counterfactual else ''}")
+
+# --- every clip: the ensemble, the state ablation, the counterfactual futures, the figures -------
 FUTURES = {'own': 'own states', 'other': "another clip's states", 'swing': 'arms swing across'}
+C = data.NUM_CONTEXT_FRAMES
+rows, seconds = [], []
+for k in tqdm(range(len(clips)), desc='clips'):
+    item = clips[k]
+    frames_THWC, states_TD = item['frames_THWC'], item['states_TD']
+    truth = frames_THWC[-1].numpy()
+    last_ctx = frames_THWC[C - 1].numpy()
+    noise_seed = hash((seed, item['shard'], item['start'])) % 2 ** 62   # every variant of a clip: the same noise
 
+    def predict(states, no_states=False, videos=False):
+        try:
+            return predict_frame77(net, codec, frames_THWC, states, context_1LD, ensemble=ensemble, steps=steps,
+                                   shift=shift, noise_seed=noise_seed, cfg_scale=1.0 if no_states else cfg,
+                                   scheduler=scheduler, decode_batch=decode_batch, device=device,
+                                   no_states=no_states, videos=videos)
+        except FloatingPointError as e:
+            raise SystemExit(f"clip {k} (shard {item['shard']}, frame {item['start']}): {e}")
 
-def other_clips_states(clips, k):
-    """Clip k's states with the 16 frames to predict taken from clip k + n/2 (mod n), a fixed
-    derangement of the split: no clip keeps its own, and neighbours (which overlap in time and
-    scene) are never paired. The 5 context frames keep their states: their video is given."""
-    n = len(clips)
-    states_TD = clips[k]['states_TD'].clone()
-    states_TD[data.NUM_CONTEXT_FRAMES:] = clips[(k + n // 2) % n]['states_TD'][data.NUM_CONTEXT_FRAMES:]
-    return states_TD
-
-
-def print_tables(rows, preds, ensemble, counterfactual, results_dir):
-    """The mean over clips of every prediction's PSNR and SSIM, the margins of the own states over
-    the ablations, and (synthetic splits) the counterfactual table."""
-    mean = lambda key: float(np.mean([r[key] for r in rows]))
-    own = mean(f'psnr_ensemble_{ensemble}')
-    print(f"\n{'prediction of frame 77':<44} {'PSNR (dB)':>10} {'SSIM':>8}   ({len(rows)} clips)")
-    for name in preds:
-        label = {'copy_last': 'copy last context frame', 'single': 'single sample',
-                 'blur': 'blur + histogram matching', 'other_states': f"ensemble, {FUTURES['other']}",
-                 'no_states': 'ensemble, no states (no-state embedding)'}.get(name, f'ensemble of {ensemble}')
-        p, s = mean(f'psnr_{name}'), mean(f'ssim_{name}')
-        if not (math.isfinite(p) and math.isfinite(s)):
-            raise SystemExit(f"the {label}'s PSNR / SSIM came out {p} / {s}: not a result; see {results_dir}/metrics.csv")
-        margin = f'   own states better by {own - p:.2f} dB' if name in ('other_states', 'no_states') else ''
-        print(f"{label:<44} {p:>10.2f} {s:>8.3f}{margin}")
-    if not counterfactual:
-        return
-    print("\ncounterfactual futures: the ensemble's frame 77 under other states, scored against the frame the "
-          "synthetic world draws for those states (its truth) and against the recorded frame")
-    print(f"{'future states':<28} {'vs its truth':>13} {'vs recorded':>12} {'closer to its truth by':>24}")
-    print(f"{FUTURES['own']:<28} {own:>13.2f} {own:>12.2f} {'-':>24}")
-    for name in [n for n in ('other', 'swing') if f'psnr_cf_{n}_truth' in rows[0]]:
-        t, r = mean(f'psnr_cf_{name}_truth'), mean(f'psnr_cf_{name}_recorded')
-        print(f"{FUTURES[name]:<28} {t:>13.2f} {r:>12.2f} {t - r:>21.2f} dB")
-
-
-# ---------------------------------------------------------------------------------------------
-# The script
-# ---------------------------------------------------------------------------------------------
-
-if __name__ == '__main__':
-    out_dir = ''                # the run's folder (ckpt.pt); '' = out_sampling_paper if it has one, else out_sampling
-    ckpt = 'ckpt.pt'            # checkpoint file in out_dir (ckpt_best.pt: the best val PSNR)
-    results_dir = ''            # where the PNGs and metrics.csv go; '' = {out_dir}/samples
-    split = ''                  # a raw split folder; '' = {data_dir of the run}/val_v2.0_raw
-    max_clips = 0               # clips to evaluate (0 = every clip of the split)
-    clip_stride = 77            # frames between evaluated windows (77 = no overlap)
-    ensemble = 20               # N members, averaged in pixel space (paper 2.3, Table 2: 20)
-    steps = 20                  # sampler steps (paper Table 2: 20)
-    cfg = 1.0                   # classifier-free guidance scale; 1.0 = off (the 23.0 dB submission; CFG runs: 2.0)
-    scheduler = 'euler'         # 'euler' (Wan's reference flow-matching Euler schedule) or 'unipc' (Wan's default)
-    shift = 0.0                 # timestep shift; 0 = the one the model was trained with
-    blur = True                 # also score the blur + histogram-matching baseline
-    blur_sigma = 1.0            # Gaussian sigma in pixels for the blur baseline
-    png_members = 4             # members drawn in each PNG
-    ablation = True             # also the ensemble under another clip's states and with no states (2 more per clip)
-    counterfactual = True       # synthetic splits: also a hand-made future, every future scored against its own truth
-    gif = True                  # clip_0.gif: the first clip's predicted video next to the real one
-    compile = False             # torch.compile the DiT blocks (GPU; the first clip is slower)
-    decode_batch = 4            # members the VAE decodes at once (more: faster on a large GPU, more memory)
-    vae_dtype = 'float32'       # the Wan VAE's precision: 'float32' (the reference's) or 'bfloat16' (faster)
-    seed = 0                    # the ensemble's noise (per clip)
-    device = 'cuda' if torch.cuda.is_available() else 'cpu'  # 'cpu', 'cuda', ...
-    from configurator import configure
-    configure(globals(), choices=dict(scheduler=('euler', 'unipc'), vae_dtype=('float32', 'bfloat16')),
-              positive=('ensemble', 'steps', 'clip_stride', 'decode_batch', 'cfg', 'blur_sigma'),
-              nonnegative=('max_clips', 'shift', 'png_members'))
-    if not out_dir:
-        out_dir = 'out_sampling_paper' if os.path.exists(os.path.join('out_sampling_paper', run_dir.CKPT)) \
-            else 'out_sampling'
-        print(f"--out_dir={out_dir} ({'the paper run' if out_dir == 'out_sampling_paper' else 'the demo; no paper run in out_sampling_paper/'})")
-
-    ckpt_path = os.path.join(out_dir, ckpt)   # tensors and plain data only (weights_only): loading never runs code
-    if not os.path.exists(ckpt_path):
-        raise SystemExit(f"{ckpt_path} not found: train first (python train_sampling.py) or pass --out_dir")
-    state = run_dir.load_checkpoint(ckpt_path, 'sampling')
-    run = state['config']
-    print(f"{ckpt_path}: step {state['step']}, model {run['model']}, vae {run['vae']}, {run['train_mode']}")
-    device_type = 'cuda' if device.startswith('cuda') else 'cpu'
-    ptdtype = torch.bfloat16 if device_type == 'cuda' and run['dtype'] == 'bfloat16' else torch.float32
-    net = build_model(model=run['model'], pretrained=run['pretrained'], train_mode=run['train_mode'],
-                      lora_rank=run['lora_rank'], lora_alpha=run['lora_alpha'], init_seed=run['init_seed'],
-                      device=device, dtype=ptdtype, tiny=dict(dim=run['dim'], num_layers=run['num_layers'],
-                                                              num_heads=run['num_heads'], ffn_dim=run['ffn_dim']))
-    params = dict(net.named_parameters())
-    differ = sorted({n for n, p in params.items() if p.requires_grad} ^ set(state['trainable']))
-    if differ:
-        raise SystemExit(f"{ckpt_path} does not fit the model its settings build (tensors differ: {differ[:4]})")
-    with torch.no_grad():
-        for n, v in state['trainable'].items():
-            params[n].copy_(v)
-    net.eval().requires_grad_(False)
-    if run['train_mode'] == 'lora':   # W + B A alpha / r once: sampling then runs at the base model's cost
-        merge_lora(net)
-    if ptdtype != torch.float32:   # bf16 inference on GPUs (fp32 kept where the reference keeps it)
-        net.set_dtype(ptdtype)
-    if compile:   # fused kernels for the 30 identical blocks; the first clip pays the compilation
-        net.compile_blocks()
-    context_1LD = text_context(net.cfg, run['text_encoder'], device)   # [1, 512, 4096]: shared by every row
-    shift = shift or run['shift']
-    if run['vae'] == 'pixel':
-        codec = PixelCodec()
-    else:
-        from vae import WanVAE
-        codec = WanVAE.from_pretrained(run['vae_path'], device=device, dtype=getattr(torch, vae_dtype))
-
-    split = split or os.path.join(run['data_dir'], 'val_v2.0_raw')
-    clips = data.RawClips(split, stride=clip_stride, max_clips=max_clips or None, frame_size=run.get('frame_size'))
-    # a synthetic split records its world's look: it can be drawn again for any states
-    counterfactual = counterfactual and 'look' in data.read_json(os.path.join(split, 'metadata.json')).get('synthetic', {})
-    if ablation and len(clips) < 2:
-        print("one clip: no state ablation (it takes another clip's states)")
-        ablation = False
-    results_dir = results_dir or os.path.join(out_dir, 'samples')
-    os.makedirs(results_dir, exist_ok=True)
-    print(f"{len(clips)} clips of {split}; ensemble {ensemble}, {steps} {scheduler} steps, shift {shift}, cfg {cfg}"
-          f"{'; state ablation' if ablation else ''}{'; counterfactual futures' if counterfactual else ''}")
-    rows, seconds = [], []
-    for k in tqdm(range(len(clips)), desc='clips'):
-        item = clips[k]
-        frames_THWC, states_TD = item['frames_THWC'], item['states_TD']
-        truth = frames_THWC[-1].numpy()
-        last_ctx = frames_THWC[data.NUM_CONTEXT_FRAMES - 1].numpy()
-        noise_seed = hash((seed, item['shard'], item['start'])) % 2 ** 62   # every variant of a clip: the same noise
-
-        def predict(states, no_states=False, videos=False):
-            try:
-                return predict_frame77(net, codec, frames_THWC, states, context_1LD, ensemble=ensemble, steps=steps,
-                                       shift=shift, noise_seed=noise_seed, cfg_scale=1.0 if no_states else cfg,
-                                       scheduler=scheduler, decode_batch=decode_batch, device=device,
-                                       no_states=no_states, videos=videos)
-            except FloatingPointError as e:
-                raise SystemExit(f"clip {k} (shard {item['shard']}, frame {item['start']}): {e}")
-
-        if device_type == 'cuda':
-            torch.cuda.synchronize()
-        t0 = time.time()
-        # only the 5 context frames are encoded: the target never reaches the model
-        members, mean, *videos = predict(states_TD, videos=gif and k == 0)
-        if device_type == 'cuda':
-            torch.cuda.synchronize()
-        seconds.append(time.time() - t0)
-        preds = {'copy_last': last_ctx, 'single': members[0], f'ensemble_{ensemble}': mean}
-        if blur:
-            preds['blur'] = blur_baseline(members[0], last_ctx, blur_sigma)
-        futures = {}   # name -> states [21, 25]: the same clip under other state futures
-        if ablation:
-            futures['other'] = other_clips_states(clips, k)
-            _, preds['other_states'] = predict(futures['other'])
-            _, preds['no_states'] = predict(states_TD, no_states=True)
-        if counterfactual:
-            futures['swing'] = torch.from_numpy(synthetic.arms_swing_across(states_TD.numpy()))
-        row = dict(clip=k, shard=item['shard'], start=item['start'], seconds=round(seconds[-1], 3))
-        for name, img in preds.items():
-            row[f'psnr_{name}'] = round(psnr(img, truth), 4)
-            row[f'ssim_{name}'] = round(ssim(img, truth), 4)
-        panels = [dict(name=FUTURES['own'], pred_HWC=mean, truth_HWC=truth, psnr_truth=row[f'psnr_ensemble_{ensemble}'],
-                       psnr_orig=row[f'psnr_ensemble_{ensemble}'])]
-        for name, states in futures.items() if counterfactual else ():
+    if device_type == 'cuda':
+        torch.cuda.synchronize()
+    t0 = time.time()
+    # only the 5 context frames are encoded: the target never reaches the model
+    members, mean, *videos = predict(states_TD, videos=gif and k == 0)
+    if device_type == 'cuda':
+        torch.cuda.synchronize()
+    seconds.append(time.time() - t0)
+    preds = {'copy_last': last_ctx, 'single': members[0], f'ensemble_{ensemble}': mean}
+    if blur:
+        preds['blur'] = blur_baseline(members[0], last_ctx, blur_sigma)
+    futures = {}   # name -> states [21, 25]: the same clip under other state futures
+    if ablation:
+        # the frames to predict take the states of clip k + n/2 (mod n), a fixed derangement: no clip
+        # keeps its own, and neighbours (which overlap in time and scene) are never paired; the
+        # context frames keep theirs (their video is given)
+        futures['other'] = states_TD.clone()
+        futures['other'][C:] = clips[(k + len(clips) // 2) % len(clips)]['states_TD'][C:]
+        _, preds['other_states'] = predict(futures['other'])
+        _, preds['no_states'] = predict(states_TD, no_states=True)
+    row = dict(clip=k, shard=item['shard'], start=item['start'], seconds=round(seconds[-1], 3))
+    for name, img in preds.items():
+        row[f'psnr_{name}'] = round(psnr(img, truth), 4)
+        row[f'ssim_{name}'] = round(ssim(img, truth), 4)
+    context_THWC = frames_THWC[:C].numpy()
+    pictures.clip_figure(context_THWC, members[:png_members], mean, truth,
+                         title=f'clip {k} (shard {item["shard"]}, frame {item["start"]})').save(
+        os.path.join(results_dir, f'clip_{k}.png'))
+    if counterfactual:   # every future's prediction against the frame the world draws for its states
+        futures['swing'] = torch.from_numpy(synthetic.arms_swing_across(states_TD.numpy()))
+        own_psnr = row[f'psnr_ensemble_{ensemble}']
+        panels = [dict(name=FUTURES['own'], pred_HWC=mean, truth_HWC=truth, psnr_truth=own_psnr, psnr_orig=own_psnr)]
+        for name, states in futures.items():
             pred = preds['other_states'] if name == 'other' else predict(states)[1]
-            cf_truth = synthetic.synthetic_frame(split, item['shard'], item['start'] + data.TARGET_FRAME, states[-1].numpy())
+            cf_truth = synthetic.synthetic_frame(split, item['shard'], item['start'] + data.TARGET_FRAME,
+                                                 states[-1].numpy())
             row[f'psnr_cf_{name}_truth'] = round(psnr(pred, cf_truth), 4)
             row[f'psnr_cf_{name}_recorded'] = round(psnr(pred, truth), 4)
             panels.append(dict(name=FUTURES[name], pred_HWC=pred, truth_HWC=cf_truth,
                                psnr_truth=row[f'psnr_cf_{name}_truth'], psnr_orig=row[f'psnr_cf_{name}_recorded']))
-        rows.append(row)
-        context_THWC = frames_THWC[:data.NUM_CONTEXT_FRAMES].numpy()
-        pictures.clip_figure(context_THWC, members[:png_members], mean, truth,
-                             title=f'clip {k} (shard {item["shard"]}, frame {item["start"]})').save(
-            os.path.join(results_dir, f'clip_{k}.png'))
-        if counterfactual:
-            pictures.counterfactual_figure(context_THWC, panels, title=f'clip {k}: frame 77 under other state futures').save(
-                os.path.join(results_dir, f'counterfactual_{k}.png'))
-        if videos:   # the first clip as a video: one sample and the ensemble mean next to the real clip
-            members_video = videos[0]
-            mean_video = members_video.astype(np.float64).mean(0).round().astype(np.uint8)
-            pictures.save_gif(os.path.join(results_dir, 'clip_0.gif'), [members_video[0], mean_video,
-                                                                        frames_THWC.numpy()],
-                              ['sample 1', f'mean of {ensemble}', 'real'])
-    with open(os.path.join(results_dir, 'metrics.csv'), 'w', newline='') as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    print_tables(rows, preds, ensemble, counterfactual, results_dir)
-    print(f"{np.mean(seconds[1:] or seconds):.2f} s per clip on {device} (ensemble {ensemble}, {steps} steps, cfg {cfg}; "
-          f"the own states' prediction, ablations not counted)")
-    print(f"wrote {results_dir}/metrics.csv, clip_*.png{', counterfactual_*.png' if counterfactual else ''}"
-          f"{', clip_0.gif' if gif else ''}")
+        pictures.counterfactual_figure(context_THWC, panels, title=f'clip {k}: frame 77 under other state futures'
+                                       ).save(os.path.join(results_dir, f'counterfactual_{k}.png'))
+    rows.append(row)
+    if videos:   # the first clip as a video: one sample and the ensemble mean next to the real clip
+        members_video = videos[0]
+        mean_video = members_video.astype(np.float64).mean(0).round().astype(np.uint8)
+        pictures.save_gif(os.path.join(results_dir, 'clip_0.gif'), [members_video[0], mean_video, frames_THWC.numpy()],
+                          ['sample 1', f'mean of {ensemble}', 'real'])
+with open(os.path.join(results_dir, 'metrics.csv'), 'w', newline='') as f:
+    writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+
+# --- the tables: means over the clips ------------------------------------------------------------
+over_clips = {key: float(np.mean([r[key] for r in rows])) for key in rows[0] if key.startswith(('psnr', 'ssim'))}
+own = over_clips[f'psnr_ensemble_{ensemble}']
+labels = {'copy_last': 'copy last context frame', 'single': 'single sample',
+          f'ensemble_{ensemble}': f'ensemble of {ensemble}', 'blur': 'blur + histogram matching',
+          'other_states': f"ensemble, {FUTURES['other']}",
+          'no_states': 'ensemble, no states (no-state embedding)'}
+print(f"\n{'prediction of frame 77':<44} {'PSNR (dB)':>10} {'SSIM':>8}   ({len(rows)} clips)")
+for name, label in labels.items():
+    if f'psnr_{name}' not in over_clips:
+        continue
+    p, s = over_clips[f'psnr_{name}'], over_clips[f'ssim_{name}']
+    if not (math.isfinite(p) and math.isfinite(s)):
+        raise SystemExit(f"the {label}'s PSNR / SSIM came out {p} / {s}: not a result; see {results_dir}/metrics.csv")
+    margin = f'   own states better by {own - p:.2f} dB' if name in ('other_states', 'no_states') else ''
+    print(f"{label:<44} {p:>10.2f} {s:>8.3f}{margin}")
+if counterfactual:
+    print("\ncounterfactual futures: the ensemble's frame 77 under other states, scored against the frame the "
+          "synthetic world draws for those states (its truth) and against the recorded frame")
+    print(f"{'future states':<28} {'vs its truth':>13} {'vs recorded':>12} {'closer to its truth by':>24}")
+    print(f"{FUTURES['own']:<28} {own:>13.2f} {own:>12.2f} {'-':>24}")
+    for name in [n for n in ('other', 'swing') if f'psnr_cf_{n}_truth' in over_clips]:
+        t, r = over_clips[f'psnr_cf_{name}_truth'], over_clips[f'psnr_cf_{name}_recorded']
+        print(f"{FUTURES[name]:<28} {t:>13.2f} {r:>12.2f} {t - r:>21.2f} dB")
+print(f"{np.mean(seconds[1:] or seconds):.2f} s per clip on {device} (ensemble {ensemble}, {steps} steps, cfg {cfg}; "
+      f"the own states' prediction, ablations not counted)")
+print(f"wrote {results_dir}/metrics.csv, clip_*.png{', counterfactual_*.png' if counterfactual else ''}"
+      f"{', clip_0.gif' if gif else ''}")

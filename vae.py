@@ -16,9 +16,7 @@ import torch.nn.functional as F
 from wan_files import check_keys, resolve
 
 
-# ---------------------------------------------------------------------------------------------
-# Frames <-> the codecs' video convention
-# ---------------------------------------------------------------------------------------------
+# --- Frames <-> the codecs' video convention ------------------------------------------------------
 
 def frames_to_video(frames_BTHWC):
     """uint8 [B, T, H, W, 3] -> float [B, 3, T, H, W] in [-1, 1], the VAE's input convention."""
@@ -30,9 +28,7 @@ def video_to_frames(video_BCTHW):
     return ((video_BCTHW.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 4, 1)
 
 
-# ---------------------------------------------------------------------------------------------
-# Wan 2.2 VAE (48 channels, 4x16x16) through diffusers' AutoencoderKLWan
-# ---------------------------------------------------------------------------------------------
+# --- Wan 2.2 VAE (48 channels, 4x16x16) through diffusers' AutoencoderKLWan -----------------------
 
 VAE_FILE = 'Wan2.2_VAE.pth'
 
@@ -73,7 +69,7 @@ _VAE_KEYS = [(r'^conv1\.', 'quant_conv.'), (r'^conv2\.', 'post_quant_conv.'),
              (r'\.residual\.6\.', '.conv2.'), (r'\.shortcut\.', '.conv_shortcut.')]
 
 
-def _vaediffusers_name(key):
+def _diffusers_vae_name(key):
     for pattern, repl in _VAE_KEYS:
         key = re.sub(pattern, repl, key)
     return key
@@ -109,11 +105,10 @@ class WanVAE:
                 raise FileNotFoundError(f"{root} has neither {VAE_FILE} (the official Wan-AI/Wan2.2-TI2V-5B) nor "
                                         f"vae/config.json (Wan-AI/Wan2.2-TI2V-5B-Diffusers)")
         raw = torch.load(pth, map_location='cpu', mmap=True, weights_only=True)   # mmap: read lazily
-        sd = {_vaediffusers_name(k): v for k, v in raw.items()}
+        sd = {_diffusers_vae_name(k): v for k, v in raw.items()}
         with torch.device('meta'):
             vae = AutoencoderKLWan(**{**VAE22_CONFIG, **config_overrides})
-        check_keys({k: tuple(v.shape) for k, v in vae.state_dict().items()},
-                    {k: tuple(v.shape) for k, v in sd.items()}, pth)
+        check_keys(vae.state_dict(), sd, pth)
         vae.load_state_dict(sd, strict=True, assign=True)
         return cls(vae.to(device=device, dtype=dtype))
 
@@ -121,8 +116,9 @@ class WanVAE:
     def encode(self, video_BCTHW):
         B, C, T, H, W = video_BCTHW.shape
         s = self.vae.spatial_compression_ratio
-        assert C == 3 and (T - 1) % 4 == 0 and H % s == 0 and W % s == 0, (
-            f"video must be [B, 3, 4k+1, H, W] with H, W divisible by {s}, got {tuple(video_BCTHW.shape)}")
+        if C != 3 or (T - 1) % 4 or H % s or W % s:
+            raise ValueError(f"video must be [B, 3, 4k+1, H, W] with H, W divisible by {s}, "
+                             f"got {tuple(video_BCTHW.shape)}")
         mu = self.vae.encode(video_BCTHW.to(self.dtype)).latent_dist.mode()   # the mean, as the reference
         return ((mu.float() - self.mean) / self.std)
 
@@ -132,9 +128,7 @@ class WanVAE:
         return video.float().clamp(-1, 1)
 
 
-# ---------------------------------------------------------------------------------------------
-# The pixel codec: the CPU demo's stand-in with the Wan latent layout
-# ---------------------------------------------------------------------------------------------
+# --- The pixel codec: the CPU demo's stand-in with the Wan latent layout --------------------------
 
 class PixelCodec:
     """A deterministic stand-in for the Wan 2.2 VAE with its latent layout, for the CPU demo.
@@ -151,19 +145,23 @@ class PixelCodec:
 
     def encode(self, video_BCTHW):
         B, C, T, H, W = video_BCTHW.shape
-        assert C == 3 and (T - 1) % 4 == 0, f"video must be [B, 3, 4k+1, H, W], got {tuple(video_BCTHW.shape)}"
-        assert H % 4 == 0 and W % 4 == 0, f"frame size {H}x{W} must be divisible by 4"
+        if C != 3 or (T - 1) % 4:
+            raise ValueError(f"video must be [B, 3, 4k+1, H, W], got {tuple(video_BCTHW.shape)}")
+        if H % 4 or W % 4:
+            raise ValueError(f"frame size {H}x{W} must be divisible by 4")
         keys_BCFHW = video_BCTHW[:, :, ::4]
         z = F.pixel_unshuffle(keys_BCFHW.transpose(1, 2).flatten(0, 1), 4)  # [B*F, 48, H/4, W/4]
         return z.unflatten(0, (B, -1)).transpose(1, 2) * self.scale
 
     def decode(self, z_BCFHW):
         B, C, Fz, h, w = z_BCFHW.shape
-        assert C == 48, f"pixel-codec latents have 48 channels, got {C}"
+        if C != 48:
+            raise ValueError(f"pixel-codec latents have 48 channels, got {C}")
         z_BCFHW = z_BCFHW / self.scale
         keys = F.pixel_shuffle(z_BCFHW.transpose(1, 2).flatten(0, 1), 4).unflatten(0, (B, Fz)).transpose(1, 2)
         if Fz == 1:
             return keys
-        a = torch.arange(4, dtype=keys.dtype, device=keys.device).div(4).view(1, 1, 1, 4, 1, 1)  # weight of the next keyframe
+        # the weight of the next keyframe at each of the 4 frames from one keyframe to the next
+        a = torch.arange(4, dtype=keys.dtype, device=keys.device).div(4).view(1, 1, 1, 4, 1, 1)
         between = keys[:, :, :-1, None] * (1 - a) + keys[:, :, 1:, None] * a   # [B, 3, Fz-1, 4, H, W]
         return torch.cat([between.flatten(2, 3), keys[:, :, -1:]], dim=2)

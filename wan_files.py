@@ -1,15 +1,16 @@
 """The Wan ecosystem's files: what nanoWM reads from and writes for the other Wan 2.2 tools.
+A Hub repo id is downloaded through huggingface_hub; a local folder is read as it is. In order:
 
-    model = load_dit('Wan-AI/Wan2.2-TI2V-5B' or a local dir)   # official or diffusers layout, sharded
-    net = build_model(model=..., pretrained=..., train_mode=...)   # the DiT a run trains (+ LoRA)
-    context_1LD = null_context(repo_or_dir)   # umT5 encoding of "" padded to 512 slots (cached)
-    save_trainable / load_trainable           # LoRA + state weights, nanoWM's own safetensors
-    export_lora(model, out_dir)               # lora.safetensors (ComfyUI, diffusers, DiffSynth read it)
-                                              # + state_embedder.safetensors (nanoWM's own)
-    load_lora(model, path_or_dir, merge=False)   # a Wan LoRA of ComfyUI, diffusers/PEFT, DiffSynth or kohya format
-    `python wan_files.py export --ckpt out_sampling/ckpt.pt [--out DIR]`   # export_lora of a checkpoint
-
-Downloads go through huggingface_hub (a Hub repo id), or a local folder is read as it is.
+checkpoint files  resolve(repo_or_dir, patterns); check_keys(expected, got, source)
+key names         diffusers_name, official_name, to_diffusers_state_dict: official Wan <-> diffusers
+the DiT           load_dit(repo_or_dir): official or diffusers layout, sharded safetensors
+text context      null_context(repo_or_dir): umT5's encoding of "", padded to 512 slots (cached)
+a run's model     build_model(...): the DiT a run trains (+ LoRA); text_context(cfg, text_encoder, device)
+nanoWM's weights  save_trainable, load_trainable: the LoRA adapters + the state conditioning
+LoRA files        export_lora(model, out_dir): lora.safetensors, which ComfyUI, diffusers and DiffSynth
+                  read, + state_embedder.safetensors; read_lora, load_lora(model, path, merge=False):
+                  a Wan LoRA of ComfyUI, diffusers / PEFT, DiffSynth or kohya / musubi format
+command line      python wan_files.py export --ckpt out_sampling/ckpt.pt [--out DIR]
 """
 import json
 import os
@@ -25,9 +26,7 @@ from wan_state import (LORA_TARGETS, LoRALinear, WanConfig, WanDiT, add_lora, ke
                        trainable_state_dict)
 
 
-# ---------------------------------------------------------------------------------------------
-# Checkpoint files: download, sharded safetensors, config.json, checks
-# ---------------------------------------------------------------------------------------------
+# --- Checkpoint files: download, sharded safetensors, config.json, checks -------------------------
 
 def resolve(repo_id_or_dir, allow_patterns):
     """A local directory as it is, else a Hub repo id downloaded (only allow_patterns files)."""
@@ -97,11 +96,11 @@ def _read_safetensors(root, stem, device='cpu'):
 
 
 def check_keys(expected, got, source):
-    """Fail with a message listing missing, unexpected and wrong-shape tensors."""
+    """expected, got: {name: tensor}. ValueError listing the missing, unexpected and wrong-shape tensors."""
     missing = sorted(set(expected) - set(got))
     unexpected = sorted(set(got) - set(expected))
-    wrong = [f"{k}: checkpoint {got[k]} vs model {expected[k]}" for k in sorted(set(expected) & set(got))
-             if got[k] != expected[k]]
+    wrong = [f"{k}: checkpoint {tuple(got[k].shape)} vs model {tuple(expected[k].shape)}"
+             for k in sorted(set(expected) & set(got)) if got[k].shape != expected[k].shape]
     if missing or unexpected or wrong:
         def show(items):
             return ', '.join(items[:8]) + (f' ... ({len(items)} in all)' if len(items) > 8 else '')
@@ -132,11 +131,9 @@ def _config_from_json(path):
     return WanConfig(**kw)
 
 
-# ---------------------------------------------------------------------------------------------
-# Key names: official Wan <-> diffusers WanTransformer3DModel
-# ---------------------------------------------------------------------------------------------
+# --- Key names: official Wan <-> diffusers WanTransformer3DModel ----------------------------------
 
-# official name prefix -> diffusers name prefix (the official Wan2.2 checkpoint; diffusers scripts/convert_wan_to_diffusers.py)
+# official name prefix -> diffusers name prefix (diffusers scripts/convert_wan_to_diffusers.py)
 _TOP_KEYS = {'time_embedding.0.': 'condition_embedder.time_embedder.linear_1.',
              'time_embedding.2.': 'condition_embedder.time_embedder.linear_2.',
              'time_projection.1.': 'condition_embedder.time_proj.',
@@ -174,9 +171,7 @@ def to_diffusers_state_dict(sd):
     return {diffusers_name(k): v for k, v in sd.items()}
 
 
-# ---------------------------------------------------------------------------------------------
-# The DiT from a checkpoint, and the DiT a run trains
-# ---------------------------------------------------------------------------------------------
+# --- The DiT from a checkpoint --------------------------------------------------------------------
 
 def load_dit(repo_id_or_dir='Wan-AI/Wan2.2-TI2V-5B', state_cond=True, device='cpu', dtype=None, **cfg_overrides):
     """Load the Wan 2.2 DiT from the Hub or a local dir, official or diffusers layout.
@@ -200,46 +195,11 @@ def load_dit(repo_id_or_dir='Wan-AI/Wan2.2-TI2V-5B', state_cond=True, device='cp
         sd = {official_name(k): v for k, v in sd.items()}
     with torch.device('meta'):
         expected = WanDiT(cfg, state_cond=False).state_dict()
-    check_keys({k: tuple(v.shape) for k, v in expected.items()}, {k: tuple(v.shape) for k, v in sd.items()}, root)
+    check_keys(expected, sd, root)
     return WanDiT.from_pretrained(cfg, sd, state_cond, device)
 
 
-def build_model(*, model, pretrained, train_mode, lora_rank, lora_alpha, init_seed, device, dtype, tiny):
-    """The DiT to fine-tune. pretrained = '' builds random weights from init_seed (tiny demo, timing).
-    train_mode 'lora': frozen base + LoRA + state parameters (the paper); 'full': every weight
-    (the CPU demo, whose base is random: LoRA on a random base has nothing to adapt)."""
-    assert model in ('tiny', 'ti2v-5b'), f"model={model!r}: 'tiny' or 'ti2v-5b'"
-    assert train_mode in ('lora', 'full'), f"train_mode={train_mode!r}: 'lora' or 'full'"
-    torch.manual_seed(init_seed)
-    if pretrained:
-        net = load_dit(pretrained, state_cond=True, device=device, dtype=dtype)
-    else:
-        cfg = WanConfig.tiny(**tiny) if model == 'tiny' else WanConfig()
-        net = WanDiT(cfg, state_cond=True).to(device)
-        if dtype != torch.float32:
-            net.set_dtype(dtype)
-    if train_mode == 'lora':
-        add_lora(net, rank=lora_rank, alpha=lora_alpha)   # freezes all but LoRA and state params
-    else:
-        net.requires_grad_(True)
-    for p in net.parameters():   # trained weights stay fp32: they are the optimizer's master copy
-        if p.requires_grad:
-            p.data = p.data.float()
-    return net
-
-
-def text_context(cfg, text_encoder, device):
-    """The empty-prompt context (paper 2.1: "" as the prompt, cross-attention kept). text_encoder
-    'zeros': zeros [1, text_len, text_dim] (the tiny demo has no umT5); otherwise a hub repo or
-    folder with Wan's umT5, encoded once by null_context and cached."""
-    if text_encoder == 'zeros':
-        return torch.zeros(1, cfg.text_len, cfg.text_dim, device=device)
-    return null_context(text_encoder, text_len=cfg.text_len).to(device)
-
-
-# ---------------------------------------------------------------------------------------------
-# Empty-prompt text context (paper 2.1: condition on "" and keep cross-attention)
-# ---------------------------------------------------------------------------------------------
+# --- Empty-prompt text context (paper 2.1: condition on "" and keep cross-attention) --------------
 
 UMT5_FILE = 'models_t5_umt5-xxl-enc-bf16.pth'
 
@@ -256,7 +216,8 @@ def null_context(repo_id_or_dir='Wan-AI/Wan2.2-TI2V-5B', cache_path=None, text_l
     from safetensors.torch import load_file, save_file
     if cache_path is None:
         name = str(repo_id_or_dir).strip('/').replace('/', '--')
-        cache_path = Path(os.environ.get('NANOWM_CACHE', '~/.cache/nanowm')).expanduser() / f'null_context_{name}.safetensors'
+        cache_dir = Path(os.environ.get('NANOWM_CACHE', '~/.cache/nanowm')).expanduser()
+        cache_path = cache_dir / f'null_context_{name}.safetensors'
     cache_path = Path(cache_path)
     if cache_path.exists():
         eos_1D = load_file(str(cache_path))['context']
@@ -312,13 +273,54 @@ def _umt5_one_token(root, token_id):
     return rms(x, w('final'))
 
 
-# ---------------------------------------------------------------------------------------------
-# nanoWM's own trained weights: LoRA adapters + state conditioning
-# ---------------------------------------------------------------------------------------------
+# --- What a run builds: the DiT it trains and its text context ------------------------------------
+
+def build_model(*, model, pretrained, train_mode, lora_rank, lora_alpha, init_seed, device, dtype, tiny):
+    """The DiT to fine-tune. pretrained = '' builds random weights from init_seed (tiny demo, timing).
+    train_mode 'lora': frozen base + LoRA + state parameters (the paper); 'full': every weight
+    (the CPU demo, whose base is random: LoRA on a random base has nothing to adapt)."""
+    if model not in ('tiny', 'ti2v-5b'):
+        raise ValueError(f"model={model!r}: 'tiny' or 'ti2v-5b'")
+    if train_mode not in ('lora', 'full'):
+        raise ValueError(f"train_mode={train_mode!r}: 'lora' or 'full'")
+    torch.manual_seed(init_seed)
+    if pretrained:
+        net = load_dit(pretrained, state_cond=True, device=device, dtype=dtype)
+    else:
+        cfg = WanConfig.tiny(**tiny) if model == 'tiny' else WanConfig()
+        net = WanDiT(cfg, state_cond=True).to(device)
+        if dtype != torch.float32:
+            net.set_dtype(dtype)
+    if train_mode == 'lora':
+        add_lora(net, rank=lora_rank, alpha=lora_alpha)   # freezes all but LoRA and state params
+    else:
+        net.requires_grad_(True)
+    for p in net.parameters():   # trained weights stay fp32: they are the optimizer's master copy
+        if p.requires_grad:
+            p.data = p.data.float()
+    return net
+
+
+def text_context(cfg, text_encoder, device):
+    """The empty-prompt context (paper 2.1: "" as the prompt, cross-attention kept). text_encoder
+    'zeros': zeros [1, text_len, text_dim] (the tiny demo has no umT5); otherwise a hub repo or
+    folder with Wan's umT5, encoded once by null_context and cached."""
+    if text_encoder == 'zeros':
+        return torch.zeros(1, cfg.text_len, cfg.text_dim, device=device)
+    return null_context(text_encoder, text_len=cfg.text_len).to(device)
+
+
+# --- nanoWM's own trained weights: LoRA adapters + state conditioning -----------------------------
+
+def _check_unmerged(model, before):
+    if any(m.merged for m in lora_modules(model)):
+        raise ValueError(f"unmerge_lora(model) before {before}")
+
 
 def save_trainable(model, path):
+    """The LoRA adapters (rank and alpha in the metadata) and the state-conditioning weights."""
     from safetensors.torch import save_file
-    assert not any(m.merged for m in lora_modules(model)), "unmerge_lora(model) before saving"
+    _check_unmerged(model, 'saving')
     sd = {k: v.detach().contiguous().cpu() for k, v in trainable_state_dict(model).items()}
     loras = lora_modules(model)
     meta = {'lora_rank': str(loras[0].rank), 'lora_alpha': str(loras[0].alpha)} if loras else {}
@@ -333,18 +335,16 @@ def load_trainable(model, path):
         meta = f.metadata() or {}
     sd = load_file(str(path))
     if any('.lora_' in k for k in sd) and not lora_modules(model):
-        assert 'lora_rank' in meta, f"{path}: LoRA weights without lora_rank metadata; call add_lora first"
+        if 'lora_rank' not in meta:
+            raise ValueError(f"{path}: LoRA weights without lora_rank metadata; call add_lora first")
         add_lora(model, rank=int(meta['lora_rank']), alpha=float(meta['lora_alpha']))
-    assert not any(m.merged for m in lora_modules(model)), "unmerge_lora(model) before loading"
-    own = trainable_state_dict(model)
-    check_keys({k: tuple(v.shape) for k, v in own.items()}, {k: tuple(v.shape) for k, v in sd.items()}, path)
+    _check_unmerged(model, 'loading')
+    check_keys(trainable_state_dict(model), sd, path)
     model.load_state_dict(sd, strict=False)
     return model
 
 
-# ---------------------------------------------------------------------------------------------
-# LoRA files other Wan tools read and write: ComfyUI, diffusers, DiffSynth-Studio, kohya / musubi
-# ---------------------------------------------------------------------------------------------
+# --- LoRA files of the other Wan tools: ComfyUI, diffusers, DiffSynth-Studio, kohya / musubi ------
 
 # The same adapters under four key conventions (module names in the official Wan naming, ours):
 #   ComfyUI / Wan     diffusion_model.blocks.0.self_attn.q.lora_A.weight, .lora_B.weight, .alpha
@@ -379,7 +379,8 @@ def export_lora(model_or_trainable, out_dir, lora_alpha=None):
     else:
         sd = model_or_trainable
         a_keys = [k for k in sd if k.endswith('.lora_A.weight')]
-        assert lora_alpha is not None or not a_keys, "a trainable state dict needs its lora_alpha (ckpt['config'])"
+        if a_keys and lora_alpha is None:
+            raise ValueError("a trainable state dict needs its lora_alpha (ckpt['config'])")
         loras = {k[:-len('.lora_A.weight')]: (sd[k], sd[k.replace('.lora_A.', '.lora_B.')],
                                               lora_alpha / sd[k].shape[0]) for k in a_keys}
         state = {k: v for k, v in sd.items() if k.startswith('state_embedder.')}
@@ -435,7 +436,8 @@ def read_lora(path_or_state_dict, num_layers):
                          f"block this loader knows ({', '.join(LORA_TARGETS)}), e.g. {unknown[:4]}")
     out = {}
     for name, p in parts.items():
-        assert 'A' in p and 'B' in p, f"{name}: the file has {sorted(p)} but a LoRA needs both A (down) and B (up)"
+        if 'A' not in p or 'B' not in p:
+            raise ValueError(f"{name}: the file has {sorted(p)} but a LoRA needs both A (down) and B (up)")
         rank = p['A'].shape[0]
         out[name] = (p['A'].float(), p['B'].float(), p['alpha'].item() / rank if 'alpha' in p else default_scale)
     return out
@@ -465,34 +467,36 @@ def load_lora(model, path, merge=False):
     elif loras:
         if not lora_modules(model):
             ranks = {A.shape[0] for A, _, _ in loras.values()}
-            assert len(ranks) == 1, f"{lora_file}: adapters of ranks {sorted(ranks)}; load it with merge=True"
+            if len(ranks) != 1:
+                raise ValueError(f"{lora_file}: adapters of ranks {sorted(ranks)}; load it with merge=True")
             rank, scale = ranks.pop(), next(iter(loras.values()))[2]
             add_lora(model, rank=rank, alpha=scale * rank,
                      targets=sorted({n.split('.', 2)[2] for n in loras}, key=LORA_TARGETS.index))
+        _check_unmerged(model, 'loading adapters')
         for name, m in ((n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)):
-            assert not m.merged, "unmerge_lora(model) before loading adapters"
             A, B, scale = loras.pop(name, (None, None, None))
             if A is None:
                 m.lora_B.weight.zero_()
                 continue
-            assert A.shape == m.lora_A.weight.shape and B.shape == m.lora_B.weight.shape, (
-                f"{name}: the file's adapter is rank {A.shape[0]}, the model's rank {m.rank}; load with merge=True")
+            if A.shape != m.lora_A.weight.shape or B.shape != m.lora_B.weight.shape:
+                raise ValueError(f"{name}: the file's adapter is rank {A.shape[0]}, the model's rank {m.rank}; "
+                                 f"load with merge=True")
             m.lora_A.weight.copy_(A)
             m.lora_B.weight.copy_(B * (scale / m.scale))
-        assert not loras, f"the model has no adapters on {sorted(loras)[:4]}...: add_lora with these targets first"
+        if loras:
+            raise ValueError(f"the model has no adapters on {sorted(loras)[:4]}...: add_lora with these targets first")
     if state_file is not None and state_file.exists():
         from safetensors.torch import load_file
-        assert model.state_cond, f"{state_file}: state conditioning weights, but the model has state_cond=False"
+        if not model.state_cond:
+            raise ValueError(f"{state_file}: state conditioning weights, but the model has state_cond=False")
         sd = load_file(str(state_file))
-        own = {k: tuple(v.shape) for k, v in model.state_dict().items() if k.startswith('state_embedder.')}
-        check_keys(own, {k: tuple(v.shape) for k, v in sd.items()}, state_file)
+        own = {k: v for k, v in model.state_dict().items() if k.startswith('state_embedder.')}
+        check_keys(own, sd, state_file)
         model.load_state_dict(sd, strict=False)
     return model
 
 
-# ---------------------------------------------------------------------------------------------
-# Command line
-# ---------------------------------------------------------------------------------------------
+# --- Command line ---------------------------------------------------------------------------------
 
 def main(argv=None):
     """`python wan_files.py export --ckpt out_sampling/ckpt.pt [--out DIR]`: lora.safetensors +

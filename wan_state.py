@@ -1,16 +1,15 @@
 """Wan 2.2 TI2V-5B with robot-state conditioning: the sampling track's model in one file.
 
-Read top to bottom, in the paper's order: WanConfig; RoPE, norms and attention; modulate and
-gated (DiT's adaLN); the Block and the Head; the StateEmbedder (paper 2.1: robot states as an
-AdaLN-Zero modulation added to the timestep's, one per latent frame); WanDiT; LoRA (paper 2.2:
-rank 32 on the frozen DiT, hand-rolled as minLoRA). The DiT computes what the reference
-(Wan-Video/Wan2.2 wan/modules/model.py) computes, checked against diffusers'
-WanTransformer3DModel in test_all.py. Checkpoints, LoRA files and the umT5 context are read and
-written by wan_files.py; the VAE is in vae.py. `python wan_state.py` prints the parameter counts.
+Top to bottom in the paper's order: WanConfig; RoPE, norms and attention; modulate and gated
+(DiT's adaLN); Block and Head; StateEmbedder (paper 2.1: the robot states as an AdaLN-Zero
+modulation added to the timestep's, one per latent frame); WanDiT; LoRA (paper 2.2: rank 32 on
+the frozen DiT, hand-rolled as in minLoRA). The DiT computes what the reference (Wan-Video/Wan2.2
+wan/modules/model.py) computes; test_all.py checks it against diffusers' WanTransformer3DModel.
+Checkpoints, LoRA files and the umT5 context: wan_files.py; the VAE: vae.py.
 
-Precision: on the CPU everything is fp32. With bf16 weights (set_dtype) the forward runs under
-bf16 autocast and keeps the residual stream, the timestep and state modulation and the head in
-fp32, as the reference does.
+Precision: fp32 on the CPU. With bf16 weights (set_dtype) the forward runs under bf16 autocast
+and keeps the residual stream, the timestep and state modulation and the head in fp32, as the
+reference does. `python wan_state.py` prints the parameter counts.
 """
 import math
 from contextlib import nullcontext
@@ -23,9 +22,7 @@ from einops import rearrange
 from torch.utils.checkpoint import checkpoint
 
 
-# ---------------------------------------------------------------------------------------------
-# Config
-# ---------------------------------------------------------------------------------------------
+# --- Config ---------------------------------------------------------------------------------------
 
 @dataclass
 class WanConfig:
@@ -65,9 +62,7 @@ class WanConfig:
 STATE_HAND_DIMS = (21, 22)
 
 
-# ---------------------------------------------------------------------------------------------
-# Small modules: timestep features, RoPE, norms, attention
-# ---------------------------------------------------------------------------------------------
+# --- Small modules: timestep features, RoPE, norms, attention -------------------------------------
 
 def sinusoidal_embedding(t, dim):
     """Timestep features as the reference: float64, cos half then sin half, 10000^(-i/half)."""
@@ -148,9 +143,7 @@ class Attention(nn.Module):
         return self.o(rearrange(out, 'b h l d -> b l (h d)'))
 
 
-# ---------------------------------------------------------------------------------------------
-# AdaLN (DiT): modulate the normalised input, gate the residual branch
-# ---------------------------------------------------------------------------------------------
+# --- AdaLN (DiT): modulate the normalised input, gate the residual branch -------------------------
 
 def modulate(x_BLD, shift_BGD, scale_BGD):
     """x * (1 + scale) + shift (DiT's adaLN), one (shift, scale) per group of L / G consecutive
@@ -206,9 +199,7 @@ class Head(nn.Module):
         return self.head(modulate(self.norm(x_BLD), shift, scale))
 
 
-# ---------------------------------------------------------------------------------------------
-# State conditioning (paper 2.1): AdaLN-Zero from the robot states
-# ---------------------------------------------------------------------------------------------
+# --- State conditioning (paper 2.1): AdaLN-Zero from the robot states -----------------------------
 
 class StateEmbedder(nn.Module):
     """Robot states -> per-latent-frame AdaLN-Zero modulation (paper 2.1, Fig. 2).
@@ -249,18 +240,17 @@ class StateEmbedder(nn.Module):
                                   s[..., self.hand_dims]], dim=-1)
             h_BRT = rearrange(self.mlp_in(feat_BTN), 'b t r -> b r t')
             r_BFR = rearrange(self.conv(h_BRT), 'b r f -> b f r')
-            assert r_BFR.shape[1] == num_frames, (
-                f"states have {states_BTD.shape[1]} time steps, which compress to {r_BFR.shape[1]} latent "
-                f"frames, but the latents have {num_frames}: give 4 * (F - 1) + 1 = {4 * (num_frames - 1) + 1} "
-                f"state rows (the states after the 4x frame downsampling)")
+            if r_BFR.shape[1] != num_frames:
+                raise ValueError(
+                    f"states have {states_BTD.shape[1]} time steps, which compress to {r_BFR.shape[1]} latent "
+                    f"frames, but the latents have {num_frames}: give 4 * (F - 1) + 1 = {4 * (num_frames - 1) + 1} "
+                    f"state rows (the states after the 4x frame downsampling)")
             if drop_B is not None:
                 r_BFR = torch.where(drop_B.to(r_BFR.device).view(-1, 1, 1), self.null.float(), r_BFR)
         return rearrange(self.mlp_out(r_BFR), 'b f (six d) -> b f six d', six=6)
 
 
-# ---------------------------------------------------------------------------------------------
-# The DiT
-# ---------------------------------------------------------------------------------------------
+# --- The DiT --------------------------------------------------------------------------------------
 
 def frame_timesteps(mask_BF, t_B):
     """[B, F] frame mask (0 = context frame, 1 = generated) x [B] timesteps -> [B, F] per frame.
@@ -268,8 +258,8 @@ def frame_timesteps(mask_BF, t_B):
     This is how TI2V holds its first frame fixed (Wan 2.2 TI2V: timestep 0 on its tokens); the paper
     holds several frames. The DiT takes it as it is (one modulation per latent frame).
     """
-    assert mask_BF.ndim == 2 and t_B.shape == mask_BF.shape[:1], (
-        f"mask must be [B, F] and t [B], got {tuple(mask_BF.shape)} and {tuple(t_B.shape)}")
+    if mask_BF.ndim != 2 or t_B.shape != mask_BF.shape[:1]:
+        raise ValueError(f"mask must be [B, F] and t [B], got {tuple(mask_BF.shape)} and {tuple(t_B.shape)}")
     return mask_BF.float() * t_B.float()[:, None]
 
 
@@ -281,11 +271,16 @@ def per_token_timestep(mask_BF, t_B, tokens_per_frame):
 
 
 class WanDiT(nn.Module):
+    """The Wan 2.2 DiT with the state embedder (state_cond=False: the base model). forward(x [B,
+    in_dim, F, H, W] latents, t [B], [B, F] or [B, L] timesteps in 0 .. 1000, context [B or 1, <=
+    text_len, text_dim], states [B, 4(F-1)+1, state_dim] or None: the no-state embedding, drop [B]
+    bool: samples given the no-state embedding, for CFG) -> the predicted velocity, x's shape."""
 
     def __init__(self, cfg: WanConfig, state_cond: bool = True):
         super().__init__()
         self.cfg = cfg
-        assert cfg.dim % cfg.num_heads == 0 and cfg.head_dim % 2 == 0, "dim / num_heads must be even"
+        if cfg.dim % cfg.num_heads or cfg.head_dim % 2:
+            raise ValueError("dim / num_heads must be even")
         self.patch_embedding = nn.Conv3d(cfg.in_dim, cfg.dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
         self.text_embedding = nn.Sequential(nn.Linear(cfg.text_dim, cfg.dim), nn.GELU(approximate='tanh'),
                                             nn.Linear(cfg.dim, cfg.dim))
@@ -316,53 +311,56 @@ class WanDiT(nn.Module):
 
     def forward(self, x_BCFHW, t, context_BLD, states_BTD=None, drop_states_B=None):
         cfg = self.cfg
-        B, C, Fr, H, W = x_BCFHW.shape
-        pt, ph, pw = cfg.patch_size
-        assert C == cfg.in_dim and Fr % pt == 0 and H % ph == 0 and W % pw == 0, (
-            f"x must be [B, {cfg.in_dim}, F, H, W] with H, W divisible by {ph}, got {tuple(x_BCFHW.shape)}")
-        f, h, w = Fr // pt, H // ph, W // pw
-        L = f * h * w
-        t = torch.as_tensor(t, device=x_BCFHW.device)
-        assert t.shape in ((B,), (B, f), (B, L)), (
-            f"t must be [B], [B, F] or [B, L] = [{B}], [{B}, {f}] or [{B}, {L}], got {tuple(t.shape)}")
-        # Modulation groups: G = f (one timestep per latent frame) or G = L (one per token, as the
-        # reference). Every token of a frame has the same timestep and the same states, so per
-        # frame is the same maths with h * w times less modulation work and memory (bench.py).
-        t_BG = t[:, None].expand(B, f) if t.ndim == 1 else t
-        G = t_BG.shape[1]
-        assert context_BLD.ndim == 3 and context_BLD.shape[0] in (1, B) and context_BLD.shape[2] == cfg.text_dim \
-            and context_BLD.shape[1] <= cfg.text_len, (
-                f"context must be [B or 1, <= {cfg.text_len}, {cfg.text_dim}], got {tuple(context_BLD.shape)}")
-        assert self.state_cond or (states_BTD is None and drop_states_B is None), \
-            "this WanDiT was built with state_cond=False; it takes no states"
-
-        # bf16 weights -> bf16 autocast, with the fp32 islands below (as the reference runs)
-        wdtype = self.patch_embedding.weight.dtype
-        dev = x_BCFHW.device.type
-        amp = torch.autocast(dev, dtype=wdtype) if wdtype in (torch.bfloat16, torch.float16) else nullcontext()
-        fp32 = torch.autocast(dev, enabled=False)
+        (f, h, w), t_BG = self._check_inputs(x_BCFHW, t, context_BLD, states_BTD, drop_states_B)
+        amp, fp32 = self._autocast(x_BCFHW.device.type)
         with amp:
             x_BLD = rearrange(self.patch_embedding(x_BCFHW), 'b d f h w -> b (f h w) d').float()
             with fp32:   # timestep embedding and modulation in fp32
                 e_BGD = self.time_embedding(sinusoidal_embedding(t_BG, cfg.freq_dim))
                 e0_BG6D = rearrange(self.time_projection(e_BGD), 'b g (six d) -> b g six d', six=6)
-                if self.state_cond:   # paper 2.1: state modulation added to the timestep modulation
-                    s_BF6D = self.state_embedder(states_BTD, drop_states_B, B, f)
-                    e0_BG6D = e0_BG6D + s_BF6D.repeat_interleave(G // f, dim=1)
+                if self.state_cond:   # paper 2.1, AdaLN-Zero: the states' modulation adds to the timestep's
+                    s_BF6D = self.state_embedder(states_BTD, drop_states_B, x_BCFHW.shape[0], f)
+                    e0_BG6D = e0_BG6D + s_BF6D.repeat_interleave(t_BG.shape[1] // f, dim=1)
             # the reference zero-pads the text context to text_len slots, then embeds all of them;
             # a context shared by the batch (the empty prompt) is embedded once, not B times
             context_BSD = self.text_embedding(F.pad(context_BLD, (0, 0, 0, cfg.text_len - context_BLD.shape[1])))
             rope = rope_cos_sin(f, h, w, cfg.head_dim, cfg.rope_theta, x_BCFHW.device)
             n_ckpt = self.checkpointed_blocks() if torch.is_grad_enabled() else 0
-            for i, block in enumerate(self.blocks):
-                if i < n_ckpt:
-                    x_BLD = checkpoint(block, x_BLD, e0_BG6D, context_BSD, rope, use_reentrant=False)
-                else:
-                    x_BLD = block(x_BLD, e0_BG6D, context_BSD, rope)
+            for i, block in enumerate(self.blocks):   # the first n_ckpt recompute their activations in backward
+                args = (x_BLD, e0_BG6D, context_BSD, rope)
+                x_BLD = checkpoint(block, *args, use_reentrant=False) if i < n_ckpt else block(*args)
             with fp32:   # the head's modulation is the timestep's alone (no state term)
                 out_BLP = self.head(x_BLD, e_BGD)
+        pt, ph, pw = cfg.patch_size
         return rearrange(out_BLP, 'b (f h w) (pt ph pw c) -> b c (f pt) (h ph) (w pw)',
                          f=f, h=h, w=w, pt=pt, ph=ph, pw=pw)
+
+    def _check_inputs(self, x, t, context, states, drop):
+        """ValueError on inputs of the wrong shape; else the token grid (f, h, w) and the timesteps
+        t_BG, one per modulation group: G = f (one timestep per latent frame) or G = L = f h w (one
+        per token, as the reference). Every token of a frame has the same timestep and states, so
+        per frame is the same maths with h * w times less modulation work and memory (bench.py)."""
+        cfg = self.cfg
+        B, C, Fr, H, W = x.shape
+        pt, ph, pw = cfg.patch_size
+        if C != cfg.in_dim or Fr % pt or H % ph or W % pw:
+            raise ValueError(f"x must be [B, {cfg.in_dim}, F, H, W] with H, W divisible by {ph}, got {tuple(x.shape)}")
+        f, h, w = Fr // pt, H // ph, W // pw
+        t, L = torch.as_tensor(t, device=x.device), f * h * w
+        if t.shape not in ((B,), (B, f), (B, L)):
+            raise ValueError(f"t must be [B], [B, F] or [B, L] = [{B}], [{B}, {f}] or [{B}, {L}], got {tuple(t.shape)}")
+        if (context.ndim != 3 or context.shape[0] not in (1, B) or context.shape[1] > cfg.text_len
+                or context.shape[2] != cfg.text_dim):
+            raise ValueError(f"context must be [B or 1, <= {cfg.text_len}, {cfg.text_dim}], got {tuple(context.shape)}")
+        if not self.state_cond and (states is not None or drop is not None):
+            raise ValueError("this WanDiT was built with state_cond=False; it takes no states")
+        return (f, h, w), (t[:, None].expand(B, f) if t.ndim == 1 else t)
+
+    def _autocast(self, device_type):
+        """bf16 weights: bf16 autocast (amp), with fp32 islands (fp32) where the reference runs fp32."""
+        wdtype = self.patch_embedding.weight.dtype
+        amp = torch.autocast(device_type, dtype=wdtype) if wdtype in (torch.bfloat16, torch.float16) else nullcontext()
+        return amp, torch.autocast(device_type, enabled=False)
 
     def checkpointed_blocks(self):
         """How many blocks (the first ones) recompute their activations in backward: all for
@@ -371,8 +369,9 @@ class WanDiT(nn.Module):
         n = self.gradient_checkpointing
         if isinstance(n, bool):
             return len(self.blocks) if n else 0
-        assert isinstance(n, int) and 0 <= n <= len(self.blocks), (
-            f"gradient_checkpointing must be True, False or a block count in 0..{len(self.blocks)}, got {n!r}")
+        if not (isinstance(n, int) and 0 <= n <= len(self.blocks)):
+            raise ValueError(f"gradient_checkpointing must be True, False or a block count in "
+                             f"0..{len(self.blocks)}, got {n!r}")
         return n
 
     def compile_blocks(self, **compile_kwargs):
@@ -415,7 +414,8 @@ class WanDiT(nn.Module):
             if isinstance(m, LoRALinear):
                 n_ab = m.rank * (m.in_features + m.out_features)
                 lora += 4 * S * n_ab / batch if name.endswith(('cross_attn.k', 'cross_attn.v')) else 6 * L * n_ab
-        assert lora > 0, "lora_step=True needs a model with LoRA adapters (add_lora)"
+        if not lora:
+            raise ValueError("lora_step=True needs a model with LoRA adapters (add_lora)")
         return 2 * on_path + off_path + 3 * attn + lora
 
     def set_dtype(self, dtype):
@@ -444,9 +444,7 @@ def keeps_fp32(name):
             or name.endswith('.modulation') or '.norm3.' in name or '.lora_' in name)
 
 
-# ---------------------------------------------------------------------------------------------
-# LoRA (paper 2.2: rank 32 on the DiT), hand-rolled as in minLoRA / loralib
-# ---------------------------------------------------------------------------------------------
+# --- LoRA (paper 2.2: rank 32 on the DiT), hand-rolled as in minLoRA / loralib --------------------
 
 LORA_TARGETS = ('self_attn.q', 'self_attn.k', 'self_attn.v', 'self_attn.o',
                 'cross_attn.q', 'cross_attn.k', 'cross_attn.v', 'cross_attn.o', 'ffn.0', 'ffn.2')
@@ -485,7 +483,8 @@ def lora_modules(model):
 
 def add_lora(model, rank=32, alpha=32, targets=LORA_TARGETS):
     """Wrap the target Linears of every block with LoRA; freeze all but LoRA and state params."""
-    assert not lora_modules(model), "the model already has LoRA adapters"
+    if lora_modules(model):
+        raise ValueError("the model already has LoRA adapters")
     for block in model.blocks:
         for name in targets:
             parent_name, attr = name.rsplit('.', 1)
@@ -501,7 +500,8 @@ def add_lora(model, rank=32, alpha=32, targets=LORA_TARGETS):
 def merge_lora(model):
     """W <- W + B A alpha / r, so inference runs at base speed (exact in fp32, rounded in bf16)."""
     for m in lora_modules(model):
-        assert not m.merged, "LoRA is already merged"
+        if m.merged:
+            raise ValueError("LoRA is already merged")
         m.weight += m.delta().to(m.weight.dtype)
         m.merged = True
 
@@ -509,7 +509,8 @@ def merge_lora(model):
 @torch.no_grad()
 def unmerge_lora(model):
     for m in lora_modules(model):
-        assert m.merged, "LoRA is not merged"
+        if not m.merged:
+            raise ValueError("LoRA is not merged")
         m.weight -= m.delta().to(m.weight.dtype)
         m.merged = False
 
@@ -523,9 +524,7 @@ def trainable_state_dict(model):
     return {k: v for k, v in model.state_dict().items() if is_trainable(k)}
 
 
-# ---------------------------------------------------------------------------------------------
-# Size: parameter counts on the meta device (speed: bench.py)
-# ---------------------------------------------------------------------------------------------
+# --- Size: parameter counts on the meta device (speed: bench.py) ----------------------------------
 
 def parameter_counts(cfg=None, lora_rank=32):
     """Base / state-conditioning / LoRA parameter counts, built on the meta device (no memory)."""
@@ -546,7 +545,6 @@ def main():
 
 if __name__ == '__main__':
     import sys
-    if sys.argv[1:2] in (['export'], ['encode_raw']):   # where the file commands went
-        raise SystemExit({'export': 'python wan_files.py export', 'encode_raw': 'python prepare.py encode_raw --codec=wan'}[sys.argv[1]]
-                         + ": the command moved there (wan_state.py holds the model only)")
+    if sys.argv[1:2] in (['export'], ['encode_raw']):
+        raise SystemExit("moved: `python wan_files.py export`, `python prepare.py encode_raw --codec=wan`")
     main()
