@@ -1,7 +1,14 @@
-"""nanoWM's tests, run by CI: `python -m pytest -q test_all.py` (README). CPU only, tiny configs.
+"""nanoWM's tests: a specification of each file of the repository. CPU only, tiny configs.
 
-Each test checks one behaviour with the numbers that matter. Sections follow the repo's files:
-the compression track, the Wan 2.2 model, the sampling track, and the performance work."""
+One section per file, each test one behaviour with the numbers that matter, in this order:
+st_transformer.py, metrics.py, data.py, synthetic.py, prepare.py, train_compression.py (the compression
+track); wan_state.py, wan_files.py, vae.py, flow_matching.py, train_sampling.py, sample.py (the sampling
+track); bench.py and peak_flops.py, configurator.py, run_dir.py, pictures.py. Tests that run a script
+(a subprocess, torchrun) or train or compile for more than a few seconds are marked `slow` (pytest.ini):
+
+    python -m pytest -q test_all.py                  # everything, as CI runs it (.ci/run)
+    python -m pytest -q -m "not slow" test_all.py    # the fast specification: under a minute on 2 cores
+"""
 
 from pathlib import Path
 import csv
@@ -21,10 +28,13 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+import configurator
 import data
 import pictures
 import prepare
+import run_dir
 import synthetic
+from flow_matching import flow_matching_loss, reference_sigmas, sample_draws, sample_latents, shift_sigma
 from metrics import P_FLOOR, blur_baseline, cross_entropy_topk, match_histograms, psnr, ssim
 from peak_flops import peak_flops
 from st_transformer import STConfig, STTransformer
@@ -34,7 +44,6 @@ from wan_files import (build_model, export_lora, load_dit, load_lora, load_train
 from wan_files import main as wan_files_main
 from wan_state import (LORA_TARGETS, WanConfig, WanDiT, add_lora, frame_timesteps, lora_modules, merge_lora,
                        parameter_counts, per_token_timestep, trainable_state_dict, unmerge_lora)
-from flow_matching import flow_matching_loss, reference_sigmas, sample_draws, sample_latents, shift_sigma
 
 
 REPO = os.path.dirname(os.path.abspath(__file__))
@@ -59,19 +68,6 @@ def randomize(model, std=0.1, seed=0):
     return model
 
 
-# ===============================================================================================
-# Compression track: st_transformer.py, data.py section 1, train_compression.py
-# ===============================================================================================
-
-
-ST_TINY = dict(vocab_size=1000, n_layer=1, n_head=2, n_embd=32, dropout=0.0)
-
-
-def tiny_st_model(**kw):
-    torch.manual_seed(0)
-    return STTransformer(STConfig(**{**ST_TINY, **kw}))
-
-
 def run_script(script, *args, cwd=REPO, nproc=0, fails=False):
     """Run a repo script the way a user does (under torchrun with nproc processes, one thread each).
     Return its stdout, or fail with its output; fails=True: it must fail, return its stderr."""
@@ -88,11 +84,17 @@ def run_script(script, *args, cwd=REPO, nproc=0, fails=False):
     return res.stdout
 
 
-@pytest.fixture(scope='module')
-def synthetic_dir(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp('synthetic'))
-    synthetic.write_synthetic(out, seed=0)
-    return out
+# ===============================================================================================
+# st_transformer.py: the compression model (ST-transformer, KV-cache decoding, FLOP count)
+# ===============================================================================================
+
+
+ST_TINY = dict(vocab_size=1000, n_layer=1, n_head=2, n_embd=32, dropout=0.0)
+
+
+def tiny_st_model(**kw):
+    torch.manual_seed(0)
+    return STTransformer(STConfig(**{**ST_TINY, **kw}))
 
 
 def test_forward_and_generate_shapes():
@@ -165,21 +167,124 @@ def test_weight_decay_groups_match_paper():
     assert len(decayed) + len(kept) == len(list(model.parameters()))
 
 
-def test_paper_preset_dry_run(tmp_path):
-    out = run_script('train_compression.py', '--preset=paper', '--dry_run', cwd=tmp_path)
-    cfg = json.loads(out.split('settings: ', 1)[1].splitlines()[0])
-    assert (cfg['n_layer'], cfg['n_head'], cfg['n_embd'], cfg['dropout']) == (24, 8, 512, 0.1)
-    assert (cfg['global_batch_size'], cfg['epochs'], cfg['warmup_iters'], cfg['learning_rate']) == (160, 80.0, 2000, 8e-4)
-    assert (cfg['beta1'], cfg['beta2'], cfg['weight_decay'], cfg['vocab_size']) == (0.9, 0.95, 0.05, 64000)
-    # one 80 GB GPU per process: micro-batch 10; the paper's epoch: non-overlapping samples
-    assert (cfg['batch_size'], cfg['sample_stride'], cfg['max_iters'], cfg['data_dir']) == (10, 2, 0, 'data/1x')
-    assert 'T=5' in out
-    assert '/ 160 per step = 153,000' in out and '(1 GPU: 16), (8 GPUs: 2), (16 GPUs: 1)' in out
-    # --max_iters alone shortens the paper run
-    assert 'steps: 1,000\n' in run_script('train_compression.py', '--preset=paper', '--dry_run', '--max_iters', '1000')
-    n = int(out.split('parameters: ', 1)[1].split()[0].replace(',', ''))
-    # 24 blocks of (2 x 4d^2 attention + 8d^2 MLP) + 64000 x 512 tied embedding, plus small parts
-    assert 24 * 16 * 512 ** 2 + 64000 * 512 < n < 24 * 16 * 512 ** 2 + 64000 * 512 + 2_000_000
+def test_chunked_loss_equals_cross_entropy_on_full_logits_value_and_gradients():
+    model = randomize(tiny_st_model(), std=0.05)
+    z, s = torch.randint(0, 1000, (2, 6, 32, 32)), torch.randn(2, 64, 25)
+    full = F.cross_entropy(model(z[:, :5], s, predict_from=2).flatten(0, -2), z[:, 3:].reshape(-1))
+    grads = torch.autograd.grad(full, list(model.parameters()))
+    chunked = model(z[:, :5], s, predict_from=2, targets_BTHW=z[:, 3:], loss_chunk=1000)   # 7 chunks, the last short
+    torch.testing.assert_close(chunked, full, rtol=1e-5, atol=1e-6)
+    for g_full, g_chunk in zip(grads, torch.autograd.grad(chunked, list(model.parameters()))):
+        torch.testing.assert_close(g_chunk, g_full, rtol=1e-4, atol=1e-7)
+
+
+def st_model(dropout=0.0):
+    cfg = STConfig(vocab_size=97, n_layer=2, n_head=2, n_embd=32, T=5, H=4, W=4, dropout=dropout, state_window=64)
+    return randomize(STTransformer(cfg), std=0.3), cfg
+
+
+def st_inputs(cfg, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    z_BTHW = torch.randint(0, cfg.vocab_size, (3, 3, cfg.H, cfg.W), generator=g)
+    return z_BTHW, torch.randn(3, cfg.state_window, cfg.state_dim, generator=g)
+
+
+def test_greedy_decoding_with_kv_cache_equals_without_token_for_token():
+    model, cfg = st_model()
+    z_BTHW, states_BLD = st_inputs(cfg)
+    grids_c, logits_c = model.generate(z_BTHW, states_BLD, num_grids=3, use_cache=True)
+    grids_u, logits_u = model.generate(z_BTHW, states_BLD, num_grids=3, use_cache=False)
+    assert grids_c.shape == (3, 3, cfg.H, cfg.W)
+    assert torch.equal(grids_c, grids_u)
+    assert torch.allclose(logits_c, logits_u, atol=1e-5, rtol=1e-5)
+    # and both are what the model predicts teacher-forced on its own output
+    full = torch.cat([z_BTHW, grids_c[:, :2]], dim=1)
+    assert torch.allclose(model(full, states_BLD, predict_from=2), logits_c, atol=1e-5, rtol=1e-5)
+
+
+def test_sampled_decoding_with_kv_cache_equals_without_for_the_same_seed():
+    model, cfg = st_model()
+    z_BTHW, states_BLD = st_inputs(cfg, seed=2)
+    torch.manual_seed(5)
+    grids_c, _ = model.generate(z_BTHW, states_BLD, num_grids=3, temperature=1.0, top_k=10, use_cache=True)
+    torch.manual_seed(5)
+    grids_u, _ = model.generate(z_BTHW, states_BLD, num_grids=3, temperature=1.0, top_k=10, use_cache=False)
+    assert torch.equal(grids_c, grids_u)
+
+
+def test_kv_cache_runs_only_the_new_grid_through_the_blocks():
+    model, cfg = st_model()
+    z_BTHW, states_BLD = st_inputs(cfg)
+    grids_seen = []
+    hook = model.blocks[0].register_forward_hook(lambda mod, args, out: grids_seen.append(args[0].shape[1]))
+    model.generate(z_BTHW, states_BLD, num_grids=3, use_cache=True)
+    cached, grids_seen[:] = list(grids_seen), []
+    model.generate(z_BTHW, states_BLD, num_grids=3, use_cache=False)
+    hook.remove()
+    assert cached == [3, 1, 1]          # the 3 context grids, then one new grid per step
+    assert grids_seen == [3, 4, 5]      # without the cache: the whole sequence every step
+
+
+def test_generate_turns_dropout_off_and_restores_training_mode():
+    model, cfg = st_model(dropout=0.5)
+    z_BTHW, states_BLD = st_inputs(cfg)
+    model.eval()
+    want, _ = model.generate(z_BTHW, states_BLD, use_cache=False)
+    model.train()
+    for use_cache in (True, False):
+        got, _ = model.generate(z_BTHW, states_BLD, use_cache=use_cache)
+        assert torch.equal(got, want) and model.training
+
+
+def counted_flops(fn):
+    """FLOPs that torch counts for fn (math attention, so that the attention products are counted)."""
+    with FlopCounterMode(display=False) as counter, sdpa_kernel([SDPBackend.MATH]):
+        fn()
+    return counter.get_total_flops()
+
+
+def test_st_transformer_training_flops_match_torch_flop_counter():
+    cfg = STConfig(vocab_size=1024, n_layer=2, n_head=4, n_embd=64, H=8, W=8, dropout=0.0)
+    model = STTransformer(cfg)
+    g = torch.Generator().manual_seed(0)
+    z = torch.randint(0, cfg.vocab_size, (1, 6, 8, 8), generator=g)
+    states = torch.randn(1, cfg.state_window, cfg.state_dim, generator=g)
+
+    def train_step():
+        logits = model(z[:, :5], states, predict_from=2)
+        F.cross_entropy(logits.flatten(0, -2), z[:, 3:].reshape(-1)).backward()
+    assert abs(model.flops_per_sample() / counted_flops(train_step) - 1) < 0.02
+
+
+@pytest.fixture(scope='module')
+def synthetic_dir(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp('synthetic'))
+    synthetic.write_synthetic(out, seed=0)
+    return out
+
+
+@pytest.mark.slow
+def test_tiny_model_overfits_one_batch(synthetic_dir):
+    ds = data.TokenDataset(os.path.join(synthetic_dir, 'train_v2.0'), vocab_size=1000)
+    z, s = (torch.stack(x) for x in zip(ds[0], ds[1]))
+    target = z[:, 3:].reshape(-1)
+    bayes = F.cross_entropy(synthetic.synthetic_oracle_logits(z, s, ds.metadata['synthetic']).reshape(-1, 1000), target)
+    model = tiny_st_model(n_embd=64, n_head=4)
+    opt = torch.optim.AdamW(model.param_groups(0.0), lr=1e-2)
+    losses = []
+    for _ in range(45):
+        loss = F.cross_entropy(model(z[:, :5], s, predict_from=2).flatten(0, -2), target)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    # below the Bayes CE of these grids, which no predictor that generalises can beat: memorised
+    assert losses[0] > 6.5 and losses[-1] < bayes.item() - 0.5, (losses[::10], bayes.item())
+
+
+# ===============================================================================================
+# metrics.py: the challenge scores (Top-500 CE, PSNR), SSIM, the blur baseline
+# ===============================================================================================
 
 
 def brute_force_topk_ce(logits_NV, target_N, k, p_floor):
@@ -207,6 +312,25 @@ def test_top500_cross_entropy_matches_brute_force():
     assert (ours[:10] < F.cross_entropy(logits[:10], target[:10], reduction='none')).all()
     # with k = V it is the plain cross-entropy
     torch.testing.assert_close(cross_entropy_topk(logits, target, k=1200), F.cross_entropy(logits, target, reduction='none'))
+
+
+def test_metrics_and_blur_baseline():
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    assert psnr(img, img) == 100.0 and ssim(img, img) == pytest.approx(1.0)
+    off = np.clip(img.astype(int) + 10, 0, 255).astype(np.uint8)
+    assert psnr(off, img) == pytest.approx(10 * np.log10(1 / np.mean(((off.astype(float) - img) / 255) ** 2)))
+    ref = rng.normal(120, 20, (32, 32, 3)).clip(0, 255).astype(np.uint8)
+    matched = match_histograms(img, ref)   # uniform values take the reference's normal histogram
+    assert abs(matched.mean() - ref.mean()) < 1 and abs(matched.std() - ref.std()) < 1
+    order = np.argsort(img[..., 0], axis=None)
+    assert np.all(np.diff(matched[..., 0].ravel()[order].astype(int)) >= 0)   # a monotone map of the values
+    assert blur_baseline(img, ref, 1.0).std() <= ref.std() + 1
+
+
+# ===============================================================================================
+# data.py: readers of the published 1X layouts (tokenized and raw), clip frames
+# ===============================================================================================
 
 
 def write_known_shard(split_dir, i, nested, segment_F, vocab=1000, seed=0):
@@ -268,6 +392,72 @@ def test_reader_errors_name_the_file_and_the_problem(tmp_path):
         data.TokenDataset(str(tmp_path / 'nowhere'))
 
 
+def test_paper_epoch_is_non_overlapping_samples_inside_segments(tmp_path):
+    segment = np.repeat([0, 1, 2], [120, 200, 100])   # 420 frames: 25 blocks
+    write_known_shard(str(tmp_path), 0, True, segment)
+    write_meta(str(tmp_path), 1, len(segment))
+    every = data.TokenDataset(str(tmp_path), vocab_size=1000)
+    paper = data.TokenDataset(str(tmp_path), vocab_size=1000, stride=2)
+    # brute force: samples of blocks (2j, 2j + 1) whose 34 frames share one segment id
+    expect = [2 * j for j in range(25 // 2) if len(set(segment[34 * j:34 * j + 34])) == 1]
+    assert [int(k) for _, k in paper.index] == expect == [0, 2, 4, 8, 10, 12, 14, 16, 20, 22]
+    every_expect = [k for k in range(25) if 17 * k + 34 <= 420 and len(set(segment[17 * k:17 * k + 34])) == 1]
+    assert len(every) == len(every_expect) == 19   # a sample at every block: about twice as many
+
+
+SIZE = 32   # synthetic frames: 32x32 -> pixel-codec latents [48, 6, 8, 8], 16 tokens per latent frame
+
+
+def test_clip_indices_put_context_in_latents_0_1_and_frame_76_last():
+    idx = data.clip_frame_indices()
+    assert idx == [0, 4, 8, 12, 16, 20, 24, 28, 32, 36, 40, 44, 48, 52, 56, 60, 64, 68, 72, 76, 76]
+    assert idx[:data.NUM_CONTEXT_FRAMES] == [0, 4, 8, 12, 16] and max(idx[data.NUM_CONTEXT_FRAMES:]) == 76
+    # Wan's causal VAE: latent 0 = clip frame 0, latent k = clip frames 4k-3 .. 4k
+    frames_of_latent = [[0]] + [list(range(4 * k - 3, 4 * k + 1)) for k in range(1, data.NUM_LATENTS)]
+    context = [idx[j] for k in range(data.NUM_CONTEXT_LATENTS) for j in frames_of_latent[k]]
+    assert context == [0, 4, 8, 12, 16]                       # latents 0-1 hold exactly the given frames
+    assert idx[frames_of_latent[-1][-1]] == data.TARGET_FRAME == 76   # the target is the last clip frame
+
+
+def test_reader_rejects_truncated_and_missing_files(tmp_path):
+    synthetic.write_synthetic_raw(tmp_path / 'raw', num_shards=1, frames_per_shard=200, size=SIZE, seed=0, flat=True)
+    with open(tmp_path / 'raw' / 'states_0.bin', 'r+b') as f:
+        f.truncate(100)
+    with pytest.raises(ValueError, match='states_0.bin.*truncated'):
+        data.RawShard(tmp_path / 'raw', 0)
+    with pytest.raises(FileNotFoundError, match='metadata.json'):
+        data.RawClips(tmp_path / 'nothing')
+
+
+def test_a_video_shorter_than_its_metadata_fails_clearly(tmp_path):
+    synthetic.write_synthetic_raw(tmp_path / 'raw', num_shards=1, frames_per_shard=200, size=SIZE, seed=0, flat=True)
+    synthetic.write_synthetic_raw(tmp_path / 'short', num_shards=1, frames_per_shard=120, size=SIZE, seed=0, flat=True)
+    os.replace(tmp_path / 'short' / 'video_0.mp4', tmp_path / 'raw' / 'video_0.mp4')   # 120 of the 200 frames
+    shard = data.RawShard(tmp_path / 'raw', 0)
+    late = [s for s in shard.clip_starts(1) if s + data.RAW_CLIP_LEN > 120]
+    assert late
+    with pytest.raises(ValueError, match=r'video_0\.mp4: got \d+ frames .*shorter than its metadata'):
+        shard.read_clip(late[0])
+    with pytest.raises(ValueError, match=r'video_0\.mp4: the video ends before frame .*shorter than its metadata'):
+        list(shard.iter_clips(late))
+
+
+@pytest.mark.slow
+def test_data_and_the_compression_track_work_without_av(tmp_path):
+    code = ("import sys; sys.modules['av'] = None\n"
+            "import data, synthetic\n"
+            f"synthetic.write_synthetic({str(tmp_path)!r}, train_shards=1, train_frames=340, val_frames=340)\n"
+            f"ds = data.TokenDataset({str(tmp_path / 'val_v2.0')!r}, vocab_size=1000)\n"
+            "print(len(ds), tuple(ds[0][0].shape))\n")
+    res = subprocess.run([sys.executable, '-c', code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and '(6, 32, 32)' in res.stdout, res.stderr
+
+
+# ===============================================================================================
+# synthetic.py: the two synthetic worlds (tokenized, raw)
+# ===============================================================================================
+
+
 def test_synthetic_world_is_deterministic_and_its_floor_is_exact(tmp_path, synthetic_dir):
     synthetic.write_synthetic(str(tmp_path), seed=0)
     for f in ('train_v2.0/videos/video_1.bin', 'train_v2.0/robot_states/states_1.bin', 'val_v2.0/video_0.bin'):
@@ -297,28 +487,150 @@ def test_synthetic_world_is_deterministic_and_its_floor_is_exact(tmp_path, synth
     assert blind > floors['full'] + 0.4
 
 
-def test_tiny_model_overfits_one_batch(synthetic_dir):
-    ds = data.TokenDataset(os.path.join(synthetic_dir, 'train_v2.0'), vocab_size=1000)
-    z, s = (torch.stack(x) for x in zip(ds[0], ds[1]))
-    target = z[:, 3:].reshape(-1)
-    bayes = F.cross_entropy(synthetic.synthetic_oracle_logits(z, s, ds.metadata['synthetic']).reshape(-1, 1000), target)
-    model = tiny_st_model(n_embd=64, n_head=4)
-    opt = torch.optim.AdamW(model.param_groups(0.0), lr=1e-2)
-    losses = []
-    for _ in range(45):
-        loss = F.cross_entropy(model(z[:, :5], s, predict_from=2).flatten(0, -2), target)
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
-    # below the Bayes CE of these grids, which no predictor that generalises can beat: memorised
-    assert losses[0] > 6.5 and losses[-1] < bayes.item() - 0.5, (losses[::10], bayes.item())
+def test_synthetic_writer_redoes_an_unfinished_set_and_refuses_other_settings(tmp_path):
+    small = dict(train_shards=1, train_frames=340, val_frames=340)
+    synthetic.write_synthetic(str(tmp_path), **small)
+    video = tmp_path / 'val_v2.0' / 'video_0.bin'
+    good = video.read_bytes()
+    # interrupted: a half-written split and no synthetic.json -> written again, not reused
+    (tmp_path / 'synthetic.json').unlink()
+    video.write_bytes(good[:100])
+    (tmp_path / 'train_v2.0.partial').mkdir()
+    synthetic.write_synthetic(str(tmp_path), **small)
+    assert video.read_bytes() == good and not (tmp_path / 'train_v2.0.partial').exists()
+    with pytest.raises(SystemExit, match='other settings \\(vocab=1000 on disk, 2000 asked for\\)'):
+        synthetic.write_synthetic(str(tmp_path), vocab=2000, **small)
+    (tmp_path / 'synthetic.json').write_text('{"settings": {"seed"')
+    with pytest.raises(ValueError, match='synthetic.json is not valid JSON'):
+        synthetic.write_synthetic(str(tmp_path), **small)
+
+
+def test_synthetic_raw_is_deterministic_readable_and_follows_states(tmp_path):
+    for name, seed in (('a', 3), ('b', 3), ('c', 4)):
+        synthetic.write_synthetic_raw(tmp_path / name, num_shards=1, frames_per_shard=300, size=SIZE, seed=seed)
+    a, b, c = (data.RawShard(tmp_path / n, 0) for n in 'abc')
+    assert np.array_equal(a.states_ND, b.states_ND) and np.array_equal(a.segment_N, b.segment_N)
+    assert np.array_equal(a.read_frames(0, 77), b.read_frames(0, 77))
+    assert not np.array_equal(a.states_ND, c.states_ND)
+    starts = a.clip_starts(stride=10)
+    assert starts and all(len(set(a.segment_N[s:s + 77])) == 1 for s in starts)
+    assert all(len(set(a.segment_N[s:s + 77])) > 1 for s in range(300 - 76) if s not in a.clip_starts(stride=1))
+    frames_THWC, states_TD = a.read_clip(starts[0])
+    assert frames_THWC.shape == (21, SIZE, SIZE, 3) and states_TD.shape == (21, 25)
+    assert np.array_equal(frames_THWC[20], a.read_frames(starts[0] + 76, 1)[0])
+    assert np.array_equal(states_TD[20], a.states_ND[starts[0] + 76])
+    # the picture is a function of the states: moving an arm joint moves its disc
+    tex = synthetic._texture(np.random.default_rng(0), SIZE * 3 // 2)
+    s = np.zeros(25, np.float32)
+    moved = s.copy()
+    moved[6] = 0.8
+    assert np.abs(synthetic.render_synthetic_frame(tex, s, SIZE).astype(int) - synthetic.render_synthetic_frame(tex, moved, SIZE)).sum() > 0
+
+
+def test_synthetic_world_redraws_the_recorded_frame_and_draws_counterfactual_futures(tmp_path):
+    synthetic.write_synthetic_raw(tmp_path / 'val', num_shards=2, frames_per_shard=300, size=SIZE, seed=5, flat=True)
+    shard = data.RawShard(tmp_path / 'val', 1)
+    start = shard.clip_starts()[0]
+    frames_THWC, states_TD = shard.read_clip(start)
+    redrawn = synthetic.synthetic_frame(tmp_path / 'val', 1, start + data.TARGET_FRAME, states_TD[-1])
+    assert np.abs(redrawn.astype(int) - frames_THWC[-1]).max() <= 2   # the recorded frame, up to the codec's rounding
+    swung = synthetic.arms_swing_across(states_TD)
+    assert np.array_equal(swung[:data.NUM_CONTEXT_FRAMES], states_TD[:data.NUM_CONTEXT_FRAMES])   # context untouched
+    others = [j for j in range(25) if j not in synthetic.SYNTHETIC_ARM_X]
+    assert np.all(swung[data.NUM_CONTEXT_FRAMES:, others] == states_TD[data.NUM_CONTEXT_FRAMES - 1, others])   # still
+    for j in synthetic.SYNTHETIC_ARM_X:   # each arm ends on the far side of where it was
+        assert swung[-1, j] == pytest.approx(-0.8 if states_TD[data.NUM_CONTEXT_FRAMES - 1, j] >= 0 else 0.8)
+    counterfactual = synthetic.synthetic_frame(tmp_path / 'val', 1, start + data.TARGET_FRAME, swung[-1])
+    assert np.abs(counterfactual.astype(int) - redrawn).max() > 100   # the arm discs moved
+    synthetic.write_synthetic_raw(tmp_path / 'other', num_shards=1, frames_per_shard=300, size=SIZE, seed=6, flat=True)
+    meta = json.loads((tmp_path / 'other' / 'metadata.json').read_text())
+    del meta['synthetic']
+    (tmp_path / 'other' / 'metadata.json').write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match='not a synthetic split'):
+        synthetic.synthetic_frame(tmp_path / 'other', 0, 100, states_TD[-1])
+
+
+# ===============================================================================================
+# prepare.py: encoding raw clips to latents
+# ===============================================================================================
+
+
+@pytest.fixture(scope='module')
+def raw_data(tmp_path_factory):
+    """A small raw_data raw dataset in the 1X layout, with its training latents encoded."""
+    root = tmp_path_factory.mktemp('sampling_data')
+    synthetic.write_synthetic_raw(root / 'train_v2.0_raw', num_shards=2, frames_per_shard=1500, size=SIZE, seed=0)
+    synthetic.write_synthetic_raw(root / 'val_v2.0_raw', num_shards=1, frames_per_shard=1200, size=SIZE, seed=1, flat=True)
+    prepare.encode_raw_split(root / 'train_v2.0_raw', root / 'latents_pixel' / 'train_v2.0_raw', PixelCodec(), stride=8)
+    return root
+
+
+def test_encoding_is_atomic_resumes_an_interrupted_run_and_refuses_to_overwrite(raw_data, tmp_path):
+    from safetensors.torch import load_file, save_file
+    raw = raw_data / 'train_v2.0_raw'
+    whole = tmp_path / 'whole'
+    n = prepare.encode_raw_split(raw, whole, PixelCodec(), stride=77)
+    info = json.loads((whole / 'encoding.json').read_text())
+    assert info['stride'] == 77 and info['codec'] == 'PixelCodec' and info['clips'] == n == len(data.LatentClips(whole))
+    assert not (tmp_path / 'whole.partial').exists()
+    # an interrupted run left shard 0 (marked: zero latents) in resumed.partial and no resumed/
+    (tmp_path / 'resumed.partial').mkdir()
+    shard0 = load_file(whole / 'latents_0.safetensors')
+    save_file({**shard0, 'latents': torch.zeros_like(shard0['latents'])}, tmp_path / 'resumed.partial' / 'latents_0.safetensors')
+    assert prepare.encode_raw_split(raw, tmp_path / 'resumed', PixelCodec(), stride=77) == n
+    resumed = load_file(tmp_path / 'resumed' / 'latents_0.safetensors')
+    assert resumed['latents'].abs().max() == 0                          # kept, not encoded again
+    assert torch.equal(load_file(tmp_path / 'resumed' / 'latents_1.safetensors')['latents'],
+                       load_file(whole / 'latents_1.safetensors')['latents'])   # the rest encoded
+    assert prepare.encode_raw_split(raw, whole, PixelCodec(), stride=77) == n        # finished: kept as it is
+    with pytest.raises(SystemExit, match='encoded with stride 77: pass --clip_stride=77'):
+        prepare.encode_raw_split(raw, whole, PixelCodec(), stride=8)
+    # an interrupted encoding resumed with another stride is an error, not two strides under one encoding.json
+    (tmp_path / 'mixed.partial').mkdir()
+    settings = {k: v for k, v in info.items() if k != 'clips'}
+    (tmp_path / 'mixed.partial' / 'settings.json').write_text(json.dumps(settings))
+    with pytest.raises(SystemExit, match=r'mixed.partial has other settings \(stride=77 on disk, 8 asked for\)'):
+        prepare.encode_raw_split(raw, tmp_path / 'mixed', PixelCodec(), stride=8)
+
+
+def test_encoded_latents_match_the_codec_on_raw_clips(raw_data):
+    clips, latents = data.RawClips(raw_data / 'train_v2.0_raw', stride=8), data.LatentClips(raw_data / 'latents_pixel' / 'train_v2.0_raw')
+    assert len(clips) == len(latents) > 100
+    for k in (0, len(clips) - 1):
+        z, states = latents[k]
+        item = clips[k]
+        assert torch.equal(z, PixelCodec().encode(frames_to_video(item['frames_THWC'][None]))[0])
+        assert torch.equal(states, item['states_TD'])
+
+
+# ===============================================================================================
+# train_compression.py: the compression track's training script, run as a user runs it
+# ===============================================================================================
+
+
+@pytest.mark.slow
+def test_paper_preset_dry_run(tmp_path):
+    out = run_script('train_compression.py', '--preset=paper', '--dry_run', cwd=tmp_path)
+    cfg = json.loads(out.split('settings: ', 1)[1].splitlines()[0])
+    assert (cfg['n_layer'], cfg['n_head'], cfg['n_embd'], cfg['dropout']) == (24, 8, 512, 0.1)
+    assert (cfg['global_batch_size'], cfg['epochs'], cfg['warmup_iters'], cfg['learning_rate']) == (160, 80.0, 2000, 8e-4)
+    assert (cfg['beta1'], cfg['beta2'], cfg['weight_decay'], cfg['vocab_size']) == (0.9, 0.95, 0.05, 64000)
+    # one 80 GB GPU per process: micro-batch 10; the paper's epoch: non-overlapping samples
+    assert (cfg['batch_size'], cfg['sample_stride'], cfg['max_iters'], cfg['data_dir']) == (10, 2, 0, 'data/1x')
+    assert 'T=5' in out
+    assert '/ 160 per step = 153,000' in out and '(1 GPU: 16), (8 GPUs: 2), (16 GPUs: 1)' in out
+    # --max_iters alone shortens the paper run
+    assert 'steps: 1,000\n' in run_script('train_compression.py', '--preset=paper', '--dry_run', '--max_iters', '1000')
+    n = int(out.split('parameters: ', 1)[1].split()[0].replace(',', ''))
+    # 24 blocks of (2 x 4d^2 attention + 8d^2 MLP) + 64000 x 512 tied embedding, plus small parts
+    assert 24 * 16 * 512 ** 2 + 64000 * 512 < n < 24 * 16 * 512 ** 2 + 64000 * 512 + 2_000_000
 
 
 SMALL_RUN = ['--n_embd=32', '--n_head=2', '--eval_interval=1000', '--eval_samples=2', '--final_eval=False', '--num_workers=0',
              '--learning_rate=1e-3', '--warmup_iters=1']
 
 
+@pytest.mark.slow
 def test_two_process_ddp_takes_the_same_step_as_one_process_with_accumulation(tmp_path, synthetic_dir):
     common = SMALL_RUN + [f'--data_dir={synthetic_dir}', '--max_iters=1', '--global_batch_size=4', '--batch_size=2']
     run_script('train_compression.py', *common, f'--out_dir={tmp_path}/one', cwd=tmp_path)
@@ -337,6 +649,7 @@ def test_two_process_ddp_takes_the_same_step_as_one_process_with_accumulation(tm
     assert min(delta) > 5e-4, delta
 
 
+@pytest.mark.slow
 def test_resume_gives_the_same_next_loss_as_not_stopping(tmp_path, synthetic_dir):
     common = SMALL_RUN + [f'--data_dir={synthetic_dir}', '--max_iters=5', '--batch_size=2', '--global_batch_size=2',
                           '--dropout=0.1']
@@ -361,6 +674,7 @@ LEARN_RUN = ['--max_iters=80', '--batch_size=4', '--global_batch_size=4', '--fin
              '--eval_interval=1000', '--eval_samples=2', '--num_workers=0']
 
 
+@pytest.mark.slow
 def test_short_run_learns_beyond_the_baselines(tmp_path, synthetic_dir):
     """80 steps of batch 4 (the README default is longer; neither reaches the Bayes floor)."""
     run_script('train_compression.py', *LEARN_RUN, f'--data_dir={synthetic_dir}', f'--out_dir={tmp_path}', cwd=tmp_path)
@@ -372,6 +686,7 @@ def test_short_run_learns_beyond_the_baselines(tmp_path, synthetic_dir):
     assert r['model, greedy autoregressive']['top500'] < r['uniform over the vocabulary']['top500']
 
 
+@pytest.mark.slow
 def test_model_without_states_cannot_beat_the_state_blind_floor(tmp_path, synthetic_dir):
     run_script('train_compression.py', *LEARN_RUN, f'--data_dir={synthetic_dir}', f'--out_dir={tmp_path}',
                '--use_states=False', cwd=tmp_path)
@@ -382,30 +697,6 @@ def test_model_without_states_cannot_beat_the_state_blind_floor(tmp_path, synthe
     # which is most of a nat above the Bayes floor
     assert model['ce'] > blind['ce'] - 0.05
     assert blind['ce'] > r['Bayes floor (states known)']['ce'] + 0.5
-
-
-def test_chunked_loss_equals_cross_entropy_on_full_logits_value_and_gradients():
-    model = randomize(tiny_st_model(), std=0.05)
-    z, s = torch.randint(0, 1000, (2, 6, 32, 32)), torch.randn(2, 64, 25)
-    full = F.cross_entropy(model(z[:, :5], s, predict_from=2).flatten(0, -2), z[:, 3:].reshape(-1))
-    grads = torch.autograd.grad(full, list(model.parameters()))
-    chunked = model(z[:, :5], s, predict_from=2, targets_BTHW=z[:, 3:], loss_chunk=1000)   # 7 chunks, the last short
-    torch.testing.assert_close(chunked, full, rtol=1e-5, atol=1e-6)
-    for g_full, g_chunk in zip(grads, torch.autograd.grad(chunked, list(model.parameters()))):
-        torch.testing.assert_close(g_chunk, g_full, rtol=1e-4, atol=1e-7)
-
-
-def test_paper_epoch_is_non_overlapping_samples_inside_segments(tmp_path):
-    segment = np.repeat([0, 1, 2], [120, 200, 100])   # 420 frames: 25 blocks
-    write_known_shard(str(tmp_path), 0, True, segment)
-    write_meta(str(tmp_path), 1, len(segment))
-    every = data.TokenDataset(str(tmp_path), vocab_size=1000)
-    paper = data.TokenDataset(str(tmp_path), vocab_size=1000, stride=2)
-    # brute force: samples of blocks (2j, 2j + 1) whose 34 frames share one segment id
-    expect = [2 * j for j in range(25 // 2) if len(set(segment[34 * j:34 * j + 34])) == 1]
-    assert [int(k) for _, k in paper.index] == expect == [0, 2, 4, 8, 10, 12, 14, 16, 20, 22]
-    every_expect = [k for k in range(25) if 17 * k + 34 <= 420 and len(set(segment[17 * k:17 * k + 34])) == 1]
-    assert len(every) == len(every_expect) == 19   # a sample at every block: about twice as many
 
 
 COMPRESSION_RUN = ['--n_embd=32', '--n_head=2', '--eval_samples=2', '--eval_batch_size=2', '--final_eval=False',
@@ -421,6 +712,7 @@ def all_finite(path):
     return all(torch.isfinite(t).all() for t in state['model'].values())
 
 
+@pytest.mark.slow
 def test_compression_nan_loss_stops_with_an_error_and_never_saves_a_nan_checkpoint(tmp_path, synthetic_dir):
     run_compression(f'--data_dir={synthetic_dir}', f'--out_dir={tmp_path}', '--max_iters=2', cwd=tmp_path)
     err = run_compression(f'--data_dir={synthetic_dir}', f'--out_dir={tmp_path}', '--max_iters=30', '--overwrite',
@@ -429,6 +721,7 @@ def test_compression_nan_loss_stops_with_an_error_and_never_saves_a_nan_checkpoi
     assert all_finite(tmp_path / 'ckpt.pt') and all_finite(tmp_path / 'ckpt_prev.pt')
 
 
+@pytest.mark.slow
 def test_compression_nan_in_robot_states_names_the_file_and_the_row(tmp_path, synthetic_dir):
     bad = tmp_path / 'data'
     shutil.copytree(synthetic_dir, bad)
@@ -440,6 +733,7 @@ def test_compression_nan_in_robot_states_names_the_file_and_the_row(tmp_path, sy
     assert not (tmp_path / 'run' / 'ckpt.pt').exists()
 
 
+@pytest.mark.slow
 def test_compression_refuses_to_train_over_a_checkpoint_and_bad_flags_before_any_work(tmp_path, synthetic_dir):
     out = tmp_path / 'run'
     run_compression(f'--data_dir={synthetic_dir}', f'--out_dir={out}', '--max_iters=1', cwd=tmp_path)
@@ -458,6 +752,15 @@ def test_compression_refuses_to_train_over_a_checkpoint_and_bad_flags_before_any
     assert 'is not writable' in err
 
 
+class _Payload:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return exec, (f"open({self.path!r}, 'w').write('pwned')",)
+
+
+@pytest.mark.slow
 def test_compression_loads_no_code_and_names_the_wrong_track_or_model(tmp_path, synthetic_dir):
     out = tmp_path / 'run'
     run_compression(f'--data_dir={synthetic_dir}', f'--out_dir={out}', '--max_iters=1', cwd=tmp_path)
@@ -486,6 +789,7 @@ def fake_hub(root, synthetic_dir, repo_id=data.HF_REPO_TOKENIZED, splits=('train
     return dict(HF_HUB_CACHE=str(root), HF_HUB_OFFLINE='1')
 
 
+@pytest.mark.slow
 def test_compression_prepares_its_data_from_an_empty_folder_trains_and_logs_validation(tmp_path, synthetic_dir,
                                                                                       monkeypatch):
     monkeypatch.setenv('HF_HUB_OFFLINE', '1')
@@ -514,26 +818,8 @@ def test_compression_prepares_its_data_from_an_empty_folder_trains_and_logs_vali
     assert video.stat().st_size == os.path.getsize(os.path.join(synthetic_dir, 'train_v2.0/videos/video_1.bin'))
 
 
-def test_synthetic_writer_redoes_an_unfinished_set_and_refuses_other_settings(tmp_path):
-    small = dict(train_shards=1, train_frames=340, val_frames=340)
-    synthetic.write_synthetic(str(tmp_path), **small)
-    video = tmp_path / 'val_v2.0' / 'video_0.bin'
-    good = video.read_bytes()
-    # interrupted: a half-written split and no synthetic.json -> written again, not reused
-    (tmp_path / 'synthetic.json').unlink()
-    video.write_bytes(good[:100])
-    (tmp_path / 'train_v2.0.partial').mkdir()
-    synthetic.write_synthetic(str(tmp_path), **small)
-    assert video.read_bytes() == good and not (tmp_path / 'train_v2.0.partial').exists()
-    with pytest.raises(SystemExit, match='other settings \\(vocab=1000 on disk, 2000 asked for\\)'):
-        synthetic.write_synthetic(str(tmp_path), vocab=2000, **small)
-    (tmp_path / 'synthetic.json').write_text('{"settings": {"seed"')
-    with pytest.raises(ValueError, match='synthetic.json is not valid JSON'):
-        synthetic.write_synthetic(str(tmp_path), **small)
-
-
 # ===============================================================================================
-# wan_state.py: the Wan 2.2 DiT, checkpoints, null context, state conditioning, LoRA, VAE
+# wan_state.py: the Wan 2.2 DiT (against diffusers), timesteps, state conditioning, LoRA
 # ===============================================================================================
 
 
@@ -607,7 +893,7 @@ def test_per_frame_timesteps_and_a_shared_context_give_the_reference_per_token_o
     assert want.abs().max() > 0.1
     assert (got - want).abs().max() < 1e-5
     assert (got_B - want_B).abs().max() < 1e-5
-    with pytest.raises(AssertionError, match=r'\[B\], \[B, F\] or \[B, L\]'):
+    with pytest.raises(ValueError, match=r'\[B\], \[B, F\] or \[B, L\]'):
         model(x, torch.zeros(B, 5), context, states)
 
 
@@ -644,6 +930,58 @@ def test_gradient_checkpointing_gives_same_gradients():
     assert torch.allclose(grads[0], grads[1], atol=1e-6)
 
 
+def wan_inputs(cfg, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, cfg.in_dim, 3, 8, 8, generator=g)
+    t_BL = per_token_timestep(torch.tensor([[0, 1, 1], [0, 0, 1]]), torch.tensor([999.0, 421.5]), 16)
+    return x, t_BL, torch.randn(2, cfg.text_len, cfg.text_dim, generator=g), torch.randn(2, 9, 25, generator=g)
+
+
+def test_checkpointing_the_first_n_blocks_gives_the_same_loss_and_gradients():
+    cfg = WanConfig.tiny(num_layers=3)
+    model = randomize(WanDiT(cfg), std=0.1)
+    x, t_BL, context, states = wan_inputs(cfg)
+    calls = [0] * 3
+    for i, block in enumerate(model.blocks):
+        block.register_forward_pre_hook(lambda mod, args, i=i: calls.__setitem__(i, calls[i] + 1))
+    results = {}
+    for setting, want_n in ((False, 0), (1, 1), (2, 2), (True, 3)):   # True == 1 in Python: not a dict
+        model.zero_grad()
+        calls[:] = [0] * 3
+        model.gradient_checkpointing = setting
+        loss = model(x, t_BL, context, states, torch.tensor([False, True])).square().mean()
+        loss.backward()
+        n = model.checkpointed_blocks()
+        assert n == want_n
+        assert calls == [2 if i < n else 1 for i in range(3)]   # checkpointed blocks rerun in backward
+        results[n] = loss.item(), torch.cat([p.grad.flatten() for p in model.parameters()])
+    loss0, grad0 = results[0]
+    for n, (loss, grad) in results.items():
+        assert loss == loss0 and torch.allclose(grad, grad0, atol=1e-6), f"{n} checkpointed blocks"
+
+
+def test_checkpointing_more_blocks_than_the_model_has_fails_clearly():
+    model = WanDiT(WanConfig.tiny(num_layers=2))
+    model.gradient_checkpointing = 3
+    x, t_BL, context, states = wan_inputs(model.cfg)
+    with pytest.raises(ValueError, match='block count in 0..2'):
+        model(x, t_BL, context, states)
+
+
+@pytest.mark.slow
+def test_compiled_dit_blocks_give_the_eager_output():
+    # sample.py / bench.py --compile: torch.compile each block (inductor; needs a C compiler on the CPU)
+    model = randomize(WanDiT(WanConfig.tiny()), std=0.1).eval()
+    x, t_BL, context, states = wan_inputs(model.cfg)
+    t_BF = t_BL[:, ::16]   # one timestep per latent frame, as the scripts pass them
+    with torch.no_grad():
+        want = model(x, t_BF, context[:1], states)
+        model.compile_blocks()
+        got = model(x, t_BF, context[:1], states)
+    assert want.abs().max() > 0.1 and (got - want).abs().max() < 1e-5
+    assert all(block._compiled_call_impl is not None for block in model.blocks)
+
+
 def test_bf16_weights_run_under_autocast_with_fp32_islands():
     cfg = WanConfig.tiny()
     model = randomize(WanDiT(cfg))
@@ -656,6 +994,94 @@ def test_bf16_weights_run_under_autocast_with_fp32_islands():
     assert model.blocks[0].modulation.dtype == torch.float32 and model.time_embedding[0].weight.dtype == torch.float32
     assert got.dtype == torch.float32
     assert (got - want).abs().max() / want.abs().max() < 0.05   # bf16 rounding only
+
+
+def test_wan_flop_estimates_match_torch_flop_counter():
+    cfg = WanConfig.tiny(num_layers=3)
+    model = WanDiT(cfg)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, cfg.in_dim, 6, 16, 16, generator=g)
+    mask_BF = torch.ones(2, 6)
+    mask_BF[:, :2] = 0
+    t_BF = frame_timesteps(mask_BF, torch.tensor([500.0, 100.0]))
+    # one context for the batch of 2, as the scripts pass the empty prompt: counted once
+    context, states = torch.randn(1, cfg.text_len, cfg.text_dim, generator=g), torch.randn(2, 21, 25, generator=g)
+    with torch.no_grad():
+        fwd = counted_flops(lambda: model(x, t_BF, context, states)) / 2
+    assert abs(model.flops_per_sample(6, 16, 16, batch=2) / fwd - 1) < 0.01
+    add_lora(model)
+    step = counted_flops(lambda: model(x, t_BF, context, states).square().mean().backward()) / 2
+    assert abs(model.flops_per_sample(6, 16, 16, lora_step=True, batch=2) / step - 1) < 0.01
+
+
+def test_state_conditioning_changes_nothing_at_init_then_learns():
+    cfg = WanConfig.tiny()
+    base = randomize(WanDiT(cfg, state_cond=False))
+    model = WanDiT(cfg, state_cond=True)
+    model.load_state_dict(base.state_dict(), strict=False)
+    x, t_BL, context, states = inputs(cfg)
+    with torch.no_grad():
+        want = base(x, t_BL, context)
+        assert torch.equal(model(x, t_BL, context, states), want)
+        assert torch.equal(model(x, t_BL, context, None), want)
+    add_lora(model)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    model(x, t_BL, context, states).square().mean().backward()
+    assert model.state_embedder.mlp_out[2].weight.grad.abs().sum() > 0
+    opt.step()
+    opt.zero_grad()
+    model(x, t_BL, context, states).square().mean().backward()   # second step reaches the inner layers
+    opt.step()
+    with torch.no_grad():
+        with_states = model(x, t_BL, context, states)
+        other_states = model(x, t_BL, context, states.flip(1))
+        dropped = model(x, t_BL, context, states, drop_states_B=torch.tensor([True, False]))
+        none = model(x, t_BL, context, None)
+    assert (with_states - want).abs().max() > 1e-4
+    assert (with_states - other_states).abs().max() > 1e-6        # the states matter
+    assert torch.equal(dropped[0], none[0])                      # dropped = the no-state embedding
+    assert torch.equal(dropped[1], with_states[1])
+
+
+def test_states_of_wrong_length_fail_clearly():
+    cfg = WanConfig.tiny()
+    model = WanDiT(cfg)
+    x, t_BL, context, states = inputs(cfg)
+    with pytest.raises(ValueError, match=r'give 4 \* \(F - 1\) \+ 1 = 9 state rows'):
+        model(x, t_BL, context, states[:, :5])
+
+
+def test_lora_zero_init_train_merge_and_frozen_base():
+    cfg = WanConfig.tiny()
+    model = randomize(WanDiT(cfg, state_cond=False))
+    x, t_BL, context, _ = inputs(cfg)
+    with torch.no_grad():
+        want = model(x, t_BL, context)
+    base_before = {k: v.clone() for k, v in model.state_dict().items()}
+    add_lora(model, rank=4, alpha=8)
+    assert len(lora_modules(model)) == 10 * cfg.num_layers
+    with torch.no_grad():
+        assert torch.equal(model(x, t_BL, context), want)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all('.lora_' in n for n in trainable)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    model(x, t_BL, context).square().mean().backward()
+    assert all(p.grad is None for n, p in model.named_parameters() if '.lora_' not in n)   # frozen base
+    opt.step()
+    with torch.no_grad():
+        tuned = model(x, t_BL, context)
+        assert (tuned - want).abs().max() > 1e-4
+        merge_lora(model)
+        assert (model(x, t_BL, context) - tuned).abs().max() < 1e-5
+        unmerge_lora(model)
+        assert (model(x, t_BL, context) - tuned).abs().max() < 1e-5
+    for k, v in base_before.items():
+        assert torch.allclose(model.state_dict()[k], v, atol=1e-6), k
+
+
+# ===============================================================================================
+# wan_files.py: checkpoints and their key maps, the null text context, LoRA files, export
+# ===============================================================================================
 
 
 def write_official_checkpoint(model, root, n_shards=2):
@@ -786,71 +1212,6 @@ def test_null_context_reads_original_umt5_checkpoint(tmp_path):
     torch.save(orig, tmp_path / 'official' / 'models_t5_umt5-xxl-enc-bf16.pth')
     ctx = null_context(tmp_path / 'official', cache_path=tmp_path / 'n.safetensors', text_len=8)
     assert (ctx[0, :1] - want).abs().max() < 1e-5
-
-
-def test_state_conditioning_changes_nothing_at_init_then_learns():
-    cfg = WanConfig.tiny()
-    base = randomize(WanDiT(cfg, state_cond=False))
-    model = WanDiT(cfg, state_cond=True)
-    model.load_state_dict(base.state_dict(), strict=False)
-    x, t_BL, context, states = inputs(cfg)
-    with torch.no_grad():
-        want = base(x, t_BL, context)
-        assert torch.equal(model(x, t_BL, context, states), want)
-        assert torch.equal(model(x, t_BL, context, None), want)
-    add_lora(model)
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
-    model(x, t_BL, context, states).square().mean().backward()
-    assert model.state_embedder.mlp_out[2].weight.grad.abs().sum() > 0
-    opt.step()
-    opt.zero_grad()
-    model(x, t_BL, context, states).square().mean().backward()   # second step reaches the inner layers
-    opt.step()
-    with torch.no_grad():
-        with_states = model(x, t_BL, context, states)
-        other_states = model(x, t_BL, context, states.flip(1))
-        dropped = model(x, t_BL, context, states, drop_states_B=torch.tensor([True, False]))
-        none = model(x, t_BL, context, None)
-    assert (with_states - want).abs().max() > 1e-4
-    assert (with_states - other_states).abs().max() > 1e-6        # the states matter
-    assert torch.equal(dropped[0], none[0])                      # dropped = the no-state embedding
-    assert torch.equal(dropped[1], with_states[1])
-
-
-def test_states_of_wrong_length_fail_clearly():
-    cfg = WanConfig.tiny()
-    model = WanDiT(cfg)
-    x, t_BL, context, states = inputs(cfg)
-    with pytest.raises(AssertionError, match=r'give 4 \* \(F - 1\) \+ 1 = 9 state rows'):
-        model(x, t_BL, context, states[:, :5])
-
-
-def test_lora_zero_init_train_merge_and_frozen_base():
-    cfg = WanConfig.tiny()
-    model = randomize(WanDiT(cfg, state_cond=False))
-    x, t_BL, context, _ = inputs(cfg)
-    with torch.no_grad():
-        want = model(x, t_BL, context)
-    base_before = {k: v.clone() for k, v in model.state_dict().items()}
-    add_lora(model, rank=4, alpha=8)
-    assert len(lora_modules(model)) == 10 * cfg.num_layers
-    with torch.no_grad():
-        assert torch.equal(model(x, t_BL, context), want)
-    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
-    assert trainable and all('.lora_' in n for n in trainable)
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
-    model(x, t_BL, context).square().mean().backward()
-    assert all(p.grad is None for n, p in model.named_parameters() if '.lora_' not in n)   # frozen base
-    opt.step()
-    with torch.no_grad():
-        tuned = model(x, t_BL, context)
-        assert (tuned - want).abs().max() > 1e-4
-        merge_lora(model)
-        assert (model(x, t_BL, context) - tuned).abs().max() < 1e-5
-        unmerge_lora(model)
-        assert (model(x, t_BL, context) - tuned).abs().max() < 1e-5
-    for k, v in base_before.items():
-        assert torch.allclose(model.state_dict()[k], v, atol=1e-6), k
 
 
 def test_save_and_load_trainable_roundtrip(tmp_path):
@@ -1011,6 +1372,28 @@ def test_export_command_and_load_lora_round_trip_a_checkpoint(tmp_path):
         assert (fresh(x, t_BL, context, states) - model(x, t_BL, context, states)).abs().max() < 1e-5
 
 
+# ===============================================================================================
+# vae.py: the latent codecs (PixelCodec, the Wan 2.2 VAE)
+# ===============================================================================================
+
+
+def test_pixel_codec_has_wan_layout_and_is_lossless_on_keyframes():
+    codec = PixelCodec()
+    video = torch.rand(2, 3, 21, SIZE, SIZE) * 2 - 1
+    z = codec.encode(video)
+    assert z.shape == (2, 48, 6, SIZE // 4, SIZE // 4)
+    back = codec.decode(z)
+    assert back.shape == video.shape
+    assert torch.equal(back[:, :, ::4], video[:, :, ::4])     # keyframes 0, 4, .., 20 (target included)
+    assert torch.allclose(back[:, :, 1], 0.75 * video[:, :, 0] + 0.25 * video[:, :, 4])
+    assert torch.equal(codec.encode(video[:, :, :5]), z[:, :, :2])   # context alone -> the same 2 latents
+
+
+def test_pixel_codec_decodes_on_the_latents_device():
+    z = torch.empty(2, 48, 6, 8, 8, device='meta')   # a tensor made without device= would be on the CPU: error
+    assert PixelCodec().decode(z).shape == (2, 3, 21, 32, 32)
+
+
 def official_vae_names(sd):
     """diffusers AutoencoderKLWan names -> the original Wan2.2_VAE.pth names (wan/modules/vae2_2.py),
     written independently of the loader's map and in the other direction."""
@@ -1080,7 +1463,7 @@ def test_vae_encode_decode_shapes_and_normalisation(tmp_path):
     assert torch.allclose(z, want, atol=1e-5)
     out = vae.decode(z)
     assert out.shape == (1, 3, 5, 32, 32) and out.abs().max() <= 1
-    with pytest.raises(AssertionError, match=r'\[B, 3, 4k\+1, H, W\]'):
+    with pytest.raises(ValueError, match=r'\[B, 3, 4k\+1, H, W\]'):
         vae.encode(video[:, :, :4])
     # `python prepare.py encode_raw --codec=wan`: a raw split's clips as bf16 Wan latents, what training reads
     raw = tmp_path / 'raw'
@@ -1096,68 +1479,34 @@ def test_vae_encode_decode_shapes_and_normalisation(tmp_path):
 
 
 # ===============================================================================================
-# Sampling track: data.py section 2, train_sampling.py, sample.py
+# flow_matching.py: the schedule, the loss, the sampler
 # ===============================================================================================
 
 
-SIZE = 32   # synthetic frames: 32x32 -> pixel-codec latents [48, 6, 8, 8], 16 tokens per latent frame
+def test_shifted_sigma_matches_wan():
+    u = torch.tensor([0.0, 0.25, 0.5, 1.0])
+    assert torch.allclose(shift_sigma(u, 5.0), torch.tensor([0.0, 1.25 / 2.0, 2.5 / 3.0, 1.0]))
+    assert torch.equal(shift_sigma(u, 1.0), u)
+
+
+def test_euler_sampler_follows_the_reference_schedule_and_steps_to_zero():
+    # Wan 2.2 (get_sampling_sigmas) and DiffSynth: sigmas = shift(linspace(1, 0, N + 1)[:N]), then 0
+    sigmas = reference_sigmas(20, 5.0)
+    u = np.linspace(1, 0, 21)[:20]
+    assert np.allclose(sigmas.numpy(), np.append(5 * u / (1 + 4 * u), 0.0), atol=1e-12)
+    assert sigmas[0] == 1.0 and sigmas[-2].item() == pytest.approx(0.25 / 1.2) and sigmas[-1] == 0   # 0.208, not 0.024
+    seen = []
+
+    def constant(x, t_BF, *args):   # v = 1 everywhere: Euler from s = 1 to 0 moves each latent by -1
+        seen.append(t_BF[0, -1].item())
+        return torch.ones_like(x)
+    noise = torch.randn(1, 48, 6, 4, 4)
+    z = sample_latents(constant, torch.zeros(1, 48, 2, 4, 4), torch.zeros(1, 21, 25), None, noise, steps=20, shift=5.0)
+    assert np.allclose(seen, 1000 * sigmas[:-1].numpy(), rtol=1e-6)      # t = 1000 sigma, as Wan's timesteps
+    assert torch.allclose(z[:, :, 2:], noise[:, :, 2:] - 1, atol=1e-5) and torch.equal(z[:, :, :2], torch.zeros(1, 48, 2, 4, 4))
 
 
 WAN_TINY = dict(dim=32, num_layers=1, num_heads=2, ffn_dim=64)
-
-
-@pytest.fixture(scope='module')
-def raw_data(tmp_path_factory):
-    """A small raw_data raw dataset in the 1X layout, with its training latents encoded."""
-    root = tmp_path_factory.mktemp('sampling_data')
-    synthetic.write_synthetic_raw(root / 'train_v2.0_raw', num_shards=2, frames_per_shard=1500, size=SIZE, seed=0)
-    synthetic.write_synthetic_raw(root / 'val_v2.0_raw', num_shards=1, frames_per_shard=1200, size=SIZE, seed=1, flat=True)
-    prepare.encode_raw_split(root / 'train_v2.0_raw', root / 'latents_pixel' / 'train_v2.0_raw', PixelCodec(), stride=8)
-    return root
-
-
-def test_encoding_is_atomic_resumes_an_interrupted_run_and_refuses_to_overwrite(raw_data, tmp_path):
-    from safetensors.torch import load_file, save_file
-    raw = raw_data / 'train_v2.0_raw'
-    whole = tmp_path / 'whole'
-    n = prepare.encode_raw_split(raw, whole, PixelCodec(), stride=77)
-    info = json.loads((whole / 'encoding.json').read_text())
-    assert info['stride'] == 77 and info['codec'] == 'PixelCodec' and info['clips'] == n == len(data.LatentClips(whole))
-    assert not (tmp_path / 'whole.partial').exists()
-    # an interrupted run left shard 0 (marked: zero latents) in resumed.partial and no resumed/
-    (tmp_path / 'resumed.partial').mkdir()
-    shard0 = load_file(whole / 'latents_0.safetensors')
-    save_file({**shard0, 'latents': torch.zeros_like(shard0['latents'])}, tmp_path / 'resumed.partial' / 'latents_0.safetensors')
-    assert prepare.encode_raw_split(raw, tmp_path / 'resumed', PixelCodec(), stride=77) == n
-    resumed = load_file(tmp_path / 'resumed' / 'latents_0.safetensors')
-    assert resumed['latents'].abs().max() == 0                          # kept, not encoded again
-    assert torch.equal(load_file(tmp_path / 'resumed' / 'latents_1.safetensors')['latents'],
-                       load_file(whole / 'latents_1.safetensors')['latents'])   # the rest encoded
-    assert prepare.encode_raw_split(raw, whole, PixelCodec(), stride=77) == n        # finished: kept as it is
-    with pytest.raises(SystemExit, match='encoded with stride 77: pass --clip_stride=77'):
-        prepare.encode_raw_split(raw, whole, PixelCodec(), stride=8)
-    # an interrupted encoding resumed with another stride is an error, not two strides under one encoding.json
-    (tmp_path / 'mixed.partial').mkdir()
-    settings = {k: v for k, v in info.items() if k != 'clips'}
-    (tmp_path / 'mixed.partial' / 'settings.json').write_text(json.dumps(settings))
-    with pytest.raises(SystemExit, match=r'mixed.partial has other settings \(stride=77 on disk, 8 asked for\)'):
-        prepare.encode_raw_split(raw, tmp_path / 'mixed', PixelCodec(), stride=8)
-
-
-def test_train_sampling_refuses_data_on_disk_that_its_flags_do_not_describe(raw_data, tmp_path):
-    def fails(*args):
-        return run_script('train_sampling.py', *args, f'--out_dir={tmp_path}', cwd=tmp_path, fails=True)
-    # latents encoded with stride 8 (the fixture) asked for with stride 77
-    assert 'encoded with stride 8: pass --clip_stride=8' in fails(f'--data_dir={raw_data}', '--make_synthetic=False',
-                                                                  '--clip_stride=77')
-    # a synthetic set written with other settings
-    demo = tmp_path / 'demo'
-    (demo / 'train_v2.0_raw').mkdir(parents=True)
-    (demo / 'train_v2.0_raw' / 'metadata.json').write_text('{}')
-    (demo / 'synthetic.json').write_text(json.dumps(dict(train_shards=2, frames=1500, val_frames=1200, size=32, seed=0,
-                                                         look=synthetic.SYNTHETIC_LOOK)))
-    assert ("holds a synthetic set written with other settings (train_shards=2 on disk, 16 asked for)"
-            in fails(f'--data_dir={demo}', '--make_synthetic'))
 
 
 def tiny_wan_model(seed=0):
@@ -1165,113 +1514,6 @@ def tiny_wan_model(seed=0):
                       device='cpu', dtype=torch.float32, tiny=WAN_TINY)
     torch.nn.init.normal_(net.head.head.weight, std=0.02)   # the zero-init head would output 0 everywhere
     return net
-
-
-def test_clip_indices_put_context_in_latents_0_1_and_frame_76_last():
-    idx = data.clip_frame_indices()
-    assert idx == [0, 4, 8, 12, 16, 20, 24, 28, 32, 36, 40, 44, 48, 52, 56, 60, 64, 68, 72, 76, 76]
-    assert idx[:data.NUM_CONTEXT_FRAMES] == [0, 4, 8, 12, 16] and max(idx[data.NUM_CONTEXT_FRAMES:]) == 76
-    # Wan's causal VAE: latent 0 = clip frame 0, latent k = clip frames 4k-3 .. 4k
-    frames_of_latent = [[0]] + [list(range(4 * k - 3, 4 * k + 1)) for k in range(1, data.NUM_LATENTS)]
-    context = [idx[j] for k in range(data.NUM_CONTEXT_LATENTS) for j in frames_of_latent[k]]
-    assert context == [0, 4, 8, 12, 16]                       # latents 0-1 hold exactly the given frames
-    assert idx[frames_of_latent[-1][-1]] == data.TARGET_FRAME == 76   # the target is the last clip frame
-
-
-def test_pixel_codec_has_wan_layout_and_is_lossless_on_keyframes():
-    codec = PixelCodec()
-    video = torch.rand(2, 3, 21, SIZE, SIZE) * 2 - 1
-    z = codec.encode(video)
-    assert z.shape == (2, 48, 6, SIZE // 4, SIZE // 4)
-    back = codec.decode(z)
-    assert back.shape == video.shape
-    assert torch.equal(back[:, :, ::4], video[:, :, ::4])     # keyframes 0, 4, .., 20 (target included)
-    assert torch.allclose(back[:, :, 1], 0.75 * video[:, :, 0] + 0.25 * video[:, :, 4])
-    assert torch.equal(codec.encode(video[:, :, :5]), z[:, :, :2])   # context alone -> the same 2 latents
-
-
-def test_synthetic_raw_is_deterministic_readable_and_follows_states(tmp_path):
-    for name, seed in (('a', 3), ('b', 3), ('c', 4)):
-        synthetic.write_synthetic_raw(tmp_path / name, num_shards=1, frames_per_shard=300, size=SIZE, seed=seed)
-    a, b, c = (data.RawShard(tmp_path / n, 0) for n in 'abc')
-    assert np.array_equal(a.states_ND, b.states_ND) and np.array_equal(a.segment_N, b.segment_N)
-    assert np.array_equal(a.read_frames(0, 77), b.read_frames(0, 77))
-    assert not np.array_equal(a.states_ND, c.states_ND)
-    starts = a.clip_starts(stride=10)
-    assert starts and all(len(set(a.segment_N[s:s + 77])) == 1 for s in starts)
-    assert all(len(set(a.segment_N[s:s + 77])) > 1 for s in range(300 - 76) if s not in a.clip_starts(stride=1))
-    frames_THWC, states_TD = a.read_clip(starts[0])
-    assert frames_THWC.shape == (21, SIZE, SIZE, 3) and states_TD.shape == (21, 25)
-    assert np.array_equal(frames_THWC[20], a.read_frames(starts[0] + 76, 1)[0])
-    assert np.array_equal(states_TD[20], a.states_ND[starts[0] + 76])
-    # the picture is a function of the states: moving an arm joint moves its disc
-    tex = synthetic._texture(np.random.default_rng(0), SIZE * 3 // 2)
-    s = np.zeros(25, np.float32)
-    moved = s.copy()
-    moved[6] = 0.8
-    assert np.abs(synthetic.render_synthetic_frame(tex, s, SIZE).astype(int) - synthetic.render_synthetic_frame(tex, moved, SIZE)).sum() > 0
-
-
-def test_synthetic_world_redraws_the_recorded_frame_and_draws_counterfactual_futures(tmp_path):
-    synthetic.write_synthetic_raw(tmp_path / 'val', num_shards=2, frames_per_shard=300, size=SIZE, seed=5, flat=True)
-    shard = data.RawShard(tmp_path / 'val', 1)
-    start = shard.clip_starts()[0]
-    frames_THWC, states_TD = shard.read_clip(start)
-    redrawn = synthetic.synthetic_frame(tmp_path / 'val', 1, start + data.TARGET_FRAME, states_TD[-1])
-    assert np.abs(redrawn.astype(int) - frames_THWC[-1]).max() <= 2   # the recorded frame, up to the codec's rounding
-    swung = synthetic.arms_swing_across(states_TD)
-    assert np.array_equal(swung[:data.NUM_CONTEXT_FRAMES], states_TD[:data.NUM_CONTEXT_FRAMES])   # context untouched
-    others = [j for j in range(25) if j not in synthetic.SYNTHETIC_ARM_X]
-    assert np.all(swung[data.NUM_CONTEXT_FRAMES:, others] == states_TD[data.NUM_CONTEXT_FRAMES - 1, others])   # still
-    for j in synthetic.SYNTHETIC_ARM_X:   # each arm ends on the far side of where it was
-        assert swung[-1, j] == pytest.approx(-0.8 if states_TD[data.NUM_CONTEXT_FRAMES - 1, j] >= 0 else 0.8)
-    counterfactual = synthetic.synthetic_frame(tmp_path / 'val', 1, start + data.TARGET_FRAME, swung[-1])
-    assert np.abs(counterfactual.astype(int) - redrawn).max() > 100   # the arm discs moved
-    synthetic.write_synthetic_raw(tmp_path / 'other', num_shards=1, frames_per_shard=300, size=SIZE, seed=6, flat=True)
-    meta = json.loads((tmp_path / 'other' / 'metadata.json').read_text())
-    del meta['synthetic']
-    (tmp_path / 'other' / 'metadata.json').write_text(json.dumps(meta))
-    with pytest.raises(ValueError, match='not a synthetic split'):
-        synthetic.synthetic_frame(tmp_path / 'other', 0, 100, states_TD[-1])
-
-
-def test_reader_rejects_truncated_and_missing_files(tmp_path):
-    synthetic.write_synthetic_raw(tmp_path / 'raw', num_shards=1, frames_per_shard=200, size=SIZE, seed=0, flat=True)
-    with open(tmp_path / 'raw' / 'states_0.bin', 'r+b') as f:
-        f.truncate(100)
-    with pytest.raises(ValueError, match='states_0.bin.*truncated'):
-        data.RawShard(tmp_path / 'raw', 0)
-    with pytest.raises(FileNotFoundError, match='metadata.json'):
-        data.RawClips(tmp_path / 'nothing')
-
-
-def test_a_video_shorter_than_its_metadata_fails_clearly(tmp_path):
-    synthetic.write_synthetic_raw(tmp_path / 'raw', num_shards=1, frames_per_shard=200, size=SIZE, seed=0, flat=True)
-    synthetic.write_synthetic_raw(tmp_path / 'short', num_shards=1, frames_per_shard=120, size=SIZE, seed=0, flat=True)
-    os.replace(tmp_path / 'short' / 'video_0.mp4', tmp_path / 'raw' / 'video_0.mp4')   # 120 of the 200 frames
-    shard = data.RawShard(tmp_path / 'raw', 0)
-    late = [s for s in shard.clip_starts(1) if s + data.RAW_CLIP_LEN > 120]
-    assert late
-    with pytest.raises(ValueError, match=r'video_0\.mp4: got \d+ frames .*shorter than its metadata'):
-        shard.read_clip(late[0])
-    with pytest.raises(ValueError, match=r'video_0\.mp4: the video ends before frame .*shorter than its metadata'):
-        list(shard.iter_clips(late))
-
-
-def test_encoded_latents_match_the_codec_on_raw_clips(raw_data):
-    clips, latents = data.RawClips(raw_data / 'train_v2.0_raw', stride=8), data.LatentClips(raw_data / 'latents_pixel' / 'train_v2.0_raw')
-    assert len(clips) == len(latents) > 100
-    for k in (0, len(clips) - 1):
-        z, states = latents[k]
-        item = clips[k]
-        assert torch.equal(z, PixelCodec().encode(frames_to_video(item['frames_THWC'][None]))[0])
-        assert torch.equal(states, item['states_TD'])
-
-
-def test_shifted_sigma_matches_wan():
-    u = torch.tensor([0.0, 0.25, 0.5, 1.0])
-    assert torch.allclose(shift_sigma(u, 5.0), torch.tensor([0.0, 1.25 / 2.0, 2.5 / 3.0, 1.0]))
-    assert torch.equal(shift_sigma(u, 1.0), u)
 
 
 def test_loss_is_zero_for_the_true_velocity_and_ignores_context_latents():
@@ -1332,22 +1574,50 @@ def test_sampling_without_states_uses_the_no_state_embedding_whatever_the_states
     assert torch.equal(run(states_a, no_states=True), run(states_b, no_states=True))   # the states are not read
     assert not torch.allclose(run(states_a), run(states_b))                            # ... but they matter
     assert not torch.allclose(run(states_a, no_states=True), run(states_a))
-    with pytest.raises(AssertionError, match='nothing to guide'):
+    with pytest.raises(ValueError, match='nothing to guide'):
         run(states_a, no_states=True, cfg_scale=2.0)
 
 
-def test_metrics_and_blur_baseline():
-    rng = np.random.default_rng(0)
-    img = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
-    assert psnr(img, img) == 100.0 and ssim(img, img) == pytest.approx(1.0)
-    off = np.clip(img.astype(int) + 10, 0, 255).astype(np.uint8)
-    assert psnr(off, img) == pytest.approx(10 * np.log10(1 / np.mean(((off.astype(float) - img) / 255) ** 2)))
-    ref = rng.normal(120, 20, (32, 32, 3)).clip(0, 255).astype(np.uint8)
-    matched = match_histograms(img, ref)   # uniform values take the reference's normal histogram
-    assert abs(matched.mean() - ref.mean()) < 1 and abs(matched.std() - ref.std()) < 1
-    order = np.argsort(img[..., 0], axis=None)
-    assert np.all(np.diff(matched[..., 0].ravel()[order].astype(int)) >= 0)   # a monotone map of the values
-    assert blur_baseline(img, ref, 1.0).std() <= ref.std() + 1
+# ===============================================================================================
+# train_sampling.py: the sampling track's training script, run as a user runs it
+# ===============================================================================================
+
+
+@pytest.mark.slow
+def test_train_sampling_refuses_data_on_disk_that_its_flags_do_not_describe(raw_data, tmp_path):
+    def fails(*args):
+        return run_script('train_sampling.py', *args, f'--out_dir={tmp_path}', cwd=tmp_path, fails=True)
+    # latents encoded with stride 8 (the fixture) asked for with stride 77
+    assert 'encoded with stride 8: pass --clip_stride=8' in fails(f'--data_dir={raw_data}', '--make_synthetic=False',
+                                                                  '--clip_stride=77')
+    # a synthetic set written with other settings
+    demo = tmp_path / 'demo'
+    (demo / 'train_v2.0_raw').mkdir(parents=True)
+    (demo / 'train_v2.0_raw' / 'metadata.json').write_text('{}')
+    (demo / 'synthetic.json').write_text(json.dumps(dict(train_shards=2, frames=1500, val_frames=1200, size=32, seed=0,
+                                                         look=synthetic.SYNTHETIC_LOOK)))
+    assert ("holds a synthetic set written with other settings (train_shards=2 on disk, 16 asked for)"
+            in fails(f'--data_dir={demo}', '--make_synthetic'))
+
+
+@pytest.mark.slow
+def test_paper_presets_are_the_submissions_recipes_and_torchrun_on_cuda_picks_paper(tmp_path):
+    out = run_script('train_sampling.py', '--preset=paper', '--dry_run', cwd=tmp_path)
+    for line in ('clip_stride = 8', 'learning_rate = 0.0004', 'weight_decay = 0.01', 'grad_clip = 0.0',
+                 'state_dropout = 0.0', 'shift = 5.0', 'global_batch_size = 1024', 'max_iters = 23000',
+                 "vae = 'wan'", 'LoRA rank 32'):
+        assert line in out, (line, out)
+    assert 'state_dropout = 0.1' in run_script('train_sampling.py', '--preset=paper_cfg', '--dry_run', cwd=tmp_path)
+    assert run_script('train_sampling.py', '--dry_run', cwd=tmp_path).startswith('preset cpu: the default of a plain')
+    # torchrun on CUDA GPUs, simulated: torchrun's variables and a torch that reports a GPU
+    (tmp_path / 'sitecustomize.py').write_text('import torch\ntorch.cuda.is_available = lambda: True\n')
+    env = dict(os.environ, LOCAL_RANK='0', WORLD_SIZE='1', PYTHONPATH=str(tmp_path))
+    res = subprocess.run([sys.executable, os.path.join(REPO, 'train_sampling.py'), '--dry_run'], cwd=tmp_path,
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert res.stdout.startswith('preset paper: launched by torchrun on CUDA GPUs') and 'max_iters = 23000' in res.stdout
+
+
+VAL = ['--val_clips=1', '--val_ensemble=2', '--val_steps=2']
 
 
 def train_args(raw_data, out, *extra):
@@ -1368,6 +1638,7 @@ def straight_run(raw_data, tmp_path_factory):
     return trained(out)
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_equals_single_process(raw_data, straight_run, tmp_path):
     out = run_script(*train_args(raw_data, tmp_path, '--max_iters=4'), nproc=2)
     assert '2 process(es) x batch 2 x 2 accumulation' in out   # the single process accumulates 4
@@ -1381,6 +1652,7 @@ def test_ddp_two_processes_equals_single_process(raw_data, straight_run, tmp_pat
     assert max((p - init[n]).abs().max().item() for n, p in straight_run['trainable'].items()) > 1e-4   # it trained
 
 
+@pytest.mark.slow
 def test_resume_equals_no_stop(raw_data, straight_run, tmp_path):
     run_script(*train_args(raw_data, tmp_path, '--max_iters=2'))
     run_script(*train_args(raw_data, tmp_path, '--max_iters=4', '--init_from=resume'))
@@ -1392,6 +1664,7 @@ def test_resume_equals_no_stop(raw_data, straight_run, tmp_path):
         assert torch.equal(sa['exp_avg'], sb['exp_avg']) and torch.equal(sa['exp_avg_sq'], sb['exp_avg_sq'])
 
 
+@pytest.mark.slow
 def test_lora_run_trains_adapters_and_state_weights_only_and_samples_merged(raw_data, tmp_path):
     # the paper's mode through both scripts: a base in the official layout, frozen; LoRA and state
     # conditioning trained; sample.py merges the adapters into the base weights before sampling
@@ -1410,98 +1683,6 @@ def test_lora_run_trains_adapters_and_state_weights_only_and_samples_merged(raw_
 
 
 @pytest.fixture(scope='module')
-def demo_metrics(raw_data, tmp_path_factory):
-    """Train a tiny model on the raw_data clips and evaluate it on the validation split."""
-    out = tmp_path_factory.mktemp('demo')
-    run_script('train_sampling.py', f'--data_dir={raw_data}', '--make_synthetic=False', f'--out_dir={out}',
-               '--max_iters=300', '--log_interval=50')   # the demo's defaults: dim 256, 2 layers, batch 8, shift 12
-    run_script('sample.py', f'--out_dir={out}', '--ensemble=16', '--steps=10', '--max_clips=8')
-    with open(out / 'samples' / 'metrics.csv') as f:
-        rows = list(csv.DictReader(f))
-    assert len(rows) == 8 and all((out / 'samples' / f).exists() for f in ('clip_0.png', 'counterfactual_0.png',
-                                                                           'clip_0.gif'))
-    return {k: np.mean([float(r[k]) for r in rows]) for k in rows[0] if k.startswith(('psnr', 'ssim'))}
-
-
-def test_the_prediction_follows_the_robot_states(demo_metrics):
-    # the same clips and noise under another clip's states for the frames to predict: the own
-    # states must predict frame 77 better, and each counterfactual future must come out closer to
-    # the frame the raw_data world draws for it than to the recorded frame. Measured on this run
-    # (300 steps, 2 shards): own 14.80 vs another clip's 13.92 dB; another clip's future 14.80 vs
-    # its truth, 13.92 vs recorded; arms swung across 14.00 vs 13.42 (the README's demo: 3.6-4.4 dB)
-    assert demo_metrics['psnr_ensemble_16'] > demo_metrics['psnr_other_states'] + 0.3, demo_metrics
-    for future in ('other', 'swing'):
-        assert demo_metrics[f'psnr_cf_{future}_truth'] > demo_metrics[f'psnr_cf_{future}_recorded'] + 0.2, \
-            demo_metrics
-
-
-def test_trained_tiny_model_beats_copy_last_frame(demo_metrics):
-    # measured on the 2 test shards after 300 steps (shift 12): copy-last 12.17, single 13.85,
-    # ensemble of 16 14.80 dB; a single sample must already beat copying the last context frame
-    assert demo_metrics['psnr_single'] > demo_metrics['psnr_copy_last'] + 0.1, demo_metrics
-    assert demo_metrics['psnr_ensemble_16'] > demo_metrics['psnr_copy_last'] + 1.0, demo_metrics
-
-
-def test_ensemble_mean_beats_a_single_sample(demo_metrics):
-    assert demo_metrics['psnr_ensemble_16'] > demo_metrics['psnr_single'] + 0.5, demo_metrics
-
-
-# --- sampling track: the sampler's schedule, the presets, devices, optional packages --------------
-
-def test_euler_sampler_follows_the_reference_schedule_and_steps_to_zero():
-    # Wan 2.2 (get_sampling_sigmas) and DiffSynth: sigmas = shift(linspace(1, 0, N + 1)[:N]), then 0
-    sigmas = reference_sigmas(20, 5.0)
-    u = np.linspace(1, 0, 21)[:20]
-    assert np.allclose(sigmas.numpy(), np.append(5 * u / (1 + 4 * u), 0.0), atol=1e-12)
-    assert sigmas[0] == 1.0 and sigmas[-2].item() == pytest.approx(0.25 / 1.2) and sigmas[-1] == 0   # 0.208, not 0.024
-    seen = []
-
-    def constant(x, t_BF, *args):   # v = 1 everywhere: Euler from s = 1 to 0 moves each latent by -1
-        seen.append(t_BF[0, -1].item())
-        return torch.ones_like(x)
-    noise = torch.randn(1, 48, 6, 4, 4)
-    z = sample_latents(constant, torch.zeros(1, 48, 2, 4, 4), torch.zeros(1, 21, 25), None, noise, steps=20, shift=5.0)
-    assert np.allclose(seen, 1000 * sigmas[:-1].numpy(), rtol=1e-6)      # t = 1000 sigma, as Wan's timesteps
-    assert torch.allclose(z[:, :, 2:], noise[:, :, 2:] - 1, atol=1e-5) and torch.equal(z[:, :, :2], torch.zeros(1, 48, 2, 4, 4))
-
-
-def test_paper_presets_are_the_submissions_recipes_and_torchrun_on_cuda_picks_paper(tmp_path):
-    out = run_script('train_sampling.py', '--preset=paper', '--dry_run', cwd=tmp_path)
-    for line in ('clip_stride = 8', 'learning_rate = 0.0004', 'weight_decay = 0.01', 'grad_clip = 0.0',
-                 'state_dropout = 0.0', 'shift = 5.0', 'global_batch_size = 1024', 'max_iters = 23000',
-                 "vae = 'wan'", 'LoRA rank 32'):
-        assert line in out, (line, out)
-    assert 'state_dropout = 0.1' in run_script('train_sampling.py', '--preset=paper_cfg', '--dry_run', cwd=tmp_path)
-    assert run_script('train_sampling.py', '--dry_run', cwd=tmp_path).startswith('preset cpu: the default of a plain')
-    # torchrun on CUDA GPUs, simulated: torchrun's variables and a torch that reports a GPU
-    (tmp_path / 'sitecustomize.py').write_text('import torch\ntorch.cuda.is_available = lambda: True\n')
-    env = dict(os.environ, LOCAL_RANK='0', WORLD_SIZE='1', PYTHONPATH=str(tmp_path))
-    res = subprocess.run([sys.executable, os.path.join(REPO, 'train_sampling.py'), '--dry_run'], cwd=tmp_path,
-                         capture_output=True, text=True, env=env, timeout=300)
-    assert res.stdout.startswith('preset paper: launched by torchrun on CUDA GPUs') and 'max_iters = 23000' in res.stdout
-
-
-def test_pixel_codec_decodes_on_the_latents_device():
-    z = torch.empty(2, 48, 6, 8, 8, device='meta')   # a tensor made without device= would be on the CPU: error
-    assert PixelCodec().decode(z).shape == (2, 3, 21, 32, 32)
-
-
-def test_data_and_the_compression_track_work_without_av(tmp_path):
-    code = ("import sys; sys.modules['av'] = None\n"
-            "import data, synthetic\n"
-            f"synthetic.write_synthetic({str(tmp_path)!r}, train_shards=1, train_frames=340, val_frames=340)\n"
-            f"ds = data.TokenDataset({str(tmp_path / 'val_v2.0')!r}, vocab_size=1000)\n"
-            "print(len(ds), tuple(ds[0][0].shape))\n")
-    res = subprocess.run([sys.executable, '-c', code], cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0 and '(6, 32, 32)' in res.stdout, res.stderr
-
-
-# --- sampling track: run-grade reliability, tried as a user would --------------------------------
-
-VAL = ['--val_clips=1', '--val_ensemble=2', '--val_steps=2']
-
-
-@pytest.fixture(scope='module')
 def one_step_run(raw_data, tmp_path_factory):
     out = tmp_path_factory.mktemp('one_step')
     run_script(*train_args(raw_data, out, '--max_iters=1'))
@@ -1512,6 +1693,7 @@ def weights_finite(path):
     return all(torch.isfinite(t).all() for t in torch.load(path, weights_only=True)['trainable'].values())
 
 
+@pytest.mark.slow
 def test_sampling_nan_loss_stops_every_rank_and_keeps_the_last_good_checkpoint(raw_data, tmp_path):
     run_script(*train_args(raw_data, tmp_path, '--max_iters=1'))
     err = run_script(*train_args(raw_data, tmp_path, '--max_iters=30', '--overwrite', '--learning_rate=1e6',
@@ -1520,6 +1702,7 @@ def test_sampling_nan_loss_stops_every_rank_and_keeps_the_last_good_checkpoint(r
     assert weights_finite(tmp_path / 'ckpt.pt') and weights_finite(tmp_path / 'ckpt_prev.pt')
 
 
+@pytest.mark.slow
 def test_sampling_nan_in_states_or_samples_names_the_file_the_row_or_the_clip(raw_data, one_step_run, tmp_path):
     bad = tmp_path / 'data'
     shutil.copytree(raw_data, bad)
@@ -1541,6 +1724,7 @@ def test_sampling_nan_in_states_or_samples_names_the_file_the_row_or_the_clip(ra
     assert 'clip 0 (shard 0, frame' in err and 'non-finite latent values' in err
 
 
+@pytest.mark.slow
 def test_sampling_refuses_to_train_over_a_checkpoint_bad_values_and_a_second_run(raw_data, one_step_run, tmp_path):
     import socket
     before = (one_step_run / 'ckpt.pt').read_bytes()
@@ -1566,6 +1750,7 @@ def test_sampling_refuses_to_train_over_a_checkpoint_bad_values_and_a_second_run
     assert 'is not writable' in run_script(*train_args(raw_data, tmp_path / 'file' / 'run', '--max_iters=1'), fails=True)
 
 
+@pytest.mark.slow
 def test_sampling_checkpoints_load_no_code_and_name_the_wrong_track_or_model(raw_data, one_step_run, tmp_path):
     assert 'dim=32 in the checkpoint, 64 now' in run_script(
         *train_args(raw_data, one_step_run, '--max_iters=2', '--init_from=resume', '--dim=64'), fails=True)
@@ -1582,6 +1767,7 @@ def test_sampling_checkpoints_load_no_code_and_name_the_wrong_track_or_model(raw
     assert not marker.exists()
 
 
+@pytest.mark.slow
 def test_sampling_data_is_written_only_where_asked_and_bad_files_are_named(raw_data, one_step_run, tmp_path):
     # a mistyped --data_dir is an error, not a fresh synthetic set
     err = run_script('train_sampling.py', f'--data_dir={tmp_path}/dta', f'--out_dir={tmp_path}/run', fails=True)
@@ -1612,6 +1798,7 @@ def test_sampling_data_is_written_only_where_asked_and_bad_files_are_named(raw_d
         data.RawShard(tmp_path / 'syn' / 'val_v2.0_raw', 0)
 
 
+@pytest.mark.slow
 def test_sampling_prepares_its_data_on_two_ranks_trains_on_train_and_val_and_logs_validation(raw_data, tmp_path,
                                                                                            monkeypatch):
     monkeypatch.setenv('HF_HUB_OFFLINE', '1')
@@ -1636,10 +1823,56 @@ def test_sampling_prepares_its_data_on_two_ranks_trains_on_train_and_val_and_log
 
 
 # ===============================================================================================
-# Performance: bench.py, KV cache, checkpointing, FLOP counts
+# sample.py: the ensemble of a trained tiny model, scored on the validation clips
 # ===============================================================================================
 
 
+@pytest.fixture(scope='module')
+def demo_metrics(raw_data, tmp_path_factory):
+    """Train a tiny model on the raw_data clips and evaluate it on the validation split."""
+    out = tmp_path_factory.mktemp('demo')
+    run_script('train_sampling.py', f'--data_dir={raw_data}', '--make_synthetic=False', f'--out_dir={out}',
+               '--max_iters=300', '--log_interval=50')   # the demo's defaults: dim 256, 2 layers, batch 8, shift 12
+    run_script('sample.py', f'--out_dir={out}', '--ensemble=16', '--steps=10', '--max_clips=8')
+    with open(out / 'samples' / 'metrics.csv') as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 8 and all((out / 'samples' / f).exists() for f in ('clip_0.png', 'counterfactual_0.png',
+                                                                           'clip_0.gif'))
+    return {k: np.mean([float(r[k]) for r in rows]) for k in rows[0] if k.startswith(('psnr', 'ssim'))}
+
+
+@pytest.mark.slow
+def test_the_prediction_follows_the_robot_states(demo_metrics):
+    # the same clips and noise under another clip's states for the frames to predict: the own
+    # states must predict frame 77 better, and each counterfactual future must come out closer to
+    # the frame the raw_data world draws for it than to the recorded frame. Measured on this run
+    # (300 steps, 2 shards): own 14.80 vs another clip's 13.92 dB; another clip's future 14.80 vs
+    # its truth, 13.92 vs recorded; arms swung across 14.00 vs 13.42 (the README's demo: 3.6-4.4 dB)
+    assert demo_metrics['psnr_ensemble_16'] > demo_metrics['psnr_other_states'] + 0.3, demo_metrics
+    for future in ('other', 'swing'):
+        assert demo_metrics[f'psnr_cf_{future}_truth'] > demo_metrics[f'psnr_cf_{future}_recorded'] + 0.2, \
+            demo_metrics
+
+
+@pytest.mark.slow
+def test_trained_tiny_model_beats_copy_last_frame(demo_metrics):
+    # measured on the 2 test shards after 300 steps (shift 12): copy-last 12.17, single 13.85,
+    # ensemble of 16 14.80 dB; a single sample must already beat copying the last context frame
+    assert demo_metrics['psnr_single'] > demo_metrics['psnr_copy_last'] + 0.1, demo_metrics
+    assert demo_metrics['psnr_ensemble_16'] > demo_metrics['psnr_copy_last'] + 1.0, demo_metrics
+
+
+@pytest.mark.slow
+def test_ensemble_mean_beats_a_single_sample(demo_metrics):
+    assert demo_metrics['psnr_ensemble_16'] > demo_metrics['psnr_single'] + 0.5, demo_metrics
+
+
+# ===============================================================================================
+# bench.py and peak_flops.py: the benchmarks and a device's peak FLOP/s
+# ===============================================================================================
+
+
+@pytest.mark.slow
 def test_bench_cpu_smoke_prints_finite_positive_figures_for_every_benchmark():
     out = run_script('bench.py', '--device=cpu', '--preset=cpu')
     rows = {}
@@ -1662,159 +1895,9 @@ def test_peak_flops_is_unknown_on_the_cpu():
     assert peak_flops('cpu') is None
 
 
-def st_model(dropout=0.0):
-    cfg = STConfig(vocab_size=97, n_layer=2, n_head=2, n_embd=32, T=5, H=4, W=4, dropout=dropout, state_window=64)
-    return randomize(STTransformer(cfg), std=0.3), cfg
-
-
-def st_inputs(cfg, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    z_BTHW = torch.randint(0, cfg.vocab_size, (3, 3, cfg.H, cfg.W), generator=g)
-    return z_BTHW, torch.randn(3, cfg.state_window, cfg.state_dim, generator=g)
-
-
-def test_greedy_decoding_with_kv_cache_equals_without_token_for_token():
-    model, cfg = st_model()
-    z_BTHW, states_BLD = st_inputs(cfg)
-    grids_c, logits_c = model.generate(z_BTHW, states_BLD, num_grids=3, use_cache=True)
-    grids_u, logits_u = model.generate(z_BTHW, states_BLD, num_grids=3, use_cache=False)
-    assert grids_c.shape == (3, 3, cfg.H, cfg.W)
-    assert torch.equal(grids_c, grids_u)
-    assert torch.allclose(logits_c, logits_u, atol=1e-5, rtol=1e-5)
-    # and both are what the model predicts teacher-forced on its own output
-    full = torch.cat([z_BTHW, grids_c[:, :2]], dim=1)
-    assert torch.allclose(model(full, states_BLD, predict_from=2), logits_c, atol=1e-5, rtol=1e-5)
-
-
-def test_sampled_decoding_with_kv_cache_equals_without_for_the_same_seed():
-    model, cfg = st_model()
-    z_BTHW, states_BLD = st_inputs(cfg, seed=2)
-    torch.manual_seed(5)
-    grids_c, _ = model.generate(z_BTHW, states_BLD, num_grids=3, temperature=1.0, top_k=10, use_cache=True)
-    torch.manual_seed(5)
-    grids_u, _ = model.generate(z_BTHW, states_BLD, num_grids=3, temperature=1.0, top_k=10, use_cache=False)
-    assert torch.equal(grids_c, grids_u)
-
-
-def test_kv_cache_runs_only_the_new_grid_through_the_blocks():
-    model, cfg = st_model()
-    z_BTHW, states_BLD = st_inputs(cfg)
-    grids_seen = []
-    hook = model.blocks[0].register_forward_hook(lambda mod, args, out: grids_seen.append(args[0].shape[1]))
-    model.generate(z_BTHW, states_BLD, num_grids=3, use_cache=True)
-    cached, grids_seen[:] = list(grids_seen), []
-    model.generate(z_BTHW, states_BLD, num_grids=3, use_cache=False)
-    hook.remove()
-    assert cached == [3, 1, 1]          # the 3 context grids, then one new grid per step
-    assert grids_seen == [3, 4, 5]      # without the cache: the whole sequence every step
-
-
-def test_generate_turns_dropout_off_and_restores_training_mode():
-    model, cfg = st_model(dropout=0.5)
-    z_BTHW, states_BLD = st_inputs(cfg)
-    model.eval()
-    want, _ = model.generate(z_BTHW, states_BLD, use_cache=False)
-    model.train()
-    for use_cache in (True, False):
-        got, _ = model.generate(z_BTHW, states_BLD, use_cache=use_cache)
-        assert torch.equal(got, want) and model.training
-
-
-def wan_inputs(cfg, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(2, cfg.in_dim, 3, 8, 8, generator=g)
-    t_BL = per_token_timestep(torch.tensor([[0, 1, 1], [0, 0, 1]]), torch.tensor([999.0, 421.5]), 16)
-    return x, t_BL, torch.randn(2, cfg.text_len, cfg.text_dim, generator=g), torch.randn(2, 9, 25, generator=g)
-
-
-def test_checkpointing_the_first_n_blocks_gives_the_same_loss_and_gradients():
-    cfg = WanConfig.tiny(num_layers=3)
-    model = randomize(WanDiT(cfg), std=0.1)
-    x, t_BL, context, states = wan_inputs(cfg)
-    calls = [0] * 3
-    for i, block in enumerate(model.blocks):
-        block.register_forward_pre_hook(lambda mod, args, i=i: calls.__setitem__(i, calls[i] + 1))
-    results = {}
-    for setting, want_n in ((False, 0), (1, 1), (2, 2), (True, 3)):   # True == 1 in Python: not a dict
-        model.zero_grad()
-        calls[:] = [0] * 3
-        model.gradient_checkpointing = setting
-        loss = model(x, t_BL, context, states, torch.tensor([False, True])).square().mean()
-        loss.backward()
-        n = model.checkpointed_blocks()
-        assert n == want_n
-        assert calls == [2 if i < n else 1 for i in range(3)]   # checkpointed blocks rerun in backward
-        results[n] = loss.item(), torch.cat([p.grad.flatten() for p in model.parameters()])
-    loss0, grad0 = results[0]
-    for n, (loss, grad) in results.items():
-        assert loss == loss0 and torch.allclose(grad, grad0, atol=1e-6), f"{n} checkpointed blocks"
-
-
-def test_compiled_dit_blocks_give_the_eager_output():
-    # sample.py / bench.py --compile: torch.compile each block (inductor; needs a C compiler on the CPU)
-    model = randomize(WanDiT(WanConfig.tiny()), std=0.1).eval()
-    x, t_BL, context, states = wan_inputs(model.cfg)
-    t_BF = t_BL[:, ::16]   # one timestep per latent frame, as the scripts pass them
-    with torch.no_grad():
-        want = model(x, t_BF, context[:1], states)
-        model.compile_blocks()
-        got = model(x, t_BF, context[:1], states)
-    assert want.abs().max() > 0.1 and (got - want).abs().max() < 1e-5
-    assert all(block._compiled_call_impl is not None for block in model.blocks)
-
-
-def test_checkpointing_more_blocks_than_the_model_has_fails_clearly():
-    model = WanDiT(WanConfig.tiny(num_layers=2))
-    model.gradient_checkpointing = 3
-    x, t_BL, context, states = wan_inputs(model.cfg)
-    with pytest.raises(AssertionError, match='block count in 0..2'):
-        model(x, t_BL, context, states)
-
-
-def counted_flops(fn):
-    """FLOPs that torch counts for fn (math attention, so that the attention products are counted)."""
-    with FlopCounterMode(display=False) as counter, sdpa_kernel([SDPBackend.MATH]):
-        fn()
-    return counter.get_total_flops()
-
-
-def test_wan_flop_estimates_match_torch_flop_counter():
-    cfg = WanConfig.tiny(num_layers=3)
-    model = WanDiT(cfg)
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(2, cfg.in_dim, 6, 16, 16, generator=g)
-    mask_BF = torch.ones(2, 6)
-    mask_BF[:, :2] = 0
-    t_BF = frame_timesteps(mask_BF, torch.tensor([500.0, 100.0]))
-    # one context for the batch of 2, as the scripts pass the empty prompt: counted once
-    context, states = torch.randn(1, cfg.text_len, cfg.text_dim, generator=g), torch.randn(2, 21, 25, generator=g)
-    with torch.no_grad():
-        fwd = counted_flops(lambda: model(x, t_BF, context, states)) / 2
-    assert abs(model.flops_per_sample(6, 16, 16, batch=2) / fwd - 1) < 0.01
-    add_lora(model)
-    step = counted_flops(lambda: model(x, t_BF, context, states).square().mean().backward()) / 2
-    assert abs(model.flops_per_sample(6, 16, 16, lora_step=True, batch=2) / step - 1) < 0.01
-
-
-def test_st_transformer_training_flops_match_torch_flop_counter():
-    cfg = STConfig(vocab_size=1024, n_layer=2, n_head=4, n_embd=64, H=8, W=8, dropout=0.0)
-    model = STTransformer(cfg)
-    g = torch.Generator().manual_seed(0)
-    z = torch.randint(0, cfg.vocab_size, (1, 6, 8, 8), generator=g)
-    states = torch.randn(1, cfg.state_window, cfg.state_dim, generator=g)
-
-    def train_step():
-        logits = model(z[:, :5], states, predict_from=2)
-        F.cross_entropy(logits.flatten(0, -2), z[:, 3:].reshape(-1)).backward()
-    assert abs(model.flops_per_sample() / counted_flops(train_step) - 1) < 0.02
-
-
-# =============================================================================================
-# The command line (configurator.py) and the run folder (run_dir.py)
-# =============================================================================================
-
-import configurator  # noqa: E402
-import run_dir  # noqa: E402
+# ===============================================================================================
+# configurator.py: the command line
+# ===============================================================================================
 
 
 def settings(**extra):
@@ -1855,6 +1938,7 @@ def test_bad_flags_name_the_flag_and_what_is_allowed():
             configure(argv)
 
 
+@pytest.mark.slow
 def test_help_lists_every_setting_with_default_and_comment_and_exits_0():
     out = run_script('train_compression.py', '--help')
     for line in ('--batch_size', '--learning_rate', '--max_iters', '--preset', 'paper:'):
@@ -1877,6 +1961,11 @@ def test_torchrun_on_cuda_picks_the_paper_preset_plain_python_the_demo_explicit_
     assert configure(['--preset', 'cpu'])['batch_size'] == 4
     monkeypatch.setattr(configurator, '_cuda_available', lambda: False)   # torchrun on CPUs (the tests): demo
     assert configure([])['preset'] == 'cpu'
+
+
+# ===============================================================================================
+# run_dir.py: the run folder (lock, checkpoints, log, curves)
+# ===============================================================================================
 
 
 def test_claim_refuses_to_train_over_a_checkpoint_unless_resuming_or_overwriting(tmp_path):
@@ -1919,14 +2008,6 @@ def test_saves_keep_the_previous_and_the_best_checkpoint(tmp_path):
     assert (load('ckpt.pt'), load('ckpt_prev.pt'), load('ckpt_best.pt')) == (3, 2, 2)
     assert json.loads((tmp_path / 'best.json').read_text())['value'] == 4.0
     assert not [f for f in os.listdir(out) if f.endswith('.tmp')]
-
-
-class _Payload:
-    def __init__(self, path):
-        self.path = path
-
-    def __reduce__(self):
-        return exec, (f"open({self.path!r}, 'w').write('pwned')",)
 
 
 def test_loading_a_crafted_pickle_runs_no_code(tmp_path):
@@ -1977,7 +2058,10 @@ def test_log_of_a_resumed_run_reads_as_one_run_and_plots(tmp_path):
     assert Image.open(png).size[0] > 500
 
 
-# --- figures: labelled grids and GIFs of frames (pictures.py) ---------------------------------------
+# ===============================================================================================
+# pictures.py: labelled grids and GIFs of frames
+# ===============================================================================================
+
 
 def _frames(n, px=32, seed=0, colours=None):
     """n random uint8 frames [px, px, 3]; with colours, drawn from that many distinct colours (GIF-exact)."""
