@@ -36,7 +36,7 @@ from flow_matching import predict_frame77
 from metrics import blur_baseline, psnr, ssim
 from vae import PixelCodec
 from wan_files import build_model, text_context
-from wan_state import merge_lora
+from wan_state import merge_lora as merge_lora_into_base
 
 # --- settings ----------------------------------------------------------------------------------
 out_dir = ''                # the run's folder (ckpt.pt); '' = out_sampling_paper if it has one, else out_sampling
@@ -57,6 +57,8 @@ ablation = True             # also the ensemble under another clip's states and 
 counterfactual = True       # synthetic splits: also a hand-made future, every future scored against its own truth
 gif = True                  # clip_0.gif: the first clip's predicted video next to the real one
 compile = False             # torch.compile the DiT blocks (GPU; the first clip is slower)
+merge_lora = False          # fold LoRA into the base weights: at most 1.6% fewer FLOPs, but in bf16 the rounding
+                            # of W + BA loses part of the update: not the function the run's validation scored
 decode_batch = 4            # members the VAE decodes at once (more: faster on a large GPU, more memory)
 vae_dtype = 'float32'       # the Wan VAE's precision: 'float32' (the reference's) or 'bfloat16' (faster)
 seed = 0                    # the ensemble's noise (per clip)
@@ -91,8 +93,8 @@ with torch.no_grad():
     for n, v in state['trainable'].items():
         params[n].copy_(v)
 net.eval().requires_grad_(False)
-if run['train_mode'] == 'lora':   # W + B A alpha / r once: sampling then runs at the base model's cost
-    merge_lora(net)
+if merge_lora and run['train_mode'] == 'lora':   # W + B A alpha / r once, rounded to the base's dtype
+    merge_lora_into_base(net)
 if ptdtype != torch.float32:   # bf16 inference on GPUs (fp32 kept where the reference keeps it)
     net.set_dtype(ptdtype)
 if compile:   # fused kernels for the 30 identical blocks; the first clip pays the compilation
@@ -113,6 +115,13 @@ counterfactual = counterfactual and 'look' in data.read_json(os.path.join(split,
 if ablation and len(clips) < 2:
     print("one clip: no state ablation (it takes another clip's states)")
     ablation = False
+# the no-state embedding learns only from the samples whose states were dropped in training
+untrained = f"{ckpt_path} was trained with state_dropout=0: its no-state embedding was never trained"
+if cfg != 1.0 and run['state_dropout'] == 0:
+    raise SystemExit(f"--cfg={cfg}: {untrained}, so there is no unconditional model to guide with. Use --cfg=1.0, "
+                     f"or train with --state_dropout > 0 (preset paper_cfg)")
+if ablation and run['state_dropout'] == 0:
+    print(f"note: {untrained}; the 'no states' row shows an untrained embedding, not the model without states")
 results_dir = results_dir or os.path.join(out_dir, 'samples')
 os.makedirs(results_dir, exist_ok=True)
 print(f"{len(clips)} clips of {split}; ensemble {ensemble}, {steps} {scheduler} steps, shift {shift}, cfg {cfg}"

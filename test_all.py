@@ -1665,9 +1665,10 @@ def test_resume_equals_no_stop(raw_data, straight_run, tmp_path):
 
 
 @pytest.mark.slow
-def test_lora_run_trains_adapters_and_state_weights_only_and_samples_merged(raw_data, tmp_path):
+def test_lora_run_trains_adapters_and_state_weights_only_and_sample_py_scores_what_validation_scored(raw_data, tmp_path):
     # the paper's mode through both scripts: a base in the official layout, frozen; LoRA and state
-    # conditioning trained; sample.py merges the adapters into the base weights before sampling
+    # conditioning trained; sample.py keeps the adapters unmerged, so on the same clip and noise it
+    # predicts exactly what the run's validation predicted
     base = write_official_checkpoint(randomize(WanDiT(WanConfig.tiny(**WAN_TINY), state_cond=False), std=0.1),
                                      tmp_path / 'base')
     run_script(*train_args(raw_data, tmp_path, '--max_iters=2', f'--pretrained={base}', '--train_mode=lora',
@@ -1680,6 +1681,19 @@ def test_lora_run_trains_adapters_and_state_weights_only_and_samples_merged(raw_
     with open(tmp_path / 'samples' / 'metrics.csv') as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 1 and all(math.isfinite(float(v)) for k, v in rows[0].items() if k.startswith('psnr'))
+    val = [r for r in run_dir.read_log(str(tmp_path)) if 'val_psnr_ensemble' in r][-1]   # the same clip, noise, steps
+    assert float(rows[0]['psnr_ensemble_2']) == round(val['val_psnr_ensemble'], 4)
+    assert float(rows[0]['psnr_single']) == round(val['val_psnr_single'], 4)
+
+
+@pytest.mark.slow
+def test_sample_py_says_when_the_no_state_embedding_was_never_trained(raw_data, tmp_path):
+    # preset paper trains without state dropout: its no-state embedding keeps its random init
+    run_script(*train_args(raw_data, tmp_path, '--max_iters=1', '--state_dropout=0'))
+    sample = ['sample.py', f'--out_dir={tmp_path}', '--ensemble=2', '--steps=1', '--max_clips=2', '--gif=False']
+    err = run_script(*sample, '--cfg=2.0', fails=True)
+    assert 'state_dropout=0: its no-state embedding was never trained' in err and '--cfg=2.0' in err
+    assert "the 'no states' row shows an untrained embedding" in run_script(*sample)
 
 
 @pytest.fixture(scope='module')
