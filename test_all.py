@@ -39,8 +39,8 @@ from metrics import P_FLOOR, blur_baseline, cross_entropy_topk, match_histograms
 from peak_flops import peak_flops
 from st_transformer import STConfig, STTransformer
 from vae import PixelCodec, WanVAE, frames_to_video
-from wan_files import (build_model, export_lora, load_dit, load_lora, load_trainable, null_context, save_trainable,
-                       text_context, to_diffusers_state_dict)
+from wan_files import (build_model, export_lora, load_dit, load_lora, load_trainable, null_context, read_lora,
+                       save_trainable, text_context, to_diffusers_state_dict)
 from wan_files import main as wan_files_main
 from wan_state import (LORA_TARGETS, WanConfig, WanDiT, add_lora, frame_timesteps, lora_modules, merge_lora,
                        parameter_counts, per_token_timestep, trainable_state_dict, unmerge_lora)
@@ -1350,6 +1350,52 @@ def test_load_lora_reads_each_common_format_as_its_tool_applies_it(tmp_path, fmt
     assert (want - plain).abs().max() > 1e-2
     assert (got - want).abs().max() < 1e-4
     assert (got_merged - want).abs().max() < 1e-4
+
+
+def test_load_lora_checks_the_whole_file_first_and_leaves_the_model_unchanged_when_it_does_not_fit(tmp_path):
+    from safetensors.torch import save_file
+    cfg = WanConfig.tiny()
+    lora = random_lora(cfg)
+    model = randomize(WanDiT(cfg, state_cond=False))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def comfy(lora, **extra):
+        sd = {f'diffusion_model.{n}.lora_{p}.weight': w for n, (A, B) in lora.items() for p, w in (('A', A), ('B', B))}
+        return {**sd, **extra}
+    bad = {'wider': (comfy({**lora, 'blocks.0.ffn.0': (torch.zeros(4, cfg.dim + 1), lora['blocks.0.ffn.0'][1])}),
+                     r'blocks.0.ffn.0 has A \(4, 65\) .* linear maps 64 -> 128: the LoRA is for another model'),
+           'nan': (comfy({**lora, 'blocks.1.self_attn.o': (lora['blocks.1.self_attn.o'][0], torch.full((64, 4), math.nan))}),
+                   'blocks.1.self_attn.o.lora_B.weight holds NaN or inf'),
+           'twice': (comfy(lora, **{'blocks.0.self_attn.q.lora_A.default.weight': lora['blocks.0.self_attn.q'][0]}),
+                     'blocks.0.self_attn.q has its A twice .* mixes two LoRA formats'),
+           'ranks': (comfy(lora, **{'diffusion_model.blocks.0.self_attn.k.lora_B.weight': torch.zeros(64, 3)}),
+                     'must be \\[rank, in\\] and B \\[out, rank\\]')}
+    for name, (sd, message) in bad.items():
+        save_file({k: v.clone() for k, v in sd.items()}, str(tmp_path / f'{name}.safetensors'))
+        for merge in (False, True):
+            with pytest.raises(ValueError, match=message):
+                load_lora(model, tmp_path / f'{name}.safetensors', merge=merge)
+    (tmp_path / 'text.safetensors').write_text('not a LoRA')
+    with pytest.raises(ValueError, match='not a readable safetensors LoRA file'):
+        load_lora(model, tmp_path / 'text.safetensors')
+    assert not lora_modules(model) and all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_lora_alpha_is_read_as_each_tool_reads_it(tmp_path):
+    from safetensors.torch import save_file
+    cfg = WanConfig.tiny()
+    lora = random_lora(cfg)   # rank 4
+    for fmt, alpha, scale in (('musubi', 0, 1.0), ('musubi', 8, 2.0), ('comfyui', 0, 0.0), ('diffsynth', None, 1.0)):
+        write_lora(fmt, lora, tmp_path / 'file.safetensors', alpha=alpha)   # kohya, musubi: alpha 0 means rank
+        assert {s for _, _, s in read_lora(tmp_path / 'file.safetensors', cfg.num_layers).values()} == {scale}, fmt
+    # PEFT metadata: lora_alpha, overridden per module by alpha_pattern (diffusers names)
+    sd = {f'transformer.{k}': v.contiguous() for k, v in to_diffusers_state_dict(
+        {f'{n}.lora_{p}.weight': w for n, (A, B) in lora.items() for p, w in (('A', A), ('B', B))}).items()}
+    meta = dict(r=4, lora_alpha=8, alpha_pattern={'attn1.to_q': 2})
+    save_file(sd, str(tmp_path / 'peft.safetensors'), metadata={'lora_adapter_metadata': json.dumps(meta)})
+    scales = {n: s for n, (_, _, s) in read_lora(tmp_path / 'peft.safetensors', cfg.num_layers).items()}
+    assert scales['blocks.0.self_attn.q'] == scales['blocks.1.self_attn.q'] == 0.5
+    assert {s for n, s in scales.items() if not n.endswith('self_attn.q')} == {2.0}
 
 
 def test_export_command_and_load_lora_round_trip_a_checkpoint(tmp_path):

@@ -410,43 +410,71 @@ def save_atomic(sd, path):
 
 def read_lora(path_or_state_dict, num_layers):
     """A Wan LoRA in any format above -> {our module name: (A [r, in], B [out, r], scale)}, fp32.
-    The scale is alpha / rank from .alpha tensors, else from diffusers' lora_adapter_metadata
-    (lora_alpha / r), else 1. Keys of other modules (time or head adapters, DoRA, diffs) are an error."""
+
+    The scale is alpha / rank, alpha as each tool reads it: a .alpha tensor (kohya and musubi read
+    alpha 0 as alpha = rank); else diffusers / PEFT's lora_adapter_metadata (lora_alpha, with its
+    alpha_pattern per module); else rank (scale 1). Every tensor is checked before anything is
+    returned: keys of modules this loader does not know (time or head adapters, DoRA, diffs), a
+    module given twice (two formats in one file), A without B, ranks of A and B that differ, and
+    NaN or inf values are errors that name the key."""
     from safetensors import safe_open
     from safetensors.torch import load_file
-    sd, meta = path_or_state_dict, {}
+    sd, meta, source = path_or_state_dict, {}, 'the LoRA'
     if not isinstance(sd, dict):
-        with safe_open(str(sd), framework='pt') as f:
-            meta = f.metadata() or {}
-        sd = load_file(str(sd))
+        source = str(sd)
+        try:
+            with safe_open(source, framework='pt') as f:
+                meta = f.metadata() or {}
+            sd = load_file(source)
+        except Exception as err:   # safetensors raises its own error types for a non-safetensors file
+            raise ValueError(f"{source}: not a readable safetensors LoRA file ({err})") from None
     peft = {k.split('.')[-1]: v for k, v in json.loads(meta.get('lora_adapter_metadata', '{}')).items()}
-    default_scale = peft['lora_alpha'] / peft['r'] if 'lora_alpha' in peft and 'r' in peft else 1.0
     targets = [f'blocks.{i}.{t}' for i in range(num_layers) for t in LORA_TARGETS]
     underscored = {n.replace('.', '_'): n for n in targets}   # kohya / musubi write dots as _
-    parts, unknown = {}, []
+    parts, file_names, unknown = {}, {}, []
     for key, tensor in sd.items():
         m = _LORA_KEY.fullmatch(key)
         name = m and (underscored.get(m[1]) or official_name(m[1] + '.weight')[:-len('.weight')])
         if name not in targets:
             unknown.append(key)
             continue
-        parts.setdefault(name, {})[_LORA_PART[m[2]]] = tensor
+        part = _LORA_PART[m[2]]
+        if part in parts.get(name, {}):
+            raise ValueError(f"{source}: {name} has its {part} twice ({parts[name][part][0]} and {key}): the file "
+                             f"mixes two LoRA formats; keep one")
+        if not torch.isfinite(tensor).all():
+            raise ValueError(f"{source}: {key} holds NaN or inf values: the LoRA is broken")
+        parts.setdefault(name, {})[part] = (key, tensor)
+        file_names[name] = m[1]
     if unknown:
         raise ValueError(f"{len(unknown)} key(s) are not LoRA adapters of the {len(LORA_TARGETS)} linears of a Wan "
                          f"block this loader knows ({', '.join(LORA_TARGETS)}), e.g. {unknown[:4]}")
     out = {}
     for name, p in parts.items():
         if 'A' not in p or 'B' not in p:
-            raise ValueError(f"{name}: the file has {sorted(p)} but a LoRA needs both A (down) and B (up)")
-        rank = p['A'].shape[0]
-        out[name] = (p['A'].float(), p['B'].float(), p['alpha'].item() / rank if 'alpha' in p else default_scale)
+            raise ValueError(f"{source}: {name} has {sorted(p)} but a LoRA needs both A (down) and B (up)")
+        (a_key, A), (b_key, B) = p['A'], p['B']
+        if A.ndim != 2 or B.ndim != 2 or B.shape[1] != A.shape[0]:
+            raise ValueError(f"{source}: {a_key} is {tuple(A.shape)} and {b_key} {tuple(B.shape)}: A must be "
+                             f"[rank, in] and B [out, rank] with the same rank")
+        rank = A.shape[0]
+        if 'alpha' in p:
+            alpha = p['alpha'][1].item()
+            alpha = alpha or (rank if a_key.startswith('lora_unet_') else 0.0)   # kohya, musubi: 0 means rank
+        elif 'lora_alpha' in peft:   # PEFT: lora_alpha, or the alpha_pattern entry that matches the module
+            alpha = next((v for k, v in peft.get('alpha_pattern', {}).items()
+                          if re.fullmatch(rf'(.*\.)?{k}', file_names[name])), peft['lora_alpha'])
+        else:
+            alpha = rank
+        out[name] = (A.float(), B.float(), alpha / rank)
     return out
 
 
 @torch.no_grad()
 def load_lora(model, path, merge=False):
     """Load a Wan LoRA of any format above (a file, or export_lora's folder: lora.safetensors and,
-    if there, state_embedder.safetensors) into a WanDiT. Returns the model.
+    if there, state_embedder.safetensors) into a WanDiT. Returns the model. Everything is checked
+    before the model changes: a file that does not fit leaves the model as it was.
 
     merge=False: the file's adapters become the model's LoRA (unmerged, trainable: to start from
         or evaluate a LoRA trained elsewhere). A model without adapters gets add_lora with the file's
@@ -457,42 +485,52 @@ def load_lora(model, path, merge=False):
     path = Path(path)
     lora_file, state_file = (path / 'lora.safetensors', path / 'state_embedder.safetensors') if path.is_dir() \
         else (path, None)
-    loras = read_lora(lora_file, len(model.blocks)) if lora_file.exists() else {}
-    if not loras and not (state_file and state_file.exists()):
+    if not lora_file.exists() and not (state_file and state_file.exists()):
         raise FileNotFoundError(f"{path}: no LoRA file (or export_lora folder) there")
+    loras = read_lora(lora_file, len(model.blocks)) if lora_file.exists() else {}
+    # --- checks: nothing below them fails on the file's content
+    for name, (A, B, _) in loras.items():
+        linear = model.get_submodule(name)
+        if (A.shape[1], B.shape[0]) != (linear.in_features, linear.out_features):
+            raise ValueError(f"{lora_file}: {name} has A {tuple(A.shape)} and B {tuple(B.shape)}, but the model's "
+                             f"linear maps {linear.in_features} -> {linear.out_features}: the LoRA is for another model")
+    own = lora_modules(model)
+    if loras and not merge:
+        ranks = {A.shape[0] for A, _, _ in loras.values()}
+        if own and ranks != {own[0].rank} or len(ranks) != 1:
+            raise ValueError(f"{lora_file}: adapters of rank {sorted(ranks)}, the model's of rank "
+                             f"{own[0].rank if own else 'any single one'}; load it with merge=True")
+        _check_unmerged(model, 'loading adapters')
+        if own:
+            lacking = sorted(set(loras) - {n for n, m in model.named_modules() if isinstance(m, LoRALinear)})
+            if lacking:
+                raise ValueError(f"the model has no adapters on {lacking[:4]}...: add_lora with these targets first")
+    state_sd = None
+    if state_file is not None and state_file.exists():
+        from safetensors.torch import load_file
+        if not model.state_cond:
+            raise ValueError(f"{state_file}: state conditioning weights, but the model has state_cond=False")
+        state_sd = load_file(str(state_file))
+        check_keys({k: v for k, v in model.state_dict().items() if k.startswith('state_embedder.')}, state_sd, state_file)
+    # --- the changes
     if merge:
         for name, (A, B, scale) in loras.items():
             w = model.get_submodule(name).weight
             w += ((B @ A) * scale).to(device=w.device, dtype=w.dtype)
     elif loras:
-        if not lora_modules(model):
-            ranks = {A.shape[0] for A, _, _ in loras.values()}
-            if len(ranks) != 1:
-                raise ValueError(f"{lora_file}: adapters of ranks {sorted(ranks)}; load it with merge=True")
-            rank, scale = ranks.pop(), next(iter(loras.values()))[2]
+        if not own:
+            rank, scale = next(iter(loras.values()))[0].shape[0], next(iter(loras.values()))[2]
             add_lora(model, rank=rank, alpha=scale * rank,
                      targets=sorted({n.split('.', 2)[2] for n in loras}, key=LORA_TARGETS.index))
-        _check_unmerged(model, 'loading adapters')
         for name, m in ((n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)):
-            A, B, scale = loras.pop(name, (None, None, None))
+            A, B, scale = loras.get(name, (None, None, None))
             if A is None:
                 m.lora_B.weight.zero_()
                 continue
-            if A.shape != m.lora_A.weight.shape or B.shape != m.lora_B.weight.shape:
-                raise ValueError(f"{name}: the file's adapter is rank {A.shape[0]}, the model's rank {m.rank}; "
-                                 f"load with merge=True")
             m.lora_A.weight.copy_(A)
             m.lora_B.weight.copy_(B * (scale / m.scale))
-        if loras:
-            raise ValueError(f"the model has no adapters on {sorted(loras)[:4]}...: add_lora with these targets first")
-    if state_file is not None and state_file.exists():
-        from safetensors.torch import load_file
-        if not model.state_cond:
-            raise ValueError(f"{state_file}: state conditioning weights, but the model has state_cond=False")
-        sd = load_file(str(state_file))
-        own = {k: v for k, v in model.state_dict().items() if k.startswith('state_embedder.')}
-        check_keys(own, sd, state_file)
-        model.load_state_dict(sd, strict=False)
+    if state_sd is not None:
+        model.load_state_dict(state_sd, strict=False)
     return model
 
 
