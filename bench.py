@@ -252,7 +252,8 @@ def bench_st_decode(st, z_BGHW, states_BLD):
 def build_dit():
     """The frozen DiT of --wan_model (bf16 weights on CUDA), and random inputs of a clip's shapes
     for the largest batch: latents, states, one text context and the mask of the context latents."""
-    assert wan_model in ('tiny', 'ti2v-5b'), f"--wan_model={wan_model}: use 'tiny' or 'ti2v-5b'"
+    if wan_model not in ('tiny', 'ti2v-5b'):
+        raise ValueError(f"--wan_model={wan_model}: use 'tiny' or 'ti2v-5b'")
     wcfg = (WanConfig.tiny(dim=wan_dim, num_layers=wan_layers, num_heads=wan_heads, ffn_dim=wan_ffn)
             if wan_model == 'tiny' else WanConfig())
     with torch.device(device):
@@ -355,7 +356,8 @@ def bench_vae():
     # Wan-AI/Wan2.2-TI2V-5B-Diffusers vae/config.json (48 channels, 2x2 patchify, 16x16x4)
     size = dict(tiny=dict(base_dim=8, decoder_base_dim=8, dim_mult=[1, 2, 2, 2], num_res_blocks=1),
                 **{'wan2.2': dict(base_dim=160, decoder_base_dim=256, dim_mult=[1, 2, 4, 4], num_res_blocks=2)})
-    assert vae in size, f"--vae={vae}: use 'tiny' or 'wan2.2'"
+    if vae not in size:
+        raise ValueError(f"--vae={vae}: use 'tiny' or 'wan2.2'")
     codec = WanVAE(AutoencoderKLWan(z_dim=48, temperal_downsample=[False, True, True], is_residual=True,
                                     in_channels=12, out_channels=12, patch_size=2, scale_factor_spatial=16,
                                     scale_factor_temporal=4, latents_mean=[0.0] * 48, latents_std=[1.0] * 48,

@@ -61,8 +61,8 @@ def _fit(text, width):
 
 def _frame(img, name='frames'):
     img = np.asarray(img)
-    assert img.dtype == np.uint8 and img.ndim == 3 and img.shape[2] == 3, \
-        f"{name} must be uint8 [H, W, 3], got {img.dtype} {img.shape}"
+    if not (img.dtype == np.uint8 and img.ndim == 3 and img.shape[2] == 3):
+        raise ValueError(f"{name} must be uint8 [H, W, 3], got {img.dtype} {img.shape}")
     return img
 
 
@@ -75,21 +75,26 @@ def upscale(img_HWC, min_px=128):
 
 def grid(rows, row_labels, col_labels=None, min_px=128, title=None):
     """Rows of frames (None = empty cell), each labelled on its left, under column headers or per-cell captions."""
-    assert len(rows) == len(row_labels) > 0, \
-        f"need one label per row, got {len(rows)} rows and {len(row_labels)} labels"
+    if not (len(rows) == len(row_labels) > 0):
+        raise ValueError(f"need one label per row, got {len(rows)} rows and {len(row_labels)} labels")
     frames = [_frame(f) for row in rows for f in row if f is not None]
-    assert frames, "the grid has no frames"
+    if not frames:
+        raise ValueError("the grid has no frames")
     shapes = sorted({f.shape for f in frames})
-    assert len(shapes) == 1, f"all frames must have the same size, got {shapes}"
+    if len(shapes) != 1:
+        raise ValueError(f"all frames must have the same size, got {shapes}")
     h, w = upscale(frames[0], min_px).shape[:2]
     n_cols = max(len(row) for row in rows)
     # col_labels: one list of headers shared by all rows, or one list of captions per row
     per_row = col_labels is not None and len(col_labels) > 0 and not isinstance(col_labels[0], str)
     header = [] if col_labels is None or per_row else [_fit(c, w) for c in col_labels]
     captions = [[_fit(c, w) for c in row] for row in col_labels] if per_row else [[] for _ in rows]
-    assert len(header) <= n_cols, f"{len(header)} column labels for {n_cols} columns"
-    assert len(captions) == len(rows), f"need one list of captions per row, got {len(captions)} for {len(rows)} rows"
-    assert all(len(c) <= n_cols for c in captions), f"a row has more captions than its {n_cols} columns"
+    if len(header) > n_cols:
+        raise ValueError(f"{len(header)} column labels for {n_cols} columns")
+    if len(captions) != len(rows):
+        raise ValueError(f"need one list of captions per row, got {len(captions)} for {len(rows)} rows")
+    if not (all(len(c) <= n_cols for c in captions)):
+        raise ValueError(f"a row has more captions than its {n_cols} columns")
 
     def band(labels):   # height of the text above a row of cells, gap included
         tallest = max((_text_size(t)[1] for t in labels), default=0)
@@ -131,7 +136,8 @@ def grid(rows, row_labels, col_labels=None, min_px=128, title=None):
 def error_map(pred_HWC, truth_HWC, gain=ERROR_GAIN):
     """|pred - truth| averaged over the colour channels, times gain, as a grey frame (clipped at 255)."""
     pred_HWC, truth_HWC = _frame(pred_HWC, 'the prediction'), _frame(truth_HWC, 'the truth')
-    assert pred_HWC.shape == truth_HWC.shape, f"prediction {pred_HWC.shape} and truth {truth_HWC.shape} differ in size"
+    if pred_HWC.shape != truth_HWC.shape:
+        raise ValueError(f"prediction {pred_HWC.shape} and truth {truth_HWC.shape} differ in size")
     err_HW = np.abs(pred_HWC.astype(np.int16) - truth_HWC.astype(np.int16)).mean(-1)
     return np.repeat(np.clip(err_HW * gain, 0, 255).astype(np.uint8)[..., None], 3, axis=-1)
 
@@ -157,7 +163,8 @@ def counterfactual_figure(context_THWC, futures, min_px=128, title=None):
     rows, labels, captions = [context], ['context'], [context_captions]
     for future in futures:
         missing = {'name', 'pred_HWC', 'truth_HWC', 'psnr_truth', 'psnr_orig'} - set(future)
-        assert not missing, f"future {future.get('name', '?')!r} lacks {sorted(missing)}"
+        if missing:
+            raise ValueError(f"future {future.get('name', '?')!r} lacks {sorted(missing)}")
         rows.append([future['pred_HWC'], future['truth_HWC'], error_map(future['pred_HWC'], future['truth_HWC'])])
         labels.append(f"{future['name']}\n{future['psnr_truth']:.1f} dB vs its truth\n"
                       f"{future['psnr_orig']:.1f} dB vs recorded")
@@ -168,12 +175,15 @@ def counterfactual_figure(context_THWC, futures, min_px=128, title=None):
 def save_gif(path, frames_by_row, labels, min_px=128, fps=6):
     """An endless GIF of clips [T, H, W, 3] side by side, labelled above, with the raw frame index below."""
     clips = [np.asarray(c) for c in frames_by_row]
-    assert clips and len(clips[0]) > 0, "save_gif needs at least one clip of at least one frame"
+    if not (clips and len(clips[0]) > 0):
+        raise ValueError("save_gif needs at least one clip of at least one frame")
     for clip in clips:
-        assert clip.dtype == np.uint8 and clip.ndim == 4 and clip.shape[3] == 3, \
-            f"clips must be uint8 [T, H, W, 3], got {clip.dtype} {clip.shape}"
-    assert len({c.shape for c in clips}) == 1, f"the clips must have the same shape, got {[c.shape for c in clips]}"
-    assert len(labels) == len(clips), f"need one label per clip, got {len(labels)} for {len(clips)} clips"
+        if not (clip.dtype == np.uint8 and clip.ndim == 4 and clip.shape[3] == 3):
+            raise ValueError(f"clips must be uint8 [T, H, W, 3], got {clip.dtype} {clip.shape}")
+    if len({c.shape for c in clips}) != 1:
+        raise ValueError(f"the clips must have the same shape, got {[c.shape for c in clips]}")
+    if len(labels) != len(clips):
+        raise ValueError(f"need one label per clip, got {len(labels)} for {len(clips)} clips")
     pages = []
     for t in range(len(clips[0])):
         figure = grid([[clip[t] for clip in clips]], [''], labels, min_px)

@@ -39,7 +39,8 @@ class Attention(nn.Module):
 
     def __init__(self, cfg, causal):
         super().__init__()
-        assert cfg.n_embd % cfg.n_head == 0, f"n_embd={cfg.n_embd} must be divisible by n_head={cfg.n_head}"
+        if cfg.n_embd % cfg.n_head != 0:
+            raise ValueError(f"n_embd={cfg.n_embd} must be divisible by n_head={cfg.n_head}")
         self.n_head, self.causal, self.dropout = cfg.n_head, causal, cfg.dropout
         self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd)
         self.proj = nn.Linear(cfg.n_embd, cfg.n_embd)
@@ -59,7 +60,8 @@ class Attention(nn.Module):
         causal = self.causal
         if kv_cache is not None:
             if kv_cache:
-                assert x_BNC.shape[1] == 1, "with a filled KV cache, feed one new position at a time"
+                if x_BNC.shape[1] != 1:
+                    raise ValueError("with a filled KV cache, feed one new position at a time")
                 k, v = torch.cat([kv_cache['k'], k], dim=2), torch.cat([kv_cache['v'], v], dim=2)
                 causal = False
             kv_cache['k'], kv_cache['v'] = k, v
@@ -176,8 +178,8 @@ class STTransformer(nn.Module):
         if targets_BTHW is None:
             return self.blocks_and_head(self.embed(z_BTHW, states_BLD), predict_from)
         h_BTSC = self.hidden(self.embed(z_BTHW, states_BLD), predict_from)
-        assert targets_BTHW.shape == h_BTSC.shape[:2] + (self.cfg.H, self.cfg.W), \
-            f"targets must be the {h_BTSC.shape[1]} predicted grids, got {tuple(targets_BTHW.shape)}"
+        if targets_BTHW.shape != h_BTSC.shape[:2] + (self.cfg.H, self.cfg.W):
+            raise ValueError(f"targets must be the {h_BTSC.shape[1]} predicted grids, got {tuple(targets_BTHW.shape)}")
         return head_cross_entropy(h_BTSC.flatten(0, 2), self.head.weight, targets_BTHW.reshape(-1), loss_chunk)
 
     def embed(self, z_BTHW, states_BLD=None, t0=0):
@@ -185,13 +187,16 @@ class STTransformer(nn.Module):
         spatial + temporal position embeddings (+ the state features of those positions)."""
         B, T, H, W = z_BTHW.shape
         cfg = self.cfg
-        assert (H, W) == (cfg.H, cfg.W), f"token grids must be {cfg.H} x {cfg.W}, got {H} x {W}"
-        assert 1 <= t0 + T <= cfg.T, f"the model reads at most T={cfg.T} grids, got {t0 + T}"
+        if (H, W) != (cfg.H, cfg.W):
+            raise ValueError(f"token grids must be {cfg.H} x {cfg.W}, got {H} x {W}")
+        if not (1 <= t0 + T <= cfg.T):
+            raise ValueError(f"the model reads at most T={cfg.T} grids, got {t0 + T}")
         x_BTSC = self.tok_emb(rearrange(z_BTHW, 'b t h w -> b t (h w)'))
         x_BTSC = x_BTSC + self.pos_emb_SC + self.pos_emb_TC[t0:t0 + T, None]
         if self.states is not None:
-            assert states_BLD is not None and states_BLD.shape[1:] == (cfg.state_window, cfg.state_dim), \
-                f"states must be (B, {cfg.state_window}, {cfg.state_dim}), got {None if states_BLD is None else tuple(states_BLD.shape)}"
+            if not (states_BLD is not None and states_BLD.shape[1:] == (cfg.state_window, cfg.state_dim)):
+                got = None if states_BLD is None else tuple(states_BLD.shape)
+                raise ValueError(f"states must be (B, {cfg.state_window}, {cfg.state_dim}), got {got}")
             x_BTSC = x_BTSC + self.states(states_BLD, t0 + T)[:, t0:, None]
         return self.drop(x_BTSC)
 
@@ -221,8 +226,9 @@ class STTransformer(nn.Module):
         only the newest grid through the blocks (its spatial attention over itself, its temporal
         attention over the cache). Same maths as rerunning the whole sequence, about 3 grids of
         work less for 3 new grids (test_all.py checks the greedy tokens are equal). Dropout is off."""
-        assert z_BTHW.shape[1] + num_grids - 1 <= self.cfg.T, \
-            f"{z_BTHW.shape[1]} context + {num_grids} new grids need T >= {z_BTHW.shape[1] + num_grids - 1}"
+        if z_BTHW.shape[1] + num_grids - 1 > self.cfg.T:
+            raise ValueError(f"{z_BTHW.shape[1]} context + {num_grids} new grids need "
+                             f"T >= {z_BTHW.shape[1] + num_grids - 1}")
         was_training = self.training
         self.eval()
         kv_caches = [{} for _ in self.blocks] if use_cache else None

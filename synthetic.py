@@ -94,7 +94,8 @@ def write_synthetic(out, seed=0, vocab=1000, eps=0.1, train_shards=2, train_fram
     (the settings). Deterministic in the settings. Each split is written to SPLIT.partial and
     renamed into place whole, and synthetic.json comes last: a folder without it is unfinished,
     and is written again. A folder written with other settings is an error, never reused."""
-    assert vocab > 500, f"vocab={vocab}: Top-500 CE needs more than 500 tokens"
+    if vocab <= 500:
+        raise ValueError(f"vocab={vocab}: Top-500 CE needs more than 500 tokens")
     settings = dict(seed=seed, vocab=vocab, eps=eps, train_shards=train_shards, train_frames=train_frames,
                     val_frames=val_frames)
     if synthetic_is_written(out, settings):
@@ -294,7 +295,8 @@ def write_synthetic_raw(split_dir, num_shards=1, frames_per_shard=1200, size=64,
     split that looks finished (SPLIT.partial is deleted by the next write).
     """
     import av   # only the sampling track writes videos
-    assert size % 16 == 0, f"size={size}: use a multiple of 16 (VAE and patch strides)"
+    if size % 16 != 0:
+        raise ValueError(f"size={size}: use a multiple of 16 (VAE and patch strides)")
     final_dir = str(split_dir).rstrip('/')
     split_dir = final_dir + '.partial'
     shutil.rmtree(split_dir, ignore_errors=True)
