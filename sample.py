@@ -128,7 +128,8 @@ print(f"{len(clips)} clips of {split}; ensemble {ensemble}, {steps} {scheduler} 
       f"{'; state ablation' if ablation else ''}{'; counterfactual futures' if counterfactual else ''}")
 
 # --- every clip: the ensemble, the state ablation, the counterfactual futures, the figures -------
-FUTURES = {'own': 'own states', 'other': "another clip's states", 'swing': 'arms swing across'}
+FUTURES = {'own': 'own states', 'other': "another clip's states", 'arms': "another clip's arms",
+           'swing': 'arms swing across'}
 C = data.NUM_CONTEXT_FRAMES
 rows, seconds = [], []
 for k in tqdm(range(len(clips)), desc='clips'):
@@ -163,8 +164,9 @@ for k in tqdm(range(len(clips)), desc='clips'):
         # the frames to predict take the states of clip k + n/2 (mod n), a fixed derangement: no clip
         # keeps its own, and neighbours (which overlap in time and scene) are never paired; the
         # context frames keep theirs (their video is given)
+        other_TD = clips[(k + len(clips) // 2) % len(clips)]['states_TD']
         futures['other'] = states_TD.clone()
-        futures['other'][C:] = clips[(k + len(clips) // 2) % len(clips)]['states_TD'][C:]
+        futures['other'][C:] = other_TD[C:]
         _, preds['other_states'] = predict(futures['other'])
         _, preds['no_states'] = predict(states_TD, no_states=True)
     row = dict(clip=k, shard=item['shard'], start=item['start'], seconds=round(seconds[-1], 3))
@@ -176,6 +178,10 @@ for k in tqdm(range(len(clips)), desc='clips'):
                          title=f'clip {k} (shard {item["shard"]}, frame {item["start"]})').save(
         os.path.join(results_dir, f'clip_{k}.png'))
     if counterfactual:   # every future's prediction against the frame the world draws for its states
+        if ablation:   # the other clip's arms alone: the camera pans as recorded, so only the arms differ
+            futures['arms'] = states_TD.clone()
+            arms = list(synthetic.SYNTHETIC_ARM_JOINTS)
+            futures['arms'][C:, arms] = other_TD[C:, arms]
         futures['swing'] = torch.from_numpy(synthetic.arms_swing_across(states_TD.numpy()))
         own_psnr = row[f'psnr_ensemble_{ensemble}']
         panels = [dict(name=FUTURES['own'], pred_HWC=mean, truth_HWC=truth, psnr_truth=own_psnr, psnr_orig=own_psnr)]
@@ -200,8 +206,16 @@ with open(os.path.join(results_dir, 'metrics.csv'), 'w', newline='') as f:
     writer.writeheader()
     writer.writerows(rows)
 
-# --- the tables: means over the clips ------------------------------------------------------------
+# --- the tables: means over the clips, and the spread over the clips of each margin ---------------
 over_clips = {key: float(np.mean([r[key] for r in rows])) for key in rows[0] if key.startswith(('psnr', 'ssim'))}
+
+
+def spread(better, worse):
+    """min and median over the clips of the margin psnr_better - psnr_worse (dB)"""
+    margins = [r[f'psnr_{better}'] - r[f'psnr_{worse}'] for r in rows]
+    return f"(per clip: min {min(margins):.2f}, median {float(np.median(margins)):.2f})"
+
+
 own = over_clips[f'psnr_ensemble_{ensemble}']
 labels = {'copy_last': 'copy last context frame', 'single': 'single sample',
           f'ensemble_{ensemble}': f'ensemble of {ensemble}', 'blur': 'blur + histogram matching',
@@ -214,16 +228,18 @@ for name, label in labels.items():
     p, s = over_clips[f'psnr_{name}'], over_clips[f'ssim_{name}']
     if not (math.isfinite(p) and math.isfinite(s)):
         raise SystemExit(f"the {label}'s PSNR / SSIM came out {p} / {s}: not a result; see {results_dir}/metrics.csv")
-    margin = f'   own states better by {own - p:.2f} dB' if name in ('other_states', 'no_states') else ''
+    margin = f'   own states better by {own - p:.2f} dB {spread(f"ensemble_{ensemble}", name)}' \
+        if name in ('other_states', 'no_states') else ''
     print(f"{label:<44} {p:>10.2f} {s:>8.3f}{margin}")
 if counterfactual:
     print("\ncounterfactual futures: the ensemble's frame 77 under other states, scored against the frame the "
           "synthetic world draws for those states (its truth) and against the recorded frame")
     print(f"{'future states':<28} {'vs its truth':>13} {'vs recorded':>12} {'closer to its truth by':>24}")
     print(f"{FUTURES['own']:<28} {own:>13.2f} {own:>12.2f} {'-':>24}")
-    for name in [n for n in ('other', 'swing') if f'psnr_cf_{n}_truth' in over_clips]:
+    for name in [n for n in ('other', 'arms', 'swing') if f'psnr_cf_{n}_truth' in over_clips]:
         t, r = over_clips[f'psnr_cf_{name}_truth'], over_clips[f'psnr_cf_{name}_recorded']
-        print(f"{FUTURES[name]:<28} {t:>13.2f} {r:>12.2f} {t - r:>21.2f} dB")
+        print(f"{FUTURES[name]:<28} {t:>13.2f} {r:>12.2f} {t - r:>21.2f} dB "
+              f"{spread(f'cf_{name}_truth', f'cf_{name}_recorded')}")
 print(f"{np.mean(seconds[1:] or seconds):.2f} s per clip on {device} (ensemble {ensemble}, {steps} steps, cfg {cfg}; "
       f"the own states' prediction, ablations not counted)")
 print(f"wrote {results_dir}/metrics.csv, clip_*.png{', counterfactual_*.png' if counterfactual else ''}"

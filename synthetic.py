@@ -332,6 +332,8 @@ def write_synthetic_raw(split_dir, num_shards=1, frames_per_shard=1200, size=64,
 
 
 SYNTHETIC_ARM_X = (6, 13)   # the joints the synthetic renderer reads for the x of the left and right arm discs
+# every joint the renderer reads for the arm discs: x, y of the left and right disc, then the hand closures
+SYNTHETIC_ARM_JOINTS = (6, 9, 13, 16, 21, 22)
 
 
 def arms_swing_across(states_TD, num_context=NUM_CONTEXT_FRAMES):
