@@ -1398,6 +1398,27 @@ def test_lora_alpha_is_read_as_each_tool_reads_it(tmp_path):
     assert {s for n, s in scales.items() if not n.endswith('self_attn.q')} == {2.0}
 
 
+def test_crafted_or_truncated_pth_files_and_unwritable_export_folders_are_named(tmp_path):
+    import pickle
+
+    class Payload:   # a pickle that would run code when loaded without weights_only
+        def __reduce__(self):
+            return (os.system, ('echo ran',))
+    root = tmp_path / 'official'
+    root.mkdir()
+    with open(root / 'Wan2.2_VAE.pth', 'wb') as f:
+        pickle.dump({'w': Payload()}, f)
+    with pytest.raises(ValueError, match='Wan2.2_VAE.pth: not a weights file nanoWM can read'):
+        WanVAE.from_pretrained(root)
+    torch.save({'w': torch.zeros(1000)}, root / 'Wan2.2_VAE.pth')
+    (root / 'Wan2.2_VAE.pth').write_bytes((root / 'Wan2.2_VAE.pth').read_bytes()[:500])   # truncated
+    with pytest.raises(ValueError, match='not a weights file nanoWM can read'):
+        WanVAE.from_pretrained(root)
+    (tmp_path / 'a_file').write_text('')
+    with pytest.raises(ValueError, match='cannot write the LoRA files into'):
+        export_lora({'state_embedder.null': torch.zeros(4)}, tmp_path / 'a_file')
+
+
 def test_export_command_and_load_lora_round_trip_a_checkpoint(tmp_path):
     cfg = WanConfig.tiny()
     model = randomize(WanDiT(cfg))

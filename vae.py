@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from wan_files import check_keys, resolve
+from wan_files import check_keys, read_pth, resolve
 
 
 # --- Frames <-> the codecs' video convention ------------------------------------------------------
@@ -104,7 +104,7 @@ class WanVAE:
             if not pth.exists():
                 raise FileNotFoundError(f"{root} has neither {VAE_FILE} (the official Wan-AI/Wan2.2-TI2V-5B) nor "
                                         f"vae/config.json (Wan-AI/Wan2.2-TI2V-5B-Diffusers)")
-        raw = torch.load(pth, map_location='cpu', mmap=True, weights_only=True)   # mmap: read lazily
+        raw = read_pth(pth)
         sd = {_diffusers_vae_name(k): v for k, v in raw.items()}
         with torch.device('meta'):
             vae = AutoencoderKLWan(**{**VAE22_CONFIG, **config_overrides})

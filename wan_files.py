@@ -114,6 +114,17 @@ def check_keys(expected, got, source):
         raise ValueError('\n'.join(lines))
 
 
+def read_pth(path):
+    """An official .pth weights file (Wan2.2_VAE.pth, the umT5 encoder), memory-mapped (read lazily),
+    with torch.load(weights_only=True): tensors only, so a crafted file never runs code."""
+    try:
+        return torch.load(path, map_location='cpu', mmap=True, weights_only=True)
+    except Exception as err:   # UnpicklingError (objects, not tensors), RuntimeError (truncated), ...
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"{path}: not a weights file nanoWM can read ({first}); it holds Python objects rather than "
+                         f"tensors, or it is truncated: download it again from the official repo") from None
+
+
 def _config_from_json(path):
     """WanConfig from an official config.json (dim, num_heads, ...) or a diffusers one."""
     if not path.exists():
@@ -232,7 +243,7 @@ def _umt5_one_token(root, token_id):
     """Read only what one token needs: one embedding row, v, o, the FFN and the norms of each layer."""
     from safetensors import safe_open
     if (root / UMT5_FILE).exists():   # original Wan keys (wan/modules/t5.py T5Encoder); mmap reads lazily
-        sd = torch.load(root / UMT5_FILE, map_location='cpu', mmap=True, weights_only=True)
+        sd = read_pth(root / UMT5_FILE)
         keys, get, get_row = sd.keys(), sd.__getitem__, lambda key, i: sd[key][i:i + 1]
         n_layers = 1 + max(int(k.split('.')[1]) for k in keys if k.startswith('blocks.'))
         names = dict(emb='token_embedding.weight', final='norm.weight', n1='blocks.{}.norm1.weight',
@@ -385,7 +396,14 @@ def export_lora(model_or_trainable, out_dir, lora_alpha=None):
                                               lora_alpha / sd[k].shape[0]) for k in a_keys}
         state = {k: v for k, v in sd.items() if k.startswith('state_embedder.')}
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / f'.write_test_{os.getpid()}'
+        probe.write_text('ok')
+        probe.unlink()
+    except OSError as err:   # a file where the folder should be, a read-only folder, a full disk
+        raise ValueError(f"cannot write the LoRA files into {out_dir} ({err.strerror}): pass --out with a folder "
+                         f"you can write to") from None
     written = []
     if loras:
         sd = {}
@@ -548,7 +566,10 @@ def main(argv=None):
     p.add_argument('--out', default=None, help="output folder (default: the checkpoint's folder)")
     args = parser.parse_args(argv)
     ckpt = run_dir.load_checkpoint(args.ckpt, 'sampling')
-    written = export_lora(ckpt['trainable'], args.out or Path(args.ckpt).parent, ckpt['config'].get('lora_alpha'))
+    try:
+        written = export_lora(ckpt['trainable'], args.out or Path(args.ckpt).parent, ckpt['config'].get('lora_alpha'))
+    except ValueError as err:
+        raise SystemExit(str(err))
     print('\n'.join(f"wrote {p}" for p in written) or f"{args.ckpt}: no LoRA or state weights to export")
 
 
