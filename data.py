@@ -2,9 +2,15 @@
 order in which both trainers draw their batches.
 
     TokenDataset(split_dir)    compression track: 6 token grids + 64 state rows per sample
+    RawShard(split_dir, i)     sampling track: one shard's mp4, states and segment ids
     RawClips(split_dir)        sampling track: 21 frames (raw 0, 4, ..., 76, 76) + states per clip
     LatentClips(latent_dir)    the same clips pre-encoded (prepare.py encode_raw)
-    batch_rows(...)            the dataset rows of a step's samples, the same under any world size
+    batch_positions(...)       a process's micro-batch: its positions in the step's global batch
+    batch_rows(...)            the dataset rows of those positions, the same under any world size
+
+Sections: the layout of the 1X datasets (constants, file names, checks), the tokenized data, the
+raw videos, the batch order. Bad files and bad arguments are ValueError (FileNotFoundError for a
+missing file) with a message that names the file and the problem.
 
 Writing data (download, synthetic sets, encoding) is prepare.py's job; the synthetic worlds are in
 synthetic.py.
@@ -148,8 +154,10 @@ class TokenDataset(torch.utils.data.Dataset):
             raise FileNotFoundError(f"{meta_path} not found: {split_dir} is not a 1X tokenized split folder "
                                     f"(expected e.g. .../train_v2.0 or .../val_v2.0 with metadata.json).")
         self.metadata = read_json(meta_path)
-        assert stride in (1, 2), f"stride={stride}: 1 (a sample at every block) or 2 (non-overlapping samples)"
-        assert state_window >= SAMPLE_FRAMES, f"state_window={state_window} must cover the {SAMPLE_FRAMES} sample frames"
+        if stride not in (1, 2):
+            raise ValueError(f"stride={stride}: 1 (a sample at every block) or 2 (non-overlapping samples)")
+        if state_window < SAMPLE_FRAMES:
+            raise ValueError(f"state_window={state_window} must cover the {SAMPLE_FRAMES} sample frames")
         self.split_dir, self.vocab_size, self.state_window = split_dir, vocab_size, state_window
         self.shards = list(range(self.metadata['num_shards'])) if shards is None else list(shards)
         self.files, self.num_frames, index = {}, {}, []
@@ -370,7 +378,8 @@ class RawClips(torch.utils.data.Dataset):
     def __init__(self, split_dir, stride=RAW_CLIP_LEN, max_clips=None, frame_size=None):
         self.shards = {i: RawShard(split_dir, i, frame_size) for i in raw_shards(split_dir)}
         self.items = [(i, s) for i, shard in self.shards.items() for s in shard.clip_starts(stride)][:max_clips]
-        assert self.items, f"{split_dir}: no 77-frame window lies inside one segment"
+        if not self.items:
+            raise ValueError(f"{split_dir}: no 77-frame window lies inside one segment")
 
     def __len__(self):
         return len(self.items)
@@ -395,19 +404,29 @@ class LatentClips(torch.utils.data.Dataset):
         names = sorted(n for n in os.listdir(latent_dir) if n.startswith('latents_') and n.endswith('.safetensors'))
         self.files = [safe_open(os.path.join(latent_dir, n), framework='pt') for n in names]
         self.items = [(f, k) for f in self.files for k in range(f.get_slice('starts').get_shape()[0])]
-        assert self.items, f"{latent_dir}: no clips"
+        if not self.items:
+            raise ValueError(f"{latent_dir}: no clips")
+
+    def __getitem__(self, k):
+        """(latents float32 [48, 6, h, w], states [21, 25]) of clip k."""
+        f, row = self.items[k]
+        return f.get_slice('latents')[row:row + 1][0].float(), f.get_slice('states')[row:row + 1][0]
 
     def __len__(self):
         return len(self.items)
-
-    def __getitem__(self, k):
-        f, row = self.items[k]
-        return f.get_slice('latents')[row:row + 1][0].float(), f.get_slice('states')[row:row + 1][0]
 
 
 # ---------------------------------------------------------------------------------------------
 # The batch order of both trainers
 # ---------------------------------------------------------------------------------------------
+
+def batch_positions(micro, rank, world_size, batch_size):
+    """Positions in a step's global batch of the micro-batch that process `rank` takes at
+    micro-step `micro`: the global batch is cut into micro-batches of batch_size, micro-step by
+    micro-step, rank by rank."""
+    first = (micro * world_size + rank) * batch_size
+    return range(first, first + batch_size)
+
 
 def batch_rows(seed, step, positions, global_batch_size, n):
     """Dataset rows of positions `positions` of step `step`'s global batch. The run's k-th sample

@@ -1,8 +1,10 @@
 """The processes of a training run, as torchrun starts them (both training scripts use these).
 
     ddp, rank, world, device = setup_distributed(device)   # DDP when torchrun set RANK, else one process
+    grad_accum_steps(global_batch_size, batch_size, world)  # micro-steps per optimizer step
     on_master(fn, *args)    # rank 0 does fn (a check, a write); if fn stops the run, every rank stops
     wait_for_all(what)      # a barrier that does not time out during hours of data preparation
+    mean_over_ranks(t)      # a tensor averaged over the ranks (the loss every rank logs and checks)
 """
 import datetime
 import os
@@ -21,6 +23,15 @@ def setup_distributed(device):
         device = f'cuda:{int(os.environ["LOCAL_RANK"])}'
         torch.cuda.set_device(device)
     return True, dist.get_rank(), dist.get_world_size(), device
+
+
+def grad_accum_steps(global_batch_size, batch_size, world_size):
+    """Micro-steps per optimizer step, as nanoGPT splits its batch: global_batch_size = batch_size
+    (per process and micro-step) x world_size x this. Stops with a message if that is no whole number."""
+    if global_batch_size % (batch_size * world_size):
+        raise SystemExit(f"--global_batch_size={global_batch_size} must be a multiple of --batch_size={batch_size} x "
+                         f"{world_size} process(es)")
+    return global_batch_size // (batch_size * world_size)
 
 
 def on_master(fn, *args):
@@ -50,3 +61,12 @@ def wait_for_all(what, hours=48):
         if dist.get_rank() == 0:
             print(f"waiting for every rank to finish {what}")
         dist.barrier(group=dist.new_group(backend='gloo', timeout=datetime.timedelta(hours=hours)))
+
+
+def mean_over_ranks(t):
+    """t averaged over every rank, in place (t itself in one process). Every rank then holds the
+    same loss, so a NaN on one rank stops them all together."""
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t)
+        t /= dist.get_world_size()
+    return t

@@ -1,5 +1,8 @@
-"""A GPU's dense bf16 peak FLOP/s: the denominator of the MFU that the training scripts and
-bench.py print (model FLOPs per second / this peak, as nanoGPT reports it)."""
+"""A GPU's dense bf16 peak FLOP/s: the denominator of the MFU (model FLOPs per second / this peak,
+as nanoGPT reports it) that bench.py prints, and StepSpeed, the speed figures both training
+scripts log with every step (samples/s, MFU, peak GPU memory)."""
+import time
+
 import torch
 
 # Dense bf16 peak FLOP/s (vendor datasheets, without sparsity), for MFU; the first name that
@@ -14,3 +17,28 @@ def peak_flops(device):
         return None
     name = torch.cuda.get_device_name(device)
     return next((flops for key, flops in PEAK_BF16_FLOPS if key in name), None)
+
+
+class StepSpeed:
+    """The speed of a training step, as the scripts log it: start() before the step, stop() after
+    it returns samples_per_s; mfu, this process's model FLOPs per step over the step's time and the
+    device's peak as a running average (0.9 old + 0.1 new, nanoGPT's) that starts once the first
+    `warmup` steps are past (they allocate, and with --compile compile); and max_mem_gib, the peak
+    GPU memory so far. A figure the device does not have is None (MFU and memory on the CPU)."""
+
+    def __init__(self, device, samples_per_step, flops_per_step, warmup=5):
+        self.samples_per_step, self.flops_per_step, self.warmup = samples_per_step, flops_per_step, warmup
+        self.peak, self.cuda = peak_flops(device), str(device).startswith('cuda')
+        self.steps, self.mfu, self.t = 0, None, None
+
+    def start(self):
+        self.t = time.time()
+
+    def stop(self):
+        dt = time.time() - self.t
+        self.steps += 1
+        if self.peak and self.steps > self.warmup:
+            mfu = self.flops_per_step / dt / self.peak
+            self.mfu = mfu if self.mfu is None else 0.9 * self.mfu + 0.1 * mfu
+        return dict(samples_per_s=self.samples_per_step / dt, mfu=self.mfu,
+                    max_mem_gib=torch.cuda.max_memory_allocated() / 2 ** 30 if self.cuda else None)

@@ -6,6 +6,11 @@ latents. One command line (as nanoGPT's prepare.py), and the functions the train
     python prepare.py encode_raw --codec=wan --split data/1x/train_v2.0_raw --out data/1x/latents_wan/train_v2.0_raw --stride 8
     python prepare.py synthetic --out data/synthetic                   # small sets in the same layout
     python prepare.py synthetic_raw --out data/raw_demo
+
+The trainers call one function each, on every rank of a run (data_dir on storage all ranks see):
+
+    tokenized_splits(data_dir, splits, shards, rank, world_size)   # train_compression.py
+    raw_latents(data_dir, splits, vae, ...) -> (latent dirs, codec)  # train_sampling.py
 """
 import json
 import os
@@ -18,7 +23,8 @@ from tqdm import tqdm
 
 import synthetic
 from data import (HF_REPO_RAW, HF_REPO_TOKENIZED, RAW_CLIP_LEN, STATE_DIM, RawShard, expected_sizes, raw_shards,
-                  read_json, repo_files, settings_differ, shard_paths)
+                  raw_split_is_whole, read_json, repo_files, settings_differ, shard_paths)
+from distributed import on_master, wait_for_all
 from vae import PixelCodec, frames_to_video
 
 
@@ -105,6 +111,21 @@ def finish_download(out, split, shards=None):
     if problems:
         raise SystemExit(f"{os.path.join(out, split)} is incomplete after the download: {'; '.join(problems[:3])}. "
                          f"A multi-node run needs data_dir on storage that every node sees.")
+
+
+def tokenized_splits(data_dir, splits, shards=None, rank=0, world_size=1):
+    """Make the tokenized splits a run reads whole in data_dir: the missing or incomplete ones are
+    fetched from the Hub (every rank its share of the shards), then rank 0 checks each. shards:
+    the shards of train_v2.0 to use (None: all); the other splits are always whole."""
+    shards_of = lambda split: shards if split == 'train_v2.0' else None
+    missing = [s for s in splits if tokenized_split_problems(os.path.join(data_dir, s), shards_of(s))]
+    for s in missing:
+        download_tokenized(data_dir, s, shards_of(s), rank, world_size)
+    if missing:
+        wait_for_all(f"downloading {', '.join(missing)}")
+        for s in missing:
+            on_master(finish_download, data_dir, s, shards_of(s))
+        wait_for_all('the split metadata')
 
 
 # ---------------------------------------------------------------------------------------------
@@ -236,6 +257,49 @@ def check_encoding(out_dir, settings):
     _same_settings(path, settings, f"the encoding in {out_dir}", out_dir)
 
 
+def load_codec(name, vae_path='', device='cpu'):
+    """(codec, dtype the latents are stored in): 'pixel' the CPU demo's lossless codec (float32),
+    'wan' the Wan 2.2 VAE from vae_path (a hub repo or folder), in fp32: encoding runs once, so
+    spend the precision; its latents are stored bf16."""
+    if name == 'wan':
+        from vae import WanVAE
+        return WanVAE.from_pretrained(vae_path, device=device), torch.bfloat16
+    return PixelCodec(), torch.float32
+
+
+def raw_latents(data_dir, splits, vae, vae_path, stride, batch_size, download, device, rank=0, world_size=1):
+    """The latents train_sampling.py trains on, made once: data_dir/latents_{vae}/SPLIT for each raw
+    training split. A split neither whole on disk nor encoded is fetched from the Hub if download,
+    else an error (val_v2.0_raw, which validation reads raw, too); each split is then encoded, or
+    its finished encoding checked against this stride and codec. With world_size > 1 every rank
+    fetches and encodes its share of the shards, and rank 0 finishes. Returns ([latent dir per
+    split], codec): validation decodes with the same codec."""
+    split_dir = lambda name: os.path.join(data_dir, name)
+    latent_dirs = {s: os.path.join(data_dir, f'latents_{vae}', s) for s in splits}
+    missing = [s for s in sorted(set(splits) | {'val_v2.0_raw'}) if not raw_split_is_whole(split_dir(s))
+               and not (s in latent_dirs and os.path.exists(os.path.join(latent_dirs[s], 'encoding.json')))]
+    if missing and not download:
+        raise SystemExit(f"{data_dir} holds no whole {', '.join(missing)} (a mistyped --data_dir?). Pass the folder that "
+                         f"holds the 1X raw data, --download to fetch it from the Hugging Face Hub (preset paper does), "
+                         f"or --make_synthetic to write the synthetic demo set there. To prepare it elsewhere: "
+                         f"`python prepare.py download_raw --out DIR --split train_v2.0_raw` (and val_v2.0_raw).")
+    for s in missing:
+        download_raw(data_dir, s, rank, world_size)
+    if missing:
+        wait_for_all(f"downloading {', '.join(missing)}")
+    codec, dtype = load_codec(vae, vae_path, device)
+    for s, latent_dir in latent_dirs.items():
+        if os.path.exists(latent_dir):   # a finished encoding: it must be of this stride and codec
+            on_master(check_encoding, latent_dir, dict(stride=stride, codec=type(codec).__name__))
+            continue
+        encode_raw_split(split_dir(s), latent_dir, codec, stride, batch_size, device, dtype, rank, world_size)
+        if world_size > 1:   # each rank wrote its share of the shards; rank 0 checks them all and finishes
+            wait_for_all(f"encoding {s}")
+            on_master(finish_encoding, split_dir(s), latent_dir)
+            wait_for_all(f"the encoding of {s}")
+    return list(latent_dirs.values()), codec
+
+
 # ---------------------------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------------------------
@@ -261,11 +325,7 @@ def cmd_synthetic_raw(args):
 
 
 def cmd_encode_raw(args):
-    if args.codec == 'wan':   # an fp32 VAE: encoding runs once, so spend the precision; bf16 latents on disk
-        from vae import WanVAE
-        codec, dtype = WanVAE.from_pretrained(args.vae_path, device=args.device), torch.bfloat16
-    else:
-        codec, dtype = PixelCodec(), torch.float32
+    codec, dtype = load_codec(args.codec, args.vae_path, args.device)
     n = encode_raw_split(args.split, args.out, codec, args.stride, args.batch_size, args.device, dtype)
     print(f"encoded {n} clips of {args.split} to {args.out}")
 
@@ -282,12 +342,12 @@ def main(argv=None):
     p.add_argument('--out', required=True, help='output folder (gets train_v2.0/ and val_v2.0/)')
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--vocab', type=int, default=1000, help='tokens are drawn from [0, vocab)')
-    p.set_defaults(run=lambda a: cmd_synthetic(a))
+    p.set_defaults(run=cmd_synthetic)
     p = sub.add_parser('download', help='fetch the tokenized 1X dataset with huggingface_hub')
     p.add_argument('--out', required=True, help='local folder for the dataset')
     p.add_argument('--split', default='val_v2.0', help='train_v2.0, val_v2.0 or test_v2.0')
     p.add_argument('--shards', default=None, help='comma-separated shard numbers (train), e.g. 0,1; default all')
-    p.set_defaults(run=lambda a: cmd_download(a))
+    p.set_defaults(run=cmd_download)
 
     # --- section 2: raw video data (sampling track) ---
     p = sub.add_parser('synthetic_raw', help='write synthetic raw clips (train_v2.0_raw/, val_v2.0_raw/) whose frames follow the states')
@@ -296,7 +356,7 @@ def main(argv=None):
     p.add_argument('--train_shards', type=int, default=2)
     p.add_argument('--frames', type=int, default=1200, help='frames per shard (30 Hz)')
     p.add_argument('--seed', type=int, default=0)
-    p.set_defaults(run=lambda a: cmd_synthetic_raw(a))
+    p.set_defaults(run=cmd_synthetic_raw)
     p = sub.add_parser('encode_raw', help='encode every clip of a raw split to latents (what train_sampling.py trains on; '
                                           'it also encodes them itself)')
     p.add_argument('--split', required=True, help='a raw split folder, e.g. data/1x/train_v2.0_raw')
@@ -306,7 +366,7 @@ def main(argv=None):
     p.add_argument('--stride', type=int, default=RAW_CLIP_LEN, help='frames between clip starts (77: no overlap)')
     p.add_argument('--batch_size', type=int, default=8)
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
-    p.set_defaults(run=lambda a: cmd_encode_raw(a))
+    p.set_defaults(run=cmd_encode_raw)
     p = sub.add_parser('download_raw', help='fetch a raw split of 1x-technologies/worldmodel_raw_data')
     p.add_argument('--out', required=True)
     p.add_argument('--split', default='val_v2.0_raw', help='train_v2.0_raw or val_v2.0_raw')
@@ -314,7 +374,6 @@ def main(argv=None):
 
     args = parser.parse_args(argv)
     args.run(args)
-
 
 
 if __name__ == '__main__':

@@ -13,10 +13,11 @@ good state. Both training scripts use these few functions:
                                         and plain data only, so loading one never runs code; the
                                         track and the model settings are checked
     rng_state() / set_rng_state(d)      the RNG states as tensors (so weights_only loading works)
-    RunLog(out_dir, ...)                log.jsonl (and Weights & Biases, if asked for)
+    RunLog(out_dir, ...)                log.jsonl (and Weights & Biases, if asked for); on the
+                                        terminal a progress bar and a line every log_interval steps
     plot_curves(out_dir, panels)        curves.png from log.jsonl
-    stop_if_not_finite(value, ...)      a NaN or inf loss stops the run; the checkpoint on disk
-                                        stays the last good one
+    stop_if_not_finite(figures, ...)    a NaN or inf loss (or gradient norm) stops the run; the
+                                        checkpoint on disk stays the last good one
 """
 import atexit
 import json
@@ -28,6 +29,7 @@ import time
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 CKPT, PREV, BEST, LOCK = 'ckpt.pt', 'ckpt_prev.pt', 'ckpt_best.pt', 'run.lock'
 LOCK_STALE_S = 900   # a lock from another host not refreshed for this long is taken over
@@ -215,12 +217,15 @@ def set_rng_state(state):
 # Logs and curves
 # ---------------------------------------------------------------------------------------------
 
-def stop_if_not_finite(value, what, step, out_dir, master=True):
-    """A NaN or inf loss stops the run (exit code 1) before the optimizer step: the weights are
-    not updated, and the checkpoint on disk stays the last good one. A stop, not a skipped step,
-    is the safe default: a run that diverges once usually diverges again. Every rank calls it with
-    the same (all-reduced) value, so all stop together; only the master prints why."""
-    if not math.isfinite(value):
+def stop_if_not_finite(figures, step, out_dir, master=True):
+    """A NaN or inf among figures ({'training loss': value, ...}) stops the run (exit code 1)
+    before the optimizer step: the weights are not updated, and the checkpoint on disk stays the
+    last good one. A stop, not a skipped step, is the safe default: a run that diverges once
+    usually diverges again. Every rank calls it with the same (all-reduced) figures, so all stop
+    together; only the master prints why."""
+    for what, value in figures.items():
+        if math.isfinite(value):
+            continue
         if not master:
             raise SystemExit(1)
         ckpt = os.path.join(out_dir, CKPT)
@@ -229,13 +234,23 @@ def stop_if_not_finite(value, what, step, out_dir, master=True):
                          f"check the data, or resume from the checkpoint with other settings.")
 
 
+# How the printed line shows the figures both trainers record every step (the others: log.jsonl only)
+LINE_FORMATS = dict(loss='loss {:.4f}', lr='lr {:.2e}', grad_norm='grad norm {:.3g}',
+                    samples_per_s='{:.2f} samples/s', mfu='MFU {:.1%}', max_mem_gib='{:.1f} GiB')
+
+
 class RunLog:
     """One json line per record in out_dir/log.jsonl, and Weights & Biases if wandb_project is set
     (imported only then). On resume, records at or after the resumed step are dropped first, so the
-    log reads as one uninterrupted run."""
+    log reads as one uninterrupted run. A figure that is None (no MFU on the CPU) is left out.
+    With total (the last step + 1), a progress bar; with log_interval, a line every log_interval
+    steps and at the last, as nanoGPT prints its loss: `step 100: loss 2.1234, ..., MFU 8.9%`."""
 
-    def __init__(self, out_dir, start_step=0, wandb_project='', wandb_run_name='', config=None):
+    def __init__(self, out_dir, start_step=0, wandb_project='', wandb_run_name='', config=None, total=None,
+                 log_interval=0):
         self.out_dir, self.path = out_dir, os.path.join(out_dir, 'log.jsonl')
+        self.total, self.log_interval = total, log_interval
+        self.bar = tqdm(total=total, initial=start_step, desc='train', dynamic_ncols=True) if total else None
         kept = []
         if start_step > 0 and os.path.exists(self.path):
             with open(self.path) as f:
@@ -249,11 +264,23 @@ class RunLog:
                                     resume='allow')
 
     def write(self, record):
+        record = {k: v for k, v in record.items() if v is not None}
         with open(self.path, 'a') as f:
             f.write(json.dumps(record) + '\n')
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in record.items() if k != 'step'}, step=record['step'])
         heartbeat(self.out_dir)
+        step = record['step']
+        if self.log_interval and (step % self.log_interval == 0 or step + 1 == self.total):
+            tqdm.write(f"step {step}: " + ', '.join(LINE_FORMATS[k].format(v) for k, v in record.items()
+                                                    if k in LINE_FORMATS))
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{record['loss']:.4f}")
+            self.bar.update(1)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
 
 
 def read_log(out_dir):
@@ -262,8 +289,13 @@ def read_log(out_dir):
 
 
 def plot_curves(out_dir, panels, title=''):
-    """curves.png in out_dir: one panel per (y label, [log keys]), step on the x axis."""
-    import matplotlib
+    """curves.png in out_dir: one panel per (y label, [log keys]), step on the x axis. Prints where
+    it is; without matplotlib says so and returns None (a finished run loses only the picture)."""
+    try:
+        import matplotlib
+    except ImportError as e:
+        print(f"no curves.png ({e}: pip install matplotlib); the figures are in {out_dir}/log.jsonl")
+        return None
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     records = read_log(out_dir)
@@ -283,4 +315,5 @@ def plot_curves(out_dir, panels, title=''):
     path = os.path.join(out_dir, 'curves.png')
     fig.savefig(path, dpi=100)
     plt.close(fig)
+    print(f"curves: {path}")
     return path

@@ -36,7 +36,7 @@ import run_dir
 import synthetic
 from flow_matching import flow_matching_loss, reference_sigmas, sample_draws, sample_latents, shift_sigma
 from metrics import P_FLOOR, blur_baseline, cross_entropy_topk, match_histograms, psnr, ssim
-from peak_flops import peak_flops
+from peak_flops import StepSpeed, peak_flops
 from st_transformer import STConfig, STTransformer
 from vae import PixelCodec, WanVAE, frames_to_video
 from wan_files import (build_model, export_lora, load_dit, load_lora, load_trainable, null_context, read_lora,
@@ -331,6 +331,22 @@ def test_metrics_and_blur_baseline():
 # ===============================================================================================
 # data.py: readers of the published 1X layouts (tokenized and raw), clip frames
 # ===============================================================================================
+
+
+def test_the_micro_batches_of_all_ranks_cover_the_global_batch_once():
+    for world_size, grad_accum in ((1, 4), (2, 2), (4, 1)):
+        positions = [p for micro in range(grad_accum) for rank in range(world_size)
+                     for p in data.batch_positions(micro, rank, world_size, batch_size=2)]
+        assert sorted(positions) == list(range(8))
+
+
+def test_batch_order_visits_every_row_once_an_epoch_and_depends_only_on_seed_and_step():
+    n, global_batch_size = 10, 4
+    rows = [r for step in range(5) for r in data.batch_rows(7, step, range(global_batch_size), global_batch_size, n)]
+    assert sorted(rows[:10]) == sorted(rows[10:20]) == list(range(10)) and rows[:10] != rows[10:20]
+    # a process that asks for positions 2, 3 of step 3 gets what a single process gets there
+    assert data.batch_rows(7, 3, [2, 3], global_batch_size, n) == rows[14:16]
+    assert data.batch_rows(8, 0, range(4), global_batch_size, n) != rows[:4]
 
 
 def write_known_shard(split_dir, i, nested, segment_F, vocab=1000, seed=0):
@@ -1972,6 +1988,13 @@ def test_bench_cpu_smoke_prints_finite_positive_figures_for_every_benchmark():
     assert float(ratios['decode with cache / teacher-forced forward']) > 0
 
 
+def test_step_speed_has_samples_per_s_and_no_mfu_or_memory_on_the_cpu():
+    speed = StepSpeed('cpu', samples_per_step=8, flops_per_step=1e9)
+    speed.start()
+    figures = speed.stop()
+    assert figures['samples_per_s'] > 0 and figures['mfu'] is None and figures['max_mem_gib'] is None
+
+
 def test_peak_flops_is_unknown_on_the_cpu():
     assert peak_flops('cpu') is None
 
@@ -2122,9 +2145,9 @@ def test_rng_states_survive_a_weights_only_round_trip(tmp_path):
 
 
 def test_non_finite_loss_stops_and_names_the_checkpoint_kept(tmp_path):
-    run_dir.stop_if_not_finite(1.5, 'loss', 3, str(tmp_path))
-    with pytest.raises(SystemExit, match='step 7: the loss is nan: stopping. no checkpoint was written'):
-        run_dir.stop_if_not_finite(float('nan'), 'loss', 7, str(tmp_path))
+    run_dir.stop_if_not_finite({'loss': 1.5, 'gradient norm': 0.2}, 3, str(tmp_path))
+    with pytest.raises(SystemExit, match='step 7: the gradient norm is inf: stopping. no checkpoint was written'):
+        run_dir.stop_if_not_finite({'loss': 1.5, 'gradient norm': float('inf')}, 7, str(tmp_path))
 
 
 def test_log_of_a_resumed_run_reads_as_one_run_and_plots(tmp_path):

@@ -21,7 +21,6 @@ import time
 from contextlib import nullcontext
 
 import torch
-import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
@@ -30,24 +29,19 @@ import prepare
 import run_dir
 import synthetic
 from configurator import configure
-from distributed import on_master, setup_distributed, wait_for_all
+from distributed import grad_accum_steps, mean_over_ranks, on_master, setup_distributed, wait_for_all
 from metrics import cross_entropy_topk
-from peak_flops import peak_flops
+from peak_flops import StepSpeed
 from st_transformer import STConfig, STTransformer
 
-# --- settings (defaults: the CPU demo on synthetic data) --------------------------------------
+# --- settings (defaults: the CPU demo on synthetic data) ------------------------------------------
 preset = 'cpu'             # 'cpu' (the demo) or 'paper' (PRESETS below)
+# data
 data_dir = ''              # folder of train_v2.0/ and val_v2.0/ ('' = data/synthetic, written on first use)
 train_splits = 'train_v2.0'  # splits to train on, e.g. 'train_v2.0,val_v2.0' (val numbers then not comparable)
 shards = ''                # shards of train_v2.0 to use, e.g. '0' or '0,1' ('' = all in metadata.json)
 sample_stride = 1          # blocks between training samples: 1 = a sample at every block, 2 = non-overlapping
-out_dir = 'out/compression'  # checkpoints, log.jsonl, curves.png, results.json
-init_from = 'scratch'      # 'scratch' or 'resume' (from out_dir/ckpt.pt: model, optimizer, step, RNG)
-overwrite = False          # train from scratch even if out_dir holds a checkpoint (it gets replaced)
-eval_only = False          # only evaluate a checkpoint (--ckpt) on --split, then exit
-ckpt = ''                  # checkpoint for --eval_only ('' = out_dir/ckpt.pt)
-split = 'val_v2.0'         # split that --eval_only evaluates
-dry_run = False            # build the model on the meta device, print its size and the run length, exit
+num_workers = 1            # DataLoader worker processes
 # model (paper 3.1)
 vocab_size = 1000          # tokens lie in [0, vocab_size): the synthetic set uses 1000, the 1X data 64000
 n_layer = 1                # ST blocks
@@ -57,7 +51,7 @@ dropout = 0.0              # on attention, MLP and residual branches
 state_window = data.STATE_WINDOW  # state rows per sample (the 64 frames ending with the sample)
 use_states = True          # False: the state-blind ablation
 # optimisation (paper 3.2)
-global_batch_size = 4       # samples per optimizer step, over all processes and micro-steps
+global_batch_size = 4      # samples per optimizer step, over all processes and micro-steps
 batch_size = 4             # samples per micro-step per process (gradient accumulation makes up the rest)
 epochs = 0.0               # length of the run in passes over the training set, used when max_iters == 0
 max_iters = 300            # length of the run in steps (0 = from epochs)
@@ -68,23 +62,32 @@ beta1 = 0.9                # AdamW beta1
 beta2 = 0.95               # AdamW beta2
 grad_clip = 1.0            # clip the gradient norm to this (0 = off); not stated in the paper, GPT-2's value
 loss_chunk = 4096          # tokens whose fp32 logits exist at once in the loss (head_cross_entropy)
-# evaluation and bookkeeping
+seed = 1337                # initial weights, data order and dropout
+# the run: its folder, validation, log, checkpoints
+out_dir = 'out/compression'  # checkpoints, log.jsonl, curves.png, results.json
+init_from = 'scratch'      # 'scratch' or 'resume' (from out_dir/ckpt.pt: model, optimizer, step, RNG)
+overwrite = False          # train from scratch even if out_dir holds a checkpoint (it gets replaced)
+dry_run = False            # build the model on the meta device, print its size and the run length, exit
 eval_interval = 25         # validate (teacher-forced and greedy autoregressive) every this many steps
 eval_samples = 16          # the fixed val subset of each validation: its first eval_samples samples
-final_eval_samples = 48    # val samples of the final table (0 = the whole split)
-final_eval = True          # print the table at the end of the run
 eval_batch_size = 8        # samples per evaluation batch
+final_eval = True          # print the table at the end of the run
+final_eval_samples = 48    # val samples of the final table (0 = the whole split)
+eval_only = False          # only evaluate a checkpoint (--ckpt) on --split, then exit
+ckpt = ''                  # checkpoint for --eval_only ('' = out_dir/ckpt.pt)
+split = 'val_v2.0'         # split that --eval_only evaluates
+log_interval = 10          # print the log's line every this many steps (log.jsonl gets every step)
 ckpt_interval = 0          # save every this many steps (0 = only at the end)
 stop_at = 0                # save and stop after this many steps without ending the schedule (0 = off)
-num_workers = 1            # DataLoader worker processes
-seed = 1337                # initial weights, data order and dropout
-device = 'auto'            # 'auto', 'cpu', 'cuda', 'cuda:1', 'mps'
-dtype = 'bfloat16'         # autocast dtype on CUDA (paper 3.2: bf16 AMP); the CPU runs in fp32
-compile = False            # torch.compile the model
 wandb_log = False          # also log to Weights & Biases (pip install wandb)
 wandb_project = 'nanowm'   # W&B project
 wandb_run_name = 'compression'  # W&B run name
+# system
+device = 'auto'            # 'auto', 'cpu', 'cuda', 'cuda:1', 'mps'
+dtype = 'bfloat16'         # autocast dtype on CUDA (paper 3.2: bf16 AMP); the CPU runs in fp32
+compile = False            # torch.compile the model
 
+# --- presets --------------------------------------------------------------------------------------
 PRESETS = {
     'cpu': {},   # the defaults above: a 1-layer model on synthetic data, a few minutes on a laptop CPU
     # paper 3.1: 24 layers, 8 heads, d = 512, T = 5, dropout 0.1 on the 64,000-token Cosmos vocabulary.
@@ -96,18 +99,20 @@ PRESETS = {
                   n_embd=512, dropout=0.1, global_batch_size=160, batch_size=10, epochs=80.0, max_iters=0,
                   learning_rate=8e-4, warmup_iters=2000, weight_decay=0.05, beta1=0.9, beta2=0.95,
                   eval_interval=2000, eval_samples=256, final_eval_samples=0, eval_batch_size=4,
-                  ckpt_interval=2000, num_workers=8),
+                  log_interval=100, ckpt_interval=2000, num_workers=8),
 }
-PAPER_TRAIN_SAMPLES = 306_000   # paper 3: the tokenized training set holds about 306,000 samples
-T = data.SAMPLE_GRIDS - 1       # paper 3.1: T = 5 grids read (0..4), 1..5 predicted; fixed by the 6-grid sample
+
+# --- configure: the preset, then config files and flags (configurator.py) -------------------------
 configure(globals(), presets=PRESETS, gpu_preset='paper',
           choices=dict(sample_stride=(1, 2), dtype=('bfloat16', 'float16', 'float32'),
                        init_from=('scratch', 'resume')),
           positive=('vocab_size', 'n_layer', 'n_head', 'n_embd', 'state_window', 'global_batch_size', 'batch_size',
-                    'learning_rate', 'loss_chunk', 'eval_interval', 'eval_samples', 'eval_batch_size'),
+                    'learning_rate', 'loss_chunk', 'eval_interval', 'eval_samples', 'eval_batch_size', 'log_interval'),
           nonnegative=('epochs', 'max_iters', 'warmup_iters', 'weight_decay', 'grad_clip', 'final_eval_samples',
                        'ckpt_interval', 'stop_at', 'num_workers'),
           fractions=('dropout', 'beta1', 'beta2'))
+
+# --- derived settings and checks ------------------------------------------------------------------
 if max_iters == 0 and epochs == 0 and not eval_only:
     raise SystemExit("--max_iters=0 and --epochs=0: give the run a length (--max_iters=N steps, or --epochs=E)")
 if n_embd % n_head:
@@ -117,8 +122,31 @@ if state_window < data.SAMPLE_FRAMES:
 config = {k: v for k, v in globals().items() if not k.startswith('_') and not k.isupper()
           and isinstance(v, (int, float, bool, str))}   # saved in checkpoints and W&B
 MODEL_KEYS = ('vocab_size', 'n_layer', 'n_head', 'n_embd', 'state_window', 'use_states')  # must match on resume
+PAPER_TRAIN_SAMPLES = 306_000   # paper 3: the tokenized training set holds about 306,000 samples
+T = data.SAMPLE_GRIDS - 1       # paper 3.1: T = 5 grids read (0..4), 1..5 predicted; fixed by the 6-grid sample
+model_cfg = STConfig(vocab_size=vocab_size, n_layer=n_layer, n_head=n_head, n_embd=n_embd, T=T, dropout=dropout,
+                     state_window=state_window, use_states=use_states)
+
+# --- dry run: the model's size and the run's length, no data, no weights --------------------------
+if dry_run:
+    with torch.device('meta'):
+        meta_model = STTransformer(model_cfg)
+    print(f"settings: {json.dumps(config)}")
+    print(f"{model_cfg}\nparameters: {meta_model.num_params():,} "
+          f"(embedding/head {meta_model.tok_emb.weight.numel():,}, tied)\n"
+          f"training FLOPs per sample: {meta_model.flops_per_sample():.3e}")
+    if max_iters == 0:   # the real run counts its samples; the paper states about 306k
+        print(f"steps: {epochs:g} epochs x {PAPER_TRAIN_SAMPLES:,} samples (the paper's count; a run counts "
+              f"its data) / {global_batch_size} per step = {int(epochs * PAPER_TRAIN_SAMPLES // global_batch_size):,}")
+    else:
+        print(f"steps: {max_iters:,}")
+    print(f"micro-batch {batch_size} per process: {global_batch_size} = {batch_size} x GPUs x accumulation "
+          + ', '.join(f"({g} GPU{'s' if g > 1 else ''}: {global_batch_size // (batch_size * g)})"
+                      for g in (1, 8, 16) if global_batch_size % (batch_size * g) == 0))
+    raise SystemExit(0)
 
 
+# --- helpers: the schedule, evaluation, checkpoints (of the data and model set up below) ----------
 def get_lr(it, peak_lr, warmup_iters, max_iters):
     """Paper 3.2: linear warmup to peak_lr over warmup_iters steps, then linear decay to 0 at max_iters."""
     if it < warmup_iters:
@@ -127,10 +155,10 @@ def get_lr(it, peak_lr, warmup_iters, max_iters):
 
 
 @torch.no_grad()
-def evaluate(model, ds, num_samples, autocast, autoregressive=True, baselines=False):
+def evaluate(model, ds, num_samples, baselines=False):
     """Mean per-token Top-500 CE and full CE of the future grids 3, 4, 5 over the first
     num_samples samples of ds: teacher-forced (under autocast, as trained), greedy autoregressive
-    (in fp32, paper 3.2-3.3) if asked, and the baselines if asked. Returns name -> (top500, full).
+    (in fp32, paper 3.2-3.3), and the baselines if asked. Returns name -> (top500, full).
     A non-finite figure stops the run: a NaN metric is never printed as a result."""
     model.eval()
     dev = next(model.parameters()).device
@@ -155,9 +183,8 @@ def evaluate(model, ds, num_samples, autocast, autoregressive=True, baselines=Fa
         future_BMHW = z_BGHW[:, 3:]
         with autocast:
             add('model, teacher-forced', model(z_BGHW[:, :T], states_BLD, predict_from=2), future_BMHW)
-        if autoregressive:
-            _, logits = model.generate(z_BGHW[:, :3], states_BLD, num_grids=3)
-            add('model, greedy autoregressive', logits, future_BMHW)
+        _, logits = model.generate(z_BGHW[:, :3], states_BLD, num_grids=3)
+        add('model, greedy autoregressive', logits, future_BMHW)
         if baselines:
             add('uniform over the vocabulary', torch.zeros(1, V, device=dev).expand(future_BMHW.numel(), V), future_BMHW)
             copy_src.append(z_BGHW[:, 2:3].expand_as(future_BMHW).cpu())
@@ -194,69 +221,50 @@ def print_table(results, world=None):
     print('\n'.join(lines))
 
 
-# --- setup: device, distributed, out_dir, data, model -----------------------------------------
+def save_checkpoint(step, metric):
+    state = dict(kind='compression', model=raw_model.state_dict(), optimizer=optimizer.state_dict(), step=step,
+                 model_cfg=dict(vars(model_cfg)), config=run_dir.plain(config), rng=run_dir.rng_state())
+    run_dir.save_checkpoint(out_dir, state, metric)   # ckpt.pt atomically; ckpt_prev.pt; ckpt_best.pt by metric
+
+
+# --- processes: DDP under torchrun, the precision; rank 0 claims out_dir --------------------------
 if device == 'auto':
     device = 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
-device_type = 'cuda' if device.startswith('cuda') else 'cpu' if device == 'cpu' else device
-model_cfg = STConfig(vocab_size=vocab_size, n_layer=n_layer, n_head=n_head, n_embd=n_embd, T=T, dropout=dropout,
-                     state_window=state_window, use_states=use_states)
-if dry_run:
-    with torch.device('meta'):
-        meta_model = STTransformer(model_cfg)
-    print(f"settings: {json.dumps(config)}")
-    print(f"{model_cfg}\nparameters: {meta_model.num_params():,} "
-          f"(embedding/head {meta_model.tok_emb.weight.numel():,}, tied)\n"
-          f"training FLOPs per sample: {meta_model.flops_per_sample():.3e}")
-    if max_iters == 0:   # the real run counts its samples; the paper states about 306k
-        print(f"steps: {epochs:g} epochs x {PAPER_TRAIN_SAMPLES:,} samples (the paper's count; a run counts "
-              f"its data) / {global_batch_size} per step = {int(epochs * PAPER_TRAIN_SAMPLES // global_batch_size):,}")
-    else:
-        print(f"steps: {max_iters:,}")
-    print(f"micro-batch {batch_size} per process: {global_batch_size} = {batch_size} x GPUs x accumulation "
-          + ', '.join(f"({g} GPU{'s' if g > 1 else ''}: {global_batch_size // (batch_size * g)})"
-                      for g in (1, 8, 16) if global_batch_size % (batch_size * g) == 0))
-    raise SystemExit(0)
-
-ddp, rank, world_size, device = setup_distributed(device)   # torchrun sets RANK: DDP
+ddp, rank, world_size, device = setup_distributed(device)   # torchrun sets RANK: DDP, as nanoGPT
 master = rank == 0
-autocast = (torch.autocast(device_type, dtype={'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype])
-            if device_type == 'cuda' and dtype != 'float32' else nullcontext())
-
+device_type = 'cuda' if device.startswith('cuda') else 'cpu' if device == 'cpu' else device
+ptdtype = {'bfloat16': torch.bfloat16, 'float16': torch.float16, 'float32': torch.float32}[dtype] \
+    if device_type == 'cuda' else torch.float32
+autocast = torch.autocast(device_type, dtype=ptdtype) if ptdtype != torch.float32 else nullcontext()
 if not eval_only:
-    if global_batch_size % (batch_size * world_size):
-        raise SystemExit(f"--global_batch_size={global_batch_size} must be a multiple of --batch_size={batch_size} x "
-                         f"{world_size} process(es)")
+    grad_accum = grad_accum_steps(global_batch_size, batch_size, world_size)
     # before any work: no training over a checkpoint by accident, a writable folder, one run at a time
     on_master(run_dir.claim, out_dir, init_from == 'resume', overwrite)
+    if master:
+        print(f"{world_size} process(es) x batch {batch_size} x {grad_accum} accumulation = global batch "
+              f"{global_batch_size}")
 
-# the data: synthetic by default; with a data_dir that lacks it, downloaded (all ranks share the work)
+# --- data: the 1X splits (missing ones downloaded) or the synthetic set ---------------------------
 train_split_names = [s for s in train_splits.split(',') if s]
 train_shards = [int(s) for s in shards.split(',')] if shards else None
-if not data_dir:
-    on_master(synthetic.default_synthetic_dir)   # rank 0 writes it on first use
+if data_dir:   # every rank fetches its share of what is missing
+    prepare.tokenized_splits(data_dir, [split] if eval_only else sorted(set(train_split_names) | {'val_v2.0'}),
+                             train_shards, rank, world_size)
+else:          # data/synthetic, written by rank 0 on first use
+    on_master(synthetic.default_synthetic_dir)
     wait_for_all('the synthetic data')
     data_dir = synthetic.default_synthetic_dir()
-else:
-    needed = [split] if eval_only else sorted(set(train_split_names) | {'val_v2.0'})
-    missing = [s for s in needed if prepare.tokenized_split_problems(os.path.join(data_dir, s),
-                                                                   train_shards if s == 'train_v2.0' else None)]
-    for s in missing:
-        prepare.download_tokenized(data_dir, s, train_shards if s == 'train_v2.0' else None, rank, world_size)
-    if missing:
-        wait_for_all(f"downloading {', '.join(missing)}")
-        for s in missing:
-            on_master(prepare.finish_download, data_dir, s, train_shards if s == 'train_v2.0' else None)
-        wait_for_all('the split metadata')
 split_dir = lambda name: os.path.join(data_dir, name)
 
-if eval_only:
+if eval_only:   # the checkpoint's model, as it was trained, on --split: the table, then exit
     ckpt = ckpt or os.path.join(out_dir, run_dir.CKPT)
     state = run_dir.load_checkpoint(ckpt, 'compression')
-    model = STTransformer(STConfig(**state['model_cfg'])).to(device)
-    model.load_state_dict(state['model'])
-    ds = data.TokenDataset(split_dir(split), vocab_size=model.cfg.vocab_size, state_window=model.cfg.state_window)
-    print(f"{ckpt} (step {state['step']}) on {split} ({len(ds)} samples):")
-    print_table(evaluate(model, ds, final_eval_samples, autocast, baselines=True), ds.metadata.get('synthetic'))
+    raw_model = STTransformer(STConfig(**state['model_cfg'])).to(device)
+    raw_model.load_state_dict(state['model'])
+    eval_ds = data.TokenDataset(split_dir(split), vocab_size=raw_model.cfg.vocab_size,
+                                state_window=raw_model.cfg.state_window)
+    print(f"{ckpt} (step {state['step']}) on {split} ({len(eval_ds)} samples):")
+    print_table(evaluate(raw_model, eval_ds, final_eval_samples, baselines=True), eval_ds.metadata.get('synthetic'))
     raise SystemExit(0)
 
 train_parts = [data.TokenDataset(split_dir(s), train_shards if s == 'train_v2.0' else None, vocab_size=vocab_size,
@@ -271,129 +279,100 @@ for ds in (*train_parts, val_ds):
                          f"with the 1X data")
 if len(train_ds) < global_batch_size:
     raise SystemExit(f"the training set has {len(train_ds)} samples, fewer than --global_batch_size={global_batch_size}")
-grad_accum = global_batch_size // (batch_size * world_size)
 if max_iters == 0:
     max_iters = int(epochs * len(train_ds) // global_batch_size)
-
-step = 0
-ckpt_path = os.path.join(out_dir, run_dir.CKPT)
-torch.manual_seed(seed)  # the same on every rank: identical initial weights
-model = STTransformer(model_cfg).to(device)
-optimizer = torch.optim.AdamW(model.param_groups(weight_decay), lr=learning_rate, betas=(beta1, beta2),
-                              fused=device_type == 'cuda')  # paper 3.2: fused AdamW
-if init_from == 'resume':
-    state = run_dir.load_checkpoint(ckpt_path, 'compression', expect={k: config[k] for k in MODEL_KEYS})
-    model.load_state_dict(state['model'])
-    optimizer.load_state_dict(state['optimizer'])
-    step = state['step']
-    run_dir.set_rng_state(state['rng'])  # dropout continues exactly where it stopped
-    if master:
-        print(f"resumed from {ckpt_path} at step {step}")
-raw_model = model
-if compile:
-    model = torch.compile(model)
-if ddp:
-    model = DDP(model, device_ids=[torch.cuda.current_device()] if device_type == 'cuda' else None)
 if master:
     if 'val_v2.0' in train_split_names:
         print("training on val_v2.0 too: the validation figures below are not held-out numbers")
     print(f"data {data_dir}: {len(train_ds)} train samples ({', '.join(train_split_names)}, one every "
-          f"{sample_stride} block{'s' if sample_stride > 1 else ''}) / {len(val_ds)} val; {world_size} process(es) x "
-          f"{grad_accum} micro-steps x {batch_size} = {global_batch_size} samples per step, {max_iters} steps "
+          f"{sample_stride} block{'s' if sample_stride > 1 else ''}) / {len(val_ds)} val; {max_iters} steps "
           f"({max_iters * global_batch_size / len(train_ds):.2f} epochs)")
+
+# --- model and optimizer (and the state of a resumed run) -----------------------------------------
+torch.manual_seed(seed)  # the same on every rank: identical initial weights
+raw_model = STTransformer(model_cfg).to(device)
+optimizer = torch.optim.AdamW(raw_model.param_groups(weight_decay), lr=learning_rate, betas=(beta1, beta2),
+                              fused=device_type == 'cuda')  # paper 3.2: fused AdamW
+start_step = 0
+ckpt_path = os.path.join(out_dir, run_dir.CKPT)
+if init_from == 'resume':   # loaded to the CPU, tensors and plain data only (never runs code)
+    state = run_dir.load_checkpoint(ckpt_path, 'compression', expect={k: config[k] for k in MODEL_KEYS})
+    raw_model.load_state_dict(state['model'])
+    optimizer.load_state_dict(state['optimizer'])
+    start_step = state['step']
+    run_dir.set_rng_state(state['rng'])  # dropout continues exactly where it stopped
+    if master:
+        print(f"resumed from {ckpt_path} at step {start_step}")
+train_model = torch.compile(raw_model) if compile else raw_model   # what the loop calls; raw_model is saved
+if ddp:
+    train_model = DDP(train_model, device_ids=[torch.cuda.current_device()] if device_type == 'cuda' else None)
+if master:
     print(f"model: {raw_model.num_params():,} parameters, {raw_model.flops_per_sample():.3e} training FLOPs per sample, "
           f"device {device}")
 
-
-def save_checkpoint(metric=None):
-    state = dict(kind='compression', model=raw_model.state_dict(), optimizer=optimizer.state_dict(), step=step,
-                 model_cfg=dict(vars(model_cfg)), config=run_dir.plain(config), rng=run_dir.rng_state())
-    run_dir.save_checkpoint(out_dir, state, metric)   # ckpt.pt atomically; ckpt_prev.pt; ckpt_best.pt by metric
-
-
-# --- training loop -------------------------------------------------------------------------
+# --- training loop --------------------------------------------------------------------------------
 stop = min(max_iters, stop_at) if stop_at > 0 else max_iters
-# this process's rows, step by step and micro-step by micro-step: its micro-batch's positions in the
-# step's global batch, the same under any world size (data.batch_rows)
-micro_batches = (data.batch_rows(seed, s, range(first, first + batch_size), global_batch_size, len(train_ds))
-                 for s in range(step, stop) for first in ((m * world_size + rank) * batch_size for m in range(grad_accum)))
+# this process's micro-batches, step by step: the rows of its positions in each step's global
+# batch, the same under any world size (data.batch_rows)
+micro_batches = (data.batch_rows(seed, s, data.batch_positions(micro, rank, world_size, batch_size),
+                                 global_batch_size, len(train_ds))
+                 for s in range(start_step, stop) for micro in range(grad_accum))
 # own generator: building the loader must not draw from the global RNG that dropout uses
 loader = iter(torch.utils.data.DataLoader(train_ds, batch_sampler=micro_batches, num_workers=num_workers,
                                           pin_memory=device_type == 'cuda', generator=torch.Generator(),
                                           persistent_workers=False))
-log = run_dir.RunLog(out_dir, step, wandb_project if wandb_log else '', wandb_run_name, config) if master else None
-bar = tqdm(total=stop, initial=step, desc='train', disable=not master, dynamic_ncols=True)
+log = run_dir.RunLog(out_dir, start_step, wandb_project if wandb_log else '', wandb_run_name, config, total=stop,
+                     log_interval=log_interval) if master else None
+speed = StepSpeed(device, global_batch_size, raw_model.flops_per_sample() * batch_size * grad_accum)
 t0 = time.time()
-# MFU as nanoGPT prints it: this process's model FLOPs per step over its time and the device's
-# bf16 peak (None on the CPU and unknown GPUs: then no MFU), averaged once warm-up has passed
-peak = peak_flops(device)
-flops_per_step = raw_model.flops_per_sample() * batch_size * grad_accum
-first_step, running_mfu = step, -1.0
-while step < stop:
-    t_step = time.time()
-    lr = get_lr(step, learning_rate, warmup_iters, max_iters)
-    for group in optimizer.param_groups:
-        group['lr'] = lr
+for step in range(start_step, stop):
+    speed.start()
     loss_sum = torch.zeros((), device=device)
     for micro in range(grad_accum):
         z_BGHW, states_BLD = (x.to(device, non_blocking=True) for x in next(loader))
         # gradients are all-reduced only on the last micro-step
-        sync = nullcontext() if (not ddp or micro == grad_accum - 1) else model.no_sync()
+        sync = nullcontext() if not ddp or micro == grad_accum - 1 else train_model.no_sync()
         with sync, autocast:
             # positions 2..4 predict grids 3..5 (paper 3.2: the loss on the future grids only)
-            loss = model(z_BGHW[:, :T], states_BLD, predict_from=2, targets_BTHW=z_BGHW[:, 3:T + 1],
-                         loss_chunk=loss_chunk)
+            loss = train_model(z_BGHW[:, :T], states_BLD, predict_from=2, targets_BTHW=z_BGHW[:, 3:T + 1],
+                               loss_chunk=loss_chunk)
             (loss / grad_accum).backward()
         loss_sum += loss.detach() / grad_accum
-    if ddp:   # every rank sees the same mean loss, so a NaN on one rank stops them all together
-        dist.all_reduce(loss_sum)
-        loss_sum /= world_size
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float('inf'))
-    loss_value, grad_norm = loss_sum.item(), grad_norm.item()
-    # a non-finite loss or gradient stops the run before the weights change: ckpt.pt stays the last
-    # good state. A stop, not a skipped step: a run that diverges once usually diverges again.
-    for what, value in (('training loss', loss_value), ('gradient norm', grad_norm)):
-        run_dir.stop_if_not_finite(value, what, step, out_dir, master)
+    loss_value = mean_over_ranks(loss_sum).item()   # the same on every rank: a NaN on one stops them all
+    grad_norm = torch.nn.utils.clip_grad_norm_(train_model.parameters(), grad_clip or math.inf).item()   # 0: no clip
+    # a NaN or inf stops the run before the weights change: ckpt.pt stays the last good state
+    run_dir.stop_if_not_finite({'training loss': loss_value, 'gradient norm': grad_norm}, step, out_dir, master)
+    lr = get_lr(step, learning_rate, warmup_iters, max_iters)
+    for group in optimizer.param_groups:
+        group['lr'] = lr
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    dt = time.time() - t_step
-    step += 1
-    if master:
-        record = dict(step=step - 1, loss=loss_value, lr=lr, grad_norm=grad_norm, samples_per_s=global_batch_size / dt)
-        postfix = dict(loss=f'{loss_value:.4f}', lr=f'{lr:.2e}', samples_s=f'{global_batch_size / dt:.1f}')
-        if peak and step - first_step > 5:
-            mfu = flops_per_step / dt / peak
-            running_mfu = mfu if running_mfu < 0 else 0.9 * running_mfu + 0.1 * mfu
-            record['mfu'] = running_mfu
-            postfix['mfu'] = f'{100 * running_mfu:.1f}%'
-        if device_type == 'cuda':
-            record['max_mem_gib'] = torch.cuda.max_memory_allocated() / 2 ** 30   # peak GPU memory so far
-        metric = None
-        if step % eval_interval == 0 or step == max_iters:
-            # the fixed val subset, teacher-forced and greedy autoregressive (the challenge's number)
-            val = evaluate(raw_model, val_ds, eval_samples, autocast)
-            (tf_top, tf_ce), (ar_top, ar_ce) = val['model, teacher-forced'], val['model, greedy autoregressive']
-            record.update(val_tf_top500=tf_top, val_tf_ce=tf_ce, val_ar_top500=ar_top, val_ar_ce=ar_ce)
-            metric = ar_top   # ckpt_best.pt: the lowest greedy autoregressive Top-500 CE
-            tqdm.write(f"step {step}: val Top-500 CE teacher-forced {tf_top:.4f}, greedy autoregressive {ar_top:.4f}")
-        log.write(record)
-        bar.set_postfix(**postfix)
-        bar.update(1)
-        if (ckpt_interval > 0 and step % ckpt_interval == 0) or step == stop:
-            save_checkpoint(metric)
-bar.close()
+    if not master:
+        continue
+    record = dict(step=step, loss=loss_value, lr=lr, grad_norm=grad_norm, **speed.stop())
+    if (step + 1) % eval_interval == 0 or step + 1 == max_iters:
+        # the fixed val subset, teacher-forced and greedy autoregressive (the challenge's number)
+        val = evaluate(raw_model, val_ds, eval_samples)
+        (tf_top, tf_ce), (ar_top, ar_ce) = val['model, teacher-forced'], val['model, greedy autoregressive']
+        record.update(val_tf_top500=tf_top, val_tf_ce=tf_ce, val_ar_top500=ar_top, val_ar_ce=ar_ce)
+        tqdm.write(f"step {step + 1}: val Top-500 CE teacher-forced {tf_top:.4f}, greedy autoregressive {ar_top:.4f}")
+    log.write(record)
+    if (ckpt_interval > 0 and (step + 1) % ckpt_interval == 0) or step + 1 == stop:
+        save_checkpoint(step + 1, record.get('val_ar_top500'))   # ckpt_best.pt: the lowest greedy AR Top-500 CE
+
+# --- the end: curves, the final table -------------------------------------------------------------
 if master:
-    print(f"trained {step} steps in {time.time() - t0:.0f} s; checkpoint {ckpt_path}")
-    png = run_dir.plot_curves(out_dir, [('cross-entropy (nats)', ['loss', 'val_tf_ce', 'val_ar_ce']),
-                                        ('Top-500 CE (nats)', ['val_tf_top500', 'val_ar_top500'])],
-                              title=f'compression: train (teacher-forced) and val ({eval_samples} samples)')
-    print(f"curves: {png}")
-if step == max_iters and master and final_eval:
-    results = evaluate(raw_model, val_ds, final_eval_samples, autocast, baselines=True)
+    log.close()
+    print(f"trained to step {stop} in {time.time() - t0:.0f} s; checkpoint {ckpt_path}")
+    run_dir.plot_curves(out_dir, [('cross-entropy (nats)', ['loss', 'val_tf_ce', 'val_ar_ce']),
+                                  ('Top-500 CE (nats)', ['val_tf_top500', 'val_ar_top500'])],
+                        title=f'compression: train (teacher-forced) and val ({eval_samples} samples)')
+if master and final_eval and stop == max_iters:
+    results = evaluate(raw_model, val_ds, final_eval_samples, baselines=True)
     print(f"\nval_v2.0 ({len(val_ds) if final_eval_samples <= 0 else min(final_eval_samples, len(val_ds))} samples), "
           f"per token of the future grids 3-5, nats; Top-500 CE as defined in metrics.py:")
     print_table(results, val_ds.metadata.get('synthetic'))
     with open(os.path.join(out_dir, 'results.json'), 'w') as f:
         json.dump({k: dict(top500=v[0], ce=v[1]) for k, v in results.items()}, f, indent=1)
 if ddp:
-    dist.destroy_process_group()
+    torch.distributed.destroy_process_group()

@@ -23,16 +23,16 @@ in out_dir/val/step_N/; curves.png at the end.
 Exactness: every random draw of a sample (noise, timestep, state dropout) comes from a generator
 seeded by (seed, step, position in the global batch), and every micro-batch has the same size, so
 the run computes the same gradients whatever the number of GPUs, and a resumed run continues
-exactly as if it had never stopped (tests check both). A NaN or inf loss stops every rank before
-the optimizer step (exit code 1): ckpt.pt stays the last good state.
+exactly as if it had never stopped (tests check both). A NaN or inf loss or gradient norm stops
+every rank before the optimizer step (exit code 1): ckpt.pt stays the last good state.
 """
+import math
 import os
 import time
 from contextlib import nullcontext
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
@@ -42,15 +42,15 @@ import prepare
 import run_dir
 import synthetic
 from configurator import configure
-from distributed import on_master, setup_distributed, wait_for_all
+from distributed import grad_accum_steps, mean_over_ranks, on_master, setup_distributed, wait_for_all
 from flow_matching import flow_matching_loss, predict_frame77, sample_draws
 from metrics import psnr
-from peak_flops import peak_flops
-from vae import PixelCodec
+from peak_flops import StepSpeed
 from wan_files import build_model, export_lora, text_context
 
-# --- settings (defaults: the CPU demo on synthetic clips) -----------------------------------
+# --- settings (defaults: the CPU demo on synthetic clips) -----------------------------------------
 preset = 'cpu'              # 'cpu' (the demo), 'paper' (the 23.0 dB submission's recipe), 'paper_cfg' (PRESETS)
+# data
 data_dir = ''               # folder of train_v2.0_raw/ and val_v2.0_raw/ ('' = data/sampling_demo, synthetic)
 train_splits = 'train_v2.0_raw'  # raw splits to train on; 'train_v2.0_raw,val_v2.0_raw' as the 1st submission
 make_synthetic = False      # write the synthetic raw set into an explicit data_dir that holds no data
@@ -62,6 +62,7 @@ clip_stride = 8             # frames between training windows (a 77-frame window
 vae = 'pixel'               # 'pixel': the CPU-demo codec (vae.PixelCodec); 'wan': the Wan 2.2 VAE
 vae_path = 'Wan-AI/Wan2.2-TI2V-5B-Diffusers'  # hub repo or folder of the Wan VAE (diffusers format)
 encode_batch_size = 8       # clips the VAE encodes at once when the latents are prepared
+# model (paper 2.1)
 model = 'tiny'              # 'tiny' (WanConfig.tiny with the sizes below) or 'ti2v-5b'
 dim = 256                   # tiny model width: >= 192, the 48 x 2 x 2 values a token carries (64 plateaus)
 num_layers = 2              # tiny model blocks
@@ -73,33 +74,37 @@ train_mode = 'full'         # 'lora' (paper: frozen base) or 'full' (the demo's 
 lora_rank = 32              # paper 2.2: LoRA rank 32
 lora_alpha = 32             # LoRA scale alpha / rank = 1
 init_seed = 0               # random initial weights (and the state embedder's)
-seed = 0                    # data order and per-sample draws
+gradient_checkpointing = 0  # recompute the first n blocks in backward (0: none; preset paper: all 30)
+# optimisation (paper 2.2)
+global_batch_size = 8       # samples per optimizer step over all processes (paper 2.2: 1024)
+batch_size = 8              # samples per micro-step per process (gradient accumulation makes up the rest)
+max_iters = 2400            # optimizer steps (paper 2.2: 23k; the demo's model needs 2400 to place the arms)
 learning_rate = 1e-3        # constant (paper: 4e-4 for LoRA on the pretrained base)
 weight_decay = 0.0          # AdamW weight decay (the team's trainer: 0.01)
 grad_clip = 1.0             # clip the gradient norm to this (0 = off; the team's trainer: off)
 shift = 12.0                # timestep shift (Wan: 5). The demo measured 1, 3, 6, 12, 24: 12 is best there
 state_dropout = 0.1         # probability of the learned no-state embedding (sample.py's no-state row, --cfg)
-batch_size = 8              # per process micro-batch
-global_batch_size = 8       # samples per optimizer step over all processes (paper 2.2: 1024)
-max_iters = 2400            # optimizer steps (paper 2.2: 23k; the demo's model needs 2400 to place the arms)
-gradient_checkpointing = 0  # recompute the first n blocks in backward (0: none; preset paper: all 30)
-dtype = 'bfloat16'          # precision on CUDA: bf16 frozen base weights and autocast; the CPU runs fp32
-compile = False             # torch.compile the model
-device = 'cuda' if torch.cuda.is_available() else 'cpu'  # 'cpu', 'cuda', ...
+seed = 0                    # data order and per-sample draws
+# the run: its folder, validation, log, checkpoints
 out_dir = 'out_sampling'    # checkpoints, log.jsonl, curves.png, val/ PNGs
-init_from = 'scratch'       # 'scratch' or 'resume' (from out_dir/ckpt.pt)
+init_from = 'scratch'       # 'scratch' or 'resume' (from out_dir/ckpt.pt: trained weights, optimizer, step, RNG)
 overwrite = False           # train from scratch even if out_dir holds a checkpoint (it gets replaced)
 dry_run = False             # print the recipe and the model size (built on the meta device), then exit
-log_interval = 100          # print the loss every this many steps (log.jsonl gets every step)
-ckpt_interval = 400         # save every this many steps (and at the end)
 eval_interval = 400         # validate every this many steps (and at the end)
 val_clips = 4               # the fixed val clips of each validation (the first of val_v2.0_raw, 77 apart)
 val_ensemble = 4            # ensemble size of the validation's ensemble PSNR
 val_steps = 10              # sampler steps of a validation
+log_interval = 100          # print the log's line every this many steps (log.jsonl gets every step)
+ckpt_interval = 400         # save every this many steps (and at the end)
 wandb_log = False           # also log to Weights & Biases (pip install wandb)
 wandb_project = 'nanowm'    # W&B project
 wandb_run_name = 'sampling'  # W&B run name
+# system
+device = 'cuda' if torch.cuda.is_available() else 'cpu'  # 'cpu', 'cuda', ...
+dtype = 'bfloat16'          # precision on CUDA: bf16 frozen base weights and autocast; the CPU runs fp32
+compile = False             # torch.compile the model
 
+# --- presets --------------------------------------------------------------------------------------
 # Sources: the technical report (paper 2.2: 23k steps, AdamW at a constant 4e-4, LoRA rank 32,
 # global batch 1024 on 4 x 8 B200); the team's public DiffSynth-based trainer (train_1x.py in their
 # torchtitan fork: a window every 8 frames, AdamW weight decay 0.01, no gradient clipping); Wan 2.2
@@ -117,6 +122,8 @@ PRESETS = {
     'paper': PAPER,
     'paper_cfg': {**PAPER, 'state_dropout': 0.1, 'out_dir': 'out_sampling_paper_cfg'},   # sample with --cfg
 }
+
+# --- configure: the preset, then config files and flags (configurator.py) -------------------------
 configure(globals(), presets=PRESETS, gpu_preset='paper',
           choices=dict(vae=('pixel', 'wan'), model=('tiny', 'ti2v-5b'), train_mode=('lora', 'full'),
                        init_from=('scratch', 'resume'), dtype=('float32', 'bfloat16')),
@@ -126,6 +133,8 @@ configure(globals(), presets=PRESETS, gpu_preset='paper',
                     'val_clips', 'val_ensemble', 'val_steps'),
           nonnegative=('weight_decay', 'grad_clip', 'gradient_checkpointing'),
           fractions=('state_dropout',))
+
+# --- derived settings and checks ------------------------------------------------------------------
 demo = not data_dir
 data_dir = data_dir or 'data/sampling_demo'
 train_split_names = [s for s in train_splits.split(',') if s]
@@ -141,18 +150,17 @@ config = {k: v for k, v in globals().items() if not k.startswith('_') and not k.
 # settings that define the trained weights: a resume (and sample.py) must match them
 MODEL_KEYS = ('model', 'dim', 'num_layers', 'num_heads', 'ffn_dim', 'pretrained', 'train_mode', 'lora_rank',
               'lora_alpha', 'vae')
-device_type = 'cuda' if device.startswith('cuda') else 'cpu'
-ptdtype = torch.bfloat16 if device_type == 'cuda' and dtype == 'bfloat16' else torch.float32
 tiny = dict(dim=dim, num_layers=num_layers, num_heads=num_heads, ffn_dim=ffn_dim)
 
-if dry_run:   # the recipe as resolved, and the model's size; no data, no weights
+# --- dry run: the model's size and the run's length, no data, no weights --------------------------
+if dry_run:
     from wan_state import WanConfig, WanDiT, add_lora
     with torch.device('meta'):
-        net = WanDiT(WanConfig.tiny(**tiny) if model == 'tiny' else WanConfig(), state_cond=True)
+        meta_model = WanDiT(WanConfig.tiny(**tiny) if model == 'tiny' else WanConfig(), state_cond=True)
         if train_mode == 'lora':
-            add_lora(net, rank=lora_rank, alpha=lora_alpha)
-    n_all = sum(p.numel() for p in net.parameters())
-    n_train = sum(p.numel() for p in net.parameters() if p.requires_grad)
+            add_lora(meta_model, rank=lora_rank, alpha=lora_alpha)
+    n_all = sum(p.numel() for p in meta_model.parameters())
+    n_train = sum(p.numel() for p in meta_model.parameters() if p.requires_grad)
     print(f"model {model}: {n_all / 1e6:.1f}M parameters, {n_train / 1e6:.1f}M trained ({train_mode}, "
           f"LoRA rank {lora_rank})")
     for key in ('clip_stride', 'learning_rate', 'weight_decay', 'grad_clip', 'state_dropout', 'shift',
@@ -160,116 +168,19 @@ if dry_run:   # the recipe as resolved, and the model's size; no data, no weight
         print(f"{key} = {globals()[key]!r}")
     raise SystemExit(0)
 
-ddp, rank, world_size, device = setup_distributed(device)   # torchrun sets RANK: DDP, as nanoGPT
-master = rank == 0
 
-
-
-if global_batch_size % (batch_size * world_size):
-    raise SystemExit(f"--global_batch_size={global_batch_size} must be a multiple of --batch_size={batch_size} x "
-                     f"{world_size} process(es)")
-grad_accum = global_batch_size // (batch_size * world_size)
-if device_type == 'cuda':
-    torch.backends.cuda.matmul.allow_tf32 = True
-# before any work: no training over a checkpoint by accident, a writable folder, one run at a time
-on_master(run_dir.claim, out_dir, init_from == 'resume', overwrite)
-if master:
-    print(f"{world_size} process(es) x batch {batch_size} x {grad_accum} accumulation = global batch {global_batch_size}")
-
-# --- data: raw clips (synthetic, downloaded or given) -> latents on disk, once -------------------
-split_dir = lambda name: os.path.join(data_dir, name)
-needed = sorted(set(train_split_names) | {'val_v2.0_raw'})
-latent_dirs = {s: os.path.join(data_dir, f'latents_{vae}', s) for s in train_split_names}
-if demo or make_synthetic:   # written where the user asked for it only: the demo's folder, or --make_synthetic
-    on_master(synthetic.write_synthetic_raw_set, data_dir, synthetic_shards, 1500, synthetic_size, seed, 1200)
-    wait_for_all('the synthetic data')
-missing = [s for s in needed if not data.raw_split_is_whole(split_dir(s))
-           and not (s in latent_dirs and os.path.exists(os.path.join(latent_dirs[s], 'encoding.json')))]
-if missing and not download:
-    raise SystemExit(f"{data_dir} holds no whole {', '.join(missing)} (a mistyped --data_dir?). Pass the folder that "
-                     f"holds the 1X raw data, --download to fetch it from the Hugging Face Hub (preset paper does), "
-                     f"or --make_synthetic to write the synthetic demo set there. To prepare it elsewhere: "
-                     f"`python prepare.py download_raw --out DIR --split train_v2.0_raw` (and val_v2.0_raw).")
-for s in missing:   # every rank fetches its share of the shards
-    prepare.download_raw(data_dir, s, rank, world_size)
-if missing:
-    wait_for_all(f"downloading {', '.join(missing)}")
-codec = PixelCodec()
-if vae == 'wan':   # fp32 VAE: encoding runs once, validation decodes a few clips
-    from vae import WanVAE
-    codec = WanVAE.from_pretrained(vae_path, device=device)
-for s, latent_dir in latent_dirs.items():
-    if os.path.exists(latent_dir):   # a finished encoding: it must be of this stride and codec
-        on_master(prepare.check_encoding, latent_dir, dict(stride=clip_stride, codec=type(codec).__name__))
-        continue
-    prepare.encode_raw_split(split_dir(s), latent_dir, codec, clip_stride, encode_batch_size, device,
-                          torch.bfloat16 if vae == 'wan' else torch.float32, rank, world_size)   # one process: finished
-    if ddp:   # each rank wrote its share of the shards; the master checks them all and finishes
-        wait_for_all(f"encoding {s}")
-        on_master(prepare.finish_encoding, split_dir(s), latent_dir)
-        wait_for_all(f"the encoding of {s}")
-parts = [data.LatentClips(d) for d in latent_dirs.values()]
-dataset = torch.utils.data.ConcatDataset(parts)
-frame_size = parts[0].encoding.get('frame_size')
-val_set = data.RawClips(split_dir('val_v2.0_raw'), stride=data.RAW_CLIP_LEN, max_clips=val_clips, frame_size=frame_size)
-z_example, _ = dataset[0]
-if len(dataset) < global_batch_size:
-    raise SystemExit(f"the training set has {len(dataset)} clips, fewer than --global_batch_size={global_batch_size}")
-if master:
-    if 'val_v2.0_raw' in train_split_names:
-        print("training on val_v2.0_raw too: the validation PSNR below is not a held-out number")
-    print(f"{len(dataset)} training clips ({', '.join(train_split_names)}, a window every {clip_stride} frames) "
-          f"from {data_dir}, latents {tuple(z_example.shape)}; {len(val_set)} val clips for validation")
-
-# --- model, optimizer, checkpoint -------------------------------------------------------------
-net = build_model(model=model, pretrained=pretrained, train_mode=train_mode, lora_rank=lora_rank,
-                  lora_alpha=lora_alpha, init_seed=init_seed, device=device, dtype=ptdtype, tiny=tiny)
-net.gradient_checkpointing = gradient_checkpointing
-trainable = {n: p for n, p in net.named_parameters() if p.requires_grad}
-optimizer = torch.optim.AdamW(trainable.values(), lr=learning_rate, weight_decay=weight_decay,
-                              fused=device_type == 'cuda')
-if master:
-    print(f"model {model}: {sum(p.numel() for p in net.parameters()) / 1e6:.2f}M parameters, "
-          f"{sum(p.numel() for p in trainable.values()) / 1e6:.2f}M trained ({train_mode})")
-start_step = 0
-ckpt_path = os.path.join(out_dir, run_dir.CKPT)
-if init_from == 'resume':   # loaded to the CPU, tensors and plain data only (never runs code)
-    ckpt = run_dir.load_checkpoint(ckpt_path, 'sampling', expect={k: config[k] for k in MODEL_KEYS})
-    with torch.no_grad():
-        for n, p in trainable.items():
-            p.copy_(ckpt['trainable'][n])
-    optimizer.load_state_dict(ckpt['optimizer'])
-    start_step = ckpt['step']
-    run_dir.set_rng_state(ckpt['rng'])
-    if master:
-        print(f"resumed from {ckpt_path} at step {start_step}")
-context_1LD = text_context(net.cfg, text_encoder, device)
-train_net = torch.compile(net) if compile else net
-if ddp:   # DDP syncs the gradients of the trainable parameters only
-    train_net = DDP(train_net, device_ids=[torch.cuda.current_device()] if device_type == 'cuda' else None)
-
-
-def save_checkpoint(step, metric):
-    state = dict(kind='sampling', trainable={n: p.detach().cpu() for n, p in trainable.items()},
-                 optimizer=optimizer.state_dict(), step=step, config=run_dir.plain(dict(config, frame_size=frame_size)),
-                 rng=run_dir.rng_state())
-    run_dir.save_checkpoint(out_dir, state, metric, higher_is_better=True)   # ckpt_best.pt: the best val PSNR
-    # the same weights for other tools: lora.safetensors (ComfyUI / diffusers keys, README) and the
-    # state conditioning, which only nanoWM has, in state_embedder.safetensors
-    export_lora(net, out_dir)
-
-
+# --- helpers: validation, checkpoints (of the data and model set up below) ------------------------
 def validate(step):
     """PSNR of frame 77 on the fixed val clips: a single sample and the mean of val_ensemble
     (paper 2.3); the clips' PNGs (context | members | mean | truth | error) in out_dir/val/step_N/."""
     folder = os.path.join(out_dir, 'val', f'step_{step}')
     os.makedirs(folder, exist_ok=True)
     scores = {'val_psnr_single': [], 'val_psnr_ensemble': [], 'val_psnr_copy_last': []}
-    for k in range(len(val_set)):
-        item = val_set[k]
+    for k in range(len(val_ds)):
+        item = val_ds[k]
         frames_THWC, truth = item['frames_THWC'], item['frames_THWC'][-1].numpy()
-        members, mean = predict_frame77(net, codec, frames_THWC, item['states_TD'], context_1LD, ensemble=val_ensemble,
-                                        steps=val_steps, shift=shift,
+        members, mean = predict_frame77(raw_model, codec, frames_THWC, item['states_TD'], context_1LD,
+                                        ensemble=val_ensemble, steps=val_steps, shift=shift,
                                         noise_seed=hash((seed, item['shard'], item['start'])) % 2 ** 62, device=device)
         scores['val_psnr_single'].append(psnr(members[0], truth))
         scores['val_psnr_ensemble'].append(psnr(mean, truth))
@@ -279,81 +190,133 @@ def validate(step):
     return {key: float(np.mean(v)) for key, v in scores.items()}
 
 
-# --- training loop ----------------------------------------------------------------------------
-# MFU as nanoGPT prints it: this process's model FLOPs per step over its time and the device's
-# bf16 peak (none on the CPU). A LoRA step is counted exactly (flops_per_sample); full training as
-# 3 forwards (forward, activation and weight gradients), the usual estimate.
-peak = peak_flops(device)
+def save_checkpoint(step, metric):
+    state = dict(kind='sampling', trainable={n: p.detach().cpu() for n, p in trainable.items()},
+                 optimizer=optimizer.state_dict(), step=step, config=run_dir.plain(dict(config, frame_size=frame_size)),
+                 rng=run_dir.rng_state())
+    run_dir.save_checkpoint(out_dir, state, metric, higher_is_better=True)   # ckpt_best.pt: the best val PSNR
+    # the same weights for other tools: lora.safetensors (ComfyUI / diffusers keys, README) and the
+    # state conditioning, which only nanoWM has, in state_embedder.safetensors
+    export_lora(raw_model, out_dir)
+
+
+# --- processes: DDP under torchrun, the precision; rank 0 claims out_dir --------------------------
+ddp, rank, world_size, device = setup_distributed(device)   # torchrun sets RANK: DDP, as nanoGPT
+master = rank == 0
+device_type = 'cuda' if device.startswith('cuda') else 'cpu'
+# bf16 frozen base weights; the model runs them under bf16 autocast itself (WanDiT._autocast)
+ptdtype = {'bfloat16': torch.bfloat16, 'float32': torch.float32}[dtype] if device_type == 'cuda' else torch.float32
+if device_type == 'cuda':
+    torch.backends.cuda.matmul.allow_tf32 = True
+grad_accum = grad_accum_steps(global_batch_size, batch_size, world_size)
+# before any work: no training over a checkpoint by accident, a writable folder, one run at a time
+on_master(run_dir.claim, out_dir, init_from == 'resume', overwrite)
+if master:
+    print(f"{world_size} process(es) x batch {batch_size} x {grad_accum} accumulation = global batch {global_batch_size}")
+
+# --- data: raw clips (synthetic, downloaded or given) -> latents on disk, once --------------------
+split_dir = lambda name: os.path.join(data_dir, name)
+if demo or make_synthetic:   # written where the user asked for it only: the demo's folder, or --make_synthetic
+    on_master(synthetic.write_synthetic_raw_set, data_dir, synthetic_shards, 1500, synthetic_size, seed, 1200)
+    wait_for_all('the synthetic data')
+latent_dirs, codec = prepare.raw_latents(data_dir, train_split_names, vae, vae_path, stride=clip_stride,
+                                         batch_size=encode_batch_size, download=download, device=device,
+                                         rank=rank, world_size=world_size)   # every rank does its share
+train_parts = [data.LatentClips(d) for d in latent_dirs]
+train_ds = torch.utils.data.ConcatDataset(train_parts)
+frame_size = train_parts[0].encoding.get('frame_size')
+val_ds = data.RawClips(split_dir('val_v2.0_raw'), stride=data.RAW_CLIP_LEN, max_clips=val_clips, frame_size=frame_size)
+z_example, _ = train_ds[0]
+if len(train_ds) < global_batch_size:
+    raise SystemExit(f"the training set has {len(train_ds)} clips, fewer than --global_batch_size={global_batch_size}")
+if master:
+    if 'val_v2.0_raw' in train_split_names:
+        print("training on val_v2.0_raw too: the validation PSNR below is not a held-out number")
+    print(f"{len(train_ds)} training clips ({', '.join(train_split_names)}, a window every {clip_stride} frames) "
+          f"from {data_dir}, latents {tuple(z_example.shape)}; {len(val_ds)} val clips for validation")
+
+# --- model and optimizer (and the state of a resumed run) -----------------------------------------
+raw_model = build_model(model=model, pretrained=pretrained, train_mode=train_mode, lora_rank=lora_rank,
+                        lora_alpha=lora_alpha, init_seed=init_seed, device=device, dtype=ptdtype, tiny=tiny)
+raw_model.gradient_checkpointing = gradient_checkpointing
+trainable = {n: p for n, p in raw_model.named_parameters() if p.requires_grad}
+optimizer = torch.optim.AdamW(trainable.values(), lr=learning_rate, weight_decay=weight_decay,
+                              fused=device_type == 'cuda')
+if master:
+    print(f"model {model}: {sum(p.numel() for p in raw_model.parameters()) / 1e6:.2f}M parameters, "
+          f"{sum(p.numel() for p in trainable.values()) / 1e6:.2f}M trained ({train_mode}), device {device}")
+start_step = 0
+ckpt_path = os.path.join(out_dir, run_dir.CKPT)
+if init_from == 'resume':   # loaded to the CPU, tensors and plain data only (never runs code)
+    state = run_dir.load_checkpoint(ckpt_path, 'sampling', expect={k: config[k] for k in MODEL_KEYS})
+    with torch.no_grad():
+        for n, p in trainable.items():
+            p.copy_(state['trainable'][n])
+    optimizer.load_state_dict(state['optimizer'])
+    start_step = state['step']
+    run_dir.set_rng_state(state['rng'])
+    if master:
+        print(f"resumed from {ckpt_path} at step {start_step}")
+context_1LD = text_context(raw_model.cfg, text_encoder, device)   # the empty prompt, encoded once
+train_model = torch.compile(raw_model) if compile else raw_model   # what the loop calls; raw_model is saved
+if ddp:   # DDP syncs the gradients of the trainable parameters only
+    train_model = DDP(train_model, device_ids=[torch.cuda.current_device()] if device_type == 'cuda' else None)
+
+# --- training loop --------------------------------------------------------------------------------
+log = run_dir.RunLog(out_dir, start_step, wandb_project if wandb_log else '', wandb_run_name, config, total=max_iters,
+                     log_interval=log_interval) if master else None
+# model FLOPs of a step: a LoRA step counted exactly (flops_per_sample); full training as 3
+# forwards (forward, activation and weight gradients), the usual estimate
 _, Fr, Hl, Wl = z_example.shape
-flops_per_step = grad_accum * batch_size * (
-    net.flops_per_sample(Fr, Hl, Wl, lora_step=True, batch=batch_size) if train_mode == 'lora'
-    else 3 * net.flops_per_sample(Fr, Hl, Wl, batch=batch_size))
-log = run_dir.RunLog(out_dir, start_step, wandb_project if wandb_log else '', wandb_run_name, config) if master else None
-bar = tqdm(total=max_iters, initial=start_step, desc='train', disable=not master, dynamic_ncols=True)
+flops_per_sample = (raw_model.flops_per_sample(Fr, Hl, Wl, lora_step=True, batch=batch_size) if train_mode == 'lora'
+                    else 3 * raw_model.flops_per_sample(Fr, Hl, Wl, batch=batch_size))
+speed = StepSpeed(device, global_batch_size, flops_per_sample * batch_size * grad_accum)
 t0 = time.time()
 for step in range(start_step, max_iters):
-    t_step = time.time()
+    speed.start()
     loss_sum = torch.zeros((), device=device)
     for micro in range(grad_accum):
-        # this micro-batch's positions in the step's global batch, the same under any world size
-        first = (micro * world_size + rank) * batch_size
-        positions = list(range(first, first + batch_size))
-        rows = data.batch_rows(seed, step, positions, global_batch_size, len(dataset))
-        z0, states = map(torch.stack, zip(*(dataset[r] for r in rows)))
+        # the rows of this process's positions in the step's global batch, the same under any
+        # world size (data.batch_rows), and each sample's draws (noise, timestep, state dropout)
+        positions = data.batch_positions(micro, rank, world_size, batch_size)
+        rows = data.batch_rows(seed, step, positions, global_batch_size, len(train_ds))
+        z0, states = map(torch.stack, zip(*(train_ds[r] for r in rows)))
         sigma, noise, drop = sample_draws(seed, step, positions, z0.shape[1:], shift, state_dropout)
         z0, states, sigma, noise, drop = (x.to(device) for x in (z0, states, sigma, noise, drop))
-        sync = nullcontext() if not ddp or micro == grad_accum - 1 else train_net.no_sync()
+        # gradients are all-reduced only on the last micro-step
+        sync = nullcontext() if not ddp or micro == grad_accum - 1 else train_model.no_sync()
         with sync:
-            loss = flow_matching_loss(train_net, z0, states, context_1LD, sigma, noise, drop) / grad_accum
-            loss.backward()
-        loss_sum += loss.detach()
-    if ddp:   # every rank sees the same mean loss, so a NaN on one rank stops them all together
-        dist.all_reduce(loss_sum)
-        loss_sum /= world_size
-    loss_value = loss_sum.item()
-    # a non-finite loss stops the run before the weights change: ckpt.pt stays the last good state.
-    # A stop, not a skipped step: a run that diverges once usually diverges again.
-    run_dir.stop_if_not_finite(loss_value, 'training loss', step, out_dir, master)
-    if grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(trainable.values(), grad_clip)
-    optimizer.step()
+            loss = flow_matching_loss(train_model, z0, states, context_1LD, sigma, noise, drop)
+            (loss / grad_accum).backward()
+        loss_sum += loss.detach() / grad_accum
+    loss_value = mean_over_ranks(loss_sum).item()   # the same on every rank: a NaN on one stops them all
+    grad_norm = torch.nn.utils.clip_grad_norm_(trainable.values(), grad_clip or math.inf).item()   # 0: no clip
+    # a NaN or inf stops the run before the weights change: ckpt.pt stays the last good state
+    run_dir.stop_if_not_finite({'training loss': loss_value, 'gradient norm': grad_norm}, step, out_dir, master)
+    optimizer.step()   # at the constant learning_rate (paper 2.2)
     optimizer.zero_grad(set_to_none=True)
     if not master:
         continue
-    dt = time.time() - t_step
-    record = dict(step=step, loss=loss_value, lr=learning_rate, samples_per_s=global_batch_size / dt)
-    if peak:
-        record['mfu'] = flops_per_step / dt / peak
-    if device_type == 'cuda':
-        record['max_mem_gib'] = torch.cuda.max_memory_allocated() / 2 ** 30
-    metric = None
-    if (step + 1) % eval_interval == 0 or step == max_iters - 1:
+    record = dict(step=step, loss=loss_value, grad_norm=grad_norm, **speed.stop())
+    if (step + 1) % eval_interval == 0 or step + 1 == max_iters:
         try:
             record.update(validate(step + 1))
         except FloatingPointError as e:   # finite loss, broken samples: stop before saving them
             raise SystemExit(f"step {step + 1}: validation: {e}. {ckpt_path} (if any) is the last good state.")
-        metric = record['val_psnr_ensemble']   # ckpt_best.pt: the best ensemble PSNR of frame 77
-        tqdm.write(f"step {step + 1}: val PSNR of frame 77 ({len(val_set)} clips): single {record['val_psnr_single']:.2f}, "
-                   f"ensemble of {val_ensemble} {metric:.2f}, copy-last {record['val_psnr_copy_last']:.2f} dB")
+        tqdm.write(f"step {step + 1}: val PSNR of frame 77 ({len(val_ds)} clips): single {record['val_psnr_single']:.2f}, "
+                   f"ensemble of {val_ensemble} {record['val_psnr_ensemble']:.2f}, "
+                   f"copy-last {record['val_psnr_copy_last']:.2f} dB")
     log.write(record)
-    if step % log_interval == 0 or step == max_iters - 1:
-        mfu = f", MFU {100 * record['mfu']:.1f}%" if peak else ''
-        tqdm.write(f"step {step}: loss {loss_value:.4f}, {dt * 1000:.0f} ms/step, "
-                   f"{global_batch_size / dt:.2f} samples/s{mfu}")
-    bar.set_postfix(loss=f'{loss_value:.4f}')
-    bar.update(1)
-    if (step + 1) % ckpt_interval == 0 or step == max_iters - 1:
-        save_checkpoint(step + 1, metric)
-bar.close()
+    if (step + 1) % ckpt_interval == 0 or step + 1 == max_iters:
+        save_checkpoint(step + 1, record.get('val_psnr_ensemble'))   # ckpt_best.pt: the best ensemble PSNR
+
+# --- the end: curves ------------------------------------------------------------------------------
 if master:
+    log.close()
     print(f"trained to step {max_iters} in {time.time() - t0:.0f} s; checkpoint {ckpt_path}")
-    try:   # after the last checkpoint: a machine without matplotlib loses only the picture
-        png = run_dir.plot_curves(out_dir, [('flow-matching loss', ['loss']),
-                                            ('val PSNR of frame 77 (dB)', ['val_psnr_single', 'val_psnr_ensemble',
-                                                                           'val_psnr_copy_last'])],
-                                  title=f'sampling: {len(val_set)} val clips, ensemble of {val_ensemble}')
-        print(f"curves: {png}")
-    except ImportError as e:
-        print(f"no curves.png ({e}: pip install matplotlib); the figures are in {out_dir}/log.jsonl")
+    run_dir.plot_curves(out_dir, [('flow-matching loss', ['loss']),
+                                  ('val PSNR of frame 77 (dB)', ['val_psnr_single', 'val_psnr_ensemble',
+                                                                 'val_psnr_copy_last'])],
+                        title=f'sampling: {len(val_ds)} val clips, ensemble of {val_ensemble}')
 if ddp:
-    dist.destroy_process_group()
+    torch.distributed.destroy_process_group()
