@@ -145,6 +145,10 @@ if model == 'tiny' and dim % num_heads:
     raise SystemExit(f"--dim={dim} must be divisible by --num_heads={num_heads}")
 if global_batch_size % batch_size:
     raise SystemExit(f"--global_batch_size={global_batch_size} must be a multiple of --batch_size={batch_size}")
+if train_mode == 'lora' and not pretrained:   # Wan's head starts at zero: no gradient reaches the adapters
+    print("warning: --train_mode=lora on a random base (no --pretrained): the zero-initialised output head gives "
+          "every adapter and the state embedder a zero gradient, so nothing trains. Fine for timing; for a result "
+          "pass --pretrained=Wan-AI/Wan2.2-TI2V-5B, or --train_mode=full")
 config = {k: v for k, v in globals().items() if not k.startswith('_') and not k.isupper()
           and isinstance(v, (int, float, bool, str))}   # saved in checkpoints and W&B
 # settings that define the trained weights: a resume (and sample.py) must match them
