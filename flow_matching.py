@@ -45,11 +45,12 @@ def latent_mask(batch, num_latents=data.NUM_LATENTS, num_context=data.NUM_CONTEX
 
 
 def flow_matching_loss(model, z0_BCFHW, states_BTD, context_BLD, sigma_B, noise_BCFHW, drop_B, *,
-                       num_context=data.NUM_CONTEXT_LATENTS):
+                       num_context=data.NUM_CONTEXT_LATENTS, weight_B=None):
     """Mean squared error of the predicted velocity on the latents to generate (context excluded).
 
     The context latents enter clean, with timestep 0 on their tokens, as Wan's TI2V holds its first
-    frame; their output is not a prediction of anything, so it is left out of the loss.
+    frame; their output is not a prediction of anything, so it is left out of the loss. weight_B:
+    one weight per sample (diffsynth_weight), multiplying its mean squared error; None: plain MSE.
     """
     B, C, Fr, H, W = z0_BCFHW.shape
     mask_BF = latent_mask(B, Fr, num_context, z0_BCFHW.device)
@@ -58,7 +59,26 @@ def flow_matching_loss(model, z0_BCFHW, states_BTD, context_BLD, sigma_B, noise_
     x_t = torch.where(mask_BF.view(B, 1, Fr, 1, 1) == 0, z0_BCFHW, x_t)
     v_BCFHW = model(x_t, frame_timesteps(mask_BF, NUM_TRAIN_TIMESTEPS * sigma_B), context_BLD, states_BTD, drop_B)
     target = noise_BCFHW - z0_BCFHW
-    return F.mse_loss(v_BCFHW[:, :, num_context:].float(), target[:, :, num_context:].float())
+    if weight_B is None:
+        return F.mse_loss(v_BCFHW[:, :, num_context:].float(), target[:, :, num_context:].float())
+    mse_B = (v_BCFHW[:, :, num_context:].float() - target[:, :, num_context:].float()).pow(2).mean(dim=(1, 2, 3, 4))
+    return (mse_B * weight_B.to(mse_B.device)).mean()
+
+
+def diffsynth_weight(sigma_B, shift):
+    """The loss weight of the team's trainer, which calls DiffSynth-Studio's flow-matching loss: its
+    scheduler, set up with set_timesteps(1000, training=True), weights the 1000 training timesteps
+    t_i = 1000 shift(u_i), u_i = linspace(1, 0, 1001)[:1000], by a Gaussian bump around t = 500,
+    w_i = (y_i - min y) * 1000 / sum(y - min y), y = exp(-2 ((t_i - 500) / 1000)^2), and a sample
+    takes the weight of the timestep nearest its own (DiffSynth 2.1: diffsynth/diffusion/flow_match.py,
+    set_training_weight and training_weight; diffusion/loss.py FlowMatchSFTLoss). It moves loss mass
+    from the noisiest samples (w < 0.64 above sigma 0.9) to the middle of the schedule (w = 2.08 at 0.5).
+    DiffSynth draws t among the t_i; nanoWM draws sigma continuously: the same distribution."""
+    u = torch.linspace(1, 0, NUM_TRAIN_TIMESTEPS + 1)[:-1]
+    t = NUM_TRAIN_TIMESTEPS * shift_sigma(u, shift)
+    y = torch.exp(-2 * ((t - NUM_TRAIN_TIMESTEPS / 2) / NUM_TRAIN_TIMESTEPS) ** 2)
+    w = (y - y.min()) * (NUM_TRAIN_TIMESTEPS / (y - y.min()).sum())
+    return w[(t[None] - NUM_TRAIN_TIMESTEPS * sigma_B.float().cpu()[:, None]).abs().argmin(dim=1)]
 
 
 def sample_draws(seed, step, positions, latent_shape, shift, p_drop):

@@ -34,7 +34,8 @@ import pictures
 import prepare
 import run_dir
 import synthetic
-from flow_matching import flow_matching_loss, reference_sigmas, sample_draws, sample_latents, shift_sigma
+from flow_matching import (diffsynth_weight, flow_matching_loss, reference_sigmas, sample_draws, sample_latents,
+                           shift_sigma)
 from metrics import P_FLOOR, blur_baseline, cross_entropy_topk, match_histograms, psnr, ssim
 from peak_flops import StepSpeed, peak_flops
 from st_transformer import STConfig, STTransformer
@@ -1566,6 +1567,33 @@ def test_vae_encode_decode_shapes_and_normalisation(tmp_path):
 # ===============================================================================================
 
 
+# DiffSynth-Studio 2.1.12 (pip package diffsynth), FlowMatchScheduler('Wan'), set_timesteps(1000, training=True,
+# shift=5), then training_weight(torch.tensor(t)) for these timesteps t: its own numbers, copied here
+DIFFSYNTH_WAN_WEIGHTS = {999.0: 0.006427387241274118, 990.0: 0.06389988213777542, 950.0: 0.31837648153305054,
+                         900.0: 0.6309027671813965, 800.0: 1.2086209058761597, 700.0: 1.6713616847991943,
+                         500.0: 2.0764002799987793, 300.0: 1.6712682247161865, 100.0: 0.6380054950714111,
+                         20.0: 0.12594835460186005, 5.0: 0.031879011541604996}
+
+
+def test_diffsynth_loss_weight_is_diffsynths_own():
+    t = torch.tensor(list(DIFFSYNTH_WAN_WEIGHTS))
+    assert diffsynth_weight(t / 1000, shift=5.0).tolist() == pytest.approx(list(DIFFSYNTH_WAN_WEIGHTS.values()),
+                                                                            rel=1e-6)
+
+
+def test_weighted_loss_is_the_weighted_mean_of_per_sample_errors():
+    net = tiny_wan_model()
+    g = torch.Generator().manual_seed(0)
+    z0, noise = torch.randn(2, 2, 48, 6, 8, 8, generator=g)
+    states, sigma, drop = torch.randn(2, 21, 25, generator=g), torch.tensor([0.3, 0.9]), torch.tensor([False, False])
+    ctx = text_context(net.cfg, 'zeros', 'cpu')
+    loss = lambda **kw: flow_matching_loss(net, z0, states, ctx, sigma, noise, drop, **kw).item()
+    plain = loss()
+    assert loss(weight_B=torch.ones(2)) == pytest.approx(plain, rel=1e-6)
+    first, second = loss(weight_B=torch.tensor([2.0, 0.0])), loss(weight_B=torch.tensor([0.0, 2.0]))
+    assert first + second == pytest.approx(2 * plain, rel=1e-6) and first != pytest.approx(second)
+
+
 def test_shifted_sigma_matches_wan():
     u = torch.tensor([0.0, 0.25, 0.5, 1.0])
     assert torch.allclose(shift_sigma(u, 5.0), torch.tensor([0.0, 1.25 / 2.0, 2.5 / 3.0, 1.0]))
@@ -1687,7 +1715,8 @@ def test_train_sampling_refuses_data_on_disk_that_its_flags_do_not_describe(raw_
 def test_paper_presets_are_the_submissions_recipes_and_torchrun_on_cuda_picks_paper(tmp_path):
     out = run_script('train_sampling.py', '--preset=paper', '--dry_run', cwd=tmp_path)
     for line in ('clip_stride = 8', 'learning_rate = 0.0004', 'weight_decay = 0.01', 'grad_clip = 0.0',
-                 'state_dropout = 0.0', 'shift = 5.0', 'global_batch_size = 1024', 'max_iters = 23000',
+                 'state_dropout = 0.0', 'shift = 5.0', "loss_weighting = 'diffsynth'", 'global_batch_size = 1024',
+                 'max_iters = 23000',
                  "vae = 'wan'", 'LoRA rank 32'):
         assert line in out, (line, out)
     assert 'state_dropout = 0.1' in run_script('train_sampling.py', '--preset=paper_cfg', '--dry_run', cwd=tmp_path)

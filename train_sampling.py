@@ -43,7 +43,7 @@ import run_dir
 import synthetic
 from configurator import configure
 from distributed import grad_accum_steps, mean_over_ranks, on_master, setup_distributed, wait_for_all
-from flow_matching import flow_matching_loss, predict_frame77, sample_draws
+from flow_matching import diffsynth_weight, flow_matching_loss, predict_frame77, sample_draws
 from metrics import psnr
 from peak_flops import StepSpeed
 from wan_files import build_model, export_lora, text_context
@@ -84,6 +84,8 @@ weight_decay = 0.0          # AdamW weight decay (the team's trainer: 0.01)
 grad_clip = 1.0             # clip the gradient norm to this (0 = off; the team's trainer: off)
 shift = 12.0                # timestep shift (Wan: 5). The demo measured 1, 3, 6, 12, 24: 12 is best there
 state_dropout = 0.1         # probability of the learned no-state embedding (sample.py's no-state row, --cfg)
+loss_weighting = 'none'     # 'none' (plain MSE) or 'diffsynth': the team's trainer's timestep weight
+                            # (flow_matching.diffsynth_weight: less weight on the noisiest samples)
 seed = 0                    # data order and per-sample draws
 # the run: its folder, validation, log, checkpoints
 out_dir = 'out_sampling'    # checkpoints, log.jsonl, curves.png, val/ PNGs
@@ -108,13 +110,14 @@ compile = False             # torch.compile the model
 # Sources: the technical report (paper 2.2: 23k steps, AdamW at a constant 4e-4, LoRA rank 32,
 # global batch 1024 on 4 x 8 B200); the team's public DiffSynth-based trainer (train_1x.py in their
 # torchtitan fork: a window every 8 frames, AdamW weight decay 0.01, no gradient clipping); Wan 2.2
-# (shift 5, its flow-matching timesteps). Table 2 of the paper: the 23.0 dB submission was trained
+# (shift 5, its flow-matching timesteps); DiffSynth's loss weight, which the team's trainer calls. Table 2 of the paper: the 23.0 dB submission was trained
 # without classifier-free guidance; the CFG-trained runs (state dropout, evaluated with --cfg) are
 # its other rows.
 PAPER = dict(data_dir='data/1x', download=True, clip_stride=8, vae='wan', encode_batch_size=4, model='ti2v-5b',
              pretrained='Wan-AI/Wan2.2-TI2V-5B', text_encoder='Wan-AI/Wan2.2-TI2V-5B', train_mode='lora',
-             learning_rate=4e-4, weight_decay=0.01, grad_clip=0.0, shift=5.0, state_dropout=0.0, batch_size=8,
-             global_batch_size=1024, max_iters=23000, gradient_checkpointing=30, dtype='bfloat16',
+             learning_rate=4e-4, weight_decay=0.01, grad_clip=0.0, shift=5.0, state_dropout=0.0,
+             loss_weighting='diffsynth', batch_size=8, global_batch_size=1024, max_iters=23000,
+             gradient_checkpointing=30, dtype='bfloat16',
              out_dir='out_sampling_paper', ckpt_interval=500, eval_interval=500, val_clips=8, val_ensemble=4,
              val_steps=20)
 PRESETS = {
@@ -126,7 +129,8 @@ PRESETS = {
 # --- configure: the preset, then config files and flags (configurator.py) -------------------------
 configure(globals(), presets=PRESETS, gpu_preset='paper',
           choices=dict(vae=('pixel', 'wan'), model=('tiny', 'ti2v-5b'), train_mode=('lora', 'full'),
-                       init_from=('scratch', 'resume'), dtype=('float32', 'bfloat16')),
+                       init_from=('scratch', 'resume'), dtype=('float32', 'bfloat16'),
+                       loss_weighting=('none', 'diffsynth')),
           positive=('synthetic_size', 'synthetic_shards', 'clip_stride', 'encode_batch_size', 'dim', 'num_layers',
                     'num_heads', 'ffn_dim', 'lora_rank', 'lora_alpha', 'learning_rate', 'shift', 'batch_size',
                     'global_batch_size', 'max_iters', 'log_interval', 'ckpt_interval', 'eval_interval',
@@ -167,7 +171,7 @@ if dry_run:
     n_train = sum(p.numel() for p in meta_model.parameters() if p.requires_grad)
     print(f"model {model}: {n_all / 1e6:.1f}M parameters, {n_train / 1e6:.1f}M trained ({train_mode}, "
           f"LoRA rank {lora_rank})")
-    for key in ('clip_stride', 'learning_rate', 'weight_decay', 'grad_clip', 'state_dropout', 'shift',
+    for key in ('clip_stride', 'learning_rate', 'weight_decay', 'grad_clip', 'state_dropout', 'shift', 'loss_weighting',
                 'global_batch_size', 'batch_size', 'max_iters', 'train_splits', 'vae', 'pretrained', 'out_dir'):
         print(f"{key} = {globals()[key]!r}")
     raise SystemExit(0)
@@ -290,7 +294,8 @@ for step in range(start_step, max_iters):
         # gradients are all-reduced only on the last micro-step
         sync = nullcontext() if not ddp or micro == grad_accum - 1 else train_model.no_sync()
         with sync:
-            loss = flow_matching_loss(train_model, z0, states, context_1LD, sigma, noise, drop)
+            loss = flow_matching_loss(train_model, z0, states, context_1LD, sigma, noise, drop,
+                                      weight_B=diffsynth_weight(sigma, shift) if loss_weighting == 'diffsynth' else None)
             (loss / grad_accum).backward()
         loss_sum += loss.detach() / grad_accum
     loss_value = mean_over_ranks(loss_sum).item()   # the same on every rank: a NaN on one stops them all
