@@ -189,6 +189,19 @@ def load_checkpoint(path, kind, expect=None):
     return state
 
 
+def optimizer_settings_on_resume(optimizer, group_settings, saved_config, config):
+    """optimizer.load_state_dict brings back the saved learning rate, weight decay and betas; a
+    resumed run must take the ones given now (lowering the learning rate after a divergence is why
+    one resumes). group_settings: each param group's settings now. Returns a line naming each
+    optimizer flag that differs from the checkpoint's, or '' if none does."""
+    for group, settings in zip(optimizer.param_groups, group_settings):
+        group.update(settings)
+    changed = [f"--{k}={config[k]!r} (the checkpoint's: {saved_config.get(k)!r})"
+               for k in ('learning_rate', 'weight_decay', 'beta1', 'beta2')
+               if k in config and k in saved_config and saved_config[k] != config[k]]
+    return f"resuming with {', '.join(changed)}" if changed else ''
+
+
 def plain(config):
     """The settings as plain data (what weights_only loading accepts): tuples become lists."""
     return {k: list(v) if isinstance(v, tuple) else v for k, v in config.items()

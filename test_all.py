@@ -778,6 +778,17 @@ class _Payload:
 
 
 @pytest.mark.slow
+def test_compression_resume_takes_the_optimizer_flags_given_now_and_says_so(tmp_path, synthetic_dir):
+    out = tmp_path / 'run'
+    run_compression(f'--data_dir={synthetic_dir}', f'--out_dir={out}', '--max_iters=2', '--stop_at=1', cwd=tmp_path)
+    said = run_compression(f'--data_dir={synthetic_dir}', f'--out_dir={out}', '--max_iters=2', '--init_from=resume',
+                           '--weight_decay=0.1', '--beta2=0.99', cwd=tmp_path)
+    assert 'resuming with --weight_decay=0.1 (the checkpoint\'s: 0.05), --beta2=0.99 (the checkpoint\'s: 0.95)' in said
+    decay, no_decay = torch.load(out / 'ckpt.pt', weights_only=True)['optimizer']['param_groups']
+    assert (decay['weight_decay'], no_decay['weight_decay'], tuple(decay['betas'])) == (0.1, 0.0, (0.9, 0.99))
+
+
+@pytest.mark.slow
 def test_compression_loads_no_code_and_names_the_wrong_track_or_model(tmp_path, synthetic_dir):
     out = tmp_path / 'run'
     run_compression(f'--data_dir={synthetic_dir}', f'--out_dir={out}', '--max_iters=1', cwd=tmp_path)
@@ -1874,6 +1885,16 @@ def test_sampling_refuses_to_train_over_a_checkpoint_bad_values_and_a_second_run
     assert (one_step_run / 'ckpt.pt').read_bytes() == before
     (tmp_path / 'file').write_text('')
     assert 'is not writable' in run_script(*train_args(raw_data, tmp_path / 'file' / 'run', '--max_iters=1'), fails=True)
+
+
+@pytest.mark.slow
+def test_sampling_resume_takes_the_learning_rate_given_now_and_says_so(raw_data, one_step_run, tmp_path):
+    shutil.copytree(one_step_run, tmp_path / 'run')
+    said = run_script(*train_args(raw_data, tmp_path / 'run', '--max_iters=2', '--init_from=resume',
+                                  '--learning_rate=5e-4', '--weight_decay=0.02'))
+    assert "resuming with --learning_rate=0.0005 (the checkpoint's: 0.001), --weight_decay=0.02" in said
+    (group,) = torch.load(tmp_path / 'run' / 'ckpt.pt', weights_only=True)['optimizer']['param_groups']
+    assert (group['lr'], group['weight_decay']) == (5e-4, 0.02)
 
 
 @pytest.mark.slow

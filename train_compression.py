@@ -299,10 +299,12 @@ if init_from == 'resume':   # loaded to the CPU, tensors and plain data only (ne
     state = run_dir.load_checkpoint(ckpt_path, 'compression', expect={k: config[k] for k in MODEL_KEYS})
     raw_model.load_state_dict(state['model'])
     optimizer.load_state_dict(state['optimizer'])
+    changed = run_dir.optimizer_settings_on_resume(   # the flags given now (the lr follows get_lr every step)
+        optimizer, [dict(weight_decay=wd, betas=(beta1, beta2)) for wd in (weight_decay, 0.0)], state['config'], config)
     start_step = state['step']
     run_dir.set_rng_state(state['rng'])  # dropout continues exactly where it stopped
     if master:
-        print(f"resumed from {ckpt_path} at step {start_step}")
+        print(f"resumed from {ckpt_path} at step {start_step}" + (f"; {changed}" if changed else ''))
 train_model = torch.compile(raw_model) if compile else raw_model   # what the loop calls; raw_model is saved
 if ddp:
     train_model = DDP(train_model, device_ids=[torch.cuda.current_device()] if device_type == 'cuda' else None)

@@ -261,10 +261,12 @@ if init_from == 'resume':   # loaded to the CPU, tensors and plain data only (ne
         for n, p in trainable.items():
             p.copy_(state['trainable'][n])
     optimizer.load_state_dict(state['optimizer'])
+    changed = run_dir.optimizer_settings_on_resume(optimizer, [dict(lr=learning_rate, weight_decay=weight_decay)],
+                                                   state['config'], config)   # the flags given now
     start_step = state['step']
     run_dir.set_rng_state(state['rng'])
     if master:
-        print(f"resumed from {ckpt_path} at step {start_step}")
+        print(f"resumed from {ckpt_path} at step {start_step}" + (f"; {changed}" if changed else ''))
 context_1LD = text_context(raw_model.cfg, text_encoder, device)   # the empty prompt, encoded once
 train_model = torch.compile(raw_model) if compile else raw_model   # what the loop calls; raw_model is saved
 if ddp:   # DDP syncs the gradients of the trainable parameters only
