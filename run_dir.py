@@ -138,7 +138,7 @@ def save_checkpoint(out_dir, state, metric=None, higher_is_better=False):
     os.replace(path + '.tmp', path)
     if metric is not None and math.isfinite(metric):
         best_json = os.path.join(out_dir, 'best.json')
-        best = json.load(open(best_json)) if os.path.exists(best_json) else None
+        best = _read_json_or_none(best_json, 'the next finite metric becomes the best')
         if best is None or (metric > best['value'] if higher_is_better else metric < best['value']):
             _link_or_copy(path, os.path.join(out_dir, BEST))
             with open(best_json + '.tmp', 'w') as f:
@@ -266,8 +266,7 @@ class RunLog:
         self.bar = tqdm(total=total, initial=start_step, desc='train', dynamic_ncols=True) if total else None
         kept = []
         if start_step > 0 and os.path.exists(self.path):
-            with open(self.path) as f:
-                kept = [line for line in f if line.strip() and json.loads(line).get('step', 0) < start_step]
+            kept = [json.dumps(r) + '\n' for r in read_log(out_dir) if r.get('step', 0) < start_step]
         with open(self.path, 'w') as f:
             f.writelines(kept)
         self.wandb = None
@@ -297,8 +296,31 @@ class RunLog:
 
 
 def read_log(out_dir):
-    with open(os.path.join(out_dir, 'log.jsonl')) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """The records of out_dir/log.jsonl. A line that is not JSON (a run killed while writing it
+    leaves a torn last line) is skipped with a note, not an error: the log is never worth a run."""
+    path, records, bad = os.path.join(out_dir, 'log.jsonl'), [], 0
+    with open(path) as f:
+        for line in filter(str.strip, f):
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                bad += 1
+    if bad:
+        print(f"note: {path}: skipped {bad} line(s) that are not JSON (a write cut short)")
+    return records
+
+
+def _read_json_or_none(path, then):
+    """A small JSON file of the run folder, or None (with a note saying what happens) when it is
+    missing or unreadable."""
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (json.JSONDecodeError, OSError) as err:
+        print(f"note: {path} cannot be read ({err}); {then}")
+        return None
 
 
 def plot_curves(out_dir, panels, title=''):

@@ -2212,6 +2212,22 @@ def test_log_of_a_resumed_run_reads_as_one_run_and_plots(tmp_path):
     assert Image.open(png).size[0] > 500
 
 
+def test_a_torn_log_line_or_best_json_is_skipped_with_a_note_not_a_traceback(tmp_path, capsys):
+    out = str(tmp_path)
+    log = run_dir.RunLog(out)
+    for step in range(3):
+        log.write(dict(step=step, loss=1.0))
+    with open(tmp_path / 'log.jsonl', 'a') as f:
+        f.write('{"step": 3, "lo')   # a run killed while writing its log
+    (tmp_path / 'best.json').write_text('{"step": 2, "val')
+    run_dir.RunLog(out, start_step=3)   # the resume keeps steps 0-2
+    assert [r['step'] for r in run_dir.read_log(out)] == [0, 1, 2]
+    run_dir.save_checkpoint(out, dict(kind='compression', step=3), metric=0.5)
+    assert json.loads((tmp_path / 'best.json').read_text())['value'] == 0.5 and (tmp_path / 'ckpt_best.pt').exists()
+    said = capsys.readouterr().out
+    assert 'skipped 1 line(s) that are not JSON' in said and 'best.json cannot be read' in said
+
+
 # ===============================================================================================
 # pictures.py: labelled grids and GIFs of frames
 # ===============================================================================================
