@@ -16,6 +16,9 @@ import torch.distributed as dist
 def setup_distributed(device):
     """DDP when launched by torchrun (RANK set), as nanoGPT: NCCL on GPUs, gloo on the CPU, and
     each process on the GPU of its LOCAL_RANK. Returns (ddp, rank, world_size, device)."""
+    if device.startswith('cuda') and not torch.cuda.is_available():
+        raise SystemExit(f"--device={device}: this torch ({torch.__version__}) sees no CUDA GPU; pass --device=cpu, or "
+                         f"install a CUDA build of torch on a machine with a GPU")
     if int(os.environ.get('RANK', -1)) == -1:
         return False, 0, 1, device
     dist.init_process_group(backend='nccl' if device.startswith('cuda') else 'gloo')

@@ -12,6 +12,7 @@ track); bench.py and peak_flops.py, configurator.py, run_dir.py, pictures.py. Te
 
 from pathlib import Path
 import csv
+import importlib.util
 import json
 import math
 import os
@@ -786,6 +787,18 @@ def test_compression_resume_takes_the_optimizer_flags_given_now_and_says_so(tmp_
     assert 'resuming with --weight_decay=0.1 (the checkpoint\'s: 0.05), --beta2=0.99 (the checkpoint\'s: 0.95)' in said
     decay, no_decay = torch.load(out / 'ckpt.pt', weights_only=True)['optimizer']['param_groups']
     assert (decay['weight_decay'], no_decay['weight_decay'], tuple(decay['betas'])) == (0.1, 0.0, (0.9, 0.99))
+
+
+@pytest.mark.slow
+def test_flags_the_machine_cannot_serve_are_refused_by_name_before_any_work(tmp_path):
+    fails = lambda script, *args: run_script(script, *args, f'--out_dir={tmp_path}/run', cwd=tmp_path, fails=True)
+    assert "--shards='0,x': comma-separated shard numbers" in fails('train_compression.py', '--shards=0,x')
+    if importlib.util.find_spec('wandb') is None:
+        assert '--wandb_log: the wandb package is not installed' in fails('train_compression.py', '--wandb_log')
+        assert '--wandb_log: the wandb package is not installed' in fails('train_sampling.py', '--wandb_log')
+    if not torch.cuda.is_available():
+        assert '--device=cuda: this torch' in fails('train_sampling.py', '--device=cuda', '--max_iters=1')
+    assert not (tmp_path / 'run').exists()
 
 
 @pytest.mark.slow

@@ -16,6 +16,7 @@ greedy autoregressive, next to baselines and, on synthetic data, the exact Bayes
 """
 import json
 import math
+import importlib.util
 import os
 import time
 from contextlib import nullcontext
@@ -117,6 +118,10 @@ if max_iters == 0 and epochs == 0 and not eval_only:
     raise SystemExit("--max_iters=0 and --epochs=0: give the run a length (--max_iters=N steps, or --epochs=E)")
 if n_embd % n_head:
     raise SystemExit(f"--n_embd={n_embd} must be divisible by --n_head={n_head}")
+if shards and not all(s.strip().isdigit() for s in shards.split(',')):
+    raise SystemExit(f"--shards={shards!r}: comma-separated shard numbers, e.g. --shards=0,1")
+if wandb_log and importlib.util.find_spec('wandb') is None:
+    raise SystemExit("--wandb_log: the wandb package is not installed (pip install wandb)")
 if state_window < data.SAMPLE_FRAMES:
     raise SystemExit(f"--state_window={state_window} must cover the {data.SAMPLE_FRAMES} frames of a sample")
 config = {k: v for k, v in globals().items() if not k.startswith('_') and not k.isupper()

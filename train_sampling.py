@@ -26,6 +26,7 @@ the run computes the same gradients whatever the number of GPUs, and a resumed r
 exactly as if it had never stopped (tests check both). A NaN or inf loss or gradient norm stops
 every rank before the optimizer step (exit code 1): ckpt.pt stays the last good state.
 """
+import importlib.util
 import math
 import os
 import time
@@ -149,6 +150,8 @@ if model == 'tiny' and dim % num_heads:
     raise SystemExit(f"--dim={dim} must be divisible by --num_heads={num_heads}")
 if global_batch_size % batch_size:
     raise SystemExit(f"--global_batch_size={global_batch_size} must be a multiple of --batch_size={batch_size}")
+if wandb_log and importlib.util.find_spec('wandb') is None:
+    raise SystemExit("--wandb_log: the wandb package is not installed (pip install wandb)")
 if train_mode == 'lora' and not pretrained:   # Wan's head starts at zero: no gradient reaches the adapters
     print("warning: --train_mode=lora on a random base (no --pretrained): the zero-initialised output head gives "
           "every adapter and the state embedder a zero gradient, so nothing trains. Fine for timing; for a result "
