@@ -84,7 +84,8 @@ ptdtype = torch.bfloat16 if device_type == 'cuda' and run['dtype'] == 'bfloat16'
 net = build_model(model=run['model'], pretrained=run['pretrained'], train_mode=run['train_mode'],
                   lora_rank=run['lora_rank'], lora_alpha=run['lora_alpha'], init_seed=run['init_seed'],
                   device=device, dtype=ptdtype, tiny=dict(dim=run['dim'], num_layers=run['num_layers'],
-                                                          num_heads=run['num_heads'], ffn_dim=run['ffn_dim']))
+                                                          num_heads=run['num_heads'], ffn_dim=run['ffn_dim']),
+                  state_embedder=run['state_embedder'])
 params = dict(net.named_parameters())
 differ = sorted({n for n, p in params.items() if p.requires_grad} ^ set(state['trainable']))
 if differ:

@@ -958,6 +958,29 @@ def test_full_config_parameter_count_on_meta():
     assert 5e6 < count['state'] < 6e6
 
 
+def test_the_paper_texts_and_the_teams_state_embedders_have_their_sizes_and_shapes():
+    # paper 2.1's text, as nanoWM reads it, and the team's code (5 ways apart: wan_state.StateEmbedder)
+    assert parameter_counts(WanConfig())['state'] == 5_316_352
+    assert parameter_counts(WanConfig(state_embedder='team'))['state'] == 67_903_488   # the team's 67.9M
+    cfg = WanConfig.tiny(state_embedder='team')
+    torch.manual_seed(0)
+    model = WanDiT(cfg)
+    emb = model.state_embedder
+    assert emb.freqs.tolist() == [1.0] and [type(m).__name__ for m in emb.conv] == [
+        'Conv1d', 'SiLU', 'GroupNorm', 'Conv1d', 'SiLU', 'GroupNorm']
+    assert emb.block_tables.shape == (cfg.num_layers, 6, cfg.dim) and not emb.block_tables.any()
+    assert emb.mlp_out[-1].weight.abs().max() > 0   # not zero-initialised: the states act from step 0
+    x, t, context, states = inputs(cfg)
+    with torch.no_grad():
+        model.head.head.weight.normal_(std=0.1)   # the base head starts at zero: make the output visible
+        a, b = model(x, t, context, states), model(x, t, context, torch.randn_like(states))
+    assert (a - b).abs().max() > 1e-4
+    model(x, t, context, states).square().mean().backward()
+    assert emb.block_tables.grad[0].abs().max() > 0 and emb.block_tables.grad[1].abs().max() > 0
+    with pytest.raises(ValueError, match="state_embedder='other': 'paper' or 'team'"):
+        WanDiT(WanConfig.tiny(state_embedder='other'))
+
+
 def test_gradient_checkpointing_gives_same_gradients():
     cfg = WanConfig.tiny()
     model = randomize(WanDiT(cfg))
@@ -1743,6 +1766,7 @@ def test_paper_presets_are_the_submissions_recipes_and_torchrun_on_cuda_picks_pa
                  'max_iters = 23000',
                  "vae = 'wan'", 'LoRA rank 32'):
         assert line in out, (line, out)
+    assert "state embedder 'team': 67,903,488 parameters" in out   # the team's state embedder
     assert 'state_dropout = 0.1' in run_script('train_sampling.py', '--preset=paper_cfg', '--dry_run', cwd=tmp_path)
     assert run_script('train_sampling.py', '--dry_run', cwd=tmp_path).startswith('preset cpu: the default of a plain')
     # torchrun on CUDA GPUs, simulated: torchrun's variables and a torch that reports a GPU

@@ -74,6 +74,7 @@ text_encoder = 'zeros'      # 'zeros' (tiny demo) or a repo/folder with Wan's um
 train_mode = 'full'         # 'lora' (paper: frozen base) or 'full' (the demo's random base)
 lora_rank = 32              # paper 2.2: LoRA rank 32
 lora_alpha = 32             # LoRA scale alpha / rank = 1
+state_embedder = 'paper'    # 'paper' (the report's text, 5.3M) or 'team' (the team's code, 67.9M; wan_state.py)
 init_seed = 0               # random initial weights (and the state embedder's)
 gradient_checkpointing = 0  # recompute the first n blocks in backward (0: none; preset paper: all 30)
 # optimisation (paper 2.2)
@@ -117,7 +118,7 @@ compile = False             # torch.compile the model
 PAPER = dict(data_dir='data/1x', download=True, clip_stride=8, vae='wan', encode_batch_size=4, model='ti2v-5b',
              pretrained='Wan-AI/Wan2.2-TI2V-5B', text_encoder='Wan-AI/Wan2.2-TI2V-5B', train_mode='lora',
              learning_rate=4e-4, weight_decay=0.01, grad_clip=0.0, shift=5.0, state_dropout=0.0,
-             loss_weighting='diffsynth', batch_size=8, global_batch_size=1024, max_iters=23000,
+             loss_weighting='diffsynth', state_embedder='team', batch_size=8, global_batch_size=1024, max_iters=23000,
              gradient_checkpointing=30, dtype='bfloat16',
              out_dir='out_sampling_paper', ckpt_interval=500, eval_interval=500, val_clips=8, val_ensemble=4,
              val_steps=20)
@@ -131,7 +132,7 @@ PRESETS = {
 configure(globals(), presets=PRESETS, gpu_preset='paper',
           choices=dict(vae=('pixel', 'wan'), model=('tiny', 'ti2v-5b'), train_mode=('lora', 'full'),
                        init_from=('scratch', 'resume'), dtype=('float32', 'bfloat16'),
-                       loss_weighting=('none', 'diffsynth')),
+                       loss_weighting=('none', 'diffsynth'), state_embedder=('paper', 'team')),
           positive=('synthetic_size', 'synthetic_shards', 'clip_stride', 'encode_batch_size', 'dim', 'num_layers',
                     'num_heads', 'ffn_dim', 'lora_rank', 'lora_alpha', 'learning_rate', 'shift', 'batch_size',
                     'global_batch_size', 'max_iters', 'log_interval', 'ckpt_interval', 'eval_interval',
@@ -160,20 +161,24 @@ config = {k: v for k, v in globals().items() if not k.startswith('_') and not k.
           and isinstance(v, (int, float, bool, str))}   # saved in checkpoints and W&B
 # settings that define the trained weights: a resume (and sample.py) must match them
 MODEL_KEYS = ('model', 'dim', 'num_layers', 'num_heads', 'ffn_dim', 'pretrained', 'train_mode', 'lora_rank',
-              'lora_alpha', 'vae')
+              'lora_alpha', 'vae', 'state_embedder')
 tiny = dict(dim=dim, num_layers=num_layers, num_heads=num_heads, ffn_dim=ffn_dim)
 
 # --- dry run: the model's size and the run's length, no data, no weights --------------------------
 if dry_run:
+    from dataclasses import replace
     from wan_state import WanConfig, WanDiT, add_lora
     with torch.device('meta'):
-        meta_model = WanDiT(WanConfig.tiny(**tiny) if model == 'tiny' else WanConfig(), state_cond=True)
+        cfg = WanConfig.tiny(**tiny) if model == 'tiny' else WanConfig()
+        meta_model = WanDiT(replace(cfg, state_embedder=state_embedder), state_cond=True)
         if train_mode == 'lora':
             add_lora(meta_model, rank=lora_rank, alpha=lora_alpha)
     n_all = sum(p.numel() for p in meta_model.parameters())
     n_train = sum(p.numel() for p in meta_model.parameters() if p.requires_grad)
+    n_state = sum(p.numel() for n, p in meta_model.named_parameters() if n.startswith('state_embedder.'))
     print(f"model {model}: {n_all / 1e6:.1f}M parameters, {n_train / 1e6:.1f}M trained ({train_mode}, "
           f"LoRA rank {lora_rank})")
+    print(f"state embedder {state_embedder!r}: {n_state:,} parameters")
     for key in ('clip_stride', 'learning_rate', 'weight_decay', 'grad_clip', 'state_dropout', 'shift', 'loss_weighting',
                 'global_batch_size', 'batch_size', 'max_iters', 'train_splits', 'vae', 'pretrained', 'out_dir'):
         print(f"{key} = {globals()[key]!r}")
@@ -248,7 +253,8 @@ if master:
 
 # --- model and optimizer (and the state of a resumed run) -----------------------------------------
 raw_model = build_model(model=model, pretrained=pretrained, train_mode=train_mode, lora_rank=lora_rank,
-                        lora_alpha=lora_alpha, init_seed=init_seed, device=device, dtype=ptdtype, tiny=tiny)
+                        lora_alpha=lora_alpha, init_seed=init_seed, device=device, dtype=ptdtype, tiny=tiny,
+                        state_embedder=state_embedder)
 raw_model.gradient_checkpointing = gradient_checkpointing
 trainable = {n: p for n, p in raw_model.named_parameters() if p.requires_grad}
 optimizer = torch.optim.AdamW(trainable.values(), lr=learning_rate, weight_decay=weight_decay,

@@ -286,7 +286,8 @@ def _umt5_one_token(root, token_id):
 
 # --- What a run builds: the DiT it trains and its text context ------------------------------------
 
-def build_model(*, model, pretrained, train_mode, lora_rank, lora_alpha, init_seed, device, dtype, tiny):
+def build_model(*, model, pretrained, train_mode, lora_rank, lora_alpha, init_seed, device, dtype, tiny,
+                state_embedder='paper'):
     """The DiT to fine-tune. pretrained = '' builds random weights from init_seed (tiny demo, timing).
     train_mode 'lora': frozen base + LoRA + state parameters (the paper); 'full': every weight
     (the CPU demo, whose base is random: LoRA on a random base has nothing to adapt)."""
@@ -296,9 +297,10 @@ def build_model(*, model, pretrained, train_mode, lora_rank, lora_alpha, init_se
         raise ValueError(f"train_mode={train_mode!r}: 'lora' or 'full'")
     torch.manual_seed(init_seed)
     if pretrained:
-        net = load_dit(pretrained, state_cond=True, device=device, dtype=dtype)
+        net = load_dit(pretrained, state_cond=True, device=device, dtype=dtype, state_embedder=state_embedder)
     else:
-        cfg = WanConfig.tiny(**tiny) if model == 'tiny' else WanConfig()
+        cfg = WanConfig.tiny(**tiny, state_embedder=state_embedder) if model == 'tiny' \
+            else WanConfig(state_embedder=state_embedder)
         net = WanDiT(cfg, state_cond=True).to(device)
         if dtype != torch.float32:
             net.set_dtype(dtype)

@@ -41,7 +41,8 @@ class WanConfig:
     # state conditioning (paper 2.1)
     state_dim: int = 25            # 1X robot state: 21 joints, 2 hand closures, 2 velocities
     r_dim: int = 256               # state feature width
-    state_freqs: int = 4           # sin/cos at frequencies 1, 2, 4, 8 per continuous dim
+    state_freqs: int = 4           # sin/cos at frequencies 1, 2, 4, 8 per continuous dim ('paper' embedder)
+    state_embedder: str = 'paper'  # 'paper' (the report's text) or 'team' (the team's code, StateEmbedder)
 
     @classmethod
     def tiny(cls, **overrides):
@@ -212,6 +213,14 @@ class StateEmbedder(nn.Module):
       -> Linear, SiLU, Linear to 6 x dim, the last layer zero-initialised so the model starts
          exactly as the base model (DiT's adaLN-Zero).
     A learned no-state embedding replaces the compressed features of dropped samples (CFG).
+
+    state_embedder 'team': the modules of the team's own code (datacrunch-research/torchtitan,
+    torchtitan/experiments/wan/model/model.py at a48283a, WanModel1x_ lines 437-518, the robot_modulation
+    of layers.py 586-677, as train_1x.py sets them up): sin/cos at frequency 1 only; SiLU then
+    GroupNorm(8) after each stride-2 convolution; Linear(r, dim) SiLU Linear(dim, dim) SiLU
+    Linear(dim, 6 dim) with PyTorch's default init (not zero: the model does not start as the base);
+    and a trainable per-block table (6, dim), zero at init, added to the states' modulation in every
+    block (their default "additive" mode). 67.9M parameters at full size against 5.3M.
     """
 
     def __init__(self, cfg):
@@ -219,15 +228,26 @@ class StateEmbedder(nn.Module):
         r = cfg.r_dim
         self.cont_dims = [i for i in range(cfg.state_dim) if i not in STATE_HAND_DIMS]
         self.hand_dims = [i for i in STATE_HAND_DIMS if i < cfg.state_dim]
-        self.register_buffer('freqs', 2.0 ** torch.arange(cfg.state_freqs), persistent=False)
-        n_feat = len(self.cont_dims) * (1 + 2 * cfg.state_freqs) + len(self.hand_dims)
+        if cfg.state_embedder not in ('paper', 'team'):
+            raise ValueError(f"state_embedder={cfg.state_embedder!r}: 'paper' or 'team'")
+        team = cfg.state_embedder == 'team'
+        n_freqs = 1 if team else cfg.state_freqs
+        self.register_buffer('freqs', 2.0 ** torch.arange(n_freqs), persistent=False)
+        n_feat = len(self.cont_dims) * (1 + 2 * n_freqs) + len(self.hand_dims)
         self.mlp_in = nn.Sequential(nn.Linear(n_feat, r), nn.SiLU(), nn.Linear(r, r))
-        self.conv = nn.Sequential(nn.Conv1d(r, r, 3, stride=2, padding=1), nn.SiLU(),
-                                  nn.Conv1d(r, r, 3, stride=2, padding=1))
+        conv = lambda: nn.Conv1d(r, r, 3, stride=2, padding=1)
+        self.conv = nn.Sequential(conv(), nn.SiLU(), nn.GroupNorm(8, r), conv(), nn.SiLU(), nn.GroupNorm(8, r)) \
+            if team else nn.Sequential(conv(), nn.SiLU(), conv())
         self.null = nn.Parameter(torch.randn(r) * 0.02)
-        self.mlp_out = nn.Sequential(nn.Linear(r, r), nn.SiLU(), nn.Linear(r, 6 * cfg.dim))
-        nn.init.zeros_(self.mlp_out[2].weight)
-        nn.init.zeros_(self.mlp_out[2].bias)
+        if team:
+            d = cfg.dim
+            self.mlp_out = nn.Sequential(nn.Linear(r, d), nn.SiLU(), nn.Linear(d, d), nn.SiLU(), nn.Linear(d, 6 * d))
+            self.block_tables = nn.Parameter(torch.zeros(cfg.num_layers, 6, d))
+        else:
+            self.mlp_out = nn.Sequential(nn.Linear(r, r), nn.SiLU(), nn.Linear(r, 6 * cfg.dim))
+            nn.init.zeros_(self.mlp_out[2].weight)
+            nn.init.zeros_(self.mlp_out[2].bias)
+            self.block_tables = None
 
     def forward(self, states_BTD, drop_B, batch, num_frames):
         if states_BTD is None:
@@ -326,8 +346,9 @@ class WanDiT(nn.Module):
             context_BSD = self.text_embedding(F.pad(context_BLD, (0, 0, 0, cfg.text_len - context_BLD.shape[1])))
             rope = rope_cos_sin(f, h, w, cfg.head_dim, cfg.rope_theta, x_BCFHW.device)
             n_ckpt = self.checkpointed_blocks() if torch.is_grad_enabled() else 0
+            tables = self.state_embedder.block_tables if self.state_cond else None   # 'team': per block
             for i, block in enumerate(self.blocks):   # the first n_ckpt recompute their activations in backward
-                args = (x_BLD, e0_BG6D, context_BSD, rope)
+                args = (x_BLD, e0_BG6D if tables is None else e0_BG6D + tables[i].float(), context_BSD, rope)
                 x_BLD = checkpoint(block, *args, use_reentrant=False) if i < n_ckpt else block(*args)
             with fp32:   # the head's modulation is the timestep's alone (no state term)
                 out_BLP = self.head(x_BLD, e_BGD)
