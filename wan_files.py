@@ -539,8 +539,8 @@ def load_lora(model, path, merge=False):
             w += ((B @ A) * scale).to(device=w.device, dtype=w.dtype)
     elif loras:
         if not own:
-            rank, scale = next(iter(loras.values()))[0].shape[0], next(iter(loras.values()))[2]
-            add_lora(model, rank=rank, alpha=scale * rank,
+            A, _, scale = next(iter(loras.values()))   # one rank (checked above); scale: the first module's
+            add_lora(model, rank=A.shape[0], alpha=scale * A.shape[0],
                      targets=sorted({n.split('.', 2)[2] for n in loras}, key=LORA_TARGETS.index))
         for name, m in ((n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)):
             A, B, scale = loras.get(name, (None, None, None))
