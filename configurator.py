@@ -13,7 +13,10 @@ Then `python train_compression.py --batch_size=8` (or `--batch_size 8`) override
     that must be positive, or a probability outside [0, 1] stops the script with a message that
     names the flag and says what is allowed;
   - a bare argument (`python train_compression.py my_run.py`) is a Python file of assignments;
-  - `--help` / `-h` prints every setting with its default and its comment, then exits.
+  - an unknown key gets the nearest setting suggested ("did you mean --learning_rate?");
+  - `--help` / `-h` prints every setting with its default and its comment, then exits. A comment
+    line `# -- data --` above a block of settings makes them a section of the help (settings above
+    the first such line come first, without a title).
 
 Presets. A preset is a dict of overrides applied before the flags, so any flag wins over it. The
 script's own `preset` default names the one used by a plain `python script.py`; a script launched
@@ -22,6 +25,7 @@ to run a CPU demo); an explicit `--preset` always wins. The first line printed s
 was chosen and why.
 """
 import ast
+import difflib
 import os
 import re
 import sys
@@ -54,6 +58,27 @@ def _comments(path):
     return notes
 
 
+SECTION = re.compile(r'^# -- (\S.*?) --\s*$')   # `# -- data --`: the settings below it, in --help
+
+
+def _sections(path):
+    """setting name -> the title of the section marker above it (`# -- data --` -> 'data')."""
+    sections, title = {}, None
+    try:
+        lines = open(path).read().splitlines()
+    except OSError:
+        return sections
+    for line in lines:
+        marker = SECTION.match(line)
+        if marker:
+            title = marker.group(1)
+            continue
+        m = re.match(r'^([A-Za-z_]\w*)\s*=[^=]', line)
+        if m and title:   # a setting's first assignment: later lines of the script may reassign it
+            sections.setdefault(m.group(1), title)
+    return sections
+
+
 def _print_help(config, known, presets, gpu_preset):
     script = os.path.basename(config.get('__file__', sys.argv[0]))
     notes = _comments(config.get('__file__', ''))
@@ -70,9 +95,17 @@ def _print_help(config, known, presets, gpu_preset):
         print()
     print("settings (default, then what it is):")
     width = max(len(k) for k in known)
+    sections = _sections(config.get('__file__', ''))
+    groups = {}   # title -> settings, in the order of the script; None: those above the first marker
     for key in known:
-        default = repr(config[key])
-        print(f"  --{key:<{width}}  {default:<{max(12, len(default))}}" + (f"  {notes[key]}" if key in notes else ''))
+        groups.setdefault(sections.get(key), []).append(key)
+    for title, keys in sorted(groups.items(), key=lambda item: item[0] is not None):   # stable: script order
+        if title is not None:
+            print(f"\n{title}:")
+        for key in keys:
+            default = repr(config[key])
+            note = f"  {notes[key]}" if key in notes else ''
+            print(f"  --{key:<{width}}  {default:<{max(12, len(default))}}" + note)
 
 
 def _parse_args(argv, known, config):
@@ -88,8 +121,9 @@ def _parse_args(argv, known, config):
             continue
         key, sep, value = arg[2:].partition('=')
         if key not in known:
-            raise SystemExit(f"unknown setting --{key}; known settings: {', '.join(sorted(known))} "
-                             f"(--help describes them)")
+            near = difflib.get_close_matches(key, known, n=1)
+            hint = f"did you mean --{near[0]}?" if near else f"known settings: {', '.join(sorted(known))}"
+            raise SystemExit(f"unknown setting --{key}; {hint} (--help describes them)")
         if not sep:
             nxt = argv[i] if i < len(argv) else None
             if isinstance(config[key], bool):   # `--flag` alone is True; `--flag False` also works

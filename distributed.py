@@ -5,6 +5,11 @@
     on_master(fn, *args)    # rank 0 does fn (a check, a write); if fn stops the run, every rank stops
     wait_for_all(what)      # a barrier that does not time out during hours of data preparation
     mean_over_ranks(t)      # a tensor averaged over the ranks (the loss every rank logs and checks)
+
+Over several nodes the same torchrun command runs on every node (--nnodes N, the c10d rendezvous
+on the first node). torchrun starts the script only when every node's torchrun has joined, and
+until then it waits without a word (up to --rdzv_conf=join_timeout, 900 s by default): rank 0's
+first line, "DDP (...): P processes on N nodes, every node has joined", says the wait is over.
 """
 import datetime
 import os
@@ -21,10 +26,15 @@ def setup_distributed(device):
                          f"install a CUDA build of torch on a machine with a GPU")
     if int(os.environ.get('RANK', -1)) == -1:
         return False, 0, 1, device
-    dist.init_process_group(backend='nccl' if device.startswith('cuda') else 'gloo')
+    backend = 'nccl' if device.startswith('cuda') else 'gloo'
+    dist.init_process_group(backend=backend)
     if device.startswith('cuda'):
         device = f'cuda:{int(os.environ["LOCAL_RANK"])}'
         torch.cuda.set_device(device)
+    if dist.get_rank() == 0:   # torchrun starts the script only once every node's torchrun has joined
+        world, nodes = dist.get_world_size(), int(os.environ.get('GROUP_WORLD_SIZE', 1))
+        print(f"DDP ({backend}): {world} process{'es' if world > 1 else ''} on {nodes} node{'s' if nodes > 1 else ''}, "
+              f"every node has joined", flush=True)
     return True, dist.get_rank(), dist.get_world_size(), device
 
 

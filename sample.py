@@ -11,8 +11,11 @@ members are denoised from their own noise as one batch (the context latents re-i
 every step), decoded, and their frames 77 averaged in pixel space. Where the future is uncertain
 the mean blurs, and PSNR rewards that over any single guess.
 
-Each clip's PSNR and SSIM are written for: copy the last context frame, one member, the ensemble
-mean, and the earlier blur + histogram matching baseline. --ablation: the same clip and noise
+Each clip's PSNR, SSIM and LPIPS are written for: copy the last context frame, one member, the
+ensemble mean, and the earlier blur + histogram matching baseline; the table adds FID over the clips
+(paper Table 2). LPIPS and FID need pretrained networks that download on first use: without them
+the table has PSNR and SSIM, and a line says what to fetch. --lora: a LoRA file of any Wan tool in
+place of the run's adapters, at strength --lora_scale. --ablation: the same clip and noise
 under another clip's states and under none (how much the prediction follows the robot);
 --counterfactual, on a synthetic split: each future also scored against the frame the world
 draws for its states. Outputs in {out_dir}/samples/: metrics.csv, clip_{k}.png,
@@ -33,10 +36,11 @@ import run_dir
 import synthetic
 from configurator import configure
 from flow_matching import predict_frame77
-from metrics import blur_baseline, psnr, ssim
+from metrics import (MetricUnavailable, blur_baseline, fid_network, frechet_distance, inception_features,
+                     lpips_distance, lpips_network, psnr, ssim)
 from vae import PixelCodec
-from wan_files import build_model, text_context
-from wan_state import merge_lora as merge_lora_into_base
+from wan_files import build_model, load_lora, text_context
+from wan_state import lora_modules, merge_lora as merge_lora_into_base
 
 # --- settings ----------------------------------------------------------------------------------
 out_dir = ''                # the run's folder (ckpt.pt); '' = out_sampling_paper if it has one, else out_sampling
@@ -56,7 +60,12 @@ png_members = 4             # members drawn in each PNG
 ablation = True             # also the ensemble under another clip's states and with no states (2 more per clip)
 counterfactual = True       # synthetic splits: also a hand-made future, every future scored against its own truth
 gif = True                  # clip_0.gif: the first clip's predicted video next to the real one
-compile = False             # torch.compile the DiT blocks (GPU; the first clip is slower)
+lpips_fid = True            # also LPIPS (AlexNet) per clip and FID (Inception) over the clips, as paper Table 2
+lora = ''                   # a LoRA file (ComfyUI, diffusers / PEFT, DiffSynth, kohya / musubi) or an export_lora
+                            # folder, in place of the run's adapters (the folder's state_embedder.safetensors too)
+lora_scale = 1.0            # strength of --lora: its update B A alpha / r times this (0: the model without it)
+compile = torch.cuda.is_available()   # torch.compile the DiT blocks: on by default with CUDA, off on the CPU;
+                            # --compile=False turns it off (the first clip pays the compilation)
 merge_lora = False          # fold LoRA into the base weights: at most 1.6% fewer FLOPs, but in bf16 the rounding
                             # of W + BA loses part of the update: not the function the run's validation scored
 decode_batch = 4            # members the VAE decodes at once (more: faster on a large GPU, more memory)
@@ -66,6 +75,8 @@ device = 'cuda' if torch.cuda.is_available() else 'cpu'  # 'cpu', 'cuda', ...
 configure(globals(), choices=dict(scheduler=('euler', 'unipc'), vae_dtype=('float32', 'bfloat16')),
           positive=('ensemble', 'steps', 'clip_stride', 'decode_batch', 'cfg', 'blur_sigma'),
           nonnegative=('max_clips', 'shift', 'png_members'))
+if lora_scale != 1.0 and not lora:
+    raise SystemExit(f"--lora_scale={lora_scale} sets the strength of --lora: give the LoRA file with --lora")
 if not out_dir:
     out_dir = 'out_sampling_paper' if os.path.exists(os.path.join('out_sampling_paper', run_dir.CKPT)) \
         else 'out_sampling'
@@ -93,6 +104,16 @@ if differ:
 with torch.no_grad():
     for n, v in state['trainable'].items():
         params[n].copy_(v)
+if lora:   # the file's adapters in place of the run's: those zeroed first (load_lora never replaces an update)
+    with torch.no_grad():
+        for m in lora_modules(net):
+            m.lora_B.weight.zero_()
+    try:
+        load_lora(net, lora, scale=lora_scale)
+    except (ValueError, FileNotFoundError) as err:
+        raise SystemExit(f"--lora={lora}: {err}")
+    print(f"--lora={lora} at strength {lora_scale}, " +
+          ("in place of the run's adapters" if run['train_mode'] == 'lora' else "added to the run's weights"))
 net.eval().requires_grad_(False)
 if merge_lora and run['train_mode'] == 'lora':   # W + B A alpha / r once, rounded to the base's dtype
     merge_lora_into_base(net)
@@ -107,6 +128,12 @@ if run['vae'] == 'pixel':
 else:
     from vae import WanVAE
     codec = WanVAE.from_pretrained(run['vae_path'], device=device, dtype=getattr(torch, vae_dtype))
+scorers, unavailable = {}, []   # 'lpips' / 'fid' -> its network; why the others are not computed
+for name, load in (('lpips', lpips_network), ('fid', fid_network)) if lpips_fid else ():
+    try:
+        scorers[name] = load(device)
+    except MetricUnavailable as err:
+        unavailable.append(str(err))
 
 # --- the clips ---------------------------------------------------------------------------------
 split = split or os.path.join(run['data_dir'], 'val_v2.0_raw')
@@ -133,6 +160,7 @@ FUTURES = {'own': 'own states', 'other': "another clip's states", 'arms': "anoth
            'swing': 'arms swing across'}
 C = data.NUM_CONTEXT_FRAMES
 rows, seconds = [], []
+features = {}   # FID: name -> Inception features of its frame 77 of every clip ('truth': the real ones)
 for k in tqdm(range(len(clips)), desc='clips'):
     item = clips[k]
     frames_THWC, states_TD = item['frames_THWC'], item['states_TD']
@@ -174,6 +202,11 @@ for k in tqdm(range(len(clips)), desc='clips'):
     for name, img in preds.items():
         row[f'psnr_{name}'] = round(psnr(img, truth), 4)
         row[f'ssim_{name}'] = round(ssim(img, truth), 4)
+        if 'lpips' in scorers:
+            row[f'lpips_{name}'] = round(lpips_distance(scorers['lpips'], img, truth), 4)
+    if 'fid' in scorers:
+        for name, img in [*preds.items(), ('truth', truth)]:
+            features.setdefault(name, []).append(inception_features(scorers['fid'], img))
     context_THWC = frames_THWC[:C].numpy()
     pictures.clip_figure(context_THWC, members[:png_members], mean, truth,
                          title=f'clip {k} (shard {item["shard"]}, frame {item["start"]})').save(
@@ -208,7 +241,13 @@ with open(os.path.join(results_dir, 'metrics.csv'), 'w', newline='') as f:
     writer.writerows(rows)
 
 # --- the tables: means over the clips, and the spread over the clips of each margin ---------------
-over_clips = {key: float(np.mean([r[key] for r in rows])) for key in rows[0] if key.startswith(('psnr', 'ssim'))}
+over_clips = {key: float(np.mean([r[key] for r in rows])) for key in rows[0]
+              if key.startswith(('psnr', 'ssim', 'lpips'))}
+if features and len(rows) < 2:
+    unavailable.append("FID needs at least 2 clips (a covariance of their features)")
+elif features:   # the set of predicted frames 77 against the set of real ones
+    truth_ND = torch.cat(features.pop('truth'))
+    over_clips.update({f'fid_{name}': frechet_distance(torch.cat(f), truth_ND) for name, f in features.items()})
 
 
 def spread(better, worse):
@@ -222,16 +261,23 @@ labels = {'copy_last': 'copy last context frame', 'single': 'single sample',
           f'ensemble_{ensemble}': f'ensemble of {ensemble}', 'blur': 'blur + histogram matching',
           'other_states': f"ensemble, {FUTURES['other']}",
           'no_states': 'ensemble, no states (no-state embedding)'}
-print(f"\n{'prediction of frame 77':<44} {'PSNR (dB)':>10} {'SSIM':>8}   ({len(rows)} clips)")
+columns = [c for c in ('lpips', 'fid') if f'{c}_copy_last' in over_clips]   # those computed
+print(f"\n{'prediction of frame 77':<44} {'PSNR (dB)':>10} {'SSIM':>8}" + ''.join(f' {c.upper():>8}' for c in columns)
+      + f"   ({len(rows)} clips)")
 for name, label in labels.items():
     if f'psnr_{name}' not in over_clips:
         continue
     p, s = over_clips[f'psnr_{name}'], over_clips[f'ssim_{name}']
-    if not (math.isfinite(p) and math.isfinite(s)):
-        raise SystemExit(f"the {label}'s PSNR / SSIM came out {p} / {s}: not a result; see {results_dir}/metrics.csv")
+    scores = [over_clips[f'{c}_{name}'] for c in columns]
+    if not all(math.isfinite(v) for v in (p, s, *scores)):
+        raise SystemExit(f"the {label}'s scores came out {p}, {s}, {scores}: not a result; "
+                         f"see {results_dir}/metrics.csv")
     margin = f'   own states better by {own - p:.2f} dB {spread(f"ensemble_{ensemble}", name)}' \
         if name in ('other_states', 'no_states') else ''
-    print(f"{label:<44} {p:>10.2f} {s:>8.3f}{margin}")
+    print(f"{label:<44} {p:>10.2f} {s:>8.3f}" + ''.join(f' {v:>8.3f}' if c == 'lpips' else f' {v:>8.2f}'
+                                                      for c, v in zip(columns, scores)) + margin)
+for why in unavailable:
+    print(f"not computed: {why}")
 if counterfactual:
     print("\ncounterfactual futures: the ensemble's frame 77 under other states, scored against the frame the "
           "synthetic world draws for those states (its truth) and against the recorded frame")

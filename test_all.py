@@ -3,7 +3,8 @@
 One section per file, each test one behaviour with the numbers that matter, in this order:
 st_transformer.py, metrics.py, data.py, synthetic.py, prepare.py, train_compression.py (the compression
 track); wan_state.py, wan_files.py, vae.py, flow_matching.py, train_sampling.py, sample.py (the sampling
-track); bench.py and peak_flops.py, configurator.py, run_dir.py, pictures.py. Tests that run a script
+track); bench.py and peak_flops.py, configurator.py, run_dir.py, pictures.py; then the workflow around
+the tracks (LoRA files, Hub downloads, --help, own_clips.py, two nodes) and LPIPS / FID. Tests that run a script
 (a subprocess, torchrun) or train or compile for more than a few seconds are marked `slow` (pytest.ini):
 
     python -m pytest -q test_all.py                  # everything, as CI runs it (.ci/run)
@@ -18,8 +19,11 @@ import math
 import os
 import re
 import shutil
+import socket
+import stat
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 from PIL import Image
@@ -37,12 +41,13 @@ import run_dir
 import synthetic
 from flow_matching import (diffsynth_weight, flow_matching_loss, reference_sigmas, sample_draws, sample_latents,
                            shift_sigma)
-from metrics import P_FLOOR, blur_baseline, cross_entropy_topk, match_histograms, psnr, ssim
+from metrics import (P_FLOOR, MetricUnavailable, blur_baseline, cross_entropy_topk, fid_network, frechet_distance,
+                     inception_features, lpips_distance, lpips_network, match_histograms, psnr, ssim)
 from peak_flops import StepSpeed, peak_flops
 from st_transformer import STConfig, STTransformer
 from vae import PixelCodec, WanVAE, frames_to_video
 from wan_files import (build_model, export_lora, load_dit, load_lora, load_trainable, null_context, read_lora,
-                       save_trainable, text_context, to_diffusers_state_dict)
+                       resolve, save_trainable, text_context, to_diffusers_state_dict)
 from wan_files import main as wan_files_main
 from wan_state import (LORA_TARGETS, WanConfig, WanDiT, add_lora, frame_timesteps, lora_modules, merge_lora,
                        parameter_counts, per_token_timestep, trainable_state_dict, unmerge_lora)
@@ -2392,3 +2397,653 @@ def test_save_gif_writes_21_looping_frames_with_both_clips(tmp_path):
     assert len(_find(gif, pictures.upscale(predicted[0]))) == 1 and len(_find(gif, pictures.upscale(real[0]))) == 1
     gif.seek(20)
     assert len(_find(gif, pictures.upscale(real[20]))) == 1
+
+
+# ===============================================================================================
+# wan_files.py: LoRA files in (legacy naming, strength, continuing training) and out (history)
+# ===============================================================================================
+
+def save_lora(path, lora, naming, metadata=None):
+    """The same adapters under diffusers' current (PEFT) or legacy key names."""
+    from safetensors.torch import save_file
+    part = {'peft': ('lora_A', 'lora_B'), 'legacy': ('lora.down', 'lora.up')}[naming]
+    sd = {f'transformer.{k}': v.contiguous() for k, v in to_diffusers_state_dict(
+        {f'{n}.{p}.weight': w for n, (A, B) in lora.items() for p, w in zip(part, (A, B))}).items()}
+    save_file(sd, str(path), metadata=metadata)
+    return path
+
+
+def twin(model):
+    other = WanDiT(model.cfg, state_cond=False)
+    other.load_state_dict(model.state_dict())
+    return other
+
+
+def test_legacy_diffusers_naming_loads_to_the_update_of_the_same_weights_in_peft_naming(tmp_path):
+    cfg = WanConfig.tiny()
+    lora = random_lora(cfg)   # rank 4
+    legacy = save_lora(tmp_path / 'legacy.safetensors', lora, 'legacy')
+    peft = save_lora(tmp_path / 'peft.safetensors', lora, 'peft')
+    with open(legacy, 'rb') as f:   # the file really holds the legacy names
+        assert b'transformer.blocks.0.attn1.to_q.lora.down.weight' in f.read(20000)
+    got, want = read_lora(legacy, cfg.num_layers), read_lora(peft, cfg.num_layers)
+    assert len(got) == len(want) == 10 * cfg.num_layers
+    for name, (A, B, scale) in want.items():
+        assert torch.equal(got[name][0], A) and torch.equal(got[name][1], B) and got[name][2] == scale == 1.0
+    base = randomize(WanDiT(cfg, state_cond=False))
+    model = load_lora(twin(base), legacy)
+    pipe = diffusers_pipe(base)   # diffusers maps .lora.down -> .lora_A itself: the reference
+    pipe.load_lora_weights(str(tmp_path), weight_name='legacy.safetensors')
+    x, t_BL, context, _ = inputs(cfg)
+    with torch.no_grad():
+        ours, ref, plain = model(x, t_BL, context), pipe.transformer(x, t_BL, context).sample, base(x, t_BL, context)
+    assert (ref - plain).abs().max() > 1e-2
+    assert (ours - ref).abs().max() < 1e-4
+
+
+def test_legacy_naming_reads_alpha_tensors_as_comfyui_does(tmp_path):
+    from safetensors.torch import load_file, save_file
+    cfg = WanConfig.tiny()
+    path = save_lora(tmp_path / 'legacy.safetensors', random_lora(cfg), 'legacy')
+    sd = load_file(str(path))
+    sd.update({k.replace('.lora.down.weight', '.alpha'): torch.tensor(8.0) for k in list(sd) if 'lora.down' in k})
+    save_file(sd, str(path))
+    assert {s for _, _, s in read_lora(path, cfg.num_layers).values()} == {2.0}   # alpha 8 / rank 4
+
+
+def effective_weight(model, name):
+    """The weight a linear applies: W merged, or W + B A alpha / rank with adapters."""
+    m = model.get_submodule(name)
+    return m.weight + m.delta() if lora_modules(model) and not m.merged else m.weight.clone()
+
+
+@pytest.mark.parametrize('merge', [False, True], ids=['adapters', 'merged'])
+def test_lora_scale_0_is_the_base_model_and_0_5_halves_the_update(tmp_path, merge):
+    cfg = WanConfig.tiny()
+    path = save_lora(tmp_path / 'peft.safetensors', random_lora(cfg), 'peft')
+    base = randomize(WanDiT(cfg, state_cond=False))
+    x, t_BL, context, _ = inputs(cfg)
+    with torch.no_grad():
+        off = load_lora(twin(base), path, merge=merge, scale=0.0)
+        assert torch.equal(off(x, t_BL, context), base(x, t_BL, context))
+        update = {s: effective_weight(load_lora(twin(base), path, merge=merge, scale=s), 'blocks.1.ffn.2')
+                  - base.blocks[1].ffn[2].weight for s in (0.5, 1.0)}
+    assert update[1.0].abs().max() > 1e-2
+    assert torch.allclose(update[0.5], update[1.0] / 2, atol=1e-6)
+    with pytest.raises(ValueError, match='LoRA scale nan: a finite number'):
+        load_lora(twin(base), path, merge=merge, scale=float('nan'))
+
+
+def tiny_run_model(rank):
+    """The DiT train_sampling.py builds for --train_mode=lora: zero-initialised adapters of `rank`."""
+    return build_model(model='tiny', pretrained='', train_mode='lora', lora_rank=rank, lora_alpha=rank, init_seed=0,
+                       device='cpu', dtype=torch.float32, tiny={})
+
+
+def test_init_lora_makes_the_files_update_the_trainable_adapters_of_a_new_run(tmp_path):
+    cfg = WanConfig.tiny()
+    lora = random_lora(cfg)   # rank 4
+    path = save_lora(tmp_path / 'peft.safetensors', lora, 'peft',
+                     metadata={'lora_adapter_metadata': json.dumps(dict(r=4, lora_alpha=8))})   # scale 2
+    model = randomize(tiny_run_model(rank=4))   # a pretrained base (a random one's zero head passes no gradient)
+    for m in lora_modules(model):
+        torch.nn.init.zeros_(m.lora_B.weight)   # a new run's adapters: B = 0
+    base = {k: v.clone() for k, v in model.state_dict().items() if '.lora_' not in k}
+    load_lora(model, path)
+    m = model.blocks[0].self_attn.q
+    assert m.scale == 1.0                                       # the run's alpha / rank stays
+    assert torch.allclose(m.delta(), lora['blocks.0.self_attn.q'][1] @ lora['blocks.0.self_attn.q'][0] * 2.0, atol=1e-6)
+    assert all(torch.equal(v, base[k]) for k, v in model.state_dict().items() if k in base)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert len([n for n in trainable if '.lora_' in n]) == 2 * 10 * cfg.num_layers
+    assert all('.lora_' in n or n.startswith('state_embedder.') for n in trainable)
+    # a step of training moves the loaded adapters
+    x, t_BL, context, states = inputs(cfg)
+    model(x, t_BL, context, states).square().mean().backward()
+    assert m.lora_B.weight.grad.abs().max() > 0
+
+
+def test_init_lora_of_another_rank_is_refused_with_the_rank_to_pass(tmp_path):
+    cfg = WanConfig.tiny()
+    path = save_lora(tmp_path / 'peft.safetensors', random_lora(cfg, rank=4), 'peft')
+    model = tiny_run_model(rank=8)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r'adapters of rank 4, the model\'s of rank 8: .*--lora_rank=4'):
+        load_lora(model, path)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def trained_lora_model(seed=0):
+    model = randomize(WanDiT(WanConfig.tiny()), seed=seed)
+    add_lora(model, rank=4, alpha=4)
+    for m in lora_modules(model):
+        torch.nn.init.normal_(m.lora_B.weight, std=0.05)
+    return model
+
+
+def test_step_numbered_exports_keep_the_newest_and_lora_safetensors_is_the_latest(tmp_path):
+    from safetensors.torch import load_file
+    model = trained_lora_model()
+    for step in (100, 200, 300, 400):
+        with torch.no_grad():
+            model.blocks[0].ffn[0].lora_B.weight.fill_(step)
+        written = export_lora(model, tmp_path, step=step, keep_last=2)
+    assert [p.name for p in written] == ['lora_step0000400.safetensors', 'lora.safetensors',
+                                         'state_embedder_step0000400.safetensors', 'state_embedder.safetensors']
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        'lora.safetensors', 'lora_step0000300.safetensors', 'lora_step0000400.safetensors',
+        'state_embedder.safetensors', 'state_embedder_step0000300.safetensors',
+        'state_embedder_step0000400.safetensors']
+    key = 'diffusion_model.blocks.0.ffn.0.lora_B.weight'
+    assert load_file(str(tmp_path / 'lora.safetensors'))[key].unique().tolist() == [400.0]
+    assert load_file(str(tmp_path / 'lora_step0000300.safetensors'))[key].unique().tolist() == [300.0]
+    export_lora(model, tmp_path, step=50, keep_last=1)   # a run started over here: later steps are left alone
+    assert (tmp_path / 'lora_step0000400.safetensors').exists() and (tmp_path / 'lora_step0000050.safetensors').exists()
+    with pytest.raises(ValueError, match='keep_last=0: a count >= 1'):
+        export_lora(model, tmp_path, step=500, keep_last=0)
+
+
+def test_exported_files_get_the_mode_of_ckpt_pt(tmp_path):
+    old = os.umask(0o027)   # a shared machine's umask: group may read
+    try:
+        written = export_lora(trained_lora_model(), tmp_path)
+        torch.save({}, tmp_path / 'ckpt.pt')   # run_dir.save_checkpoint writes ckpt.pt with torch.save
+    finally:
+        os.umask(old)
+    assert {stat.S_IMODE(p.stat().st_mode) for p in written} == {stat.S_IMODE((tmp_path / 'ckpt.pt').stat().st_mode)} \
+        == {0o640}
+    assert not list(tmp_path.glob('*.tmp'))
+
+
+def test_export_command_refuses_to_replace_lora_files_unless_overwrite(tmp_path, capsys):
+    model = trained_lora_model()
+    ckpt = dict(kind='sampling', trainable={n: p.detach() for n, p in model.named_parameters() if p.requires_grad},
+                config=dict(lora_rank=4, lora_alpha=4))
+    torch.save(ckpt, tmp_path / 'ckpt_best.pt')
+    export_lora(trained_lora_model(seed=1), tmp_path)   # the run's latest export, already there
+    latest = (tmp_path / 'lora.safetensors').read_bytes()
+    with pytest.raises(SystemExit, match=r'lora.safetensors exists: pass --out with another folder, or --overwrite'):
+        wan_files_main(['export', '--ckpt', str(tmp_path / 'ckpt_best.pt')])
+    assert (tmp_path / 'lora.safetensors').read_bytes() == latest
+    wan_files_main(['export', '--ckpt', str(tmp_path / 'ckpt_best.pt'), '--out', str(tmp_path / 'best')])
+    wan_files_main(['export', '--ckpt', str(tmp_path / 'ckpt_best.pt'), '--overwrite'])
+    replaced = (tmp_path / 'lora.safetensors').read_bytes()
+    assert replaced == (tmp_path / 'best' / 'lora.safetensors').read_bytes() and replaced != latest
+
+
+# ===============================================================================================
+# wan_files.py: Hub downloads that keep one copy
+# ===============================================================================================
+
+def test_hub_download_into_models_dir_keeps_one_plain_copy_in_the_official_layout(tmp_path, monkeypatch, capsys):
+    import huggingface_hub
+    cfg = WanConfig.tiny()
+    src = randomize(WanDiT(cfg, state_cond=False))
+    calls = []
+
+    def fake_snapshot_download(repo_id, allow_patterns=None, local_dir=None, **kw):   # the Hub, offline
+        calls.append(dict(repo_id=repo_id, allow_patterns=allow_patterns, local_dir=local_dir))
+        write_official_checkpoint(src, Path(local_dir or tmp_path / 'hub_cache' / 'snapshot'))
+        return str(local_dir or tmp_path / 'hub_cache' / 'snapshot')
+    monkeypatch.setattr(huggingface_hub, 'snapshot_download', fake_snapshot_download)
+    monkeypatch.setenv('NANOWM_MODELS_DIR', str(tmp_path / 'models'))
+    loaded = load_dit('Wan-AI/Wan2.2-TI2V-5B', state_cond=False, r_dim=cfg.r_dim)
+    assert calls == [dict(repo_id='Wan-AI/Wan2.2-TI2V-5B', local_dir=tmp_path / 'models' / 'Wan2.2-TI2V-5B',
+                          allow_patterns=['config.json', 'diffusion_pytorch_model*', 'transformer/*'])]
+    assert 'into ' + str(tmp_path / 'models' / 'Wan2.2-TI2V-5B') in capsys.readouterr().out
+    assert not (tmp_path / 'hub_cache').exists()                       # one copy: no Hub cache beside it
+    files = list((tmp_path / 'models' / 'Wan2.2-TI2V-5B').iterdir())
+    assert len(files) == 4 and not any(p.is_symlink() for p in files)
+    x, t_BL, context, _ = inputs(cfg)
+    with torch.no_grad():
+        assert torch.equal(loaded(x, t_BL, context), src(x, t_BL, context))
+    # the folder then serves as it is (no download), and without NANOWM_MODELS_DIR the Hub cache is used
+    assert resolve(tmp_path / 'models' / 'Wan2.2-TI2V-5B', ['*']) == tmp_path / 'models' / 'Wan2.2-TI2V-5B'
+    monkeypatch.delenv('NANOWM_MODELS_DIR')
+    assert resolve('Wan-AI/Wan2.2-TI2V-5B', ['config.json']) == tmp_path / 'hub_cache' / 'snapshot'
+    assert len(calls) == 2 and calls[1]['local_dir'] is None
+
+
+# ===============================================================================================
+# configurator.py: suggestions and a --help in sections
+# ===============================================================================================
+
+FAKE_SCRIPT = '''"""A training script."""
+preset = 'cpu'              # which preset
+# -- data --
+data_dir = ''               # where the data is
+batch_size = 4              # samples per step
+                            # (per process)
+# -- training --
+learning_rate = 1e-3        # the step size
+max_iters = 10              # optimizer steps
+# -- logging --
+wandb_log = False           # also log to W&B
+# -- setup (after configure) --
+batch_size = int(batch_size)
+'''
+
+
+def fake_script(tmp_path, text):
+    path = tmp_path / 'train_fake.py'
+    path.write_text(text)
+    config = {'__file__': str(path), '__doc__': 'A training script.'}
+    exec(compile(text, str(path), 'exec'), config)
+    return config
+
+
+def help_text(config, capsys, module=configurator):
+    with pytest.raises(SystemExit) as stop:
+        module.configure(config, argv=['--help'], presets={'cpu': {}})
+    assert stop.value.code == 0
+    return capsys.readouterr().out
+
+
+def test_an_unknown_flag_suggests_the_nearest_setting(tmp_path):
+    config = fake_script(tmp_path, FAKE_SCRIPT)
+    for typed, meant in (('learning_rte', 'learning_rate'), ('batchsize', 'batch_size'), ('max_iter', 'max_iters')):
+        with pytest.raises(SystemExit, match=f'unknown setting --{typed}; did you mean --{meant}\\?'):
+            configurator.configure(dict(config), argv=[f'--{typed}=1'], presets={'cpu': {}})
+    with pytest.raises(SystemExit, match='unknown setting --zzz; known settings: batch_size, data_dir, '):
+        configurator.configure(dict(config), argv=['--zzz=1'], presets={'cpu': {}})
+
+
+def test_help_groups_the_settings_under_their_section_markers(tmp_path, capsys):
+    out = help_text(fake_script(tmp_path, FAKE_SCRIPT), capsys)
+    body = out.split('settings (default, then what it is):\n')[1].splitlines()
+    assert [line.split()[0] for line in body if line] == [
+        '--preset', 'data:', '--data_dir', '--batch_size', 'training:', '--learning_rate', '--max_iters',
+        'logging:', '--wandb_log']
+    assert body[1] == '' and body[2] == 'data:'                      # a blank line before each title
+    assert 'samples per step (per process)' in out                  # comments continue as before
+
+
+def test_help_of_a_script_without_markers_is_one_flat_list(tmp_path, capsys):
+    text = '\n'.join(line for line in FAKE_SCRIPT.splitlines() if not line.startswith('# --'))
+    out = help_text(fake_script(tmp_path, text), capsys)
+    assert out.split('settings (default, then what it is):\n')[1] == (
+        "  --preset         'cpu'         which preset\n"
+        "  --data_dir       ''            where the data is\n"
+        "  --batch_size     4             samples per step (per process)\n"
+        "  --learning_rate  0.001         the step size\n"
+        "  --max_iters      10            optimizer steps\n"
+        "  --wandb_log      False         also log to W&B\n")
+
+
+# ===============================================================================================
+# own_clips.py: a user's own videos and states -> the raw 1X layout
+# ===============================================================================================
+
+def write_clip(folder, name, frames=80, size=32, state_width=25, state_rows=None, seed=0):
+    """NAME.mp4 (frame k: a gradient shifted by k, so frames are told apart) + NAME.npy states."""
+    import av
+    folder.mkdir(parents=True, exist_ok=True)
+    g = np.random.default_rng(seed)
+    video = np.empty((frames, size, size, 3), dtype=np.uint8)
+    ramp = np.add.outer(np.arange(size), np.arange(size)) * 4
+    for k in range(frames):
+        video[k] = ((ramp + 3 * k + 40 * seed)[..., None] + np.array([0, 60, 120])) % 256
+    with av.open(str(folder / f'{name}.mp4'), 'w') as container:
+        stream = container.add_stream('libx264', rate=30)
+        stream.width = stream.height = size
+        stream.pix_fmt, stream.options = 'yuv444p', {'crf': '0'}
+        for frame in video:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format='rgb24')))
+        container.mux(stream.encode())
+    states = g.standard_normal((state_rows or frames, state_width)).astype(np.float32)
+    np.save(folder / f'{name}.npy', states)
+    return video, states
+
+
+def test_own_clips_become_the_raw_layout_that_the_sampling_reader_reads(tmp_path, capsys):
+    import data
+    import own_clips
+    clips = {name: write_clip(tmp_path / 'clips', name, frames=80 + 10 * i, seed=i)
+             for i, name in enumerate(('arm_a', 'arm_b', 'arm_c'))}
+    own_clips.main(['--clips', str(tmp_path / 'clips'), '--out', str(tmp_path / 'mine'), '--size', '32', '--crf', '0'])
+    assert 'train on it: python train_sampling.py --data_dir=' in capsys.readouterr().out
+    train, val = tmp_path / 'mine' / 'train_v2.0_raw', tmp_path / 'mine' / 'val_v2.0_raw'
+    assert data.raw_split_is_whole(train) and data.raw_split_is_whole(val)
+    assert (train / 'videos' / 'video_1.mp4').exists() and (val / 'video_0.mp4').exists()   # nested / flat
+    assert json.loads((train / 'metadata.json').read_text()) == dict(num_shards=2, query=None, hz=30, num_images=170)
+    assert json.loads((val / 'metadata_0.json').read_text()) == dict(shard_num_frames=100, shard_ind=0,
+                                                                     source='arm_c.mp4')
+    for split, names in ((train, ('arm_a', 'arm_b')), (val, ('arm_c',))):
+        ds = data.RawClips(str(split), stride=1, frame_size=(32, 32))
+        for shard, name in enumerate(names):
+            video, states = clips[name]
+            starts = [s for i, s in ds.items if i == shard]
+            assert starts == list(range(len(states) - 76))                 # one segment: every window is a clip
+            item = ds[ds.items.index((shard, starts[-1]))]
+            idx = np.array(data.clip_frame_indices()) + starts[-1]
+            assert np.array_equal(item['states_TD'].numpy(), states[idx])
+            diff = np.abs(item['frames_THWC'].numpy().astype(int) - video[idx].astype(int))
+            assert diff.max() <= 3, f"{name}: frames differ by {diff.max()}"   # yuv444p round-off only
+
+
+@pytest.mark.parametrize('case, message', [
+    ('lengths', r'b.mp4 has 80 frames but .*b.npy 79 state rows: one row per frame'),
+    ('width', r'b.npy: states of shape \(80, 24\), expected \(frames, 25\)'),
+    ('size', r'b.mp4: frames are 48x48 \(height x width\), expected 32x32 \(--size'),
+    ('no_states', r'b.mp4 has no b.npy'),
+    ('no_video', r'b.npy has no b.mp4'),
+    ('nan', r'b.npy: robot states hold nan at row \(frame\) 5, column 3'),
+    ('short', r'b.npy: 40 frames; a training clip needs 77')])
+def test_own_clips_stop_before_writing_and_name_the_file_and_what_is_expected(tmp_path, case, message):
+    import own_clips
+    clips = tmp_path / 'clips'
+    write_clip(clips, 'a')
+    write_clip(clips, 'c', seed=2)
+    kw = dict(lengths=dict(state_rows=79), width=dict(state_width=24), size=dict(size=48), short=dict(frames=40))
+    write_clip(clips, 'b', seed=1, **kw.get(case, {}))
+    if case == 'no_states':
+        (clips / 'b.npy').unlink()
+    if case == 'no_video':
+        (clips / 'b.mp4').unlink()
+    if case == 'nan':
+        states = np.load(clips / 'b.npy')
+        states[5, 3] = np.nan
+        np.save(clips / 'b.npy', states)
+    with pytest.raises(SystemExit, match=message):
+        own_clips.main(['--clips', str(clips), '--out', str(tmp_path / 'mine'), '--size', '32'])
+    assert not (tmp_path / 'mine').exists() or not any((tmp_path / 'mine').iterdir())
+
+
+
+@pytest.mark.slow
+def test_own_clips_train_with_train_sampling_as_the_converter_says(tmp_path):
+    import own_clips
+    for i, name in enumerate(('a', 'b', 'c')):
+        write_clip(tmp_path / 'clips', name, frames=120, seed=i)
+    own_clips.main(['--clips', str(tmp_path / 'clips'), '--out', str(tmp_path / 'mine'), '--size', '32'])
+    out = run_script('train_sampling.py', f'--data_dir={tmp_path / "mine"}', f'--out_dir={tmp_path / "run"}',
+                     '--dim=32', '--num_layers=1', '--num_heads=2', '--ffn_dim=64', '--batch_size=2',
+                     '--global_batch_size=2', '--max_iters=1', '--val_clips=1', '--val_ensemble=2', '--val_steps=2',
+                     cwd=tmp_path)
+    assert '12 training clips (train_v2.0_raw, a window every 8 frames)' in out   # 2 videos x 6 windows of 120 frames
+    assert (tmp_path / 'run' / 'ckpt.pt').exists()
+
+# ===============================================================================================
+# distributed.py: a run over two nodes, simulated on one machine
+# ===============================================================================================
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(('localhost', 0))
+        return s.getsockname()[1]
+
+
+def run_on_two_nodes(*args, cwd):
+    """`torchrun --nnodes 2 --nproc_per_node 1 --rdzv_backend c10d --rdzv_endpoint HOST:PORT SCRIPT ...`
+    typed on two nodes, as a cluster runs it: here two launchers on one machine (gloo on the CPU),
+    which meet at the c10d rendezvous the first of them hosts. Returns node 0's output."""
+    port = free_port()
+    env = dict(os.environ, OMP_NUM_THREADS='1', CUDA_VISIBLE_DEVICES='')
+    nodes = [subprocess.Popen([sys.executable, '-m', 'torch.distributed.run', '--nnodes=2', '--nproc_per_node=1',
+                               f'--node_rank={rank}', '--rdzv_backend=c10d', f'--rdzv_endpoint=localhost:{port}',
+                               '--rdzv_id=two_nodes', '--rdzv_conf=join_timeout=120', '--max_restarts=0',
+                               os.path.join(REPO, args[0]), *args[1:]],
+                              cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for rank in (0, 1)]
+    outputs = [node.communicate(timeout=900) for node in nodes]
+    for node, (out, err) in zip(nodes, outputs):
+        assert node.returncode == 0, f"{' '.join(node.args)} failed:\n{out[-3000:]}\n{err[-3000:]}"
+    return outputs[0][0] + outputs[1][0]
+
+
+@pytest.mark.slow
+def test_compression_on_two_nodes_takes_the_step_of_one_process(tmp_path, synthetic_dir):
+    common = SMALL_RUN + [f'--data_dir={synthetic_dir}', '--max_iters=1', '--global_batch_size=4', '--batch_size=2']
+    run_script('train_compression.py', *common, f'--out_dir={tmp_path}/one', cwd=tmp_path)
+    out = run_on_two_nodes('train_compression.py', *common, f'--out_dir={tmp_path}/nodes', cwd=tmp_path)
+    assert '2 processes on 2 nodes' in out
+    one = torch.load(tmp_path / 'one' / 'ckpt.pt', weights_only=False)
+    nodes = torch.load(tmp_path / 'nodes' / 'ckpt.pt', weights_only=False)
+    for name, p in one['model'].items():   # equal up to fp32 summation order (as the one-node DDP test)
+        torch.testing.assert_close(nodes['model'][name], p, rtol=0, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_sampling_on_two_nodes_takes_the_steps_of_one_process(raw_data, tmp_path):
+    run_script(*train_args(raw_data, tmp_path / 'one', '--max_iters=4'))
+    out = run_on_two_nodes(*train_args(raw_data, tmp_path / 'nodes', '--max_iters=4'), cwd=tmp_path)
+    assert '2 processes on 2 nodes' in out and '2 process(es) x batch 2 x 2 accumulation' in out
+    one, nodes = trained(tmp_path / 'one'), trained(tmp_path / 'nodes')
+    assert one['step'] == nodes['step'] == 4
+    for n, p in one['trainable'].items():   # tolerance as test_all.py's one-node DDP test
+        assert torch.allclose(p, nodes['trainable'][n], atol=1e-5, rtol=1e-4), n
+
+
+# ===============================================================================================
+# metrics.py and sample.py: LPIPS and FID (paper Table 2), sample.py --lora and --compile
+# ===============================================================================================
+
+def images(n, size=64, seed=0):
+    return np.random.RandomState(seed).randint(0, 256, (n, size, size, 3), dtype=np.uint8)
+
+
+# --- LPIPS ---------------------------------------------------------------------------------------
+
+def random_lpips():
+    """LPIPS with a random AlexNet trunk (no download); the linear layers ship in the package."""
+    lpips = pytest.importorskip('lpips')
+    torch.manual_seed(0)
+    with warnings.catch_warnings():   # lpips 0.1.4 asks torchvision for AlexNet the pre-0.13 way
+        warnings.simplefilter('ignore', UserWarning)
+        return lpips.LPIPS(net='alex', pnet_rand=True, verbose=False).eval().requires_grad_(False)
+
+
+def test_lpips_equals_the_packages_own_call_on_the_same_random_alexnet():
+    import lpips
+    net = random_lpips()
+    a, b = images(2)
+    ours = lpips_distance(net, a, b)
+    theirs = float(net(lpips.im2tensor(a), lpips.im2tensor(b)))   # the package's uint8 -> [-1, 1] NCHW
+    assert ours > 0.01 and abs(ours - theirs) <= 1e-6 * theirs
+    # floats in [0, 1] are the same images: the package's normalize=True maps them to [-1, 1]
+    af, bf = a / 255.0, b / 255.0
+    theirs_float = float(net(*(torch.from_numpy(x).permute(2, 0, 1)[None].float() for x in (af, bf)), normalize=True))
+    assert abs(lpips_distance(net, af, bf) - theirs_float) <= 1e-6 * theirs_float
+    assert lpips_distance(net, a, a) == 0.0
+
+
+# --- FID -------------------------------------------------------------------------------------------
+
+def fid_by_sqrtm(a, b):
+    """The textbook FID with scipy's matrix square root of S_a S_b (pytorch-fid's route)."""
+    from scipy import linalg
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    covmean = linalg.sqrtm(cov_a @ cov_b).real
+    return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * np.trace(covmean))
+
+
+def test_frechet_distance_agrees_with_scipy_sqrtm_and_with_torchmetrics():
+    pytest.importorskip('torchmetrics')
+    from torchmetrics.image.fid import _compute_fid
+    rng = np.random.RandomState(0)
+    a = rng.randn(200, 16)
+    b = rng.randn(200, 16) @ rng.randn(16, 16) * 0.5 + 0.3   # another mean and covariance
+    ours = frechet_distance(a, b)
+    assert ours > 1.0
+    assert abs(ours - fid_by_sqrtm(a, b)) < 1e-8 * ours
+    A, B = torch.from_numpy(a), torch.from_numpy(b)
+    theirs = float(_compute_fid(A.mean(0), torch.cov(A.T), B.mean(0), torch.cov(B.T)))
+    assert abs(ours - theirs) < 1e-8 * ours
+    # fewer samples than features (the covariances are singular), as FID over a few clips is
+    few_a, few_b = a[:10], b[:10]
+    assert abs(frechet_distance(few_a, few_b) - fid_by_sqrtm(few_a, few_b)) < 1e-6 * fid_by_sqrtm(few_a, few_b)
+    # a set against itself is 0; a shifted copy is exactly the squared shift (equal covariances)
+    assert abs(frechet_distance(a, a)) < 1e-9
+    assert abs(frechet_distance(a, a + 0.5) - 16 * 0.25) < 1e-9
+    with pytest.raises(ValueError, match='at least 2'):
+        frechet_distance(a[:1], b)
+
+
+class RandomFeatures(torch.nn.Module):
+    """A stand-in for the Inception: uint8 NCHW images -> [N, 8] features, random fixed weights."""
+    num_features = 8
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(3, 8, 5, stride=2)
+
+    def forward(self, x):
+        return self.conv(x.float() / 255).relu().mean((2, 3)) * 10
+
+
+def test_fid_of_image_sets_equals_torchmetrics_metric_on_the_same_random_backbone():
+    pytest.importorskip('torchmetrics')
+    from torchmetrics.image.fid import FrechetInceptionDistance
+    net = RandomFeatures()
+    preds, truths = images(12, seed=1), images(12, seed=2) // 2   # the real set darker: a clear distance
+    ours = frechet_distance(torch.cat([inception_features(net, p) for p in preds]), inception_features(net, truths))
+    metric = FrechetInceptionDistance(feature=net)   # the package's own update / compute
+    metric.update(torch.from_numpy(preds).permute(0, 3, 1, 2), real=False)
+    metric.update(torch.from_numpy(truths).permute(0, 3, 1, 2), real=True)
+    theirs = float(metric.compute())
+    assert ours > 1.0 and abs(ours - theirs) < 1e-5 * theirs
+
+
+def no_downloads(monkeypatch, tmp_path):
+    """An empty weights cache and no way out: what a machine offline sees."""
+    monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'torch_home'))
+    for var in ('https_proxy', 'HTTPS_PROXY', 'http_proxy', 'HTTP_PROXY'):
+        monkeypatch.setenv(var, 'http://127.0.0.1:9')   # port 9 refuses: a download fails at once
+    for var in ('no_proxy', 'NO_PROXY'):
+        monkeypatch.delenv(var, raising=False)
+
+
+def test_missing_weights_name_the_file_and_where_to_put_it(monkeypatch, tmp_path):
+    pytest.importorskip('lpips')
+    pytest.importorskip('torchmetrics')
+    import urllib.error
+    import torch_fidelity.feature_extractor_inceptionv3 as fidelity
+    import torchvision.models._api as torchvision_weights
+
+    def offline(url, *args, **kwargs):
+        raise urllib.error.URLError('no network')
+    no_downloads(monkeypatch, tmp_path)
+    monkeypatch.setattr(torchvision_weights, 'load_state_dict_from_url', offline)   # torchvision's AlexNet
+    monkeypatch.setattr(fidelity, 'load_state_dict_from_url', offline)
+    folder = f"{tmp_path / 'torch_home'}/hub/checkpoints/"
+    with pytest.raises(MetricUnavailable) as err:
+        lpips_network()
+    assert 'https://download.pytorch.org/models/alexnet-owt-7be5be79.pth' in str(err.value) and folder in str(err.value)
+    with pytest.raises(MetricUnavailable) as err:
+        fid_network()
+    assert 'weights-inception-2015-12-05-6726825d.pth' in str(err.value) and folder in str(err.value)
+
+
+# --- sample.py -------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_sample_py_without_the_weights_prints_psnr_ssim_and_what_to_fetch(one_step_run, monkeypatch, tmp_path):
+    no_downloads(monkeypatch, tmp_path)   # run_script passes this environment to the script
+    results = tmp_path / 'samples'
+    out = run_script('sample.py', f'--out_dir={one_step_run}', f'--results_dir={results}', '--ensemble=2',
+                     '--steps=1', '--max_clips=2', '--gif=False')
+    header = next(line for line in out.splitlines() if line.startswith('prediction of frame 77'))
+    assert 'PSNR (dB)' in header and 'SSIM' in header and 'LPIPS' not in header and 'FID' not in header
+    assert 'ensemble of 2' in out
+    folder = f"{tmp_path / 'torch_home'}/hub/checkpoints/"
+    lines = [line for line in out.splitlines() if line.startswith('not computed: ')]
+    assert len(lines) == 2
+    assert "LPIPS needs torchvision's AlexNet weights" in lines[0] and 'alexnet-owt-7be5be79.pth' in lines[0]
+    assert "FID needs torch-fidelity's Inception weights" in lines[1] and 'weights-inception-2015-12-05' in lines[1]
+    assert all(folder in line for line in lines)
+    with open(results / 'metrics.csv') as f:
+        assert not any(k.startswith(('lpips', 'fid')) for k in next(csv.DictReader(f)))
+
+
+def random_weights_in_the_cache(torch_home, monkeypatch):
+    """Random AlexNet and Inception weights under the file names the packages download to: a cached
+    file is loaded as it is, so sample.py takes its LPIPS / FID path offline (numbers of no meaning)."""
+    import torchvision
+    import torch_fidelity.feature_extractor_inceptionv3 as fidelity
+    folder = torch_home / 'hub' / 'checkpoints'
+    folder.mkdir(parents=True)
+    torch.manual_seed(0)
+    torch.save(torchvision.models.alexnet(weights=None).state_dict(), folder / 'alexnet-owt-7be5be79.pth')
+    with monkeypatch.context() as m:   # the Inception built with its random init, nothing loaded
+        m.setattr(fidelity, 'load_state_dict_from_url', lambda *args, **kwargs: {})
+        m.setattr(fidelity.FeatureExtractorInceptionV3, 'load_state_dict', lambda self, sd: None)
+        inception = fidelity.FeatureExtractorInceptionV3('inception-v3-compat', ['2048'])
+    torch.save(inception.state_dict(), folder / os.path.basename(fidelity.URL_INCEPTION_V3))
+
+
+@pytest.mark.slow
+def test_sample_py_with_the_weights_adds_lpips_per_clip_and_fid_over_the_clips(one_step_run, monkeypatch, tmp_path):
+    pytest.importorskip('lpips')
+    pytest.importorskip('torchmetrics')
+    no_downloads(monkeypatch, tmp_path)
+    random_weights_in_the_cache(tmp_path / 'torch_home', monkeypatch)
+    results = tmp_path / 'samples'
+    out = run_script('sample.py', f'--out_dir={one_step_run}', f'--results_dir={results}', '--ensemble=2',
+                     '--steps=1', '--max_clips=3', '--gif=False', '--ablation=False', '--blur=False')
+    lines = out.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith('prediction of frame 77'))
+    assert lines[header].split()[-6:] == ['(dB)', 'SSIM', 'LPIPS', 'FID', '(3', 'clips)']
+    for line in lines[header + 1:header + 4]:   # copy last, single sample, ensemble: 4 finite numbers each
+        values = [float(v) for v in line.split()[-4:]]
+        assert all(np.isfinite(values)) and values[2] >= 0 and values[3] >= 0, line
+    assert 'not computed' not in out
+    with open(results / 'metrics.csv') as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 3 and all(np.isfinite(float(r['lpips_ensemble_2'])) for r in rows)
+
+
+def scores(out_dir, *args):
+    run_script('sample.py', f'--out_dir={out_dir}', '--ensemble=2', '--steps=2', '--max_clips=1', '--gif=False',
+               '--lpips_fid=False', *args)
+    with open(out_dir / 'samples' / 'metrics.csv') as f:
+        row = next(csv.DictReader(f))
+    return {k: float(v) for k, v in row.items() if k.startswith(('psnr', 'ssim'))}
+
+
+def with_lora_B(src, dst, make_B):
+    """A copy of run src whose adapters' B are make_B(B) (the state weights as trained)."""
+    dst.mkdir()
+    ckpt = torch.load(src / 'ckpt.pt', weights_only=True)
+    ckpt['trainable'] = {n: make_B(p) if n.endswith('lora_B.weight') else p for n, p in ckpt['trainable'].items()}
+    torch.save(ckpt, dst / 'ckpt.pt')
+    return ckpt
+
+
+@pytest.mark.slow
+def test_sample_py_lora_at_scale_0_is_the_base_and_at_scale_1_the_run(raw_data, tmp_path):
+    # a LoRA run on a frozen base; alpha = rank, so the file's update is the run's bit for bit.
+    # Its B are drawn large (one training step moves them little), so that the LoRA changes the prediction.
+    base = write_official_checkpoint(randomize(WanDiT(WanConfig.tiny(**WAN_TINY), state_cond=False), std=0.1),
+                                     tmp_path / 'base')
+    run_script(*train_args(raw_data, tmp_path / 'trained', '--max_iters=1', f'--pretrained={base}',
+                           '--train_mode=lora', '--lora_rank=4', '--lora_alpha=4'))
+    g = torch.Generator().manual_seed(0)
+    run = with_lora_B(tmp_path / 'trained', tmp_path / 'run', lambda B: torch.randn(B.shape, generator=g))
+    with_lora_B(tmp_path / 'trained', tmp_path / 'no_lora', torch.zeros_like)   # the base + the state weights
+    export_lora(run['trainable'], tmp_path / 'exported', run['config']['lora_alpha'])
+    the_run, the_base = scores(tmp_path / 'run'), scores(tmp_path / 'no_lora')
+    assert abs(the_run['psnr_ensemble_2'] - the_base['psnr_ensemble_2']) > 0.01   # the LoRA matters
+    assert scores(tmp_path / 'run', f'--lora={tmp_path / "exported"}', '--lora_scale=0') == the_base
+    assert scores(tmp_path / 'no_lora', f'--lora={tmp_path / "exported"}', '--lora_scale=1') == the_run
+    # the file alone (no folder, so the run's own state weights) at its written strength: the run again
+    assert scores(tmp_path / 'no_lora', f'--lora={tmp_path / "exported" / "lora.safetensors"}') == the_run
+
+
+@pytest.mark.slow
+def test_sample_py_refuses_a_lora_scale_without_a_lora_and_a_lora_that_does_not_fit(one_step_run, tmp_path):
+    err = run_script('sample.py', f'--out_dir={one_step_run}', '--lora_scale=0.5', fails=True)
+    assert '--lora_scale=0.5 sets the strength of --lora' in err
+    (tmp_path / 'bad.safetensors').write_bytes(b'not a safetensors file')
+    err = run_script('sample.py', f'--out_dir={one_step_run}', f'--lora={tmp_path / "bad.safetensors"}', fails=True)
+    assert f'--lora={tmp_path / "bad.safetensors"}: ' in err and 'not a readable safetensors LoRA file' in err
+
+
+@pytest.mark.slow
+def test_sample_py_help_says_compile_is_on_with_cuda_and_off_on_the_cpu():
+    out = run_script('sample.py', '--help')
+    line = next(line for line in out.splitlines() if line.strip().startswith('--compile '))
+    assert repr(torch.cuda.is_available()) in line and 'on by default with CUDA, off on the CPU' in line
+    assert '--compile=False turns it off' in line
+    assert any(line.strip().startswith('--lora_scale ') and 'strength of --lora' in line for line in out.splitlines())

@@ -1,18 +1,21 @@
 """The Wan ecosystem's files: what nanoWM reads from and writes for the other Wan 2.2 tools.
 A Hub repo id is downloaded through huggingface_hub; a local folder is read as it is. In order:
 
-checkpoint files  resolve(repo_or_dir, patterns); check_keys(expected, got, source)
+checkpoint files  resolve(repo_or_dir, patterns): a folder, or a Hub download (into NANOWM_MODELS_DIR if
+                  set: one copy); check_keys(expected, got, source)
 key names         diffusers_name, official_name, to_diffusers_state_dict: official Wan <-> diffusers
 the DiT           load_dit(repo_or_dir): official or diffusers layout, sharded safetensors
 text context      null_context(repo_or_dir): umT5's encoding of "", padded to 512 slots (cached)
 a run's model     build_model(...): the DiT a run trains (+ LoRA); text_context(cfg, text_encoder, device)
 nanoWM's weights  save_trainable, load_trainable: the LoRA adapters + the state conditioning
 LoRA files        export_lora(model, out_dir): lora.safetensors, which ComfyUI, diffusers and DiffSynth
-                  read, + state_embedder.safetensors; read_lora, load_lora(model, path, merge=False):
-                  a Wan LoRA of ComfyUI, diffusers / PEFT, DiffSynth or kohya / musubi format
-command line      python wan_files.py export --ckpt out_sampling/ckpt.pt [--out DIR]
+                  read, + state_embedder.safetensors (step=N: a numbered history too); read_lora,
+                  load_lora(model, path, merge=False, scale=1.0): a Wan LoRA of ComfyUI, diffusers /
+                  PEFT (also the legacy .lora.down naming), DiffSynth or kohya / musubi format
+command line      python wan_files.py export --ckpt out_sampling/ckpt.pt [--out DIR] [--overwrite]
 """
 import json
+import math
 import os
 import re
 from dataclasses import fields, replace
@@ -28,16 +31,31 @@ from wan_state import (LORA_TARGETS, LoRALinear, WanConfig, WanDiT, add_lora, ke
 
 # --- Checkpoint files: download, sharded safetensors, config.json, checks -------------------------
 
-def resolve(repo_id_or_dir, allow_patterns):
-    """A local directory as it is, else a Hub repo id downloaded (only allow_patterns files)."""
+def resolve(repo_id_or_dir, allow_patterns, models_dir=None):
+    """A local directory as it is, else a Hub repo id downloaded (only allow_patterns files).
+
+    models_dir (default: the NANOWM_MODELS_DIR environment variable): download into
+    models_dir/<name> (Wan-AI/Wan2.2-TI2V-5B -> models_dir/Wan2.2-TI2V-5B, as Wan's README
+    downloads it with --local-dir) with huggingface_hub's local-dir download: one copy of the
+    weights, plain files, resumed where it stopped; that folder can later be passed as it is.
+    Without it the files go to the Hub cache (HF_HUB_CACHE). huggingface_hub draws the progress
+    bar: one for the files, one for the bytes of them all."""
     p = Path(os.path.expanduser(str(repo_id_or_dir)))
     if p.is_dir():
         return p
     if p.exists() or str(repo_id_or_dir).startswith(('/', '.', '~')) or str(repo_id_or_dir).count('/') != 1:
         raise FileNotFoundError(f"{repo_id_or_dir}: not a directory, and not a Hub repo id like 'Wan-AI/Wan2.2-TI2V-5B'")
-    from huggingface_hub import snapshot_download
+    import huggingface_hub
+    from huggingface_hub.utils import are_progress_bars_disabled, enable_progress_bars
+    models_dir = models_dir or os.environ.get('NANOWM_MODELS_DIR') or None
+    local_dir = Path(models_dir).expanduser() / str(repo_id_or_dir).split('/')[1] if models_dir else None
+    if are_progress_bars_disabled() and not os.environ.get('HF_HUB_DISABLE_PROGRESS_BARS'):
+        enable_progress_bars()   # a library turned them off; the user did not
+    print(f"fetching {repo_id_or_dir} ({', '.join(allow_patterns)}) into "
+          f"{local_dir or 'the Hugging Face cache'}", flush=True)
     try:
-        return Path(snapshot_download(str(repo_id_or_dir), allow_patterns=allow_patterns))
+        return Path(huggingface_hub.snapshot_download(str(repo_id_or_dir), allow_patterns=allow_patterns,
+                                                      local_dir=local_dir))
     except Exception as err:
         raise RuntimeError(f"could not download {repo_id_or_dir} from the Hugging Face Hub ({err}); "
                            f"download it elsewhere and pass the local directory instead") from err
@@ -364,18 +382,21 @@ def load_trainable(model, path):
 #   diffusers / PEFT  transformer.blocks.0.attn1.to_q.lora_A.weight (alpha in the file's metadata)
 #   DiffSynth-Studio  blocks.0.self_attn.q.lora_A.default.weight (no alpha)
 #   kohya / musubi    lora_unet_blocks_0_self_attn_q.lora_down.weight, .lora_up.weight, .alpha
+#   legacy diffusers  transformer.blocks.0.attn1.to_q.lora.down.weight, .lora.up.weight (diffusers
+#                     utils/state_dict_utils.py maps .lora.down -> .lora_A; ComfyUI reads it with .alpha)
 # lora_A = lora_down [rank, in], lora_B = lora_up [out, rank]; the update is B @ A * alpha / rank,
 # or B @ A where a file has no alpha (ComfyUI comfy/lora.py, diffusers lora_conversion_utils.py
 # _convert_non_diffusers_wan_lora_to_diffusers / _convert_musubi_wan_lora_to_diffusers, DiffSynth
 # GeneralLoRALoader, which ignores alpha).
 _LORA_KEY = re.compile(r'(?:diffusion_model\.|transformer\.|base_model\.model\.|lora_unet_)?(.+?)'
-                       r'\.(lora_A|lora_B|lora_down|lora_up|alpha)(?:\.default)?(?:\.weight)?')
+                       r'\.(lora_A|lora_B|lora_down|lora_up|lora\.down|lora\.up|alpha)(?:\.default)?(?:\.weight)?')
 
 
-_LORA_PART = {'lora_A': 'A', 'lora_down': 'A', 'lora_B': 'B', 'lora_up': 'B', 'alpha': 'alpha'}
+_LORA_PART = {'lora_A': 'A', 'lora_down': 'A', 'lora.down': 'A', 'lora_B': 'B', 'lora_up': 'B', 'lora.up': 'B',
+              'alpha': 'alpha'}
 
 
-def export_lora(model_or_trainable, out_dir, lora_alpha=None):
+def export_lora(model_or_trainable, out_dir, lora_alpha=None, step=None, keep_last=None):
     """Write out_dir/lora.safetensors, which ComfyUI, diffusers and DiffSynth-Studio load for Wan 2.2
     TI2V-5B, and out_dir/state_embedder.safetensors (the robot-state conditioning: nanoWM's own,
     no other tool has it). Returns the paths written.
@@ -384,7 +405,13 @@ def export_lora(model_or_trainable, out_dir, lora_alpha=None):
     (ckpt['trainable']: blocks.N.<module>.lora_A.weight ..., state_embedder.*) with its lora_alpha.
     Keys diffusion_model.blocks.N.<module>.lora_A.weight [r, in], .lora_B.weight [out, r] and
     .alpha = r: alpha / rank is folded into lora_B, so B @ A is the whole update and loaders that
-    read .alpha (ComfyUI, diffusers) and loaders that do not (DiffSynth) apply the same update."""
+    read .alpha (ComfyUI, diffusers) and loaders that do not (DiffSynth) apply the same update.
+
+    step: also keep this save as lora_step{step:07d}.safetensors (and state_embedder_step...),
+    the history musubi-tuner and diffusers' examples keep; lora.safetensors stays the latest.
+    keep_last: keep only the newest keep_last step-numbered files (None: all of them)."""
+    if keep_last is not None and (not isinstance(keep_last, int) or keep_last < 1):
+        raise ValueError(f"keep_last={keep_last!r}: a count >= 1 of step-numbered LoRA files to keep (None: all)")
     if isinstance(model_or_trainable, nn.Module):
         loras = {n: (m.lora_A.weight, m.lora_B.weight, m.scale) for n, m in model_or_trainable.named_modules()
                  if isinstance(m, LoRALinear)}
@@ -406,26 +433,41 @@ def export_lora(model_or_trainable, out_dir, lora_alpha=None):
     except OSError as err:   # a file where the folder should be, a read-only folder, a full disk
         raise ValueError(f"cannot write the LoRA files into {out_dir} ({err.strerror}): pass --out with a folder "
                          f"you can write to") from None
-    written = []
+    files = {}
     if loras:
         sd = {}
         for name, (A, B, scale) in loras.items():
             sd[f'diffusion_model.{name}.lora_A.weight'] = A.detach().float().cpu().contiguous()
             sd[f'diffusion_model.{name}.lora_B.weight'] = (B.detach().float().cpu() * scale).contiguous()
             sd[f'diffusion_model.{name}.alpha'] = torch.tensor(float(A.shape[0]))
-        written.append(save_atomic(sd, out_dir / 'lora.safetensors'))
+        files['lora'] = sd
     if state:
-        written.append(save_atomic({k: v.detach().float().cpu().contiguous() for k, v in state.items()},
-                                    out_dir / 'state_embedder.safetensors'))
+        files['state_embedder'] = {k: v.detach().float().cpu().contiguous() for k, v in state.items()}
+    written = []
+    for stem, sd in files.items():
+        if step is not None:
+            written.append(save_atomic(sd, out_dir / f'{stem}_step{step:07d}.safetensors'))
+            if keep_last is not None:   # files of later steps (a run started over here) are left alone
+                history = sorted(p for p in out_dir.glob(f'{stem}_step' + '[0-9]' * 7 + '.safetensors')
+                                 if int(p.stem[-7:]) <= step)
+                for old in history[:-keep_last]:
+                    old.unlink()
+        written.append(save_atomic(sd, out_dir / f'{stem}.safetensors'))
     return written
 
 
 def save_atomic(sd, path):
-    """safetensors file written whole or not at all (a run killed while saving leaves the old one)."""
-    from safetensors.torch import save_file
-    save_file(sd, str(path) + '.tmp', metadata={'format': 'pt'})
-    os.replace(str(path) + '.tmp', path)
-    return path
+    """safetensors file written whole or not at all (a run killed while saving leaves the old one).
+    Written through open(), so its mode follows the umask as ckpt.pt's does (readable by the group
+    under the usual umask; safetensors' own save_file writes 0600)."""
+    from safetensors.torch import save
+    tmp = f'{path}.tmp'
+    with open(tmp, 'wb') as f:
+        f.write(save(sd, metadata={'format': 'pt'}))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return Path(path)
 
 
 def read_lora(path_or_state_dict, num_layers):
@@ -491,17 +533,24 @@ def read_lora(path_or_state_dict, num_layers):
 
 
 @torch.no_grad()
-def load_lora(model, path, merge=False):
+def load_lora(model, path, merge=False, scale=1.0):
     """Load a Wan LoRA of any format above (a file, or export_lora's folder: lora.safetensors and,
     if there, state_embedder.safetensors) into a WanDiT. Returns the model. Everything is checked
     before the model changes: a file that does not fit leaves the model as it was.
 
-    merge=False: the file's adapters become the model's LoRA (unmerged, trainable: to start from
-        or evaluate a LoRA trained elsewhere). A model without adapters gets add_lora with the file's
-        rank and alpha; one with adapters keeps them (the file must have their rank) and those the
-        file lacks get B = 0, so the model is the base plus exactly the file's update.
-    merge=True: W += B @ A * scale into the base weights of any model, with or without adapters of
-        its own (to stack LoRAs, or to sample at base speed)."""
+    merge=False: the file's adapters become the model's LoRA (unmerged, trainable: to continue
+        training from a LoRA file, or to evaluate one trained elsewhere). A model without adapters
+        gets add_lora with the file's rank and alpha; one with adapters (the zero-initialised ones of
+        a new run, or a checkpoint's, which the file's replace) keeps the modules, the file must have
+        their rank, and those the file lacks get B = 0, so the model is the base plus exactly the
+        file's update.
+    merge=True: W += B @ A * alpha / rank into the base weights of any model, with or without
+        adapters of its own (to stack LoRAs, or to sample at base speed).
+    scale: the strength of the file's update, as ComfyUI's strength_model and diffusers'
+        set_adapters weight: 0 is the base model, 0.5 half the update, 1 the file as written. It
+        scales the adapters' update only; state_embedder.safetensors loads as it is."""
+    if not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"LoRA scale {scale!r}: a finite number (1.0 applies the file as written)")
     path = Path(path)
     lora_file, state_file = (path / 'lora.safetensors', path / 'state_embedder.safetensors') if path.is_dir() \
         else (path, None)
@@ -516,10 +565,14 @@ def load_lora(model, path, merge=False):
                              f"linear maps {linear.in_features} -> {linear.out_features}: the LoRA is for another model")
     own = lora_modules(model)
     if loras and not merge:
-        ranks = {A.shape[0] for A, _, _ in loras.values()}
-        if own and ranks != {own[0].rank} or len(ranks) != 1:
-            raise ValueError(f"{lora_file}: adapters of rank {sorted(ranks)}, the model's of rank "
-                             f"{own[0].rank if own else 'any single one'}; load it with merge=True")
+        ranks = sorted({A.shape[0] for A, _, _ in loras.values()})
+        if len(ranks) != 1:
+            raise ValueError(f"{lora_file}: adapters of ranks {ranks}; trainable adapters need one rank, so load "
+                             f"it with merge=True")
+        if own and ranks[0] != own[0].rank:
+            raise ValueError(f"{lora_file}: adapters of rank {ranks[0]}, the model's of rank {own[0].rank}: give the "
+                             f"model rank-{ranks[0]} adapters (--lora_rank={ranks[0]}) to continue from this file, "
+                             f"or load it with merge=True")
         _check_unmerged(model, 'loading adapters')
         if own:
             lacking = sorted(set(loras) - {n for n, m in model.named_modules() if isinstance(m, LoRALinear)})
@@ -534,21 +587,21 @@ def load_lora(model, path, merge=False):
         check_keys({k: v for k, v in model.state_dict().items() if k.startswith('state_embedder.')}, state_sd, state_file)
     # --- the changes
     if merge:
-        for name, (A, B, scale) in loras.items():
+        for name, (A, B, file_scale) in loras.items():
             w = model.get_submodule(name).weight
-            w += ((B @ A) * scale).to(device=w.device, dtype=w.dtype)
+            w += ((B @ A) * (file_scale * scale)).to(device=w.device, dtype=w.dtype)
     elif loras:
-        if not own:
-            A, _, scale = next(iter(loras.values()))   # one rank (checked above); scale: the first module's
-            add_lora(model, rank=A.shape[0], alpha=scale * A.shape[0],
+        if not own:   # one rank (checked above); alpha: the first module's (an alpha of 0 adds nothing)
+            A, _, file_scale = next(iter(loras.values()))
+            add_lora(model, rank=A.shape[0], alpha=(file_scale or 1.0) * A.shape[0],
                      targets=sorted({n.split('.', 2)[2] for n in loras}, key=LORA_TARGETS.index))
         for name, m in ((n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)):
-            A, B, scale = loras.get(name, (None, None, None))
+            A, B, file_scale = loras.get(name, (None, None, None))
             if A is None:
                 m.lora_B.weight.zero_()
                 continue
             m.lora_A.weight.copy_(A)
-            m.lora_B.weight.copy_(B * (scale / m.scale))
+            m.lora_B.weight.copy_(B * (file_scale * scale / m.scale))   # B A m.scale = the file's update x scale
     if state_sd is not None:
         model.load_state_dict(state_sd, strict=False)
     return model
@@ -557,19 +610,24 @@ def load_lora(model, path, merge=False):
 # --- Command line ---------------------------------------------------------------------------------
 
 def main(argv=None):
-    """`python wan_files.py export --ckpt out_sampling/ckpt.pt [--out DIR]`: lora.safetensors +
-    state_embedder.safetensors of a sampling checkpoint (export_lora)."""
+    """`python wan_files.py export --ckpt out_sampling/ckpt.pt [--out DIR] [--overwrite]`:
+    lora.safetensors + state_embedder.safetensors of a sampling checkpoint (export_lora)."""
     import argparse
     import run_dir   # weights_only loading, the track checked, a truncated file named
     parser = argparse.ArgumentParser(prog='wan_files.py', description=main.__doc__)
     sub = parser.add_subparsers(dest='command', required=True)
     p = sub.add_parser('export', help="write a sampling checkpoint's LoRA in the ComfyUI / diffusers format")
-    p.add_argument('--ckpt', required=True, help="a train_sampling.py checkpoint (ckpt.pt)")
+    p.add_argument('--ckpt', required=True, help="a train_sampling.py checkpoint (ckpt.pt, ckpt_best.pt)")
     p.add_argument('--out', default=None, help="output folder (default: the checkpoint's folder)")
+    p.add_argument('--overwrite', action='store_true', help="replace LoRA files already in the output folder")
     args = parser.parse_args(argv)
+    out = Path(args.out or Path(args.ckpt).parent)
+    there = [out / f for f in ('lora.safetensors', 'state_embedder.safetensors') if (out / f).exists()]
+    if there and not args.overwrite:   # a run folder holds its latest export: ckpt_best.pt must not replace it
+        raise SystemExit(f"{there[0]} exists: pass --out with another folder, or --overwrite to replace it")
     ckpt = run_dir.load_checkpoint(args.ckpt, 'sampling')
     try:
-        written = export_lora(ckpt['trainable'], args.out or Path(args.ckpt).parent, ckpt['config'].get('lora_alpha'))
+        written = export_lora(ckpt['trainable'], out, ckpt['config'].get('lora_alpha'))
     except ValueError as err:
         raise SystemExit(str(err))
     print('\n'.join(f"wrote {p}" for p in written) or f"{args.ckpt}: no LoRA or state weights to export")
