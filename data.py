@@ -199,6 +199,22 @@ class TokenDataset(torch.utils.data.Dataset):
                 np.memmap(p['segment_idx'], dtype=np.int32, mode='r'))
         return self._mmaps[i]
 
+    def check_tokens(self, chunk=1 << 22):
+        """Every token in [0, vocab_size), read in chunks (__getitem__ checks a sample when read;
+        this finds a bad file at start, not at the first validation). Stops with the file and block."""
+        for i in self.shards:
+            video = np.memmap(self.files[i]['video'], dtype=np.int32, mode='r')
+            flat = video.reshape(-1, GRIDS_PER_BLOCK * GRID_H * GRID_W)
+            rows = max(1, chunk // flat.shape[1])
+            for b in range(0, len(flat), rows):
+                part = np.asarray(flat[b:b + rows])
+                bad = (part < 0) | (part >= self.vocab_size)
+                if bad.any():
+                    row = int(bad.any(1).nonzero()[0][0])
+                    token = int(part[row][bad[row]][0])
+                    raise ValueError(f"{self.files[i]['video']}: block {b + row} holds token {token}, outside the "
+                                     f"vocabulary [0, {self.vocab_size}). Wrong file, or set vocab_size.")
+
     def __getitem__(self, j):
         i, k = (int(v) for v in self.index[j])
         video, states, seg = self._open(i)
@@ -383,6 +399,12 @@ class RawClips(torch.utils.data.Dataset):
 
     def __len__(self):
         return len(self.items)
+
+    def check(self):
+        """Decode every clip once: a damaged, truncated or resized video is found now (an error
+        naming it), not at the first validation."""
+        for shard, start in self.items:
+            self.shards[shard].read_frames(start, RAW_CLIP_LEN)
 
     def __getitem__(self, k):
         shard, start = self.items[k]

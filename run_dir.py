@@ -6,9 +6,12 @@ good state. Both training scripts use these few functions:
     claim(out_dir, resume, overwrite)   refuse to train from scratch over an existing checkpoint,
                                         check the folder is writable, and lock it (run.lock) so
                                         that a second run cannot write into it at the same time
+                                        (refreshed by a thread while the run lives); --overwrite
+                                        moves the earlier run's files into previous_<time>/
     save_checkpoint(out_dir, state)     ckpt.pt written atomically; the one before it kept as
                                         ckpt_prev.pt, and the best by a validation metric as
-                                        ckpt_best.pt (hard links: no extra disk)
+                                        ckpt_best.pt (hard links: no extra disk); a state holding
+                                        NaN or inf is never written
     load_checkpoint(path, kind, expect) torch.load(weights_only=True): a checkpoint holds tensors
                                         and plain data only, so loading one never runs code; the
                                         track and the model settings are checked
@@ -16,8 +19,9 @@ good state. Both training scripts use these few functions:
     RunLog(out_dir, ...)                log.jsonl (and Weights & Biases, if asked for); on the
                                         terminal a progress bar and a line every log_interval steps
     plot_curves(out_dir, panels)        curves.png from log.jsonl
-    stop_if_not_finite(figures, ...)    a NaN or inf loss (or gradient norm) stops the run; the
-                                        checkpoint on disk stays the last good one
+    DivergenceGuard(out_dir, spike)     a NaN or inf loss (or gradient norm), or a loss far above its
+                                        recent median, stops the run; ckpt.pt and ckpt_prev.pt keep
+                                        only states from before the divergence
 """
 import atexit
 import json
@@ -25,14 +29,20 @@ import math
 import os
 import pickle
 import socket
+import statistics
+import threading
 import time
+from collections import deque
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
 CKPT, PREV, BEST, LOCK = 'ckpt.pt', 'ckpt_prev.pt', 'ckpt_best.pt', 'run.lock'
+DIVERGED = 'ckpt_diverged.pt'   # a saved state whose loss then diverged, moved out of ckpt.pt
 LOCK_STALE_S = 900   # a lock from another host not refreshed for this long is taken over
+HEARTBEAT_S = 60     # a live run refreshes its lock this often (a thread: downloads and encoding included)
+SPIKE_WINDOW, SPIKE_MIN = 100, 20   # the loss-spike rule: the median of the last 100 losses, once 20 are known
 
 
 # ---------------------------------------------------------------------------------------------
@@ -53,8 +63,12 @@ def _lock_is_stale(path):
     try:
         with open(path) as f:
             owner = json.load(f)
-    except (OSError, ValueError):
-        return time.time() - os.path.getmtime(path) > 60, 'an unreadable lock file'
+        owner = dict(pid=int(owner['pid']), host=str(owner['host']), started=owner.get('started', '?'))
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):   # torn or foreign content
+        try:
+            return time.time() - os.path.getmtime(path) > 60, 'an unreadable lock file, not refreshed for a minute'
+        except OSError:   # removed meanwhile
+            return True, 'a lock file that is gone'
     who = f"pid {owner['pid']} on {owner['host']}, started {owner['started']}"
     if owner['host'] == socket.gethostname():
         return not _pid_alive(owner['pid']), who
@@ -78,8 +92,17 @@ def _take_lock(out_dir):
         with os.fdopen(fd, 'w') as f:
             json.dump(me, f)
         atexit.register(_release_lock, path, os.getpid())
+        threading.Thread(target=_keep_lock_fresh, args=(out_dir,), daemon=True).start()
         return path
     raise SystemExit(f"could not lock {path}: another run keeps taking it")
+
+
+def _keep_lock_fresh(out_dir):
+    """While this process lives, refresh its lock every HEARTBEAT_S: a run that spends hours
+    downloading or encoding before its first step must not look dead to a run on another host."""
+    while True:
+        time.sleep(HEARTBEAT_S)
+        heartbeat(out_dir)
 
 
 def _release_lock(path, pid):
@@ -101,7 +124,7 @@ def claim(out_dir, resume, overwrite=False, resume_flag='--init_from=resume'):
     if not resume and os.path.exists(ckpt) and not overwrite:
         raise SystemExit(f"{ckpt} already exists. To continue that run pass {resume_flag}; to start a new one "
                          f"pass another --out_dir, or --overwrite to train from scratch in this folder "
-                         f"(its checkpoints are replaced as the new run saves).")
+                         f"(the earlier run's files are moved into a previous_<time> folder in it).")
     try:
         os.makedirs(out_dir, exist_ok=True)
         probe = os.path.join(out_dir, f'.write_test_{os.getpid()}')
@@ -111,6 +134,30 @@ def claim(out_dir, resume, overwrite=False, resume_flag='--init_from=resume'):
     except OSError as e:
         raise SystemExit(f"--out_dir={out_dir} is not writable ({e.strerror}): pass a folder you can write to")
     _take_lock(out_dir)
+    if overwrite and not resume:
+        _move_earlier_run_aside(out_dir)
+
+
+# What a run writes into its out_dir (with the LoRA export, and sample.py's samples/): --overwrite moves these
+RUN_FILES = ('ckpt.pt', 'ckpt_prev.pt', 'ckpt_best.pt', DIVERGED, 'best.json', 'log.jsonl', 'curves.png',
+             'results.json', 'val', 'samples', 'lora.safetensors', 'state_embedder.safetensors')
+
+
+def _move_earlier_run_aside(out_dir):
+    """--overwrite: the earlier run's files go to out_dir/previous_<time>/, so the new run's folder
+    never mixes two runs (a best checkpoint or an exported LoRA of the old one beside the new)."""
+    names = sorted(n for n in os.listdir(out_dir) if n in RUN_FILES or n.endswith('.tmp')
+                   or (n.startswith(('lora_', 'state_embedder_')) and n.endswith('.safetensors')))
+    if not names:
+        return None
+    aside = os.path.join(out_dir, 'previous_' + time.strftime('%Y%m%d-%H%M%S'))
+    while os.path.exists(aside):
+        aside += '_'
+    os.makedirs(aside)
+    for name in names:
+        os.replace(os.path.join(out_dir, name), os.path.join(aside, name))
+    print(f"--overwrite: moved the earlier run's files ({', '.join(names)}) to {aside}/")
+    return aside
 
 
 def heartbeat(out_dir):
@@ -128,14 +175,28 @@ def heartbeat(out_dir):
 def save_checkpoint(out_dir, state, metric=None, higher_is_better=False):
     """Write ckpt.pt atomically; keep the previous one as ckpt_prev.pt; if `metric` is given and
     is the best so far, ckpt.pt is also kept as ckpt_best.pt (best.json says its step and value).
-    At every moment ckpt.pt is a whole checkpoint: a run killed while saving loses nothing."""
+    At every moment ckpt.pt is a whole checkpoint: a run killed while saving loses nothing. A state
+    holding NaN or inf is never saved (the run stops, files untouched), nor is a full disk a
+    traceback (the partial file is removed)."""
     path = os.path.join(out_dir, CKPT)
-    torch.save(state, path + '.tmp')
-    with open(path + '.tmp', 'rb') as f:
-        os.fsync(f.fileno())
-    if os.path.exists(path):
-        _link_or_copy(path, os.path.join(out_dir, PREV))
-    os.replace(path + '.tmp', path)
+    bad = _non_finite(state)
+    if bad:
+        raise SystemExit(f"step {state.get('step')}: {bad} holds NaN or inf: stopping without saving. "
+                         f"{_what_ckpt_holds(out_dir)}. Lower --learning_rate, check the data, or resume "
+                         f"from the checkpoint with other settings.")
+    try:
+        torch.save(state, path + '.tmp')
+        with open(path + '.tmp', 'rb') as f:
+            os.fsync(f.fileno())
+        if os.path.exists(path):
+            _link_or_copy(path, os.path.join(out_dir, PREV))
+        os.replace(path + '.tmp', path)
+    except OSError as e:   # a full disk, a quota, a folder gone read-only
+        for tmp in (path + '.tmp', os.path.join(out_dir, PREV) + '.tmp'):
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        raise SystemExit(f"could not save {path} ({e.strerror or e}): free space (or fix the permissions) on the "
+                         f"disk of --out_dir={out_dir}, then resume. {_what_ckpt_holds(out_dir)}.")
     if metric is not None and math.isfinite(metric):
         best_json = os.path.join(out_dir, 'best.json')
         best = _read_json_or_none(best_json, 'the next finite metric becomes the best')
@@ -145,6 +206,34 @@ def save_checkpoint(out_dir, state, metric=None, higher_is_better=False):
                 json.dump(dict(step=state.get('step'), value=metric, higher_is_better=higher_is_better), f)
             os.replace(best_json + '.tmp', best_json)
     heartbeat(out_dir)
+
+
+def _non_finite(obj, name=''):
+    """The name of the first floating-point tensor in obj (nested dicts and lists) holding NaN or
+    inf, or None."""
+    if isinstance(obj, torch.Tensor):
+        return name if obj.is_floating_point() and not torch.isfinite(obj).all() else None
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
+    for key, value in items:
+        bad = _non_finite(value, f"{name}.{key}" if name else str(key))
+        if bad:
+            return bad
+    return None
+
+
+def _saved_step(path):
+    """The step of a checkpoint on disk (memory-mapped: nothing but the step is read), or None."""
+    try:
+        return torch.load(path, map_location='cpu', weights_only=True, mmap=True).get('step')
+    except Exception:   # unreadable: the caller says so
+        return None
+
+
+def _what_ckpt_holds(out_dir):
+    ckpt = os.path.join(out_dir, CKPT)
+    if not os.path.exists(ckpt):
+        return "no checkpoint was written"
+    return f"{ckpt} (step {_saved_step(ckpt)}) is untouched"
 
 
 def _link_or_copy(src, dst):
@@ -232,19 +321,71 @@ def set_rng_state(state):
 
 def stop_if_not_finite(figures, step, out_dir, master=True):
     """A NaN or inf among figures ({'training loss': value, ...}) stops the run (exit code 1)
-    before the optimizer step: the weights are not updated, and the checkpoint on disk stays the
-    last good one. A stop, not a skipped step, is the safe default: a run that diverges once
-    usually diverges again. Every rank calls it with the same (all-reduced) figures, so all stop
-    together; only the master prints why."""
+    before the optimizer step: the weights are not updated. A stop, not a skipped step, is the
+    safe default: a run that diverges once usually diverges again. Every rank calls it with the
+    same (all-reduced) figures, so all stop together; only the master prints why."""
     for what, value in figures.items():
-        if math.isfinite(value):
-            continue
-        if not master:
-            raise SystemExit(1)
-        ckpt = os.path.join(out_dir, CKPT)
-        kept = f"{ckpt} (the last good state) is untouched" if os.path.exists(ckpt) else "no checkpoint was written"
-        raise SystemExit(f"step {step}: the {what} is {value}: stopping. {kept}. Lower --learning_rate, "
-                         f"check the data, or resume from the checkpoint with other settings.")
+        if not math.isfinite(value):
+            stop_diverged(f"the {what} is {value}", step, out_dir, master)
+
+
+class DivergenceGuard:
+    """Stops a run that diverges, before the optimizer step, with ckpt.pt the last good state.
+    Diverged: a NaN or inf loss or gradient norm, or a training loss above `spike` times the
+    median of its last SPIKE_WINDOW values (once SPIKE_MIN are known; spike 0: off), so a run that
+    explodes but stays finite stops too, before its checkpoints are overwritten. Every rank calls
+    check with the same (all-reduced) figures; the spike rule is the master's alone (it continues
+    its history from log.jsonl on resume), and the launcher stops the other ranks when it exits."""
+
+    def __init__(self, out_dir, spike, master=True, start_step=0):
+        self.out_dir, self.spike, self.master = out_dir, spike, master
+        self.losses = deque(maxlen=SPIKE_WINDOW)
+        if master and start_step > 0 and os.path.exists(os.path.join(out_dir, 'log.jsonl')):
+            self.losses.extend(r['loss'] for r in read_log(out_dir)
+                               if r.get('step', start_step) < start_step and isinstance(r.get('loss'), (int, float)))
+
+    def check(self, figures, step):
+        stop_if_not_finite(figures, step, self.out_dir, self.master)
+        loss = figures['training loss']
+        if self.master and self.spike and len(self.losses) >= SPIKE_MIN:
+            median = statistics.median(self.losses)
+            if loss > self.spike * median:
+                stop_diverged(f"the training loss spiked to {loss:.4g}, over {self.spike:g} x {median:.4g} (the "
+                              f"median of the last {len(self.losses)})", step, self.out_dir, self.master)
+        self.losses.append(loss)
+
+
+def stop_diverged(reason, step, out_dir, master=True):
+    """Stop (exit code 1) for a divergence seen in the loss of step `step`, i.e. of the weights
+    saved as step `step`: a checkpoint of that step (saved just before) goes to ckpt_diverged.pt,
+    and ckpt.pt becomes ckpt_prev.pt again (both then hold the state before). The message says
+    which file holds which step."""
+    if not master:
+        raise SystemExit(1)
+    raise SystemExit(f"step {step}: {reason}: stopping. {_keep_last_good(out_dir, step)}. Lower --learning_rate, "
+                     f"check the data, or resume from the checkpoint with other settings.")
+
+
+def _keep_last_good(out_dir, step):
+    ckpt, prev = os.path.join(out_dir, CKPT), os.path.join(out_dir, PREV)
+    if not os.path.exists(ckpt):
+        return "no checkpoint was written"
+    saved = _saved_step(ckpt)
+    if saved is None or saved < step:
+        return f"{ckpt} holds step {saved}, saved before the divergence at step {step}"
+    os.replace(ckpt, os.path.join(out_dir, DIVERGED))
+    said = f"the checkpoint of step {saved}, whose loss diverged, was moved to {os.path.join(out_dir, DIVERGED)}"
+    best_json = os.path.join(out_dir, 'best.json')
+    best = _read_json_or_none(best_json, 'it is replaced')
+    if best is not None and best.get('step') is not None and best['step'] >= step:   # the best was that state too
+        for path in (os.path.join(out_dir, BEST), best_json):
+            if os.path.exists(path):
+                os.remove(path)
+        said += f" ({BEST} was that state too and is removed)"
+    if not os.path.exists(prev):
+        return f"{said}; no checkpoint from before step {step} exists"
+    _link_or_copy(prev, ckpt)
+    return f"{ckpt} and {prev} hold step {_saved_step(ckpt)}, saved before the loss diverged at step {step}; {said}"
 
 
 # How the printed line shows the figures both trainers record every step (the others: log.jsonl only)
@@ -253,9 +394,10 @@ LINE_FORMATS = dict(loss='loss {:.4f}', lr='lr {:.2e}', grad_norm='grad norm {:.
 
 
 class RunLog:
-    """One json line per record in out_dir/log.jsonl, and Weights & Biases if wandb_project is set
-    (imported only then). On resume, records at or after the resumed step are dropped first, so the
-    log reads as one uninterrupted run. A figure that is None (no MFU on the CPU) is left out.
+    """One json line per record (with its unix time) in out_dir/log.jsonl, and Weights & Biases if
+    wandb_project is set (imported only then). On resume, records at or after the resumed step are
+    dropped first, so the log reads as one uninterrupted run. A figure that is None (no MFU on the
+    CPU) is left out.
     With total (the last step + 1), a progress bar; with log_interval, a line every log_interval
     steps and at the last, as nanoGPT prints its loss: `step 100: loss 2.1234, ..., MFU 8.9%`."""
 
@@ -277,8 +419,8 @@ class RunLog:
 
     def write(self, record):
         record = {k: v for k, v in record.items() if v is not None}
-        with open(self.path, 'a') as f:
-            f.write(json.dumps(record) + '\n')
+        with open(self.path, 'a') as f:   # with the wall-clock time (unix seconds): when each step ended
+            f.write(json.dumps(dict(record, time=round(time.time(), 3))) + '\n')
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in record.items() if k != 'step'}, step=record['step'])
         heartbeat(self.out_dir)

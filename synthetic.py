@@ -377,14 +377,21 @@ def write_synthetic_raw_set(out, train_shards=2, frames=1200, size=64, seed=0, v
     """out/train_v2.0_raw and out/val_v2.0_raw (one shard), then out/synthetic.json with the
     settings, last. A finished set of the same settings is kept; one of other settings is an error
     (never mixed or silently reused); a set without synthetic.json (an interrupted write) is written
-    again; a folder holding real data is never written over."""
+    again (with the encodings of it); a folder holding real data, or latents of other data, is never
+    written over or beside."""
     settings = dict(train_shards=train_shards, frames=frames, val_frames=val_frames or frames, size=size, seed=seed,
                     look=SYNTHETIC_LOOK)
     if synthetic_is_written(out, settings, ('train_v2.0_raw', 'val_v2.0_raw')):
         return False
-    for name in os.listdir(out) if os.path.isdir(out) else []:   # latents of an unfinished set: stale
-        if name.startswith('latents_'):
-            shutil.rmtree(os.path.join(out, name))
+    splits = ('train_v2.0_raw', 'val_v2.0_raw')
+    for name in sorted(os.listdir(out)) if os.path.isdir(out) else []:
+        encodings = [os.path.join(out, name, s + end) for s in splits for end in ('', '.partial')]
+        for encoded in filter(os.path.exists, encodings if name.startswith('latents_') else []):
+            split = os.path.basename(encoded).removesuffix('.partial')
+            if not os.path.exists(os.path.join(out, split)):   # encoded from data no longer here: not ours
+                raise SystemExit(f"{encoded} holds an encoding of other {split} data: refusing to write synthetic "
+                                 f"clips beside it (a run would train on those latents); pass another folder")
+            shutil.rmtree(encoded)   # encoded from the unfinished synthetic split written again below
     write_synthetic_raw(os.path.join(out, 'train_v2.0_raw'), train_shards, frames, size, seed)
     write_synthetic_raw(os.path.join(out, 'val_v2.0_raw'), 1, val_frames or frames, size, seed + 1, flat=True)
     path = os.path.join(out, 'synthetic.json')

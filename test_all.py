@@ -13,6 +13,7 @@ the tracks (LoRA files, Hub downloads, --help, own_clips.py, two nodes) and LPIP
 
 from pathlib import Path
 import csv
+import errno
 import importlib.util
 import json
 import math
@@ -23,6 +24,7 @@ import socket
 import stat
 import subprocess
 import sys
+import time
 import warnings
 
 import numpy as np
@@ -3047,3 +3049,276 @@ def test_sample_py_help_says_compile_is_on_with_cuda_and_off_on_the_cpu():
     assert repr(torch.cuda.is_available()) in line and 'on by default with CUDA, off on the CPU' in line
     assert '--compile=False turns it off' in line
     assert any(line.strip().startswith('--lora_scale ') and 'strength of --lora' in line for line in out.splitlines())
+
+
+# ===============================================================================================
+# run_dir.py and both trainers: divergence, full disks, locks, --overwrite, the val split at start
+# ===============================================================================================
+
+def save(out, step, value=1.0, metric=None):
+    run_dir.save_checkpoint(str(out), dict(kind='compression', step=step, config={}, model=dict(w=torch.full((3,), value))),
+                            metric=metric)
+
+
+def step_of(path):
+    return torch.load(path, weights_only=True)['step']
+
+
+def feed(guard, losses, first_step=0):
+    for step, loss in enumerate(losses, first_step):
+        guard.check({'training loss': loss, 'gradient norm': 0.5}, step)
+
+
+# ---------------------------------------------------------------------------------------------
+# The divergence guard
+# ---------------------------------------------------------------------------------------------
+
+def test_a_loss_spike_stops_the_run_and_moves_the_checkpoint_it_came_from_aside(tmp_path):
+    save(tmp_path, 10)
+    save(tmp_path, 20, metric=0.5)   # the best so far, then its loss spikes
+    guard = run_dir.DivergenceGuard(str(tmp_path), spike=10.0)
+    feed(guard, [1.0 + 0.01 * (k % 3) for k in range(20)])
+    with pytest.raises(SystemExit) as stop:
+        guard.check({'training loss': 50.0, 'gradient norm': 0.5}, 20)   # the loss of the weights saved as step 20
+    message = str(stop.value)
+    assert 'step 20: the training loss spiked to 50, over 10 x 1.01 (the median of the last 20): stopping' in message
+    assert f"{tmp_path}/ckpt.pt and {tmp_path}/ckpt_prev.pt hold step 10, saved before the loss diverged at step 20" \
+        in message
+    assert (step_of(tmp_path / 'ckpt.pt'), step_of(tmp_path / 'ckpt_prev.pt')) == (10, 10)
+    assert step_of(tmp_path / 'ckpt_diverged.pt') == 20
+    assert not (tmp_path / 'ckpt_best.pt').exists() and not (tmp_path / 'best.json').exists()
+
+
+def test_a_spike_after_the_last_save_leaves_every_checkpoint_as_it_is(tmp_path):
+    save(tmp_path, 10)
+    save(tmp_path, 20)
+    before = {name: (tmp_path / name).read_bytes() for name in ('ckpt.pt', 'ckpt_prev.pt')}
+    guard = run_dir.DivergenceGuard(str(tmp_path), spike=10.0)
+    feed(guard, [2.0] * 25)
+    with pytest.raises(SystemExit, match=re.escape(f"{tmp_path}/ckpt.pt holds step 20, saved before the divergence "
+                                                   f"at step 25")):
+        guard.check({'training loss': 2e6, 'gradient norm': 0.5}, 25)
+    assert {name: (tmp_path / name).read_bytes() for name in before} == before
+    assert not (tmp_path / 'ckpt_diverged.pt').exists()
+
+
+def test_the_spike_rule_waits_for_20_losses_and_is_off_at_0(tmp_path):
+    warming = run_dir.DivergenceGuard(str(tmp_path), spike=10.0)
+    feed(warming, [1.0] * 19 + [11.0])   # the 20th loss: only 19 known before it
+    off = run_dir.DivergenceGuard(str(tmp_path), spike=0)
+    feed(off, [1.0] * 30 + [1e9])
+    falling = run_dir.DivergenceGuard(str(tmp_path), spike=10.0)
+    feed(falling, [7.0 * 0.9 ** k for k in range(150)])   # a falling loss never trips it
+    with pytest.raises(SystemExit, match='the training loss spiked to 10.5'):
+        feed(run_dir.DivergenceGuard(str(tmp_path), spike=10.0), [1.0] * 20 + [10.5])
+
+
+def test_a_nan_loss_also_moves_a_checkpoint_of_its_step_aside(tmp_path):
+    save(tmp_path, 3)
+    guard = run_dir.DivergenceGuard(str(tmp_path), spike=10.0)
+    with pytest.raises(SystemExit, match=re.escape("step 3: the training loss is nan: stopping. the checkpoint of "
+                                                   "step 3, whose loss diverged, was moved to")) as stop:
+        guard.check({'training loss': float('nan'), 'gradient norm': 0.5}, 3)
+    assert 'no checkpoint from before step 3 exists' in str(stop.value)
+    assert not (tmp_path / 'ckpt.pt').exists() and step_of(tmp_path / 'ckpt_diverged.pt') == 3
+
+
+def test_weights_with_inf_are_never_saved_and_nothing_is_overwritten(tmp_path):
+    save(tmp_path, 1)
+    save(tmp_path, 2)
+    before = {name: (tmp_path / name).read_bytes() for name in ('ckpt.pt', 'ckpt_prev.pt')}
+    with pytest.raises(SystemExit, match=re.escape(f"step 3: model.w holds NaN or inf: stopping without saving. "
+                                                   f"{tmp_path}/ckpt.pt (step 2) is untouched")):
+        save(tmp_path, 3, value=float('inf'))
+    state = dict(kind='compression', step=3, config={}, model=dict(w=torch.ones(3)),
+                 optimizer=dict(state={0: dict(exp_avg_sq=torch.tensor([1.0, float('nan')]))}))
+    with pytest.raises(SystemExit, match='optimizer.state.0.exp_avg_sq holds NaN or inf'):
+        run_dir.save_checkpoint(str(tmp_path), state)
+    assert {name: (tmp_path / name).read_bytes() for name in before} == before
+    assert sorted(os.listdir(tmp_path)) == ['ckpt.pt', 'ckpt_prev.pt']
+
+
+@pytest.mark.slow
+def test_compression_stops_at_a_finite_explosion_with_the_checkpoint_from_before_it(tmp_path, synthetic_dir):
+    out = tmp_path / 'run'
+    args = (f'--data_dir={synthetic_dir}', f'--out_dir={out}', '--max_iters=40', '--ckpt_interval=10',
+            '--eval_interval=1000')
+    run_compression(*args, '--stop_at=30', cwd=tmp_path)
+    state = torch.load(out / 'ckpt.pt', weights_only=True)   # an exploded but finite state as step 30
+    state['model'] = {k: v * 30 if v.is_floating_point() else v for k, v in state['model'].items()}
+    torch.save(state, out / 'ckpt.pt')
+    err = run_compression(*args, '--init_from=resume', cwd=tmp_path, fails=True)
+    assert re.search(r'step 30: the training loss spiked to [\d.e+]+, over 10 x [\d.]+ \(the median of the last 30\)',
+                     err), err[-2000:]
+    assert f'{out}/ckpt.pt and {out}/ckpt_prev.pt hold step 20, saved before the loss diverged at step 30' in err
+    assert (step_of(out / 'ckpt.pt'), step_of(out / 'ckpt_prev.pt'), step_of(out / 'ckpt_diverged.pt')) == (20, 20, 30)
+
+
+# ---------------------------------------------------------------------------------------------
+# Faults during a save; the lock
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize('where', ['torch.save', 'os.replace'])
+def test_a_full_disk_during_a_save_is_one_sentence_and_leaves_no_tmp(tmp_path, monkeypatch, where):
+    save(tmp_path, 1)
+    before = (tmp_path / 'ckpt.pt').read_bytes()
+
+    def full(*args, **kwargs):
+        if where == 'torch.save':
+            open(args[1], 'wb').write(b'half a checkpoint')
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(run_dir.torch if where == 'torch.save' else run_dir.os, where.split('.')[1], full)
+    with pytest.raises(SystemExit, match=re.escape(f"could not save {tmp_path}/ckpt.pt (No space left on device): "
+                                                   f"free space")) as stop:
+        save(tmp_path, 2)
+    monkeypatch.undo()
+    assert f'{tmp_path}/ckpt.pt (step 1) is untouched' in str(stop.value)
+    assert (tmp_path / 'ckpt.pt').read_bytes() == before
+    assert not [n for n in os.listdir(tmp_path) if n.endswith('.tmp')]
+
+
+@pytest.mark.parametrize('content', ['garbage', '[1, 2]', '{"pid": "x", "host": 3}', '{"host": "h"}'])
+def test_a_malformed_lock_is_a_sentence_then_taken_over_once_stale(tmp_path, content):
+    out = tmp_path / 'run'
+    out.mkdir()
+    (out / 'run.lock').write_text(content)
+    with pytest.raises(SystemExit, match=r'in use by another run \(an unreadable lock file, not refreshed for a minute\)'):
+        run_dir.claim(str(out), resume=False)
+    old = time.time() - 120
+    os.utime(out / 'run.lock', (old, old))
+    run_dir.claim(str(out), resume=False)
+    assert json.loads((out / 'run.lock').read_text())['pid'] == os.getpid()
+    run_dir._release_lock(str(out / 'run.lock'), os.getpid())
+
+
+def test_the_lock_stays_fresh_while_a_long_preparation_runs(tmp_path, monkeypatch):
+    monkeypatch.setattr(run_dir, 'HEARTBEAT_S', 0.05)
+    monkeypatch.setattr(run_dir, 'LOCK_STALE_S', 0.5)
+    out = tmp_path / 'run'
+    run_dir.claim(str(out), resume=False)
+    lock = out / 'run.lock'
+    owner = json.loads(lock.read_text())
+    lock.write_text(json.dumps(dict(owner, host='another-host')))   # as a run on another host sees it
+    time.sleep(1.5)   # 3 x the staleness time without a log line or a save: a download, an encoding
+    stale, who = run_dir._lock_is_stale(str(lock))
+    assert not stale and time.time() - os.path.getmtime(lock) < 0.5, who
+    lock.write_text(json.dumps(owner))
+    run_dir._release_lock(str(lock), os.getpid())
+
+
+def test_overwrite_moves_the_earlier_runs_files_aside_and_says_so(tmp_path, capsys):
+    out = tmp_path / 'run'
+    out.mkdir()
+    run_files = ['best.json', 'ckpt.pt', 'ckpt_best.pt', 'ckpt_prev.pt', 'log.jsonl', 'lora.safetensors',
+                 'lora_step0000400.safetensors', 'state_embedder.safetensors', 'val']
+    for name in run_files:
+        (out / name).mkdir() if name == 'val' else (out / name).write_text(name)
+    (out / 'notes.txt').write_text('mine')
+    run_dir.claim(str(out), resume=False, overwrite=True)
+    run_dir._release_lock(str(out / 'run.lock'), os.getpid())
+    aside = [p for p in out.iterdir() if p.name.startswith('previous_')]
+    assert len(aside) == 1 and sorted(os.listdir(aside[0])) == run_files
+    assert sorted(os.listdir(out)) == ['notes.txt', aside[0].name]
+    assert (aside[0] / 'ckpt_best.pt').read_text() == 'ckpt_best.pt'
+    assert "--overwrite: moved the earlier run's files (best.json, ckpt.pt" in capsys.readouterr().out
+
+
+def test_every_log_line_has_its_time(tmp_path):
+    log = run_dir.RunLog(str(tmp_path))
+    before = time.time()
+    log.write(dict(step=0, loss=1.0))
+    record, = run_dir.read_log(str(tmp_path))
+    assert record['step'] == 0 and before - 1 <= record['time'] <= time.time() + 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Data preparation touches only what it writes
+# ---------------------------------------------------------------------------------------------
+
+def test_writing_the_synthetic_raw_set_keeps_an_encoding_of_other_data(tmp_path):
+    out = tmp_path / 'data'
+    other = out / 'latents_wan' / 'train_v2.0_raw'   # the encoding of a real split whose videos were deleted
+    other.mkdir(parents=True)
+    (other / 'encoding.json').write_text('{"clips": 1}')
+    unrelated = out / 'latents_pixel' / 'my_split'
+    unrelated.mkdir(parents=True)
+    (unrelated / 'latents_0.safetensors').write_text('x')
+    with pytest.raises(SystemExit, match=re.escape(f"{other} holds an encoding of other train_v2.0_raw data: refusing")):
+        synthetic.write_synthetic_raw_set(out, train_shards=1, frames=100, size=SIZE)
+    assert (other / 'encoding.json').read_text() == '{"clips": 1}'
+    shutil.rmtree(out / 'latents_wan')
+    assert synthetic.write_synthetic_raw_set(out, train_shards=1, frames=100, size=SIZE)
+    assert (unrelated / 'latents_0.safetensors').read_text() == 'x'
+
+
+def test_an_encoding_of_an_unfinished_synthetic_set_is_written_again(tmp_path):
+    out = tmp_path / 'data'
+    synthetic.write_synthetic_raw_set(out, train_shards=1, frames=100, size=SIZE)
+    (out / 'synthetic.json').unlink()   # interrupted: its encoding is of data written again below
+    stale = out / 'latents_pixel' / 'train_v2.0_raw'
+    stale.mkdir(parents=True)
+    assert synthetic.write_synthetic_raw_set(out, train_shards=1, frames=100, size=SIZE)
+    assert not stale.exists() and (out / 'latents_pixel').exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# The validation split is checked before the first step
+# ---------------------------------------------------------------------------------------------
+
+def test_a_token_outside_the_vocabulary_is_found_by_the_split_check(tmp_path, synthetic_dir):
+    bad = tmp_path / 'data'
+    shutil.copytree(synthetic_dir, bad)
+    tokens = np.fromfile(bad / 'val_v2.0' / 'video_0.bin', np.int32)
+    tokens[32 * 32 * 3 * 40 + 5] = 1000   # block 40
+    tokens.tofile(bad / 'val_v2.0' / 'video_0.bin')
+    ds = data.TokenDataset(str(bad / 'val_v2.0'), vocab_size=1000)
+    with pytest.raises(ValueError, match=r'video_0.bin: block 40 holds token 1000, outside the vocabulary \[0, 1000\)'):
+        ds.check_tokens(chunk=32 * 32 * 3 * 7)   # small chunks: the block number counts across them
+    data.TokenDataset(os.path.join(synthetic_dir, 'val_v2.0'), vocab_size=1000).check_tokens()
+
+
+@pytest.mark.slow
+def test_compression_reports_a_bad_val_token_before_the_first_step(tmp_path, synthetic_dir):
+    bad = tmp_path / 'data'
+    shutil.copytree(synthetic_dir, bad)
+    tokens = np.fromfile(bad / 'val_v2.0' / 'video_0.bin', np.int32)
+    tokens[-1] = 5000   # in the last block: the first validation (2 samples) never reads it
+    tokens.tofile(bad / 'val_v2.0' / 'video_0.bin')
+    err = run_compression(f'--data_dir={bad}', f'--out_dir={tmp_path}/run', '--max_iters=5', cwd=tmp_path, fails=True)
+    assert re.search(r'the validation split: .*val_v2.0/video_0.bin: block \d+ holds token 5000', err), err[-2000:]
+    assert not (tmp_path / 'run' / 'log.jsonl').exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('damage', ['truncated', 'resized'])
+def test_sampling_reports_a_damaged_val_video_before_the_first_step(raw_data, tmp_path, damage):
+    data_dir = tmp_path / 'data'
+    shutil.copytree(raw_data, data_dir, ignore=shutil.ignore_patterns('val_v2.0_raw'))
+    if damage == 'truncated':
+        shutil.copytree(raw_data / 'val_v2.0_raw', data_dir / 'val_v2.0_raw')
+        video = data_dir / 'val_v2.0_raw' / 'video_0.mp4'
+        video.write_bytes(video.read_bytes()[:len(video.read_bytes()) // 20])
+        said = r'video_0.mp4(: got \d+ frames from frame \d+, expected 77| cannot be decoded)'
+    else:
+        synthetic.write_synthetic_raw(data_dir / 'val_v2.0_raw', 1, 200, 2 * SIZE, seed=1, flat=True)
+        said = rf'video_0.mp4: frames are {2 * SIZE}x{2 * SIZE}, expected {SIZE}x{SIZE}'
+    err = run_script(*train_args(data_dir, tmp_path / 'run', '--max_iters=2'), cwd=tmp_path, fails=True)
+    assert re.search('the validation split: .*' + said, err), err[-2000:]
+    assert not (tmp_path / 'run' / 'log.jsonl').exists()
+
+
+def test_a_full_disk_during_a_lora_export_is_one_sentence_and_leaves_no_tmp(tmp_path, monkeypatch):
+    from wan_files import save_atomic
+    path = tmp_path / 'lora.safetensors'
+    save_atomic({'w': torch.ones(2)}, path)
+    real_replace = os.replace
+
+    def full_disk(src, dst):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(os, 'replace', full_disk)
+    with pytest.raises(SystemExit, match=r'could not write .*lora.safetensors \(No space left on device\): free space'):
+        save_atomic({'w': torch.zeros(2)}, path)
+    monkeypatch.setattr(os, 'replace', real_replace)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['lora.safetensors']
+    from safetensors.torch import load_file
+    assert torch.equal(load_file(str(path))['w'], torch.ones(2))

@@ -62,6 +62,7 @@ weight_decay = 0.05        # on matrices only (STTransformer.param_groups)
 beta1 = 0.9                # AdamW beta1
 beta2 = 0.95               # AdamW beta2
 grad_clip = 1.0            # clip the gradient norm to this (0 = off); not stated in the paper, GPT-2's value
+loss_spike = 10.0          # stop if the loss tops this x its median of the last 100 steps (0 = off)
 loss_chunk = 4096          # tokens whose fp32 logits exist at once in the loss (head_cross_entropy)
 seed = 1337                # initial weights, data order and dropout
 # the run: its folder, validation, log, checkpoints
@@ -110,7 +111,7 @@ configure(globals(), presets=PRESETS, gpu_preset='paper',
           positive=('vocab_size', 'n_layer', 'n_head', 'n_embd', 'state_window', 'global_batch_size', 'batch_size',
                     'learning_rate', 'loss_chunk', 'eval_interval', 'eval_samples', 'eval_batch_size', 'log_interval'),
           nonnegative=('epochs', 'max_iters', 'warmup_iters', 'weight_decay', 'grad_clip', 'final_eval_samples',
-                       'ckpt_interval', 'stop_at', 'num_workers'),
+                       'ckpt_interval', 'stop_at', 'num_workers', 'loss_spike'),
           fractions=('dropout', 'beta1', 'beta2'))
 
 # --- derived settings and checks ------------------------------------------------------------------
@@ -282,6 +283,11 @@ for ds in (*train_parts, val_ds):
         raise SystemExit(f"{ds.split_dir} is a synthetic set of vocabulary {world['vocab']}, but --vocab_size="
                          f"{vocab_size} (preset {preset}): pass --vocab_size={world['vocab']}, or a --data_dir "
                          f"with the 1X data")
+if master:   # damage in the val split stops the run now, not at the first validation
+    try:
+        val_ds.check_tokens()
+    except ValueError as e:
+        raise SystemExit(f"the validation split: {e}")
 if len(train_ds) < global_batch_size:
     raise SystemExit(f"the training set has {len(train_ds)} samples, fewer than --global_batch_size={global_batch_size}")
 if max_iters == 0:
@@ -331,6 +337,7 @@ loader = iter(torch.utils.data.DataLoader(train_ds, batch_sampler=micro_batches,
 log = run_dir.RunLog(out_dir, start_step, wandb_project if wandb_log else '', wandb_run_name, config, total=stop,
                      log_interval=log_interval) if master else None
 speed = StepSpeed(device, global_batch_size, raw_model.flops_per_sample() * batch_size * grad_accum)
+guard = run_dir.DivergenceGuard(out_dir, loss_spike, master, start_step)   # the loss-spike rule
 t0 = time.time()
 for step in range(start_step, stop):
     speed.start()
@@ -347,8 +354,8 @@ for step in range(start_step, stop):
         loss_sum += loss.detach() / grad_accum
     loss_value = mean_over_ranks(loss_sum).item()   # the same on every rank: a NaN on one stops them all
     grad_norm = torch.nn.utils.clip_grad_norm_(train_model.parameters(), grad_clip or math.inf).item()   # 0: no clip
-    # a NaN or inf stops the run before the weights change: ckpt.pt stays the last good state
-    run_dir.stop_if_not_finite({'training loss': loss_value, 'gradient norm': grad_norm}, step, out_dir, master)
+    # a NaN, inf or spiking loss stops the run before the weights change: ckpt.pt stays the last good state
+    guard.check({'training loss': loss_value, 'gradient norm': grad_norm}, step)
     lr = get_lr(step, learning_rate, warmup_iters, max_iters)
     for group in optimizer.param_groups:
         group['lr'] = lr

@@ -23,8 +23,9 @@ in out_dir/val/step_N/; curves.png at the end.
 Exactness: every random draw of a sample (noise, timestep, state dropout) comes from a generator
 seeded by (seed, step, position in the global batch), and every micro-batch has the same size, so
 the run computes the same gradients whatever the number of GPUs, and a resumed run continues
-exactly as if it had never stopped (tests check both). A NaN or inf loss or gradient norm stops
-every rank before the optimizer step (exit code 1): ckpt.pt stays the last good state.
+exactly as if it had never stopped (tests check both). A NaN or inf loss or gradient norm, or a
+loss over loss_spike x its recent median, stops every rank before the optimizer step (exit code
+1): ckpt.pt stays the last good state (run_dir.DivergenceGuard).
 """
 import importlib.util
 import math
@@ -84,6 +85,7 @@ max_iters = 2400            # optimizer steps (paper 2.2: 23k; the demo's model 
 learning_rate = 1e-3        # constant (paper: 4e-4 for LoRA on the pretrained base)
 weight_decay = 0.0          # AdamW weight decay (the team's trainer: 0.01)
 grad_clip = 1.0             # clip the gradient norm to this (0 = off; the team's trainer: off)
+loss_spike = 10.0           # stop if the loss tops this x its median of the last 100 steps (0 = off)
 shift = 12.0                # timestep shift (Wan: 5). The demo measured 1, 3, 6, 12, 24: 12 is best there
 state_dropout = 0.1         # probability of the learned no-state embedding (sample.py's no-state row, --cfg)
 loss_weighting = 'none'     # 'none' (plain MSE) or 'diffsynth': the team's trainer's timestep weight
@@ -137,7 +139,7 @@ configure(globals(), presets=PRESETS, gpu_preset='paper',
                     'num_heads', 'ffn_dim', 'lora_rank', 'lora_alpha', 'learning_rate', 'shift', 'batch_size',
                     'global_batch_size', 'max_iters', 'log_interval', 'ckpt_interval', 'eval_interval',
                     'val_clips', 'val_ensemble', 'val_steps'),
-          nonnegative=('weight_decay', 'grad_clip', 'gradient_checkpointing'),
+          nonnegative=('weight_decay', 'grad_clip', 'gradient_checkpointing', 'loss_spike'),
           fractions=('state_dropout',))
 
 # --- derived settings and checks ------------------------------------------------------------------
@@ -242,6 +244,11 @@ train_parts = [data.LatentClips(d) for d in latent_dirs]
 train_ds = torch.utils.data.ConcatDataset(train_parts)
 frame_size = train_parts[0].encoding.get('frame_size')
 val_ds = data.RawClips(split_dir('val_v2.0_raw'), stride=data.RAW_CLIP_LEN, max_clips=val_clips, frame_size=frame_size)
+if master:   # damage in the val split stops the run now, not at the first validation
+    try:
+        val_ds.check()
+    except ValueError as e:
+        raise SystemExit(f"the validation split: {e}")
 z_example, _ = train_ds[0]
 if len(train_ds) < global_batch_size:
     raise SystemExit(f"the training set has {len(train_ds)} clips, fewer than --global_batch_size={global_batch_size}")
@@ -290,6 +297,7 @@ _, Fr, Hl, Wl = z_example.shape
 flops_per_sample = (raw_model.flops_per_sample(Fr, Hl, Wl, lora_step=True, batch=batch_size) if train_mode == 'lora'
                     else 3 * raw_model.flops_per_sample(Fr, Hl, Wl, batch=batch_size))
 speed = StepSpeed(device, global_batch_size, flops_per_sample * batch_size * grad_accum)
+guard = run_dir.DivergenceGuard(out_dir, loss_spike, master, start_step)   # the loss-spike rule
 t0 = time.time()
 for step in range(start_step, max_iters):
     speed.start()
@@ -311,8 +319,8 @@ for step in range(start_step, max_iters):
         loss_sum += loss.detach() / grad_accum
     loss_value = mean_over_ranks(loss_sum).item()   # the same on every rank: a NaN on one stops them all
     grad_norm = torch.nn.utils.clip_grad_norm_(trainable.values(), grad_clip or math.inf).item()   # 0: no clip
-    # a NaN or inf stops the run before the weights change: ckpt.pt stays the last good state
-    run_dir.stop_if_not_finite({'training loss': loss_value, 'gradient norm': grad_norm}, step, out_dir, master)
+    # a NaN, inf or spiking loss stops the run before the weights change: ckpt.pt stays the last good state
+    guard.check({'training loss': loss_value, 'gradient norm': grad_norm}, step)
     optimizer.step()   # at the constant learning_rate (paper 2.2)
     optimizer.zero_grad(set_to_none=True)
     if not master:

@@ -462,11 +462,17 @@ def save_atomic(sd, path):
     under the usual umask; safetensors' own save_file writes 0600)."""
     from safetensors.torch import save
     tmp = f'{path}.tmp'
-    with open(tmp, 'wb') as f:
-        f.write(save(sd, metadata={'format': 'pt'}))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, 'wb') as f:
+            f.write(save(sd, metadata={'format': 'pt'}))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as err:   # a full disk: no half-written .tmp left behind, the old file kept
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise SystemExit(f"could not write {path} ({err.strerror}): free space on its disk, then resume "
+                         f"or export again (the previous {os.path.basename(path)}, if any, is untouched)")
     return Path(path)
 
 
@@ -571,7 +577,7 @@ def load_lora(model, path, merge=False, scale=1.0):
                              f"it with merge=True")
         if own and ranks[0] != own[0].rank:
             raise ValueError(f"{lora_file}: adapters of rank {ranks[0]}, the model's of rank {own[0].rank}: give the "
-                             f"model rank-{ranks[0]} adapters (--lora_rank={ranks[0]}) to continue from this file, "
+                             f"model rank-{ranks[0]} adapters (train_sampling.py --lora_rank={ranks[0]}) to continue from this file, "
                              f"or load it with merge=True")
         _check_unmerged(model, 'loading adapters')
         if own:
