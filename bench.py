@@ -7,13 +7,15 @@ As nanoGPT's bench.py: untimed warm-up calls, then timed calls with device synch
     python bench.py --preset=full --what=st_train --compile
     python bench.py --preset=full --what=wan_lora --wan_lora_batch=4 --wan_ckpt_blocks=10
     python bench.py --preset=full --what=wan_fwd --profile   # where the time goes (torch.profiler)
+    python bench.py --preset=full --what=st_train,wan_fwd --sdpa=flash,efficient,cudnn,math   # a row per kernel
     python bench.py --device=cpu --preset=cpu_ratios          # the ratios on the CPU (KV cache, batched ensemble)
     python bench.py --preset=full --what=ensemble,vae         # sample.py's seconds per clip, random weights
 
 What each benchmark times (--what=all runs them all; or name some, e.g. --what=st_decode,ensemble):
   st_train   one optimizer step of the compression ST-transformer (paper 3.1-3.2: 24 layers,
-             d 512, T 5, bf16 autocast, fused AdamW), random tokens of the real shapes; loss on
-             the predicted grids 3-5 only, as train_compression.py computes it
+             d 512, T 5, bf16 autocast, fused AdamW), random tokens of the real shapes; the
+             training loss of train_compression.py: cross-entropy of the predicted grids 3-5
+             only, --st_loss_chunk tokens of logits at a time (st_transformer.head_cross_entropy)
   st_decode  greedy decoding of 3 grids from 3 context grids (st_transformer.generate, fp32 as the
              paper decodes), with and without the temporal KV cache, next to one teacher-forced
              forward of the same 5 grids in the same precision (the target: cached decoding
@@ -33,12 +35,16 @@ What each benchmark times (--what=all runs them all; or name some, e.g. --what=s
 The ensemble and vae rows are also how to time sample.py with random weights, before any run has
 trained: --what=ensemble,vae with the --ensemble, --steps and --cfg_scale sample.py would use.
 
-On CUDA every transformer benchmark runs with only the flash attention kernel of
-F.scaled_dot_product_attention allowed (--sdpa=flash), so a run that leaves the flash path fails
-loudly instead of running slowly; fp32 decoding, which flash does not support, also allows the
-memory-efficient kernel. The VAE row has no such check (its attention is fp32, single-head, with
-640 / 1024 channels: no fused kernel takes it). MFU = model FLOPs / time / the device's dense bf16
-peak (peak_flops.py); it is n/a on the CPU and for the fp32 decoding rows.
+Every transformer benchmark runs with only the attention kernels of --sdpa allowed in
+F.scaled_dot_product_attention (default flash), so a run that leaves that path fails loudly
+instead of running slowly; fp32 decoding, which CUDA's flash kernel does not take, also allows the
+memory-efficient one. A list (--sdpa=flash,efficient,cudnn,math) times the rows once per kernel,
+named row_kernel; a kernel the device or the shapes do not have is skipped with a note. 'any'
+lets torch choose. The VAE row has no such check (its attention is fp32, single-head, with 640 /
+1024 channels: no fused kernel takes it). --profile prints the operators and kernels that took the
+most device time (CPU time on the CPU) in each benchmark's timed calls. --compile compiles block by
+block (compile_blocks of both models), as the training scripts do. MFU = model FLOPs / time / the
+device's dense bf16 peak (peak_flops.py); it is n/a on the CPU and for the fp32 decoding rows.
 """
 import time
 from contextlib import nullcontext
@@ -50,14 +56,14 @@ import data
 from configurator import configure
 from peak_flops import peak_flops
 from st_transformer import STConfig, STTransformer
-from wan_state import WanConfig, WanDiT, add_lora, frame_timesteps, per_token_timestep
+from wan_state import WanConfig, WanDiT, add_lora, frame_timesteps, lora_modules, per_token_timestep
 
 # --- settings --------------------------------------------------------------------------------
 preset = 'full' if torch.cuda.is_available() else 'cpu'  # 'cpu' (tiny), 'cpu_ratios', 'full' (the paper's sizes)
 what = 'all'               # all, or some of st_train,st_decode,wan_fwd,ensemble,wan_lora,vae
 device = 'auto'            # 'auto', 'cpu', 'cuda', 'cuda:1'
-compile = False            # torch.compile the ST-transformer and the DiT blocks
-sdpa = 'flash'             # CUDA: 'flash' (only the flash kernel allowed: fails if not taken) or 'any'
+compile = False            # torch.compile the blocks of the ST-transformer and the DiT (and the ST loss chunk)
+sdpa = 'flash'             # attention kernels allowed: flash, efficient, cudnn, math or any; a comma list: rows per kernel
 warmup = 1                 # untimed calls first (compilation, cuDNN autotuning, allocator)
 iters = 2                  # timed calls, averaged
 profile = False            # also print torch.profiler's top operators of each benchmark's timed calls
@@ -70,6 +76,7 @@ st_embd = 32               # width (paper: 512)
 st_vocab = 512             # token vocabulary (paper: 64000)
 st_grid = 8                # token grid height = width (paper: 32)
 st_batch = 2               # training samples per step
+st_loss_chunk = 4096       # tokens whose fp32 logits exist at once in the loss (train_compression.py's loss_chunk)
 decode_batch = 2           # samples decoded at once
 # sampling-track DiT
 wan_model = 'tiny'         # 'tiny' (WanConfig.tiny with the sizes below) or 'ti2v-5b'
@@ -105,14 +112,18 @@ PRESETS = {
                  st_batch=8, decode_batch=8, wan_model='ti2v-5b', latent_hw=32, wan_batch=4, wan_lora_batch=2,
                  ensemble=20, steps=20, vae='wan2.2', warmup=2, iters=5),
 }
-configure(globals(), presets=PRESETS, choices=dict(sdpa=('flash', 'any'), vae=('tiny', 'wan2.2'),
-                                                   wan_model=('tiny', 'ti2v-5b')),
-          positive=('iters', 'st_batch', 'decode_batch', 'wan_batch', 'wan_lora_batch', 'ensemble', 'steps'),
+configure(globals(), presets=PRESETS, choices=dict(vae=('tiny', 'wan2.2'), wan_model=('tiny', 'ti2v-5b')),
+          positive=('iters', 'st_batch', 'st_loss_chunk', 'decode_batch', 'wan_batch', 'wan_lora_batch', 'ensemble',
+                    'steps'),
           nonnegative=('warmup', 'threads', 'wan_ckpt_blocks'))
 WHAT = ('st_train', 'st_decode', 'wan_fwd', 'ensemble', 'wan_lora', 'vae')
 selected = WHAT if what == 'all' else tuple(what.split(','))
 if not set(selected) <= set(WHAT):
     raise SystemExit(f"--what={what}: unknown; choose all or some of {', '.join(WHAT)}, comma-separated")
+SDPA_KERNELS = ('flash', 'efficient', 'cudnn', 'math', 'any')
+backends = tuple(sdpa.split(','))
+if not (backends and set(backends) <= set(SDPA_KERNELS) and len(set(backends)) == len(backends)):
+    raise SystemExit(f"--sdpa={sdpa}: choose one or more of {', '.join(SDPA_KERNELS)}, comma-separated")
 
 # --- setup -----------------------------------------------------------------------------------
 if device == 'auto':
@@ -143,20 +154,26 @@ def sync():
         torch.cuda.synchronize()
 
 
+backend = backends[0]   # the kernel the rows being timed allow (the run loops over --sdpa's list)
+
+
 def attention_kernels(kernels):
-    """On CUDA with --sdpa=flash: allow only the flash kernel of F.scaled_dot_product_attention
-    for the transformers' bf16 rows (kernels='flash'), and the memory-efficient one too for their
-    fp32 decoding rows (kernels='fp32', which flash cannot run), so that SDPA raises an error rather
-    than silently falling back to the slow math path. kernels=None: no restriction (the VAE: its
-    attention in diffusers is fp32 and single-head with 640 / 1024 channels, outside both kernels)."""
-    if not cuda or sdpa == 'any' or kernels is None:
+    """Allow only the --sdpa kernel (`backend`) in F.scaled_dot_product_attention for the
+    transformers' rows (kernels='bf16'), so that SDPA raises an error rather than silently falling
+    back to another path; for their fp32 decoding rows (kernels='fp32') with flash, the
+    memory-efficient one too (CUDA's flash kernel takes no fp32). kernels=None: no restriction (the
+    VAE: its attention in diffusers is fp32 and single-head with 640 / 1024 channels)."""
+    if backend == 'any' or kernels is None:
         return nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
-    allowed = [SDPBackend.FLASH_ATTENTION] + ([SDPBackend.EFFICIENT_ATTENTION] if kernels == 'fp32' else [])
+    allowed = [dict(flash=SDPBackend.FLASH_ATTENTION, efficient=SDPBackend.EFFICIENT_ATTENTION,
+                    cudnn=SDPBackend.CUDNN_ATTENTION, math=SDPBackend.MATH)[backend]]
+    if backend == 'flash' and kernels == 'fp32':
+        allowed.append(SDPBackend.EFFICIENT_ATTENTION)
     return sdpa_kernel(allowed)
 
 
-def timed(fn, kernels='flash'):
+def timed(fn, kernels='bf16'):
     """Mean seconds per call of fn after warm-up calls, synchronised; the peak GiB on CUDA; and
     the output of the last call. With --profile, the timed calls run under torch.profiler (which
     slows them a little) and its table of the most expensive operators is printed."""
@@ -174,8 +191,9 @@ def timed(fn, kernels='flash'):
                 out = fn()
             sync()
             seconds = (time.perf_counter() - t0) / iters
-    if profile:
-        print(prof.key_averages().table(sort_by='cuda_time_total' if cuda else 'cpu_time_total', row_limit=15))
+    if profile:   # the operators and kernels themselves (self time), most expensive first
+        print(prof.key_averages().table(sort_by='self_device_time_total' if cuda else 'self_cpu_time_total',
+                                        row_limit=20, max_name_column_width=60))
     return seconds, (torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else float('nan')), out
 
 
@@ -183,38 +201,40 @@ rows = []   # (name, shape, seconds, samples, tokens, flops or None, GiB)
 
 
 def report(name, shape, seconds, gib, samples, tokens, flops=None):
+    if len(backends) > 1 or backend != 'flash':
+        name = f'{name}_{backend}'   # the row of one --sdpa kernel
     rows.append(dict(name=name, shape=shape, seconds=seconds, samples_per_s=samples / seconds,
                      tokens_per_s=tokens / seconds, mfu=(flops / seconds / peak) if flops and peak else None, gib=gib))
     r = rows[-1]
     mfu = f"{100 * r['mfu']:5.1f}%" if r['mfu'] is not None else '   n/a'
-    print(f"{name:18s} {shape:42s} {seconds * 1000:10.2f} {r['samples_per_s']:10.2f} {r['tokens_per_s']:12.0f} "
+    print(f"{name:24s} {shape:42s} {seconds * 1000:10.2f} {r['samples_per_s']:10.2f} {r['tokens_per_s']:12.0f} "
           f"{mfu:>7s} {gib:6.1f}", flush=True)
 
 
 # --- compression: the ST-transformer ----------------------------------------------------------
 def build_st():
-    """The ST-transformer of the --st_* sizes, the runner st_train times (compiled with --compile),
+    """The ST-transformer of the --st_* sizes (its blocks and loss chunk compiled with --compile),
     and random tokens and states for the larger of the training and decoding batches."""
     cfg = STConfig(vocab_size=st_vocab, n_layer=st_layers, n_head=st_heads, n_embd=st_embd, T=5,
                    H=st_grid, W=st_grid, dropout=0.1)
     st = STTransformer(cfg).to(device)
-    st_run = torch.compile(st) if compile else st
+    if compile:
+        st.compile_blocks()
     z_BGHW = torch.randint(0, st_vocab, (max(st_batch, decode_batch), 6, st_grid, st_grid), device=device)
     states_BLD = torch.randn(max(st_batch, decode_batch), cfg.state_window, cfg.state_dim, device=device)
-    return st, st_run, z_BGHW, states_BLD
+    return st, z_BGHW, states_BLD
 
 
-def bench_st_train(st, st_run, z_BGHW, states_BLD):
+def bench_st_train(st, z_BGHW, states_BLD):
     """One optimizer step of the ST-transformer, exactly train_compression.py's: bf16 autocast,
-    fused AdamW, the loss on the predicted grids 3-5 only."""
+    fused AdamW, the training loss (the predicted grids 3-5 only, chunked)."""
     optimizer = torch.optim.AdamW(st.param_groups(0.05), lr=1e-4, betas=(0.9, 0.95), fused=cuda)
     z, s = z_BGHW[:st_batch], states_BLD[:st_batch]
 
     def st_step():
-        # logits of grids 3..5 from positions 2..4
+        # grids 3..5 predicted from positions 2..4, the loss chunk by chunk as train_compression.py
         with autocast:
-            logits = st_run(z[:, :5], s, predict_from=2)
-            loss = F.cross_entropy(logits.flatten(0, -2).float(), z[:, 3:].reshape(-1))
+            loss = st(z[:, :5], s, predict_from=2, targets_BTHW=z[:, 3:], loss_chunk=st_loss_chunk)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -323,7 +343,8 @@ def bench_wan_lora(net, x_BCFHW, wstates_BTD, context_1LD):
     AdamW), with gradient checkpointing on the first --wan_ckpt_blocks blocks. Adds LoRA to net."""
     from flow_matching import flow_matching_loss
     b = wan_lora_batch
-    add_lora(net, rank=32, alpha=32)   # freezes the base; fp32 adapters and state weights train
+    if not lora_modules(net):   # (the rows of a second --sdpa kernel reuse the adapters)
+        add_lora(net, rank=32, alpha=32)   # freezes the base; fp32 adapters and state weights train
     net.gradient_checkpointing = wan_ckpt_blocks
     trainable = [p for p in net.parameters() if p.requires_grad]
     for p in trainable:
@@ -376,36 +397,60 @@ def bench_vae():
 
 
 # --- run ---------------------------------------------------------------------------------------
+def unless_no_kernel(name, fn, *args):
+    """fn(*args), or None with a note when the --sdpa kernel being timed cannot run these shapes
+    or dtypes on this device (SDPA: no available kernel)."""
+    try:
+        return fn(*args)
+    except RuntimeError as e:
+        if 'No available kernel' not in str(e) and 'No viable backend' not in str(e):
+            raise
+        print(f"{name}_{backend}: skipped, the {backend} kernel does not run here ({str(e).strip().splitlines()[0][:100]})")
+        sync()
+        return None
+
+
+def per_kernel(ratios_of_a_row):
+    """A row's ratios, named for the --sdpa kernel when the run times more than one."""
+    return {(f'{k} [{backend}]' if len(backends) > 1 else k): v for k, v in (ratios_of_a_row or {}).items()}
+
+
 print(f"device: {device_name}; preset {preset}; peak bf16 "
       f"{'%.0f TFLOP/s' % (peak / 1e12) if peak else 'n/a'}; compile {compile}; sdpa {sdpa}; "
       f"warm-up {warmup}, {iters} timed calls; torch {torch.__version__}")
-print(f"{'benchmark':18s} {'shape':42s} {'ms / call':>10s} {'samples/s':>10s} {'tokens/s':>12s} {'MFU':>7s} "
+print(f"{'benchmark':24s} {'shape':42s} {'ms / call':>10s} {'samples/s':>10s} {'tokens/s':>12s} {'MFU':>7s} "
       f"{'GiB':>6s}")
 ratios = {}   # the comparisons, printed after the table
+sec_ensemble = None
 
 if any(w in selected for w in ('st_train', 'st_decode')):
-    st, st_run, z_BGHW, states_BLD = build_st()
-    if 'st_train' in selected:
-        bench_st_train(st, st_run, z_BGHW, states_BLD)
-    if 'st_decode' in selected:
-        ratios.update(bench_st_decode(st, z_BGHW, states_BLD))
-    del st, st_run
+    st, z_BGHW, states_BLD = build_st()
+    for backend in backends:
+        if 'st_train' in selected:
+            unless_no_kernel('st_train', bench_st_train, st, z_BGHW, states_BLD)
+        if 'st_decode' in selected:
+            ratios.update(per_kernel(unless_no_kernel('st_decode', bench_st_decode, st, z_BGHW, states_BLD)))
+    del st
     if cuda:
         torch.cuda.empty_cache()
 
 if any(w in selected for w in ('wan_fwd', 'wan_lora', 'ensemble')):
     net, x_BCFHW, wstates_BTD, context_1LD, mask_BF = build_dit()
-    if 'wan_fwd' in selected:
-        ratios.update(bench_wan_fwd(net, x_BCFHW, wstates_BTD, context_1LD, mask_BF))
-    if 'ensemble' in selected:
-        sec_ensemble, ensemble_ratios = bench_ensemble(net, x_BCFHW, wstates_BTD, context_1LD)
-        ratios.update(ensemble_ratios)
-    if 'wan_lora' in selected:
-        bench_wan_lora(net, x_BCFHW, wstates_BTD, context_1LD)   # last: it adds LoRA to net
+    for backend in backends:
+        if 'wan_fwd' in selected:
+            ratios.update(per_kernel(unless_no_kernel('wan_fwd', bench_wan_fwd, net, x_BCFHW, wstates_BTD, context_1LD,
+                                                      mask_BF)))
+        if 'ensemble' in selected:
+            sec_ensemble, ensemble_ratios = unless_no_kernel('ensemble', bench_ensemble, net, x_BCFHW, wstates_BTD,
+                                                             context_1LD) or (None, {})
+            ratios.update(per_kernel(ensemble_ratios))
+    for backend in backends:   # last: it adds LoRA to net
+        if 'wan_lora' in selected:
+            unless_no_kernel('wan_lora', bench_wan_lora, net, x_BCFHW, wstates_BTD, context_1LD)
 
 if 'vae' in selected:
     sec_vae = bench_vae()
-    if 'ensemble' in selected:
+    if sec_ensemble is not None:
         ratios['sample.py seconds per clip (ensemble_batched + vae_clip)'] = sec_ensemble + sec_vae
 
 for name, value in ratios.items():

@@ -35,13 +35,20 @@ class STConfig:
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention over the second axis of x_BNC, with QK-norm (paper 3.1)."""
+    """Multi-head self-attention with QK-norm (paper 3.1) on x_BTSC, either spatial (over the S
+    tokens of each grid) or causal temporal (over the T grids at each token position).
+
+    Dropout (paper 3.1: 0.1 "on all attention, MLPs, and residual connections") acts on the
+    attention's output, the MLP's output and the embeddings, not on the attention probabilities:
+    1xgpt's GENIE (genie/attention.py, the ST-transformer the challenge's baseline and the paper
+    follow) builds an `attn_drop` but never applies it, as its xformers kernel takes no dropout.
+    So spatial attention may run on any SDPA kernel (cuDNN and the math path included)."""
 
     def __init__(self, cfg, causal):
         super().__init__()
         if cfg.n_embd % cfg.n_head != 0:
             raise ValueError(f"n_embd={cfg.n_embd} must be divisible by n_head={cfg.n_head}")
-        self.n_head, self.causal, self.dropout = cfg.n_head, causal, cfg.dropout
+        self.n_head, self.causal = cfg.n_head, causal
         self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd)
         self.proj = nn.Linear(cfg.n_embd, cfg.n_embd)
         # QK-norm (paper 3.1, for stability): LayerNorm of queries and keys per head, on top of the
@@ -50,23 +57,39 @@ class Attention(nn.Module):
         self.q_norm, self.k_norm = nn.LayerNorm(head_dim), nn.LayerNorm(head_dim)
         self.resid_drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x_BNC, kv_cache=None):
+    def forward(self, x_BTSC, kv_cache=None):
         """kv_cache (temporal attention in generate only): a dict that keeps the keys and values of
-        the positions seen so far. Empty: x_BNC holds the context positions (causal, as usual).
-        Filled: x_BNC is the one new position; it attends to the cached keys and its own, all of
-        which lie in its past, so no mask is needed. The new keys and values are appended."""
-        q, k, v = rearrange(self.qkv(x_BNC), 'b n (three h c) -> three b h n c', three=3, h=self.n_head)
+        the grids seen so far, which the new grids of x_BTSC attend to as well (see generate)."""
+        q, k, v = self.qkv(x_BTSC).unflatten(-1, (3, self.n_head, -1)).unbind(-3)   # each (B, T, S, heads, c)
         q, k = self.q_norm(q), self.k_norm(k)
-        causal = self.causal
-        if kv_cache is not None:
-            if kv_cache:
-                if x_BNC.shape[1] != 1:
-                    raise ValueError("with a filled KV cache, feed one new position at a time")
-                k, v = torch.cat([kv_cache['k'], k], dim=2), torch.cat([kv_cache['v'], v], dim=2)
-                causal = False
-            kv_cache['k'], kv_cache['v'] = k, v
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=causal, dropout_p=self.dropout if self.training else 0.0)
-        return self.resid_drop(self.proj(rearrange(y, 'b h n c -> b n (h c)')))
+        if self.causal:
+            y = causal_time_attention(q, k, v, kv_cache)
+        else:   # SDPA over the tokens of each grid: (B T) heads S c, views of the (B, T, S, heads, c) layout
+            q, k, v = (rearrange(a, 'b t s h c -> (b t) h s c') for a in (q, k, v))
+            y = rearrange(F.scaled_dot_product_attention(q, k, v), '(b t) h s c -> b t s h c', b=x_BTSC.shape[0])
+        return self.resid_drop(self.proj(y.flatten(-2)))
+
+
+def causal_time_attention(q_BTSHc, k_BTSHc, v_BTSHc, kv_cache=None):
+    """Causal softmax attention over the T axis (T = 5: 3 context grids and the predicted ones),
+    written out in the layout the block holds, (B, T, S, heads, c): the T x T scores of each token
+    position and head are c-wide dot products, a few elementwise kernels (fused by torch.compile),
+    where SDPA would run B x S x heads problems of 5 tokens and need the time axis moved next to
+    the channels. The same maths as softmax(q k^T / sqrt(c) + causal mask) v.
+
+    kv_cache (generate): a dict. Empty: this call's keys and values are stored. Filled: the new
+    grids (after the cached ones in time) attend to the cached keys and their own, causally; the
+    new keys and values are appended."""
+    if kv_cache is not None:
+        if kv_cache:
+            k_BTSHc, v_BTSHc = torch.cat([kv_cache['k'], k_BTSHc], dim=1), torch.cat([kv_cache['v'], v_BTSHc], dim=1)
+        kv_cache['k'], kv_cache['v'] = k_BTSHc, v_BTSHc
+    T, U = q_BTSHc.shape[1], k_BTSHc.shape[1]   # queries are the last T of the U key positions
+    scores_BTUSH = (q_BTSHc[:, :, None] * k_BTSHc[:, None]).sum(-1) * q_BTSHc.shape[-1] ** -0.5
+    future_TU = torch.arange(U, device=q_BTSHc.device) > torch.arange(U - T, U, device=q_BTSHc.device)[:, None]
+    scores_BTUSH = scores_BTUSH.masked_fill(future_TU[:, :, None, None], float('-inf'))
+    p_BTUSH = scores_BTUSH.softmax(dim=2)
+    return (p_BTUSH[..., None] * v_BTSHc[:, None]).sum(2)   # (B, T, S, heads, c)
 
 
 class MLP(nn.Module):
@@ -82,7 +105,8 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """One ST block (paper 3.1, Fig. 3a): pre-LN spatial attention over the H x W tokens of one
     grid, then pre-LN causal temporal attention over the T grids at one token position, then a
-    pre-LN MLP. Spatial attention never mixes grids; temporal attention never looks ahead."""
+    pre-LN MLP. Spatial attention never mixes grids; temporal attention never looks ahead. The
+    residual stream stays (B, T, S, C) throughout: each attention picks its axis itself."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -91,13 +115,9 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, x_BTSC, kv_cache=None):
-        B, T, S, C = x_BTSC.shape
-        x = rearrange(x_BTSC, 'b t s c -> (b t) s c')
-        x = x + self.spatial(self.ln_s(x))
-        x = rearrange(x, '(b t) s c -> (b s) t c', b=B)
-        x = x + self.temporal(self.ln_t(x), kv_cache)
-        x = x + self.mlp(self.ln_m(x))
-        return rearrange(x, '(b s) t c -> b t s c', b=B)
+        x_BTSC = x_BTSC + self.spatial(self.ln_s(x_BTSC))
+        x_BTSC = x_BTSC + self.temporal(self.ln_t(x_BTSC), kv_cache)
+        return x_BTSC + self.mlp(self.ln_m(x_BTSC))
 
 
 def grid_frame_pool(T, state_window):
@@ -153,6 +173,7 @@ class STTransformer(nn.Module):
         self.ln_f = nn.LayerNorm(cfg.n_embd)
         self.head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         self.head.weight = self.tok_emb.weight  # paper 3.2: tied input and output embeddings
+        self.chunk_loss = _chunk_ce_sum  # the loss of one chunk of tokens (compile_blocks compiles it)
         self.apply(self._init_weights)
 
     @staticmethod
@@ -180,7 +201,8 @@ class STTransformer(nn.Module):
         h_BTSC = self.hidden(self.embed(z_BTHW, states_BLD), predict_from)
         if targets_BTHW.shape != h_BTSC.shape[:2] + (self.cfg.H, self.cfg.W):
             raise ValueError(f"targets must be the {h_BTSC.shape[1]} predicted grids, got {tuple(targets_BTHW.shape)}")
-        return head_cross_entropy(h_BTSC.flatten(0, 2), self.head.weight, targets_BTHW.reshape(-1), loss_chunk)
+        return head_cross_entropy(h_BTSC.flatten(0, 2), self.head.weight, targets_BTHW.reshape(-1), loss_chunk,
+                                  self.chunk_loss)
 
     def embed(self, z_BTHW, states_BLD=None, t0=0):
         """Input embeddings (B, T, S, C) of the grids at time positions t0 .. t0 + T - 1: token +
@@ -264,6 +286,16 @@ class STTransformer(nn.Module):
             (decay if p.dim() >= 2 and not is_pos else no_decay).append(p)
         return [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
 
+    def compile_blocks(self, **compile_kwargs):
+        """torch.compile each block in place (nn.Module.compile: parameter names and state_dict keys
+        stay as they are) and the loss of one chunk of tokens. Regional compilation: the blocks are
+        all the same code, so one compiled graph serves all of them; the embeddings, the state
+        encoder and generate's loop stay eager."""
+        for block in self.blocks:
+            block.compile(**compile_kwargs)
+        self.chunk_loss = torch.compile(_chunk_ce_sum, **compile_kwargs)
+        return self
+
     def num_params(self):
         return sum(p.numel() for p in self.parameters())  # parameters() counts the tied matrix once
 
@@ -281,15 +313,16 @@ def _chunk_ce_sum(h_NC, weight_VC, target_N):
     return F.cross_entropy(F.linear(h_NC, weight_VC).float(), target_N, reduction='sum')
 
 
-def head_cross_entropy(h_NC, weight_VC, target_N, chunk=4096):
+def head_cross_entropy(h_NC, weight_VC, target_N, chunk=4096, chunk_loss=_chunk_ce_sum):
     """Mean cross-entropy of the logits h_NC @ weight_VC^T (fp32 log-softmax) against target_N,
     computed chunk tokens at a time with activation checkpointing: each chunk's logits are made,
     reduced to a sum and freed, and made again in the backward pass. So at most one chunk of fp32
     logits (chunk x V x 4 bytes: 1 GiB at 4096 x 64000) exists at a time instead of the whole
     micro-batch's (30720 x 64000 x 4 bytes = 7.3 GiB at batch 10), for one extra head matmul.
-    Equal to F.cross_entropy on the full logits (test_all.py checks value and gradients)."""
+    Equal to F.cross_entropy on the full logits (test_all.py checks value and gradients).
+    chunk_loss: the function of one chunk (the compiled one after STTransformer.compile_blocks)."""
     total = h_NC.new_zeros((), dtype=torch.float32)
     for i in range(0, len(target_N), chunk):
-        total = total + torch.utils.checkpoint.checkpoint(_chunk_ce_sum, h_NC[i:i + chunk], weight_VC,
+        total = total + torch.utils.checkpoint.checkpoint(chunk_loss, h_NC[i:i + chunk], weight_VC,
                                                           target_N[i:i + chunk], use_reentrant=False)
     return total / len(target_N)

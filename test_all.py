@@ -4,7 +4,7 @@ One section per file, each test one behaviour with the numbers that matter, in t
 st_transformer.py, metrics.py, data.py, synthetic.py, prepare.py, train_compression.py (the compression
 track); wan_state.py, wan_files.py, vae.py, flow_matching.py, train_sampling.py, sample.py (the sampling
 track); bench.py and peak_flops.py, configurator.py, run_dir.py, pictures.py; then the workflow around
-the tracks (LoRA files, Hub downloads, --help, own_clips.py, two nodes) and LPIPS / FID. Tests that run a script
+the tracks (LoRA files, Hub downloads, --help, own_clips.py, two nodes), LPIPS / FID, reliability, speed. Tests that run a script
 (a subprocess, torchrun) or train or compile for more than a few seconds are marked `slow` (pytest.ini):
 
     python -m pytest -q test_all.py                  # everything, as CI runs it (.ci/run)
@@ -32,7 +32,9 @@ from PIL import Image
 import pytest
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 import configurator
@@ -41,18 +43,19 @@ import pictures
 import prepare
 import run_dir
 import synthetic
+import wan_state
 from flow_matching import (diffsynth_weight, flow_matching_loss, reference_sigmas, sample_draws, sample_latents,
                            shift_sigma)
 from metrics import (P_FLOOR, MetricUnavailable, blur_baseline, cross_entropy_topk, fid_network, frechet_distance,
                      inception_features, lpips_distance, lpips_network, match_histograms, psnr, ssim)
 from peak_flops import StepSpeed, peak_flops
-from st_transformer import STConfig, STTransformer
+from st_transformer import Block, STConfig, STTransformer
 from vae import PixelCodec, WanVAE, frames_to_video
 from wan_files import (build_model, export_lora, load_dit, load_lora, load_trainable, null_context, read_lora,
                        resolve, save_trainable, text_context, to_diffusers_state_dict)
 from wan_files import main as wan_files_main
-from wan_state import (LORA_TARGETS, WanConfig, WanDiT, add_lora, frame_timesteps, lora_modules, merge_lora,
-                       parameter_counts, per_token_timestep, trainable_state_dict, unmerge_lora)
+from wan_state import (LORA_TARGETS, LoRALinear, WanConfig, WanDiT, add_lora, frame_timesteps, lora_modules, merge_lora,
+                       parameter_counts, per_token_timestep, rope_cos_sin, trainable_state_dict, unmerge_lora)
 
 
 REPO = os.path.dirname(os.path.abspath(__file__))
@@ -3322,3 +3325,247 @@ def test_a_full_disk_during_a_lora_export_is_one_sentence_and_leaves_no_tmp(tmp_
     assert sorted(p.name for p in tmp_path.iterdir()) == ['lora.safetensors']
     from safetensors.torch import load_file
     assert torch.equal(load_file(str(path))['w'], torch.ones(2))
+
+
+# ===============================================================================================
+# speed: the explicit temporal attention, fewer kernels per block, regional compile without graph breaks
+# ===============================================================================================
+
+ST_CFG = STConfig(vocab_size=64, n_layer=1, n_head=2, n_embd=32, H=4, W=4, dropout=0.0)
+
+
+# --- the oracle: the ST block as it was written with SDPA, the residual moved between layouts ------
+
+def sdpa_attention(attn, x_BNC, causal):
+    """Attention over the second axis of x_BNC with F.scaled_dot_product_attention (the old path)."""
+    q, k, v = rearrange(attn.qkv(x_BNC), 'b n (three h c) -> three b h n c', three=3, h=attn.n_head)
+    y = F.scaled_dot_product_attention(attn.q_norm(q), attn.k_norm(k), v, is_causal=causal)
+    return attn.resid_drop(attn.proj(rearrange(y, 'b h n c -> b n (h c)')))
+
+
+def sdpa_block(block, x_BTSC):
+    """Block.forward with the residual in (B T) S C for spatial and (B S) T C for temporal attention."""
+    B = x_BTSC.shape[0]
+    x = rearrange(x_BTSC, 'b t s c -> (b t) s c')
+    x = x + sdpa_attention(block.spatial, block.ln_s(x), causal=False)
+    x = rearrange(x, '(b t) s c -> (b s) t c', b=B)
+    x = x + sdpa_attention(block.temporal, block.ln_t(x), causal=True)
+    x = x + block.mlp(block.ln_m(x))
+    return rearrange(x, '(b s) t c -> b t s c', b=B)
+
+
+def st_block(seed=0):
+    torch.manual_seed(seed)
+    return randomize(Block(ST_CFG), std=0.3, seed=seed)
+
+
+@pytest.mark.parametrize('train', [False, True])
+def test_st_block_with_explicit_causal_time_attention_equals_the_sdpa_block(train):
+    block = st_block().train(train)
+    x = torch.randn(3, 5, 16, 32, requires_grad=True)
+    got = block(x)
+    grads_got = torch.autograd.grad(got.square().sum(), [x, *block.parameters()])
+    want = sdpa_block(block, x)
+    grads_want = torch.autograd.grad(want.square().sum(), [x, *block.parameters()])
+    assert want.abs().max() > 1
+    assert (got - want).abs().max() < 1e-5
+    # fp32 rounding against the gradients' scale (some are 0 exactly: a key bias moves no softmax)
+    scale = max(w.abs().max().item() for w in grads_want)
+    assert scale > 1e3 and max((g - w).abs().max().item() for g, w in zip(grads_got, grads_want)) < 1e-6 * scale
+
+
+def test_temporal_kv_cache_gives_the_sdpa_block_output_grid_by_grid():
+    block = st_block(1).eval()
+    x = torch.randn(2, 5, 16, 32)
+    with torch.no_grad():
+        want = sdpa_block(block, x)
+        cache = {}
+        got = [block(x[:, :3], cache)] + [block(x[:, t:t + 1], cache) for t in (3, 4)]
+    assert cache['k'].shape == (2, 5, 16, 2, 16)   # (B, grids seen, S, heads, head_dim)
+    assert (torch.cat(got, 1) - want).abs().max() < 1e-5
+
+
+def test_causal_time_attention_looks_at_no_later_grid():
+    block = st_block(2).eval()
+    x = torch.randn(1, 5, 16, 32)
+    x2 = x.clone()
+    x2[:, 3] += 1.0
+    with torch.no_grad():
+        out, out2 = block.temporal(x), block.temporal(x2)
+    assert torch.equal(out[:, :3], out2[:, :3]) and (out[:, 3:] - out2[:, 3:]).abs().min() > 0
+
+
+@pytest.mark.parametrize('which', ['spatial', 'temporal'])
+def test_dropout_acts_on_the_attention_output_not_on_the_attention_probabilities(which):
+    # paper 3.1 with 1xgpt's genie/attention.py: attn_drop is built there but never applied
+    torch.manual_seed(0)
+    block = randomize(Block(STConfig(**{**ST_CFG.__dict__, 'dropout': 0.1})), std=0.3)
+    attn = getattr(block, which)
+    x = torch.randn(4, 5, 16, 32)
+    with torch.no_grad():
+        plain = attn.eval()(x)
+        dropped = attn.train()(x)
+    kept = dropped != 0
+    assert 0.08 < 1 - kept.float().mean().item() < 0.12   # 10% of the output zeroed ...
+    assert (dropped[kept] * 0.9 - plain[kept]).abs().max() < 1e-6   # ... the rest the eval output / 0.9
+
+
+# --- regional compilation: zero graph breaks, compiled equals eager ------------------------------
+
+def graph_breaks(fn, *args):
+    torch._dynamo.reset()
+    return torch._dynamo.explain(fn)(*args).graph_break_count
+
+
+def test_st_block_in_training_has_no_graph_breaks():
+    block = st_block().train()
+    block.spatial.resid_drop.p = block.temporal.resid_drop.p = block.mlp.drop.p = 0.1
+    assert graph_breaks(block, torch.randn(2, 5, 16, 32, requires_grad=True)) == 0
+
+
+def test_chunked_loss_has_no_graph_breaks():
+    h, w = torch.randn(40, 32, requires_grad=True), torch.randn(64, 32, requires_grad=True)
+    from st_transformer import _chunk_ce_sum
+    assert graph_breaks(_chunk_ce_sum, h, w, torch.randint(0, 64, (40,))) == 0
+
+
+def wan_lora_block():
+    """Block 0 of a tiny DiT with LoRA adapters (scale 2, so the scale multiply runs) and the team's
+    per-block state table added to the modulation, as a training step calls it."""
+    torch.manual_seed(0)
+    net = randomize(WanDiT(WanConfig.tiny(state_embedder='team'), state_cond=True), std=0.1)
+    add_lora(net, rank=4, alpha=8)
+    for m in wan_state.lora_modules(net):
+        torch.nn.init.normal_(m.lora_B.weight, std=0.1)
+    cfg, block = net.cfg, net.blocks[0]
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 3 * 16, cfg.dim, generator=g, requires_grad=True)
+    e = torch.randn(2, 3, 6, cfg.dim, generator=g) + net.state_embedder.block_tables[0]
+    context = torch.randn(1, cfg.text_len, cfg.dim, generator=g)
+    return block, (x, e, context, rope_cos_sin(3, 4, 4, cfg.head_dim, cfg.rope_theta, 'cpu'))
+
+
+def test_wan_block_with_lora_and_state_modulation_has_no_graph_breaks():
+    block, args = wan_lora_block()
+    assert graph_breaks(block, *args) == 0
+    with torch.autocast('cpu', dtype=torch.bfloat16):   # the bf16 path casts its input itself
+        assert graph_breaks(block, *args) == 0
+
+
+def fwd_bwd(module, *args):
+    out = module(*args)
+    params = [p for p in module.parameters() if p.requires_grad]
+    return out, torch.autograd.grad(out.float().square().mean(), [args[0], *params])
+
+
+@pytest.mark.slow
+def test_compiled_st_block_and_loss_equal_eager_in_training():
+    torch._dynamo.reset()
+    model = randomize(STTransformer(STConfig(**{**ST_CFG.__dict__, 'n_layer': 2})), std=0.3)
+    z, s = torch.randint(0, 64, (2, 6, 4, 4)), torch.randn(2, 64, 25)
+
+    def loss_and_grads():
+        loss = model(z[:, :5], s, predict_from=2, targets_BTHW=z[:, 3:], loss_chunk=20)   # 96 tokens: 5 chunks
+        return loss, torch.autograd.grad(loss, list(model.parameters()))
+
+    want, want_grads = loss_and_grads()
+    model.compile_blocks(fullgraph=True)   # a graph break would raise
+    got, got_grads = loss_and_grads()
+    assert all(b._compiled_call_impl is not None for b in model.blocks)
+    assert abs(got.item() - want.item()) < 1e-5
+    assert max((g - w).abs().max().item() for g, w in zip(got_grads, want_grads)) < 1e-5
+
+
+@pytest.mark.slow
+def test_compiled_wan_block_with_lora_equals_eager_forward_and_backward():
+    torch._dynamo.reset()
+    block, args = wan_lora_block()
+    want, want_grads = fwd_bwd(block, *args)
+    block.compile(fullgraph=True)
+    got, got_grads = fwd_bwd(block, *args)
+    assert want.abs().max() > 0.1 and (got - want).abs().max() < 1e-5
+    assert max((g - w).abs().max().item() for g, w in zip(got_grads, want_grads)) < 1e-5
+
+
+@pytest.mark.slow
+def test_compiled_dit_blocks_with_the_first_checkpointed_give_the_eager_loss_and_gradients():
+    # what train_sampling.py runs on CUDA: LoRA, state conditioning, compiled blocks, 1 of 2 checkpointed
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = randomize(WanDiT(WanConfig.tiny(), state_cond=True), std=0.1)
+    add_lora(model, rank=4, alpha=4)
+    for m in wan_state.lora_modules(model):
+        torch.nn.init.normal_(m.lora_B.weight, std=0.1)
+    model.gradient_checkpointing = 1
+    x, t_BL, context, states = wan_inputs(model.cfg)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+
+    def loss_and_grads():
+        loss = model(x, t_BL[:, ::16], context[:1], states).square().mean()
+        grads = torch.autograd.grad(loss, trainable, allow_unused=True)   # (the no-state embedding: unused)
+        return loss, [g for g in grads if g is not None]
+
+    want, want_grads = loss_and_grads()
+    model.compile_blocks()
+    got, got_grads = loss_and_grads()
+    assert abs(got.item() - want.item()) < 1e-6 * abs(want.item()) and len(got_grads) == len(want_grads) > 40
+    assert max((g - w).abs().max().item() for g, w in zip(got_grads, want_grads)) < 1e-5
+
+
+# --- LoRA and AdaLN with fewer kernels, the same maths -------------------------------------------
+
+class CountOps(TorchDispatchMode):
+    """The aten ops a piece of code runs (views included)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize('alpha', [4, 8])
+def test_lora_linear_is_base_plus_scaled_delta_and_multiplies_only_when_scale_is_not_one(alpha):
+    torch.manual_seed(0)
+    lin = LoRALinear(torch.nn.Linear(16, 8), rank=4, alpha=alpha)
+    torch.nn.init.normal_(lin.lora_B.weight)
+    x = torch.randn(5, 16)
+    with CountOps() as c:
+        y = lin(x)
+    want = x @ lin.weight.T + lin.bias + x @ lin.lora_A.weight.T @ lin.lora_B.weight.T * (alpha / 4)
+    assert (y - want).abs().max() < 1e-5
+    assert c.ops.count('mul') == (0 if alpha == 4 else 1)
+
+
+def test_lora_linear_under_autocast_casts_its_input_once_and_gives_the_autocast_result():
+    torch.manual_seed(0)
+    lin = LoRALinear(torch.nn.Linear(16, 8).bfloat16(), rank=4, alpha=4)
+    torch.nn.init.normal_(lin.lora_B.weight)
+    x = torch.randn(5, 16)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        with CountOps() as c:
+            y = lin(x)
+        want = F.linear(x, lin.weight, lin.bias) + lin.lora_B(lin.lora_A(x))   # autocast casts x twice
+    casts = [op for op in c.ops if op == '_to_copy']
+    assert y.dtype == torch.bfloat16 and torch.equal(y, want)
+    assert len(casts) == 3   # x once, and the fp32 adapters A and B to bf16
+
+
+def test_wan_block_with_fused_modulate_and_gate_equals_the_plain_adaln_formulas():
+    # the block's fused modulate / gate / residual kernels against x * (1 + scale) + shift, y * gate
+    block, (x, e, context, rope) = wan_lora_block()
+    shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (block.modulation.float() + e).unbind(2)
+
+    def per_frame(a):   # (B, 3 frames, D) -> (B, 48 tokens, D)
+        return a.repeat_interleave(16, dim=1)
+
+    with torch.no_grad():
+        h = block.norm1(x) * (1 + per_frame(scale_sa)) + per_frame(shift_sa)
+        want = x + block.self_attn(h, rope=rope).float() * per_frame(gate_sa)
+        want = want + block.cross_attn(block.norm3(want), context).float()
+        h = block.norm2(want) * (1 + per_frame(scale_ff)) + per_frame(shift_ff)
+        want = want + block.ffn(h).float() * per_frame(gate_ff)
+        got = block(x, e, context, rope)
+    assert want.abs().max() > 1 and (got - want).abs().max() < 1e-5

@@ -1,6 +1,6 @@
 """Wan 2.2 TI2V-5B with robot-state conditioning: the sampling track's model in one file.
 
-Top to bottom in the paper's order: WanConfig; RoPE, norms and attention; modulate and gated
+Top to bottom in the paper's order: WanConfig; RoPE, norms and attention; modulate and gated_residual
 (DiT's adaLN); Block and Head; StateEmbedder (paper 2.1: the robot states as an AdaLN-Zero
 modulation added to the timestep's, one per latent frame); WanDiT; LoRA (paper 2.2: rank 32 on
 the frozen DiT, hand-rolled as in minLoRA). The DiT computes what the reference (Wan-Video/Wan2.2
@@ -105,9 +105,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x):
-        xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+    def forward(self, x):   # x * rsqrt(mean(x^2) + eps) in fp32: one fused kernel (torch's rms_norm)
+        return F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).type_as(x) * self.weight
 
 
 class LayerNorm(nn.LayerNorm):
@@ -115,6 +114,14 @@ class LayerNorm(nn.LayerNorm):
 
     def forward(self, x):
         return super().forward(x.float())
+
+
+def autocast_input(x):
+    """x in the dtype autocast runs matmuls in (bf16 with bf16 weights), cast once here: otherwise
+    every Linear that reads x (q, k, v and their LoRA adapters) casts the same fp32 tensor again.
+    Outside autocast, x as it is. (Backward: the gradients of x's readers add in that dtype.)"""
+    device_type = x.device.type
+    return x.to(torch.get_autocast_dtype(device_type)) if torch.is_autocast_enabled(device_type) else x
 
 
 class Attention(nn.Module):
@@ -131,6 +138,7 @@ class Attention(nn.Module):
         self.norm_k = RMSNorm(dim, eps)
 
     def forward(self, x_BLD, context_BSD=None, rope=None):
+        x_BLD = autocast_input(x_BLD)
         src_BSD = x_BLD if context_BSD is None else context_BSD
         q = rearrange(self.norm_q(self.q(x_BLD)), 'b l (h d) -> b h l d', h=self.num_heads)
         k = rearrange(self.norm_k(self.k(src_BSD)), 'b s (h d) -> b h s d', h=self.num_heads)
@@ -148,18 +156,21 @@ class Attention(nn.Module):
 
 def modulate(x_BLD, shift_BGD, scale_BGD):
     """x * (1 + scale) + shift (DiT's adaLN), one (shift, scale) per group of L / G consecutive
-    tokens: G = F, one per latent frame (tokens are frame-major), or G = L, one per token."""
+    tokens: G = F, one per latent frame (tokens are frame-major), or G = L, one per token.
+    (addcmul: one pass over x instead of a multiply and an add.)"""
     B, L, D = x_BLD.shape
     G = shift_BGD.shape[1]
     x_BGND = x_BLD.view(B, G, L // G, D)
-    return (x_BGND * (1 + scale_BGD[:, :, None]) + shift_BGD[:, :, None]).view(B, L, D)
+    return torch.addcmul(shift_BGD[:, :, None], x_BGND, 1 + scale_BGD[:, :, None]).view(B, L, D)
 
 
-def gated(y_BLD, gate_BGD):
-    """The residual branch y times its gate, one gate per group of tokens as in modulate()."""
-    B, L, D = y_BLD.shape
+def gated_residual(x_BLD, y_BLD, gate_BGD):
+    """x + y * gate: the residual branch y times its gate, one gate per group of tokens as in
+    modulate(), added to the fp32 residual stream in one pass (a bf16 y is read as it is and
+    computed on in fp32, so no separate upcast of it)."""
+    B, L, D = x_BLD.shape
     G = gate_BGD.shape[1]
-    return (y_BLD.float().view(B, G, L // G, D) * gate_BGD[:, :, None]).view(B, L, D)
+    return torch.addcmul(x_BLD.view(B, G, L // G, D), y_BLD.view(B, G, L // G, D), gate_BGD[:, :, None]).view(B, L, D)
 
 
 class Block(nn.Module):
@@ -180,9 +191,9 @@ class Block(nn.Module):
         # 6-way modulation in fp32: this block's learned offset + the timestep (+ state) embedding,
         # one per group of tokens (a latent frame, or a token: see WanDiT.forward)
         shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (self.modulation.float() + e_BG6D).unbind(2)
-        x_BLD = x_BLD + gated(self.self_attn(modulate(self.norm1(x_BLD), shift_sa, scale_sa), rope=rope), gate_sa)
-        x_BLD = x_BLD + self.cross_attn(self.norm3(x_BLD), context_BSD).float()
-        x_BLD = x_BLD + gated(self.ffn(modulate(self.norm2(x_BLD), shift_ff, scale_ff)), gate_ff)
+        x_BLD = gated_residual(x_BLD, self.self_attn(modulate(self.norm1(x_BLD), shift_sa, scale_sa), rope=rope), gate_sa)
+        x_BLD = x_BLD + self.cross_attn(self.norm3(x_BLD), context_BSD)   # a bf16 output adds in fp32
+        x_BLD = gated_residual(x_BLD, self.ffn(modulate(self.norm2(x_BLD), shift_ff, scale_ff)), gate_ff)
         return x_BLD
 
 
@@ -489,10 +500,12 @@ class LoRALinear(nn.Linear):
         nn.init.zeros_(self.lora_B.weight)   # B = 0: the model starts exactly as the base
 
     def forward(self, x):
+        x = autocast_input(x)   # one cast, shared by the base and the adapter
         y = F.linear(x, self.weight, self.bias)
         if self.merged:
             return y
-        return y + self.lora_B(self.lora_A(x)) * self.scale
+        lora = self.lora_B(self.lora_A(x))
+        return y + (lora if self.scale == 1 else lora * self.scale)   # alpha = rank (the paper's 32 / 32): no multiply
 
     def delta(self):
         return (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scale

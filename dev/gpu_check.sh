@@ -152,8 +152,10 @@ def ln_dtype():
         return f"linear -> {y.dtype}, LayerNorm(bf16) -> {ln(y[:, :64]).dtype}"
 probe('autocast dtypes', ln_dtype)
 # 2. the attention shapes of the scripts under flash only (bench.py --sdpa=flash), forward + backward
-probe('flash ST spatial  (8*5, 8, 1024, 64) bf16 dropout', lambda: attn((40, 8, 1024, 64), (40, 8, 1024, 64), torch.bfloat16, FLASH, dropout=0.1))
-probe('flash ST temporal (8*1024, 8, 5, 64) bf16 causal dropout', lambda: attn((8192, 8, 5, 64), (8192, 8, 5, 64), torch.bfloat16, FLASH, causal=True, dropout=0.1))
+# (the ST spatial attention has no probability dropout, so cuDNN may take it too; the temporal one is no SDPA call)
+probe('flash ST spatial  (8*5, 8, 1024, 64) bf16', lambda: attn((40, 8, 1024, 64), (40, 8, 1024, 64), torch.bfloat16, FLASH))
+if cuda:
+    probe('cudnn ST spatial  (8*5, 8, 1024, 64) bf16', lambda: attn((40, 8, 1024, 64), (40, 8, 1024, 64), torch.bfloat16, [SDPBackend.CUDNN_ATTENTION]))
 probe('flash Wan self  (4, 24, 1536, 128) bf16', lambda: attn((4, 24, 1536, 128), (4, 24, 1536, 128), torch.bfloat16, FLASH))
 probe('flash Wan cross (4, 24, 1536|512, 128) bf16', lambda: attn((4, 24, 1536, 128), (4, 24, 512, 128), torch.bfloat16, FLASH))
 probe('flash+eff ST decode fp32 (8*1024, 8, 1|5, 64)', lambda: attn((8192, 8, 1, 64), (8192, 8, 5, 64), torch.float32, EFF, backward=False))
@@ -168,7 +170,7 @@ def st_block():
     b = 4 if cuda else 1
     z, s = torch.randint(0, 64000, (b, 6, 32, 32), device=dev), torch.randn(b, 64, 25, device=dev)
     with sdpa_kernel(FLASH), torch.autocast(dev.split(':')[0], dtype=torch.bfloat16, enabled=cuda):
-        loss = F.cross_entropy(m(z[:, :5], s, predict_from=2).flatten(0, -2).float(), z[:, 3:].reshape(-1))
+        loss = m(z[:, :5], s, predict_from=2, targets_BTHW=z[:, 3:])
         loss.backward()
     return f"loss {loss.item():.3f}"
 probe('flash-only ST 1 layer d512 train step (autocast bf16)', st_block)
@@ -200,10 +202,31 @@ def rng_resume():
     buf = io.BytesIO(); torch.save(dict(rng=run_dir.rng_state()), buf); buf.seek(0)
     run_dir.set_rng_state(torch.load(buf, map_location='cpu', weights_only=True)['rng'])   # what a resume does
 probe('run_dir RNG state round trip (weights_only, CUDA state included)', rng_resume)
-# 5. the kernels' grid limit: ST temporal attention at a micro-batch of 64 (64 x 1024 = 65536 rows)
-if cuda:
-    probe('flash ST temporal batch 64*1024=65536 (grid limit?)', lambda: attn((65536, 8, 5, 64), (65536, 8, 5, 64), torch.bfloat16, FLASH, causal=True, backward=False))
-    probe('flash+eff fp32 ST decode batch 65536 (grid limit?)', lambda: attn((65536, 8, 1, 64), (65536, 8, 5, 64), torch.float32, EFF, backward=False))
+# 5. the ST temporal attention at the paper preset's micro-batch 10 (10 x 1024 positions, 8 heads, T 5),
+# forward + backward: st_transformer.causal_time_attention (eager, compiled) against flash SDPA on
+# the (B S) heads T c layout the block used to move its residual into (the transposes not timed)
+def temporal_ms():
+    from st_transformer import causal_time_attention
+    b = 10 if cuda else 1
+    qkv = [rnd(b, 5, 1024, 8, 64, grad=True) for _ in range(3)]
+    qkv_sdpa = [rearrange(a.detach(), 'b t s h c -> (b s) h t c').contiguous().requires_grad_() for a in qkv]
+    def sdpa(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    def ms(fn, args, n=5):
+        for i in range(n + 2):
+            if i == 2:
+                sync(); t0 = time.perf_counter()
+            fn(*args).float().sum().backward()
+        sync()
+        return (time.perf_counter() - t0) / n * 1000
+    with sdpa_kernel(FLASH if cuda else [SDPBackend.MATH]):
+        return (f"explicit {ms(causal_time_attention, qkv):.2f} ms, compiled {ms(torch.compile(causal_time_attention), qkv):.2f} ms, "
+                f"SDPA {ms(sdpa, qkv_sdpa):.2f} ms (fwd+bwd, batch {b})")
+def sync():
+    if cuda:
+        torch.cuda.synchronize()
+from einops import rearrange
+probe('ST temporal attention T=5: explicit vs SDPA', temporal_ms)
 EOF
 
 # ---------------------------------------------------------------------------------------------
@@ -272,6 +295,18 @@ fi
 # torch.compile, if time is left: ST training step, then the DiT blocks
 run_step bench_st_train_compile 100 $PY bench.py --preset=full --device=$BDEV --what=st_train --compile --warmup=1 --iters=3 $B_SMALL
 run_step bench_wan_fwd_compile 100 $PY bench.py --preset=full --device=$BDEV --what=wan_fwd --compile --warmup=1 --iters=3 $B_SMALL
+
+# the training speed work: regional compilation of the LoRA step with a part of the blocks
+# checkpointed (12 of 30 at batch 8: the estimate for 80 GB), eager for comparison; each SDPA
+# kernel on the transformer rows (batch 4: the math kernel keeps the 1024 x 1024 scores of every
+# layer); where the time goes (the profiler's top operators and kernels, into the summary too)
+run_step bench_wan_lora_b8_ckpt12_compile 150 $PY bench.py --preset=full --device=$BDEV --what=wan_lora --wan_lora_batch=8 --wan_ckpt_blocks=12 --compile --warmup=1 --iters=2 $B_SMALL
+run_step bench_wan_lora_b8_ckpt12 60 $PY bench.py --preset=full --device=$BDEV --what=wan_lora --wan_lora_batch=8 --wan_ckpt_blocks=12 --warmup=1 --iters=2 $B_SMALL
+run_step bench_sdpa_kernels 120 $PY bench.py --preset=full --device=$BDEV --what=st_train,wan_fwd --sdpa=flash,efficient,cudnn,math --st_batch=4 --warmup=1 --iters=2 $B_SMALL
+for what in st_train wan_lora; do
+    run_step bench_${what}_profile 60 $PY bench.py --preset=full --device=$BDEV --what=$what --wan_lora_batch=8 --wan_ckpt_blocks=12 --profile --warmup=1 --iters=1 $B_SMALL
+    [ -f "$WORK/logs/bench_${what}_profile.log" ] && grep -A 22 -m1 'Self CPU %' "$WORK/logs/bench_${what}_profile.log" | cut -c1-180 | sed 's/^/    /' >> "$SUM"
+done
 
 say "===== done in $(( $(date +%s) - START )) s (budget ${BUDGET} s); full log $LOG"
 cat "$SUM"
