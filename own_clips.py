@@ -167,7 +167,11 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog='prepare.py own_clips', description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
-    args = parser.parse_args(argv)
+    run(parser.parse_args(argv))
+
+
+def run(args):
+    """The command (`prepare.py own_clips` and `python own_clips.py`): convert, then say what was written."""
     try:
         written = convert(args.clips, args.out, val=args.val, size=args.size, crf=args.crf)
     except ValueError as err:

@@ -6,6 +6,7 @@ latents. One command line (as nanoGPT's prepare.py), and the functions the train
     python prepare.py encode_raw --codec=wan --split data/1x/train_v2.0_raw --out data/1x/latents_wan/train_v2.0_raw --stride 8
     python prepare.py synthetic --out data/synthetic                   # small sets in the same layout
     python prepare.py synthetic_raw --out data/raw_demo
+    python prepare.py own_clips --clips my_clips/ --out data/mine   # a folder of NAME.mp4 + NAME.npy (own_clips.py)
 
 The trainers call one function each, on every rank of a run (data_dir on storage all ranks see):
 
@@ -21,9 +22,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+import own_clips
+import run_dir
 import synthetic
-from data import (HF_REPO_RAW, HF_REPO_TOKENIZED, RAW_CLIP_LEN, STATE_DIM, RawShard, expected_sizes, raw_shards,
-                  raw_split_is_whole, read_json, repo_files, settings_differ, shard_paths)
+from data import (HF_REPO_RAW, HF_REPO_TOKENIZED, NUM_LATENTS, RAW_CLIP_LEN, STATE_DIM, RawShard, expected_sizes,
+                  raw_shards, raw_split_is_whole, read_json, repo_files, settings_differ, shard_paths)
 from distributed import on_master, wait_for_all
 from vae import PixelCodec, frames_to_video
 
@@ -89,9 +92,8 @@ def download_tokenized(out, split='val_v2.0', shards=None, rank=0, world=1):
     Every file is checked against the size its metadata implies and fetched again once if it is
     wrong. Train splits keep files in subfolders, the others flat (the dataset's layout)."""
     meta = read_json(_fetch(f'{split}/metadata.json', out))
-    for i in range(meta['num_shards']) if shards is None else shards:
-        if i % world != rank:
-            continue
+    mine = [i for i in (range(meta['num_shards']) if shards is None else shards) if i % world == rank]
+    for i in tqdm(mine, desc=f'download {split}', unit='shard', disable=rank != 0):   # the overall progress
         files = repo_files(split, i)
         n = read_json(_fetch(files['metadata'], out))['shard_num_frames']
         for kind, size in expected_sizes(n).items():
@@ -149,9 +151,8 @@ def download_raw(out, split='val_v2.0_raw', rank=0, world=1):
     every rank sees). Each file is placed whole (atomic) and kept by a rerun; states and segment
     files are checked against the sizes their metadata implies."""
     meta = read_json(_fetch_raw(f'{split}/metadata.json', out))
-    for i in range(meta['num_shards']):
-        if i % world != rank:
-            continue
+    mine = [i for i in range(meta['num_shards']) if i % world == rank]
+    for i in tqdm(mine, desc=f'download {split}', unit='shard', disable=rank != 0):   # the overall progress
         for f in repo_files(split, i, 'mp4').values():
             _fetch_raw(f, out)
         RawShard(os.path.join(out, split), i)   # sizes and finite states
@@ -190,15 +191,15 @@ def encode_raw_split(split_dir, out_dir, codec, stride=RAW_CLIP_LEN, batch_size=
         with open(tmp, 'w') as f:
             json.dump(settings, f)
         os.replace(tmp, settings_json)
-    for shard_id in shards[rank::world]:
+    for shard_id in tqdm(shards[rank::world], desc=f'encode {split_dir}', unit='shard', disable=rank != 0):
         path = os.path.join(partial, f'latents_{shard_id}.safetensors')
         if os.path.exists(path):   # written whole by an interrupted run
             continue
         shard = RawShard(split_dir, shard_id, frame_size)
         starts = shard.clip_starts(stride)
         latents, states, batch = [], [], []
-        for k, (_, frames_THWC, states_TD) in enumerate(tqdm(shard.iter_clips(starts), total=len(starts),
-                                                              desc=f'encode {split_dir} shard {shard_id}')):
+        for k, (_, frames_THWC, states_TD) in enumerate(tqdm(shard.iter_clips(starts), total=len(starts), leave=False,
+                                                              desc=f'shard {shard_id}')):
             batch.append(torch.from_numpy(frames_THWC))
             states.append(torch.from_numpy(states_TD))
             if len(batch) == batch_size or k == len(starts) - 1:
@@ -267,6 +268,44 @@ def load_codec(name, vae_path='', device='cpu'):
     return PixelCodec(), torch.float32
 
 
+# The 1X splits' frame counts (metadata.json num_images; the raw recordings are the tokenized ones'):
+# what the disk estimate assumes before the data is on disk
+RAW_FRAMES_1X = {'train_v2.0_raw': 11_254_161, 'val_v2.0_raw': 50_300}
+RAW_FRAME_SIZE_1X = 512
+
+
+def _raw_split_size(split_dir):
+    """(frames, height, width) of a raw split on disk, or None if it is missing or damaged (the
+    damage is named later, by the run's reader)."""
+    try:
+        frames = read_json(os.path.join(split_dir, 'metadata.json'))['num_images']
+        h, w = RawShard(split_dir, raw_shards(split_dir)[0]).read_frames(0, 1).shape[1:3]
+        return frames, h, w
+    except (OSError, KeyError, IndexError, ValueError):
+        return None
+
+
+def latents_bytes(data_dir, splits, vae, stride, synthetic_frames=None, assume_1x=True):
+    """Bytes of the latents raw_latents will still write for `splits` (a finished encoding counts
+    0): a window every `stride` frames (an upper bound: windows do not cross segments), each 48
+    channels x 6 latent frames x (H/16) x (W/16), bf16 for the Wan VAE, fp32 for the pixel codec.
+    The frame count and size come from the raw split on disk, else synthetic_frames (frames, size)
+    for a synthetic set not written yet, else the 1X dataset's (assume_1x; else the split counts 0)."""
+    total = 0
+    for s in splits:
+        if os.path.exists(os.path.join(data_dir, f'latents_{vae}', s, 'encoding.json')):
+            continue
+        size = _raw_split_size(os.path.join(data_dir, s))
+        if size is None and synthetic_frames:
+            size = (synthetic_frames[0], synthetic_frames[1], synthetic_frames[1])
+        if size is None and assume_1x:
+            size = (RAW_FRAMES_1X.get(s, 0), RAW_FRAME_SIZE_1X, RAW_FRAME_SIZE_1X)
+        if size is not None:
+            frames, h, w = size
+            total += frames // stride * 48 * NUM_LATENTS * (h // 16) * (w // 16) * (2 if vae == 'wan' else 4)
+    return total
+
+
 def raw_latents(data_dir, splits, vae, vae_path, stride, batch_size, download, device, rank=0, world_size=1):
     """The latents train_sampling.py trains on, made once: data_dir/latents_{vae}/SPLIT for each raw
     training split. A split neither whole on disk nor encoded is fetched from the Hub if download,
@@ -287,6 +326,10 @@ def raw_latents(data_dir, splits, vae, vae_path, stride, batch_size, download, d
         download_raw(data_dir, s, rank, world_size)
     if missing:
         wait_for_all(f"downloading {', '.join(missing)}")
+        # the latents of what was downloaded: room for them before hours of encoding (the run checked the rest)
+        _, no_room = run_dir.disk_report([(data_dir, latents_bytes(data_dir, splits, vae, stride), 'latents')])
+        if no_room:
+            raise SystemExit(no_room)
     codec, dtype = load_codec(vae, vae_path, device)
     for s, latent_dir in latent_dirs.items():
         if os.path.exists(latent_dir):   # a finished encoding: it must be of this stride and codec
@@ -330,6 +373,10 @@ def cmd_encode_raw(args):
     print(f"encoded {n} clips of {args.split} to {args.out}")
 
 
+def cmd_own_clips(args):
+    own_clips.run(args)
+
+
 def main(argv=None):
     """`python prepare.py <subcommand> ...`: each subcommand is one small block below; add yours beside."""
     import argparse
@@ -371,6 +418,10 @@ def main(argv=None):
     p.add_argument('--out', required=True)
     p.add_argument('--split', default='val_v2.0_raw', help='train_v2.0_raw or val_v2.0_raw')
     p.set_defaults(run=lambda a: print(f"downloaded to {download_raw(a.out, a.split)}"))
+    p = sub.add_parser('own_clips', help='convert a folder of your own clips (NAME.mp4 + NAME.npy states, frames x 25) '
+                                         'to the raw layout train_sampling.py reads (own_clips.py)')
+    own_clips.add_arguments(p)
+    p.set_defaults(run=cmd_own_clips)
 
     args = parser.parse_args(argv)
     args.run(args)

@@ -16,8 +16,12 @@ good state. Both training scripts use these few functions:
                                         and plain data only, so loading one never runs code; the
                                         track and the model settings are checked
     rng_state() / set_rng_state(d)      the RNG states as tensors (so weights_only loading works)
-    RunLog(out_dir, ...)                log.jsonl (and Weights & Biases, if asked for); on the
-                                        terminal a progress bar and a line every log_interval steps
+    RunLog(out_dir, ...)                log.jsonl (and TensorBoard or Weights & Biases, if asked
+                                        for); on the terminal a progress bar and a line every
+                                        log_interval steps. Step N: after N optimizer steps, in the
+                                        log, the console, val/step_N, best.json and ckpt.pt alike
+    model_settings_on_resume(...)       a resume takes the model settings of its checkpoint
+    checkpoint_bytes / disk_report      what a run will write, against the free space
     plot_curves(out_dir, panels)        curves.png from log.jsonl
     DivergenceGuard(out_dir, spike)     a NaN or inf loss (or gradient norm), or a loss far above its
                                         recent median, stops the run; ckpt.pt and ckpt_prev.pt keep
@@ -28,10 +32,13 @@ import json
 import math
 import os
 import pickle
+import shutil
 import socket
 import statistics
+import sys
 import threading
 import time
+import uuid
 from collections import deque
 
 import numpy as np
@@ -140,7 +147,8 @@ def claim(out_dir, resume, overwrite=False, resume_flag='--init_from=resume'):
 
 # What a run writes into its out_dir (with the LoRA export, and sample.py's samples/): --overwrite moves these
 RUN_FILES = ('ckpt.pt', 'ckpt_prev.pt', 'ckpt_best.pt', DIVERGED, 'best.json', 'log.jsonl', 'curves.png',
-             'results.json', 'val', 'samples', 'lora.safetensors', 'state_embedder.safetensors')
+             'results.json', 'val', 'samples', 'lora.safetensors', 'state_embedder.safetensors', 'tensorboard',
+             'wandb', 'wandb_id')
 
 
 def _move_earlier_run_aside(out_dir):
@@ -278,6 +286,38 @@ def load_checkpoint(path, kind, expect=None):
     return state
 
 
+def model_settings_on_resume(out_dir, kind, settings, argv=None):
+    """--init_from=resume, as nanoGPT: the settings that shape the model (settings: name -> value
+    now) are those of out_dir/ckpt.pt. One not typed on the command line (argv: sys.argv[1:]) is
+    taken from the checkpoint, with a line naming each; one typed that differs is refused by name.
+    Returns the settings to use. Reads the checkpoint memory-mapped: only its config is touched."""
+    path = os.path.join(out_dir, CKPT)
+    if not os.path.exists(path):   # claim() says so, with what to do
+        return settings
+    saved = _saved_config(path, kind)
+    typed = {a[2:].partition('=')[0] for a in (sys.argv[1:] if argv is None else argv) if a.startswith('--')}
+    differ = {k: v for k, v in settings.items() if k in saved and saved[k] != v}
+    clash = [f"{k}={saved[k]!r} in the checkpoint, {v!r} now" for k, v in differ.items() if k in typed]
+    if clash:
+        raise SystemExit(f"{path} was trained with other model settings: {'; '.join(clash)}. Leave these flags out "
+                         f"to take the checkpoint's, or pass another --out_dir to start a new run.")
+    taken = {k: saved[k] for k in differ}
+    if taken and os.environ.get('RANK', '0') == '0':
+        print(f"resume: model settings taken from {path}: " + ', '.join(f"{k}={v!r}" for k, v in taken.items()))
+    return {**settings, **taken}
+
+
+def _saved_config(path, kind):
+    """A checkpoint's config, its tensors left on disk (memory-mapped)."""
+    try:
+        state = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
+    except Exception:   # not a whole checkpoint of ours: load_checkpoint stops saying what is wrong
+        state = None
+    if not isinstance(state, dict) or state.get('kind') != kind:
+        state = load_checkpoint(path, kind)
+    return state.get('config', {})
+
+
 def optimizer_settings_on_resume(optimizer, group_settings, saved_config, config):
     """optimizer.load_state_dict brings back the saved learning rate, weight decay and betas; a
     resumed run must take the ones given now (lowering the learning rate after a divergence is why
@@ -320,8 +360,8 @@ def set_rng_state(state):
 # ---------------------------------------------------------------------------------------------
 
 def stop_if_not_finite(figures, step, out_dir, master=True):
-    """A NaN or inf among figures ({'training loss': value, ...}) stops the run (exit code 1)
-    before the optimizer step: the weights are not updated. A stop, not a skipped step, is the
+    """A NaN or inf among figures ({'training loss': value, ...}) of optimizer step `step` stops
+    the run (exit code 1) before that step updates the weights. A stop, not a skipped step, is the
     safe default: a run that diverges once usually diverges again. Every rank calls it with the
     same (all-reduced) figures, so all stop together; only the master prints why."""
     for what, value in figures.items():
@@ -342,9 +382,10 @@ class DivergenceGuard:
         self.losses = deque(maxlen=SPIKE_WINDOW)
         if master and start_step > 0 and os.path.exists(os.path.join(out_dir, 'log.jsonl')):
             self.losses.extend(r['loss'] for r in read_log(out_dir)
-                               if r.get('step', start_step) < start_step and isinstance(r.get('loss'), (int, float)))
+                               if r.get('step', start_step) <= start_step and isinstance(r.get('loss'), (int, float)))
 
     def check(self, figures, step):
+        """figures of optimizer step `step` (the N-th step's: computed on the weights saved as step N - 1)."""
         stop_if_not_finite(figures, step, self.out_dir, self.master)
         loss = figures['training loss']
         if self.master and self.spike and len(self.losses) >= SPIKE_MIN:
@@ -356,10 +397,10 @@ class DivergenceGuard:
 
 
 def stop_diverged(reason, step, out_dir, master=True):
-    """Stop (exit code 1) for a divergence seen in the loss of step `step`, i.e. of the weights
-    saved as step `step`: a checkpoint of that step (saved just before) goes to ckpt_diverged.pt,
-    and ckpt.pt becomes ckpt_prev.pt again (both then hold the state before). The message says
-    which file holds which step."""
+    """Stop (exit code 1) for a divergence seen in optimizer step `step`, i.e. in the loss of the
+    weights saved as step `step` - 1 (step N: after N optimizer steps): a checkpoint of those
+    weights (saved just before) goes to ckpt_diverged.pt, and ckpt.pt becomes ckpt_prev.pt again
+    (both then hold the state before). The message says which file holds which step."""
     if not master:
         raise SystemExit(1)
     raise SystemExit(f"step {step}: {reason}: stopping. {_keep_last_good(out_dir, step)}. Lower --learning_rate, "
@@ -371,19 +412,19 @@ def _keep_last_good(out_dir, step):
     if not os.path.exists(ckpt):
         return "no checkpoint was written"
     saved = _saved_step(ckpt)
-    if saved is None or saved < step:
+    if saved is None or saved < step - 1:   # the weights that diverged are those of step - 1
         return f"{ckpt} holds step {saved}, saved before the divergence at step {step}"
     os.replace(ckpt, os.path.join(out_dir, DIVERGED))
     said = f"the checkpoint of step {saved}, whose loss diverged, was moved to {os.path.join(out_dir, DIVERGED)}"
     best_json = os.path.join(out_dir, 'best.json')
     best = _read_json_or_none(best_json, 'it is replaced')
-    if best is not None and best.get('step') is not None and best['step'] >= step:   # the best was that state too
+    if best is not None and best.get('step') is not None and best['step'] >= saved:   # the best was that state too
         for path in (os.path.join(out_dir, BEST), best_json):
             if os.path.exists(path):
                 os.remove(path)
         said += f" ({BEST} was that state too and is removed)"
     if not os.path.exists(prev):
-        return f"{said}; no checkpoint from before step {step} exists"
+        return f"{said}; no checkpoint from before step {saved} exists"
     _link_or_copy(prev, ckpt)
     return f"{ckpt} and {prev} hold step {_saved_step(ckpt)}, saved before the loss diverged at step {step}; {said}"
 
@@ -394,38 +435,63 @@ LINE_FORMATS = dict(loss='loss {:.4f}', lr='lr {:.2e}', grad_norm='grad norm {:.
 
 
 class RunLog:
-    """One json line per record (with its unix time) in out_dir/log.jsonl, and Weights & Biases if
-    wandb_project is set (imported only then). On resume, records at or after the resumed step are
-    dropped first, so the log reads as one uninterrupted run. A figure that is None (no MFU on the
-    CPU) is left out.
-    With total (the last step + 1), a progress bar; with log_interval, a line every log_interval
+    """One json line per record (with its unix time) in out_dir/log.jsonl, and a tracker if asked
+    (log_with: 'none', 'tensorboard' or 'wandb'; the package imported only then). A record's step
+    is N after N optimizer steps: the N-th step's loss, and the validation of its weights. On
+    resume from step S, records after S are dropped first, so the log reads as one uninterrupted
+    run. A figure that is None (no MFU on the CPU) is left out.
+    TensorBoard writes out_dir/tensorboard (events after S dropped on resume); W&B keeps its files
+    in out_dir/wandb and its run id in out_dir/wandb_id, so a resume continues the same W&B run.
+    With total (the last step), a progress bar; with log_interval, a line every log_interval
     steps and at the last, as nanoGPT prints its loss: `step 100: loss 2.1234, ..., MFU 8.9%`."""
 
-    def __init__(self, out_dir, start_step=0, wandb_project='', wandb_run_name='', config=None, total=None,
-                 log_interval=0):
+    def __init__(self, out_dir, start_step=0, log_with='none', config=None, project='nanowm', run_name='',
+                 total=None, log_interval=0):
         self.out_dir, self.path = out_dir, os.path.join(out_dir, 'log.jsonl')
         self.total, self.log_interval = total, log_interval
         self.bar = tqdm(total=total, initial=start_step, desc='train', dynamic_ncols=True) if total else None
         kept = []
         if start_step > 0 and os.path.exists(self.path):
-            kept = [json.dumps(r) + '\n' for r in read_log(out_dir) if r.get('step', 0) < start_step]
+            kept = [json.dumps(r) + '\n' for r in read_log(out_dir) if r.get('step', 0) <= start_step]
         with open(self.path, 'w') as f:
             f.writelines(kept)
-        self.wandb = None
-        if wandb_project:
-            import wandb   # optional: pip install wandb
-            self.wandb = wandb.init(project=wandb_project, name=wandb_run_name or None, config=config,
+        self.tensorboard = self.wandb = None
+        if log_with == 'tensorboard':   # optional: pip install tensorboard
+            from torch.utils.tensorboard import SummaryWriter
+            # purge_step: events of steps after the resumed one (written before a crash) are dropped
+            self.tensorboard = SummaryWriter(os.path.join(out_dir, 'tensorboard'),
+                                             purge_step=start_step + 1 if start_step else None)
+        elif log_with == 'wandb':       # optional: pip install wandb
+            import wandb
+            id_path = os.path.join(out_dir, 'wandb_id')
+            if start_step > 0 and os.path.exists(id_path):   # the run resumed: its W&B run continues
+                run_id = open(id_path).read().strip()
+            else:
+                run_id = uuid.uuid4().hex[:8]
+                with open(id_path, 'w') as f:
+                    f.write(run_id)
+            self.wandb_module = wandb
+            self.wandb = wandb.init(project=project, name=run_name or None, config=config, dir=out_dir, id=run_id,
                                     resume='allow')
 
-    def write(self, record):
+    def write(self, record, images=None):
+        """images: name -> PNG path (validation pictures), sent to the tracker at this step."""
         record = {k: v for k, v in record.items() if v is not None}
+        step = record['step']
         with open(self.path, 'a') as f:   # with the wall-clock time (unix seconds): when each step ended
             f.write(json.dumps(dict(record, time=round(time.time(), 3))) + '\n')
+        figures = {k: v for k, v in record.items() if k != 'step' and isinstance(v, (int, float))}
+        if self.tensorboard is not None:
+            for k, v in figures.items():
+                self.tensorboard.add_scalar(k, v, step)
+            for name, path in (images or {}).items():
+                from PIL import Image
+                self.tensorboard.add_image(name, np.asarray(Image.open(path).convert('RGB')), step, dataformats='HWC')
         if self.wandb is not None:
-            self.wandb.log({k: v for k, v in record.items() if k != 'step'}, step=record['step'])
+            self.wandb.log({**figures, **{name: self.wandb_module.Image(path) for name, path in (images or {}).items()}},
+                           step=step)
         heartbeat(self.out_dir)
-        step = record['step']
-        if self.log_interval and (step % self.log_interval == 0 or step + 1 == self.total):
+        if self.log_interval and (step % self.log_interval == 0 or step == self.total):
             tqdm.write(f"step {step}: " + ', '.join(LINE_FORMATS[k].format(v) for k, v in record.items()
                                                     if k in LINE_FORMATS))
         if self.bar is not None:
@@ -435,6 +501,10 @@ class RunLog:
     def close(self):
         if self.bar is not None:
             self.bar.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+        if self.wandb is not None:
+            self.wandb.finish()
 
 
 def read_log(out_dir):
@@ -494,3 +564,40 @@ def plot_curves(out_dir, panels, title=''):
     plt.close(fig)
     print(f"curves: {path}")
     return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Disk space: what a run will write, against what is free
+# ---------------------------------------------------------------------------------------------
+
+def checkpoint_bytes(n_saved, n_trained):
+    """The checkpoint files a run keeps at most: ckpt.pt, ckpt_prev.pt and ckpt_best.pt (distinct
+    once the run has moved on), each n_saved fp32 weights and AdamW's two fp32 moments of the
+    n_trained ones."""
+    return 3 * 4 * (n_saved + 2 * n_trained)
+
+
+def gib(n):
+    return f"{n / 2 ** 30:,.1f} GiB" if n < 2 ** 40 else f"{n / 2 ** 40:,.2f} TiB"
+
+
+def disk_report(needs, usage=shutil.disk_usage):
+    """needs: [(folder, bytes, what)]. One line per file system: what goes there, the sum, the
+    free space; and the sentence of refusal when the sum exceeds the free space (else '')."""
+    by_disk = {}
+    for folder, n, what in needs:
+        probe = os.path.abspath(folder)
+        while not os.path.exists(probe):   # a folder not created yet: its nearest existing parent
+            probe = os.path.dirname(probe)
+        disk = by_disk.setdefault(os.stat(probe).st_dev, [probe, 0, []])
+        disk[1] += n
+        disk[2].append(f"{what} {gib(n)}")
+    lines, short = [], []
+    for probe, n, whats in by_disk.values():
+        free = usage(probe).free
+        lines.append(f"disk: {', '.join(whats)} = {gib(n)} to write on the disk of {probe} ({gib(free)} free)")
+        if n > free:
+            short.append(f"{', '.join(whats)} need {gib(n)} on the disk of {probe}, which has {gib(free)} free")
+    refusal = (f"not enough disk space: {'; '.join(short)}. Free space there, or pass an --out_dir (or --data_dir) "
+               f"on a larger disk.") if short else ''
+    return lines, refusal

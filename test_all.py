@@ -4,7 +4,8 @@ One section per file, each test one behaviour with the numbers that matter, in t
 st_transformer.py, metrics.py, data.py, synthetic.py, prepare.py, train_compression.py (the compression
 track); wan_state.py, wan_files.py, vae.py, flow_matching.py, train_sampling.py, sample.py (the sampling
 track); bench.py and peak_flops.py, configurator.py, run_dir.py, pictures.py; then the workflow around
-the tracks (LoRA files, Hub downloads, --help, own_clips.py, two nodes), LPIPS / FID, reliability, speed. Tests that run a script
+the tracks (LoRA files, Hub downloads, --help, own_clips.py, two nodes), LPIPS / FID, reliability, speed, and
+the trainers' workflow (trackers, resume, the disk check). Tests that run a script
 (a subprocess, torchrun) or train or compile for more than a few seconds are marked `slow` (pytest.ini):
 
     python -m pytest -q test_all.py                  # everything, as CI runs it (.ci/run)
@@ -30,6 +31,7 @@ import warnings
 import numpy as np
 from PIL import Image
 import pytest
+from safetensors.torch import load_file
 import torch
 import torch.nn.functional as F
 from einops import rearrange
@@ -645,6 +647,7 @@ def test_paper_preset_dry_run(tmp_path):
     assert (cfg['beta1'], cfg['beta2'], cfg['weight_decay'], cfg['vocab_size']) == (0.9, 0.95, 0.05, 64000)
     # one 80 GB GPU per process: micro-batch 10; the paper's epoch: non-overlapping samples
     assert (cfg['batch_size'], cfg['sample_stride'], cfg['max_iters'], cfg['data_dir']) == (10, 2, 0, 'data/1x')
+    assert cfg['compile'] is True   # regional compile of the blocks and the loss chunk (on CUDA: about a minute)
     assert 'T=5' in out
     assert '/ 160 per step = 153,000' in out and '(1 GPU: 16), (8 GPUs: 2), (16 GPUs: 1)' in out
     # --max_iters alone shortens the paper run
@@ -686,7 +689,7 @@ def test_resume_gives_the_same_next_loss_as_not_stopping(tmp_path, synthetic_dir
     run_script('train_compression.py', *common, f'--out_dir={tmp_path}/split', '--init_from=resume', cwd=tmp_path)
     log = lambda d: [json.loads(line) for line in open(tmp_path / d / 'log.jsonl')]
     full, split = log('full'), log('split')
-    assert [r['step'] for r in split] == [0, 1, 2, 3, 4]
+    assert [r['step'] for r in split] == [1, 2, 3, 4, 5]
     assert [r['loss'] for r in split] == [r['loss'] for r in full]  # exact, dropout included
     assert [r['lr'] for r in split] == [r['lr'] for r in full]
     # paper 3.2's schedule: linear warmup (here 1 step) to the peak 1e-3, then linear decay to 0 at max_iters
@@ -738,6 +741,18 @@ def run_compression(*args, cwd, fails=False):
 def all_finite(path):
     state = torch.load(path, weights_only=True)
     return all(torch.isfinite(t).all() for t in state['model'].values())
+
+
+@pytest.mark.slow
+def test_compression_compiled_trains_the_same_steps_as_eager(tmp_path, synthetic_dir):
+    losses = {}
+    for compile in (False, True):
+        out = tmp_path / f'compile_{compile}'
+        run_compression(f'--data_dir={synthetic_dir}', f'--out_dir={out}', '--max_iters=3', f'--compile={compile}',
+                        '--log_interval=1', cwd=tmp_path)
+        losses[compile] = [r['loss'] for r in run_dir.read_log(out) if 'loss' in r]
+    assert len(losses[True]) == 3
+    assert losses[True] == pytest.approx(losses[False], rel=1e-4)   # compiled blocks and loss chunk: the same maths
 
 
 @pytest.mark.slow
@@ -804,8 +819,8 @@ def test_flags_the_machine_cannot_serve_are_refused_by_name_before_any_work(tmp_
     fails = lambda script, *args: run_script(script, *args, f'--out_dir={tmp_path}/run', cwd=tmp_path, fails=True)
     assert "--shards='0,x': comma-separated shard numbers" in fails('train_compression.py', '--shards=0,x')
     if importlib.util.find_spec('wandb') is None:
-        assert '--wandb_log: the wandb package is not installed' in fails('train_compression.py', '--wandb_log')
-        assert '--wandb_log: the wandb package is not installed' in fails('train_sampling.py', '--wandb_log')
+        assert '--log_with=wandb: the wandb package is not installed' in fails('train_compression.py', '--log_with=wandb')
+        assert '--log_with=wandb: the wandb package is not installed' in fails('train_sampling.py', '--log_with=wandb')
     if not torch.cuda.is_available():
         assert '--device=cuda: this torch' in fails('train_sampling.py', '--device=cuda', '--max_iters=1')
     assert not (tmp_path / 'run').exists()
@@ -858,7 +873,7 @@ def test_compression_prepares_its_data_from_an_empty_folder_trains_and_logs_vali
     n_train, n_val = (len(data.TokenDataset(os.path.join(synthetic_dir, s), vocab_size=1000)) for s in ('train_v2.0', 'val_v2.0'))
     assert f'{n_train + n_val} train samples (train_v2.0, val_v2.0' in out and 'not held-out numbers' in out
     log = run_dir.read_log(str(tmp_path / 'run'))
-    assert [r['step'] for r in log] == [0, 1]
+    assert [r['step'] for r in log] == [1, 2]
     assert all(math.isfinite(r[k]) for r in log for k in ('loss', 'val_tf_top500', 'val_ar_top500', 'val_ar_ce'))
     assert (tmp_path / 'run' / 'curves.png').exists() and (tmp_path / 'run' / 'ckpt_best.pt').exists()
     # a short file (e.g. an interrupted copy of the folder) is recognised and fetched again
@@ -1773,7 +1788,7 @@ def test_paper_presets_are_the_submissions_recipes_and_torchrun_on_cuda_picks_pa
     out = run_script('train_sampling.py', '--preset=paper', '--dry_run', cwd=tmp_path)
     for line in ('clip_stride = 8', 'learning_rate = 0.0004', 'weight_decay = 0.01', 'grad_clip = 0.0',
                  'state_dropout = 0.0', 'shift = 5.0', "loss_weighting = 'diffsynth'", 'global_batch_size = 1024',
-                 'max_iters = 23000',
+                 'max_iters = 23000', 'compile = True', 'gradient_checkpointing = 12',
                  "vae = 'wan'", 'LoRA rank 32'):
         assert line in out, (line, out)
     assert "state embedder 'team': 67,903,488 parameters" in out   # the team's state embedder
@@ -2010,7 +2025,7 @@ def test_sampling_prepares_its_data_on_two_ranks_trains_on_train_and_val_and_log
     n_train, n_val = (len(data.RawClips(raw_data / s, stride=77)) for s in ('train_v2.0_raw', 'val_v2.0_raw'))
     assert f'{n_train + n_val} training clips (train_v2.0_raw, val_v2.0_raw' in out and 'not a held-out number' in out
     log = run_dir.read_log(str(tmp_path / 'run'))
-    assert [r['step'] for r in log] == [0, 1]
+    assert [r['step'] for r in log] == [1, 2]
     assert all(math.isfinite(r[k]) for r in log for k in ('loss', 'val_psnr_single', 'val_psnr_ensemble'))
     for path in ('val/step_1/clip_0.png', 'val/step_2/clip_0.png', 'curves.png', 'ckpt_best.pt', 'log.jsonl'):
         assert (tmp_path / 'run' / path).exists(), path
@@ -2250,11 +2265,11 @@ def test_non_finite_loss_stops_and_names_the_checkpoint_kept(tmp_path):
 def test_log_of_a_resumed_run_reads_as_one_run_and_plots(tmp_path):
     out = str(tmp_path)
     log = run_dir.RunLog(out)
-    for step in range(6):
-        log.write(dict(step=step, loss=1.0 / (step + 1), val=None if step % 2 else 2.0 - step / 10))
-    log = run_dir.RunLog(out, start_step=4)   # resumed from the checkpoint of step 4: 4, 5 are redone
-    log.write(dict(step=4, loss=0.1))
-    assert [r['step'] for r in run_dir.read_log(out)] == [0, 1, 2, 3, 4]
+    for step in range(1, 7):
+        log.write(dict(step=step, loss=1.0 / step, val=None if step % 2 else 2.0 - step / 10))
+    log = run_dir.RunLog(out, start_step=4)   # resumed from the checkpoint of step 4: 5, 6 are redone
+    log.write(dict(step=5, loss=0.1))
+    assert [r['step'] for r in run_dir.read_log(out)] == [1, 2, 3, 4, 5]
     png = run_dir.plot_curves(out, [('loss', ['loss']), ('val', ['val'])])
     assert Image.open(png).size[0] > 500
 
@@ -3082,10 +3097,10 @@ def test_a_loss_spike_stops_the_run_and_moves_the_checkpoint_it_came_from_aside(
     guard = run_dir.DivergenceGuard(str(tmp_path), spike=10.0)
     feed(guard, [1.0 + 0.01 * (k % 3) for k in range(20)])
     with pytest.raises(SystemExit) as stop:
-        guard.check({'training loss': 50.0, 'gradient norm': 0.5}, 20)   # the loss of the weights saved as step 20
+        guard.check({'training loss': 50.0, 'gradient norm': 0.5}, 21)   # step 21: the loss of the weights saved as step 20
     message = str(stop.value)
-    assert 'step 20: the training loss spiked to 50, over 10 x 1.01 (the median of the last 20): stopping' in message
-    assert f"{tmp_path}/ckpt.pt and {tmp_path}/ckpt_prev.pt hold step 10, saved before the loss diverged at step 20" \
+    assert 'step 21: the training loss spiked to 50, over 10 x 1.01 (the median of the last 20): stopping' in message
+    assert f"{tmp_path}/ckpt.pt and {tmp_path}/ckpt_prev.pt hold step 10, saved before the loss diverged at step 21" \
         in message
     assert (step_of(tmp_path / 'ckpt.pt'), step_of(tmp_path / 'ckpt_prev.pt')) == (10, 10)
     assert step_of(tmp_path / 'ckpt_diverged.pt') == 20
@@ -3119,9 +3134,9 @@ def test_the_spike_rule_waits_for_20_losses_and_is_off_at_0(tmp_path):
 def test_a_nan_loss_also_moves_a_checkpoint_of_its_step_aside(tmp_path):
     save(tmp_path, 3)
     guard = run_dir.DivergenceGuard(str(tmp_path), spike=10.0)
-    with pytest.raises(SystemExit, match=re.escape("step 3: the training loss is nan: stopping. the checkpoint of "
+    with pytest.raises(SystemExit, match=re.escape("step 4: the training loss is nan: stopping. the checkpoint of "
                                                    "step 3, whose loss diverged, was moved to")) as stop:
-        guard.check({'training loss': float('nan'), 'gradient norm': 0.5}, 3)
+        guard.check({'training loss': float('nan'), 'gradient norm': 0.5}, 4)   # the weights of step 3
     assert 'no checkpoint from before step 3 exists' in str(stop.value)
     assert not (tmp_path / 'ckpt.pt').exists() and step_of(tmp_path / 'ckpt_diverged.pt') == 3
 
@@ -3151,9 +3166,9 @@ def test_compression_stops_at_a_finite_explosion_with_the_checkpoint_from_before
     state['model'] = {k: v * 30 if v.is_floating_point() else v for k, v in state['model'].items()}
     torch.save(state, out / 'ckpt.pt')
     err = run_compression(*args, '--init_from=resume', cwd=tmp_path, fails=True)
-    assert re.search(r'step 30: the training loss spiked to [\d.e+]+, over 10 x [\d.]+ \(the median of the last 30\)',
+    assert re.search(r'step 31: the training loss spiked to [\d.e+]+, over 10 x [\d.]+ \(the median of the last 30\)',
                      err), err[-2000:]
-    assert f'{out}/ckpt.pt and {out}/ckpt_prev.pt hold step 20, saved before the loss diverged at step 30' in err
+    assert f'{out}/ckpt.pt and {out}/ckpt_prev.pt hold step 20, saved before the loss diverged at step 31' in err
     assert (step_of(out / 'ckpt.pt'), step_of(out / 'ckpt_prev.pt'), step_of(out / 'ckpt_diverged.pt')) == (20, 20, 30)
 
 
@@ -3569,3 +3584,322 @@ def test_wan_block_with_fused_modulate_and_gate_equals_the_plain_adaln_formulas(
         want = want + block.ffn(h).float() * per_frame(gate_ff)
         got = block(x, e, context, rope)
     assert want.abs().max() > 1 and (got - want).abs().max() < 1e-5
+
+
+__all__ = ['raw_data', 'synthetic_dir']   # the fixtures, used below
+
+
+# ===============================================================================================
+# both trainers: the workflow (--help in sections, --init_lora, one step numbering, trackers, resume, disk)
+# ===============================================================================================
+
+def read_log(out):
+    return [json.loads(line) for line in open(Path(out) / 'log.jsonl')]
+
+
+def step_lines(printed):
+    """The step numbers of the printed `step N: ...` lines, in order."""
+    return [int(n) for n in re.findall(r'^step (\d+):', printed, re.M)]
+
+
+# ===============================================================================================
+# --help in sections
+# ===============================================================================================
+
+@pytest.mark.parametrize('script, titles', [
+    ('train_compression.py', ['data', 'model (paper 3.1)', 'training (paper 3.2)', 'validation', 'logging',
+                              'run folder', 'system']),
+    ('train_sampling.py', ['data', 'model (paper 2.1)', 'training (paper 2.2)', 'validation', 'logging', 'run folder',
+                           'system'])])
+def test_help_of_each_trainer_shows_its_settings_in_sections(script, titles):
+    out = run_script(script, '--help')
+    body = out.split('settings (default, then what it is):\n')[1]
+    assert re.findall(r'^(\S.*):$', body, re.M) == titles
+    logging = body.split('\nlogging:\n')[1].split('\n\n')[0]
+    assert [line.split()[0] for line in logging.splitlines()] == ['--log_interval', '--log_with', '--wandb_project',
+                                                                 '--wandb_run_name']
+    assert '--wandb_log' not in out
+
+
+# ===============================================================================================
+# One sampling run read by several tests: --init_lora, keep_last, the step numbering, TensorBoard
+# ===============================================================================================
+
+def lora_file(path, rank=4):
+    """A LoRA of the tiny run's model (PEFT naming, alpha = rank: B @ A is the whole update)."""
+    lora = random_lora(WanConfig.tiny(**WAN_TINY), rank=rank)
+    return save_lora(path, lora, 'peft'), lora
+
+
+@pytest.fixture(scope='module')
+def lora_run(raw_data, tmp_path_factory):
+    """3 steps of a LoRA run started from a LoRA file, validated and saved at every step, logged to
+    TensorBoard. A random base's zero-initialised head passes no gradient, so the adapters stay
+    exactly the file's: what --init_lora loaded is what the checkpoint holds."""
+    tmp = tmp_path_factory.mktemp('lora_run')
+    path, lora = lora_file(tmp / 'start.safetensors')
+    out = tmp / 'run'
+    printed = run_script(*train_args(raw_data, out, '--train_mode=lora', '--lora_rank=4', '--lora_alpha=4',
+                                     f'--init_lora={path}', '--max_iters=3', '--eval_interval=1', '--ckpt_interval=1',
+                                     '--keep_last=2', '--log_with=tensorboard'))
+    return dict(out=out, printed=printed, lora=lora)
+
+
+@pytest.mark.slow
+def test_a_run_started_from_a_lora_file_holds_its_update(lora_run):
+    assert 'started from' in lora_run['printed'] and 'its adapters' in lora_run['printed']
+    trainable = torch.load(lora_run['out'] / 'ckpt.pt', weights_only=True)['trainable']
+    for name, (A, B) in lora_run['lora'].items():   # alpha = rank: scale 1
+        update = trainable[f'{name}.lora_B.weight'] @ trainable[f'{name}.lora_A.weight']
+        torch.testing.assert_close(update, B @ A, rtol=0, atol=1e-6)
+    exported = load_file(str(lora_run['out'] / 'lora.safetensors'))   # and the run's export passes it on
+    A, B = lora_run['lora']['blocks.0.self_attn.q']
+    key = 'diffusion_model.blocks.0.self_attn.q.lora_{}.weight'
+    torch.testing.assert_close(exported[key.format('B')] @ exported[key.format('A')], B @ A, rtol=0, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_keep_last_keeps_the_newest_step_numbered_exports(lora_run):
+    names = sorted(p.name for p in lora_run['out'].glob('*.safetensors'))
+    assert names == ['lora.safetensors', 'lora_step0000002.safetensors', 'lora_step0000003.safetensors',
+                     'state_embedder.safetensors', 'state_embedder_step0000002.safetensors',
+                     'state_embedder_step0000003.safetensors']
+
+
+@pytest.mark.slow
+def test_console_log_val_folders_and_best_json_number_the_steps_alike(lora_run):
+    out, printed = lora_run['out'], lora_run['printed']
+    log = read_log(out)
+    assert [r['step'] for r in log] == [1, 2, 3]
+    assert sorted(os.listdir(out / 'val')) == ['step_1', 'step_2', 'step_3']
+    assert step_lines(printed) == [1, 1, 2, 2, 3, 3]   # the loss line, then the val line, of each step
+    best = json.loads((out / 'best.json').read_text())
+    assert best['value'] == max(r['val_psnr_ensemble'] for r in log)
+    assert best['value'] == next(r['val_psnr_ensemble'] for r in log if r['step'] == best['step'])
+    assert torch.load(out / 'ckpt_best.pt', weights_only=True)['step'] == best['step']
+    assert torch.load(out / 'ckpt.pt', weights_only=True)['step'] == log[-1]['step'] == 3
+
+
+def tensorboard_events(folder):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(folder), size_guidance={'scalars': 0, 'images': 0})
+    events.Reload()
+    return events
+
+
+@pytest.mark.slow
+def test_tensorboard_gets_the_log_figures_at_their_steps_and_the_val_pictures(lora_run):
+    events = tensorboard_events(lora_run['out'] / 'tensorboard')
+    log = read_log(lora_run['out'])
+    for key in ('loss', 'grad_norm', 'val_psnr_ensemble'):
+        assert [(e.step, pytest.approx(e.value)) for e in events.Scalars(key)] == [(r['step'], r[key]) for r in log]
+    pictures = events.Images('val/clip_0')
+    assert [p.step for p in pictures] == [1, 2, 3] and pictures[0].width > 100
+
+
+def test_tensorboard_of_a_resumed_run_reads_as_one_run(tmp_path):
+    log = run_dir.RunLog(str(tmp_path), log_with='tensorboard')
+    for step in range(1, 6):
+        log.write(dict(step=step, loss=float(step)))
+    log.close()
+    log = run_dir.RunLog(str(tmp_path), start_step=3, log_with='tensorboard')   # from the checkpoint of step 3
+    log.write(dict(step=4, loss=40.0))
+    log.close()
+    events = tensorboard_events(tmp_path / 'tensorboard')
+    assert [(e.step, e.value) for e in events.Scalars('loss')] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0)]
+
+
+@pytest.mark.slow
+def test_compression_tensorboard_and_log_agree_on_steps(tmp_path, synthetic_dir):
+    printed = run_compression(f'--data_dir={synthetic_dir}', f'--out_dir={tmp_path}', '--max_iters=2',
+                              '--eval_interval=1', '--log_interval=1', '--log_with=tensorboard', cwd=tmp_path)
+    log = read_log(tmp_path)
+    assert [r['step'] for r in log] == [1, 2] and step_lines(printed) == [1, 1, 2, 2]
+    events = tensorboard_events(tmp_path / 'tensorboard')
+    for key in ('loss', 'lr', 'val_ar_top500'):
+        assert [(e.step, pytest.approx(e.value)) for e in events.Scalars(key)] == [(r['step'], r[key]) for r in log]
+    assert json.loads((tmp_path / 'best.json').read_text())['step'] in (1, 2)
+
+
+@pytest.mark.slow
+def test_a_fully_trained_run_started_from_a_lora_file_has_it_merged_into_its_weights(raw_data, tmp_path):
+    from wan_files import build_model
+    path, lora = lora_file(tmp_path / 'start.safetensors')
+    run_script(*train_args(raw_data, tmp_path / 'run', f'--init_lora={path}', '--max_iters=1', '--learning_rate=1e-9'))
+    base = build_model(model='tiny', pretrained='', train_mode='full', lora_rank=32, lora_alpha=32, init_seed=0,
+                       device='cpu', dtype=torch.float32, tiny=WAN_TINY).state_dict()
+    trained = torch.load(tmp_path / 'run' / 'ckpt.pt', weights_only=True)['trainable']
+    for name, (A, B) in lora.items():   # one step at lr 1e-9 moves a weight by about 1e-9
+        torch.testing.assert_close(trained[f'{name}.weight'], base[f'{name}.weight'] + B @ A, rtol=0, atol=1e-6)
+    assert (trained['blocks.0.self_attn.q.weight'] - base['blocks.0.self_attn.q.weight']).abs().max() > 1e-3
+
+
+# ===============================================================================================
+# --init_lora: refusals
+# ===============================================================================================
+
+def test_init_lora_with_a_resume_is_refused_before_any_work(tmp_path):
+    err = run_script('train_sampling.py', '--init_from=resume', '--init_lora=x.safetensors',
+                     f'--out_dir={tmp_path}/run', cwd=tmp_path, fails=True)
+    assert '--init_lora=x.safetensors starts a new run; a resume continues its checkpoint' in err
+    assert not (tmp_path / 'run').exists()
+
+
+@pytest.mark.slow
+def test_init_lora_of_another_rank_stops_the_script_with_the_rank_to_pass(raw_data, tmp_path):
+    path, _ = lora_file(tmp_path / 'rank4.safetensors', rank=4)
+    err = run_script(*train_args(raw_data, tmp_path / 'run', '--train_mode=lora', '--lora_rank=8',
+                                 f'--init_lora={path}', '--max_iters=1'), fails=True)
+    assert f'--init_lora={path}: {path}: adapters of rank 4, the model\'s of rank 8' in err and '--lora_rank=4' in err
+
+
+# ===============================================================================================
+# W&B: files in out_dir, the same run on resume, validation pictures (a stand-in wandb package)
+# ===============================================================================================
+
+FAKE_WANDB = '''
+"""A stand-in for wandb: records init's arguments and every log call in $FAKE_WANDB_RECORD."""
+import json
+import os
+
+
+def _record(entry):
+    with open(os.environ['FAKE_WANDB_RECORD'], 'a') as f:
+        f.write(json.dumps(entry) + '\\n')
+
+
+class Image:
+    def __init__(self, path):
+        self.path = path
+
+
+class Run:
+    def log(self, data, step=None):
+        _record(dict(call='log', step=step, data={k: {'image': v.path} if isinstance(v, Image) else v
+                                                  for k, v in data.items()}))
+
+    def finish(self):
+        _record(dict(call='finish'))
+
+
+def init(**kwargs):
+    _record(dict(call='init', kwargs={k: v for k, v in kwargs.items() if k != 'config'}))
+    return Run()
+'''
+
+
+@pytest.mark.slow
+def test_wandb_keeps_its_files_in_out_dir_continues_its_run_on_resume_and_gets_the_val_pictures(raw_data, tmp_path):
+    (tmp_path / 'fake' / 'wandb').mkdir(parents=True)
+    (tmp_path / 'fake' / 'wandb' / '__init__.py').write_text(FAKE_WANDB)
+    record = tmp_path / 'wandb_calls.jsonl'
+    env = dict(os.environ, PYTHONPATH=f"{tmp_path / 'fake'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+               FAKE_WANDB_RECORD=str(record))
+    out = tmp_path / 'run'
+    for extra in (['--max_iters=1'], ['--max_iters=2', '--init_from=resume']):
+        args = train_args(raw_data, out, '--log_with=wandb', '--eval_interval=1', *extra)
+        res = subprocess.run([sys.executable, os.path.join(REPO, args[0]), *args[1:]], cwd=tmp_path, env=env,
+                             capture_output=True, text=True, timeout=600)
+        assert res.returncode == 0, res.stderr[-3000:]
+    calls = [json.loads(line) for line in open(record)]
+    inits = [c['kwargs'] for c in calls if c['call'] == 'init']
+    assert len(inits) == 2 and inits[0]['dir'] == inits[1]['dir'] == str(out)
+    assert inits[0]['id'] == inits[1]['id'] == (out / 'wandb_id').read_text() and inits[1]['resume'] == 'allow'
+    logs = [c for c in calls if c['call'] == 'log']
+    assert [c['step'] for c in logs] == [1, 2]
+    assert all(c['data']['val/clip_0']['image'] == str(out / 'val' / f"step_{c['step']}" / 'clip_0.png') for c in logs)
+    assert logs[0]['data']['loss'] == read_log(out)[0]['loss']
+
+
+def test_a_missing_tracker_package_is_refused_by_name_before_any_work(tmp_path):
+    for package in ('tensorboard', 'wandb'):
+        if importlib.util.find_spec(package) is not None:
+            continue
+        for script in ('train_compression.py', 'train_sampling.py'):
+            err = run_script(script, f'--log_with={package}', f'--out_dir={tmp_path}/run', cwd=tmp_path, fails=True)
+            assert f'--log_with={package}: the {package} package is not installed (pip install {package})' in err
+    assert not (tmp_path / 'run').exists()
+
+
+# ===============================================================================================
+# Resume: the model settings come from the checkpoint
+# ===============================================================================================
+
+@pytest.mark.slow
+def test_resume_takes_the_model_settings_of_its_checkpoint_and_says_which(tmp_path, synthetic_dir):
+    out = tmp_path / 'run'
+    run_compression(f'--data_dir={synthetic_dir}', f'--out_dir={out}', '--max_iters=2', '--stop_at=1', '--n_layer=2',
+                    cwd=tmp_path)
+    said = run_compression(f'--data_dir={synthetic_dir}', f'--out_dir={out}', '--max_iters=2', '--init_from=resume',
+                           cwd=tmp_path)
+    assert f'resume: model settings taken from {out}/ckpt.pt: n_layer=2' in said
+    state = torch.load(out / 'ckpt.pt', weights_only=True)
+    assert state['step'] == 2 and state['model_cfg']['n_layer'] == 2
+
+
+def test_a_model_flag_that_differs_from_the_checkpoint_is_refused_by_name(tmp_path):
+    run_dir.save_checkpoint(str(tmp_path), dict(kind='compression', step=1, config=dict(n_layer=2, n_embd=64)))
+    with pytest.raises(SystemExit, match=r'n_layer=2 in the checkpoint, 1 now\. Leave these flags out'):
+        run_dir.model_settings_on_resume(str(tmp_path), 'compression', dict(n_layer=1, n_embd=64),
+                                         argv=['--n_layer=1'])
+    # not typed: the checkpoint's; typed and equal: kept
+    assert run_dir.model_settings_on_resume(str(tmp_path), 'compression', dict(n_layer=1, n_embd=64),
+                                            argv=['--n_embd', '64']) == dict(n_layer=2, n_embd=64)
+
+
+# ===============================================================================================
+# The disk check
+# ===============================================================================================
+
+class FakeUsage:
+    def __init__(self, free):
+        self.free = free
+
+    def __call__(self, path):
+        return self
+
+
+def test_checkpoint_bytes_count_three_files_of_weights_and_two_adam_moments():
+    assert run_dir.checkpoint_bytes(n_saved=1000, n_trained=100) == 3 * 4 * (1000 + 200)
+
+
+def test_the_1x_latents_at_a_window_every_8_frames_are_0_83_terabytes(tmp_path):
+    n = prepare.latents_bytes(str(tmp_path), ['train_v2.0_raw'], 'wan', 8)
+    assert n == 11_254_161 // 8 * 48 * 6 * 32 * 32 * 2 and round(n / 1e12, 2) == 0.83
+
+
+def test_a_run_that_needs_more_than_the_free_space_is_refused_in_one_sentence(tmp_path):
+    needs = [(str(tmp_path / 'run'), 3 * 2 ** 30, 'checkpoints'), (str(tmp_path / 'data'), 5 * 2 ** 30, 'latents')]
+    lines, refusal = run_dir.disk_report(needs, usage=FakeUsage(100 * 2 ** 30))
+    assert lines == [f'disk: checkpoints 3.0 GiB, latents 5.0 GiB = 8.0 GiB to write on the disk of {tmp_path} '
+                     f'(100.0 GiB free)'] and refusal == ''
+    _, refusal = run_dir.disk_report(needs, usage=FakeUsage(6 * 2 ** 30))
+    assert refusal == (f'not enough disk space: checkpoints 3.0 GiB, latents 5.0 GiB need 8.0 GiB on the disk of '
+                       f'{tmp_path}, which has 6.0 GiB free. Free space there, or pass an --out_dir (or --data_dir) '
+                       f'on a larger disk.')
+
+
+@pytest.mark.slow
+def test_dry_run_prints_what_the_run_will_write(tmp_path):
+    out = run_script('train_sampling.py', '--preset=paper', '--dry_run', f'--data_dir={tmp_path}/1x', cwd=tmp_path)
+    assert re.search(r'^disk: checkpoints and LoRA exports [\d.,]+ GiB, latents 772\.8 GiB = ', out, re.M), out
+    out = run_script('train_compression.py', '--preset=paper', '--dry_run', cwd=tmp_path)
+    assert re.search(r'^disk: checkpoints [\d.,]+ GiB = [\d.,]+ GiB to write on the disk of ', out, re.M), out
+
+
+# ===============================================================================================
+# prepare.py own_clips, then training on them
+# ===============================================================================================
+
+@pytest.mark.slow
+def test_prepare_own_clips_writes_a_folder_train_sampling_trains_on(tmp_path):
+    for i, name in enumerate(('a', 'b', 'c')):
+        write_clip(tmp_path / 'clips', name, frames=120, seed=i)
+    said = run_script('prepare.py', 'own_clips', '--clips', str(tmp_path / 'clips'), '--out', str(tmp_path / 'mine'),
+                      '--size', '32', cwd=tmp_path)
+    assert f'train on it: python train_sampling.py --data_dir={tmp_path / "mine"}' in said
+    out = run_script('train_sampling.py', f'--data_dir={tmp_path / "mine"}', f'--out_dir={tmp_path / "run"}',
+                     *(f'--{k}={v}' for k, v in WAN_TINY.items()), '--batch_size=2', '--global_batch_size=2',
+                     '--max_iters=2', *VAL, cwd=tmp_path)
+    assert '12 training clips (train_v2.0_raw, a window every 8 frames)' in out   # 2 videos x 6 windows of 120 frames
+    assert [r['step'] for r in read_log(tmp_path / 'run')] == [1, 2]

@@ -2,7 +2,7 @@
 
     python train_compression.py                    # CPU demo: synthetic data in the 1X layout, ~3.5 min
     torchrun --nproc_per_node 8 train_compression.py     # on CUDA GPUs: the paper's recipe (preset paper)
-    python train_compression.py --preset=paper --dry_run # the paper's model and run length, no data
+    python train_compression.py --preset=paper --dry_run # the paper's model, run length and disk, no data
     python train_compression.py --eval_only --out_dir=out/compression --split=val_v2.0
     python train_compression.py --init_from=resume       # continue out_dir/ckpt.pt
 
@@ -10,9 +10,10 @@ Settings are the module globals below; `--key=value` or `--key value` overrides 
 (configurator.py), `--help` lists them. A plain `python` run uses preset cpu, torchrun on CUDA
 GPUs preset paper; `--preset=...` always wins, and later flags override the preset. With preset
 paper and no data in data_dir, the run downloads it first (huggingface_hub, spread over the
-ranks). Logs go to out_dir/log.jsonl (and Weights & Biases with --wandb_log), curves to
-out_dir/curves.png. Ends with a table: Top-500 CE (and full CE) of the model, teacher-forced and
-greedy autoregressive, next to baselines and, on synthetic data, the exact Bayes floor.
+ranks). Logs go to out_dir/log.jsonl (and --log_with=tensorboard or wandb; step N: after N
+optimizer steps, as in the checkpoints), curves to out_dir/curves.png. Ends with a table:
+Top-500 CE (and full CE) of the model, teacher-forced and greedy autoregressive, next to
+baselines and, on synthetic data, the exact Bayes floor.
 """
 import json
 import math
@@ -37,13 +38,13 @@ from st_transformer import STConfig, STTransformer
 
 # --- settings (defaults: the CPU demo on synthetic data) ------------------------------------------
 preset = 'cpu'             # 'cpu' (the demo) or 'paper' (PRESETS below)
-# data
+# -- data --
 data_dir = ''              # folder of train_v2.0/ and val_v2.0/ ('' = data/synthetic, written on first use)
 train_splits = 'train_v2.0'  # splits to train on, e.g. 'train_v2.0,val_v2.0' (val numbers then not comparable)
 shards = ''                # shards of train_v2.0 to use, e.g. '0' or '0,1' ('' = all in metadata.json)
 sample_stride = 1          # blocks between training samples: 1 = a sample at every block, 2 = non-overlapping
 num_workers = 1            # DataLoader worker processes
-# model (paper 3.1)
+# -- model (paper 3.1) --
 vocab_size = 1000          # tokens lie in [0, vocab_size): the synthetic set uses 1000, the 1X data 64000
 n_layer = 1                # ST blocks
 n_head = 4                 # attention heads
@@ -51,7 +52,7 @@ n_embd = 64                # width
 dropout = 0.0              # on attention, MLP and residual branches
 state_window = data.STATE_WINDOW  # state rows per sample (the 64 frames ending with the sample)
 use_states = True          # False: the state-blind ablation
-# optimisation (paper 3.2)
+# -- training (paper 3.2) --
 global_batch_size = 4      # samples per optimizer step, over all processes and micro-steps
 batch_size = 4             # samples per micro-step per process (gradient accumulation makes up the rest)
 epochs = 0.0               # length of the run in passes over the training set, used when max_iters == 0
@@ -65,11 +66,7 @@ grad_clip = 1.0            # clip the gradient norm to this (0 = off); not state
 loss_spike = 10.0          # stop if the loss tops this x its median of the last 100 steps (0 = off)
 loss_chunk = 4096          # tokens whose fp32 logits exist at once in the loss (head_cross_entropy)
 seed = 1337                # initial weights, data order and dropout
-# the run: its folder, validation, log, checkpoints
-out_dir = 'out/compression'  # checkpoints, log.jsonl, curves.png, results.json
-init_from = 'scratch'      # 'scratch' or 'resume' (from out_dir/ckpt.pt: model, optimizer, step, RNG)
-overwrite = False          # train from scratch even if out_dir holds a checkpoint (it gets replaced)
-dry_run = False            # build the model on the meta device, print its size and the run length, exit
+# -- validation --
 eval_interval = 25         # validate (teacher-forced and greedy autoregressive) every this many steps
 eval_samples = 16          # the fixed val subset of each validation: its first eval_samples samples
 eval_batch_size = 8        # samples per evaluation batch
@@ -78,16 +75,22 @@ final_eval_samples = 48    # val samples of the final table (0 = the whole split
 eval_only = False          # only evaluate a checkpoint (--ckpt) on --split, then exit
 ckpt = ''                  # checkpoint for --eval_only ('' = out_dir/ckpt.pt)
 split = 'val_v2.0'         # split that --eval_only evaluates
+# -- logging --
 log_interval = 10          # print the log's line every this many steps (log.jsonl gets every step)
-ckpt_interval = 0          # save every this many steps (0 = only at the end)
-stop_at = 0                # save and stop after this many steps without ending the schedule (0 = off)
-wandb_log = False          # also log to Weights & Biases (pip install wandb)
+log_with = 'none'          # also log to 'tensorboard' (out_dir/tensorboard) or 'wandb' (W&B; files in out_dir)
 wandb_project = 'nanowm'   # W&B project
 wandb_run_name = 'compression'  # W&B run name
-# system
+# -- run folder --
+out_dir = 'out/compression'  # checkpoints, log.jsonl, curves.png, results.json
+init_from = 'scratch'      # 'scratch' or 'resume' (from out_dir/ckpt.pt: model, optimizer, step, RNG)
+overwrite = False          # train from scratch even if out_dir holds a checkpoint (it gets replaced)
+dry_run = False            # build the model on the meta device, print its size, the run length and disk, exit
+ckpt_interval = 0          # save every this many steps (0 = only at the end)
+stop_at = 0                # save and stop after this many steps without ending the schedule (0 = off)
+# -- system --
 device = 'auto'            # 'auto', 'cpu', 'cuda', 'cuda:1', 'mps'
 dtype = 'bfloat16'         # autocast dtype on CUDA (paper 3.2: bf16 AMP); the CPU runs in fp32
-compile = False            # torch.compile the model
+compile = False            # torch.compile each block in place (regional); preset paper: on
 
 # --- presets --------------------------------------------------------------------------------------
 PRESETS = {
@@ -101,13 +104,13 @@ PRESETS = {
                   n_embd=512, dropout=0.1, global_batch_size=160, batch_size=10, epochs=80.0, max_iters=0,
                   learning_rate=8e-4, warmup_iters=2000, weight_decay=0.05, beta1=0.9, beta2=0.95,
                   eval_interval=2000, eval_samples=256, final_eval_samples=0, eval_batch_size=4,
-                  log_interval=100, ckpt_interval=2000, num_workers=8),
+                  log_interval=100, ckpt_interval=2000, num_workers=8, compile=True),
 }
 
 # --- configure: the preset, then config files and flags (configurator.py) -------------------------
 configure(globals(), presets=PRESETS, gpu_preset='paper',
           choices=dict(sample_stride=(1, 2), dtype=('bfloat16', 'float16', 'float32'),
-                       init_from=('scratch', 'resume')),
+                       init_from=('scratch', 'resume'), log_with=('none', 'tensorboard', 'wandb')),
           positive=('vocab_size', 'n_layer', 'n_head', 'n_embd', 'state_window', 'global_batch_size', 'batch_size',
                     'learning_rate', 'loss_chunk', 'eval_interval', 'eval_samples', 'eval_batch_size', 'log_interval'),
           nonnegative=('epochs', 'max_iters', 'warmup_iters', 'weight_decay', 'grad_clip', 'final_eval_samples',
@@ -115,28 +118,35 @@ configure(globals(), presets=PRESETS, gpu_preset='paper',
           fractions=('dropout', 'beta1', 'beta2'))
 
 # --- derived settings and checks ------------------------------------------------------------------
+# settings that define the model: a resume takes the checkpoint's unless given (as nanoGPT)
+MODEL_KEYS = ('vocab_size', 'n_layer', 'n_head', 'n_embd', 'state_window', 'use_states')
+if init_from == 'resume' and not eval_only:
+    globals().update(run_dir.model_settings_on_resume(out_dir, 'compression', {k: globals()[k] for k in MODEL_KEYS}))
 if max_iters == 0 and epochs == 0 and not eval_only:
     raise SystemExit("--max_iters=0 and --epochs=0: give the run a length (--max_iters=N steps, or --epochs=E)")
 if n_embd % n_head:
     raise SystemExit(f"--n_embd={n_embd} must be divisible by --n_head={n_head}")
 if shards and not all(s.strip().isdigit() for s in shards.split(',')):
     raise SystemExit(f"--shards={shards!r}: comma-separated shard numbers, e.g. --shards=0,1")
-if wandb_log and importlib.util.find_spec('wandb') is None:
-    raise SystemExit("--wandb_log: the wandb package is not installed (pip install wandb)")
+if log_with != 'none' and importlib.util.find_spec(log_with) is None:
+    raise SystemExit(f"--log_with={log_with}: the {log_with} package is not installed (pip install {log_with})")
 if state_window < data.SAMPLE_FRAMES:
     raise SystemExit(f"--state_window={state_window} must cover the {data.SAMPLE_FRAMES} frames of a sample")
 config = {k: v for k, v in globals().items() if not k.startswith('_') and not k.isupper()
-          and isinstance(v, (int, float, bool, str))}   # saved in checkpoints and W&B
-MODEL_KEYS = ('vocab_size', 'n_layer', 'n_head', 'n_embd', 'state_window', 'use_states')  # must match on resume
+          and isinstance(v, (int, float, bool, str))}   # saved in checkpoints and the tracker
 PAPER_TRAIN_SAMPLES = 306_000   # paper 3: the tokenized training set holds about 306,000 samples
 T = data.SAMPLE_GRIDS - 1       # paper 3.1: T = 5 grids read (0..4), 1..5 predicted; fixed by the 6-grid sample
 model_cfg = STConfig(vocab_size=vocab_size, n_layer=n_layer, n_head=n_head, n_embd=n_embd, T=T, dropout=dropout,
                      state_window=state_window, use_states=use_states)
 
-# --- dry run: the model's size and the run's length, no data, no weights --------------------------
+# --- the model's size (built on the meta device) and the disk the run will write ------------------
+with torch.device('meta'):
+    meta_model = STTransformer(model_cfg)
+disk_lines, no_room = run_dir.disk_report([(out_dir, run_dir.checkpoint_bytes(meta_model.num_params(),
+                                                                              meta_model.num_params()), 'checkpoints')])
+
+# --- dry run: the model's size, the run's length and its disk, no data, no weights ----------------
 if dry_run:
-    with torch.device('meta'):
-        meta_model = STTransformer(model_cfg)
     print(f"settings: {json.dumps(config)}")
     print(f"{model_cfg}\nparameters: {meta_model.num_params():,} "
           f"(embedding/head {meta_model.tok_emb.weight.numel():,}, tied)\n"
@@ -149,7 +159,10 @@ if dry_run:
     print(f"micro-batch {batch_size} per process: {global_batch_size} = {batch_size} x GPUs x accumulation "
           + ', '.join(f"({g} GPU{'s' if g > 1 else ''}: {global_batch_size // (batch_size * g)})"
                       for g in (1, 8, 16) if global_batch_size % (batch_size * g) == 0))
+    print('\n'.join(disk_lines + [no_room] if no_room else disk_lines))
     raise SystemExit(0)
+if no_room and not eval_only:
+    raise SystemExit(no_room)
 
 
 # --- helpers: the schedule, evaluation, checkpoints (of the data and model set up below) ----------
@@ -213,7 +226,8 @@ def evaluate(model, ds, num_samples, baselines=False):
            if not (math.isfinite(top) and math.isfinite(full))]
     if bad:
         raise SystemExit(f"evaluation on {ds.split_dir} gave non-finite figures ({'; '.join(bad)}): the model's "
-                         f"weights or the data hold NaN/inf; {os.path.join(out_dir, run_dir.PREV)} holds an earlier state")
+                         f"weights or the data hold NaN/inf; nothing was saved from them: {run_dir.CKPT} and "
+                         f"{run_dir.PREV} in {out_dir} (if any) hold earlier states")
     return results
 
 
@@ -316,8 +330,10 @@ if init_from == 'resume':   # loaded to the CPU, tensors and plain data only (ne
     run_dir.set_rng_state(state['rng'])  # dropout continues exactly where it stopped
     if master:
         print(f"resumed from {ckpt_path} at step {start_step}" + (f"; {changed}" if changed else ''))
-train_model = torch.compile(raw_model) if compile else raw_model   # what the loop calls; raw_model is saved
-if ddp:
+if compile:   # regional: each block (one graph serves them all) and the loss chunk, so it compiles in about a minute
+    raw_model.compile_blocks()
+train_model = raw_model   # what the loop calls; raw_model is saved
+if world_size > 1:   # one process has no gradients to sync: no DDP hooks for nothing
     train_model = DDP(train_model, device_ids=[torch.cuda.current_device()] if device_type == 'cuda' else None)
 if master:
     print(f"model: {raw_model.num_params():,} parameters, {raw_model.flops_per_sample():.3e} training FLOPs per sample, "
@@ -334,7 +350,7 @@ micro_batches = (data.batch_rows(seed, s, data.batch_positions(micro, rank, worl
 loader = iter(torch.utils.data.DataLoader(train_ds, batch_sampler=micro_batches, num_workers=num_workers,
                                           pin_memory=device_type == 'cuda', generator=torch.Generator(),
                                           persistent_workers=False))
-log = run_dir.RunLog(out_dir, start_step, wandb_project if wandb_log else '', wandb_run_name, config, total=stop,
+log = run_dir.RunLog(out_dir, start_step, log_with, config, wandb_project, wandb_run_name, total=stop,
                      log_interval=log_interval) if master else None
 speed = StepSpeed(device, global_batch_size, raw_model.flops_per_sample() * batch_size * grad_accum)
 guard = run_dir.DivergenceGuard(out_dir, loss_spike, master, start_step)   # the loss-spike rule
@@ -345,7 +361,7 @@ for step in range(start_step, stop):
     for micro in range(grad_accum):
         z_BGHW, states_BLD = (x.to(device, non_blocking=True) for x in next(loader))
         # gradients are all-reduced only on the last micro-step
-        sync = nullcontext() if not ddp or micro == grad_accum - 1 else train_model.no_sync()
+        sync = nullcontext() if world_size == 1 or micro == grad_accum - 1 else train_model.no_sync()
         with sync, autocast:
             # positions 2..4 predict grids 3..5 (paper 3.2: the loss on the future grids only)
             loss = train_model(z_BGHW[:, :T], states_BLD, predict_from=2, targets_BTHW=z_BGHW[:, 3:T + 1],
@@ -355,7 +371,8 @@ for step in range(start_step, stop):
     loss_value = mean_over_ranks(loss_sum).item()   # the same on every rank: a NaN on one stops them all
     grad_norm = torch.nn.utils.clip_grad_norm_(train_model.parameters(), grad_clip or math.inf).item()   # 0: no clip
     # a NaN, inf or spiking loss stops the run before the weights change: ckpt.pt stays the last good state
-    guard.check({'training loss': loss_value, 'gradient norm': grad_norm}, step)
+    done = step + 1   # step N: after N optimizer steps, in the log, the console, best.json and ckpt.pt alike
+    guard.check({'training loss': loss_value, 'gradient norm': grad_norm}, done)
     lr = get_lr(step, learning_rate, warmup_iters, max_iters)
     for group in optimizer.param_groups:
         group['lr'] = lr
@@ -363,16 +380,17 @@ for step in range(start_step, stop):
     optimizer.zero_grad(set_to_none=True)
     if not master:
         continue
-    record = dict(step=step, loss=loss_value, lr=lr, grad_norm=grad_norm, **speed.stop())
-    if (step + 1) % eval_interval == 0 or step + 1 == max_iters:
+    record = dict(step=done, loss=loss_value, lr=lr, grad_norm=grad_norm, **speed.stop())
+    if done % eval_interval == 0 or done == max_iters:
         # the fixed val subset, teacher-forced and greedy autoregressive (the challenge's number)
         val = evaluate(raw_model, val_ds, eval_samples)
         (tf_top, tf_ce), (ar_top, ar_ce) = val['model, teacher-forced'], val['model, greedy autoregressive']
         record.update(val_tf_top500=tf_top, val_tf_ce=tf_ce, val_ar_top500=ar_top, val_ar_ce=ar_ce)
-        tqdm.write(f"step {step + 1}: val Top-500 CE teacher-forced {tf_top:.4f}, greedy autoregressive {ar_top:.4f}")
     log.write(record)
-    if (ckpt_interval > 0 and (step + 1) % ckpt_interval == 0) or step + 1 == stop:
-        save_checkpoint(step + 1, record.get('val_ar_top500'))   # ckpt_best.pt: the lowest greedy AR Top-500 CE
+    if 'val_ar_top500' in record:
+        tqdm.write(f"step {done}: val Top-500 CE teacher-forced {tf_top:.4f}, greedy autoregressive {ar_top:.4f}")
+    if (ckpt_interval > 0 and done % ckpt_interval == 0) or done == stop:
+        save_checkpoint(done, record.get('val_ar_top500'))   # ckpt_best.pt: the lowest greedy AR Top-500 CE
 
 # --- the end: curves, the final table -------------------------------------------------------------
 if master:

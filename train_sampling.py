@@ -2,7 +2,7 @@
 
     python train_sampling.py                       # CPU demo: synthetic 32x32 clips, a tiny DiT, ~3.5 min
     torchrun --nnodes 4 --nproc_per_node 8 ... train_sampling.py   # on CUDA GPUs: the paper's recipe
-    python train_sampling.py --preset=paper --dry_run   # print the paper recipe and the model size, exit
+    python train_sampling.py --preset=paper --dry_run   # the paper recipe, the model size, the disk it needs
     python train_sampling.py --init_from=resume    # continue out_dir/ckpt.pt
 
 Settings are the module globals below; `--key=value` or `--key value` overrides them
@@ -16,9 +16,11 @@ The recipe (paper 2.2): flow matching as Wan does it, x_t = (1 - s) x0 + s noise
 v = noise - x0, s drawn uniformly then shifted; the 2 context latents are held clean (per-token
 timestep 0) and left out of the loss; empty-prompt text context; robot states through AdaLN-Zero;
 LoRA rank 32 on a frozen bf16 base; AdamW at a constant 4e-4; global batch 1024 = per-GPU batch x
-GPUs x accumulation. Logs: out_dir/log.jsonl (and W&B with --wandb_log); every eval_interval
-steps the PSNR of frame 77 on a few val clips (single sample and a small ensemble), their PNGs
-in out_dir/val/step_N/; curves.png at the end.
+GPUs x accumulation. Logs: out_dir/log.jsonl (and --log_with=tensorboard or wandb); every
+eval_interval steps the PSNR of frame 77 on a few val clips (single sample and a small
+ensemble), their PNGs in out_dir/val/step_N/ (step N: after N optimizer steps, as everywhere);
+curves.png at the end. Every save also exports lora.safetensors (and lora_stepNNNNNNN.safetensors,
+the newest keep_last kept) for ComfyUI / diffusers; --init_lora starts a new run from such a file.
 
 Exactness: every random draw of a sample (noise, timestep, state dropout) comes from a generator
 seeded by (seed, step, position in the global batch), and every micro-batch has the same size, so
@@ -32,6 +34,7 @@ import math
 import os
 import time
 from contextlib import nullcontext
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -48,11 +51,12 @@ from distributed import grad_accum_steps, mean_over_ranks, on_master, setup_dist
 from flow_matching import diffsynth_weight, flow_matching_loss, predict_frame77, sample_draws
 from metrics import psnr
 from peak_flops import StepSpeed
-from wan_files import build_model, export_lora, text_context
+from wan_files import build_model, export_lora, load_lora, text_context
+from wan_state import WanConfig, WanDiT, add_lora
 
 # --- settings (defaults: the CPU demo on synthetic clips) -----------------------------------------
 preset = 'cpu'              # 'cpu' (the demo), 'paper' (the 23.0 dB submission's recipe), 'paper_cfg' (PRESETS)
-# data
+# -- data --
 data_dir = ''               # folder of train_v2.0_raw/ and val_v2.0_raw/ ('' = data/sampling_demo, synthetic)
 train_splits = 'train_v2.0_raw'  # raw splits to train on; 'train_v2.0_raw,val_v2.0_raw' as the 1st submission
 make_synthetic = False      # write the synthetic raw set into an explicit data_dir that holds no data
@@ -64,21 +68,23 @@ clip_stride = 8             # frames between training windows (a 77-frame window
 vae = 'pixel'               # 'pixel': the CPU-demo codec (vae.PixelCodec); 'wan': the Wan 2.2 VAE
 vae_path = 'Wan-AI/Wan2.2-TI2V-5B-Diffusers'  # hub repo or folder of the Wan VAE (diffusers format)
 encode_batch_size = 8       # clips the VAE encodes at once when the latents are prepared
-# model (paper 2.1)
+# -- model (paper 2.1) --
 model = 'tiny'              # 'tiny' (WanConfig.tiny with the sizes below) or 'ti2v-5b'
 dim = 256                   # tiny model width: >= 192, the 48 x 2 x 2 values a token carries (64 plateaus)
 num_layers = 2              # tiny model blocks
 num_heads = 4               # tiny model attention heads
 ffn_dim = 512               # tiny model feed-forward width
 pretrained = ''             # hub repo or folder of Wan 2.2 TI2V-5B; '' = random init
+init_lora = ''              # a LoRA file (any format sample.py --lora reads) or an exported folder a new run
+                            # starts from: its adapters (train_mode lora, same lora_rank) or merged (full)
 text_encoder = 'zeros'      # 'zeros' (tiny demo) or a repo/folder with Wan's umT5 (the empty prompt, encoded once)
 train_mode = 'full'         # 'lora' (paper: frozen base) or 'full' (the demo's random base)
 lora_rank = 32              # paper 2.2: LoRA rank 32
 lora_alpha = 32             # LoRA scale alpha / rank = 1
 state_embedder = 'paper'    # 'paper' (the report's text, 5.3M) or 'team' (the team's code, 67.9M; wan_state.py)
 init_seed = 0               # random initial weights (and the state embedder's)
-gradient_checkpointing = 0  # recompute the first n blocks in backward (0: none; preset paper: all 30)
-# optimisation (paper 2.2)
+gradient_checkpointing = 0  # recompute the first n blocks in backward (0: none; preset paper: 12 of 30, an estimate for 80 GB at batch 8)
+# -- training (paper 2.2) --
 global_batch_size = 8       # samples per optimizer step over all processes (paper 2.2: 1024)
 batch_size = 8              # samples per micro-step per process (gradient accumulation makes up the rest)
 max_iters = 2400            # optimizer steps (paper 2.2: 23k; the demo's model needs 2400 to place the arms)
@@ -91,24 +97,27 @@ state_dropout = 0.1         # probability of the learned no-state embedding (sam
 loss_weighting = 'none'     # 'none' (plain MSE) or 'diffsynth': the team's trainer's timestep weight
                             # (flow_matching.diffsynth_weight: less weight on the noisiest samples)
 seed = 0                    # data order and per-sample draws
-# the run: its folder, validation, log, checkpoints
-out_dir = 'out_sampling'    # checkpoints, log.jsonl, curves.png, val/ PNGs
-init_from = 'scratch'       # 'scratch' or 'resume' (from out_dir/ckpt.pt: trained weights, optimizer, step, RNG)
-overwrite = False           # train from scratch even if out_dir holds a checkpoint (it gets replaced)
-dry_run = False             # print the recipe and the model size (built on the meta device), then exit
+# -- validation --
 eval_interval = 400         # validate every this many steps (and at the end)
 val_clips = 4               # the fixed val clips of each validation (the first of val_v2.0_raw, 77 apart)
 val_ensemble = 4            # ensemble size of the validation's ensemble PSNR
 val_steps = 10              # sampler steps of a validation
+# -- logging --
 log_interval = 100          # print the log's line every this many steps (log.jsonl gets every step)
-ckpt_interval = 400         # save every this many steps (and at the end)
-wandb_log = False           # also log to Weights & Biases (pip install wandb)
+log_with = 'none'           # also log to 'tensorboard' (out_dir/tensorboard) or 'wandb' (W&B; files in out_dir)
 wandb_project = 'nanowm'    # W&B project
 wandb_run_name = 'sampling'  # W&B run name
-# system
+# -- run folder --
+out_dir = 'out_sampling'    # checkpoints, log.jsonl, curves.png, val/ PNGs, lora.safetensors
+init_from = 'scratch'       # 'scratch' or 'resume' (from out_dir/ckpt.pt: trained weights, optimizer, step, RNG)
+overwrite = False           # train from scratch even if out_dir holds a checkpoint (it gets replaced)
+dry_run = False             # print the recipe, the model size and the disk it needs, then exit
+ckpt_interval = 400         # save every this many steps (and at the end)
+keep_last = 0               # step-numbered LoRA exports (lora_stepNNNNNNN.safetensors) to keep (0 = all)
+# -- system --
 device = 'cuda' if torch.cuda.is_available() else 'cpu'  # 'cpu', 'cuda', ...
 dtype = 'bfloat16'          # precision on CUDA: bf16 frozen base weights and autocast; the CPU runs fp32
-compile = False             # torch.compile the model
+compile = False             # torch.compile each block in place (regional); preset paper: on
 
 # --- presets --------------------------------------------------------------------------------------
 # Sources: the technical report (paper 2.2: 23k steps, AdamW at a constant 4e-4, LoRA rank 32,
@@ -121,7 +130,7 @@ PAPER = dict(data_dir='data/1x', download=True, clip_stride=8, vae='wan', encode
              pretrained='Wan-AI/Wan2.2-TI2V-5B', text_encoder='Wan-AI/Wan2.2-TI2V-5B', train_mode='lora',
              learning_rate=4e-4, weight_decay=0.01, grad_clip=0.0, shift=5.0, state_dropout=0.0,
              loss_weighting='diffsynth', state_embedder='team', batch_size=8, global_batch_size=1024, max_iters=23000,
-             gradient_checkpointing=30, dtype='bfloat16',
+             gradient_checkpointing=12, compile=True, dtype='bfloat16',
              out_dir='out_sampling_paper', ckpt_interval=500, eval_interval=500, val_clips=8, val_ensemble=4,
              val_steps=20)
 PRESETS = {
@@ -134,15 +143,23 @@ PRESETS = {
 configure(globals(), presets=PRESETS, gpu_preset='paper',
           choices=dict(vae=('pixel', 'wan'), model=('tiny', 'ti2v-5b'), train_mode=('lora', 'full'),
                        init_from=('scratch', 'resume'), dtype=('float32', 'bfloat16'),
+                       log_with=('none', 'tensorboard', 'wandb'),
                        loss_weighting=('none', 'diffsynth'), state_embedder=('paper', 'team')),
           positive=('synthetic_size', 'synthetic_shards', 'clip_stride', 'encode_batch_size', 'dim', 'num_layers',
                     'num_heads', 'ffn_dim', 'lora_rank', 'lora_alpha', 'learning_rate', 'shift', 'batch_size',
                     'global_batch_size', 'max_iters', 'log_interval', 'ckpt_interval', 'eval_interval',
                     'val_clips', 'val_ensemble', 'val_steps'),
-          nonnegative=('weight_decay', 'grad_clip', 'gradient_checkpointing', 'loss_spike'),
+          nonnegative=('weight_decay', 'grad_clip', 'gradient_checkpointing', 'loss_spike', 'keep_last'),
           fractions=('state_dropout',))
 
 # --- derived settings and checks ------------------------------------------------------------------
+# settings that define the trained weights: a resume takes the checkpoint's unless given (as nanoGPT)
+MODEL_KEYS = ('model', 'dim', 'num_layers', 'num_heads', 'ffn_dim', 'pretrained', 'train_mode', 'lora_rank',
+              'lora_alpha', 'vae', 'state_embedder')
+if init_from == 'resume':
+    globals().update(run_dir.model_settings_on_resume(out_dir, 'sampling', {k: globals()[k] for k in MODEL_KEYS}))
+    if init_lora:
+        raise SystemExit(f"--init_lora={init_lora} starts a new run; a resume continues its checkpoint: drop one")
 demo = not data_dir
 data_dir = data_dir or 'data/sampling_demo'
 train_split_names = [s for s in train_splits.split(',') if s]
@@ -153,47 +170,56 @@ if model == 'tiny' and dim % num_heads:
     raise SystemExit(f"--dim={dim} must be divisible by --num_heads={num_heads}")
 if global_batch_size % batch_size:
     raise SystemExit(f"--global_batch_size={global_batch_size} must be a multiple of --batch_size={batch_size}")
-if wandb_log and importlib.util.find_spec('wandb') is None:
-    raise SystemExit("--wandb_log: the wandb package is not installed (pip install wandb)")
+if log_with != 'none' and importlib.util.find_spec(log_with) is None:
+    raise SystemExit(f"--log_with={log_with}: the {log_with} package is not installed (pip install {log_with})")
 if train_mode == 'lora' and not pretrained:   # Wan's head starts at zero: no gradient reaches the adapters
     print("warning: --train_mode=lora on a random base (no --pretrained): the zero-initialised output head gives "
           "every adapter and the state embedder a zero gradient, so nothing trains. Fine for timing; for a result "
           "pass --pretrained=Wan-AI/Wan2.2-TI2V-5B, or --train_mode=full")
 config = {k: v for k, v in globals().items() if not k.startswith('_') and not k.isupper()
-          and isinstance(v, (int, float, bool, str))}   # saved in checkpoints and W&B
-# settings that define the trained weights: a resume (and sample.py) must match them
-MODEL_KEYS = ('model', 'dim', 'num_layers', 'num_heads', 'ffn_dim', 'pretrained', 'train_mode', 'lora_rank',
-              'lora_alpha', 'vae', 'state_embedder')
+          and isinstance(v, (int, float, bool, str))}   # saved in checkpoints and the tracker
 tiny = dict(dim=dim, num_layers=num_layers, num_heads=num_heads, ffn_dim=ffn_dim)
 
-# --- dry run: the model's size and the run's length, no data, no weights --------------------------
+# --- the model's size (built on the meta device) and the disk the run will write ------------------
+with torch.device('meta'):
+    cfg = WanConfig.tiny(**tiny) if model == 'tiny' else WanConfig()
+    meta_model = WanDiT(replace(cfg, state_embedder=state_embedder), state_cond=True)
+    if train_mode == 'lora':
+        add_lora(meta_model, rank=lora_rank, alpha=lora_alpha)
+n_all = sum(p.numel() for p in meta_model.parameters())
+n_train = sum(p.numel() for p in meta_model.parameters() if p.requires_grad)
+n_state = sum(p.numel() for n, p in meta_model.named_parameters() if n.startswith('state_embedder.'))
+n_export = sum(p.numel() for n, p in meta_model.named_parameters() if '.lora_' in n) + n_state
+exports = 1 + (keep_last or math.ceil(max_iters / ckpt_interval))   # lora.safetensors and the numbered ones
+disk_lines, no_room = run_dir.disk_report([
+    (out_dir, run_dir.checkpoint_bytes(n_train, n_train) + 4 * n_export * exports, 'checkpoints and LoRA exports'),
+    (data_dir, prepare.latents_bytes(data_dir, train_split_names, vae, clip_stride,
+                                     (synthetic_shards * 1500, synthetic_size) if demo or make_synthetic else None,
+                                     assume_1x=dry_run), 'latents')])   # a run checks a download's after it
+
+# --- dry run: the model's size, the run's length and its disk, no data, no weights ----------------
 if dry_run:
-    from dataclasses import replace
-    from wan_state import WanConfig, WanDiT, add_lora
-    with torch.device('meta'):
-        cfg = WanConfig.tiny(**tiny) if model == 'tiny' else WanConfig()
-        meta_model = WanDiT(replace(cfg, state_embedder=state_embedder), state_cond=True)
-        if train_mode == 'lora':
-            add_lora(meta_model, rank=lora_rank, alpha=lora_alpha)
-    n_all = sum(p.numel() for p in meta_model.parameters())
-    n_train = sum(p.numel() for p in meta_model.parameters() if p.requires_grad)
-    n_state = sum(p.numel() for n, p in meta_model.named_parameters() if n.startswith('state_embedder.'))
     print(f"model {model}: {n_all / 1e6:.1f}M parameters, {n_train / 1e6:.1f}M trained ({train_mode}, "
           f"LoRA rank {lora_rank})")
     print(f"state embedder {state_embedder!r}: {n_state:,} parameters")
     for key in ('clip_stride', 'learning_rate', 'weight_decay', 'grad_clip', 'state_dropout', 'shift', 'loss_weighting',
-                'global_batch_size', 'batch_size', 'max_iters', 'train_splits', 'vae', 'pretrained', 'out_dir'):
+                'global_batch_size', 'batch_size', 'max_iters', 'gradient_checkpointing', 'compile', 'train_splits', 'vae',
+                'pretrained', 'out_dir'):
         print(f"{key} = {globals()[key]!r}")
+    print('\n'.join(disk_lines + [no_room] if no_room else disk_lines))
     raise SystemExit(0)
+if no_room:
+    raise SystemExit(no_room)
 
 
 # --- helpers: validation, checkpoints (of the data and model set up below) ------------------------
 def validate(step):
     """PSNR of frame 77 on the fixed val clips: a single sample and the mean of val_ensemble
-    (paper 2.3); the clips' PNGs (context | members | mean | truth | error) in out_dir/val/step_N/."""
+    (paper 2.3); the clips' PNGs (context | members | mean | truth | error) in out_dir/val/step_N/.
+    Returns the figures and {name: PNG path} (for the tracker)."""
     folder = os.path.join(out_dir, 'val', f'step_{step}')
     os.makedirs(folder, exist_ok=True)
-    scores = {'val_psnr_single': [], 'val_psnr_ensemble': [], 'val_psnr_copy_last': []}
+    scores, pngs = {'val_psnr_single': [], 'val_psnr_ensemble': [], 'val_psnr_copy_last': []}, {}
     for k in range(len(val_ds)):
         item = val_ds[k]
         frames_THWC, truth = item['frames_THWC'], item['frames_THWC'][-1].numpy()
@@ -205,7 +231,8 @@ def validate(step):
         scores['val_psnr_copy_last'].append(psnr(frames_THWC[data.NUM_CONTEXT_FRAMES - 1].numpy(), truth))
         pictures.clip_figure(frames_THWC[:data.NUM_CONTEXT_FRAMES].numpy(), members, mean, truth,
                              title=f'step {step}, val clip {k}').save(os.path.join(folder, f'clip_{k}.png'))
-    return {key: float(np.mean(v)) for key, v in scores.items()}
+        pngs[f'val/clip_{k}'] = os.path.join(folder, f'clip_{k}.png')
+    return {key: float(np.mean(v)) for key, v in scores.items()}, pngs
 
 
 def save_checkpoint(step, metric):
@@ -214,8 +241,8 @@ def save_checkpoint(step, metric):
                  rng=run_dir.rng_state())
     run_dir.save_checkpoint(out_dir, state, metric, higher_is_better=True)   # ckpt_best.pt: the best val PSNR
     # the same weights for other tools: lora.safetensors (ComfyUI / diffusers keys, README) and the
-    # state conditioning, which only nanoWM has, in state_embedder.safetensors
-    export_lora(raw_model, out_dir)
+    # state conditioning, which only nanoWM has, in state_embedder.safetensors; with a numbered history
+    export_lora(raw_model, out_dir, step=step, keep_last=keep_last or None)
 
 
 # --- processes: DDP under torchrun, the precision; rank 0 claims out_dir --------------------------
@@ -263,6 +290,13 @@ raw_model = build_model(model=model, pretrained=pretrained, train_mode=train_mod
                         lora_alpha=lora_alpha, init_seed=init_seed, device=device, dtype=ptdtype, tiny=tiny,
                         state_embedder=state_embedder)
 raw_model.gradient_checkpointing = gradient_checkpointing
+if init_lora:   # a new run from a LoRA file: its update in the adapters (merged into a fully trained base)
+    try:
+        load_lora(raw_model, init_lora, merge=train_mode == 'full')
+    except (ValueError, FileNotFoundError) as err:
+        raise SystemExit(f"--init_lora={init_lora}: {err}")
+    if master:
+        print(f"started from {init_lora} ({'merged into the weights' if train_mode == 'full' else 'its adapters'})")
 trainable = {n: p for n, p in raw_model.named_parameters() if p.requires_grad}
 optimizer = torch.optim.AdamW(trainable.values(), lr=learning_rate, weight_decay=weight_decay,
                               fused=device_type == 'cuda')
@@ -284,12 +318,14 @@ if init_from == 'resume':   # loaded to the CPU, tensors and plain data only (ne
     if master:
         print(f"resumed from {ckpt_path} at step {start_step}" + (f"; {changed}" if changed else ''))
 context_1LD = text_context(raw_model.cfg, text_encoder, device)   # the empty prompt, encoded once
-train_model = torch.compile(raw_model) if compile else raw_model   # what the loop calls; raw_model is saved
-if ddp:   # DDP syncs the gradients of the trainable parameters only
+if compile:   # regional: each block (one graph serves them all), so it compiles in about a minute
+    raw_model.compile_blocks()
+train_model = raw_model   # what the loop calls; raw_model is saved
+if world_size > 1:   # DDP syncs the gradients of the trainable parameters only (one process: nothing to sync)
     train_model = DDP(train_model, device_ids=[torch.cuda.current_device()] if device_type == 'cuda' else None)
 
 # --- training loop --------------------------------------------------------------------------------
-log = run_dir.RunLog(out_dir, start_step, wandb_project if wandb_log else '', wandb_run_name, config, total=max_iters,
+log = run_dir.RunLog(out_dir, start_step, log_with, config, wandb_project, wandb_run_name, total=max_iters,
                      log_interval=log_interval) if master else None
 # model FLOPs of a step: a LoRA step counted exactly (flops_per_sample); full training as 3
 # forwards (forward, activation and weight gradients), the usual estimate
@@ -311,7 +347,7 @@ for step in range(start_step, max_iters):
         sigma, noise, drop = sample_draws(seed, step, positions, z0.shape[1:], shift, state_dropout)
         z0, states, sigma, noise, drop = (x.to(device) for x in (z0, states, sigma, noise, drop))
         # gradients are all-reduced only on the last micro-step
-        sync = nullcontext() if not ddp or micro == grad_accum - 1 else train_model.no_sync()
+        sync = nullcontext() if world_size == 1 or micro == grad_accum - 1 else train_model.no_sync()
         with sync:
             loss = flow_matching_loss(train_model, z0, states, context_1LD, sigma, noise, drop,
                                       weight_B=diffsynth_weight(sigma, shift) if loss_weighting == 'diffsynth' else None)
@@ -320,23 +356,26 @@ for step in range(start_step, max_iters):
     loss_value = mean_over_ranks(loss_sum).item()   # the same on every rank: a NaN on one stops them all
     grad_norm = torch.nn.utils.clip_grad_norm_(trainable.values(), grad_clip or math.inf).item()   # 0: no clip
     # a NaN, inf or spiking loss stops the run before the weights change: ckpt.pt stays the last good state
-    guard.check({'training loss': loss_value, 'gradient norm': grad_norm}, step)
+    done = step + 1   # step N: after N optimizer steps, in the log, the console, val/step_N, best.json, ckpt.pt
+    guard.check({'training loss': loss_value, 'gradient norm': grad_norm}, done)
     optimizer.step()   # at the constant learning_rate (paper 2.2)
     optimizer.zero_grad(set_to_none=True)
     if not master:
         continue
-    record = dict(step=step, loss=loss_value, grad_norm=grad_norm, **speed.stop())
-    if (step + 1) % eval_interval == 0 or step + 1 == max_iters:
+    record, pngs = dict(step=done, loss=loss_value, grad_norm=grad_norm, **speed.stop()), {}
+    if done % eval_interval == 0 or done == max_iters:
         try:
-            record.update(validate(step + 1))
+            val, pngs = validate(done)
         except FloatingPointError as e:   # finite loss, broken samples: stop before saving them
-            raise SystemExit(f"step {step + 1}: validation: {e}. {ckpt_path} (if any) is the last good state.")
-        tqdm.write(f"step {step + 1}: val PSNR of frame 77 ({len(val_ds)} clips): single {record['val_psnr_single']:.2f}, "
+            raise SystemExit(f"step {done}: validation: {e}. {ckpt_path} (if any) is the last good state.")
+        record.update(val)
+    log.write(record, images=pngs)
+    if pngs:
+        tqdm.write(f"step {done}: val PSNR of frame 77 ({len(val_ds)} clips): single {record['val_psnr_single']:.2f}, "
                    f"ensemble of {val_ensemble} {record['val_psnr_ensemble']:.2f}, "
                    f"copy-last {record['val_psnr_copy_last']:.2f} dB")
-    log.write(record)
-    if (step + 1) % ckpt_interval == 0 or step + 1 == max_iters:
-        save_checkpoint(step + 1, record.get('val_psnr_ensemble'))   # ckpt_best.pt: the best ensemble PSNR
+    if done % ckpt_interval == 0 or done == max_iters:
+        save_checkpoint(done, record.get('val_psnr_ensemble'))   # ckpt_best.pt: the best ensemble PSNR
 
 # --- the end: curves ------------------------------------------------------------------------------
 if master:

@@ -248,15 +248,16 @@ run_step bench_wan_lora_b8_ckpt30 60 $PY bench.py --preset=full --device=$BDEV -
 
 # the real training script at full size: random 5B base (CPU init, ~30-60 s), LoRA rank 32,
 # batch 8 x 2 accumulation, 3 steps, 1536 tokens a clip (pixel codec on 128 px frames), umT5
-# replaced by zeros; the first sampling run also encodes the synthetic clips (once)
+# replaced by zeros; the first sampling run also encodes the synthetic clips (once). Eager
+# (--compile=False, the preset compiles): the bench rows above time the compiled blocks.
 [ "$HAVE_AV" = 1 ] && run_step train_sampling_5b_lora 150 $PY "$WORK/memwrap.py" train_sampling.py --preset=paper --device=$DEV \
     --pretrained= --text_encoder=zeros $TS_DATA $TS_VAL --out_dir=$WORK/ts_5b --batch_size=8 \
-    --global_batch_size=16 --max_iters=3 --log_interval=1 $TS_SMALL
+    --global_batch_size=16 --max_iters=3 --log_interval=1 --compile=False $TS_SMALL
 
 # compression track, paper preset at its micro-batch 10 (54 GiB measured on an H100)
 run_step train_compression_paper_b10 75 $PY "$WORK/memwrap.py" train_compression.py --preset=paper --device=$DEV \
     --data_dir=$WORK/syn64k --out_dir=$WORK/tc_b10 --max_iters=8 --global_batch_size=20 \
-    --final_eval=False --eval_interval=1000 --eval_samples=16 --num_workers=4 $TC_SMALL
+    --final_eval=False --eval_interval=1000 --eval_samples=16 --num_workers=4 --compile=False $TC_SMALL
 [ -f "$WORK/tc_b10/log.jsonl" ] && { echo "    tc_b10 log.jsonl (last 3):"; tail -n 3 "$WORK/tc_b10/log.jsonl" | sed 's/^/      /'; } >> "$SUM"
 
 # ST-transformer rows at the bench defaults: training step (batch 8), fp32 decoding with / without KV cache
