@@ -13,6 +13,8 @@ The trainers call one function each, on every rank of a run (data_dir on storage
     tokenized_splits(data_dir, splits, shards, rank, world_size)   # train_compression.py
     raw_latents(data_dir, splits, vae, ...) -> (latent dirs, codec)  # train_sampling.py
 """
+import argparse
+import functools
 import json
 import os
 import shutil
@@ -377,17 +379,23 @@ def cmd_own_clips(args):
     own_clips.run(args)
 
 
+class DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
+    """--help with each option's default, except where there is none to show (required, or None)."""
+    def _get_help_string(self, action):
+        return action.help if action.required or action.default is None else super()._get_help_string(action)
+
+
 def main(argv=None):
     """`python prepare.py <subcommand> ...`: each subcommand is one small block below; add yours beside."""
-    import argparse
     parser = argparse.ArgumentParser(prog='prepare.py', description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest='command', required=True)
+    sub.add_parser = functools.partial(sub.add_parser, formatter_class=DefaultsHelp)   # each subcommand's --help: defaults
 
     # --- section 1: tokenized data (compression track) ---
     p = sub.add_parser('synthetic', help='write a synthetic tokenized dataset in the 1X v2.0 layout')
     p.add_argument('--out', required=True, help='output folder (gets train_v2.0/ and val_v2.0/)')
-    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--seed', type=int, default=0, help='random seed of the synthetic world')
     p.add_argument('--vocab', type=int, default=1000, help='tokens are drawn from [0, vocab)')
     p.set_defaults(run=cmd_synthetic)
     p = sub.add_parser('download', help='fetch the tokenized 1X dataset with huggingface_hub')
@@ -400,9 +408,9 @@ def main(argv=None):
     p = sub.add_parser('synthetic_raw', help='write synthetic raw clips (train_v2.0_raw/, val_v2.0_raw/) whose frames follow the states')
     p.add_argument('--out', required=True, help='output folder')
     p.add_argument('--size', type=int, default=64, help='frame size in pixels (the real data is 512)')
-    p.add_argument('--train_shards', type=int, default=2)
+    p.add_argument('--train_shards', type=int, default=2, help='shards of the train split')
     p.add_argument('--frames', type=int, default=1200, help='frames per shard (30 Hz)')
-    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--seed', type=int, default=0, help='random seed of the synthetic world')
     p.set_defaults(run=cmd_synthetic_raw)
     p = sub.add_parser('encode_raw', help='encode every clip of a raw split to latents (what train_sampling.py trains on; '
                                           'it also encodes them itself)')
@@ -411,11 +419,11 @@ def main(argv=None):
     p.add_argument('--codec', default='pixel', choices=('pixel', 'wan'), help="'pixel' (the CPU demo's) or 'wan' (the Wan 2.2 VAE)")
     p.add_argument('--vae_path', default='Wan-AI/Wan2.2-TI2V-5B-Diffusers', help='--codec=wan: hub repo id or local folder of the Wan VAE')
     p.add_argument('--stride', type=int, default=RAW_CLIP_LEN, help='frames between clip starts (77: no overlap)')
-    p.add_argument('--batch_size', type=int, default=8)
-    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    p.add_argument('--batch_size', type=int, default=8, help='clips encoded at once')
+    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help='where the codec runs')
     p.set_defaults(run=cmd_encode_raw)
     p = sub.add_parser('download_raw', help='fetch a raw split of 1x-technologies/worldmodel_raw_data')
-    p.add_argument('--out', required=True)
+    p.add_argument('--out', required=True, help='local folder for the dataset')
     p.add_argument('--split', default='val_v2.0_raw', help='train_v2.0_raw or val_v2.0_raw')
     p.set_defaults(run=lambda a: print(f"downloaded to {download_raw(a.out, a.split)}"))
     p = sub.add_parser('own_clips', help='convert a folder of your own clips (NAME.mp4 + NAME.npy states, frames x 25) '

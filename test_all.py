@@ -585,6 +585,14 @@ def test_synthetic_world_redraws_the_recorded_frame_and_draws_counterfactual_fut
 # ===============================================================================================
 
 
+def test_prepare_subcommand_help_shows_the_defaults(capsys):
+    with pytest.raises(SystemExit):
+        prepare.main(['encode_raw', '--help'])
+    out = ' '.join(capsys.readouterr().out.split())
+    assert '(default: pixel)' in out and '(default: 77)' in out and '(default: 8)' in out
+    assert '(default: None)' not in out   # a required option has no default to show
+
+
 @pytest.fixture(scope='module')
 def raw_data(tmp_path_factory):
     """A small raw_data raw dataset in the 1X layout, with its training latents encoded."""
