@@ -83,3 +83,13 @@ def mean_over_ranks(t):
         dist.all_reduce(t)
         t /= dist.get_world_size()
     return t
+
+
+def finish():
+    """The end of a DDP run: every rank waits for the others (rank 0 may still be writing its final
+    figures), then the process groups are destroyed. A rank that tears gloo down while a peer still
+    holds its connections can die in C++ (SIGABRT, "terminate called without an active exception"),
+    after its work is done but with an exit code that fails the launch."""
+    if dist.is_available() and dist.is_initialized():
+        wait_for_all('the run')
+        dist.destroy_process_group()

@@ -2813,7 +2813,15 @@ def run_on_two_nodes(*args, cwd):
                                os.path.join(REPO, args[0]), *args[1:]],
                               cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for rank in (0, 1)]
-    outputs = [node.communicate(timeout=900) for node in nodes]
+    deadline = time.time() + 300
+    while any(node.poll() is None for node in nodes) and time.time() < deadline:
+        if any(node.poll() not in (None, 0) for node in nodes):
+            break   # one node failed: the other would wait for it at torchrun's exit barrier for minutes
+        time.sleep(0.2)
+    for node in nodes:
+        if node.poll() is None:
+            node.kill()
+    outputs = [node.communicate() for node in nodes]
     for node, (out, err) in zip(nodes, outputs):
         assert node.returncode == 0, f"{' '.join(node.args)} failed:\n{out[-3000:]}\n{err[-3000:]}"
     return outputs[0][0] + outputs[1][0]

@@ -31,7 +31,7 @@ import prepare
 import run_dir
 import synthetic
 from configurator import configure
-from distributed import grad_accum_steps, mean_over_ranks, on_master, setup_distributed, wait_for_all
+from distributed import finish, grad_accum_steps, mean_over_ranks, on_master, setup_distributed, wait_for_all
 from metrics import cross_entropy_topk
 from peak_flops import StepSpeed
 from st_transformer import STConfig, STTransformer
@@ -406,5 +406,4 @@ if master and final_eval and stop == max_iters:
     print_table(results, val_ds.metadata.get('synthetic'))
     with open(os.path.join(out_dir, 'results.json'), 'w') as f:
         json.dump({k: dict(top500=v[0], ce=v[1]) for k, v in results.items()}, f, indent=1)
-if ddp:
-    torch.distributed.destroy_process_group()
+finish()   # every rank together, then the process groups go (distributed.py)

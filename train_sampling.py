@@ -47,7 +47,7 @@ import prepare
 import run_dir
 import synthetic
 from configurator import configure
-from distributed import grad_accum_steps, mean_over_ranks, on_master, setup_distributed, wait_for_all
+from distributed import finish, grad_accum_steps, mean_over_ranks, on_master, setup_distributed, wait_for_all
 from flow_matching import diffsynth_weight, flow_matching_loss, predict_frame77, sample_draws
 from metrics import psnr
 from peak_flops import StepSpeed
@@ -385,5 +385,4 @@ if master:
                                   ('val PSNR of frame 77 (dB)', ['val_psnr_single', 'val_psnr_ensemble',
                                                                  'val_psnr_copy_last'])],
                         title=f'sampling: {len(val_ds)} val clips, ensemble of {val_ensemble}')
-if ddp:
-    torch.distributed.destroy_process_group()
+finish()   # every rank together, then the process groups go (distributed.py)
