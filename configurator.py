@@ -38,15 +38,27 @@ def launched_by_torchrun():
     return 'LOCAL_RANK' in os.environ and 'WORLD_SIZE' in os.environ
 
 
+SECTION = re.compile(r'^# -- (\S.*?) --\s*$')   # `# -- data --`: the settings below it, in --help
+
+
 def _comments(path):
-    """setting name -> its comment in the script's source (`name = value  # comment`, with the
-    comment lines right below it that continue it)."""
-    notes, last = {}, None
+    """What --help says of the script's settings, read from its source in one pass:
+    notes, setting name -> its comment (`name = value  # comment`, with the comment lines right
+    below it that continue it); sections, setting name -> the title of the `# -- data --` marker
+    above its first assignment (later lines of the script may reassign it)."""
+    notes, sections, last, title = {}, {}, None, None
     try:
         lines = open(path).read().splitlines()
     except OSError:
-        return notes
+        return notes, sections
     for line in lines:
+        marker = SECTION.match(line)
+        if marker:
+            title, last = marker.group(1), None
+            continue
+        top = re.match(r'^([A-Za-z_]\w*)\s*=[^=]', line)
+        if top and title:
+            sections.setdefault(top.group(1), title)
         m = re.match(r'^\s*([A-Za-z_]\w*)\s*=[^=].*?#\s?(.*)$', line)
         if m:
             last = m.group(1)
@@ -55,33 +67,12 @@ def _comments(path):
             notes[last] += ' ' + line.strip()[1:].strip()
         else:
             last = None
-    return notes
-
-
-SECTION = re.compile(r'^# -- (\S.*?) --\s*$')   # `# -- data --`: the settings below it, in --help
-
-
-def _sections(path):
-    """setting name -> the title of the section marker above it (`# -- data --` -> 'data')."""
-    sections, title = {}, None
-    try:
-        lines = open(path).read().splitlines()
-    except OSError:
-        return sections
-    for line in lines:
-        marker = SECTION.match(line)
-        if marker:
-            title = marker.group(1)
-            continue
-        m = re.match(r'^([A-Za-z_]\w*)\s*=[^=]', line)
-        if m and title:   # a setting's first assignment: later lines of the script may reassign it
-            sections.setdefault(m.group(1), title)
-    return sections
+    return notes, sections
 
 
 def _print_help(config, known, presets, gpu_preset):
     script = os.path.basename(config.get('__file__', sys.argv[0]))
-    notes = _comments(config.get('__file__', ''))
+    notes, sections = _comments(config.get('__file__', ''))
     doc = (config.get('__doc__') or '').strip().splitlines()
     print(f"usage: python {script} [config.py] [--key=value | --key value ...]\n")
     if doc:
@@ -95,7 +86,6 @@ def _print_help(config, known, presets, gpu_preset):
         print()
     print("settings (default, then what it is):")
     width = max(len(k) for k in known)
-    sections = _sections(config.get('__file__', ''))
     groups = {}   # title -> settings, in the order of the script; None: those above the first marker
     for key in known:
         groups.setdefault(sections.get(key), []).append(key)

@@ -2168,7 +2168,7 @@ def test_help_lists_every_setting_with_default_and_comment_and_exits_0():
     for line in ('--batch_size', '--learning_rate', '--max_iters', '--preset', 'paper:'):
         assert line in out
     assert run_script('train_compression.py', '-h') == out
-    notes = configurator._comments(os.path.join(REPO, 'train_compression.py'))
+    notes, _ = configurator._comments(os.path.join(REPO, 'train_compression.py'))
     assert notes['batch_size'], "every setting of the training script has a one-line comment"
 
 
