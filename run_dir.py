@@ -229,12 +229,19 @@ def _non_finite(obj, name=''):
     return None
 
 
-def _saved_step(path):
-    """The step of a checkpoint on disk (memory-mapped: nothing but the step is read), or None."""
+def _peek(path):
+    """A checkpoint on disk with its tensors left there (memory-mapped), or None if unreadable:
+    what a caller needs of it (its step, its config) is read without loading the weights."""
     try:
-        return torch.load(path, map_location='cpu', weights_only=True, mmap=True).get('step')
-    except Exception:   # unreadable: the caller says so
+        state = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
+    except Exception:   # unreadable or not ours: the caller says so
         return None
+    return state if isinstance(state, dict) else None
+
+
+def _saved_step(path):
+    """The step of a checkpoint on disk, or None."""
+    return (_peek(path) or {}).get('step')
 
 
 def _what_ckpt_holds(out_dir):
@@ -309,11 +316,8 @@ def model_settings_on_resume(out_dir, kind, settings, argv=None):
 
 def _saved_config(path, kind):
     """A checkpoint's config, its tensors left on disk (memory-mapped)."""
-    try:
-        state = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
-    except Exception:   # not a whole checkpoint of ours: load_checkpoint stops saying what is wrong
-        state = None
-    if not isinstance(state, dict) or state.get('kind') != kind:
+    state = _peek(path)
+    if state is None or state.get('kind') != kind:   # load_checkpoint stops saying what is wrong
         state = load_checkpoint(path, kind)
     return state.get('config', {})
 
