@@ -29,8 +29,9 @@ What each benchmark times (--what=all runs them all; or name some, e.g. --what=s
              solver steps as one batch, and, for comparison, the same members one at a time (the
              DiT only)
   vae        the rest of sample.py's work on a clip: encode the 5 context frames, decode the
-             members' latents 4 at a time (Wan 2.2 VAE architecture, random weights, fp32 as
-             sample.py runs it); ensemble + vae = sample.py's seconds per clip
+             members' latents 4 at a time (Wan 2.2 VAE architecture, random weights), fp32 as
+             sample.py runs it by default, then bf16 (--vae_dtype=bfloat16) with the PSNR of its
+             frame 77 against fp32's; ensemble + vae = sample.py's seconds per clip
 
 The ensemble and vae rows are also how to time sample.py with random weights, before any run has
 trained: --what=ensemble,vae with the --ensemble, --steps and --cfg_scale sample.py would use.
@@ -370,30 +371,43 @@ def bench_wan_lora(net, x_BCFHW, wstates_BTD, context_1LD):
 # --- sampling track: the VAE work of sample.py on one clip --------------------------------------
 def bench_vae():
     """The rest of sample.py's work on a clip: encode the context frames, decode the --ensemble
-    members' latents 4 at a time (the Wan 2.2 VAE's architecture, random weights). Returns the
-    seconds."""
+    members' latents 4 at a time (the Wan 2.2 VAE's architecture, random weights), in fp32 as
+    sample.py runs it by default and in bf16 (its --vae_dtype=bfloat16) with the same weights.
+    Returns the fp32 seconds and the ratios: bf16's speed-up, and how far its frames are from
+    fp32's as PSNR (dB, uint8 frames as sample.py scores them: above ~40 dB the change it can make
+    to a ~23 dB score is a few hundredths of a dB)."""
+    import copy
     from diffusers import AutoencoderKLWan
-    from vae import WanVAE
+    from metrics import psnr
+    from vae import WanVAE, video_to_frames
     # Wan-AI/Wan2.2-TI2V-5B-Diffusers vae/config.json (48 channels, 2x2 patchify, 16x16x4)
     size = dict(tiny=dict(base_dim=8, decoder_base_dim=8, dim_mult=[1, 2, 2, 2], num_res_blocks=1),
                 **{'wan2.2': dict(base_dim=160, decoder_base_dim=256, dim_mult=[1, 2, 4, 4], num_res_blocks=2)})
     if vae not in size:
         raise ValueError(f"--vae={vae}: use 'tiny' or 'wan2.2'")
-    codec = WanVAE(AutoencoderKLWan(z_dim=48, temperal_downsample=[False, True, True], is_residual=True,
-                                    in_channels=12, out_channels=12, patch_size=2, scale_factor_spatial=16,
-                                    scale_factor_temporal=4, latents_mean=[0.0] * 48, latents_std=[1.0] * 48,
-                                    **size[vae]).to(device))
+    fp32 = AutoencoderKLWan(z_dim=48, temperal_downsample=[False, True, True], is_residual=True, in_channels=12,
+                            out_channels=12, patch_size=2, scale_factor_spatial=16, scale_factor_temporal=4,
+                            latents_mean=[0.0] * 48, latents_std=[1.0] * 48, **size[vae]).to(device)
     frames = torch.rand(1, 3, data.NUM_CONTEXT_FRAMES, latent_hw * 16, latent_hw * 16, device=device) * 2 - 1
     latents = torch.randn(ensemble, 48, data.NUM_LATENTS, latent_hw, latent_hw, device=device)
+    shape = f'encode 5 + decode {ensemble} x 21 frames, {latent_hw * 16}px'
+    seconds, videos = {}, {}
+    for dtype in (torch.float32, torch.bfloat16):
+        codec = WanVAE(fp32 if dtype == torch.float32 else copy.deepcopy(fp32).bfloat16())
 
-    def vae_clip():   # as sample.py: encode the context frames, decode 4 members at a time
-        codec.encode(frames)
-        return [codec.decode(latents[i:i + 4]) for i in range(0, ensemble, 4)]
+        def vae_clip():   # as sample.py: encode the context frames, decode 4 members at a time
+            codec.encode(frames)
+            return torch.cat([codec.decode(latents[i:i + 4]) for i in range(0, ensemble, 4)])
 
-    sec_vae, gib, _ = timed(vae_clip, kernels=None)   # not a transformer: no flash-only check
-    report('vae_clip', f'encode 5 + decode {ensemble} x 21 frames, {latent_hw * 16}px', sec_vae, gib,
-           ensemble, ensemble * data.NUM_LATENTS * latent_hw ** 2)
-    return sec_vae
+        name = 'vae_clip' if dtype == torch.float32 else 'vae_clip_bf16'
+        seconds[dtype], gib, videos[dtype] = timed(vae_clip, kernels=None)   # not a transformer: any kernel
+        report(name, shape, seconds[dtype], gib, ensemble, ensemble * data.NUM_LATENTS * latent_hw ** 2)
+        del codec
+    # frame 77 of each member (the scored frame), as sample.py turns it into an image
+    f32, b16 = (video_to_frames(videos[d][:, :, -1:]).cpu().numpy() for d in (torch.float32, torch.bfloat16))
+    return seconds[torch.float32], {
+        'VAE fp32 / bf16 seconds': seconds[torch.float32] / seconds[torch.bfloat16],
+        'VAE bf16 frame 77 against fp32, PSNR dB (random weights)': min(psnr(b, f) for b, f in zip(b16, f32))}
 
 
 # --- run ---------------------------------------------------------------------------------------
@@ -449,7 +463,8 @@ if any(w in selected for w in ('wan_fwd', 'wan_lora', 'ensemble')):
             unless_no_kernel('wan_lora', bench_wan_lora, net, x_BCFHW, wstates_BTD, context_1LD)
 
 if 'vae' in selected:
-    sec_vae = bench_vae()
+    sec_vae, vae_ratios = bench_vae()
+    ratios.update(vae_ratios)
     if sec_ensemble is not None:
         ratios['sample.py seconds per clip (ensemble_batched + vae_clip)'] = sec_ensemble + sec_vae
 

@@ -1605,6 +1605,10 @@ def test_official_vae_pth_loads_as_the_diffusers_layout(tmp_path):
         z = got.encode(video)
         assert torch.equal(z, want.encode(video))
         assert torch.equal(got.decode(z), want.decode(z))
+    # sample.py --vae_dtype=bfloat16: the same weights, cast as read; close to fp32's output
+    half = WanVAE.from_pretrained(tmp_path / 'official', dtype=torch.bfloat16, **size)
+    assert {p.dtype for p in half.vae.parameters()} == {torch.bfloat16}
+    assert torch.allclose(half.decode(z), want.decode(z), atol=0.05)
 
 
 def test_vae_encode_decode_shapes_and_normalisation(tmp_path):
@@ -2098,7 +2102,7 @@ def test_bench_cpu_smoke_prints_finite_positive_figures_for_every_benchmark():
         if m:
             rows[m[1]] = [float(m[i]) for i in (2, 3, 4)] + [m[5]]
     assert set(rows) == {'st_train', 'st_forward_fp32', 'st_decode_cache', 'st_decode_nocache', 'wan_fwd',
-                         'wan_fwd_per_token', 'ensemble_batched', 'ensemble_looped', 'wan_lora', 'vae_clip'}, out
+                         'wan_fwd_per_token', 'ensemble_batched', 'ensemble_looped', 'wan_lora', 'vae_clip', 'vae_clip_bf16'}, out
     for name, (ms, samples_per_s, tokens_per_s, mfu) in rows.items():
         assert all(math.isfinite(v) and v > 0 for v in (ms, samples_per_s, tokens_per_s)), (name, rows[name])
         assert mfu == 'n/a'   # no peak FLOP/s for a CPU
@@ -2106,6 +2110,8 @@ def test_bench_cpu_smoke_prints_finite_positive_figures_for_every_benchmark():
     assert float(ratios['decode greedy tokens that differ with / without cache']) == 0
     assert float(ratios['ensemble max |batched - looped| latent (same maths)']) < 1e-4
     assert float(ratios['decode with cache / teacher-forced forward']) > 0
+    # the bf16 VAE decodes the fp32 one's frames to within rounding (the tiny VAE: ~50 dB)
+    assert 35 < float(ratios['VAE bf16 frame 77 against fp32, PSNR dB (random weights)']) < 100
 
 
 def test_step_speed_has_samples_per_s_and_no_mfu_or_memory_on_the_cpu():

@@ -105,12 +105,13 @@ class WanVAE:
                 raise FileNotFoundError(f"{root} has neither {VAE_FILE} (the official Wan-AI/Wan2.2-TI2V-5B) nor "
                                         f"vae/config.json (Wan-AI/Wan2.2-TI2V-5B-Diffusers)")
         raw = read_pth(pth)
-        sd = {_diffusers_vae_name(k): v for k, v in raw.items()}
+        # cast as read (diffusers' own .to(dtype) warns of fp32 modules that this VAE does not have)
+        sd = {_diffusers_vae_name(k): v.to(dtype) for k, v in raw.items()}
         with torch.device('meta'):
             vae = AutoencoderKLWan(**{**VAE22_CONFIG, **config_overrides})
         check_keys(vae.state_dict(), sd, pth)
         vae.load_state_dict(sd, strict=True, assign=True)
-        return cls(vae.to(device=device, dtype=dtype))
+        return cls(vae.to(device))
 
     @torch.no_grad()
     def encode(self, video_BCTHW):

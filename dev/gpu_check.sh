@@ -61,7 +61,7 @@ run_step() {
     tr '\r' '\n' < "$steplog" | grep -v '^override:' >> "$LOG"
     say "----- $name: rc=$rc ($( [ $rc = 124 ] || [ $rc = 137 ] && echo TIMEOUT || { [ $rc = 0 ] && echo ok || echo FAILED; } )) ${dt}s"
     # the lines that matter: results, memory, speed, errors
-    tr '\r' '\n' < "$steplog" | grep -E 'PROBE|^(st_|wan_|ensemble_|vae_)|GiB|MFU|mfu|samples/s|samples_s|ms/step|parameters|Error|error:|Traceback|out of memory|No available kernel|^step [0-9]|trained|resumed|memwrap|process\(es\)|decode|ratio|looped|per clip|^device|torch [0-9]' \
+    tr '\r' '\n' < "$steplog" | grep -E 'PROBE|^(st_|wan_|ensemble_|vae_)|GiB|MFU|mfu|samples/s|samples_s|ms/step|parameters|Error|error:|Traceback|out of memory|No available kernel|^step [0-9]|trained|resumed|memwrap|process\(es\)|decode|ratio|looped|per clip|^VAE |^device|torch [0-9]' \
         | grep -v -E '^override:|[0-9?]it/s|s/it' | awk '!seen[$0]++' | tail -n 14 | cut -c1-220 | sed 's/^/    /' >> "$SUM"
 }
 
