@@ -51,7 +51,6 @@ import time
 from contextlib import nullcontext
 
 import torch
-import torch.nn.functional as F
 
 import data
 from configurator import configure
@@ -402,7 +401,6 @@ def bench_vae():
         name = 'vae_clip' if dtype == torch.float32 else 'vae_clip_bf16'
         seconds[dtype], gib, videos[dtype] = timed(vae_clip, kernels=None)   # not a transformer: any kernel
         report(name, shape, seconds[dtype], gib, ensemble, ensemble * data.NUM_LATENTS * latent_hw ** 2)
-        del codec
     # frame 77 of each member (the scored frame), as sample.py turns it into an image
     f32, b16 = (video_to_frames(videos[d][:, :, -1:]).cpu().numpy() for d in (torch.float32, torch.bfloat16))
     return seconds[torch.float32], {

@@ -173,7 +173,8 @@ def configure(config, argv=None, presets=None, gpu_preset=None, choices=None, po
     presets: name -> dict of overrides (the script's `preset` global names the default one).
     gpu_preset: the preset used when torchrun launches the script on CUDA GPUs and no --preset is
     given. choices: setting -> allowed values. positive / nonnegative / fractions: settings that
-    must be > 0 / >= 0 / in [0, 1]."""
+    must be > 0 / >= 0 / in [0, 1]. Returns the names of the settings the user gave (by a flag or
+    a config file; a preset's are not given): a resume refuses those that differ from its checkpoint."""
     argv = sys.argv[1:] if argv is None else argv
     known = [k for k, v in config.items() if not k.startswith('_') and not k.isupper()
              and isinstance(v, SETTING_TYPES)]
@@ -198,18 +199,23 @@ def configure(config, argv=None, presets=None, gpu_preset=None, choices=None, po
         config['preset'] = name
         config.update(presets[name])
         print(f"preset {name}: {why}")
+    given = set()
     for key, text in pairs:
         if key is None:   # a config file: plain Python assignments, in order with the flags
             with open(text) as f:
                 code = f.read()
             print(f"config file {text}:\n{code}")
             exec(code, config)
+            given |= {node.id for node in ast.walk(ast.parse(code)) if isinstance(node, ast.Name)
+                      and isinstance(node.ctx, ast.Store)} & set(known)
             continue
         if key == 'preset':
             continue
         config[key] = _convert(key, text, config[key])
+        given.add(key)
         print(f"override: {key} = {config[key]!r}")
     check(config, choices, positive, nonnegative, fractions)
+    return given
 
 
 def _cuda_available():

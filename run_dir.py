@@ -35,7 +35,6 @@ import pickle
 import shutil
 import socket
 import statistics
-import sys
 import threading
 import time
 import uuid
@@ -293,21 +292,22 @@ def load_checkpoint(path, kind, expect=None):
     return state
 
 
-def model_settings_on_resume(out_dir, kind, settings, argv=None):
+def model_settings_on_resume(out_dir, kind, settings, given):
     """--init_from=resume, as nanoGPT: the settings that shape the model (settings: name -> value
-    now) are those of out_dir/ckpt.pt. One not typed on the command line (argv: sys.argv[1:]) is
-    taken from the checkpoint, with a line naming each; one typed that differs is refused by name.
-    Returns the settings to use. Reads the checkpoint memory-mapped: only its config is touched."""
+    now) are those of out_dir/ckpt.pt. One the user did not give (given: the names configure()
+    returns, set by a flag or a config file) is taken from the checkpoint, with a line naming
+    each; one given that differs is refused by name. Returns the settings to use. Reads the
+    checkpoint memory-mapped: only its config is touched."""
     path = os.path.join(out_dir, CKPT)
     if not os.path.exists(path):   # claim() says so, with what to do
         return settings
     saved = _saved_config(path, kind)
-    typed = {a[2:].partition('=')[0] for a in (sys.argv[1:] if argv is None else argv) if a.startswith('--')}
     differ = {k: v for k, v in settings.items() if k in saved and saved[k] != v}
-    clash = [f"{k}={saved[k]!r} in the checkpoint, {v!r} now" for k, v in differ.items() if k in typed]
+    clash = [f"{k}={saved[k]!r} in the checkpoint, {v!r} now" for k, v in differ.items() if k in given]
     if clash:
-        raise SystemExit(f"{path} was trained with other model settings: {'; '.join(clash)}. Leave these flags out "
-                         f"to take the checkpoint's, or pass another --out_dir to start a new run.")
+        raise SystemExit(f"{path} was trained with other model settings: {'; '.join(clash)}. Leave these settings "
+                         f"out (flags or config file) to take the checkpoint's, or pass another --out_dir to start "
+                         f"a new run.")
     taken = {k: saved[k] for k in differ}
     if taken and os.environ.get('RANK', '0') == '0':
         print(f"resume: model settings taken from {path}: " + ', '.join(f"{k}={v!r}" for k, v in taken.items()))

@@ -3861,12 +3861,18 @@ def test_resume_takes_the_model_settings_of_its_checkpoint_and_says_which(tmp_pa
 
 def test_a_model_flag_that_differs_from_the_checkpoint_is_refused_by_name(tmp_path):
     run_dir.save_checkpoint(str(tmp_path), dict(kind='compression', step=1, config=dict(n_layer=2, n_embd=64)))
-    with pytest.raises(SystemExit, match=r'n_layer=2 in the checkpoint, 1 now\. Leave these flags out'):
-        run_dir.model_settings_on_resume(str(tmp_path), 'compression', dict(n_layer=1, n_embd=64),
-                                         argv=['--n_layer=1'])
-    # not typed: the checkpoint's; typed and equal: kept
+    with pytest.raises(SystemExit, match=r'n_layer=2 in the checkpoint, 1 now\. Leave these settings out'):
+        run_dir.model_settings_on_resume(str(tmp_path), 'compression', dict(n_layer=1, n_embd=64), {'n_layer'})
+    # not given: the checkpoint's; given and equal: kept
     assert run_dir.model_settings_on_resume(str(tmp_path), 'compression', dict(n_layer=1, n_embd=64),
-                                            argv=['--n_embd', '64']) == dict(n_layer=2, n_embd=64)
+                                            {'n_embd'}) == dict(n_layer=2, n_embd=64)
+    # what configure() reports as given: flags and a config file's assignments, not a preset's
+    cfg_file = tmp_path / 'my_run.py'
+    cfg_file.write_text('n_layer = 1\nif True:\n    learning_rate = 2e-4\n')
+    given = configurator.configure(dict(settings(), n_layer=24, preset='cpu'),
+                                   argv=[str(cfg_file), '--batch_size=8', '--preset=paper'],
+                                   presets={'cpu': {}, 'paper': dict(batch_size=20, mode='b')})
+    assert given == {'n_layer', 'learning_rate', 'batch_size'}
 
 
 # ===============================================================================================

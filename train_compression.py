@@ -108,7 +108,7 @@ PRESETS = {
 }
 
 # --- configure: the preset, then config files and flags (configurator.py) -------------------------
-configure(globals(), presets=PRESETS, gpu_preset='paper',
+given = configure(globals(), presets=PRESETS, gpu_preset='paper',
           choices=dict(sample_stride=(1, 2), dtype=('bfloat16', 'float16', 'float32'),
                        init_from=('scratch', 'resume'), log_with=('none', 'tensorboard', 'wandb')),
           positive=('vocab_size', 'n_layer', 'n_head', 'n_embd', 'state_window', 'global_batch_size', 'batch_size',
@@ -121,7 +121,8 @@ configure(globals(), presets=PRESETS, gpu_preset='paper',
 # settings that define the model: a resume takes the checkpoint's unless given (as nanoGPT)
 MODEL_KEYS = ('vocab_size', 'n_layer', 'n_head', 'n_embd', 'state_window', 'use_states')
 if init_from == 'resume' and not eval_only:
-    globals().update(run_dir.model_settings_on_resume(out_dir, 'compression', {k: globals()[k] for k in MODEL_KEYS}))
+    globals().update(run_dir.model_settings_on_resume(out_dir, 'compression', {k: globals()[k] for k in MODEL_KEYS},
+                                                      given))
 if max_iters == 0 and epochs == 0 and not eval_only:
     raise SystemExit("--max_iters=0 and --epochs=0: give the run a length (--max_iters=N steps, or --epochs=E)")
 if n_embd % n_head:

@@ -140,7 +140,7 @@ PRESETS = {
 }
 
 # --- configure: the preset, then config files and flags (configurator.py) -------------------------
-configure(globals(), presets=PRESETS, gpu_preset='paper',
+given = configure(globals(), presets=PRESETS, gpu_preset='paper',
           choices=dict(vae=('pixel', 'wan'), model=('tiny', 'ti2v-5b'), train_mode=('lora', 'full'),
                        init_from=('scratch', 'resume'), dtype=('float32', 'bfloat16'),
                        log_with=('none', 'tensorboard', 'wandb'),
@@ -157,7 +157,8 @@ configure(globals(), presets=PRESETS, gpu_preset='paper',
 MODEL_KEYS = ('model', 'dim', 'num_layers', 'num_heads', 'ffn_dim', 'pretrained', 'train_mode', 'lora_rank',
               'lora_alpha', 'vae', 'state_embedder')
 if init_from == 'resume':
-    globals().update(run_dir.model_settings_on_resume(out_dir, 'sampling', {k: globals()[k] for k in MODEL_KEYS}))
+    globals().update(run_dir.model_settings_on_resume(out_dir, 'sampling', {k: globals()[k] for k in MODEL_KEYS},
+                                                      given))
     if init_lora:
         raise SystemExit(f"--init_lora={init_lora} starts a new run; a resume continues its checkpoint: drop one")
 demo = not data_dir
