@@ -372,7 +372,7 @@ def bench_vae():
     """The rest of sample.py's work on a clip: encode the context frames, decode the --ensemble
     members' latents 4 at a time (the Wan 2.2 VAE's architecture, random weights), in fp32 as
     sample.py runs it by default and in bf16 (its --vae_dtype=bfloat16) with the same weights.
-    Returns the fp32 seconds and the ratios: bf16's speed-up, and how far its frames are from
+    Returns the seconds of each dtype and the ratios: bf16's speed-up, and how far its frames are from
     fp32's as PSNR (dB, uint8 frames as sample.py scores them; independent errors add in MSE, so at
     40 dB a score near 23 dB moves by under 0.1 dB)."""
     import copy
@@ -403,7 +403,7 @@ def bench_vae():
         report(name, shape, seconds[dtype], gib, ensemble, ensemble * data.NUM_LATENTS * latent_hw ** 2)
     # frame 77 of each member (the scored frame), as sample.py turns it into an image
     f32, b16 = (video_to_frames(videos[d][:, :, -1:]).cpu().numpy() for d in (torch.float32, torch.bfloat16))
-    return seconds[torch.float32], {
+    return seconds, {
         'VAE fp32 / bf16 seconds': seconds[torch.float32] / seconds[torch.bfloat16],
         'VAE bf16 frame 77 against fp32, PSNR dB (random weights)': min(psnr(b, f) for b, f in zip(b16, f32))}
 
@@ -464,7 +464,9 @@ if 'vae' in selected:
     sec_vae, vae_ratios = bench_vae()
     ratios.update(vae_ratios)
     if sec_ensemble is not None:
-        ratios['sample.py seconds per clip (ensemble_batched + vae_clip)'] = sec_ensemble + sec_vae
+        ratios['sample.py seconds per clip (ensemble_batched + vae_clip)'] = sec_ensemble + sec_vae[torch.float32]
+        ratios['sample.py --vae_dtype=bfloat16 seconds per clip (+ vae_clip_bf16)'] = (sec_ensemble
+                                                                                        + sec_vae[torch.bfloat16])
 
 for name, value in ratios.items():
     print(f"{name}: {value:.3g}")

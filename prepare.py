@@ -14,6 +14,7 @@ The trainers call one function each, on every rank of a run (data_dir on storage
     raw_latents(data_dir, splits, vae, ...) -> (latent dirs, codec)  # train_sampling.py
 """
 import argparse
+import errno
 import functools
 import json
 import os
@@ -66,6 +67,10 @@ def hub_file(repo, repo_file, out, how_to_prepare, force=False):
         cached = hf_hub_download(repo, repo_file, repo_type='dataset', force_download=force)
     except Exception as e:   # offline, no network, no such file, ... (huggingface_hub's errors vary by version)
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if getattr(e, 'errno', None) == errno.ENOSPC or 'No space left on device' in str(e):
+            raise SystemExit(f"the disk filled up while fetching {repo_file} of {repo} ({first}). Free space on the "
+                             f"disks of {out} and of the huggingface_hub cache (HF_HUB_CACHE), then run the same "
+                             f"command again: whole files are kept, the rest is fetched.")
         raise SystemExit(f"could not fetch {repo_file} of the Hugging Face dataset {repo} ({first}).\n"
                          f"Without network access here, prepare the data where there is one and copy the folder:\n"
                          f"{how_to_prepare}"
@@ -94,6 +99,7 @@ def download_tokenized(out, split='val_v2.0', shards=None, rank=0, world=1):
     Every file is checked against the size its metadata implies and fetched again once if it is
     wrong. Train splits keep files in subfolders, the others flat (the dataset's layout)."""
     meta = read_json(_fetch(f'{split}/metadata.json', out))
+    check_room_for(out, split, meta, shards)
     mine = [i for i in (range(meta['num_shards']) if shards is None else shards) if i % world == rank]
     for i in tqdm(mine, desc=f'download {split}', unit='shard', disable=rank != 0):   # the overall progress
         files = repo_files(split, i)
@@ -107,6 +113,35 @@ def download_tokenized(out, split='val_v2.0', shards=None, rank=0, world=1):
                     raise SystemExit(f"{path}: {os.path.getsize(path)} bytes after download, its metadata implies "
                                      f"{size}: the dataset on the Hub does not match its metadata")
     return os.path.join(out, split)
+
+
+def check_room_for(out, split, meta, shards=None):
+    """Stop before a download that would fill the disk: the split's shards (all, or `shards`) take
+    the bytes its metadata.json implies (num_images frames, spread evenly over num_shards), less
+    what out/split holds already. The huggingface_hub cache holds the files first: on the disk of
+    out the files are hard links to it (counted once), on another disk they take room twice."""
+    from huggingface_hub.constants import HF_HUB_CACHE
+    n_shards = meta['num_shards'] if shards is None else len(shards)
+    total = sum(expected_sizes(meta['num_images'] * n_shards // meta['num_shards']).values())
+    repo = os.path.join(HF_HUB_CACHE, f"datasets--{HF_REPO_TOKENIZED.replace('/', '--')}", 'snapshots')
+    have, cached = _bytes_in([os.path.join(out, split)]), _bytes_in(
+        [os.path.join(repo, rev, split) for rev in (os.listdir(repo) if os.path.isdir(repo) else [])])
+    disk = lambda folder: os.stat(run_dir.existing_parent(folder)).st_dev
+    if disk(HF_HUB_CACHE) == disk(out):
+        needs = [(out, max(0, total - max(have, cached)), f'the {split} download')]
+    else:
+        needs = [(out, max(0, total - have), f'the {split} download'),
+                 (HF_HUB_CACHE, max(0, total - cached), 'its huggingface_hub cache (HF_HUB_CACHE)')]
+    _, refusal = run_dir.disk_report(needs)
+    if refusal:
+        raise SystemExit(refusal)
+
+
+def _bytes_in(folders):
+    """Bytes of the files under folders, each file once (the cache's snapshots link to its blobs)."""
+    files = {os.path.realpath(os.path.join(d, f)) for folder in folders for d, _, names in os.walk(folder)
+             for f in names}
+    return sum(os.path.getsize(f) for f in files if os.path.exists(f))
 
 
 def finish_download(out, split, shards=None):

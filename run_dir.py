@@ -585,14 +585,21 @@ def gib(n):
     return f"{n / 2 ** 30:,.1f} GiB" if n < 2 ** 40 else f"{n / 2 ** 40:,.2f} TiB"
 
 
+def existing_parent(folder):
+    """folder, or for a folder not created yet its nearest existing parent: the file system that
+    will hold it (os.stat(...).st_dev names it)."""
+    probe = os.path.abspath(folder)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    return probe
+
+
 def disk_report(needs, usage=shutil.disk_usage):
     """needs: [(folder, bytes, what)]. One line per file system: what goes there, the sum, the
     free space; and the sentence of refusal when the sum exceeds the free space (else '')."""
     by_disk = {}
     for folder, n, what in needs:
-        probe = os.path.abspath(folder)
-        while not os.path.exists(probe):   # a folder not created yet: its nearest existing parent
-            probe = os.path.dirname(probe)
+        probe = existing_parent(folder)
         disk = by_disk.setdefault(os.stat(probe).st_dev, [probe, 0, []])
         disk[1] += n
         disk[2].append(f"{what} {gib(n)}")

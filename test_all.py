@@ -892,6 +892,35 @@ def test_compression_prepares_its_data_from_an_empty_folder_trains_and_logs_vali
     assert video.stat().st_size == os.path.getsize(os.path.join(synthetic_dir, 'train_v2.0/videos/video_1.bin'))
 
 
+def test_a_download_that_would_fill_the_disk_stops_before_it_starts(tmp_path, synthetic_dir, monkeypatch):
+    import collections
+    import functools
+    import huggingface_hub
+    import huggingface_hub.constants
+    meta = data.read_json(os.path.join(synthetic_dir, 'train_v2.0', 'metadata.json'))
+    whole = sum(data.expected_sizes(meta['num_images']).values())   # the split's bytes, from its metadata
+    report = run_dir.disk_report
+
+    def free(n):   # a disk with n bytes free
+        monkeypatch.setattr(run_dir, 'disk_report', functools.partial(report, usage=lambda p: Usage(n)))
+    Usage = collections.namedtuple('Usage', 'free')
+    monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_CACHE', str(tmp_path / 'cache'))   # the disk of out
+    free(whole - 1)
+    with pytest.raises(SystemExit, match=r'not enough disk space: the train_v2\.0 download [\d.]+ GiB need'):
+        prepare.check_room_for(str(tmp_path / 'data'), 'train_v2.0', meta)
+    prepare.check_room_for(str(tmp_path / 'data'), 'train_v2.0', meta, shards=[0])   # half of it fits
+    # a resumed download needs only what is missing: here nothing
+    shutil.copytree(os.path.join(synthetic_dir, 'train_v2.0'), tmp_path / 'data' / 'train_v2.0')
+    free(0)
+    prepare.check_room_for(str(tmp_path / 'data'), 'train_v2.0', meta)
+    # a disk that fills up all the same is said as such, not as a network problem
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, 'No space left on device')
+    monkeypatch.setattr(huggingface_hub, 'hf_hub_download', full)
+    with pytest.raises(SystemExit, match=r'the disk filled up while fetching val_v2\.0/metadata\.json'):
+        prepare.hub_file(data.HF_REPO_TOKENIZED, 'val_v2.0/metadata.json', str(tmp_path / 'data'), '')
+
+
 # ===============================================================================================
 # wan_state.py: the Wan 2.2 DiT (against diffusers), timesteps, state conditioning, LoRA
 # ===============================================================================================
