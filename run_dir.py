@@ -258,7 +258,6 @@ def _link_or_copy(src, dst):
     try:
         os.link(src, tmp)
     except OSError:   # a file system without hard links
-        import shutil
         shutil.copyfile(src, tmp)
     os.replace(tmp, dst)
 
