@@ -18,7 +18,6 @@ import torch.utils.checkpoint
 from einops import rearrange
 
 
-
 @dataclass
 class STConfig:
     vocab_size: int = 64000     # Cosmos FSQ codebook (8*8*8*5*5*5); the synthetic CPU run uses less
