@@ -83,7 +83,8 @@ lora_rank = 32              # paper 2.2: LoRA rank 32
 lora_alpha = 32             # LoRA scale alpha / rank = 1
 state_embedder = 'paper'    # 'paper' (the report's text, 5.3M) or 'team' (the team's code, 67.9M; wan_state.py)
 init_seed = 0               # random initial weights (and the state embedder's)
-gradient_checkpointing = 0  # recompute the first n blocks in backward (0: none; preset paper: 12 of 30, an estimate for 80 GB at batch 8)
+gradient_checkpointing = 0  # recompute the first n blocks in backward (0: none; preset paper: 12 of 30,
+                            # an estimate for 80 GB at batch 8)
 # -- training (paper 2.2) --
 global_batch_size = 8       # samples per optimizer step over all processes (paper 2.2: 1024)
 batch_size = 8              # samples per micro-step per process (gradient accumulation makes up the rest)
@@ -122,10 +123,10 @@ compile = False             # torch.compile each block in place (regional); pres
 # --- presets --------------------------------------------------------------------------------------
 # Sources: the technical report (paper 2.2: 23k steps, AdamW at a constant 4e-4, LoRA rank 32,
 # global batch 1024 on 4 x 8 B200); the team's public DiffSynth-based trainer (train_1x.py in their
-# torchtitan fork: a window every 8 frames, AdamW weight decay 0.01, no gradient clipping); Wan 2.2
-# (shift 5, its flow-matching timesteps); DiffSynth's loss weight, which the team's trainer calls. Table 2 of the paper: the 23.0 dB submission was trained
-# without classifier-free guidance; the CFG-trained runs (state dropout, evaluated with --cfg) are
-# its other rows.
+# torchtitan fork: a window every 8 frames, AdamW weight decay 0.01, no gradient clipping, and
+# DiffSynth's loss weight); Wan 2.2 (shift 5, its flow-matching timesteps). Table 2 of the paper:
+# the 23.0 dB submission was trained without classifier-free guidance; the CFG-trained runs (state
+# dropout, evaluated with --cfg) are its other rows.
 PAPER = dict(data_dir='data/1x', download=True, clip_stride=8, vae='wan', encode_batch_size=4, model='ti2v-5b',
              pretrained='Wan-AI/Wan2.2-TI2V-5B', text_encoder='Wan-AI/Wan2.2-TI2V-5B', train_mode='lora',
              learning_rate=4e-4, weight_decay=0.01, grad_clip=0.0, shift=5.0, state_dropout=0.0,
