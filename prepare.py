@@ -115,14 +115,40 @@ def download_tokenized(out, split='val_v2.0', shards=None, rank=0, world=1):
     return os.path.join(out, split)
 
 
+# The 1X tokenized splits (metadata.json: num_images, num_shards): what the disk estimate of a run
+# assumes before a split is on disk
+TOKENIZED_1X = {'train_v2.0': dict(num_images=11_254_161, num_shards=100), 'val_v2.0': dict(num_images=50_300,
+                                                                                            num_shards=1)}
+
+
+def tokenized_split_bytes(meta, shards=None):
+    """Bytes of a tokenized split's files (all its shards, or `shards`) by its metadata.json: its
+    num_images frames spread evenly over num_shards, in the three files of data.expected_sizes."""
+    n_shards = meta['num_shards'] if shards is None else len(shards)
+    return sum(expected_sizes(meta['num_images'] * n_shards // meta['num_shards']).values())
+
+
+def tokenized_bytes(data_dir, splits, shards=None):
+    """Bytes the tokenized splits will still download into data_dir (train_compression.py's disk
+    check): each split's size by its metadata.json on disk, else by the 1X dataset's (TOKENIZED_1X;
+    another split counts 0), less what its folder holds. shards: those of train_v2.0 (None: all)."""
+    total = 0
+    for s in splits:
+        path = os.path.join(data_dir, s, 'metadata.json')
+        meta = read_json(path) if os.path.exists(path) else TOKENIZED_1X.get(s)
+        if meta is not None:
+            whole = tokenized_split_bytes(meta, shards if s == 'train_v2.0' else None)
+            total += max(0, whole - _bytes_in([os.path.join(data_dir, s)]))
+    return total
+
+
 def check_room_for(out, split, meta, shards=None):
     """Stop before a download that would fill the disk: the split's shards (all, or `shards`) take
-    the bytes its metadata.json implies (num_images frames, spread evenly over num_shards), less
-    what out/split holds already. The huggingface_hub cache holds the files first: on the disk of
-    out the files are hard links to it (counted once), on another disk they take room twice."""
+    the bytes its metadata.json implies (tokenized_split_bytes), less what out/split holds already.
+    The huggingface_hub cache holds the files first: on the disk of out the files are hard links to
+    it (counted once), on another disk they take room twice."""
     from huggingface_hub.constants import HF_HUB_CACHE
-    n_shards = meta['num_shards'] if shards is None else len(shards)
-    total = sum(expected_sizes(meta['num_images'] * n_shards // meta['num_shards']).values())
+    total = tokenized_split_bytes(meta, shards)
     repo = os.path.join(HF_HUB_CACHE, f"datasets--{HF_REPO_TOKENIZED.replace('/', '--')}", 'snapshots')
     have, cached = _bytes_in([os.path.join(out, split)]), _bytes_in(
         [os.path.join(repo, rev, split) for rev in (os.listdir(repo) if os.path.isdir(repo) else [])])

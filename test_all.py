@@ -893,7 +893,6 @@ def test_compression_prepares_its_data_from_an_empty_folder_trains_and_logs_vali
 
 
 def test_a_download_that_would_fill_the_disk_stops_before_it_starts(tmp_path, synthetic_dir, monkeypatch):
-    import collections
     import functools
     import huggingface_hub
     import huggingface_hub.constants
@@ -902,8 +901,7 @@ def test_a_download_that_would_fill_the_disk_stops_before_it_starts(tmp_path, sy
     report = run_dir.disk_report
 
     def free(n):   # a disk with n bytes free
-        monkeypatch.setattr(run_dir, 'disk_report', functools.partial(report, usage=lambda p: Usage(n)))
-    Usage = collections.namedtuple('Usage', 'free')
+        monkeypatch.setattr(run_dir, 'disk_report', functools.partial(report, usage=lambda p: FakeUsage(n)))
     monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_CACHE', str(tmp_path / 'cache'))   # the disk of out
     free(whole - 1)
     with pytest.raises(SystemExit, match=r'not enough disk space: the train_v2\.0 download [\d.]+ GiB need'):
@@ -3925,6 +3923,22 @@ def test_the_1x_latents_at_a_window_every_8_frames_are_0_83_terabytes(tmp_path):
     assert n == 11_254_161 // 8 * 48 * 6 * 32 * 32 * 2 and round(n / 1e12, 2) == 0.83
 
 
+def test_the_1x_tokenized_splits_are_8_7_gib_and_a_folder_that_holds_them_needs_nothing(tmp_path, synthetic_dir):
+    n = prepare.tokenized_bytes(str(tmp_path), ['train_v2.0', 'val_v2.0'])
+    assert n == sum(data.expected_sizes(11_254_161).values()) + sum(data.expected_sizes(50_300).values())
+    assert round(n / 2 ** 30, 1) == 8.7
+    assert prepare.tokenized_bytes(str(tmp_path), ['train_v2.0'], shards=[0, 1]) == sum(
+        data.expected_sizes(11_254_161 * 2 // 100).values())
+    # by the metadata on disk, less what is there: a whole split needs nothing, a split missing a shard that shard
+    shutil.copytree(synthetic_dir, tmp_path / 'syn')
+    assert prepare.tokenized_bytes(str(tmp_path / 'syn'), ['train_v2.0', 'val_v2.0']) == 0
+    shard = data.shard_paths(str(tmp_path / 'syn' / 'train_v2.0'), 1)
+    missing = os.path.getsize(shard['video'])
+    os.remove(shard['video'])
+    # (an estimate: frames spread evenly over the shards, json files counted as held: within a block a shard)
+    assert abs(prepare.tokenized_bytes(str(tmp_path / 'syn'), ['train_v2.0']) - missing) < 2 * 3 * 32 * 32 * 4
+
+
 def test_a_run_that_needs_more_than_the_free_space_is_refused_in_one_sentence(tmp_path):
     needs = [(str(tmp_path / 'run'), 3 * 2 ** 30, 'checkpoints'), (str(tmp_path / 'data'), 5 * 2 ** 30, 'latents')]
     lines, refusal = run_dir.disk_report(needs, usage=FakeUsage(100 * 2 ** 30))
@@ -3941,7 +3955,8 @@ def test_dry_run_prints_what_the_run_will_write(tmp_path):
     out = run_script('train_sampling.py', '--preset=paper', '--dry_run', f'--data_dir={tmp_path}/1x', cwd=tmp_path)
     assert re.search(r'^disk: checkpoints and LoRA exports [\d.,]+ GiB, latents 772\.8 GiB = ', out, re.M), out
     out = run_script('train_compression.py', '--preset=paper', '--dry_run', cwd=tmp_path)
-    assert re.search(r'^disk: checkpoints [\d.,]+ GiB = [\d.,]+ GiB to write on the disk of ', out, re.M), out
+    assert re.search(r'^disk: checkpoints [\d.,]+ GiB, tokenized data to download 8\.7 GiB = ', out, re.M), out
+    assert not (tmp_path / 'data').exists()   # a dry run writes nothing
 
 
 # ===============================================================================================

@@ -129,6 +129,8 @@ if n_embd % n_head:
     raise SystemExit(f"--n_embd={n_embd} must be divisible by --n_head={n_head}")
 if shards and not all(s.strip().isdigit() for s in shards.split(',')):
     raise SystemExit(f"--shards={shards!r}: comma-separated shard numbers, e.g. --shards=0,1")
+train_split_names = [s for s in train_splits.split(',') if s]
+train_shards = [int(s) for s in shards.split(',')] if shards else None
 if log_with != 'none' and importlib.util.find_spec(log_with) is None:
     raise SystemExit(f"--log_with={log_with}: the {log_with} package is not installed (pip install {log_with})")
 if state_window < data.SAMPLE_FRAMES:
@@ -143,8 +145,11 @@ model_cfg = STConfig(vocab_size=vocab_size, n_layer=n_layer, n_head=n_head, n_em
 # --- the model's size (built on the meta device) and the disk the run will write ------------------
 with torch.device('meta'):
     meta_model = STTransformer(model_cfg)
-disk_lines, no_room = run_dir.disk_report([(out_dir, run_dir.checkpoint_bytes(meta_model.num_params(),
-                                                                              meta_model.num_params()), 'checkpoints')])
+run_splits = [split] if eval_only else sorted(set(train_split_names) | {'val_v2.0'})   # the splits read
+to_fetch = prepare.tokenized_bytes(data_dir, run_splits, train_shards) if data_dir else 0
+disk_lines, no_room = run_dir.disk_report(
+    [(out_dir, run_dir.checkpoint_bytes(meta_model.num_params(), meta_model.num_params()), 'checkpoints')]
+    + ([(data_dir, to_fetch, 'tokenized data to download')] if to_fetch else []))
 
 # --- dry run: the model's size, the run's length and its disk, no data, no weights ----------------
 if dry_run:
@@ -266,11 +271,8 @@ if not eval_only:
               f"{global_batch_size}")
 
 # --- data: the 1X splits (missing ones downloaded) or the synthetic set ---------------------------
-train_split_names = [s for s in train_splits.split(',') if s]
-train_shards = [int(s) for s in shards.split(',')] if shards else None
 if data_dir:   # every rank fetches its share of what is missing
-    prepare.tokenized_splits(data_dir, [split] if eval_only else sorted(set(train_split_names) | {'val_v2.0'}),
-                             train_shards, rank, world_size)
+    prepare.tokenized_splits(data_dir, run_splits, train_shards, rank, world_size)
 else:          # data/synthetic, written by rank 0 on first use
     on_master(synthetic.default_synthetic_dir)
     wait_for_all('the synthetic data')
