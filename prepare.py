@@ -331,9 +331,9 @@ def load_codec(name, vae_path='', device='cpu'):
     return PixelCodec(), torch.float32
 
 
-# The 1X splits' frame counts (metadata.json num_images; the raw recordings are the tokenized ones'):
-# what the disk estimate assumes before the data is on disk
-RAW_FRAMES_1X = {'train_v2.0_raw': 11_254_161, 'val_v2.0_raw': 50_300}
+# The raw 1X splits' frame counts: the raw recordings are the tokenized ones' (TOKENIZED_1X); what
+# the disk estimate assumes before the data is on disk
+RAW_FRAMES_1X = {f'{split}_raw': meta['num_images'] for split, meta in TOKENIZED_1X.items()}
 RAW_FRAME_SIZE_1X = 512
 
 

@@ -28,6 +28,7 @@ good state. Both training scripts use these few functions:
                                         only states from before the divergence
 """
 import atexit
+import importlib.util
 import json
 import math
 import os
@@ -435,6 +436,12 @@ def _keep_last_good(out_dir, step):
 # How the printed line shows the figures both trainers record every step (the others: log.jsonl only)
 LINE_FORMATS = dict(loss='loss {:.4f}', lr='lr {:.2e}', grad_norm='grad norm {:.3g}',
                     samples_per_s='{:.2f} samples/s', mfu='MFU {:.1%}', max_mem_gib='{:.1f} GiB')
+
+
+def check_log_with(log_with):
+    """Stop at start, not at the first log line hours later, if --log_with's package is missing."""
+    if log_with != 'none' and importlib.util.find_spec(log_with) is None:
+        raise SystemExit(f"--log_with={log_with}: the {log_with} package is not installed (pip install {log_with})")
 
 
 class RunLog:

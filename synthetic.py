@@ -381,9 +381,9 @@ def write_synthetic_raw_set(out, train_shards=2, frames=1200, size=64, seed=0, v
     written over or beside."""
     settings = dict(train_shards=train_shards, frames=frames, val_frames=val_frames or frames, size=size, seed=seed,
                     look=SYNTHETIC_LOOK)
-    if synthetic_is_written(out, settings, ('train_v2.0_raw', 'val_v2.0_raw')):
-        return False
     splits = ('train_v2.0_raw', 'val_v2.0_raw')
+    if synthetic_is_written(out, settings, splits):
+        return False
     for name in sorted(os.listdir(out)) if os.path.isdir(out) else []:
         encodings = [os.path.join(out, name, s + end) for s in splits for end in ('', '.partial')]
         for encoded in filter(os.path.exists, encodings if name.startswith('latents_') else []):

@@ -17,7 +17,6 @@ baselines and, on synthetic data, the exact Bayes floor.
 """
 import json
 import math
-import importlib.util
 import os
 import time
 from contextlib import nullcontext
@@ -131,8 +130,7 @@ if shards and not all(s.strip().isdigit() for s in shards.split(',')):
     raise SystemExit(f"--shards={shards!r}: comma-separated shard numbers, e.g. --shards=0,1")
 train_split_names = [s for s in train_splits.split(',') if s]
 train_shards = [int(s) for s in shards.split(',')] if shards else None
-if log_with != 'none' and importlib.util.find_spec(log_with) is None:
-    raise SystemExit(f"--log_with={log_with}: the {log_with} package is not installed (pip install {log_with})")
+run_dir.check_log_with(log_with)
 if state_window < data.SAMPLE_FRAMES:
     raise SystemExit(f"--state_window={state_window} must cover the {data.SAMPLE_FRAMES} frames of a sample")
 config = {k: v for k, v in globals().items() if not k.startswith('_') and not k.isupper()

@@ -29,7 +29,6 @@ exactly as if it had never stopped (tests check both). A NaN or inf loss or grad
 loss over loss_spike x its recent median, stops every rank before the optimizer step (exit code
 1): ckpt.pt stays the last good state (run_dir.DivergenceGuard).
 """
-import importlib.util
 import math
 import os
 import time
@@ -172,8 +171,7 @@ if model == 'tiny' and dim % num_heads:
     raise SystemExit(f"--dim={dim} must be divisible by --num_heads={num_heads}")
 if global_batch_size % batch_size:
     raise SystemExit(f"--global_batch_size={global_batch_size} must be a multiple of --batch_size={batch_size}")
-if log_with != 'none' and importlib.util.find_spec(log_with) is None:
-    raise SystemExit(f"--log_with={log_with}: the {log_with} package is not installed (pip install {log_with})")
+run_dir.check_log_with(log_with)
 if train_mode == 'lora' and not pretrained:   # Wan's head starts at zero: no gradient reaches the adapters
     print("warning: --train_mode=lora on a random base (no --pretrained): the zero-initialised output head gives "
           "every adapter and the state embedder a zero gradient, so nothing trains. Fine for timing; for a result "
