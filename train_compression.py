@@ -254,7 +254,7 @@ def save_checkpoint(step, metric):
 # --- processes: DDP under torchrun, the precision; rank 0 claims out_dir --------------------------
 if device == 'auto':
     device = 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
-ddp, rank, world_size, device = setup_distributed(device)   # torchrun sets RANK: DDP, as nanoGPT
+_, rank, world_size, device = setup_distributed(device)   # torchrun sets RANK: DDP, as nanoGPT
 master = rank == 0
 device_type = 'cuda' if device.startswith('cuda') else 'cpu' if device == 'cpu' else device
 ptdtype = {'bfloat16': torch.bfloat16, 'float16': torch.float16, 'float32': torch.float32}[dtype] \

@@ -246,7 +246,7 @@ def save_checkpoint(step, metric):
 
 
 # --- processes: DDP under torchrun, the precision; rank 0 claims out_dir --------------------------
-ddp, rank, world_size, device = setup_distributed(device)   # torchrun sets RANK: DDP, as nanoGPT
+_, rank, world_size, device = setup_distributed(device)   # torchrun sets RANK: DDP, as nanoGPT
 master = rank == 0
 device_type = 'cuda' if device.startswith('cuda') else 'cpu'
 # bf16 frozen base weights; the model runs them under bf16 autocast itself (WanDiT._autocast)
