@@ -47,6 +47,7 @@ most device time (CPU time on the CPU) in each benchmark's timed calls. --compil
 block (compile_blocks of both models), as the training scripts do. MFU = model FLOPs / time / the
 device's dense bf16 peak (peak_flops.py); it is n/a on the CPU and for the fp32 decoding rows.
 """
+import math
 import time
 from contextlib import nullcontext
 
@@ -208,7 +209,7 @@ def report(name, shape, seconds, gib, samples, tokens, flops=None):
     r = rows[-1]
     mfu = f"{100 * r['mfu']:5.1f}%" if r['mfu'] is not None else '   n/a'
     print(f"{name:24s} {shape:42s} {seconds * 1000:10.2f} {r['samples_per_s']:10.2f} {r['tokens_per_s']:12.0f} "
-          f"{mfu:>7s} {gib:6.1f}", flush=True)
+          f"{mfu:>7s} {'   n/a' if math.isnan(gib) else '%6.1f' % gib}", flush=True)   # NaN: no peak memory on a CPU
 
 
 # --- compression: the ST-transformer ----------------------------------------------------------

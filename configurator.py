@@ -12,7 +12,8 @@ Then `python train_compression.py --batch_size=8` (or `--batch_size 8`) override
   - an unknown key, a value of the wrong type, a value outside a setting's `choices`, a count
     that must be positive, or a probability outside [0, 1] stops the script with a message that
     names the flag and says what is allowed;
-  - a bare argument (`python train_compression.py my_run.py`) is a Python file of assignments;
+  - a bare argument (`python train_compression.py my_run.py`) is a Python file of assignments,
+    held to the same rules (a name that is no setting must start with _; the preset is a flag);
   - an unknown key gets the nearest setting suggested ("did you mean --learning_rate?");
   - `--help` / `-h` prints every setting with its default and its comment, then exits. A comment
     line `# -- data --` above a block of settings makes them a section of the help (settings above
@@ -136,18 +137,46 @@ def _convert(key, text, old):
         value = ast.literal_eval(text)
     except (SyntaxError, ValueError):
         value = text
-    if isinstance(old, (list, tuple)) and not isinstance(value, (list, tuple)):
-        value = [value]   # --shards=0 for a list setting
+    return _typed(value, old, f"--{key}={text}")
+
+
+def _typed(value, old, given_as):
+    """value if it has the type of the default old (an int for a float setting becomes a float, one
+    value for a list setting a list of one), else stop naming how it was given."""
     if isinstance(old, (list, tuple)):
-        return type(old)(value)
+        return type(old)(value if isinstance(value, (list, tuple)) else [value])
     ok = old is None or isinstance(value, type(old)) or (isinstance(old, float) and isinstance(value, int)
                                                         and not isinstance(value, bool))
     if isinstance(old, int) and not isinstance(old, bool) and isinstance(value, bool):
         ok = False
     if not ok:
-        raise SystemExit(f"--{key}={text} has type {type(value).__name__}, expected {type(old).__name__} "
-                         f"(default {old!r})")
+        expected = 'bool (True or False)' if isinstance(old, bool) else type(old).__name__
+        raise SystemExit(f"{given_as} has type {type(value).__name__}, expected {expected} (default {old!r})")
     return float(value) if isinstance(old, float) else value
+
+
+def _run_config_file(path, config, known):
+    """Execute a config file of assignments into config; the names it assigns. Each must be a
+    setting of the script (a helper name starts with _), of the setting's type; not the preset,
+    which applies before any file."""
+    with open(path) as f:
+        code = f.read()
+    print(f"config file {path}:\n{code}")
+    assigned = {node.id for node in ast.walk(ast.parse(code, path))
+                if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store)}
+    if 'preset' in assigned:
+        raise SystemExit(f"{path} sets preset: give it as --preset=NAME (a preset applies before config files)")
+    for name in sorted(assigned - set(known)):
+        if not name.startswith('_'):
+            near = difflib.get_close_matches(name, known, n=1)
+            hint = f"did you mean {near[0]}?" if near else "--help lists the settings"
+            raise SystemExit(f"{path}: {name} is not a setting; {hint} (a helper name in a config file starts with _)")
+    settings = assigned & set(known)
+    before = {k: config[k] for k in settings}
+    exec(code, config)
+    for k in settings:
+        config[k] = _typed(config[k], before[k], f"{path}: {k} = {config[k]!r}")
+    return settings
 
 
 def check(config, choices=None, positive=(), nonnegative=(), fractions=()):
@@ -202,12 +231,7 @@ def configure(config, argv=None, presets=None, gpu_preset=None, choices=None, po
     given = set()
     for key, text in pairs:
         if key is None:   # a config file: plain Python assignments, in order with the flags
-            with open(text) as f:
-                code = f.read()
-            print(f"config file {text}:\n{code}")
-            exec(code, config)
-            given |= {node.id for node in ast.walk(ast.parse(code)) if isinstance(node, ast.Name)
-                      and isinstance(node.ctx, ast.Store)} & set(known)
+            given |= _run_config_file(text, config, known)
             continue
         if key == 'preset':
             continue

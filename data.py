@@ -45,14 +45,28 @@ GRID_FRAMES = ((0, 1), (1, 9), (9, 17))
 HF_REPO_TOKENIZED = '1x-technologies/worldmodel'
 
 
-def read_json(path):
-    """A metadata file, or an error that names it (a truncated download is the usual cause)."""
+def read_json(path, counts=()):
+    """A metadata file, or an error that names it (a truncated download is the usual cause).
+    counts: keys that must hold a count (an int >= 0), e.g. 'num_shards', 'shard_num_frames'."""
     try:
         with open(path) as f:
-            return json.load(f)
+            meta = json.load(f)
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}): the file is truncated or "
-                         f"damaged; download or write it again") from None
+        raise ValueError(f"{path} is not valid JSON ({e}): the file is truncated or damaged; download or write "
+                         f"it again") from None
+    for key in counts:
+        value = meta.get(key) if isinstance(meta, dict) else None
+        if not (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+            raise ValueError(f"{path} has no count {key!r} (got {value!r}): it is not a 1X metadata file, or "
+                             f"damaged; download or write it again")
+    return meta
+
+
+def check_shards(shards, num_shards, meta_path):
+    """Shards asked for must each exist (0 .. num_shards - 1 by the split's metadata.json) and be named once."""
+    if len(set(shards)) != len(shards) or not all(0 <= i < num_shards for i in shards):
+        raise ValueError(f"shards {shards}: {meta_path} lists {num_shards} shards, 0-{num_shards - 1}; name each "
+                         f"at most once")
 
 
 def settings_differ(saved, settings):
@@ -97,7 +111,7 @@ def shard_paths(split_dir, i):
             folder, name = files[kind]
             raise FileNotFoundError(f"missing shard file {path} (shard {i}, {kind}). Tried {split_dir}/{folder}/{name} "
                                     f"and {split_dir}/{name}. Download it with `python prepare.py download` "
-                                    f"or pass shards= to read only the shards you have.")
+                                    f"or pass --shards to read only the shards you have.")
     return paths
 
 
@@ -112,7 +126,7 @@ def _check_size(path, expected_bytes, what):
     size = os.path.getsize(path)
     if size != expected_bytes:
         raise ValueError(f"{path}: {size} bytes, but the shard metadata implies {expected_bytes} ({what}). "
-                         f"The file is truncated or does not belong to this metadata; download it again.")
+                         f"The file is truncated or does not belong to this metadata; download or write it again.")
 
 
 def check_finite_rows(path, array_ND, what, chunk=1 << 16):
@@ -141,7 +155,8 @@ class TokenDataset(torch.utils.data.Dataset):
       tokens_GHW  int64 (6, 32, 32)   grids 0-2 are the context, 3-5 the future (paper 3)
       states_LD   float32 (64, 25)    the state_window frames ending at the sample's last frame.
     The paper does not say how 64 state rows align with 34 frames; we take the window that ends
-    with the sample (30 frames of history + the 34 frames of the sample) and repeat the first row
+    with the sample (30 frames before it + the 34 frames of the sample; the ST-transformer's
+    pooling, st_transformer.grid_frame_pool, uses only the latter) and repeat the first row
     of the segment where the window would reach before the segment (or shard) start, so a window
     never mixes episodes. Shards are memory-mapped lazily, so DataLoader workers share nothing.
     Robot states are checked for NaN and inf when a shard is opened (an error names the file and
@@ -153,17 +168,18 @@ class TokenDataset(torch.utils.data.Dataset):
         if not os.path.exists(meta_path):
             raise FileNotFoundError(f"{meta_path} not found: {split_dir} is not a 1X tokenized split folder "
                                     f"(expected e.g. .../train_v2.0 or .../val_v2.0 with metadata.json).")
-        self.metadata = read_json(meta_path)
+        self.metadata = read_json(meta_path, counts=('num_shards',))
         if stride not in (1, 2):
             raise ValueError(f"stride={stride}: 1 (a sample at every block) or 2 (non-overlapping samples)")
         if state_window < SAMPLE_FRAMES:
             raise ValueError(f"state_window={state_window} must cover the {SAMPLE_FRAMES} sample frames")
         self.split_dir, self.vocab_size, self.state_window = split_dir, vocab_size, state_window
         self.shards = list(range(self.metadata['num_shards'])) if shards is None else list(shards)
+        check_shards(self.shards, self.metadata['num_shards'], meta_path)
         self.files, self.num_frames, index = {}, {}, []
         for i in self.shards:
             paths = shard_paths(split_dir, i)
-            n = read_json(paths['metadata'])['shard_num_frames']
+            n = read_json(paths['metadata'], counts=('shard_num_frames',))['shard_num_frames']
             blocks = math.ceil(n / FRAMES_PER_BLOCK)
             _check_size(paths['video'], expected_sizes(n)['video'],
                         f"int32 tokens ({blocks}, {GRIDS_PER_BLOCK}, {GRID_H}, {GRID_W}) for {n} frames")
@@ -279,7 +295,7 @@ class RawShard:
     def __init__(self, split_dir, shard, frame_size=None):
         paths = {kind: _split_file(split_dir, *file) for kind, file in shard_files(shard, 'mp4').items()}
         self.video_path, states_path, segment_path = paths['video'], paths['states'], paths['segment_idx']
-        self.num_frames = read_json(paths['metadata'])['shard_num_frames']
+        self.num_frames = read_json(paths['metadata'], counts=('shard_num_frames',))['shard_num_frames']
         self.frame_size = frame_size
         for path, nbytes in ((states_path, self.num_frames * STATE_DIM * 4), (segment_path, self.num_frames * 4)):
             if os.path.getsize(path) != nbytes:
@@ -371,7 +387,7 @@ def raw_shards(split_dir):
     path = os.path.join(split_dir, 'metadata.json')
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} missing: point at a 1X raw split folder (train_v2.0_raw/ or val_v2.0_raw/)")
-    num_shards = read_json(path)['num_shards']
+    num_shards = read_json(path, counts=('num_shards',))['num_shards']
     if os.path.exists(os.path.join(split_dir, 'metadata')):
         return [int(n[len('metadata_'):-len('.json')]) for n in sorted(os.listdir(os.path.join(split_dir, 'metadata')))
                 if n.startswith('metadata_')][:num_shards]
@@ -405,6 +421,11 @@ class RawClips(torch.utils.data.Dataset):
         naming it), not at the first validation."""
         for shard, start in self.items:
             self.shards[shard].read_frames(start, RAW_CLIP_LEN)
+
+    def states(self, k):
+        """states_TD [21, 25] of clip k alone (no video decoded)."""
+        shard, start = self.items[k]
+        return torch.from_numpy(np.array(self.shards[shard].states_ND[start + np.array(clip_frame_indices())]))
 
     def __getitem__(self, k):
         shard, start = self.items[k]

@@ -18,6 +18,14 @@ import torch
 import torch.distributed as dist
 
 
+def resolve_device(device, mps=False):
+    """'auto': the CUDA GPU if torch sees one, else Apple's 'mps' if allowed and present, else 'cpu';
+    any other name as given."""
+    if device != 'auto':
+        return device
+    return 'cuda' if torch.cuda.is_available() else 'mps' if mps and torch.backends.mps.is_available() else 'cpu'
+
+
 def setup_distributed(device):
     """DDP when launched by torchrun (RANK set), as nanoGPT: NCCL on GPUs, gloo on the CPU, and
     each process on the GPU of its LOCAL_RANK. Returns (ddp, rank, world_size, device)."""

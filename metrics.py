@@ -33,14 +33,24 @@ def cross_entropy_topk(logits_NV, target_N, k=TOP_K, p_floor=P_FLOOR):
     """Top-k cross-entropy per token (nanoWM's reading of the 1X challenge metric, which is only
     described as "considers only the top-500 logits per token"):
     keep the k largest logits, log-softmax over them, loss = -log p(true token); a true token
-    outside the top k scores -log(p_floor). With k = V this is the plain cross-entropy."""
+    outside the top k scores -log(p_floor). With k = V this is the plain cross-entropy.
+
+    Ties at the k-th largest logit (uniform logits, a baseline's equal "other" tokens, bf16
+    logits) leave open which of the tied tokens are kept; the log-softmax is the same for any
+    choice, only whether the true token is kept changes. A true token tied there scores the
+    expectation over a uniformly random choice: kept with probability (slots left) / (tokens
+    tied). So the score never depends on how a topk kernel breaks ties (CPU and GPU agree)."""
     logits_NV = logits_NV.float()
-    top_NK, idx_NK = logits_NV.topk(min(k, logits_NV.shape[-1]), dim=-1)
-    logp_NK = F.log_softmax(top_NK, dim=-1)
-    hit_NK = idx_NK == target_N[:, None]
-    in_top_N = hit_NK.any(-1)
-    logp_true_N = (logp_NK * hit_NK).sum(-1)
-    return torch.where(in_top_N, -logp_true_N, torch.full_like(logp_true_N, -math.log(p_floor)))
+    top_NK = logits_NV.topk(min(k, logits_NV.shape[-1]), dim=-1).values
+    kth_N1 = top_NK[:, -1:]
+    true_N = logits_NV.gather(1, target_N[:, None])[:, 0]
+    above_N, tied_N = (logits_NV > kth_N1).sum(-1), (logits_NV == kth_N1).sum(-1)
+    p_kept_N = torch.where(true_N > kth_N1[:, 0], 1.0,
+                           torch.where(true_N == kth_N1[:, 0], (top_NK.shape[1] - above_N) / tied_N, 0.0))
+    logp_true_N = true_N - torch.logsumexp(top_NK, dim=-1)   # log-softmax over the kept k, if kept
+    floor = -math.log(p_floor)
+    kept_score_N = torch.where(p_kept_N > 0, -logp_true_N, 0.0)   # no 0 x inf for a dropped -inf logit
+    return p_kept_N * kept_score_N + (1 - p_kept_N) * floor
 
 
 # ---------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ latents. One command line (as nanoGPT's prepare.py), and the functions the train
 
 The trainers call one function each, on every rank of a run (data_dir on storage all ranks see):
 
-    tokenized_splits(data_dir, splits, shards, rank, world_size)   # train_compression.py
+    tokenized_splits(data_dir, splits, shards, rank, world_size, download)   # train_compression.py
     raw_latents(data_dir, splits, vae, ...) -> (latent dirs, codec)  # train_sampling.py
 """
 import argparse
@@ -28,8 +28,9 @@ from tqdm import tqdm
 import own_clips
 import run_dir
 import synthetic
-from data import (HF_REPO_RAW, HF_REPO_TOKENIZED, NUM_LATENTS, RAW_CLIP_LEN, STATE_DIM, RawShard, expected_sizes,
-                  raw_shards, raw_split_is_whole, read_json, repo_files, settings_differ, shard_paths)
+from data import (CLIP_LEN, HF_REPO_RAW, HF_REPO_TOKENIZED, NUM_LATENTS, RAW_CLIP_LEN, STATE_DIM, RawShard,
+                  check_shards, expected_sizes, raw_shards, raw_split_is_whole, read_json, repo_files, settings_differ,
+                  shard_paths)
 from distributed import on_master, wait_for_all
 from vae import PixelCodec, frames_to_video
 
@@ -44,11 +45,17 @@ def tokenized_split_problems(split_dir, shards=None):
     meta = os.path.join(split_dir, 'metadata.json')
     if not os.path.exists(meta):
         return [f"{meta} is missing"]
+    try:
+        num_shards = read_json(meta, counts=('num_shards',))['num_shards']
+    except ValueError as e:   # damaged: named (a download fetches it again)
+        return [str(e)]
     problems = []
-    for i in range(read_json(meta)['num_shards']) if shards is None else shards:
+    if shards is not None:
+        check_shards(shards, num_shards, meta)
+    for i in range(num_shards) if shards is None else shards:
         try:
             paths = shard_paths(split_dir, i)
-            n = read_json(paths['metadata'])['shard_num_frames']
+            n = read_json(paths['metadata'], counts=('shard_num_frames',))['shard_num_frames']
         except (FileNotFoundError, ValueError) as e:
             problems.append(str(e).split('. ')[0])
             continue
@@ -98,12 +105,14 @@ def download_tokenized(out, split='val_v2.0', shards=None, rank=0, world=1):
     i % world, so every rank of a run shares the work (out must be on storage they all see).
     Every file is checked against the size its metadata implies and fetched again once if it is
     wrong. Train splits keep files in subfolders, the others flat (the dataset's layout)."""
-    meta = read_json(_fetch(f'{split}/metadata.json', out))
+    meta = read_json(_fetch(f'{split}/metadata.json', out), counts=('num_shards', 'num_images'))
+    if shards is not None:
+        check_shards(shards, meta['num_shards'], os.path.join(out, split, 'metadata.json'))
     check_room_for(out, split, meta, shards)
     mine = [i for i in (range(meta['num_shards']) if shards is None else shards) if i % world == rank]
     for i in tqdm(mine, desc=f'download {split}', unit='shard', disable=rank != 0):   # the overall progress
         files = repo_files(split, i)
-        n = read_json(_fetch(files['metadata'], out))['shard_num_frames']
+        n = read_json(_fetch(files['metadata'], out), counts=('shard_num_frames',))['shard_num_frames']
         for kind, size in expected_sizes(n).items():
             path = os.path.join(out, files[kind])
             if os.path.exists(path) and os.path.getsize(path) == size:
@@ -135,7 +144,7 @@ def tokenized_bytes(data_dir, splits, shards=None):
     total = 0
     for s in splits:
         path = os.path.join(data_dir, s, 'metadata.json')
-        meta = read_json(path) if os.path.exists(path) else TOKENIZED_1X.get(s)
+        meta = read_json(path, counts=('num_shards', 'num_images')) if os.path.exists(path) else TOKENIZED_1X.get(s)
         if meta is not None:
             whole = tokenized_split_bytes(meta, shards if s == 'train_v2.0' else None)
             total += max(0, whole - _bytes_in([os.path.join(data_dir, s)]))
@@ -178,12 +187,31 @@ def finish_download(out, split, shards=None):
                          f"A multi-node run needs data_dir on storage that every node sees.")
 
 
-def tokenized_splits(data_dir, splits, shards=None, rank=0, world_size=1):
-    """Make the tokenized splits a run reads whole in data_dir: the missing or incomplete ones are
-    fetched from the Hub (every rank its share of the shards), then rank 0 checks each. shards:
-    the shards of train_v2.0 to use (None: all); the other splits are always whole."""
+def _is_synthetic(meta_path):
+    try:
+        return 'synthetic' in read_json(meta_path)
+    except (OSError, ValueError):
+        return False
+
+
+def tokenized_splits(data_dir, splits, shards=None, rank=0, world_size=1, download=False):
+    """Make the tokenized splits a run reads whole in data_dir: with download, the missing or
+    incomplete ones are fetched from the Hub (every rank its share of the shards), then rank 0
+    checks each; without, or in a synthetic set, what is wrong stops the run. shards: the shards
+    of train_v2.0 to use (None: all); the other splits are always whole."""
     shards_of = lambda split: shards if split == 'train_v2.0' else None
-    missing = [s for s in splits if tokenized_split_problems(os.path.join(data_dir, s), shards_of(s))]
+    problems = {s: tokenized_split_problems(os.path.join(data_dir, s), shards_of(s)) for s in splits}
+    missing = [s for s in splits if problems[s]]
+    for s in missing:
+        synthetic_set = _is_synthetic(os.path.join(data_dir, s, 'metadata.json'))   # never mixed with 1X files
+        if synthetic_set or not download:
+            fix = (f"it is a synthetic set: delete {data_dir} and write it again (`python prepare.py synthetic --out "
+                   f"{data_dir}`)" if synthetic_set else
+                   f"a mistyped --data_dir? Pass the folder of the 1X tokenized data, --download to fetch what is "
+                   f"missing from the Hugging Face Hub (preset paper does), or prepare it where there is a network: "
+                   f"`python prepare.py download --out DIR --split {s}`")
+            more = f" (and {len(problems[s]) - 3} more)" if len(problems[s]) > 3 else ''
+            raise SystemExit(f"{os.path.join(data_dir, s)} is not whole: {'; '.join(problems[s][:3])}{more}. {fix}.")
     for s in missing:
         download_tokenized(data_dir, s, shards_of(s), rank, world_size)
     if missing:
@@ -213,7 +241,7 @@ def download_raw(out, split='val_v2.0_raw', rank=0, world=1):
     the split's metadata.json, then shard i's four files by rank i % world (out must be on storage
     every rank sees). Each file is placed whole (atomic) and kept by a rerun; states and segment
     files are checked against the sizes their metadata implies."""
-    meta = read_json(_fetch_raw(f'{split}/metadata.json', out))
+    meta = read_json(_fetch_raw(f'{split}/metadata.json', out), counts=('num_shards',))
     mine = [i for i in range(meta['num_shards']) if i % world == rank]
     for i in tqdm(mine, desc=f'download {split}', unit='shard', disable=rank != 0):   # the overall progress
         for f in repo_files(split, i, 'mp4').values():
@@ -275,7 +303,7 @@ def encode_raw_split(split_dir, out_dir, codec, stride=RAW_CLIP_LEN, batch_size=
                 latents.append(z)
                 batch = []
         save_file({'latents': torch.cat(latents).contiguous() if latents else torch.zeros(0),
-                   'states': torch.stack(states).contiguous() if states else torch.zeros(0, RAW_CLIP_LEN, STATE_DIM),
+                   'states': torch.stack(states).contiguous() if states else torch.zeros(0, CLIP_LEN, STATE_DIM),
                    'starts': torch.tensor(starts, dtype=torch.int64)}, path + '.tmp')
         os.replace(path + '.tmp', path)
     if world == 1:
@@ -493,7 +521,10 @@ def main(argv=None):
     p.set_defaults(run=cmd_own_clips)
 
     args = parser.parse_args(argv)
-    args.run(args)
+    try:
+        args.run(args)
+    except (ValueError, OSError) as e:   # damaged input, a path that is no folder, ...: said without a traceback
+        raise SystemExit(f"prepare.py {args.command}: {e}")
 
 
 if __name__ == '__main__':

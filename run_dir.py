@@ -132,6 +132,8 @@ def claim(out_dir, resume, overwrite=False, resume_flag='--init_from=resume'):
         raise SystemExit(f"{ckpt} already exists. To continue that run pass {resume_flag}; to start a new one "
                          f"pass another --out_dir, or --overwrite to train from scratch in this folder "
                          f"(the earlier run's files are moved into a previous_<time> folder in it).")
+    if os.path.isfile(out_dir):
+        raise SystemExit(f"--out_dir={out_dir} is a file, not a folder: pass a folder (it is made if missing)")
     try:
         os.makedirs(out_dir, exist_ok=True)
         probe = os.path.join(out_dir, f'.write_test_{os.getpid()}')
@@ -277,15 +279,16 @@ def load_checkpoint(path, kind, expect=None):
                          f"({first}). nanoWM loads checkpoints with torch.load(weights_only=True), so a file "
                          f"that would run code is rejected; only load checkpoints you trust and that nanoWM wrote.")
     except (RuntimeError, EOFError, OSError) as e:
-        raise SystemExit(f"{path} cannot be read ({str(e).splitlines()[0]}): it may be truncated; "
-                         f"{PREV} or {BEST} in the same folder hold earlier states")
+        raise SystemExit(f"{path} cannot be read ({str(e).splitlines()[0][:200]}): it may be truncated; {PREV} or "
+                         f"{BEST} in the same folder (if there) hold earlier states: copy one over {CKPT} to resume "
+                         f"from it")
     if not isinstance(state, dict) or state.get('kind') != kind:
         found = state.get('kind', 'no track recorded') if isinstance(state, dict) else type(state).__name__
         raise SystemExit(f"{path} is not a {kind}-track checkpoint of nanoWM (it says: {found}); "
                          f"pass the checkpoint of a {kind} run")
     saved = state.get('config', {})
-    diffs = [f"{k}={saved.get(k)!r} in the checkpoint, {v!r} now" for k, v in (expect or {}).items()
-             if saved.get(k) != v]
+    diffs = [f"{k}={saved[k]!r} in the checkpoint, {v!r} now" for k, v in (expect or {}).items()
+             if k in saved and saved[k] != v]   # a setting the checkpoint predates is not compared
     if diffs:
         raise SystemExit(f"{path} was trained with other model settings: " + '; '.join(diffs)
                          + ". Pass the same settings (or another --out_dir to start a new run).")

@@ -35,6 +35,7 @@ import pictures
 import run_dir
 import synthetic
 from configurator import configure
+from distributed import resolve_device
 from flow_matching import predict_frame77
 from metrics import (MetricUnavailable, blur_baseline, fid_network, frechet_distance, inception_features,
                      lpips_distance, lpips_network, psnr, ssim)
@@ -64,14 +65,14 @@ lpips_fid = True            # also LPIPS (AlexNet) per clip and FID (Inception) 
 lora = ''                   # a LoRA file (ComfyUI, diffusers / PEFT, DiffSynth, kohya / musubi) or an export_lora
                             # folder, in place of the run's adapters (the folder's state_embedder.safetensors too)
 lora_scale = 1.0            # strength of --lora: its update B A alpha / r times this (0: the model without it)
-compile = torch.cuda.is_available()   # torch.compile the DiT blocks: on by default with CUDA, off on the CPU;
-                            # --compile=False turns it off (the first clip pays the compilation)
+compile = True              # torch.compile the DiT blocks on CUDA (the first clip pays the compilation; the CPU
+                            # runs eager); --compile=False turns it off
 merge_lora = False          # fold LoRA into the base weights: at most 1.6% fewer FLOPs, but in bf16 the rounding
                             # of W + BA loses part of the update: not the function the run's validation scored
 decode_batch = 4            # members the VAE decodes at once (more: faster on a large GPU, more memory)
 vae_dtype = 'float32'       # the Wan VAE's precision: 'float32' (the reference's) or 'bfloat16' (faster)
-seed = 0                    # the ensemble's noise (per clip)
-device = 'cuda' if torch.cuda.is_available() else 'cpu'  # 'cpu', 'cuda', ...
+seed = -1                   # the ensemble's noise (per clip); -1: the run's seed, the noise its validation drew
+device = 'auto'             # 'auto' (cuda if there is a GPU, else cpu), 'cpu', 'cuda', 'cuda:1'
 configure(globals(), choices=dict(scheduler=('euler', 'unipc'), vae_dtype=('float32', 'bfloat16')),
           positive=('ensemble', 'steps', 'clip_stride', 'decode_batch', 'cfg', 'blur_sigma'),
           nonnegative=('max_clips', 'shift', 'png_members'))
@@ -90,8 +91,13 @@ if not os.path.exists(ckpt_path):
 state = run_dir.load_checkpoint(ckpt_path, 'sampling')
 run = state['config']
 print(f"{ckpt_path}: step {state['step']}, model {run['model']}, vae {run['vae']}, {run['train_mode']}")
+device = resolve_device(device)
 device_type = 'cuda' if device.startswith('cuda') else 'cpu'
-ptdtype = torch.bfloat16 if device_type == 'cuda' and run['dtype'] == 'bfloat16' else torch.float32
+# as the run's validation computed: a LoRA run's frozen base in bf16; full training's fp32 weights in fp32 (TF32)
+ptdtype = torch.bfloat16 if device_type == 'cuda' and run['dtype'] == 'bfloat16' and run['train_mode'] == 'lora' \
+    else torch.float32
+if device_type == 'cuda':
+    torch.backends.cuda.matmul.allow_tf32 = True
 net = build_model(model=run['model'], pretrained=run['pretrained'], train_mode=run['train_mode'],
                   lora_rank=run['lora_rank'], lora_alpha=run['lora_alpha'], init_seed=run['init_seed'],
                   device=device, dtype=ptdtype, tiny=dict(dim=run['dim'], num_layers=run['num_layers'],
@@ -119,10 +125,11 @@ if merge_lora and run['train_mode'] == 'lora':   # W + B A alpha / r once, round
     merge_lora_into_base(net)
 if ptdtype != torch.float32:   # bf16 inference on GPUs (fp32 kept where the reference keeps it)
     net.set_dtype(ptdtype)
-if compile:   # fused kernels for the 30 identical blocks; the first clip pays the compilation
+if compile and device_type == 'cuda':   # fused kernels for the 30 identical blocks
     net.compile_blocks()
 context_1LD = text_context(net.cfg, run['text_encoder'], device)   # [1, 512, 4096]: shared by every row
 shift = shift or run['shift']
+seed = run['seed'] if seed == -1 else seed
 if run['vae'] == 'pixel':
     codec = PixelCodec()
 else:
@@ -162,7 +169,10 @@ C = data.NUM_CONTEXT_FRAMES
 rows, seconds = [], []
 features = {}   # FID: name -> Inception features of its frame 77 of every clip ('truth': the real ones)
 for k in tqdm(range(len(clips)), desc='clips'):
-    item = clips[k]
+    try:
+        item = clips[k]
+    except ValueError as e:   # a damaged video: named, with the scores so far kept
+        raise SystemExit(f"clip {k}: {e}\n{results_dir}/metrics.csv holds the {k} clips before it")
     frames_THWC, states_TD = item['frames_THWC'], item['states_TD']
     truth = frames_THWC[-1].numpy()
     last_ctx = frames_THWC[C - 1].numpy()
@@ -175,7 +185,8 @@ for k in tqdm(range(len(clips)), desc='clips'):
                                    scheduler=scheduler, decode_batch=decode_batch, device=device,
                                    no_states=no_states, videos=videos)
         except FloatingPointError as e:
-            raise SystemExit(f"clip {k} (shard {item['shard']}, frame {item['start']}): {e}")
+            raise SystemExit(f"clip {k} (shard {item['shard']}, frame {item['start']}): {e}\n"
+                             f"{results_dir}/metrics.csv holds the {k} clips before it")
 
     if device_type == 'cuda':
         torch.cuda.synchronize()
@@ -193,7 +204,7 @@ for k in tqdm(range(len(clips)), desc='clips'):
         # the frames to predict take the states of clip k + n/2 (mod n), a fixed derangement: no clip
         # keeps its own, and neighbours (which overlap in time and scene) are never paired; the
         # context frames keep theirs (their video is given)
-        other_TD = clips[(k + len(clips) // 2) % len(clips)]['states_TD']
+        other_TD = clips.states((k + len(clips) // 2) % len(clips))
         futures['other'] = states_TD.clone()
         futures['other'][C:] = other_TD[C:]
         _, preds['other_states'] = predict(futures['other'])
@@ -230,15 +241,15 @@ for k in tqdm(range(len(clips)), desc='clips'):
         pictures.counterfactual_figure(context_THWC, panels, title=f'clip {k}: frame 77 under other state futures'
                                        ).save(os.path.join(results_dir, f'counterfactual_{k}.png'))
     rows.append(row)
+    with open(os.path.join(results_dir, 'metrics.csv'), 'w', newline='') as f:   # after every clip: a stop keeps them
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
     if videos:   # the first clip as a video: one sample and the ensemble mean next to the real clip
         members_video = videos[0]
         mean_video = members_video.astype(np.float64).mean(0).round().astype(np.uint8)
         pictures.save_gif(os.path.join(results_dir, 'clip_0.gif'), [members_video[0], mean_video, frames_THWC.numpy()],
                           ['sample 1', f'mean of {ensemble}', 'real'])
-with open(os.path.join(results_dir, 'metrics.csv'), 'w', newline='') as f:
-    writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
 
 # --- the tables: means over the clips, and the spread over the clips of each margin ---------------
 over_clips = {key: float(np.mean([r[key] for r in rows])) for key in rows[0]

@@ -30,7 +30,8 @@ import prepare
 import run_dir
 import synthetic
 from configurator import configure
-from distributed import finish, grad_accum_steps, mean_over_ranks, on_master, setup_distributed, wait_for_all
+from distributed import (finish, grad_accum_steps, mean_over_ranks, on_master, resolve_device, setup_distributed,
+                         wait_for_all)
 from metrics import cross_entropy_topk
 from peak_flops import StepSpeed
 from st_transformer import STConfig, STTransformer
@@ -39,6 +40,7 @@ from st_transformer import STConfig, STTransformer
 preset = 'cpu'             # 'cpu' (the demo) or 'paper' (PRESETS below)
 # -- data --
 data_dir = ''              # folder of train_v2.0/ and val_v2.0/ ('' = data/synthetic, written on first use)
+download = False           # fetch missing or incomplete 1X splits into data_dir from the Hugging Face Hub (preset paper)
 train_splits = 'train_v2.0'  # splits to train on, e.g. 'train_v2.0,val_v2.0' (val numbers then not comparable)
 shards = ''                # shards of train_v2.0 to use, e.g. '0' or '0,1' ('' = all in metadata.json)
 sample_stride = 1          # blocks between training samples: 1 = a sample at every block, 2 = non-overlapping
@@ -81,14 +83,14 @@ wandb_project = 'nanowm'   # W&B project
 wandb_run_name = 'compression'  # W&B run name
 # -- run folder --
 out_dir = 'out/compression'  # checkpoints, log.jsonl, curves.png, results.json
-init_from = 'scratch'      # 'scratch' or 'resume' (from out_dir/ckpt.pt: model, optimizer, step, RNG)
-overwrite = False          # train from scratch even if out_dir holds a checkpoint (it gets replaced)
+init_from = 'scratch'      # 'scratch' or 'resume' (from out_dir/ckpt.pt: model, optimizer, step)
+overwrite = False          # train from scratch even if out_dir holds a run (it moves to out_dir/previous_<time>/)
 dry_run = False            # build the model on the meta device, print its size, the run length and disk, exit
-ckpt_interval = 0          # save every this many steps (0 = only at the end)
+ckpt_interval = 100        # save every this many steps (0 = only at the end)
 stop_at = 0                # save and stop after this many steps without ending the schedule (0 = off)
 # -- system --
-device = 'auto'            # 'auto', 'cpu', 'cuda', 'cuda:1', 'mps'
-dtype = 'bfloat16'         # autocast dtype on CUDA (paper 3.2: bf16 AMP); the CPU runs in fp32
+device = 'auto'            # 'auto' (cuda if there is a GPU, else mps, else cpu), 'cpu', 'cuda', 'cuda:1', 'mps'
+dtype = 'bfloat16'         # on CUDA: bf16 autocast (paper 3.2) or 'float32' (fp16 would need a GradScaler); CPU: fp32
 compile = False            # torch.compile each block in place (regional); preset paper: on
 
 # --- presets --------------------------------------------------------------------------------------
@@ -99,8 +101,8 @@ PRESETS = {
     # (0.9, 0.95), weight decay 0.05 on matrices. The paper's ~306k samples per epoch (1.88B of the
     # 2.03B tokens) are non-overlapping two-block samples: sample_stride 2. Micro-batch 10 (our
     # choice) fits an 80 GB GPU with margin; 160 = 10 x GPUs x accumulation for 1, 2, 4, 8 or 16 GPUs.
-    'paper': dict(data_dir='data/1x', sample_stride=2, vocab_size=data.VOCAB_SIZE, n_layer=24, n_head=8,
-                  n_embd=512, dropout=0.1, global_batch_size=160, batch_size=10, epochs=80.0, max_iters=0,
+    'paper': dict(data_dir='data/1x', download=True, sample_stride=2, vocab_size=data.VOCAB_SIZE, n_layer=24,
+                  n_head=8, n_embd=512, dropout=0.1, global_batch_size=160, batch_size=10, epochs=80.0, max_iters=0,
                   learning_rate=8e-4, warmup_iters=2000, weight_decay=0.05, beta1=0.9, beta2=0.95,
                   eval_interval=2000, eval_samples=256, final_eval_samples=0, eval_batch_size=4,
                   log_interval=100, ckpt_interval=2000, num_workers=8, compile=True),
@@ -108,7 +110,7 @@ PRESETS = {
 
 # --- configure: the preset, then config files and flags (configurator.py) -------------------------
 given = configure(globals(), presets=PRESETS, gpu_preset='paper',
-          choices=dict(sample_stride=(1, 2), dtype=('bfloat16', 'float16', 'float32'),
+          choices=dict(sample_stride=(1, 2), dtype=('bfloat16', 'float32'),
                        init_from=('scratch', 'resume'), log_with=('none', 'tensorboard', 'wandb')),
           positive=('vocab_size', 'n_layer', 'n_head', 'n_embd', 'state_window', 'global_batch_size', 'batch_size',
                     'learning_rate', 'loss_chunk', 'eval_interval', 'eval_samples', 'eval_batch_size', 'log_interval'),
@@ -126,10 +128,14 @@ if max_iters == 0 and epochs == 0 and not eval_only:
     raise SystemExit("--max_iters=0 and --epochs=0: give the run a length (--max_iters=N steps, or --epochs=E)")
 if n_embd % n_head:
     raise SystemExit(f"--n_embd={n_embd} must be divisible by --n_head={n_head}")
+if global_batch_size % batch_size:
+    raise SystemExit(f"--global_batch_size={global_batch_size} must be a multiple of --batch_size={batch_size}")
 if shards and not all(s.strip().isdigit() for s in shards.split(',')):
     raise SystemExit(f"--shards={shards!r}: comma-separated shard numbers, e.g. --shards=0,1")
 train_split_names = [s for s in train_splits.split(',') if s]
 train_shards = [int(s) for s in shards.split(',')] if shards else None
+if train_shards and len(set(train_shards)) < len(train_shards):
+    raise SystemExit(f"--shards={shards!r} names a shard twice")
 run_dir.check_log_with(log_with)
 if state_window < data.SAMPLE_FRAMES:
     raise SystemExit(f"--state_window={state_window} must cover the {data.SAMPLE_FRAMES} frames of a sample")
@@ -144,7 +150,7 @@ model_cfg = STConfig(vocab_size=vocab_size, n_layer=n_layer, n_head=n_head, n_em
 with torch.device('meta'):
     meta_model = STTransformer(model_cfg)
 run_splits = [split] if eval_only else sorted(set(train_split_names) | {'val_v2.0'})   # the splits read
-to_fetch = prepare.tokenized_bytes(data_dir, run_splits, train_shards) if data_dir else 0
+to_fetch = prepare.tokenized_bytes(data_dir, run_splits, train_shards) if data_dir and download else 0
 disk_lines, no_room = run_dir.disk_report(
     [(out_dir, run_dir.checkpoint_bytes(meta_model.num_params(), meta_model.num_params()), 'checkpoints')]
     + ([(data_dir, to_fetch, 'tokenized data to download')] if to_fetch else []))
@@ -171,7 +177,9 @@ if no_room and not eval_only:
 
 # --- helpers: the schedule, evaluation, checkpoints (of the data and model set up below) ----------
 def get_lr(it, peak_lr, warmup_iters, max_iters):
-    """Paper 3.2: linear warmup to peak_lr over warmup_iters steps, then linear decay to 0 at max_iters."""
+    """Paper 3.2: linear warmup to peak_lr over warmup_iters steps, then linear decay to 0 at max_iters.
+    Step it (from 0) takes get_lr(it): the peak at warmup_iters - 1 and warmup_iters, the last step
+    (max_iters - 1) one decay step above 0; no step is wasted at learning rate 0."""
     if it < warmup_iters:
         return peak_lr * (it + 1) / warmup_iters
     return peak_lr * max(0.0, (max_iters - it) / max(1, max_iters - warmup_iters))
@@ -187,8 +195,9 @@ def evaluate(model, ds, num_samples, baselines=False):
     dev = next(model.parameters()).device
     V = model.cfg.vocab_size
     n = len(ds) if num_samples <= 0 else min(num_samples, len(ds))
+    # own generator: evaluating must not draw from the global RNG (only rank 0 evaluates)
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, range(n)), batch_size=eval_batch_size,
-                                         num_workers=num_workers)
+                                         num_workers=num_workers, generator=torch.Generator())
     world = ds.metadata.get('synthetic')
     sums, copy_src, targets = {}, [], []
 
@@ -220,10 +229,10 @@ def evaluate(model, ds, num_samples, baselines=False):
         # p(copied token) = a, every other token (1 - a) / (V - 1); a = the fraction that matches
         src, tgt = torch.cat(copy_src).reshape(-1), torch.cat(targets).reshape(-1)
         a = min(max((src == tgt).double().mean().item(), 1e-6), 1 - 1e-6)
-        for i in range(0, len(tgt), 4096):
-            s, t = src[i:i + 4096], tgt[i:i + 4096]
-            logits = torch.full((len(t), V), math.log((1 - a) / (V - 1))).scatter_(1, s[:, None], math.log(a))
-            add('copy the last context grid', logits, t)
+        for i in range(0, len(tgt), 4096):   # on the model's device: 64k-wide rows are slow on a CPU
+            s, t = src[i:i + 4096].to(dev), tgt[i:i + 4096].to(dev)
+            logits = torch.full((len(t), V), math.log((1 - a) / (V - 1)), device=dev)
+            add('copy the last context grid', logits.scatter_(1, s[:, None], math.log(a)), t)
     model.train()
     results = {k: (v[0] / v[2], v[1] / v[2]) for k, v in sums.items()}
     bad = [f"{name}: Top-500 CE {top}, CE {full}" for name, (top, full) in results.items()
@@ -247,18 +256,16 @@ def print_table(results, world=None):
 
 def save_checkpoint(step, metric):
     state = dict(kind='compression', model=raw_model.state_dict(), optimizer=optimizer.state_dict(), step=step,
-                 model_cfg=dict(vars(model_cfg)), config=run_dir.plain(config), rng=run_dir.rng_state())
+                 model_cfg=dict(vars(model_cfg)), config=run_dir.plain(config))
     run_dir.save_checkpoint(out_dir, state, metric)   # ckpt.pt atomically; ckpt_prev.pt; ckpt_best.pt by metric
 
 
 # --- processes: DDP under torchrun, the precision; rank 0 claims out_dir --------------------------
-if device == 'auto':
-    device = 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
-_, rank, world_size, device = setup_distributed(device)   # torchrun sets RANK: DDP, as nanoGPT
+# torchrun sets RANK: DDP, as nanoGPT
+_, rank, world_size, device = setup_distributed(resolve_device(device, mps=True))
 master = rank == 0
 device_type = 'cuda' if device.startswith('cuda') else 'cpu' if device == 'cpu' else device
-ptdtype = {'bfloat16': torch.bfloat16, 'float16': torch.float16, 'float32': torch.float32}[dtype] \
-    if device_type == 'cuda' else torch.float32
+ptdtype = torch.bfloat16 if device_type == 'cuda' and dtype == 'bfloat16' else torch.float32
 autocast = torch.autocast(device_type, dtype=ptdtype) if ptdtype != torch.float32 else nullcontext()
 if not eval_only:
     grad_accum = grad_accum_steps(global_batch_size, batch_size, world_size)
@@ -269,29 +276,41 @@ if not eval_only:
               f"{global_batch_size}")
 
 # --- data: the 1X splits (missing ones downloaded) or the synthetic set ---------------------------
-if data_dir:   # every rank fetches its share of what is missing
-    prepare.tokenized_splits(data_dir, run_splits, train_shards, rank, world_size)
+demo = not data_dir
+if data_dir:   # whole, or (--download) every rank fetches its share of what is missing
+    prepare.tokenized_splits(data_dir, run_splits, train_shards, rank, world_size, download)
 else:          # data/synthetic, written by rank 0 on first use
     on_master(synthetic.default_synthetic_dir)
     wait_for_all('the synthetic data')
     data_dir = synthetic.default_synthetic_dir()
 split_dir = lambda name: os.path.join(data_dir, name)
 
+
+def read_split(name, **kw):
+    """data.TokenDataset of a split; a missing or damaged file stops the run with its name."""
+    try:
+        return data.TokenDataset(split_dir(name), **kw)
+    except (ValueError, FileNotFoundError) as e:
+        fix = f"\n{data_dir} is the demo's synthetic set: delete it, and the next run writes it anew" if demo else ''
+        raise SystemExit(f"{e}{fix}")
+
+
 if eval_only:   # the checkpoint's model, as it was trained, on --split: the table, then exit
     ckpt = ckpt or os.path.join(out_dir, run_dir.CKPT)
     state = run_dir.load_checkpoint(ckpt, 'compression')
     raw_model = STTransformer(STConfig(**state['model_cfg'])).to(device)
     raw_model.load_state_dict(state['model'])
-    eval_ds = data.TokenDataset(split_dir(split), vocab_size=raw_model.cfg.vocab_size,
-                                state_window=raw_model.cfg.state_window)
-    print(f"{ckpt} (step {state['step']}) on {split} ({len(eval_ds)} samples):")
+    eval_ds = read_split(split, vocab_size=raw_model.cfg.vocab_size, state_window=raw_model.cfg.state_window)
+    n = len(eval_ds) if final_eval_samples <= 0 else min(final_eval_samples, len(eval_ds))
+    print(f"{ckpt} (step {state['step']}) on {split}: its first {n} of {len(eval_ds)} samples "
+          f"(--final_eval_samples=0: all)")
     print_table(evaluate(raw_model, eval_ds, final_eval_samples, baselines=True), eval_ds.metadata.get('synthetic'))
     raise SystemExit(0)
 
-train_parts = [data.TokenDataset(split_dir(s), train_shards if s == 'train_v2.0' else None, vocab_size=vocab_size,
-                                 state_window=state_window, stride=sample_stride) for s in train_split_names]
+train_parts = [read_split(s, shards=train_shards if s == 'train_v2.0' else None, vocab_size=vocab_size,
+                          state_window=state_window, stride=sample_stride) for s in train_split_names]
 train_ds = torch.utils.data.ConcatDataset(train_parts)
-val_ds = data.TokenDataset(split_dir('val_v2.0'), vocab_size=vocab_size, state_window=state_window)
+val_ds = read_split('val_v2.0', vocab_size=vocab_size, state_window=state_window)
 for ds in (*train_parts, val_ds):
     world = ds.metadata.get('synthetic')
     if world is not None and world['vocab'] != vocab_size:
@@ -328,7 +347,6 @@ if init_from == 'resume':   # loaded to the CPU, tensors and plain data only (ne
     changed = run_dir.optimizer_settings_on_resume(   # the flags given now (the lr follows get_lr every step)
         optimizer, [dict(weight_decay=wd, betas=(beta1, beta2)) for wd in (weight_decay, 0.0)], state['config'], config)
     start_step = state['step']
-    run_dir.set_rng_state(state['rng'])  # dropout continues exactly where it stopped
     if master:
         print(f"resumed from {ckpt_path} at step {start_step}" + (f"; {changed}" if changed else ''))
 if compile:   # regional: each block (one graph serves them all) and the loss chunk, so it compiles in about a minute
@@ -360,13 +378,17 @@ for step in range(start_step, stop):
     speed.start()
     loss_sum = torch.zeros((), device=device)
     for micro in range(grad_accum):
+        # dropout's masks from (seed, step, rank, micro-step): each rank draws its own, and a resumed run
+        # draws what an uninterrupted one would (nothing else in training is random)
+        torch.manual_seed(hash((seed, step, rank, micro)) % 2 ** 62)
         z_BGHW, states_BLD = (x.to(device, non_blocking=True) for x in next(loader))
         # gradients are all-reduced only on the last micro-step
         sync = nullcontext() if world_size == 1 or micro == grad_accum - 1 else train_model.no_sync()
-        with sync, autocast:
-            # positions 2..4 predict grids 3..5 (paper 3.2: the loss on the future grids only)
-            loss = train_model(z_BGHW[:, :T], states_BLD, predict_from=2, targets_BTHW=z_BGHW[:, 3:T + 1],
-                               loss_chunk=loss_chunk)
+        with sync:
+            with autocast:   # the forward only (backward runs in the dtypes the forward chose)
+                # positions 2..4 predict grids 3..5 (paper 3.2: the loss on the future grids only)
+                loss = train_model(z_BGHW[:, :T], states_BLD, predict_from=2, targets_BTHW=z_BGHW[:, 3:T + 1],
+                                   loss_chunk=loss_chunk)
             (loss / grad_accum).backward()
         loss_sum += loss.detach() / grad_accum
     loss_value = mean_over_ranks(loss_sum).item()   # the same on every rank: a NaN on one stops them all
@@ -389,7 +411,8 @@ for step in range(start_step, stop):
         record.update(val_tf_top500=tf_top, val_tf_ce=tf_ce, val_ar_top500=ar_top, val_ar_ce=ar_ce)
     log.write(record)
     if 'val_ar_top500' in record:
-        tqdm.write(f"step {done}: val Top-500 CE teacher-forced {tf_top:.4f}, greedy autoregressive {ar_top:.4f}")
+        tqdm.write(f"step {done}: val Top-500 CE ({min(eval_samples, len(val_ds))} samples) teacher-forced "
+                   f"{tf_top:.4f}, greedy autoregressive {ar_top:.4f}")
     if (ckpt_interval > 0 and done % ckpt_interval == 0) or done == stop:
         save_checkpoint(done, record.get('val_ar_top500'))   # ckpt_best.pt: the lowest greedy AR Top-500 CE
 

@@ -46,7 +46,8 @@ import prepare
 import run_dir
 import synthetic
 from configurator import configure
-from distributed import finish, grad_accum_steps, mean_over_ranks, on_master, setup_distributed, wait_for_all
+from distributed import (finish, grad_accum_steps, mean_over_ranks, on_master, resolve_device, setup_distributed,
+                         wait_for_all)
 from flow_matching import diffsynth_weight, flow_matching_loss, predict_frame77, sample_draws
 from metrics import psnr
 from peak_flops import StepSpeed
@@ -76,10 +77,11 @@ ffn_dim = 512               # tiny model feed-forward width
 pretrained = ''             # hub repo or folder of Wan 2.2 TI2V-5B; '' = random init
 init_lora = ''              # a LoRA file (any format sample.py --lora reads) or an exported folder a new run
                             # starts from: its adapters (train_mode lora, same lora_rank) or merged (full)
-text_encoder = 'zeros'      # 'zeros' (tiny demo) or a repo/folder with Wan's umT5 (the empty prompt, encoded once)
+text_encoder = ''           # repo/folder with Wan's umT5 (the empty prompt, encoded once); '' = pretrained's,
+                            # or 'zeros' without one (the demo's random base)
 train_mode = 'full'         # 'lora' (paper: frozen base) or 'full' (the demo's random base)
 lora_rank = 32              # paper 2.2: LoRA rank 32
-lora_alpha = 32             # LoRA scale alpha / rank = 1
+lora_alpha = 32             # LoRA scale alpha / rank (1 at rank 32, the team's alpha = rank)
 state_embedder = 'paper'    # 'paper' (the report's text, 5.3M) or 'team' (the team's code, 67.9M; wan_state.py)
 init_seed = 0               # random initial weights (and the state embedder's)
 gradient_checkpointing = 0  # recompute the first n blocks in backward (0: none; preset paper: 12 of 30,
@@ -99,9 +101,9 @@ loss_weighting = 'none'     # 'none' (plain MSE) or 'diffsynth': the team's trai
 seed = 0                    # data order and per-sample draws
 # -- validation --
 eval_interval = 400         # validate every this many steps (and at the end)
-val_clips = 4               # the fixed val clips of each validation (the first of val_v2.0_raw, 77 apart)
-val_ensemble = 4            # ensemble size of the validation's ensemble PSNR
-val_steps = 10              # sampler steps of a validation
+eval_clips = 4              # the fixed val clips of each validation (the first of val_v2.0_raw, 77 apart)
+eval_ensemble = 4           # ensemble size of the validation's ensemble PSNR
+eval_steps = 10             # sampler steps of a validation
 # -- logging --
 log_interval = 100          # print the log's line every this many steps (log.jsonl gets every step)
 log_with = 'none'           # also log to 'tensorboard' (out_dir/tensorboard) or 'wandb' (W&B; files in out_dir)
@@ -110,13 +112,14 @@ wandb_run_name = 'sampling'  # W&B run name
 # -- run folder --
 out_dir = 'out_sampling'    # checkpoints, log.jsonl, curves.png, val/ PNGs, lora.safetensors
 init_from = 'scratch'       # 'scratch' or 'resume' (from out_dir/ckpt.pt: trained weights, optimizer, step, RNG)
-overwrite = False           # train from scratch even if out_dir holds a checkpoint (it gets replaced)
+overwrite = False           # train from scratch even if out_dir holds a run (it moves to out_dir/previous_<time>/)
 dry_run = False             # print the recipe, the model size and the disk it needs, then exit
-ckpt_interval = 400         # save every this many steps (and at the end)
+ckpt_interval = 400         # save every this many steps (0 = only at the end)
 keep_last = 0               # step-numbered LoRA exports (lora_stepNNNNNNN.safetensors) to keep (0 = all)
 # -- system --
-device = 'cuda' if torch.cuda.is_available() else 'cpu'  # 'cpu', 'cuda', ...
-dtype = 'bfloat16'          # precision on CUDA: bf16 frozen base weights and autocast; the CPU runs fp32
+device = 'auto'             # 'auto' (cuda if there is a GPU, else cpu), 'cpu', 'cuda', 'cuda:1'
+dtype = 'bfloat16'          # on CUDA: bf16 frozen base weights and autocast (train_mode lora; full trains
+                            # fp32 weights in fp32, TF32 matmuls); the CPU runs fp32
 compile = False             # torch.compile each block in place (regional); preset paper: on
 
 # --- presets --------------------------------------------------------------------------------------
@@ -131,8 +134,8 @@ PAPER = dict(data_dir='data/1x', download=True, clip_stride=8, vae='wan', encode
              learning_rate=4e-4, weight_decay=0.01, grad_clip=0.0, shift=5.0, state_dropout=0.0,
              loss_weighting='diffsynth', state_embedder='team', batch_size=8, global_batch_size=1024, max_iters=23000,
              gradient_checkpointing=12, compile=True, dtype='bfloat16',
-             out_dir='out_sampling_paper', ckpt_interval=500, eval_interval=500, val_clips=8, val_ensemble=4,
-             val_steps=20)
+             out_dir='out_sampling_paper', ckpt_interval=500, eval_interval=500, eval_clips=8, eval_ensemble=4,
+             eval_steps=20)
 PRESETS = {
     'cpu': {},   # the defaults above
     'paper': PAPER,
@@ -147,28 +150,31 @@ given = configure(globals(), presets=PRESETS, gpu_preset='paper',
                        loss_weighting=('none', 'diffsynth'), state_embedder=('paper', 'team')),
           positive=('synthetic_size', 'synthetic_shards', 'clip_stride', 'encode_batch_size', 'dim', 'num_layers',
                     'num_heads', 'ffn_dim', 'lora_rank', 'lora_alpha', 'learning_rate', 'shift', 'batch_size',
-                    'global_batch_size', 'max_iters', 'log_interval', 'ckpt_interval', 'eval_interval',
-                    'val_clips', 'val_ensemble', 'val_steps'),
-          nonnegative=('weight_decay', 'grad_clip', 'gradient_checkpointing', 'loss_spike', 'keep_last'),
+                    'global_batch_size', 'max_iters', 'log_interval', 'eval_interval', 'eval_clips', 'eval_ensemble',
+                    'eval_steps'),
+          nonnegative=('weight_decay', 'grad_clip', 'gradient_checkpointing', 'loss_spike', 'keep_last', 'ckpt_interval'),
           fractions=('state_dropout',))
 
 # --- derived settings and checks ------------------------------------------------------------------
 # settings that define the trained weights: a resume takes the checkpoint's unless given (as nanoGPT)
 MODEL_KEYS = ('model', 'dim', 'num_layers', 'num_heads', 'ffn_dim', 'pretrained', 'train_mode', 'lora_rank',
-              'lora_alpha', 'vae', 'state_embedder')
+              'lora_alpha', 'vae', 'state_embedder', 'text_encoder')
 if init_from == 'resume':
     globals().update(run_dir.model_settings_on_resume(out_dir, 'sampling', {k: globals()[k] for k in MODEL_KEYS},
                                                       given))
     if init_lora:
         raise SystemExit(f"--init_lora={init_lora} starts a new run; a resume continues its checkpoint: drop one")
+if init_lora and not os.path.exists(init_lora):   # before any download or encoding
+    raise SystemExit(f"--init_lora={init_lora}: no such file or folder")
 demo = not data_dir
 data_dir = data_dir or 'data/sampling_demo'
+text_encoder = text_encoder or pretrained or 'zeros'   # a pretrained DiT was trained on umT5's encoding of ""
 train_split_names = [s for s in train_splits.split(',') if s]
 for s in train_split_names:
     if s not in ('train_v2.0_raw', 'val_v2.0_raw'):
         raise SystemExit(f"--train_splits: {s!r} is not one of 'train_v2.0_raw', 'val_v2.0_raw'")
-if model == 'tiny' and dim % num_heads:
-    raise SystemExit(f"--dim={dim} must be divisible by --num_heads={num_heads}")
+if model == 'tiny' and (dim % num_heads or dim // num_heads < 6 or dim // num_heads % 2):
+    raise SystemExit(f"--dim={dim} must be --num_heads={num_heads} x an even head size >= 6 (RoPE: a pair per axis)")
 if global_batch_size % batch_size:
     raise SystemExit(f"--global_batch_size={global_batch_size} must be a multiple of --batch_size={batch_size}")
 run_dir.check_log_with(log_with)
@@ -190,7 +196,7 @@ n_all = sum(p.numel() for p in meta_model.parameters())
 n_train = sum(p.numel() for p in meta_model.parameters() if p.requires_grad)
 n_state = sum(p.numel() for n, p in meta_model.named_parameters() if n.startswith('state_embedder.'))
 n_export = sum(p.numel() for n, p in meta_model.named_parameters() if '.lora_' in n) + n_state
-exports = 1 + (keep_last or math.ceil(max_iters / ckpt_interval))   # lora.safetensors and the numbered ones
+exports = 1 + (keep_last or math.ceil(max_iters / (ckpt_interval or max_iters)))   # lora.safetensors, numbered ones
 disk_lines, no_room = run_dir.disk_report([
     (out_dir, run_dir.checkpoint_bytes(n_train, n_train) + 4 * n_export * exports, 'checkpoints and LoRA exports'),
     (data_dir, prepare.latents_bytes(data_dir, train_split_names, vae, clip_stride,
@@ -204,7 +210,7 @@ if dry_run:
     print(f"state embedder {state_embedder!r}: {n_state:,} parameters")
     for key in ('clip_stride', 'learning_rate', 'weight_decay', 'grad_clip', 'state_dropout', 'shift', 'loss_weighting',
                 'global_batch_size', 'batch_size', 'max_iters', 'gradient_checkpointing', 'compile', 'train_splits', 'vae',
-                'pretrained', 'out_dir'):
+                'pretrained', 'text_encoder', 'out_dir'):
         print(f"{key} = {globals()[key]!r}")
     print('\n'.join(disk_lines + [no_room] if no_room else disk_lines))
     raise SystemExit(0)
@@ -213,8 +219,8 @@ if no_room:
 
 
 # --- helpers: validation, checkpoints (of the data and model set up below) ------------------------
-def validate(step):
-    """PSNR of frame 77 on the fixed val clips: a single sample and the mean of val_ensemble
+def evaluate(step):
+    """PSNR of frame 77 on the fixed val clips: a single sample and the mean of eval_ensemble
     (paper 2.3); the clips' PNGs (context | members | mean | truth | error) in out_dir/val/step_N/.
     Returns the figures and {name: PNG path} (for the tracker)."""
     folder = os.path.join(out_dir, 'val', f'step_{step}')
@@ -224,7 +230,7 @@ def validate(step):
         item = val_ds[k]
         frames_THWC, truth = item['frames_THWC'], item['frames_THWC'][-1].numpy()
         members, mean = predict_frame77(raw_model, codec, frames_THWC, item['states_TD'], context_1LD,
-                                        ensemble=val_ensemble, steps=val_steps, shift=shift,
+                                        ensemble=eval_ensemble, steps=eval_steps, shift=shift,
                                         noise_seed=hash((seed, item['shard'], item['start'])) % 2 ** 62, device=device)
         scores['val_psnr_single'].append(psnr(members[0], truth))
         scores['val_psnr_ensemble'].append(psnr(mean, truth))
@@ -246,7 +252,7 @@ def save_checkpoint(step, metric):
 
 
 # --- processes: DDP under torchrun, the precision; rank 0 claims out_dir --------------------------
-_, rank, world_size, device = setup_distributed(device)   # torchrun sets RANK: DDP, as nanoGPT
+_, rank, world_size, device = setup_distributed(resolve_device(device))   # torchrun sets RANK: DDP, as nanoGPT
 master = rank == 0
 device_type = 'cuda' if device.startswith('cuda') else 'cpu'
 # bf16 frozen base weights; the model runs them under bf16 autocast itself (WanDiT._autocast)
@@ -270,7 +276,7 @@ latent_dirs, codec = prepare.raw_latents(data_dir, train_split_names, vae, vae_p
 train_parts = [data.LatentClips(d) for d in latent_dirs]
 train_ds = torch.utils.data.ConcatDataset(train_parts)
 frame_size = train_parts[0].encoding.get('frame_size')
-val_ds = data.RawClips(split_dir('val_v2.0_raw'), stride=data.RAW_CLIP_LEN, max_clips=val_clips, frame_size=frame_size)
+val_ds = data.RawClips(split_dir('val_v2.0_raw'), stride=data.RAW_CLIP_LEN, max_clips=eval_clips, frame_size=frame_size)
 if master:   # damage in the val split stops the run now, not at the first validation
     try:
         val_ds.check()
@@ -365,16 +371,16 @@ for step in range(start_step, max_iters):
     record, pngs = dict(step=done, loss=loss_value, grad_norm=grad_norm, **speed.stop()), {}
     if done % eval_interval == 0 or done == max_iters:
         try:
-            val, pngs = validate(done)
+            val, pngs = evaluate(done)
         except FloatingPointError as e:   # finite loss, broken samples: stop before saving them
             raise SystemExit(f"step {done}: validation: {e}. {ckpt_path} (if any) is the last good state.")
         record.update(val)
     log.write(record, images=pngs)
     if pngs:
         tqdm.write(f"step {done}: val PSNR of frame 77 ({len(val_ds)} clips): single {record['val_psnr_single']:.2f}, "
-                   f"ensemble of {val_ensemble} {record['val_psnr_ensemble']:.2f}, "
+                   f"ensemble of {eval_ensemble} {record['val_psnr_ensemble']:.2f}, "
                    f"copy-last {record['val_psnr_copy_last']:.2f} dB")
-    if done % ckpt_interval == 0 or done == max_iters:
+    if (ckpt_interval > 0 and done % ckpt_interval == 0) or done == max_iters:
         save_checkpoint(done, record.get('val_psnr_ensemble'))   # ckpt_best.pt: the best ensemble PSNR
 
 # --- the end: curves ------------------------------------------------------------------------------
@@ -384,5 +390,5 @@ if master:
     run_dir.plot_curves(out_dir, [('flow-matching loss', ['loss']),
                                   ('val PSNR of frame 77 (dB)', ['val_psnr_single', 'val_psnr_ensemble',
                                                                  'val_psnr_copy_last'])],
-                        title=f'sampling: {len(val_ds)} val clips, ensemble of {val_ensemble}')
+                        title=f'sampling: {len(val_ds)} val clips, ensemble of {eval_ensemble}')
 finish()   # every rank together, then the process groups go (distributed.py)

@@ -39,12 +39,13 @@ def resolve(repo_id_or_dir, allow_patterns, models_dir=None):
     downloads it with --local-dir) with huggingface_hub's local-dir download: one copy of the
     weights, plain files, resumed where it stopped; that folder can later be passed as it is.
     Without it the files go to the Hub cache (HF_HUB_CACHE). huggingface_hub draws the progress
-    bar: one for the files, one for the bytes of them all."""
+    bar: one for the files, one for the bytes of them all. A path that is no folder, or a download
+    that fails (offline), stops with what to do, as prepare.py's downloads do."""
     p = Path(os.path.expanduser(str(repo_id_or_dir)))
     if p.is_dir():
         return p
     if p.exists() or str(repo_id_or_dir).startswith(('/', '.', '~')) or str(repo_id_or_dir).count('/') != 1:
-        raise FileNotFoundError(f"{repo_id_or_dir}: not a directory, and not a Hub repo id like 'Wan-AI/Wan2.2-TI2V-5B'")
+        raise SystemExit(f"{repo_id_or_dir}: not a folder, and not a Hub repo id like 'Wan-AI/Wan2.2-TI2V-5B'")
     import huggingface_hub
     from huggingface_hub.utils import are_progress_bars_disabled, enable_progress_bars
     models_dir = models_dir or os.environ.get('NANOWM_MODELS_DIR') or None
@@ -56,9 +57,12 @@ def resolve(repo_id_or_dir, allow_patterns, models_dir=None):
     try:
         return Path(huggingface_hub.snapshot_download(str(repo_id_or_dir), allow_patterns=allow_patterns,
                                                       local_dir=local_dir))
-    except Exception as err:
-        raise RuntimeError(f"could not download {repo_id_or_dir} from the Hugging Face Hub ({err}); "
-                           f"download it elsewhere and pass the local directory instead") from err
+    except Exception as err:   # offline, no such repo, ... (huggingface_hub's errors vary by version)
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise SystemExit(f"could not fetch {repo_id_or_dir} from the Hugging Face Hub ({first}). Without network access "
+                         f"here, fetch it where there is one (`huggingface-cli download {repo_id_or_dir} --local-dir "
+                         f"DIR`) and pass DIR in its place (train_sampling.py --pretrained, --text_encoder, --vae_path; "
+                         f"prepare.py encode_raw --vae_path)")
 
 
 def _find_weights(root, stem):
@@ -637,6 +641,9 @@ def main(argv=None):
     except ValueError as err:
         raise SystemExit(str(err))
     print('\n'.join(f"wrote {p}" for p in written) or f"{args.ckpt}: no LoRA or state weights to export")
+    if ckpt['config'].get('train_mode') == 'full':
+        print(f"no lora.safetensors: {args.ckpt} trained every weight (train_mode full), so there are no LoRA "
+              f"adapters to export; its weights are in the checkpoint")
 
 
 if __name__ == '__main__':

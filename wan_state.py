@@ -310,8 +310,9 @@ class WanDiT(nn.Module):
     def __init__(self, cfg: WanConfig, state_cond: bool = True):
         super().__init__()
         self.cfg = cfg
-        if cfg.dim % cfg.num_heads or cfg.head_dim % 2:
-            raise ValueError("dim / num_heads must be even")
+        if cfg.dim % cfg.num_heads or cfg.head_dim < 6 or cfg.head_dim % 2:
+            raise ValueError(f"dim={cfg.dim} must be num_heads={cfg.num_heads} x an even head size >= 6 (RoPE rotates "
+                             f"pairs of it, at least one pair per axis: frames, height, width)")
         self.patch_embedding = nn.Conv3d(cfg.in_dim, cfg.dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
         self.text_embedding = nn.Sequential(nn.Linear(cfg.text_dim, cfg.dim), nn.GELU(approximate='tanh'),
                                             nn.Linear(cfg.dim, cfg.dim))
@@ -386,6 +387,11 @@ class WanDiT(nn.Module):
             raise ValueError(f"context must be [B or 1, <= {cfg.text_len}, {cfg.text_dim}], got {tuple(context.shape)}")
         if not self.state_cond and (states is not None or drop is not None):
             raise ValueError("this WanDiT was built with state_cond=False; it takes no states")
+        if states is not None and (states.ndim != 3 or states.shape[0] != B or states.shape[2] != cfg.state_dim):
+            raise ValueError(f"states must be [B, 4 (F - 1) + 1, state_dim] = [{B}, {4 * (f - 1) + 1}, "
+                             f"{cfg.state_dim}], got {tuple(states.shape)}")
+        if drop is not None and tuple(drop.shape) != (B,):
+            raise ValueError(f"drop_states must be [B] = [{B}] (one flag a sample), got {tuple(drop.shape)}")
         return (f, h, w), (t[:, None].expand(B, f) if t.ndim == 1 else t)
 
     def _autocast(self, device_type):
@@ -542,6 +548,8 @@ def merge_lora(model):
 
 @torch.no_grad()
 def unmerge_lora(model):
+    """W <- W - B A alpha / r: the base again, exactly in fp32; in bf16 both roundings stay in W (up
+    to 1e-3 per weight), so to train on, reload the base rather than unmerge."""
     for m in lora_modules(model):
         if not m.merged:
             raise ValueError("LoRA is not merged")

@@ -253,7 +253,7 @@ run_step data_prep 90 bash -c "$PY prepare.py synthetic --out $WORK/syn64k --voc
     $PY -c 'import synthetic; synthetic.write_synthetic_raw_set(\"$WORK/ts_data\", 1, 1500, $SYN, 0, 1200)'; }"
 # the sampling runs below: the synthetic raw set above (1 shard, SYN px), pixel codec, a window every 8 frames
 TS_DATA="--data_dir=$WORK/ts_data --make_synthetic --synthetic_shards=1 --synthetic_size=$SYN --vae=pixel --download=False"
-TS_VAL="--val_clips=1 --val_ensemble=2 --val_steps=2 --eval_interval=1000 --ckpt_interval=1000"
+TS_VAL="--eval_clips=1 --eval_ensemble=2 --eval_steps=2 --eval_interval=1000 --ckpt_interval=1000"
 
 run_step probe 60 $PY "$WORK/probe.py" "$BDEV"
 
