@@ -109,7 +109,8 @@ def sample_latents(model, z_ctx_BCKHW, states_BTD, context_1LD, noise_BCFHW, *, 
     """Denoise noise_BCFHW with the K context latents z_ctx held fixed; returns clean latents.
 
     scheduler 'euler': x <- x + (s_next - s) v on reference_sigmas(steps, shift) (Wan's and
-    DiffSynth's flow-matching Euler). 'unipc': diffusers' UniPC with Wan's schedule.
+    DiffSynth's flow-matching Euler). 'unipc': diffusers' UniPC with Wan's schedule; the model sees
+    the scheduler's integer timesteps (999, 989, ...), as in Wan's pipeline, not 1000 x sigma.
     Each row of the batch is one sample (the caller repeats a clip's context and states for its
     ensemble members). Context tokens get timestep 0; after every solver step the context latents
     are put back exactly (torch.where, bit for bit), as Wan's TI2V holds its first frame. With
