@@ -155,6 +155,21 @@ def _typed(value, old, given_as):
     return float(value) if isinstance(old, float) else value
 
 
+def _assigned_names(tree):
+    """The names a file's top level assigns (loops, ifs and with-statements included); not the
+    locals of its functions, lambdas and comprehensions, which never reach the script."""
+    names, todo = set(), [tree]
+    while todo:
+        node = todo.pop()
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Lambda, ast.ListComp,
+                             ast.SetComp, ast.DictComp, ast.GeneratorExp)):
+            continue
+        if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+            names.add(node.id)
+        todo.extend(ast.iter_child_nodes(node))
+    return names
+
+
 def _run_config_file(path, config, known):
     """Execute a config file of assignments into config; the names it assigns. Each must be a
     setting of the script (a helper name starts with _), of the setting's type; not the preset,
@@ -162,9 +177,8 @@ def _run_config_file(path, config, known):
     with open(path) as f:
         code = f.read()
     print(f"config file {path}:\n{code}")
-    assigned = {node.id for node in ast.walk(ast.parse(code, path))
-                if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store)}
-    if 'preset' in assigned:
+    assigned = _assigned_names(ast.parse(code, path))
+    if 'preset' in assigned and 'preset' in known:
         raise SystemExit(f"{path} sets preset: give it as --preset=NAME (a preset applies before config files)")
     for name in sorted(assigned - set(known)):
         if not name.startswith('_'):

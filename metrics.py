@@ -42,11 +42,14 @@ def cross_entropy_topk(logits_NV, target_N, k=TOP_K, p_floor=P_FLOOR):
     tied). So the score never depends on how a topk kernel breaks ties (CPU and GPU agree)."""
     logits_NV = logits_NV.float()
     top_NK = logits_NV.topk(min(k, logits_NV.shape[-1]), dim=-1).values
-    kth_N1 = top_NK[:, -1:]
+    kth_N = top_NK[:, -1]
     true_N = logits_NV.gather(1, target_N[:, None])[:, 0]
-    above_N, tied_N = (logits_NV > kth_N1).sum(-1), (logits_NV == kth_N1).sum(-1)
-    p_kept_N = torch.where(true_N > kth_N1[:, 0], 1.0,
-                           torch.where(true_N == kth_N1[:, 0], (top_NK.shape[1] - above_N) / tied_N, 0.0))
+    p_kept_N = (true_N > kth_N).float()
+    tied = (true_N == kth_N).nonzero()[:, 0]   # rows whose true token is tied at the k-th: count the ties there
+    if len(tied):
+        above = (top_NK[tied] > kth_N[tied, None]).sum(-1)   # all larger logits are among the kept k
+        ties = (logits_NV[tied] == kth_N[tied, None]).sum(-1, dtype=torch.int32)
+        p_kept_N[tied] = (top_NK.shape[1] - above) / ties
     logp_true_N = true_N - torch.logsumexp(top_NK, dim=-1)   # log-softmax over the kept k, if kept
     floor = -math.log(p_floor)
     kept_score_N = torch.where(p_kept_N > 0, -logp_true_N, 0.0)   # no 0 x inf for a dropped -inf logit

@@ -144,7 +144,10 @@ def tokenized_bytes(data_dir, splits, shards=None):
     total = 0
     for s in splits:
         path = os.path.join(data_dir, s, 'metadata.json')
-        meta = read_json(path, counts=('num_shards', 'num_images')) if os.path.exists(path) else TOKENIZED_1X.get(s)
+        try:
+            meta = read_json(path, counts=('num_shards', 'num_images')) if os.path.exists(path) else TOKENIZED_1X.get(s)
+        except ValueError:   # damaged: the download fetches it again
+            meta = TOKENIZED_1X.get(s)
         if meta is not None:
             whole = tokenized_split_bytes(meta, shards if s == 'train_v2.0' else None)
             total += max(0, whole - _bytes_in([os.path.join(data_dir, s)]))
@@ -187,11 +190,14 @@ def finish_download(out, split, shards=None):
                          f"A multi-node run needs data_dir on storage that every node sees.")
 
 
-def _is_synthetic(meta_path):
-    try:
-        return 'synthetic' in read_json(meta_path)
-    except (OSError, ValueError):
-        return False
+def _is_synthetic(data_dir):
+    """A folder synthetic.py wrote: its synthetic.json, or a split's metadata that says so."""
+    def says_synthetic(split):
+        try:
+            return 'synthetic' in read_json(os.path.join(data_dir, split, 'metadata.json'))
+        except (OSError, ValueError):
+            return False
+    return os.path.exists(os.path.join(data_dir, 'synthetic.json')) or any(map(says_synthetic, TOKENIZED_1X))
 
 
 def tokenized_splits(data_dir, splits, shards=None, rank=0, world_size=1, download=False):
@@ -200,20 +206,26 @@ def tokenized_splits(data_dir, splits, shards=None, rank=0, world_size=1, downlo
     checks each; without, or in a synthetic set, what is wrong stops the run. shards: the shards
     of train_v2.0 to use (None: all); the other splits are always whole."""
     shards_of = lambda split: shards if split == 'train_v2.0' else None
-    problems = {s: tokenized_split_problems(os.path.join(data_dir, s), shards_of(s)) for s in splits}
+    try:
+        problems = {s: tokenized_split_problems(os.path.join(data_dir, s), shards_of(s)) for s in splits}
+    except ValueError as e:   # shards the split does not have
+        raise SystemExit(f"--shards: {e}")
     missing = [s for s in splits if problems[s]]
     for s in missing:
-        synthetic_set = _is_synthetic(os.path.join(data_dir, s, 'metadata.json'))   # never mixed with 1X files
+        synthetic_set = _is_synthetic(data_dir)   # never mixed with 1X files
         if synthetic_set or not download:
-            fix = (f"it is a synthetic set: delete {data_dir} and write it again (`python prepare.py synthetic --out "
-                   f"{data_dir}`)" if synthetic_set else
-                   f"a mistyped --data_dir? Pass the folder of the 1X tokenized data, --download to fetch what is "
+            fix = (f"It is a synthetic set: delete {data_dir} and write it again (`python prepare.py synthetic --out "
+                   f"{data_dir}` with the --vocab and --seed it had)" if synthetic_set else
+                   f"A mistyped --data_dir? Pass the folder of the 1X tokenized data, --download to fetch what is "
                    f"missing from the Hugging Face Hub (preset paper does), or prepare it where there is a network: "
                    f"`python prepare.py download --out DIR --split {s}`")
             more = f" (and {len(problems[s]) - 3} more)" if len(problems[s]) > 3 else ''
             raise SystemExit(f"{os.path.join(data_dir, s)} is not whole: {'; '.join(problems[s][:3])}{more}. {fix}.")
     for s in missing:
-        download_tokenized(data_dir, s, shards_of(s), rank, world_size)
+        try:
+            download_tokenized(data_dir, s, shards_of(s), rank, world_size)
+        except ValueError as e:   # shards the Hub's split does not have, a damaged metadata file
+            raise SystemExit(str(e))
     if missing:
         wait_for_all(f"downloading {', '.join(missing)}")
         for s in missing:

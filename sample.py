@@ -159,6 +159,9 @@ if ablation and run['state_dropout'] == 0:
     print(f"note: {untrained}; the 'no states' row shows an untrained embedding, not the model without states")
 results_dir = results_dir or os.path.join(out_dir, 'samples')
 os.makedirs(results_dir, exist_ok=True)
+metrics_csv = os.path.join(results_dir, 'metrics.csv')   # this run's scores only, written clip by clip
+if os.path.exists(metrics_csv):
+    os.remove(metrics_csv)
 print(f"{len(clips)} clips of {split}; ensemble {ensemble}, {steps} {scheduler} steps, shift {shift}, cfg {cfg}"
       f"{'; state ablation' if ablation else ''}{'; counterfactual futures' if counterfactual else ''}")
 
@@ -172,7 +175,7 @@ for k in tqdm(range(len(clips)), desc='clips'):
     try:
         item = clips[k]
     except ValueError as e:   # a damaged video: named, with the scores so far kept
-        raise SystemExit(f"clip {k}: {e}\n{results_dir}/metrics.csv holds the {k} clips before it")
+        raise SystemExit(f"clip {k}: {e}\n{metrics_csv} holds the {k} clips before it")
     frames_THWC, states_TD = item['frames_THWC'], item['states_TD']
     truth = frames_THWC[-1].numpy()
     last_ctx = frames_THWC[C - 1].numpy()
@@ -186,7 +189,7 @@ for k in tqdm(range(len(clips)), desc='clips'):
                                    no_states=no_states, videos=videos)
         except FloatingPointError as e:
             raise SystemExit(f"clip {k} (shard {item['shard']}, frame {item['start']}): {e}\n"
-                             f"{results_dir}/metrics.csv holds the {k} clips before it")
+                             f"{metrics_csv} holds the {k} clips before it")
 
     if device_type == 'cuda':
         torch.cuda.synchronize()
@@ -241,7 +244,7 @@ for k in tqdm(range(len(clips)), desc='clips'):
         pictures.counterfactual_figure(context_THWC, panels, title=f'clip {k}: frame 77 under other state futures'
                                        ).save(os.path.join(results_dir, f'counterfactual_{k}.png'))
     rows.append(row)
-    with open(os.path.join(results_dir, 'metrics.csv'), 'w', newline='') as f:   # after every clip: a stop keeps them
+    with open(metrics_csv, 'w', newline='') as f:   # after every clip: a stop keeps the scores so far
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)

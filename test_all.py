@@ -852,8 +852,18 @@ def test_compression_names_a_damaged_file_and_never_downloads_into_a_synthetic_s
     video.write_bytes(video.read_bytes()[:100000])
     err = run_compression(f'--data_dir={bad}', f'--out_dir={tmp_path}/run', '--max_iters=1', '--download', cwd=tmp_path,
                           fails=True)
-    assert f'{video} has 100000 bytes, not ' in err and f'it is a synthetic set: delete {bad}' in err
+    assert f'{video} has 100000 bytes, not ' in err and f'It is a synthetic set: delete {bad}' in err
     assert 'Traceback' not in err and not (tmp_path / 'run' / 'ckpt.pt').exists()
+    # its metadata damaged too: still the synthetic set (synthetic.json says so), never a download
+    (bad / 'train_v2.0' / 'metadata.json').write_text('{"num_sh')
+    err = run_compression(f'--data_dir={bad}', f'--out_dir={tmp_path}/run', '--max_iters=1', '--download', cwd=tmp_path,
+                          fails=True)
+    assert 'metadata.json is not valid JSON' in err and f'It is a synthetic set: delete {bad}' in err
+    assert 'Traceback' not in err
+    # shards the split does not have: named, no traceback
+    err = run_compression(f'--data_dir={synthetic_dir}', f'--out_dir={tmp_path}/run', '--max_iters=1', '--shards=5',
+                          cwd=tmp_path, fails=True)
+    assert '--shards: shards [5]: ' in err and 'lists 2 shards, 0-1' in err and 'Traceback' not in err
 
 
 @pytest.mark.slow
@@ -952,7 +962,7 @@ def test_compression_prepares_its_data_from_an_empty_folder_trains_and_logs_vali
     # without --download (preset paper sets it) a folder without the data is a mistake, named
     err = run_compression('--data_dir', str(tmp_path / 'data'), '--out_dir', str(tmp_path / 'run'), '--max_iters', '2',
                           cwd=tmp_path, fails=True)
-    assert f"{tmp_path / 'data' / 'train_v2.0'} is not whole: " in err and 'a mistyped --data_dir?' in err
+    assert f"{tmp_path / 'data' / 'train_v2.0'} is not whole: " in err and 'A mistyped --data_dir?' in err
     err = run_compression('--data_dir', str(tmp_path / 'data'), '--out_dir', str(tmp_path / 'run'), '--max_iters', '2',
                           '--download', cwd=tmp_path, fails=True)
     assert 'could not fetch train_v2.0/metadata.json' in err and 'python prepare.py download --out DIR' in err
@@ -1928,7 +1938,8 @@ def test_paper_presets_are_the_submissions_recipes_and_torchrun_on_cuda_picks_pa
     assert 'state_dropout = 0.1' in run_script('train_sampling.py', '--preset=paper_cfg', '--dry_run', cwd=tmp_path)
     assert run_script('train_sampling.py', '--dry_run', cwd=tmp_path).startswith('preset cpu: the default of a plain')
     # a pretrained base reads umT5's empty prompt from its own files unless told otherwise; the demo: zeros
-    assert "text_encoder = 'my/wan'" in run_script('train_sampling.py', '--pretrained=my/wan', '--dry_run', cwd=tmp_path)
+    out = run_script('train_sampling.py', '--pretrained=my/wan', '--dry_run', cwd=tmp_path)
+    assert "text_encoder = 'my/wan'" in out
     assert "text_encoder = 'zeros'" in run_script('train_sampling.py', '--dry_run', cwd=tmp_path)
     # torchrun on CUDA GPUs, simulated: torchrun's variables and a torch that reports a GPU
     (tmp_path / 'sitecustomize.py').write_text('import torch\ntorch.cuda.is_available = lambda: True\n')
@@ -1992,8 +2003,12 @@ def test_lora_run_trains_adapters_and_state_weights_only_and_sample_py_scores_wh
     # predicts exactly what the run's validation predicted
     base = write_official_checkpoint(randomize(WanDiT(WanConfig.tiny(**WAN_TINY), state_cond=False), std=0.1),
                                      tmp_path / 'base')
+    # the text context comes from the pretrained folder unless given; this tiny base has no umT5: said at once
+    err = run_script(*train_args(raw_data, tmp_path / 'no_umt5', '--max_iters=2', f'--pretrained={base}',
+                                 '--train_mode=lora', '--lora_rank=4'), fails=True)
+    assert f'--text_encoder={base}: ' in err and 'or --text_encoder=zeros' in err and 'Traceback' not in err
     run_script(*train_args(raw_data, tmp_path, '--max_iters=2', f'--pretrained={base}', '--train_mode=lora',
-                           '--lora_rank=4', '--text_encoder=zeros', '--seed=3'))   # the tiny base has no umT5
+                           '--lora_rank=4', '--text_encoder=zeros', '--seed=3'))
     trainable = trained(tmp_path)['trainable']
     assert trainable and all('.lora_' in n or n.startswith('state_embedder.') for n in trainable)
     assert any(n.endswith('lora_B.weight') and p.abs().max() > 0 for n, p in trainable.items())   # B left 0
@@ -2314,8 +2329,11 @@ def test_a_config_file_is_held_to_the_rules_of_the_flags(tmp_path):
         path = tmp_path / 'my_run.py'
         path.write_text(text)
         return configure([str(path)]), str(path)
-    cfg, _ = run_file('import math\n_base = 2e-4\nlearning_rate = _base * 2\nbatch_size = 2 ** 3\n')
-    assert (cfg['learning_rate'], cfg['batch_size']) == (4e-4, 8)
+    cfg, _ = run_file('import math\n_base = 2e-4\nlearning_rate = _base * 2\nbatch_size = 2 ** 3\n'
+                      "shards = ','.join(str(i) for i in range(2))\nsizes = [s * 2 for s in (1, 2)]\n"
+                      'def _helper():\n    x = 3\n    return x\nif True:\n    dropout = 0.2\n')
+    assert (cfg['learning_rate'], cfg['batch_size'], cfg['shards'], cfg['sizes'], cfg['dropout']) == \
+        (4e-4, 8, '0,1', [2, 4], 0.2)
     for text, message in [('batch_sise = 8\n', 'batch_sise is not a setting; did you mean batch_size?'),
                           ("batch_size = '8'\n", "batch_size = '8' has type str, expected int"),
                           ('compile = 1\n', 'compile = 1 has type int, expected bool'),

@@ -40,7 +40,7 @@ from st_transformer import STConfig, STTransformer
 preset = 'cpu'             # 'cpu' (the demo) or 'paper' (PRESETS below)
 # -- data --
 data_dir = ''              # folder of train_v2.0/ and val_v2.0/ ('' = data/synthetic, written on first use)
-download = False           # fetch missing or incomplete 1X splits into data_dir from the Hugging Face Hub (preset paper)
+download = False           # fetch missing or incomplete 1X splits into data_dir from the Hub (preset paper: on)
 train_splits = 'train_v2.0'  # splits to train on, e.g. 'train_v2.0,val_v2.0' (val numbers then not comparable)
 shards = ''                # shards of train_v2.0 to use, e.g. '0' or '0,1' ('' = all in metadata.json)
 sample_stride = 1          # blocks between training samples: 1 = a sample at every block, 2 = non-overlapping
@@ -291,7 +291,8 @@ def read_split(name, **kw):
     try:
         return data.TokenDataset(split_dir(name), **kw)
     except (ValueError, FileNotFoundError) as e:
-        fix = f"\n{data_dir} is the demo's synthetic set: delete it, and the next run writes it anew" if demo else ''
+        fix = f"\n({data_dir} is the demo's synthetic set: if a file there is damaged, delete the folder and the " \
+              f"next run writes it anew)" if demo else ''
         raise SystemExit(f"{e}{fix}")
 
 

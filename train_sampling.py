@@ -152,7 +152,8 @@ given = configure(globals(), presets=PRESETS, gpu_preset='paper',
                     'num_heads', 'ffn_dim', 'lora_rank', 'lora_alpha', 'learning_rate', 'shift', 'batch_size',
                     'global_batch_size', 'max_iters', 'log_interval', 'eval_interval', 'eval_clips', 'eval_ensemble',
                     'eval_steps'),
-          nonnegative=('weight_decay', 'grad_clip', 'gradient_checkpointing', 'loss_spike', 'keep_last', 'ckpt_interval'),
+          nonnegative=('weight_decay', 'grad_clip', 'gradient_checkpointing', 'loss_spike', 'keep_last',
+                       'ckpt_interval'),
           fractions=('state_dropout',))
 
 # --- derived settings and checks ------------------------------------------------------------------
@@ -264,6 +265,11 @@ grad_accum = grad_accum_steps(global_batch_size, batch_size, world_size)
 on_master(run_dir.claim, out_dir, init_from == 'resume', overwrite)
 if master:
     print(f"{world_size} process(es) x batch {batch_size} x {grad_accum} accumulation = global batch {global_batch_size}")
+try:   # the empty prompt, encoded once (paper 2.1), before any data work: a wrong --text_encoder stops now
+    context_1LD = text_context(cfg, text_encoder, device)
+except (FileNotFoundError, ValueError) as e:
+    raise SystemExit(f"--text_encoder={text_encoder}: {e}. Pass a repo or folder with Wan's umT5, or "
+                     f"--text_encoder=zeros")
 
 # --- data: raw clips (synthetic, downloaded or given) -> latents on disk, once --------------------
 split_dir = lambda name: os.path.join(data_dir, name)
@@ -323,7 +329,6 @@ if init_from == 'resume':   # loaded to the CPU, tensors and plain data only (ne
     run_dir.set_rng_state(state['rng'])
     if master:
         print(f"resumed from {ckpt_path} at step {start_step}" + (f"; {changed}" if changed else ''))
-context_1LD = text_context(raw_model.cfg, text_encoder, device)   # the empty prompt, encoded once
 if compile:   # regional: each block (one graph serves them all), so it compiles in about a minute
     raw_model.compile_blocks()
 train_model = raw_model   # what the loop calls; raw_model is saved

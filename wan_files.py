@@ -59,10 +59,10 @@ def resolve(repo_id_or_dir, allow_patterns, models_dir=None):
                                                       local_dir=local_dir))
     except Exception as err:   # offline, no such repo, ... (huggingface_hub's errors vary by version)
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise SystemExit(f"could not fetch {repo_id_or_dir} from the Hugging Face Hub ({first}). Without network access "
-                         f"here, fetch it where there is one (`huggingface-cli download {repo_id_or_dir} --local-dir "
-                         f"DIR`) and pass DIR in its place (train_sampling.py --pretrained, --text_encoder, --vae_path; "
-                         f"prepare.py encode_raw --vae_path)")
+        raise SystemExit(f"could not fetch {repo_id_or_dir} from the Hugging Face Hub ({first}). Without network "
+                         f"access here, fetch it where there is one (`huggingface-cli download {repo_id_or_dir} "
+                         f"--local-dir DIR`) and pass DIR in its place (train_sampling.py --pretrained, --text_encoder, "
+                         f"--vae_path; prepare.py encode_raw --vae_path)")
 
 
 def _find_weights(root, stem):
@@ -257,7 +257,9 @@ def null_context(repo_id_or_dir='Wan-AI/Wan2.2-TI2V-5B', cache_path=None, text_l
     else:
         eos_1D = _umt5_one_token(resolve(repo_id_or_dir, [UMT5_FILE, 'text_encoder/*']), eos_id)
         cache_path.parent.mkdir(parents=True, exist_ok=True)
-        save_file({'context': eos_1D.contiguous()}, str(cache_path))
+        tmp = cache_path.with_name(f'{cache_path.name}.{os.getpid()}.tmp')   # whole, even with every rank writing
+        save_file({'context': eos_1D.contiguous()}, str(tmp))
+        os.replace(tmp, cache_path)
     return F.pad(eos_1D, (0, 0, 0, text_len - eos_1D.shape[0]))[None]
 
 
