@@ -354,12 +354,13 @@ class RawShard:
                              f"the video is shorter than its metadata says (truncated download?)")
         return np.stack(frames)
 
+    def clip_states(self, start):
+        """The states float32 [21, 25] the model sees of the window at `start` (no video decoded)."""
+        return np.array(self.states_ND[start + np.array(clip_frame_indices())])
+
     def read_clip(self, start):
         """The model's view of the window at `start`: frames uint8 [21, H, W, 3], states float32 [21, 25]."""
-        idx = np.array(clip_frame_indices())
-        frames_THWC = self.read_frames(start, RAW_CLIP_LEN)[idx]
-        states_TD = np.array(self.states_ND[start + idx])
-        return frames_THWC, states_TD
+        return self.read_frames(start, RAW_CLIP_LEN)[np.array(clip_frame_indices())], self.clip_states(start)
 
     def iter_clips(self, starts):
         """read_clip for each of the sorted `starts`, decoding the video front to back once (for
@@ -374,7 +375,7 @@ class RawShard:
             buf[n] = frame
             while pending and n == pending[0] + TARGET_FRAME:
                 s = pending.pop(0)
-                yield s, np.stack([buf[s + i] for i in idx]), np.array(self.states_ND[s + idx])
+                yield s, np.stack([buf[s + i] for i in idx]), self.clip_states(s)
             if not pending:
                 return
             buf = {k: v for k, v in buf.items() if k >= pending[0]}
@@ -425,7 +426,7 @@ class RawClips(torch.utils.data.Dataset):
     def states(self, k):
         """states_TD [21, 25] of clip k alone (no video decoded)."""
         shard, start = self.items[k]
-        return torch.from_numpy(np.array(self.shards[shard].states_ND[start + np.array(clip_frame_indices())]))
+        return torch.from_numpy(self.shards[shard].clip_states(start))
 
     def __getitem__(self, k):
         shard, start = self.items[k]

@@ -211,8 +211,8 @@ def tokenized_splits(data_dir, splits, shards=None, rank=0, world_size=1, downlo
     except ValueError as e:   # shards the split does not have
         raise SystemExit(f"--shards: {e}")
     missing = [s for s in splits if problems[s]]
+    synthetic_set = bool(missing) and _is_synthetic(data_dir)   # never mixed with 1X files
     for s in missing:
-        synthetic_set = _is_synthetic(data_dir)   # never mixed with 1X files
         if synthetic_set or not download:
             fix = (f"It is a synthetic set: delete {data_dir} and write it again (`python prepare.py synthetic --out "
                    f"{data_dir}` with the --vocab and --seed it had)" if synthetic_set else
