@@ -15,7 +15,6 @@ good state. Both training scripts use these few functions:
     load_checkpoint(path, kind, expect) torch.load(weights_only=True): a checkpoint holds tensors
                                         and plain data only, so loading one never runs code; the
                                         track and the model settings are checked
-    rng_state() / set_rng_state(d)      the RNG states as tensors (so weights_only loading works)
     RunLog(out_dir, ...)                log.jsonl (and TensorBoard or Weights & Biases, if asked
                                         for); on the terminal a progress bar and a line every
                                         log_interval steps. Step N: after N optimizer steps, in the
@@ -342,24 +341,6 @@ def plain(config):
     """The settings as plain data (what weights_only loading accepts): tuples become lists."""
     return {k: list(v) if isinstance(v, tuple) else v for k, v in config.items()
             if isinstance(v, (int, float, bool, str, type(None), list, tuple))}
-
-
-def rng_state():
-    """torch (CPU and CUDA) and numpy RNG states, as tensors and plain numbers."""
-    _, keys, pos, has_gauss, cached = np.random.get_state()
-    state = dict(torch=torch.get_rng_state(), numpy_keys=torch.from_numpy(keys.astype(np.int64)),
-                 numpy_pos=int(pos), numpy_has_gauss=int(has_gauss), numpy_cached_gaussian=float(cached))
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state['cuda'] = torch.cuda.get_rng_state()   # a CPU ByteTensor, as set_rng_state wants it
-    return state
-
-
-def set_rng_state(state):
-    torch.set_rng_state(state['torch'].cpu())
-    np.random.set_state(('MT19937', state['numpy_keys'].numpy().astype(np.uint32), state['numpy_pos'],
-                         state['numpy_has_gauss'], state['numpy_cached_gaussian']))
-    if 'cuda' in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state['cuda'].cpu())
 
 
 # ---------------------------------------------------------------------------------------------

@@ -244,8 +244,7 @@ def evaluate(step):
 
 def save_checkpoint(step, metric):
     state = dict(kind='sampling', trainable={n: p.detach().cpu() for n, p in trainable.items()},
-                 optimizer=optimizer.state_dict(), step=step, config=run_dir.plain(dict(config, frame_size=frame_size)),
-                 rng=run_dir.rng_state())
+                 optimizer=optimizer.state_dict(), step=step, config=run_dir.plain(dict(config, frame_size=frame_size)))
     run_dir.save_checkpoint(out_dir, state, metric, higher_is_better=True)   # ckpt_best.pt: the best val PSNR
     # the same weights for other tools: lora.safetensors (ComfyUI / diffusers keys, README) and the
     # state conditioning, which only nanoWM has, in state_embedder.safetensors; with a numbered history
@@ -326,7 +325,6 @@ if init_from == 'resume':   # loaded to the CPU, tensors and plain data only (ne
     changed = run_dir.optimizer_settings_on_resume(optimizer, [dict(lr=learning_rate, weight_decay=weight_decay)],
                                                    state['config'], config)   # the flags given now
     start_step = state['step']
-    run_dir.set_rng_state(state['rng'])
     if master:
         print(f"resumed from {ckpt_path} at step {start_step}" + (f"; {changed}" if changed else ''))
 if compile:   # regional: each block (one graph serves them all), so it compiles in about a minute

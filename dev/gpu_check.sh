@@ -214,11 +214,6 @@ def pixel_decode():
     z = PixelCodec().encode(torch.rand(2, 3, 21, 32, 32, device=dev) * 2 - 1)
     return tuple(PixelCodec().decode(z).shape)
 probe('PixelCodec decode of latents on the device', pixel_decode)
-def rng_resume():
-    import io, run_dir
-    buf = io.BytesIO(); torch.save(dict(rng=run_dir.rng_state()), buf); buf.seek(0)
-    run_dir.set_rng_state(torch.load(buf, map_location='cpu', weights_only=True)['rng'])   # what a resume does
-probe('run_dir RNG state round trip (weights_only, CUDA state included)', rng_resume)
 # 5. the ST temporal attention at the paper preset's micro-batch 10 (10 x 1024 positions, 8 heads, T 5),
 # forward + backward: st_transformer.causal_time_attention (eager, compiled) against flash SDPA on
 # the (B S) heads T c layout the block used to move its residual into (the transposes not timed)
