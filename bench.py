@@ -16,7 +16,7 @@ What each benchmark times (--what=all runs them all; or name some, e.g. --what=s
              d 512, T 5, bf16 autocast, fused AdamW), random tokens of the real shapes; the
              training loss of train_compression.py: cross-entropy of the predicted grids 3-5
              only, --st_loss_chunk tokens of logits at a time (st_transformer.head_cross_entropy)
-  st_decode  greedy decoding of 3 grids from 3 context grids (st_transformer.generate, fp32 as the
+  st_decode  greedy decoding of 3 grids from 3 context grids (STTransformer.generate, fp32 as the
              paper decodes), with and without the temporal KV cache, next to one teacher-forced
              forward of the same 5 grids in the same precision (the target: cached decoding
              <= 1.3x that forward)
@@ -34,7 +34,7 @@ What each benchmark times (--what=all runs them all; or name some, e.g. --what=s
              frame 77 against fp32's; ensemble + vae = sample.py's seconds per clip
 
 The ensemble and vae rows are also how to time sample.py with random weights, before any run has
-trained: --what=ensemble,vae with the --ensemble, --steps and --cfg_scale sample.py would use.
+trained: --what=ensemble,vae with the --ensemble and --steps sample.py would use (its --cfg: --cfg_scale).
 
 Every transformer benchmark runs with only the attention kernels of --sdpa allowed in
 F.scaled_dot_product_attention (default flash), so a run that leaves that path fails loudly
@@ -198,7 +198,7 @@ def timed(fn, kernels='bf16'):
     return seconds, (torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else float('nan')), out
 
 
-rows = []   # (name, shape, seconds, samples, tokens, flops or None, GiB)
+rows = []   # one dict per row: name, shape, seconds, samples_per_s, tokens_per_s, mfu (or None), gib
 
 
 def report(name, shape, seconds, gib, samples, tokens, flops=None):

@@ -2,7 +2,7 @@
 order in which both trainers draw their batches.
 
     TokenDataset(split_dir)    compression track: 6 token grids + 64 state rows per sample
-    RawShard(split_dir, i)     sampling track: one shard's mp4, states and segment ids
+    RawShard(split_dir, shard) sampling track: one shard's mp4, states and segment ids
     RawClips(split_dir)        sampling track: 21 frames (raw 0, 4, ..., 76, 76) + states per clip
     LatentClips(latent_dir)    the same clips pre-encoded (prepare.py encode_raw)
     batch_positions(...)       a process's micro-batch: its positions in the step's global batch

@@ -1,14 +1,16 @@
 """The processes of a training run, as torchrun starts them (both training scripts use these).
 
+    device = resolve_device('auto')                        # the GPU if torch sees one, else cpu
     ddp, rank, world, device = setup_distributed(device)   # DDP when torchrun set RANK, else one process
-    grad_accum_steps(global_batch_size, batch_size, world)  # micro-steps per optimizer step
+    grad_accum_steps(global_batch_size, batch_size, world_size)  # micro-steps per optimizer step
     on_master(fn, *args)    # rank 0 does fn (a check, a write); if fn stops the run, every rank stops
     wait_for_all(what)      # a barrier that does not time out during hours of data preparation
     mean_over_ranks(t)      # a tensor averaged over the ranks (the loss every rank logs and checks)
+    finish()                # the end of a run: every rank together, then the process group goes
 
 Over several nodes the same torchrun command runs on every node (--nnodes N, the c10d rendezvous
 on the first node). torchrun starts the script only when every node's torchrun has joined, and
-until then it waits without a word (up to --rdzv_conf=join_timeout, 900 s by default): rank 0's
+until then it waits without a word (up to --rdzv_conf=join_timeout, 600 s by default): rank 0's
 first line, "DDP (...): P processes on N nodes, every node has joined", says the wait is over.
 """
 import datetime

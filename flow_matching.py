@@ -48,7 +48,7 @@ def flow_matching_loss(model, z0_BCFHW, states_BTD, context_BLD, sigma_B, noise_
                        num_context=data.NUM_CONTEXT_LATENTS, weight_B=None):
     """Mean squared error of the predicted velocity on the latents to generate (context excluded).
 
-    The context latents enter clean, with timestep 0 on their tokens, as Wan's TI2V holds its first
+    The context latents enter clean, with timestep 0 for their frames, as Wan's TI2V holds its first
     frame; their output is not a prediction of anything, so it is left out of the loss. weight_B:
     one weight per sample (diffsynth_weight), multiplying its mean squared error; None: plain MSE.
     """

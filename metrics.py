@@ -5,7 +5,8 @@ image scores sample.py reports beside them.
     sampling track:    PSNR of the predicted frame 77 against the real one (psnr)
     beside PSNR:       SSIM (ssim), and the earlier blur + histogram matching baseline (blur_baseline);
                        LPIPS (lpips_distance) and FID (frechet_distance of inception_features), as
-                       paper Table 2 reports them, through the field's reference packages
+                       paper Table 2 reports them, through the field's reference packages (their
+                       networks: lpips_network, fid_network; MetricUnavailable when they cannot load)
 
 Images are uint8 [H, W, 3] numpy arrays. train_compression.py, train_sampling.py and sample.py
 report these scores; synthetic.py computes the exact floor of its tokenized set under the first.

@@ -4,10 +4,11 @@
     python train_sampling.py --data_dir=data/mine ...
 
 The folder holds pairs NAME.mp4 + NAME.npy: a video and its robot states, one row of 25 values per
-video frame (the 1X layout, data.STATE_DIM: 21 joint angles, 2 hand closures, 2 velocities; see
-the README). Every pair is checked before anything is written: a missing partner, a states array
-of another width or with NaN, a video whose frames are not size x size, or a video with another
-number of frames than its states, stops with a message naming the file and what is expected.
+video frame (the 1X layout, data.STATE_DIM: 21 joint angles, left and right hand closure from 0
+open to 1 closed, linear and angular velocity). Every pair is checked before anything is
+written: a missing partner, a states array of another width or with NaN, a video whose frames
+are not size x size, or a video with another number of frames than its states, stops with a
+message naming the file and what is expected.
 
 Output, as the 1X raw data and data.RawShard read it: out/train_v2.0_raw/ (files in subfolders)
 and out/val_v2.0_raw/ (flat; the last `val` videos by name), one shard per video: video_{i}.mp4

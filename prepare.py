@@ -8,10 +8,12 @@ latents. One command line (as nanoGPT's prepare.py), and the functions the train
     python prepare.py synthetic_raw --out data/raw_demo
     python prepare.py own_clips --clips my_clips/ --out data/mine   # a folder of NAME.mp4 + NAME.npy (own_clips.py)
 
-The trainers call one function each, on every rank of a run (data_dir on storage all ranks see):
+The trainers call one function each for their data, on every rank of a run (data_dir on storage
+all ranks see), and one before it for the disk it will take (their dry runs print it):
 
     tokenized_splits(data_dir, splits, shards, rank, world_size, download)   # train_compression.py
     raw_latents(data_dir, splits, vae, ...) -> (latent dirs, codec)  # train_sampling.py
+    tokenized_bytes(data_dir, splits, shards) / latents_bytes(data_dir, splits, vae, stride, ...)
 """
 import argparse
 import errno
@@ -275,7 +277,8 @@ def encode_raw_split(split_dir, out_dir, codec, stride=RAW_CLIP_LEN, batch_size=
     instead of mixing them. With world > 1 process `rank` encodes shards rank, rank + world, ...
     and the master calls finish_encoding after all are done. A finished out_dir of the same
     settings is kept as it is; one of other settings is an error. Returns the number of clips
-    (world == 1) or None. Latents that come out NaN or inf are an error naming the video."""
+    when out_dir is finished (a finished one, or world == 1), else None. Latents that come out
+    NaN or inf are an error naming the video."""
     out_dir = str(out_dir).rstrip('/')
     shards = raw_shards(split_dir)
     frame_size = RawShard(split_dir, shards[0]).read_frames(0, 1).shape[1:3]

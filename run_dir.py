@@ -15,11 +15,14 @@ good state. Both training scripts use these few functions:
     load_checkpoint(path, kind, expect) torch.load(weights_only=True): a checkpoint holds tensors
                                         and plain data only, so loading one never runs code; the
                                         track and the model settings are checked
+    check_log_with(log_with)            a tracker whose package is missing stops the run at its start
     RunLog(out_dir, ...)                log.jsonl (and TensorBoard or Weights & Biases, if asked
                                         for); on the terminal a progress bar and a line every
                                         log_interval steps. Step N: after N optimizer steps, in the
                                         log, the console, val/step_N, best.json and ckpt.pt alike
-    model_settings_on_resume(...)       a resume takes the model settings of its checkpoint
+    model_settings_on_resume(...)       a resume takes the model settings of its checkpoint, and
+    optimizer_settings_on_resume(...)   the optimizer flags given now (it says which changed)
+    plain(config)                       the settings as plain data, for a checkpoint
     checkpoint_bytes / disk_report      what a run will write, against the free space
     plot_curves(out_dir, panels)        curves.png from log.jsonl
     DivergenceGuard(out_dir, spike)     a NaN or inf loss (or gradient norm), or a loss far above its

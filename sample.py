@@ -1,7 +1,7 @@
 """Predict frame 77 of every clip of a split and score it as the challenge does (paper 2.3, 2.4).
 
     python sample.py --ensemble 20                  # the paper's evaluation of the trained run
-    python sample.py --ensemble 20 --cfg 2.0        # a CFG-trained run (train_sampling.py --preset=paper_cfg)
+    python sample.py --ensemble 20 --cfg 2.0 --out_dir=out_sampling_paper_cfg   # a CFG-trained run (--preset=paper_cfg)
 
 Everything (model, VAE, data) is read from the run's out_dir/ckpt.pt; with no --out_dir, the
 paper run's (out_sampling_paper) if there is one, else the demo's (out_sampling).

@@ -3,7 +3,8 @@
 Given token grids z_0 .. z_{T-1} (each 32 x 32 Cosmos DV8x8x8 tokens) and the robot states of
 the sample, it predicts every grid z_{t+1} from the grids up to z_t (teacher forcing in
 training, greedy or sampled decoding in generate()). Read top to bottom:
-  STConfig -> Attention (spatial or causal temporal) -> MLP -> Block -> StateEncoder ->
+  STConfig -> Attention (spatial, or causal temporal through causal_time_attention) -> MLP ->
+  Block -> grid_frame_pool, StateEncoder ->
   STTransformer (forward, generate) -> the chunked training loss.
 (The challenge's Top-500 cross-entropy, which scores it, is in metrics.py.)
 Shape suffixes: B batch, T grids (time), H, W grid rows and columns, S = H * W token positions,

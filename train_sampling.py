@@ -13,8 +13,8 @@ run downloads the raw 1X splits (huggingface_hub) and encodes them with the Wan 
 spread over all ranks (data_dir must be on storage every node sees), then trains.
 
 The recipe (paper 2.2): flow matching as Wan does it, x_t = (1 - s) x0 + s noise, target
-v = noise - x0, s drawn uniformly then shifted; the 2 context latents are held clean (per-token
-timestep 0) and left out of the loss; empty-prompt text context; robot states through AdaLN-Zero;
+v = noise - x0, s drawn uniformly then shifted; the 2 context latents are held clean (timestep 0
+for their frames) and left out of the loss; empty-prompt text context; robot states through AdaLN-Zero;
 LoRA rank 32 on a frozen bf16 base; AdamW at a constant 4e-4; global batch 1024 = per-GPU batch x
 GPUs x accumulation. Logs: out_dir/log.jsonl (and --log_with=tensorboard or wandb); every
 eval_interval steps the PSNR of frame 77 on a few val clips (single sample and a small

@@ -1,8 +1,9 @@
 """The Wan ecosystem's files: what nanoWM reads from and writes for the other Wan 2.2 tools.
 A Hub repo id is downloaded through huggingface_hub; a local folder is read as it is. In order:
 
-checkpoint files  resolve(repo_or_dir, patterns): a folder, or a Hub download (into NANOWM_MODELS_DIR if
-                  set: one copy); check_keys(expected, got, source)
+checkpoint files  resolve(repo_id_or_dir, allow_patterns): a folder, or a Hub download (into
+                  NANOWM_MODELS_DIR if set: one copy); check_keys(expected, got, source);
+                  read_pth(path): a .pth read without running its code
 key names         diffusers_name, official_name, to_diffusers_state_dict: official Wan <-> diffusers
 the DiT           load_dit(repo_or_dir): official or diffusers layout, sharded safetensors
 text context      null_context(repo_or_dir): umT5's encoding of "", padded to 512 slots (cached)
@@ -213,8 +214,8 @@ def load_dit(repo_id_or_dir='Wan-AI/Wan2.2-TI2V-5B', state_cond=True, device='cp
     key names. Diffusers: transformer/ with the same files and diffusers key names (mapped).
     The model is built on the meta device and the checkpoint tensors assigned, so only one
     copy of the weights is ever in memory. dtype defaults to bf16 on CUDA, fp32 elsewhere.
-    The state embedder (not in the checkpoint) gets its zero-output init; cfg_overrides set
-    the config fields a checkpoint does not store (r_dim, state_freqs, ...).
+    The state embedder (not in the checkpoint) gets its own init (WanDiT.from_pretrained);
+    cfg_overrides set the config fields a checkpoint does not store (r_dim, state_freqs, ...).
     """
     dtype = dtype or (torch.bfloat16 if str(device).startswith('cuda') else torch.float32)
     root = resolve(repo_id_or_dir, ['config.json', 'diffusion_pytorch_model*', 'transformer/*'])
@@ -437,8 +438,8 @@ def export_lora(model_or_trainable, out_dir, lora_alpha=None, step=None, keep_la
         probe.write_text('ok')
         probe.unlink()
     except OSError as err:   # a file where the folder should be, a read-only folder, a full disk
-        raise ValueError(f"cannot write the LoRA files into {out_dir} ({err.strerror}): pass --out with a folder "
-                         f"you can write to") from None
+        raise ValueError(f"cannot write the LoRA files into {out_dir} ({err.strerror}): give a folder you "
+                         f"can write to") from None
     files = {}
     if loras:
         sd = {}

@@ -2,9 +2,10 @@
 
 Top to bottom in the paper's order: WanConfig; RoPE, norms and attention; modulate and gated_residual
 (DiT's adaLN); Block and Head; StateEmbedder (paper 2.1: the robot states as an AdaLN-Zero
-modulation added to the timestep's, one per latent frame); WanDiT; LoRA (paper 2.2: rank 32 on
-the frozen DiT, hand-rolled as in minLoRA). The DiT computes what the reference (Wan-Video/Wan2.2
-wan/modules/model.py) computes; test_all.py checks it against diffusers' WanTransformer3DModel.
+modulation added to the timestep's, one per latent frame); frame_timesteps (the held context
+frames at timestep 0); WanDiT; LoRA (paper 2.2: rank 32 on the frozen DiT, hand-rolled as in
+minLoRA). The DiT computes what the reference (Wan-Video/Wan2.2 wan/modules/model.py) computes;
+test_all.py checks it against diffusers' WanTransformer3DModel.
 Checkpoints, LoRA files and the umT5 context: wan_files.py; the VAE: vae.py.
 
 Precision: fp32 on the CPU. With bf16 weights (set_dtype) the forward runs under bf16 autocast
@@ -46,7 +47,7 @@ class WanConfig:
 
     @classmethod
     def tiny(cls, **overrides):
-        """A few-thousand-parameter config for tests and CPU runs (same code paths)."""
+        """A config of about 0.2M parameters for tests and CPU runs (the same code paths)."""
         kw = dict(dim=64, ffn_dim=128, num_layers=2, num_heads=2, text_dim=32, text_len=16,
                   freq_dim=32, r_dim=32)
         kw.update(overrides)
@@ -304,8 +305,8 @@ def per_token_timestep(mask_BF, t_B, tokens_per_frame):
 class WanDiT(nn.Module):
     """The Wan 2.2 DiT with the state embedder (state_cond=False: the base model). forward(x [B,
     in_dim, F, H, W] latents, t [B], [B, F] or [B, L] timesteps in 0 .. 1000, context [B or 1, <=
-    text_len, text_dim], states [B, 4(F-1)+1, state_dim] or None: the no-state embedding, drop [B]
-    bool: samples given the no-state embedding, for CFG) -> the predicted velocity, x's shape."""
+    text_len, text_dim], states [B, 4(F-1)+1, state_dim] or None: the no-state embedding,
+    drop_states_B [B] bool: samples given the no-state embedding, for CFG) -> the predicted velocity, x's shape."""
 
     def __init__(self, cfg: WanConfig, state_cond: bool = True):
         super().__init__()
@@ -330,7 +331,7 @@ class WanDiT(nn.Module):
         return self.state_embedder is not None
 
     def _init_weights(self):
-        # the reference's init_weights (the state embedder keeps its own, zero-output init)
+        # the reference's init_weights (the state embedder keeps its own init: StateEmbedder)
         for name, m in self.named_modules():
             if isinstance(m, nn.Linear) and not name.startswith('state_embedder'):
                 nn.init.xavier_uniform_(m.weight)
@@ -467,7 +468,8 @@ class WanDiT(nn.Module):
         """The DiT holding a checkpoint's weights (official key names, as wan_files.load_dit reads
         them from the Hub or a folder). Built on the meta device and the tensors assigned, so only
         one copy of the weights is ever in memory. The state embedder (in no Wan checkpoint) gets
-        its zero-output init: the model starts as the base model (DiT's adaLN-Zero)."""
+        its own init: 'paper' is zero at its output, so the model starts as the base model (DiT's
+        adaLN-Zero); 'team' is not, as in the team's code."""
         with torch.device('meta'):
             model = cls(cfg, state_cond=False)
         model.load_state_dict(state_dict, strict=True, assign=True)
