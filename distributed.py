@@ -35,9 +35,13 @@ def setup_distributed(device):
         raise SystemExit(f"--device={device}: this torch ({torch.__version__}) sees no CUDA GPU; pass --device=cpu, or "
                          f"install a CUDA build of torch on a machine with a GPU")
     if int(os.environ.get('RANK', -1)) == -1:
+        if device.startswith('cuda:'):   # --device=cuda:N: memory statistics and syncs go to that GPU
+            torch.cuda.set_device(device)
         return False, 0, 1, device
     backend = 'nccl' if device.startswith('cuda') else 'gloo'
-    dist.init_process_group(backend=backend)
+    # rank 0 evaluates and saves alone while the others wait in the next step's all-reduce; NCCL's
+    # default 10 minutes would abort a run whose first evaluation compiles or whose checkpoint is large
+    dist.init_process_group(backend=backend, timeout=datetime.timedelta(hours=1))
     if device.startswith('cuda'):
         device = f'cuda:{int(os.environ["LOCAL_RANK"])}'
         torch.cuda.set_device(device)

@@ -292,6 +292,10 @@ class STTransformer(nn.Module):
         stay as they are) and the loss of one chunk of tokens. Regional compilation: the blocks are
         all the same code, so one compiled graph serves all of them; the embeddings, the state
         encoder and generate's loop stay eager."""
+        # one block meets many shapes in a run: training, evaluation, generate's grids with and
+        # without the KV cache, a last batch of another size. Past dynamo's limit of compiled
+        # versions (8 by default) it would quietly run the block eager from then on.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         for block in self.blocks:
             block.compile(**compile_kwargs)
         self.chunk_loss = torch.compile(_chunk_ce_sum, **compile_kwargs)

@@ -3631,6 +3631,23 @@ def test_chunked_loss_has_no_graph_breaks():
     assert graph_breaks(_chunk_ce_sum, h, w, torch.randint(0, 64, (40,))) == 0
 
 
+def test_compiled_st_blocks_serve_a_whole_run_without_falling_back_to_eager():
+    # a run's shapes through one compiled block: training, evaluation and generate (with and without
+    # the KV cache), then a last batch of another size; dynamo's default limit (8 versions) is hit
+    torch._dynamo.reset()
+    model = STTransformer(STConfig(**{**ST_CFG.__dict__, 'n_layer': 2, 'dropout': 0.1})).compile_blocks(backend='eager')
+    z, s = torch.randint(0, 64, (3, 6, 4, 4)), torch.randn(3, 64, 25)
+    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+        for b in (3, 2):
+            model.train()
+            model(z[:b, :5], s[:b], predict_from=2, targets_BTHW=z[:b, 3:], loss_chunk=20).backward()
+            model.eval()
+            with torch.no_grad():
+                for use_cache in (True, False):
+                    grids, _ = model.generate(z[:b, :3], s[:b], use_cache=use_cache)
+                    assert grids.shape == (b, 3, 4, 4)
+
+
 def wan_lora_block():
     """Block 0 of a tiny DiT with LoRA adapters (scale 2, so the scale multiply runs) and the team's
     per-block state table added to the modulation, as a training step calls it."""
@@ -3709,7 +3726,8 @@ def test_compiled_dit_blocks_with_the_first_checkpointed_give_the_eager_loss_and
 
     want, want_grads = loss_and_grads()
     model.compile_blocks()
-    got, got_grads = loss_and_grads()
+    with torch._dynamo.config.patch(error_on_recompile=True):   # one graph serves every block, the first too
+        got, got_grads = loss_and_grads()
     assert abs(got.item() - want.item()) < 1e-6 * abs(want.item()) and len(got_grads) == len(want_grads) > 40
     assert max((g - w).abs().max().item() for g, w in zip(got_grads, want_grads)) < 1e-5
 

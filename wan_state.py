@@ -348,6 +348,11 @@ class WanDiT(nn.Module):
         amp, fp32 = self._autocast(x_BCFHW.device.type)
         with amp:
             x_BLD = rearrange(self.patch_embedding(x_BCFHW), 'b d f h w -> b (f h w) d').float()
+            if torch.is_grad_enabled() and not x_BLD.requires_grad:
+                # a frozen patch embedding (LoRA): block 0's input would be the only one without
+                # requires_grad, and a compiled block would compile a second graph just for it;
+                # the gradient this adds is one norm's backward (the modulation's needs the rest)
+                x_BLD.requires_grad_()
             with fp32:   # timestep embedding and modulation in fp32
                 e_BGD = self.time_embedding(sinusoidal_embedding(t_BG, cfg.freq_dim))
                 e0_BG6D = rearrange(self.time_projection(e_BGD), 'b g (six d) -> b g six d', six=6)
