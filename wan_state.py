@@ -306,7 +306,8 @@ class WanDiT(nn.Module):
     """The Wan 2.2 DiT with the state embedder (state_cond=False: the base model). forward(x [B,
     in_dim, F, H, W] latents, t [B], [B, F] or [B, L] timesteps in 0 .. 1000, context [B or 1, <=
     text_len, text_dim], states [B, 4(F-1)+1, state_dim] or None: the no-state embedding,
-    drop_states_B [B] bool: samples given the no-state embedding, for CFG) -> the predicted velocity, x's shape."""
+    drop_states_B [B] bool: samples given the no-state embedding, for CFG) -> the predicted
+    velocity, x's shape."""
 
     def __init__(self, cfg: WanConfig, state_cond: bool = True):
         super().__init__()
@@ -351,7 +352,7 @@ class WanDiT(nn.Module):
             if torch.is_grad_enabled() and not x_BLD.requires_grad:
                 # a frozen patch embedding (LoRA): block 0's input would be the only one without
                 # requires_grad, and a compiled block would compile a second graph just for it;
-                # the gradient this adds is one norm's backward (the modulation's needs the rest)
+                # the gradient this adds is small: block 0's norm and q, k, v input gradients
                 x_BLD.requires_grad_()
             with fp32:   # timestep embedding and modulation in fp32
                 e_BGD = self.time_embedding(sinusoidal_embedding(t_BG, cfg.freq_dim))
