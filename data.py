@@ -4,7 +4,7 @@ order in which both trainers draw their batches.
     TokenDataset(split_dir)    compression track: 6 token grids + 64 state rows per sample
     RawShard(split_dir, shard) sampling track: one shard's mp4, states and segment ids
     RawClips(split_dir)        sampling track: 21 frames (raw 0, 4, ..., 76, 76) + states per clip
-    LatentClips(latent_dir)    the same clips pre-encoded (prepare.py encode_raw)
+    LatentClips(latent_dir)    the same clips pre-encoded (machinery/latents.py)
     batch_positions(...)       a process's micro-batch: its positions in the step's global batch
     batch_rows(...)            the dataset rows of those positions, the same under any world size
 
@@ -12,8 +12,7 @@ Sections: the layout of the 1X datasets (constants, file names, checks), the tok
 raw videos, the batch order. Bad files and bad arguments are ValueError (FileNotFoundError for a
 missing file) with a message that names the file and the problem.
 
-Writing data (download, synthetic sets, encoding) is prepare.py's job; the synthetic worlds are in
-synthetic.py.
+Writing data (downloads, synthetic sets, encoding) is machinery's job (machinery/prepare.py).
 """
 import functools
 import json
@@ -43,6 +42,9 @@ STATE_WINDOW = 64          # paper 3: states s_{0:63}, 64 x 25 per sample
 # 1-8, grid 2 frames 9-16. (first frame, end frame) of each grid, relative to its block.
 GRID_FRAMES = ((0, 1), (1, 9), (9, 17))
 HF_REPO_TOKENIZED = '1x-technologies/worldmodel'
+# The published splits' metadata.json (num_images, num_shards): what a disk estimate assumes before a
+# split is on disk. The raw videos are the same recordings (train_v2.0_raw, val_v2.0_raw).
+SPLITS_1X = {'train_v2.0': dict(num_images=11_254_161, num_shards=100), 'val_v2.0': dict(num_images=50_300, num_shards=1)}
 
 
 def read_json(path, counts=()):
@@ -73,6 +75,26 @@ def settings_differ(saved, settings):
     """'key=on disk, asked for' for each setting that differs ('' when they agree)."""
     return '; '.join(f"{k}={saved.get(k)!r} on disk, {v!r} asked for" for k, v in settings.items()
                      if saved.get(k) != v)
+
+
+def synthetic_is_written(out, settings, splits=('train_v2.0', 'val_v2.0')):
+    """True if out holds a finished synthetic set of these settings; False if it holds none or an
+    unfinished one (no synthetic.json, which is written last); an error if it holds one of other
+    settings or real data. Both tracks' synthetic writers ask this first."""
+    path = os.path.join(out, 'synthetic.json')
+    if os.path.exists(path):
+        saved = read_json(path)
+        diffs = settings_differ(saved.get('settings', saved), settings)   # the raw set's file: the settings alone
+        if diffs:
+            raise SystemExit(f"{out} holds a synthetic set written with other settings ({diffs}): pass another "
+                             f"folder, or delete {out} to write it again")
+        return True
+    for split in splits:
+        meta = os.path.join(out, split, 'metadata.json')
+        if os.path.exists(os.path.join(out, split)) and not (os.path.exists(meta) and 'synthetic' in read_json(meta)):
+            raise SystemExit(f"{os.path.join(out, split)} exists and is not a synthetic split: refusing to write "
+                             f"synthetic data over it; pass another folder")
+    return False
 
 
 def grid_frames(g):
@@ -110,7 +132,7 @@ def shard_paths(split_dir, i):
         if not os.path.exists(path):
             folder, name = files[kind]
             raise FileNotFoundError(f"missing shard file {path} (shard {i}, {kind}). Tried {split_dir}/{folder}/{name} "
-                                    f"and {split_dir}/{name}. Download it with `python prepare.py download` "
+                                    f"and {split_dir}/{name}. Download it with `python -m machinery.prepare download` "
                                     f"or pass --shards to read only the shards you have.")
     return paths
 
@@ -282,7 +304,7 @@ def _split_file(split_dir, folder, name):
             return path
     raise FileNotFoundError(f"{split_dir}: neither {folder}/{name} nor {name} exists; is this a "
                             f"1X raw split folder (train_v2.0_raw/ or val_v2.0_raw/)? "
-                            f"`python prepare.py synthetic_raw --out DIR` writes a small one")
+                            f"`python -m machinery.prepare synthetic_raw --out DIR` writes a small one")
 
 
 class RawShard:
@@ -442,7 +464,7 @@ class LatentClips(torch.utils.data.Dataset):
     def __init__(self, latent_dir):
         if not os.path.exists(os.path.join(latent_dir, 'encoding.json')):
             raise FileNotFoundError(f"{latent_dir}/encoding.json missing: not a finished encoding; run "
-                                    f"`python prepare.py encode_raw` (--codec=pixel or wan); "
+                                    f"`python -m machinery.prepare encode_raw` (--codec=pixel or wan); "
                                     f"both resume an interrupted one")
         self.encoding = read_json(os.path.join(latent_dir, 'encoding.json'))
         names = sorted(n for n in os.listdir(latent_dir) if n.startswith('latents_') and n.endswith('.safetensors'))
@@ -488,8 +510,3 @@ def batch_rows(seed, step, positions, global_batch_size, n):
 def _epoch_order(seed, epoch, n):
     """One epoch's permutation of the rows (made once: 1.4M rows at full scale)."""
     return torch.randperm(n, generator=torch.Generator().manual_seed(hash((seed, epoch)) % 2 ** 62))
-
-
-if __name__ == '__main__':
-    import sys
-    raise SystemExit(f"the data commands moved to prepare.py: python prepare.py {' '.join(sys.argv[1:]) or '--help'}")

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import data
-from vae import frames_to_video, video_to_frames
+from machinery.vae import frames_to_video, video_to_frames
 from wan_state import frame_timesteps
 
 NUM_TRAIN_TIMESTEPS = 1000   # Wan 2.2: t = 1000 s

@@ -31,16 +31,14 @@ import torch
 from tqdm import tqdm
 
 import data
-import pictures
-import run_dir
-import synthetic
 from configurator import configure
-from distributed import resolve_device
+from machinery import pictures, run_dir, synthetic_video
+from machinery.distributed import resolve_device
 from flow_matching import predict_frame77
 from metrics import (MetricUnavailable, blur_baseline, fid_network, frechet_distance, inception_features,
                      lpips_distance, lpips_network, psnr, ssim)
-from vae import PixelCodec
-from wan_files import build_model, load_lora, text_context
+from machinery.vae import PixelCodec
+from machinery.wan_files import build_model, load_lora, text_context
 from wan_state import lora_modules, merge_lora as merge_lora_into_base
 
 # --- settings ----------------------------------------------------------------------------------
@@ -133,7 +131,7 @@ seed = run['seed'] if seed == -1 else seed
 if run['vae'] == 'pixel':
     codec = PixelCodec()
 else:
-    from vae import WanVAE
+    from machinery.vae import WanVAE
     codec = WanVAE.from_pretrained(run['vae_path'], device=device, dtype=getattr(torch, vae_dtype))
 scorers, unavailable = {}, []   # 'lpips' / 'fid' -> its network; why the others are not computed
 for name, load in (('lpips', lpips_network), ('fid', fid_network)) if lpips_fid else ():
@@ -228,14 +226,14 @@ for k in tqdm(range(len(clips)), desc='clips'):
     if counterfactual:   # every future's prediction against the frame the world draws for its states
         if ablation:   # the other clip's arms alone: the camera pans as recorded, so only the arms differ
             futures['arms'] = states_TD.clone()
-            arms = list(synthetic.SYNTHETIC_ARM_JOINTS)
+            arms = list(synthetic_video.SYNTHETIC_ARM_JOINTS)
             futures['arms'][C:, arms] = other_TD[C:, arms]
-        futures['swing'] = torch.from_numpy(synthetic.arms_swing_across(states_TD.numpy()))
+        futures['swing'] = torch.from_numpy(synthetic_video.arms_swing_across(states_TD.numpy()))
         own_psnr = row[f'psnr_ensemble_{ensemble}']
         panels = [dict(name=FUTURES['own'], pred_HWC=mean, truth_HWC=truth, psnr_truth=own_psnr, psnr_orig=own_psnr)]
         for name, states in futures.items():
             pred = preds['other_states'] if name == 'other' else predict(states)[1]
-            cf_truth = synthetic.synthetic_frame(split, item['shard'], item['start'] + data.TARGET_FRAME,
+            cf_truth = synthetic_video.synthetic_frame(split, item['shard'], item['start'] + data.TARGET_FRAME,
                                                  states[-1].numpy())
             row[f'psnr_cf_{name}_truth'] = round(psnr(pred, cf_truth), 4)
             row[f'psnr_cf_{name}_recorded'] = round(psnr(pred, truth), 4)

@@ -41,21 +41,19 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import configurator
 import data
-import pictures
-import prepare
-import run_dir
-import synthetic
 import wan_state
+from machinery import hub, latents, pictures, prepare, run_dir, synthetic_tokens, synthetic_video, tokenized
 from flow_matching import (diffsynth_weight, flow_matching_loss, reference_sigmas, sample_draws, sample_latents,
                            shift_sigma)
 from metrics import (P_FLOOR, MetricUnavailable, blur_baseline, cross_entropy_topk, fid_network, frechet_distance,
                      inception_features, lpips_distance, lpips_network, match_histograms, psnr, ssim)
-from peak_flops import StepSpeed, peak_flops
+from machinery.speed import StepSpeed, peak_flops
 from st_transformer import Block, STConfig, STTransformer
-from vae import PixelCodec, WanVAE, frames_to_video
-from wan_files import (build_model, export_lora, load_dit, load_lora, load_trainable, null_context, read_lora,
-                       resolve, save_trainable, text_context, to_diffusers_state_dict)
-from wan_files import main as wan_files_main
+from machinery.vae import PixelCodec, WanVAE, frames_to_video
+from machinery.hub import resolve
+from machinery.wan_files import (build_model, export_lora, load_dit, load_lora, load_trainable, null_context, read_lora,
+                                 save_trainable, text_context, to_diffusers_state_dict)
+from machinery.wan_files import main as wan_files_main
 from wan_state import (LORA_TARGETS, LoRALinear, WanConfig, WanDiT, add_lora, frame_timesteps, lora_modules, merge_lora,
                        parameter_counts, per_token_timestep, rope_cos_sin, trainable_state_dict, unmerge_lora)
 
@@ -89,7 +87,10 @@ def run_script(script, *args, cwd=REPO, nproc=0, fails=False):
         if nproc else [sys.executable]
     # torchrun runs use gloo on the CPU even on a GPU machine: two processes on one GPU would ask for cuda:1
     env = dict(os.environ, OMP_NUM_THREADS='1', CUDA_VISIBLE_DEVICES='') if nproc else dict(os.environ)
-    cmd = [*launcher, os.path.join(REPO, script), *args]
+    # a module of the package (machinery.bench) runs as `python -m` from anywhere, with the repository on the path
+    target = [os.path.join(REPO, script)] if script.endswith('.py') else ['-m', script]
+    env['PYTHONPATH'] = REPO
+    cmd = [*launcher, *target, *args]
     res = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=env, timeout=600)
     if fails:
         assert res.returncode != 0, f"{' '.join(cmd)} should have failed:\n{res.stdout[-3000:]}"
@@ -290,7 +291,7 @@ def test_st_transformer_training_flops_match_torch_flop_counter():
 @pytest.fixture(scope='module')
 def synthetic_dir(tmp_path_factory):
     out = str(tmp_path_factory.mktemp('synthetic'))
-    synthetic.write_synthetic(out, seed=0)
+    synthetic_tokens.write_synthetic(out, seed=0)
     return out
 
 
@@ -299,7 +300,7 @@ def test_tiny_model_overfits_one_batch(synthetic_dir):
     ds = data.TokenDataset(os.path.join(synthetic_dir, 'train_v2.0'), vocab_size=1000)
     z, s = (torch.stack(x) for x in zip(ds[0], ds[1]))
     target = z[:, 3:].reshape(-1)
-    bayes = F.cross_entropy(synthetic.synthetic_oracle_logits(z, s, ds.metadata['synthetic']).reshape(-1, 1000), target)
+    bayes = F.cross_entropy(synthetic_tokens.synthetic_oracle_logits(z, s, ds.metadata['synthetic']).reshape(-1, 1000), target)
     model = tiny_st_model(n_embd=64, n_head=4)
     opt = torch.optim.AdamW(model.param_groups(0.0), lr=1e-2)
     losses = []
@@ -405,7 +406,7 @@ def write_known_shard(split_dir, i, nested, segment_F, vocab=1000, seed=0):
     n = len(segment_F)
     tokens = rng.integers(0, vocab, size=(math.ceil(n / 17), 3, 32, 32)).astype(np.int32)
     states = rng.standard_normal((n, 25)).astype(np.float32)
-    synthetic.write_shard(split_dir, i, tokens, states, np.asarray(segment_F, np.int32), nested)
+    synthetic_tokens.write_shard(split_dir, i, tokens, states, np.asarray(segment_F, np.int32), nested)
     return tokens, states
 
 
@@ -497,7 +498,7 @@ def test_clip_indices_put_context_in_latents_0_1_and_frame_76_last():
 
 
 def test_reader_rejects_truncated_and_missing_files(tmp_path):
-    synthetic.write_synthetic_raw(tmp_path / 'raw', num_shards=1, frames_per_shard=200, size=SIZE, seed=0, flat=True)
+    synthetic_video.write_synthetic_raw(tmp_path / 'raw', num_shards=1, frames_per_shard=200, size=SIZE, seed=0, flat=True)
     with open(tmp_path / 'raw' / 'states_0.bin', 'r+b') as f:
         f.truncate(100)
     with pytest.raises(ValueError, match='states_0.bin.*truncated'):
@@ -507,8 +508,8 @@ def test_reader_rejects_truncated_and_missing_files(tmp_path):
 
 
 def test_a_video_shorter_than_its_metadata_fails_clearly(tmp_path):
-    synthetic.write_synthetic_raw(tmp_path / 'raw', num_shards=1, frames_per_shard=200, size=SIZE, seed=0, flat=True)
-    synthetic.write_synthetic_raw(tmp_path / 'short', num_shards=1, frames_per_shard=120, size=SIZE, seed=0, flat=True)
+    synthetic_video.write_synthetic_raw(tmp_path / 'raw', num_shards=1, frames_per_shard=200, size=SIZE, seed=0, flat=True)
+    synthetic_video.write_synthetic_raw(tmp_path / 'short', num_shards=1, frames_per_shard=120, size=SIZE, seed=0, flat=True)
     os.replace(tmp_path / 'short' / 'video_0.mp4', tmp_path / 'raw' / 'video_0.mp4')   # 120 of the 200 frames
     shard = data.RawShard(tmp_path / 'raw', 0)
     late = [s for s in shard.clip_starts(1) if s + data.RAW_CLIP_LEN > 120]
@@ -523,7 +524,7 @@ def test_a_video_shorter_than_its_metadata_fails_clearly(tmp_path):
 def test_data_and_the_compression_track_work_without_av(tmp_path):
     code = ("import sys; sys.modules['av'] = None\n"
             "import data, synthetic\n"
-            f"synthetic.write_synthetic({str(tmp_path)!r}, train_shards=1, train_frames=340, val_frames=340)\n"
+            f"synthetic_tokens.write_synthetic({str(tmp_path)!r}, train_shards=1, train_frames=340, val_frames=340)\n"
             f"ds = data.TokenDataset({str(tmp_path / 'val_v2.0')!r}, vocab_size=1000)\n"
             "print(len(ds), tuple(ds[0][0].shape))\n")
     res = subprocess.run([sys.executable, '-c', code], cwd=REPO, capture_output=True, text=True, timeout=300)
@@ -536,7 +537,7 @@ def test_data_and_the_compression_track_work_without_av(tmp_path):
 
 
 def test_synthetic_world_is_deterministic_and_its_floor_is_exact(tmp_path, synthetic_dir):
-    synthetic.write_synthetic(str(tmp_path), seed=0)
+    synthetic_tokens.write_synthetic(str(tmp_path), seed=0)
     for f in ('train_v2.0/videos/video_1.bin', 'train_v2.0/robot_states/states_1.bin', 'val_v2.0/video_0.bin'):
         assert (tmp_path / f).read_bytes() == open(os.path.join(synthetic_dir, f), 'rb').read()
     ds = data.TokenDataset(os.path.join(synthetic_dir, 'train_v2.0'), vocab_size=1000)
@@ -545,19 +546,19 @@ def test_synthetic_world_is_deterministic_and_its_floor_is_exact(tmp_path, synth
     for j in range(0, len(ds), 48):  # chunks of 8 samples: the oracle logits are 8 x 3072 x 1000
         z, s = (torch.stack(x) for x in zip(*[ds[i] for i in range(j, min(j + 48, len(ds)), 6)]))
         target = z[:, 3:].reshape(-1)
-        oracle = synthetic.synthetic_oracle_logits(z, s, world).reshape(-1, 1000)
-        blind = synthetic.synthetic_oracle_logits(z, s, world, use_states=False).reshape(-1, 1000)
+        oracle = synthetic_tokens.synthetic_oracle_logits(z, s, world).reshape(-1, 1000)
+        blind = synthetic_tokens.synthetic_oracle_logits(z, s, world, use_states=False).reshape(-1, 1000)
         sums += torch.tensor([F.cross_entropy(oracle, target, reduction='sum'), cross_entropy_topk(oracle, target).sum(),
                               F.cross_entropy(blind, target, reduction='sum')]) / 1024
-        lags.append(s[:, -34:, synthetic.LAG_DIM][:, [data.grid_frames(g)[0] for g in (3, 4, 5)]])
+        lags.append(s[:, -34:, synthetic_tokens.LAG_DIM][:, [data.grid_frames(g)[0] for g in (3, 4, 5)]])
     lags = torch.cat(lags)
     full, topk, blind = (sums / lags.numel()).tolist()
     # the closed form equals the metric applied to the Bayes predictor, given the fraction of
     # new places in these samples (their tokens are many, the grids few: the fraction is noisy)
     p_new = (lags == 0).float().mean().item()
-    every_lag = torch.stack([ds[i][1][-34:, synthetic.LAG_DIM][[17, 18, 26]] for i in range(len(ds))])
-    assert (every_lag == 0).float().mean().item() == pytest.approx(synthetic.SYNTHETIC_P_NEW, abs=0.03)  # 8/27
-    floors = synthetic.synthetic_floors(world['vocab'], world['eps'], p_new=p_new)
+    every_lag = torch.stack([ds[i][1][-34:, synthetic_tokens.LAG_DIM][[17, 18, 26]] for i in range(len(ds))])
+    assert (every_lag == 0).float().mean().item() == pytest.approx(synthetic_tokens.SYNTHETIC_P_NEW, abs=0.03)  # 8/27
+    floors = synthetic_tokens.synthetic_floors(world['vocab'], world['eps'], p_new=p_new)
     assert full == pytest.approx(floors['full'], abs=0.01)
     assert topk == pytest.approx(floors['topk'], abs=0.02)
     # ignoring the states costs most of a nat: the states are needed
@@ -566,25 +567,25 @@ def test_synthetic_world_is_deterministic_and_its_floor_is_exact(tmp_path, synth
 
 def test_synthetic_writer_redoes_an_unfinished_set_and_refuses_other_settings(tmp_path):
     small = dict(train_shards=1, train_frames=340, val_frames=340)
-    synthetic.write_synthetic(str(tmp_path), **small)
+    synthetic_tokens.write_synthetic(str(tmp_path), **small)
     video = tmp_path / 'val_v2.0' / 'video_0.bin'
     good = video.read_bytes()
     # interrupted: a half-written split and no synthetic.json -> written again, not reused
     (tmp_path / 'synthetic.json').unlink()
     video.write_bytes(good[:100])
     (tmp_path / 'train_v2.0.partial').mkdir()
-    synthetic.write_synthetic(str(tmp_path), **small)
+    synthetic_tokens.write_synthetic(str(tmp_path), **small)
     assert video.read_bytes() == good and not (tmp_path / 'train_v2.0.partial').exists()
     with pytest.raises(SystemExit, match='other settings \\(vocab=1000 on disk, 2000 asked for\\)'):
-        synthetic.write_synthetic(str(tmp_path), vocab=2000, **small)
+        synthetic_tokens.write_synthetic(str(tmp_path), vocab=2000, **small)
     (tmp_path / 'synthetic.json').write_text('{"settings": {"seed"')
     with pytest.raises(ValueError, match='synthetic.json is not valid JSON'):
-        synthetic.write_synthetic(str(tmp_path), **small)
+        synthetic_tokens.write_synthetic(str(tmp_path), **small)
 
 
 def test_synthetic_raw_is_deterministic_readable_and_follows_states(tmp_path):
     for name, seed in (('a', 3), ('b', 3), ('c', 4)):
-        synthetic.write_synthetic_raw(tmp_path / name, num_shards=1, frames_per_shard=300, size=SIZE, seed=seed)
+        synthetic_video.write_synthetic_raw(tmp_path / name, num_shards=1, frames_per_shard=300, size=SIZE, seed=seed)
     a, b, c = (data.RawShard(tmp_path / n, 0) for n in 'abc')
     assert np.array_equal(a.states_ND, b.states_ND) and np.array_equal(a.segment_N, b.segment_N)
     assert np.array_equal(a.read_frames(0, 77), b.read_frames(0, 77))
@@ -597,34 +598,34 @@ def test_synthetic_raw_is_deterministic_readable_and_follows_states(tmp_path):
     assert np.array_equal(frames_THWC[20], a.read_frames(starts[0] + 76, 1)[0])
     assert np.array_equal(states_TD[20], a.states_ND[starts[0] + 76])
     # the picture is a function of the states: moving an arm joint moves its disc
-    tex = synthetic._texture(np.random.default_rng(0), SIZE * 3 // 2)
+    tex = synthetic_video._texture(np.random.default_rng(0), SIZE * 3 // 2)
     s = np.zeros(25, np.float32)
     moved = s.copy()
     moved[6] = 0.8
-    assert np.abs(synthetic.render_synthetic_frame(tex, s, SIZE).astype(int) - synthetic.render_synthetic_frame(tex, moved, SIZE)).sum() > 0
+    assert np.abs(synthetic_video.render_synthetic_frame(tex, s, SIZE).astype(int) - synthetic_video.render_synthetic_frame(tex, moved, SIZE)).sum() > 0
 
 
 def test_synthetic_world_redraws_the_recorded_frame_and_draws_counterfactual_futures(tmp_path):
-    synthetic.write_synthetic_raw(tmp_path / 'val', num_shards=2, frames_per_shard=300, size=SIZE, seed=5, flat=True)
+    synthetic_video.write_synthetic_raw(tmp_path / 'val', num_shards=2, frames_per_shard=300, size=SIZE, seed=5, flat=True)
     shard = data.RawShard(tmp_path / 'val', 1)
     start = shard.clip_starts()[0]
     frames_THWC, states_TD = shard.read_clip(start)
-    redrawn = synthetic.synthetic_frame(tmp_path / 'val', 1, start + data.TARGET_FRAME, states_TD[-1])
+    redrawn = synthetic_video.synthetic_frame(tmp_path / 'val', 1, start + data.TARGET_FRAME, states_TD[-1])
     assert np.abs(redrawn.astype(int) - frames_THWC[-1]).max() <= 2   # the recorded frame, up to the codec's rounding
-    swung = synthetic.arms_swing_across(states_TD)
+    swung = synthetic_video.arms_swing_across(states_TD)
     assert np.array_equal(swung[:data.NUM_CONTEXT_FRAMES], states_TD[:data.NUM_CONTEXT_FRAMES])   # context untouched
-    others = [j for j in range(25) if j not in synthetic.SYNTHETIC_ARM_X]
+    others = [j for j in range(25) if j not in synthetic_video.SYNTHETIC_ARM_X]
     assert np.all(swung[data.NUM_CONTEXT_FRAMES:, others] == states_TD[data.NUM_CONTEXT_FRAMES - 1, others])   # still
-    for j in synthetic.SYNTHETIC_ARM_X:   # each arm ends on the far side of where it was
+    for j in synthetic_video.SYNTHETIC_ARM_X:   # each arm ends on the far side of where it was
         assert swung[-1, j] == pytest.approx(-0.8 if states_TD[data.NUM_CONTEXT_FRAMES - 1, j] >= 0 else 0.8)
-    counterfactual = synthetic.synthetic_frame(tmp_path / 'val', 1, start + data.TARGET_FRAME, swung[-1])
+    counterfactual = synthetic_video.synthetic_frame(tmp_path / 'val', 1, start + data.TARGET_FRAME, swung[-1])
     assert np.abs(counterfactual.astype(int) - redrawn).max() > 100   # the arm discs moved
-    synthetic.write_synthetic_raw(tmp_path / 'other', num_shards=1, frames_per_shard=300, size=SIZE, seed=6, flat=True)
+    synthetic_video.write_synthetic_raw(tmp_path / 'other', num_shards=1, frames_per_shard=300, size=SIZE, seed=6, flat=True)
     meta = json.loads((tmp_path / 'other' / 'metadata.json').read_text())
     del meta['synthetic']
     (tmp_path / 'other' / 'metadata.json').write_text(json.dumps(meta))
     with pytest.raises(ValueError, match='not a synthetic split'):
-        synthetic.synthetic_frame(tmp_path / 'other', 0, 100, states_TD[-1])
+        synthetic_video.synthetic_frame(tmp_path / 'other', 0, 100, states_TD[-1])
 
 
 # ===============================================================================================
@@ -642,9 +643,9 @@ def test_prepare_subcommand_help_shows_the_defaults(capsys):
 
 def test_prepare_says_what_is_wrong_with_its_input_without_a_traceback(tmp_path):
     (tmp_path / 'afile').write_text('')
-    with pytest.raises(SystemExit, match=r'^prepare\.py synthetic: .*afile'):
+    with pytest.raises(SystemExit, match=r'^machinery\.prepare synthetic: .*afile'):
         prepare.main(['synthetic', '--out', str(tmp_path / 'afile')])
-    with pytest.raises(SystemExit, match=r'^prepare\.py encode_raw: .*nowhere.*metadata\.json'):
+    with pytest.raises(SystemExit, match=r'^machinery\.prepare encode_raw: .*nowhere.*metadata\.json'):
         prepare.main(['encode_raw', '--split', str(tmp_path / 'nowhere'), '--out', str(tmp_path / 'latents')])
 
 
@@ -652,9 +653,9 @@ def test_prepare_says_what_is_wrong_with_its_input_without_a_traceback(tmp_path)
 def raw_data(tmp_path_factory):
     """A small raw_data raw dataset in the 1X layout, with its training latents encoded."""
     root = tmp_path_factory.mktemp('sampling_data')
-    synthetic.write_synthetic_raw(root / 'train_v2.0_raw', num_shards=2, frames_per_shard=1500, size=SIZE, seed=0)
-    synthetic.write_synthetic_raw(root / 'val_v2.0_raw', num_shards=1, frames_per_shard=1200, size=SIZE, seed=1, flat=True)
-    prepare.encode_raw_split(root / 'train_v2.0_raw', root / 'latents_pixel' / 'train_v2.0_raw', PixelCodec(), stride=8)
+    synthetic_video.write_synthetic_raw(root / 'train_v2.0_raw', num_shards=2, frames_per_shard=1500, size=SIZE, seed=0)
+    synthetic_video.write_synthetic_raw(root / 'val_v2.0_raw', num_shards=1, frames_per_shard=1200, size=SIZE, seed=1, flat=True)
+    latents.encode_raw_split(root / 'train_v2.0_raw', root / 'latents_pixel' / 'train_v2.0_raw', PixelCodec(), stride=8)
     return root
 
 
@@ -662,7 +663,7 @@ def test_encoding_is_atomic_resumes_an_interrupted_run_and_refuses_to_overwrite(
     from safetensors.torch import load_file, save_file
     raw = raw_data / 'train_v2.0_raw'
     whole = tmp_path / 'whole'
-    n = prepare.encode_raw_split(raw, whole, PixelCodec(), stride=77)
+    n = latents.encode_raw_split(raw, whole, PixelCodec(), stride=77)
     info = json.loads((whole / 'encoding.json').read_text())
     assert info['stride'] == 77 and info['codec'] == 'PixelCodec' and info['clips'] == n == len(data.LatentClips(whole))
     assert not (tmp_path / 'whole.partial').exists()
@@ -670,20 +671,20 @@ def test_encoding_is_atomic_resumes_an_interrupted_run_and_refuses_to_overwrite(
     (tmp_path / 'resumed.partial').mkdir()
     shard0 = load_file(whole / 'latents_0.safetensors')
     save_file({**shard0, 'latents': torch.zeros_like(shard0['latents'])}, tmp_path / 'resumed.partial' / 'latents_0.safetensors')
-    assert prepare.encode_raw_split(raw, tmp_path / 'resumed', PixelCodec(), stride=77) == n
+    assert latents.encode_raw_split(raw, tmp_path / 'resumed', PixelCodec(), stride=77) == n
     resumed = load_file(tmp_path / 'resumed' / 'latents_0.safetensors')
     assert resumed['latents'].abs().max() == 0                          # kept, not encoded again
     assert torch.equal(load_file(tmp_path / 'resumed' / 'latents_1.safetensors')['latents'],
                        load_file(whole / 'latents_1.safetensors')['latents'])   # the rest encoded
-    assert prepare.encode_raw_split(raw, whole, PixelCodec(), stride=77) == n        # finished: kept as it is
+    assert latents.encode_raw_split(raw, whole, PixelCodec(), stride=77) == n        # finished: kept as it is
     with pytest.raises(SystemExit, match='encoded with stride 77: pass --clip_stride=77'):
-        prepare.encode_raw_split(raw, whole, PixelCodec(), stride=8)
+        latents.encode_raw_split(raw, whole, PixelCodec(), stride=8)
     # an interrupted encoding resumed with another stride is an error, not two strides under one encoding.json
     (tmp_path / 'mixed.partial').mkdir()
     settings = {k: v for k, v in info.items() if k != 'clips'}
     (tmp_path / 'mixed.partial' / 'settings.json').write_text(json.dumps(settings))
     with pytest.raises(SystemExit, match=r'mixed.partial has other settings \(stride=77 on disk, 8 asked for\)'):
-        prepare.encode_raw_split(raw, tmp_path / 'mixed', PixelCodec(), stride=8)
+        latents.encode_raw_split(raw, tmp_path / 'mixed', PixelCodec(), stride=8)
 
 
 def test_encoded_latents_match_the_codec_on_raw_clips(raw_data):
@@ -1000,18 +1001,18 @@ def test_a_download_that_would_fill_the_disk_stops_before_it_starts(tmp_path, sy
     monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_CACHE', str(tmp_path / 'cache'))   # the disk of out
     free(whole - 1)
     with pytest.raises(SystemExit, match=r'not enough disk space: the train_v2\.0 download [\d.]+ GiB need'):
-        prepare.check_room_for(str(tmp_path / 'data'), 'train_v2.0', meta)
-    prepare.check_room_for(str(tmp_path / 'data'), 'train_v2.0', meta, shards=[0])   # half of it fits
+        tokenized.check_room_for(str(tmp_path / 'data'), 'train_v2.0', meta)
+    tokenized.check_room_for(str(tmp_path / 'data'), 'train_v2.0', meta, shards=[0])   # half of it fits
     # a resumed download needs only what is missing: here nothing
     shutil.copytree(os.path.join(synthetic_dir, 'train_v2.0'), tmp_path / 'data' / 'train_v2.0')
     free(0)
-    prepare.check_room_for(str(tmp_path / 'data'), 'train_v2.0', meta)
+    tokenized.check_room_for(str(tmp_path / 'data'), 'train_v2.0', meta)
     # a disk that fills up all the same is said as such, not as a network problem
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, 'No space left on device')
     monkeypatch.setattr(huggingface_hub, 'hf_hub_download', full)
     with pytest.raises(SystemExit, match=r'the disk filled up while fetching val_v2\.0/metadata\.json'):
-        prepare.hub_file(data.HF_REPO_TOKENIZED, 'val_v2.0/metadata.json', str(tmp_path / 'data'), '')
+        hub.hub_file(data.HF_REPO_TOKENIZED, 'val_v2.0/metadata.json', str(tmp_path / 'data'), '')
 
 
 # ===============================================================================================
@@ -1658,7 +1659,7 @@ def test_export_command_and_load_lora_round_trip_a_checkpoint(tmp_path):
     ckpt = dict(kind='sampling', trainable={n: p.detach() for n, p in model.named_parameters() if p.requires_grad},
                 config=dict(lora_rank=4, lora_alpha=2))   # as train_sampling.py writes it
     torch.save(ckpt, tmp_path / 'ckpt.pt')
-    wan_files_main(['export', '--ckpt', str(tmp_path / 'ckpt.pt')])   # python wan_files.py export --ckpt ...
+    wan_files_main(['export', '--ckpt', str(tmp_path / 'ckpt.pt')])   # python -m machinery.wan_files export --ckpt ...
     fresh = WanDiT(cfg)
     fresh.load_state_dict(base, strict=False)
     load_lora(fresh, tmp_path)                   # the folder: lora.safetensors + state_embedder.safetensors
@@ -1766,7 +1767,7 @@ def test_vae_encode_decode_shapes_and_normalisation(tmp_path):
         vae.encode(video[:, :, :4])
     # `python prepare.py encode_raw --codec=wan`: a raw split's clips as bf16 Wan latents, what training reads
     raw = tmp_path / 'raw'
-    synthetic.write_synthetic_raw(raw, num_shards=1, frames_per_shard=200, size=32, seed=0, flat=True)
+    synthetic_video.write_synthetic_raw(raw, num_shards=1, frames_per_shard=200, size=32, seed=0, flat=True)
     prepare.main(['encode_raw', '--codec=wan', '--split', str(raw), '--out', str(tmp_path / 'latents'), '--vae_path',
                   str(tmp_path / 'repo'), '--device', 'cpu'])
     clips = data.LatentClips(tmp_path / 'latents')
@@ -1921,7 +1922,7 @@ def test_train_sampling_refuses_data_on_disk_that_its_flags_do_not_describe(raw_
     (demo / 'train_v2.0_raw').mkdir(parents=True)
     (demo / 'train_v2.0_raw' / 'metadata.json').write_text('{}')
     (demo / 'synthetic.json').write_text(json.dumps(dict(train_shards=2, frames=1500, val_frames=1200, size=32, seed=0,
-                                                         look=synthetic.SYNTHETIC_LOOK)))
+                                                         look=synthetic_video.SYNTHETIC_LOOK)))
     assert ("holds a synthetic set written with other settings (train_shards=2 on disk, 16 asked for)"
             in fails(f'--data_dir={demo}', '--make_synthetic'))
 
@@ -2152,16 +2153,16 @@ def test_sampling_data_is_written_only_where_asked_and_bad_files_are_named(raw_d
     assert not (tmp_path / 'dta').exists()
     # an interrupted raw_data write (a split half written, no synthetic.json) is written again, not reused
     small = dict(train_shards=1, frames=200, size=SIZE, seed=0)
-    synthetic.write_synthetic_raw_set(tmp_path / 'syn', **small)
+    synthetic_video.write_synthetic_raw_set(tmp_path / 'syn', **small)
     video = tmp_path / 'syn' / 'val_v2.0_raw' / 'video_0.mp4'
     good = video.read_bytes()
     (tmp_path / 'syn' / 'synthetic.json').unlink()
     video.write_bytes(good[:48])
     (tmp_path / 'syn' / 'train_v2.0_raw.partial').mkdir()
-    assert synthetic.write_synthetic_raw_set(tmp_path / 'syn', **small)
+    assert synthetic_video.write_synthetic_raw_set(tmp_path / 'syn', **small)
     assert video.read_bytes() == good and not (tmp_path / 'syn' / 'train_v2.0_raw.partial').exists()
     with pytest.raises(SystemExit, match=r'other settings \(size=32 on disk, 64 asked for\)'):
-        synthetic.write_synthetic_raw_set(tmp_path / 'syn', **{**small, 'size': 64})
+        synthetic_video.write_synthetic_raw_set(tmp_path / 'syn', **{**small, 'size': 64})
     # a damaged mp4, frames of another size, a truncated metadata file: errors that name the file
     with pytest.raises(ValueError, match=r'video_0.mp4: frames are 32x32, expected 64x64'):
         data.RawShard(tmp_path / 'syn' / 'val_v2.0_raw', 0, frame_size=(64, 64)).read_frames(0, 1)
@@ -2251,7 +2252,7 @@ def test_ensemble_mean_beats_a_single_sample(demo_metrics):
 
 @pytest.mark.slow
 def test_bench_cpu_smoke_prints_finite_positive_figures_for_every_benchmark():
-    out = run_script('bench.py', '--device=cpu', '--preset=cpu')
+    out = run_script('machinery.bench', '--device=cpu', '--preset=cpu')
     rows = {}
     for line in out.splitlines():
         m = re.match(r'(\w+)\s+.*?\s+([\d.]+)\s+([\d.]+)\s+(\d+)\s+(n/a|[\d.]+%)\s+(n/a|[\d.]+)$', line)
@@ -2896,7 +2897,7 @@ def write_clip(folder, name, frames=80, size=32, state_width=25, state_rows=None
 
 def test_own_clips_become_the_raw_layout_that_the_sampling_reader_reads(tmp_path, capsys):
     import data
-    import own_clips
+    from machinery import own_clips
     clips = {name: write_clip(tmp_path / 'clips', name, frames=80 + 10 * i, seed=i)
              for i, name in enumerate(('arm_a', 'arm_b', 'arm_c'))}
     own_clips.main(['--clips', str(tmp_path / 'clips'), '--out', str(tmp_path / 'mine'), '--size', '32', '--crf', '0'])
@@ -2929,7 +2930,7 @@ def test_own_clips_become_the_raw_layout_that_the_sampling_reader_reads(tmp_path
     ('nan', r'b.npy: robot states hold nan at row \(frame\) 5, column 3'),
     ('short', r'b.npy: 40 frames; a training clip needs 77')])
 def test_own_clips_stop_before_writing_and_name_the_file_and_what_is_expected(tmp_path, case, message):
-    import own_clips
+    from machinery import own_clips
     clips = tmp_path / 'clips'
     write_clip(clips, 'a')
     write_clip(clips, 'c', seed=2)
@@ -2951,7 +2952,7 @@ def test_own_clips_stop_before_writing_and_name_the_file_and_what_is_expected(tm
 
 @pytest.mark.slow
 def test_own_clips_train_with_train_sampling_as_the_converter_says(tmp_path):
-    import own_clips
+    from machinery import own_clips
     for i, name in enumerate(('a', 'b', 'c')):
         write_clip(tmp_path / 'clips', name, frames=120, seed=i)
     own_clips.main(['--clips', str(tmp_path / 'clips'), '--out', str(tmp_path / 'mine'), '--size', '32'])
@@ -3449,20 +3450,20 @@ def test_writing_the_synthetic_raw_set_keeps_an_encoding_of_other_data(tmp_path)
     unrelated.mkdir(parents=True)
     (unrelated / 'latents_0.safetensors').write_text('x')
     with pytest.raises(SystemExit, match=re.escape(f"{other} holds an encoding of other train_v2.0_raw data: refusing")):
-        synthetic.write_synthetic_raw_set(out, train_shards=1, frames=100, size=SIZE)
+        synthetic_video.write_synthetic_raw_set(out, train_shards=1, frames=100, size=SIZE)
     assert (other / 'encoding.json').read_text() == '{"clips": 1}'
     shutil.rmtree(out / 'latents_wan')
-    assert synthetic.write_synthetic_raw_set(out, train_shards=1, frames=100, size=SIZE)
+    assert synthetic_video.write_synthetic_raw_set(out, train_shards=1, frames=100, size=SIZE)
     assert (unrelated / 'latents_0.safetensors').read_text() == 'x'
 
 
 def test_an_encoding_of_an_unfinished_synthetic_set_is_written_again(tmp_path):
     out = tmp_path / 'data'
-    synthetic.write_synthetic_raw_set(out, train_shards=1, frames=100, size=SIZE)
+    synthetic_video.write_synthetic_raw_set(out, train_shards=1, frames=100, size=SIZE)
     (out / 'synthetic.json').unlink()   # interrupted: its encoding is of data written again below
     stale = out / 'latents_pixel' / 'train_v2.0_raw'
     stale.mkdir(parents=True)
-    assert synthetic.write_synthetic_raw_set(out, train_shards=1, frames=100, size=SIZE)
+    assert synthetic_video.write_synthetic_raw_set(out, train_shards=1, frames=100, size=SIZE)
     assert not stale.exists() and (out / 'latents_pixel').exists()
 
 
@@ -3505,7 +3506,7 @@ def test_sampling_reports_a_damaged_val_video_before_the_first_step(raw_data, tm
         video.write_bytes(video.read_bytes()[:len(video.read_bytes()) // 20])
         said = r'video_0.mp4(: got \d+ frames from frame \d+, expected 77| cannot be decoded)'
     else:
-        synthetic.write_synthetic_raw(data_dir / 'val_v2.0_raw', 1, 200, 2 * SIZE, seed=1, flat=True)
+        synthetic_video.write_synthetic_raw(data_dir / 'val_v2.0_raw', 1, 200, 2 * SIZE, seed=1, flat=True)
         said = rf'video_0.mp4: frames are {2 * SIZE}x{2 * SIZE}, expected {SIZE}x{SIZE}'
     err = run_script(*train_args(data_dir, tmp_path / 'run', '--max_iters=2'), cwd=tmp_path, fails=True)
     assert re.search('the validation split: .*' + said, err), err[-2000:]
@@ -3513,7 +3514,7 @@ def test_sampling_reports_a_damaged_val_video_before_the_first_step(raw_data, tm
 
 
 def test_a_full_disk_during_a_lora_export_is_one_sentence_and_leaves_no_tmp(tmp_path, monkeypatch):
-    from wan_files import save_atomic
+    from machinery.wan_files import save_atomic
     path = tmp_path / 'lora.safetensors'
     save_atomic({'w': torch.ones(2)}, path)
     real_replace = os.replace
@@ -3928,7 +3929,7 @@ def test_compression_tensorboard_and_log_agree_on_steps(tmp_path, synthetic_dir)
 
 @pytest.mark.slow
 def test_a_fully_trained_run_started_from_a_lora_file_has_it_merged_into_its_weights(raw_data, tmp_path):
-    from wan_files import build_model
+    from machinery.wan_files import build_model
     path, lora = lora_file(tmp_path / 'start.safetensors')
     run_script(*train_args(raw_data, tmp_path / 'run', f'--init_lora={path}', '--max_iters=1', '--learning_rate=1e-9'))
     base = build_model(model='tiny', pretrained='', train_mode='full', lora_rank=32, lora_alpha=32, init_seed=0,
@@ -4079,24 +4080,24 @@ def test_checkpoint_bytes_count_three_files_of_weights_and_two_adam_moments():
 
 
 def test_the_1x_latents_at_a_window_every_8_frames_are_0_83_terabytes(tmp_path):
-    n = prepare.latents_bytes(str(tmp_path), ['train_v2.0_raw'], 'wan', 8)
+    n = latents.latents_bytes(str(tmp_path), ['train_v2.0_raw'], 'wan', 8)
     assert n == 11_254_161 // 8 * 48 * 6 * 32 * 32 * 2 and round(n / 1e12, 2) == 0.83
 
 
 def test_the_1x_tokenized_splits_are_8_7_gib_and_a_folder_that_holds_them_needs_nothing(tmp_path, synthetic_dir):
-    n = prepare.tokenized_bytes(str(tmp_path), ['train_v2.0', 'val_v2.0'])
+    n = tokenized.tokenized_bytes(str(tmp_path), ['train_v2.0', 'val_v2.0'])
     assert n == sum(data.expected_sizes(11_254_161).values()) + sum(data.expected_sizes(50_300).values())
     assert round(n / 2 ** 30, 1) == 8.7
-    assert prepare.tokenized_bytes(str(tmp_path), ['train_v2.0'], shards=[0, 1]) == sum(
+    assert tokenized.tokenized_bytes(str(tmp_path), ['train_v2.0'], shards=[0, 1]) == sum(
         data.expected_sizes(11_254_161 * 2 // 100).values())
     # by the metadata on disk, less what is there: a whole split needs nothing, a split missing a shard that shard
     shutil.copytree(synthetic_dir, tmp_path / 'syn')
-    assert prepare.tokenized_bytes(str(tmp_path / 'syn'), ['train_v2.0', 'val_v2.0']) == 0
+    assert tokenized.tokenized_bytes(str(tmp_path / 'syn'), ['train_v2.0', 'val_v2.0']) == 0
     shard = data.shard_paths(str(tmp_path / 'syn' / 'train_v2.0'), 1)
     missing = os.path.getsize(shard['video'])
     os.remove(shard['video'])
     # (an estimate: frames spread evenly over the shards, json files counted as held: within a block a shard)
-    assert abs(prepare.tokenized_bytes(str(tmp_path / 'syn'), ['train_v2.0']) - missing) < 2 * 3 * 32 * 32 * 4
+    assert abs(tokenized.tokenized_bytes(str(tmp_path / 'syn'), ['train_v2.0']) - missing) < 2 * 3 * 32 * 32 * 4
 
 
 def test_a_run_that_needs_more_than_the_free_space_is_refused_in_one_sentence(tmp_path):
@@ -4127,7 +4128,7 @@ def test_dry_run_prints_what_the_run_will_write(tmp_path):
 def test_prepare_own_clips_writes_a_folder_train_sampling_trains_on(tmp_path):
     for i, name in enumerate(('a', 'b', 'c')):
         write_clip(tmp_path / 'clips', name, frames=120, seed=i)
-    said = run_script('prepare.py', 'own_clips', '--clips', str(tmp_path / 'clips'), '--out', str(tmp_path / 'mine'),
+    said = run_script('machinery.prepare', 'own_clips', '--clips', str(tmp_path / 'clips'), '--out', str(tmp_path / 'mine'),
                       '--size', '32', cwd=tmp_path)
     assert f'train on it: python train_sampling.py --data_dir={tmp_path / "mine"}' in said
     out = run_script('train_sampling.py', f'--data_dir={tmp_path / "mine"}', f'--out_dir={tmp_path / "run"}',

@@ -26,14 +26,12 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import data
-import prepare
-import run_dir
-import synthetic
 from configurator import configure
-from distributed import (finish, grad_accum_steps, mean_over_ranks, on_master, resolve_device, setup_distributed,
+from machinery import run_dir, synthetic_tokens, tokenized
+from machinery.distributed import (finish, grad_accum_steps, mean_over_ranks, on_master, resolve_device, setup_distributed,
                          wait_for_all)
 from metrics import cross_entropy_topk
-from peak_flops import StepSpeed
+from machinery.speed import StepSpeed
 from st_transformer import STConfig, STTransformer
 
 # --- settings (defaults: the CPU demo on synthetic data) ------------------------------------------
@@ -150,7 +148,7 @@ model_cfg = STConfig(vocab_size=vocab_size, n_layer=n_layer, n_head=n_head, n_em
 with torch.device('meta'):
     meta_model = STTransformer(model_cfg)
 run_splits = [split] if eval_only else sorted(set(train_split_names) | {'val_v2.0'})   # the splits read
-to_fetch = prepare.tokenized_bytes(data_dir, run_splits, train_shards) if data_dir and download else 0
+to_fetch = tokenized.tokenized_bytes(data_dir, run_splits, train_shards) if data_dir and download else 0
 disk_lines, no_room = run_dir.disk_report(
     [(out_dir, run_dir.checkpoint_bytes(meta_model.num_params(), meta_model.num_params()), 'checkpoints')]
     + ([(data_dir, to_fetch, 'tokenized data to download')] if to_fetch else []))
@@ -223,7 +221,7 @@ def evaluate(model, ds, num_samples, baselines=False):
             targets.append(future_BMHW.cpu())
             if world is not None:
                 for name, use in (('Bayes floor (states known)', True), ('state-blind floor', False)):
-                    add(name, synthetic.synthetic_oracle_logits(z_BGHW.cpu(), states_BLD.cpu(), world, use).to(dev), future_BMHW)
+                    add(name, synthetic_tokens.synthetic_oracle_logits(z_BGHW.cpu(), states_BLD.cpu(), world, use).to(dev), future_BMHW)
     if baselines:
         # copy the last context grid into grids 3, 4, 5, with the best constant confidence a:
         # p(copied token) = a, every other token (1 - a) / (V - 1); a = the fraction that matches
@@ -249,7 +247,7 @@ def print_table(results, world=None):
     for name, (top, full) in results.items():
         lines.append(f"{name:34s} {top:10.4f} {full:8.4f}")
     if world is not None:
-        floors = synthetic.synthetic_floors(world['vocab'], world['eps'], world['p_new'])
+        floors = synthetic_tokens.synthetic_floors(world['vocab'], world['eps'], world['p_new'])
         lines.append(f"{'Bayes floor, closed form':34s} {floors['topk']:10.4f} {floors['full']:8.4f}")
     print('\n'.join(lines))
 
@@ -278,11 +276,11 @@ if not eval_only:
 # --- data: the 1X splits (missing ones downloaded) or the synthetic set ---------------------------
 demo = not data_dir
 if data_dir:   # whole, or (--download) every rank fetches its share of what is missing
-    prepare.tokenized_splits(data_dir, run_splits, train_shards, rank, world_size, download)
+    tokenized.tokenized_splits(data_dir, run_splits, train_shards, rank, world_size, download)
 else:          # data/synthetic, written by rank 0 on first use
-    on_master(synthetic.default_synthetic_dir)
+    on_master(synthetic_tokens.default_synthetic_dir)
     wait_for_all('the synthetic data')
-    data_dir = synthetic.default_synthetic_dir()
+    data_dir = synthetic_tokens.default_synthetic_dir()
 split_dir = lambda name: os.path.join(data_dir, name)
 
 

@@ -41,17 +41,14 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import data
-import pictures
-import prepare
-import run_dir
-import synthetic
 from configurator import configure
-from distributed import (finish, grad_accum_steps, mean_over_ranks, on_master, resolve_device, setup_distributed,
+from machinery import latents, pictures, run_dir, synthetic_video
+from machinery.distributed import (finish, grad_accum_steps, mean_over_ranks, on_master, resolve_device, setup_distributed,
                          wait_for_all)
 from flow_matching import diffsynth_weight, flow_matching_loss, predict_frame77, sample_draws
 from metrics import psnr
-from peak_flops import StepSpeed
-from wan_files import build_model, export_lora, load_lora, text_context
+from machinery.speed import StepSpeed
+from machinery.wan_files import build_model, export_lora, load_lora, text_context
 from wan_state import WanConfig, WanDiT, add_lora
 
 # --- settings (defaults: the CPU demo on synthetic clips) -----------------------------------------
@@ -63,7 +60,7 @@ make_synthetic = False      # write the synthetic raw set into an explicit data_
 download = False            # fetch missing raw splits from the Hugging Face Hub and encode them (preset paper)
 synthetic_size = 32         # synthetic frame size (the real data is 512; 32 keeps the CPU demo minutes)
 synthetic_shards = 16       # synthetic training shards of 1500 frames (~2000 clips: the model must learn the world)
-                            # (the synthetic world's look, rim and arm discs: synthetic.SYNTHETIC_LOOK)
+                            # (the synthetic world's look, rim and arm discs: synthetic_video.SYNTHETIC_LOOK)
 clip_stride = 8             # frames between training windows (a 77-frame window starts every 8 frames)
 vae = 'pixel'               # 'pixel': the CPU-demo codec (vae.PixelCodec); 'wan': the Wan 2.2 VAE
 vae_path = 'Wan-AI/Wan2.2-TI2V-5B-Diffusers'  # hub repo or folder of the Wan VAE (diffusers format)
@@ -200,7 +197,7 @@ n_export = sum(p.numel() for n, p in meta_model.named_parameters() if '.lora_' i
 exports = 1 + (keep_last or math.ceil(max_iters / (ckpt_interval or max_iters)))   # lora.safetensors, numbered ones
 disk_lines, no_room = run_dir.disk_report([
     (out_dir, run_dir.checkpoint_bytes(n_train, n_train) + 4 * n_export * exports, 'checkpoints and LoRA exports'),
-    (data_dir, prepare.latents_bytes(data_dir, train_split_names, vae, clip_stride,
+    (data_dir, latents.latents_bytes(data_dir, train_split_names, vae, clip_stride,
                                      (synthetic_shards * 1500, synthetic_size) if demo or make_synthetic else None,
                                      assume_1x=dry_run), 'latents')])   # a run checks a download's after it
 
@@ -273,9 +270,9 @@ except (FileNotFoundError, ValueError) as e:
 # --- data: raw clips (synthetic, downloaded or given) -> latents on disk, once --------------------
 split_dir = lambda name: os.path.join(data_dir, name)
 if demo or make_synthetic:   # written where the user asked for it only: the demo's folder, or --make_synthetic
-    on_master(synthetic.write_synthetic_raw_set, data_dir, synthetic_shards, 1500, synthetic_size, seed, 1200)
+    on_master(synthetic_video.write_synthetic_raw_set, data_dir, synthetic_shards, 1500, synthetic_size, seed, 1200)
     wait_for_all('the synthetic data')
-latent_dirs, codec = prepare.raw_latents(data_dir, train_split_names, vae, vae_path, stride=clip_stride,
+latent_dirs, codec = latents.raw_latents(data_dir, train_split_names, vae, vae_path, stride=clip_stride,
                                          batch_size=encode_batch_size, download=download, device=device,
                                          rank=rank, world_size=world_size)   # every rank does its share
 train_parts = [data.LatentClips(d) for d in latent_dirs]

@@ -596,5 +596,5 @@ def main():
 if __name__ == '__main__':
     import sys
     if sys.argv[1:2] in (['export'], ['encode_raw']):
-        raise SystemExit("moved: `python wan_files.py export`, `python prepare.py encode_raw --codec=wan`")
+        raise SystemExit("moved: `python -m machinery.wan_files export`, `python prepare.py encode_raw --codec=wan`")
     main()

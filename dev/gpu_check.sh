@@ -20,7 +20,7 @@ set -u
 DEVICE=${DEVICE:-cuda}
 PY=${PY:-python3}
 REPO=$PWD                  # the repository root (this script lives in $REPO/dev/)
-[ -f "$REPO/bench.py" ] && [ -f "$REPO/train_compression.py" ] && [ -f "$REPO/dev/gpu_check.sh" ] \
+[ -f "$REPO/machinery/bench.py" ] && [ -f "$REPO/train_compression.py" ] && [ -f "$REPO/dev/gpu_check.sh" ] \
     || { echo "run from the nanoWM repository root: bash dev/gpu_check.sh"; exit 2; }
 LOGDIR=${OUT:-$REPO/gpu_out}
 WORK=${WORK:-/tmp/nanowm_gpu_work}
@@ -101,13 +101,13 @@ EOF
 # ---------------------------------------------------------------------------------------------
 # LoRA step at the paper preset's per-GPU batch 8 with 12 of 30 blocks checkpointed (its 80 GB estimate)
 if [ "${SKIP_SPEED:-0}" = 0 ]; then
-run_step speed_wan_lora_b8_ckpt12_compile 150 $PY bench.py --preset=full --device=$BDEV --what=wan_lora --wan_lora_batch=8 --wan_ckpt_blocks=12 --compile --warmup=1 --iters=2 $B_SMALL
+run_step speed_wan_lora_b8_ckpt12_compile 150 $PY -m machinery.bench --preset=full --device=$BDEV --what=wan_lora --wan_lora_batch=8 --wan_ckpt_blocks=12 --compile --warmup=1 --iters=2 $B_SMALL
 # compression step at the paper preset's micro-batch 10
-run_step speed_st_train_b10_compile 120 $PY bench.py --preset=full --device=$BDEV --what=st_train --st_batch=10 --compile --warmup=1 --iters=3 $B_SMALL
+run_step speed_st_train_b10_compile 120 $PY -m machinery.bench --preset=full --device=$BDEV --what=st_train --st_batch=10 --compile --warmup=1 --iters=3 $B_SMALL
 # the DiT forward (batch 4), then sample.py's work on a clip: 20 members x 20 steps as one batch, and the
 # VAE in fp32 and bf16 (--vae_dtype=bfloat16, with the PSNR of its frame 77 against fp32's)
 if [ "$HAVE_DIFFUSERS" = 1 ]; then WHAT=wan_fwd,ensemble,vae; else WHAT=wan_fwd,ensemble; fi
-run_step speed_sample_compile 240 $PY bench.py --preset=full --device=$BDEV --what=$WHAT --compile --ensemble=20 --steps=20 --ensemble_looped=False --warmup=1 --iters=1 $B_SMALL
+run_step speed_sample_compile 240 $PY -m machinery.bench --preset=full --device=$BDEV --what=$WHAT --compile --ensemble=20 --steps=20 --ensemble_looped=False --warmup=1 --iters=1 $B_SMALL
 fi
 
 # ---------------------------------------------------------------------------------------------
@@ -159,8 +159,8 @@ def attn(shape_q, shape_k, dtype, kernels, causal=False, dropout=0.0, backward=T
             out.float().sum().backward()
     return tuple(out.shape)
 
-from peak_flops import peak_flops
-from vae import PixelCodec
+from machinery.speed import peak_flops
+from machinery.vae import PixelCodec
 print(f"device {torch.cuda.get_device_name(dev) if cuda else 'cpu (flash probes below are NOT CUDA results)'}; "
       f"peak_flops -> {peak_flops(dev)}; flash_sdp_enabled {torch.backends.cuda.flash_sdp_enabled()}, "
       f"mem_efficient_sdp_enabled {torch.backends.cuda.mem_efficient_sdp_enabled()}")
@@ -247,8 +247,8 @@ EOF
 # ---------------------------------------------------------------------------------------------
 # 2. the checks, most informative / riskiest first (each step's timeout in GPU seconds)
 # ---------------------------------------------------------------------------------------------
-run_step data_prep 90 bash -c "$PY prepare.py synthetic --out $WORK/syn64k --vocab 64000 && { [ $HAVE_AV = 0 ] || \
-    $PY -c 'import synthetic; synthetic.write_synthetic_raw_set(\"$WORK/ts_data\", 1, 1500, $SYN, 0, 1200)'; }"
+run_step data_prep 90 bash -c "$PY -m machinery.prepare synthetic --out $WORK/syn64k --vocab 64000 && { [ $HAVE_AV = 0 ] || \
+    $PY -c 'from machinery import synthetic_video; synthetic_video.write_synthetic_raw_set(\"$WORK/ts_data\", 1, 1500, $SYN, 0, 1200)'; }"
 # the sampling runs below: the synthetic raw set above (1 shard, SYN px), pixel codec, a window every 8 frames
 TS_DATA="--data_dir=$WORK/ts_data --make_synthetic --synthetic_shards=1 --synthetic_size=$SYN --vae=pixel --download=False"
 TS_VAL="--eval_clips=1 --eval_ensemble=2 --eval_steps=2 --eval_interval=1000 --ckpt_interval=1000"
@@ -256,10 +256,10 @@ TS_VAL="--eval_clips=1 --eval_ensemble=2 --eval_steps=2 --eval_interval=1000 --c
 run_step probe 60 $PY "$WORK/probe.py" "$BDEV"
 
 # bench.py with its default device ('cuda' resolved to the current GPU's index)
-run_step bench_default_device 40 $PY bench.py --preset=full --what=wan_fwd --warmup=0 --iters=1 $( [ "$DEVICE" = cpu ] && echo --device=cpu ) $B_SMALL
+run_step bench_default_device 40 $PY -m machinery.bench --preset=full --what=wan_fwd --warmup=0 --iters=1 $( [ "$DEVICE" = cpu ] && echo --device=cpu ) $B_SMALL
 
 # Wan 2.2 TI2V-5B LoRA step at the paper's per-GPU setting (batch 8, all 30 blocks checkpointed)
-run_step bench_wan_lora_b8_ckpt30 60 $PY bench.py --preset=full --device=$BDEV --what=wan_lora --wan_lora_batch=8 --wan_ckpt_blocks=30 --warmup=1 --iters=2 $B_SMALL
+run_step bench_wan_lora_b8_ckpt30 60 $PY -m machinery.bench --preset=full --device=$BDEV --what=wan_lora --wan_lora_batch=8 --wan_ckpt_blocks=30 --warmup=1 --iters=2 $B_SMALL
 
 # the real training script at full size: random 5B base (CPU init, ~30-60 s), LoRA rank 32,
 # batch 8 x 2 accumulation, 3 steps, 1536 tokens a clip (pixel codec on 128 px frames), umT5
@@ -276,7 +276,7 @@ run_step train_compression_paper_b10 75 $PY "$WORK/memwrap.py" train_compression
 [ -f "$WORK/tc_b10/log.jsonl" ] && { echo "    tc_b10 log.jsonl (last 3):"; tail -n 3 "$WORK/tc_b10/log.jsonl" | sed 's/^/      /'; } >> "$SUM"
 
 # ST-transformer rows at the bench defaults: training step (batch 8), fp32 decoding with / without KV cache
-run_step bench_st 60 $PY bench.py --preset=full --device=$BDEV --what=st_train,st_decode --warmup=1 --iters=3 $B_SMALL
+run_step bench_st 60 $PY -m machinery.bench --preset=full --device=$BDEV --what=st_train,st_decode --warmup=1 --iters=3 $B_SMALL
 
 # DDP with NCCL (torchrun, 1 process: init, no_sync accumulation, all-reduce), both tracks, small models
 run_step ddp_train_compression 45 $PY -m torch.distributed.run --standalone --nproc_per_node=1 train_compression.py \
@@ -289,14 +289,14 @@ run_step ddp_train_compression 45 $PY -m torch.distributed.run --standalone --np
     --batch_size=2 --global_batch_size=4 --max_iters=2 --log_interval=1
 
 # LoRA step at the bench default (batch 2, no checkpointing: ~30 blocks x 0.39 GiB x 2 clips of activations)
-run_step bench_wan_lora_default 45 $PY bench.py --preset=full --device=$BDEV --what=wan_lora --warmup=1 --iters=2 $B_SMALL
+run_step bench_wan_lora_default 45 $PY -m machinery.bench --preset=full --device=$BDEV --what=wan_lora --warmup=1 --iters=2 $B_SMALL
 
 # DiT forward (batch 4) and sample.py's batched ensemble (20 members; 2 solver steps: time scales with steps)
-run_step bench_wan_fwd_ensemble 60 $PY bench.py --preset=full --device=$BDEV --what=wan_fwd,ensemble --ensemble=20 --steps=2 --warmup=1 --iters=2 $B_SMALL
+run_step bench_wan_fwd_ensemble 60 $PY -m machinery.bench --preset=full --device=$BDEV --what=wan_fwd,ensemble --ensemble=20 --steps=2 --warmup=1 --iters=2 $B_SMALL
 
 # the VAE row (no flash-only check on it: its fp32 single-head attention takes no fused kernel)
 if [ "$HAVE_DIFFUSERS" = 1 ]; then
-    run_step bench_vae 75 $PY bench.py --preset=full --device=$BDEV --what=vae --ensemble=4 --warmup=1 --iters=1 $B_SMALL
+    run_step bench_vae 75 $PY -m machinery.bench --preset=full --device=$BDEV --what=vae --ensemble=4 --warmup=1 --iters=1 $B_SMALL
 fi
 
 # resume the tiny sampling run without torchrun (the optimizer state loads from the CPU onto the GPU)
@@ -311,10 +311,10 @@ fi
 # the speed rows' comparisons, if time is left: the LoRA step of section 1 eager; each SDPA
 # kernel on the transformer rows (batch 4: the math kernel keeps the 1024 x 1024 scores of every
 # layer); where the time goes (the profiler's top operators and kernels, into the summary too)
-run_step bench_wan_lora_b8_ckpt12 60 $PY bench.py --preset=full --device=$BDEV --what=wan_lora --wan_lora_batch=8 --wan_ckpt_blocks=12 --warmup=1 --iters=2 $B_SMALL
-run_step bench_sdpa_kernels 120 $PY bench.py --preset=full --device=$BDEV --what=st_train,wan_fwd --sdpa=flash,efficient,cudnn,math --st_batch=4 --warmup=1 --iters=2 $B_SMALL
+run_step bench_wan_lora_b8_ckpt12 60 $PY -m machinery.bench --preset=full --device=$BDEV --what=wan_lora --wan_lora_batch=8 --wan_ckpt_blocks=12 --warmup=1 --iters=2 $B_SMALL
+run_step bench_sdpa_kernels 120 $PY -m machinery.bench --preset=full --device=$BDEV --what=st_train,wan_fwd --sdpa=flash,efficient,cudnn,math --st_batch=4 --warmup=1 --iters=2 $B_SMALL
 for what in st_train wan_lora; do
-    run_step bench_${what}_profile 60 $PY bench.py --preset=full --device=$BDEV --what=$what --wan_lora_batch=8 --wan_ckpt_blocks=12 --profile --warmup=1 --iters=1 $B_SMALL
+    run_step bench_${what}_profile 60 $PY -m machinery.bench --preset=full --device=$BDEV --what=$what --wan_lora_batch=8 --wan_ckpt_blocks=12 --profile --warmup=1 --iters=1 $B_SMALL
     [ -f "$WORK/logs/bench_${what}_profile.log" ] && grep -A 22 -m1 'Self CPU %' "$WORK/logs/bench_${what}_profile.log" | cut -c1-180 | sed 's/^/    /' >> "$SUM"
 done
 

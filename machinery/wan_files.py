@@ -13,7 +13,7 @@ LoRA files        export_lora(model, out_dir): lora.safetensors, which ComfyUI, 
                   read, + state_embedder.safetensors (step=N: a numbered history too); read_lora,
                   load_lora(model, path, merge=False, scale=1.0): a Wan LoRA of ComfyUI, diffusers /
                   PEFT (also the legacy .lora.down naming), DiffSynth or kohya / musubi format
-command line      python wan_files.py export --ckpt out_sampling/ckpt.pt [--out DIR] [--overwrite]
+command line      python -m machinery.wan_files export --ckpt out_sampling/ckpt.pt [--out DIR] [--overwrite]
 """
 import json
 import math
@@ -26,45 +26,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from machinery.hub import resolve
 from wan_state import (LORA_TARGETS, LoRALinear, WanConfig, WanDiT, add_lora, keeps_fp32, lora_modules,
                        trainable_state_dict)
 
 
 # --- Checkpoint files: download, sharded safetensors, config.json, checks -------------------------
-
-def resolve(repo_id_or_dir, allow_patterns, models_dir=None):
-    """A local directory as it is, else a Hub repo id downloaded (only allow_patterns files).
-
-    models_dir (default: the NANOWM_MODELS_DIR environment variable): download into
-    models_dir/<name> (Wan-AI/Wan2.2-TI2V-5B -> models_dir/Wan2.2-TI2V-5B, as Wan's README
-    downloads it with --local-dir) with huggingface_hub's local-dir download: one copy of the
-    weights, plain files, resumed where it stopped; that folder can later be passed as it is.
-    Without it the files go to the Hub cache (HF_HUB_CACHE). huggingface_hub draws the progress
-    bar: one for the files, one for the bytes of them all. A path that is no folder, or a download
-    that fails (offline), stops with what to do, as prepare.py's downloads do."""
-    p = Path(os.path.expanduser(str(repo_id_or_dir)))
-    if p.is_dir():
-        return p
-    if p.exists() or str(repo_id_or_dir).startswith(('/', '.', '~')) or str(repo_id_or_dir).count('/') != 1:
-        raise SystemExit(f"{repo_id_or_dir}: not a folder, and not a Hub repo id like 'Wan-AI/Wan2.2-TI2V-5B'")
-    import huggingface_hub
-    from huggingface_hub.utils import are_progress_bars_disabled, enable_progress_bars
-    models_dir = models_dir or os.environ.get('NANOWM_MODELS_DIR') or None
-    local_dir = Path(models_dir).expanduser() / str(repo_id_or_dir).split('/')[1] if models_dir else None
-    if are_progress_bars_disabled() and not os.environ.get('HF_HUB_DISABLE_PROGRESS_BARS'):
-        enable_progress_bars()   # a library turned them off; the user did not
-    print(f"fetching {repo_id_or_dir} ({', '.join(allow_patterns)}) into "
-          f"{local_dir or 'the Hugging Face cache'}", flush=True)
-    try:
-        return Path(huggingface_hub.snapshot_download(str(repo_id_or_dir), allow_patterns=allow_patterns,
-                                                      local_dir=local_dir))
-    except Exception as err:   # offline, no such repo, ... (huggingface_hub's errors vary by version)
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise SystemExit(f"could not fetch {repo_id_or_dir} from the Hugging Face Hub ({first}). Without network "
-                         f"access here, fetch it where there is one (`huggingface-cli download {repo_id_or_dir} "
-                         f"--local-dir DIR`) and pass DIR in its place (train_sampling.py --pretrained, --text_encoder, "
-                         f"--vae_path; prepare.py encode_raw --vae_path)")
-
 
 def _find_weights(root, stem):
     """Shard files of a checkpoint: through <stem>.safetensors.index.json, or one <stem>.safetensors."""
@@ -623,11 +590,11 @@ def load_lora(model, path, merge=False, scale=1.0):
 # --- Command line ---------------------------------------------------------------------------------
 
 def main(argv=None):
-    """`python wan_files.py export --ckpt out_sampling/ckpt.pt [--out DIR] [--overwrite]`:
+    """`python -m machinery.wan_files export --ckpt out_sampling/ckpt.pt [--out DIR] [--overwrite]`:
     lora.safetensors + state_embedder.safetensors of a sampling checkpoint (export_lora)."""
     import argparse
-    import run_dir   # weights_only loading, the track checked, a truncated file named
-    parser = argparse.ArgumentParser(prog='wan_files.py', description=main.__doc__)
+    from machinery import run_dir   # weights_only loading, the track checked, a truncated file named
+    parser = argparse.ArgumentParser(prog='python -m machinery.wan_files', description=main.__doc__)
     sub = parser.add_subparsers(dest='command', required=True)
     p = sub.add_parser('export', help="write a sampling checkpoint's LoRA in the ComfyUI / diffusers format")
     p.add_argument('--ckpt', required=True, help="a train_sampling.py checkpoint (ckpt.pt, ckpt_best.pt)")

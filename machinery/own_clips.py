@@ -1,6 +1,6 @@
 """A folder of a user's own robot clips -> the raw 1X layout the sampling track trains on.
 
-    python prepare.py own_clips --clips my_clips/ --out data/mine [--val 1] [--size 512]
+    python -m machinery.prepare own_clips --clips my_clips/ --out data/mine [--val 1] [--size 512]
     python train_sampling.py --data_dir=data/mine ...
 
 The folder holds pairs NAME.mp4 + NAME.npy: a video and its robot states, one row of 25 values per
@@ -165,14 +165,14 @@ def add_arguments(parser):
 def main(argv=None):
     """Convert a folder of own clips (module docstring); errors stop with their message."""
     import argparse
-    parser = argparse.ArgumentParser(prog='prepare.py own_clips', description=__doc__,
+    parser = argparse.ArgumentParser(prog='python -m machinery.prepare own_clips', description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
     run(parser.parse_args(argv))
 
 
 def run(args):
-    """The command (`prepare.py own_clips` and `python own_clips.py`): convert, then say what was written."""
+    """The command (`python -m machinery.prepare own_clips` and `python -m machinery.own_clips`): convert, then say what was written."""
     try:
         written = convert(args.clips, args.out, val=args.val, size=args.size, crf=args.crf)
     except ValueError as err:

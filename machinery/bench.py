@@ -2,14 +2,14 @@
 
 As nanoGPT's bench.py: untimed warm-up calls, then timed calls with device synchronisation.
 
-    python bench.py                                   # CPU: tiny configs, the same code (smoke test)
-    python bench.py --preset=full                     # GPU: the paper's sizes (defaults to full on CUDA)
-    python bench.py --preset=full --what=st_train --compile
-    python bench.py --preset=full --what=wan_lora --wan_lora_batch=4 --wan_ckpt_blocks=10
-    python bench.py --preset=full --what=wan_fwd --profile   # where the time goes (torch.profiler)
-    python bench.py --preset=full --what=st_train,wan_fwd --sdpa=flash,efficient,cudnn,math   # a row per kernel
-    python bench.py --device=cpu --preset=cpu_ratios          # the ratios on the CPU (KV cache, batched ensemble)
-    python bench.py --preset=full --what=ensemble,vae         # sample.py's seconds per clip, random weights
+    python -m machinery.bench                                   # CPU: tiny configs, the same code (smoke test)
+    python -m machinery.bench --preset=full                     # GPU: the paper's sizes (defaults to full on CUDA)
+    python -m machinery.bench --preset=full --what=st_train --compile
+    python -m machinery.bench --preset=full --what=wan_lora --wan_lora_batch=4 --wan_ckpt_blocks=10
+    python -m machinery.bench --preset=full --what=wan_fwd --profile   # where the time goes (torch.profiler)
+    python -m machinery.bench --preset=full --what=st_train,wan_fwd --sdpa=flash,efficient,cudnn,math   # a row per kernel
+    python -m machinery.bench --device=cpu --preset=cpu_ratios          # the ratios on the CPU (KV cache, batched ensemble)
+    python -m machinery.bench --preset=full --what=ensemble,vae         # sample.py's seconds per clip, random weights
 
 What each benchmark times (--what=all runs them all; or name some, e.g. --what=st_decode,ensemble):
   st_train   one optimizer step of the compression ST-transformer (paper 3.1-3.2: 24 layers,
@@ -55,7 +55,7 @@ import torch
 
 import data
 from configurator import configure
-from peak_flops import peak_flops
+from machinery.speed import peak_flops
 from st_transformer import STConfig, STTransformer
 from wan_state import WanConfig, WanDiT, add_lora, frame_timesteps, lora_modules, per_token_timestep
 
@@ -379,7 +379,7 @@ def bench_vae():
     import copy
     from diffusers import AutoencoderKLWan
     from metrics import psnr
-    from vae import WanVAE, video_to_frames
+    from machinery.vae import WanVAE, video_to_frames
     # Wan-AI/Wan2.2-TI2V-5B-Diffusers vae/config.json (48 channels, 2x2 patchify, 16x16x4)
     size = dict(tiny=dict(base_dim=8, decoder_base_dim=8, dim_mult=[1, 2, 2, 2], num_res_blocks=1),
                 **{'wan2.2': dict(base_dim=160, decoder_base_dim=256, dim_mult=[1, 2, 4, 4], num_res_blocks=2)})

@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from wan_files import check_keys, read_pth, resolve
+from machinery.hub import resolve
+from machinery.wan_files import check_keys, read_pth
 
 
 # --- Frames <-> the codecs' video convention ------------------------------------------------------
