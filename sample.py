@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 import data
 from configurator import configure
-from machinery import pictures, run_dir, synthetic_video
+from machinery import checkpoints, pictures, synthetic_video
 from machinery.distributed import resolve_device
 from flow_matching import predict_frame77
 from metrics import (MetricUnavailable, blur_baseline, fid_network, frechet_distance, inception_features,
@@ -77,7 +77,7 @@ configure(globals(), choices=dict(scheduler=('euler', 'unipc'), vae_dtype=('floa
 if lora_scale != 1.0 and not lora:
     raise SystemExit(f"--lora_scale={lora_scale} sets the strength of --lora: give the LoRA file with --lora")
 if not out_dir:
-    out_dir = 'out_sampling_paper' if os.path.exists(os.path.join('out_sampling_paper', run_dir.CKPT)) \
+    out_dir = 'out_sampling_paper' if os.path.exists(os.path.join('out_sampling_paper', checkpoints.CKPT)) \
         else 'out_sampling'
     which = 'the paper run' if out_dir == 'out_sampling_paper' else 'the demo; no paper run in out_sampling_paper/'
     print(f"--out_dir={out_dir} ({which})")
@@ -86,7 +86,7 @@ if not out_dir:
 ckpt_path = os.path.join(out_dir, ckpt)   # tensors and plain data only (weights_only): loading never runs code
 if not os.path.exists(ckpt_path):
     raise SystemExit(f"{ckpt_path} not found: train first (python train_sampling.py) or pass --out_dir")
-state = run_dir.load_checkpoint(ckpt_path, 'sampling')
+state = checkpoints.load_checkpoint(ckpt_path, 'sampling')
 run = state['config']
 print(f"{ckpt_path}: step {state['step']}, model {run['model']}, vae {run['vae']}, {run['train_mode']}")
 device = resolve_device(device)

@@ -42,7 +42,8 @@ from torch.utils.flop_counter import FlopCounterMode
 import configurator
 import data
 import wan_state
-from machinery import hub, latents, pictures, prepare, run_dir, synthetic_tokens, synthetic_video, tokenized
+from machinery import (checkpoints, hub, latents, pictures, prepare, run_dir, synthetic_tokens, synthetic_video, tokenized,
+                       trackers)
 from flow_matching import (diffsynth_weight, flow_matching_loss, reference_sigmas, sample_draws, sample_latents,
                            shift_sigma)
 from metrics import (P_FLOOR, MetricUnavailable, blur_baseline, cross_entropy_topk, fid_network, frechet_distance,
@@ -522,8 +523,8 @@ def test_a_video_shorter_than_its_metadata_fails_clearly(tmp_path):
 
 @pytest.mark.slow
 def test_data_and_the_compression_track_work_without_av(tmp_path):
-    code = ("import sys; sys.modules['av'] = None\n"
-            "import data, synthetic\n"
+    code = ("import sys; sys.modules.update(av=None, PIL=None, diffusers=None)\n"
+            "import data\nfrom machinery import synthetic_tokens\n"
             f"synthetic_tokens.write_synthetic({str(tmp_path)!r}, train_shards=1, train_frames=340, val_frames=340)\n"
             f"ds = data.TokenDataset({str(tmp_path / 'val_v2.0')!r}, vocab_size=1000)\n"
             "print(len(ds), tuple(ds[0][0].shape))\n")
@@ -2377,7 +2378,7 @@ def test_torchrun_on_cuda_picks_the_paper_preset_plain_python_the_demo_explicit_
 def test_claim_refuses_to_train_over_a_checkpoint_unless_resuming_or_overwriting(tmp_path):
     out = tmp_path / 'run'
     run_dir.claim(str(out), resume=False)
-    run_dir.save_checkpoint(str(out), dict(kind='compression', step=1))
+    checkpoints.save_checkpoint(str(out), dict(kind='compression', step=1))
     run_dir._release_lock(str(out / 'run.lock'), os.getpid())
     before = (out / 'ckpt.pt').read_bytes()
     with pytest.raises(SystemExit, match='already exists. To continue that run pass --init_from=resume'):
@@ -2409,8 +2410,8 @@ def test_a_live_run_holds_the_lock_and_a_killed_one_does_not(tmp_path):
 def test_saves_keep_the_previous_and_the_best_checkpoint(tmp_path):
     out = str(tmp_path)
     for step, val in ((1, 5.0), (2, 4.0), (3, 4.5)):   # step 3 is worse than step 2
-        run_dir.save_checkpoint(out, dict(kind='compression', step=step, config={}), metric=val)
-    load = lambda name: run_dir.load_checkpoint(os.path.join(out, name), 'compression')['step']
+        checkpoints.save_checkpoint(out, dict(kind='compression', step=step, config={}), metric=val)
+    load = lambda name: checkpoints.load_checkpoint(os.path.join(out, name), 'compression')['step']
     assert (load('ckpt.pt'), load('ckpt_prev.pt'), load('ckpt_best.pt')) == (3, 2, 2)
     assert json.loads((tmp_path / 'best.json').read_text())['value'] == 4.0
     assert not [f for f in os.listdir(out) if f.endswith('.tmp')]
@@ -2420,7 +2421,7 @@ def test_loading_a_crafted_pickle_runs_no_code(tmp_path):
     marker = tmp_path / 'pwned.txt'
     torch.save(dict(kind='compression', step=1, config={}, evil=_Payload(str(marker))), tmp_path / 'ckpt.pt')
     with pytest.raises(SystemExit, match='refusing to load it'):
-        run_dir.load_checkpoint(str(tmp_path / 'ckpt.pt'), 'compression')
+        checkpoints.load_checkpoint(str(tmp_path / 'ckpt.pt'), 'compression')
     assert not marker.exists()
 
 
@@ -2428,12 +2429,12 @@ def test_checkpoint_of_the_other_track_or_other_model_settings_is_named(tmp_path
     path = str(tmp_path / 'ckpt.pt')
     torch.save(dict(kind='sampling', step=1, config=dict(n_layer=2)), path)
     with pytest.raises(SystemExit, match='not a compression-track checkpoint'):
-        run_dir.load_checkpoint(path, 'compression')
+        checkpoints.load_checkpoint(path, 'compression')
     with pytest.raises(SystemExit, match=re.escape('n_layer=2 in the checkpoint, 24 now')):
-        run_dir.load_checkpoint(path, 'sampling', expect=dict(n_layer=24))
+        checkpoints.load_checkpoint(path, 'sampling', expect=dict(n_layer=24))
     (tmp_path / 'cut.pt').write_bytes(open(path, 'rb').read()[:100])
     with pytest.raises(SystemExit, match='may be truncated'):
-        run_dir.load_checkpoint(str(tmp_path / 'cut.pt'), 'sampling')
+        checkpoints.load_checkpoint(str(tmp_path / 'cut.pt'), 'sampling')
 
 
 def test_non_finite_loss_stops_and_names_the_checkpoint_kept(tmp_path):
@@ -2450,7 +2451,7 @@ def test_log_of_a_resumed_run_reads_as_one_run_and_plots(tmp_path):
     log = run_dir.RunLog(out, start_step=4)   # resumed from the checkpoint of step 4: 5, 6 are redone
     log.write(dict(step=5, loss=0.1))
     assert [r['step'] for r in run_dir.read_log(out)] == [1, 2, 3, 4, 5]
-    png = run_dir.plot_curves(out, [('loss', ['loss']), ('val', ['val'])])
+    png = trackers.plot_curves(out, [('loss', ['loss']), ('val', ['val'])])
     assert Image.open(png).size[0] > 500
 
 
@@ -2464,7 +2465,7 @@ def test_a_torn_log_line_or_best_json_is_skipped_with_a_note_not_a_traceback(tmp
     (tmp_path / 'best.json').write_text('{"step": 2, "val')
     run_dir.RunLog(out, start_step=3)   # the resume keeps steps 0-2
     assert [r['step'] for r in run_dir.read_log(out)] == [0, 1, 2]
-    run_dir.save_checkpoint(out, dict(kind='compression', step=3), metric=0.5)
+    checkpoints.save_checkpoint(out, dict(kind='compression', step=3), metric=0.5)
     assert json.loads((tmp_path / 'best.json').read_text())['value'] == 0.5 and (tmp_path / 'ckpt_best.pt').exists()
     said = capsys.readouterr().out
     assert 'skipped 1 line(s) that are not JSON' in said and 'best.json cannot be read' in said
@@ -2747,7 +2748,7 @@ def test_exported_files_get_the_mode_of_ckpt_pt(tmp_path):
     old = os.umask(0o027)   # a shared machine's umask: group may read
     try:
         written = export_lora(trained_lora_model(), tmp_path)
-        torch.save({}, tmp_path / 'ckpt.pt')   # run_dir.save_checkpoint writes ckpt.pt with torch.save
+        torch.save({}, tmp_path / 'ckpt.pt')   # checkpoints.save_checkpoint writes ckpt.pt with torch.save
     finally:
         os.umask(old)
     assert {stat.S_IMODE(p.stat().st_mode) for p in written} == {stat.S_IMODE((tmp_path / 'ckpt.pt').stat().st_mode)} \
@@ -3262,7 +3263,7 @@ def test_sample_py_help_says_compile_is_on_with_cuda_and_off_on_the_cpu():
 # ===============================================================================================
 
 def save(out, step, value=1.0, metric=None):
-    run_dir.save_checkpoint(str(out), dict(kind='compression', step=step, config={}, model=dict(w=torch.full((3,), value))),
+    checkpoints.save_checkpoint(str(out), dict(kind='compression', step=step, config={}, model=dict(w=torch.full((3,), value))),
                             metric=metric)
 
 
@@ -3339,7 +3340,7 @@ def test_weights_with_inf_are_never_saved_and_nothing_is_overwritten(tmp_path):
     state = dict(kind='compression', step=3, config={}, model=dict(w=torch.ones(3)),
                  optimizer=dict(state={0: dict(exp_avg_sq=torch.tensor([1.0, float('nan')]))}))
     with pytest.raises(SystemExit, match='optimizer.state.0.exp_avg_sq holds NaN or inf'):
-        run_dir.save_checkpoint(str(tmp_path), state)
+        checkpoints.save_checkpoint(str(tmp_path), state)
     assert {name: (tmp_path / name).read_bytes() for name in before} == before
     assert sorted(os.listdir(tmp_path)) == ['ckpt.pt', 'ckpt_prev.pt']
 
@@ -3373,7 +3374,7 @@ def test_a_full_disk_during_a_save_is_one_sentence_and_leaves_no_tmp(tmp_path, m
         if where == 'torch.save':
             open(args[1], 'wb').write(b'half a checkpoint')
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-    monkeypatch.setattr(run_dir.torch if where == 'torch.save' else run_dir.os, where.split('.')[1], full)
+    monkeypatch.setattr(checkpoints.torch if where == 'torch.save' else checkpoints.os, where.split('.')[1], full)
     with pytest.raises(SystemExit, match=re.escape(f"could not save {tmp_path}/ckpt.pt (No space left on device): "
                                                    f"free space")) as stop:
         save(tmp_path, 2)
@@ -4048,11 +4049,11 @@ def test_resume_takes_the_model_settings_of_its_checkpoint_and_says_which(tmp_pa
 
 
 def test_a_model_flag_that_differs_from_the_checkpoint_is_refused_by_name(tmp_path):
-    run_dir.save_checkpoint(str(tmp_path), dict(kind='compression', step=1, config=dict(n_layer=2, n_embd=64)))
+    checkpoints.save_checkpoint(str(tmp_path), dict(kind='compression', step=1, config=dict(n_layer=2, n_embd=64)))
     with pytest.raises(SystemExit, match=r'n_layer=2 in the checkpoint, 1 now\. Leave these settings out'):
-        run_dir.model_settings_on_resume(str(tmp_path), 'compression', dict(n_layer=1, n_embd=64), {'n_layer'})
+        checkpoints.model_settings_on_resume(str(tmp_path), 'compression', dict(n_layer=1, n_embd=64), {'n_layer'})
     # not given: the checkpoint's; given and equal: kept
-    assert run_dir.model_settings_on_resume(str(tmp_path), 'compression', dict(n_layer=1, n_embd=64),
+    assert checkpoints.model_settings_on_resume(str(tmp_path), 'compression', dict(n_layer=1, n_embd=64),
                                             {'n_embd'}) == dict(n_layer=2, n_embd=64)
     # what configure() reports as given: flags and a config file's assignments, not a preset's
     cfg_file = tmp_path / 'my_run.py'

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 import data
 from configurator import configure
-from machinery import run_dir, synthetic_tokens, tokenized
+from machinery import checkpoints, run_dir, synthetic_tokens, tokenized
 from machinery.distributed import (finish, grad_accum_steps, mean_over_ranks, on_master, resolve_device, setup_distributed,
                          wait_for_all)
 from metrics import cross_entropy_topk
@@ -120,7 +120,7 @@ given = configure(globals(), presets=PRESETS, gpu_preset='paper',
 # settings that define the model: a resume takes the checkpoint's unless given (as nanoGPT)
 MODEL_KEYS = ('vocab_size', 'n_layer', 'n_head', 'n_embd', 'state_window', 'use_states')
 if init_from == 'resume' and not eval_only:
-    globals().update(run_dir.model_settings_on_resume(out_dir, 'compression', {k: globals()[k] for k in MODEL_KEYS},
+    globals().update(checkpoints.model_settings_on_resume(out_dir, 'compression', {k: globals()[k] for k in MODEL_KEYS},
                                                       given))
 if max_iters == 0 and epochs == 0 and not eval_only:
     raise SystemExit("--max_iters=0 and --epochs=0: give the run a length (--max_iters=N steps, or --epochs=E)")
@@ -237,8 +237,8 @@ def evaluate(model, ds, num_samples, baselines=False):
            if not (math.isfinite(top) and math.isfinite(full))]
     if bad:
         raise SystemExit(f"evaluation on {ds.split_dir} gave non-finite figures ({'; '.join(bad)}): the model's "
-                         f"weights or the data hold NaN/inf; nothing was saved from them: {run_dir.CKPT} and "
-                         f"{run_dir.PREV} in {out_dir} (if any) hold earlier states")
+                         f"weights or the data hold NaN/inf; nothing was saved from them: {checkpoints.CKPT} and "
+                         f"{checkpoints.PREV} in {out_dir} (if any) hold earlier states")
     return results
 
 
@@ -254,8 +254,8 @@ def print_table(results, world=None):
 
 def save_checkpoint(step, metric):
     state = dict(kind='compression', model=raw_model.state_dict(), optimizer=optimizer.state_dict(), step=step,
-                 model_cfg=dict(vars(model_cfg)), config=run_dir.plain(config))
-    run_dir.save_checkpoint(out_dir, state, metric)   # ckpt.pt atomically; ckpt_prev.pt; ckpt_best.pt by metric
+                 model_cfg=dict(vars(model_cfg)), config=checkpoints.plain(config))
+    checkpoints.save_checkpoint(out_dir, state, metric)   # ckpt.pt atomically; ckpt_prev.pt; ckpt_best.pt by metric
 
 
 # --- processes: DDP under torchrun, the precision; rank 0 claims out_dir --------------------------
@@ -295,8 +295,8 @@ def read_split(name, **kw):
 
 
 if eval_only:   # the checkpoint's model, as it was trained, on --split: the table, then exit
-    ckpt = ckpt or os.path.join(out_dir, run_dir.CKPT)
-    state = run_dir.load_checkpoint(ckpt, 'compression')
+    ckpt = ckpt or os.path.join(out_dir, checkpoints.CKPT)
+    state = checkpoints.load_checkpoint(ckpt, 'compression')
     raw_model = STTransformer(STConfig(**state['model_cfg'])).to(device)
     raw_model.load_state_dict(state['model'])
     eval_ds = read_split(split, vocab_size=raw_model.cfg.vocab_size, state_window=raw_model.cfg.state_window)
@@ -338,12 +338,12 @@ raw_model = STTransformer(model_cfg).to(device)
 optimizer = torch.optim.AdamW(raw_model.param_groups(weight_decay), lr=learning_rate, betas=(beta1, beta2),
                               fused=device_type == 'cuda')  # paper 3.2: fused AdamW
 start_step = 0
-ckpt_path = os.path.join(out_dir, run_dir.CKPT)
+ckpt_path = os.path.join(out_dir, checkpoints.CKPT)
 if init_from == 'resume':   # loaded to the CPU, tensors and plain data only (never runs code)
-    state = run_dir.load_checkpoint(ckpt_path, 'compression', expect={k: config[k] for k in MODEL_KEYS})
+    state = checkpoints.load_checkpoint(ckpt_path, 'compression', expect={k: config[k] for k in MODEL_KEYS})
     raw_model.load_state_dict(state['model'])
     optimizer.load_state_dict(state['optimizer'])
-    changed = run_dir.optimizer_settings_on_resume(   # the flags given now (the lr follows get_lr every step)
+    changed = checkpoints.optimizer_settings_on_resume(   # the flags given now (the lr follows get_lr every step)
         optimizer, [dict(weight_decay=wd, betas=(beta1, beta2)) for wd in (weight_decay, 0.0)], state['config'], config)
     start_step = state['step']
     if master:
@@ -417,11 +417,10 @@ for step in range(start_step, stop):
 
 # --- the end: curves, the final table -------------------------------------------------------------
 if master:
-    log.close()
     print(f"trained to step {stop} in {time.time() - t0:.0f} s; checkpoint {ckpt_path}")
-    run_dir.plot_curves(out_dir, [('cross-entropy (nats)', ['loss', 'val_tf_ce', 'val_ar_ce']),
-                                  ('Top-500 CE (nats)', ['val_tf_top500', 'val_ar_top500'])],
-                        title=f'compression: train (teacher-forced) and val ({eval_samples} samples)')
+    log.close(curves=[('cross-entropy (nats)', ['loss', 'val_tf_ce', 'val_ar_ce']),
+                      ('Top-500 CE (nats)', ['val_tf_top500', 'val_ar_top500'])],
+              title=f'compression: train (teacher-forced) and val ({eval_samples} samples)')
 if master and final_eval and stop == max_iters:
     results = evaluate(raw_model, val_ds, final_eval_samples, baselines=True)
     print(f"\nval_v2.0 ({len(val_ds) if final_eval_samples <= 0 else min(final_eval_samples, len(val_ds))} samples), "

@@ -42,7 +42,7 @@ from tqdm import tqdm
 
 import data
 from configurator import configure
-from machinery import latents, pictures, run_dir, synthetic_video
+from machinery import checkpoints, latents, pictures, run_dir, synthetic_video
 from machinery.distributed import (finish, grad_accum_steps, mean_over_ranks, on_master, resolve_device, setup_distributed,
                          wait_for_all)
 from flow_matching import diffsynth_weight, flow_matching_loss, predict_frame77, sample_draws
@@ -158,7 +158,7 @@ given = configure(globals(), presets=PRESETS, gpu_preset='paper',
 MODEL_KEYS = ('model', 'dim', 'num_layers', 'num_heads', 'ffn_dim', 'pretrained', 'train_mode', 'lora_rank',
               'lora_alpha', 'vae', 'state_embedder', 'text_encoder')
 if init_from == 'resume':
-    globals().update(run_dir.model_settings_on_resume(out_dir, 'sampling', {k: globals()[k] for k in MODEL_KEYS},
+    globals().update(checkpoints.model_settings_on_resume(out_dir, 'sampling', {k: globals()[k] for k in MODEL_KEYS},
                                                       given))
     if init_lora:
         raise SystemExit(f"--init_lora={init_lora} starts a new run; a resume continues its checkpoint: drop one")
@@ -241,8 +241,8 @@ def evaluate(step):
 
 def save_checkpoint(step, metric):
     state = dict(kind='sampling', trainable={n: p.detach().cpu() for n, p in trainable.items()},
-                 optimizer=optimizer.state_dict(), step=step, config=run_dir.plain(dict(config, frame_size=frame_size)))
-    run_dir.save_checkpoint(out_dir, state, metric, higher_is_better=True)   # ckpt_best.pt: the best val PSNR
+                 optimizer=optimizer.state_dict(), step=step, config=checkpoints.plain(dict(config, frame_size=frame_size)))
+    checkpoints.save_checkpoint(out_dir, state, metric, higher_is_better=True)   # ckpt_best.pt: the best val PSNR
     # the same weights for other tools: lora.safetensors (ComfyUI / diffusers keys, README) and the
     # state conditioning, which only nanoWM has, in state_embedder.safetensors; with a numbered history
     export_lora(raw_model, out_dir, step=step, keep_last=keep_last or None)
@@ -312,14 +312,14 @@ if master:
     print(f"model {model}: {sum(p.numel() for p in raw_model.parameters()) / 1e6:.2f}M parameters, "
           f"{sum(p.numel() for p in trainable.values()) / 1e6:.2f}M trained ({train_mode}), device {device}")
 start_step = 0
-ckpt_path = os.path.join(out_dir, run_dir.CKPT)
+ckpt_path = os.path.join(out_dir, checkpoints.CKPT)
 if init_from == 'resume':   # loaded to the CPU, tensors and plain data only (never runs code)
-    state = run_dir.load_checkpoint(ckpt_path, 'sampling', expect={k: config[k] for k in MODEL_KEYS})
+    state = checkpoints.load_checkpoint(ckpt_path, 'sampling', expect={k: config[k] for k in MODEL_KEYS})
     with torch.no_grad():
         for n, p in trainable.items():
             p.copy_(state['trainable'][n])
     optimizer.load_state_dict(state['optimizer'])
-    changed = run_dir.optimizer_settings_on_resume(optimizer, [dict(lr=learning_rate, weight_decay=weight_decay)],
+    changed = checkpoints.optimizer_settings_on_resume(optimizer, [dict(lr=learning_rate, weight_decay=weight_decay)],
                                                    state['config'], config)   # the flags given now
     start_step = state['step']
     if master:
@@ -385,10 +385,8 @@ for step in range(start_step, max_iters):
 
 # --- the end: curves ------------------------------------------------------------------------------
 if master:
-    log.close()
     print(f"trained to step {max_iters} in {time.time() - t0:.0f} s; checkpoint {ckpt_path}")
-    run_dir.plot_curves(out_dir, [('flow-matching loss', ['loss']),
-                                  ('val PSNR of frame 77 (dB)', ['val_psnr_single', 'val_psnr_ensemble',
-                                                                 'val_psnr_copy_last'])],
-                        title=f'sampling: {len(val_ds)} val clips, ensemble of {eval_ensemble}')
+    log.close(curves=[('flow-matching loss', ['loss']),
+                      ('val PSNR of frame 77 (dB)', ['val_psnr_single', 'val_psnr_ensemble', 'val_psnr_copy_last'])],
+              title=f'sampling: {len(val_ds)} val clips, ensemble of {eval_ensemble}')
 finish()   # every rank together, then the process groups go (distributed.py)

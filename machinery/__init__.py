@@ -13,4 +13,19 @@
     pictures        figures of frames: labelled grids (PNG), side-by-side clips (GIF)
     prepare         `python -m machinery.prepare ...`: the data commands
     bench           `python -m machinery.bench`: timings, samples/s and MFU of both tracks
+    checkpoints     a run's checkpoints: atomic saves, loads that run no code, resume
+    trackers        TensorBoard, W&B and curves.png, each imported only when asked for
+
+Optional packages (requirements-sampling.txt) are imported where they are used, through need().
 """
+import importlib
+
+
+def need(package, what):
+    """The optional package (requirements-sampling.txt) `what` needs, imported; or a stop that says
+    which pip line installs it."""
+    try:
+        return importlib.import_module(package)
+    except ImportError as err:
+        raise SystemExit(f"{what} needs the {package} package ({err}): pip install -r requirements-sampling.txt"
+                         ) from None

@@ -593,7 +593,7 @@ def main(argv=None):
     """`python -m machinery.wan_files export --ckpt out_sampling/ckpt.pt [--out DIR] [--overwrite]`:
     lora.safetensors + state_embedder.safetensors of a sampling checkpoint (export_lora)."""
     import argparse
-    from machinery import run_dir   # weights_only loading, the track checked, a truncated file named
+    from machinery import checkpoints   # weights_only loading, the track checked, a truncated file named
     parser = argparse.ArgumentParser(prog='python -m machinery.wan_files', description=main.__doc__)
     sub = parser.add_subparsers(dest='command', required=True)
     p = sub.add_parser('export', help="write a sampling checkpoint's LoRA in the ComfyUI / diffusers format")
@@ -605,7 +605,7 @@ def main(argv=None):
     there = [out / f for f in ('lora.safetensors', 'state_embedder.safetensors') if (out / f).exists()]
     if there and not args.overwrite:   # a run folder holds its latest export: ckpt_best.pt must not replace it
         raise SystemExit(f"{there[0]} exists: pass --out with another folder, or --overwrite to replace it")
-    ckpt = run_dir.load_checkpoint(args.ckpt, 'sampling')
+    ckpt = checkpoints.load_checkpoint(args.ckpt, 'sampling')
     try:
         written = export_lora(ckpt['trainable'], out, ckpt['config'].get('lora_alpha'))
     except ValueError as err:
