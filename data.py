@@ -5,16 +5,16 @@ order in which both trainers draw their batches.
     RawShard(split_dir, shard) sampling track: one shard's mp4, states and segment ids
     RawClips(split_dir)        sampling track: 21 frames (raw 0, 4, ..., 76, 76) + states per clip
     LatentClips(latent_dir)    the same clips pre-encoded (machinery/latents.py)
-    batch_positions(...)       a process's micro-batch: its positions in the step's global batch
-    batch_rows(...)            the dataset rows of those positions, the same under any world size
+    batch_positions, batch_rows a process's micro-batch: its rows of the step's global batch, the
+                               same under any world size
 
-Sections: the layout of the 1X datasets (constants, file names, checks), the tokenized data, the
-raw videos, the batch order. Bad files and bad arguments are ValueError (FileNotFoundError for a
-missing file) with a message that names the file and the problem.
-
-Writing data (downloads, synthetic sets, encoding) is machinery's job (machinery/prepare.py).
+Bad files and bad arguments are ValueError (FileNotFoundError for a missing file) with a message
+that names the file and the problem. Writing data (downloads, synthetic sets, encoding) is
+machinery's job (machinery/prepare.py).
 """
+import collections
 import functools
+import itertools
 import json
 import math
 import os
@@ -23,9 +23,7 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
-# ---------------------------------------------------------------------------------------------
-# Layout of the 1X datasets
-# ---------------------------------------------------------------------------------------------
+# --- Layout of the 1X datasets ----------------------------------------------------------------
 
 # Facts of the 1X v2.0 tokenized data (its dataset card and the 1xgpt code). No 1X file states the vocabulary:
 # 64,000 is the size of the Cosmos DV8x8x8 FSQ codebook (levels 8,8,8,5,5,5).
@@ -65,8 +63,9 @@ def read_json(path, counts=()):
 
 
 def check_shards(shards, num_shards, meta_path):
-    """Shards asked for must each exist (0 .. num_shards - 1 by the split's metadata.json) and be named once."""
-    if len(set(shards)) != len(shards) or not all(0 <= i < num_shards for i in shards):
+    """Shards asked for (None: all) must each exist (0 .. num_shards - 1 by the split's metadata.json) and be
+    named once."""
+    if shards is not None and (len(set(shards)) != len(shards) or not all(0 <= i < num_shards for i in shards)):
         raise ValueError(f"shards {shards}: {meta_path} lists {num_shards} shards, 0-{num_shards - 1}; name each "
                          f"at most once")
 
@@ -123,17 +122,20 @@ def layout_path(split_dir, folder, name, nested):
     return os.path.join(split_dir, folder, name) if nested else os.path.join(split_dir, name)
 
 
-def shard_paths(split_dir, i):
-    """The four files of tokenized shard i, nested (train_v2.0) or flat (val_v2.0): try both."""
-    files = shard_files(i)
+def shard_paths(split_dir, i, video_ext='bin'):
+    """The four files of shard i (tokenized: video_ext 'bin', raw: 'mp4'), nested (train splits) or
+    flat (val splits) as its video is: both are tried."""
+    files = shard_files(i, video_ext)
     nested = os.path.exists(layout_path(split_dir, *files['video'], nested=True))
     paths = {kind: layout_path(split_dir, folder, name, nested) for kind, (folder, name) in files.items()}
     for kind, path in paths.items():
         if not os.path.exists(path):
             folder, name = files[kind]
+            fix = ("Download it with `python -m machinery.prepare download` or pass --shards to read only the shards "
+                   "you have" if video_ext == 'bin' else "Is this a 1X raw split folder (train_v2.0_raw/ or "
+                   "val_v2.0_raw/)? `python -m machinery.prepare synthetic_raw --out DIR` writes a small one")
             raise FileNotFoundError(f"missing shard file {path} (shard {i}, {kind}). Tried {split_dir}/{folder}/{name} "
-                                    f"and {split_dir}/{name}. Download it with `python -m machinery.prepare download` "
-                                    f"or pass --shards to read only the shards you have.")
+                                    f"and {split_dir}/{name}. {fix}.")
     return paths
 
 
@@ -163,26 +165,21 @@ def check_finite_rows(path, array_ND, what, chunk=1 << 16):
                              f"damaged or was written from bad data; fix or replace it (or leave out its shard).")
 
 
-# ---------------------------------------------------------------------------------------------
-# Tokenized data (compression track)
-# ---------------------------------------------------------------------------------------------
+# --- Tokenized data (compression track) -------------------------------------------------------
 
 class TokenDataset(torch.utils.data.Dataset):
     """Samples of the 1X tokenized v2.0 data: 6 token grids (2 blocks) and 64 state rows.
 
-    A sample starts at block k of a shard and covers frames 17k .. 17k+33; it is valid only if
-    all those frames share one segment id (frames of different ids are not contiguous). stride 1
-    starts a sample at every block (samples overlap by one block); stride 2 only at even blocks:
-    non-overlapping samples, the paper's ~306k per epoch (2 x 306k blocks = 92% of the data). Returns
+    A sample starts at block k of a shard and covers frames 17k .. 17k+33, all of one segment id
+    (frames of different ids are not contiguous). stride 1 starts a sample at every block; stride
+    2 only at even blocks: non-overlapping samples, the paper's ~306k per epoch. Returns
       tokens_GHW  int64 (6, 32, 32)   grids 0-2 are the context, 3-5 the future (paper 3)
       states_LD   float32 (64, 25)    the state_window frames ending at the sample's last frame.
     The paper does not say how 64 state rows align with 34 frames; we take the window that ends
-    with the sample (30 frames before it + the 34 frames of the sample; the ST-transformer's
-    pooling, st_transformer.grid_frame_pool, uses only the latter) and repeat the first row
-    of the segment where the window would reach before the segment (or shard) start, so a window
-    never mixes episodes. Shards are memory-mapped lazily, so DataLoader workers share nothing.
-    Robot states are checked for NaN and inf when a shard is opened (an error names the file and
-    the first bad row); tokens outside [0, vocab_size) are an error when a sample is read.
+    with the sample (st_transformer.grid_frame_pool uses only its last 34 rows) and repeat the
+    segment's first row where the window would reach before it, so a window never mixes episodes.
+    Shards are memory-mapped lazily, so DataLoader workers share nothing. Robot states are checked
+    for NaN and inf when a shard is opened, tokens outside [0, vocab_size) when a sample is read.
     """
 
     def __init__(self, split_dir, shards=None, vocab_size=VOCAB_SIZE, state_window=STATE_WINDOW, stride=1):
@@ -215,11 +212,10 @@ class TokenDataset(torch.utils.data.Dataset):
             check_finite_rows(paths['states'], np.memmap(paths['states'], dtype=np.float32, mode='r').reshape(n, STATE_DIM),
                               'robot states')
             seg = np.fromfile(paths['segment_idx'], dtype=np.int32)
-            # block k is a valid sample start if frames 17k .. 17k+33 exist and share one segment id
-            for k in range(0, (n - SAMPLE_FRAMES) // FRAMES_PER_BLOCK + 1, stride):
-                f0 = k * FRAMES_PER_BLOCK
-                if seg[f0] == seg[f0 + SAMPLE_FRAMES - 1] and (seg[f0:f0 + SAMPLE_FRAMES] == seg[f0]).all():
-                    index.append((i, k))
+            run = np.concatenate([[0], np.cumsum(seg[1:] != seg[:-1])])   # frames of one run share a segment id
+            # block k is a valid sample start if frames 17k .. 17k+33 exist and lie in one run
+            f0 = np.arange(0, (n - SAMPLE_FRAMES) // FRAMES_PER_BLOCK + 1, stride) * FRAMES_PER_BLOCK
+            index += [(i, int(f) // FRAMES_PER_BLOCK) for f in f0[run[f0] == run[f0 + SAMPLE_FRAMES - 1]]]
         self.index = np.array(index, dtype=np.int64).reshape(-1, 2)
         self._mmaps = {}
         if len(self.index) == 0:
@@ -241,26 +237,25 @@ class TokenDataset(torch.utils.data.Dataset):
         """Every token in [0, vocab_size), read in chunks (__getitem__ checks a sample when read;
         this finds a bad file at start, not at the first validation). Stops with the file and block."""
         for i in self.shards:
-            video = np.memmap(self.files[i]['video'], dtype=np.int32, mode='r')
-            flat = video.reshape(-1, GRIDS_PER_BLOCK * GRID_H * GRID_W)
-            rows = max(1, chunk // flat.shape[1])
-            for b in range(0, len(flat), rows):
-                part = np.asarray(flat[b:b + rows])
-                bad = (part < 0) | (part >= self.vocab_size)
-                if bad.any():
-                    row = int(bad.any(1).nonzero()[0][0])
-                    token = int(part[row][bad[row]][0])
-                    raise ValueError(f"{self.files[i]['video']}: block {b + row} holds token {token}, outside the "
-                                     f"vocabulary [0, {self.vocab_size}). Wrong file, or set vocab_size.")
+            blocks = np.memmap(self.files[i]['video'], dtype=np.int32, mode='r').reshape(-1, GRIDS_PER_BLOCK * GRID_H * GRID_W)
+            rows = max(1, chunk // blocks.shape[1])
+            for b in range(0, len(blocks), rows):
+                self._check_vocab(i, np.asarray(blocks[b:b + rows]), b)
+
+    def _check_vocab(self, i, tokens_BN, first_block):
+        """Stop at the first of the blocks (first_block, ...) of shard i that holds a token outside the vocabulary."""
+        bad_BN = (tokens_BN < 0) | (tokens_BN >= self.vocab_size)
+        if bad_BN.any():
+            row = int(bad_BN.any(1).nonzero()[0][0])
+            raise ValueError(f"{self.files[i]['video']}: block {first_block + row} holds token "
+                             f"{int(tokens_BN[row][bad_BN[row]][0])}, outside the vocabulary [0, {self.vocab_size}). "
+                             f"Wrong file, or set vocab_size.")
 
     def __getitem__(self, j):
         i, k = (int(v) for v in self.index[j])
         video, states, seg = self._open(i)
         tokens_GHW = np.asarray(video[k:k + SAMPLE_BLOCKS]).reshape(SAMPLE_GRIDS, GRID_H, GRID_W)
-        lo, hi = int(tokens_GHW.min()), int(tokens_GHW.max())
-        if lo < 0 or hi >= self.vocab_size:
-            raise ValueError(f"{self.files[i]['video']}: blocks {k}-{k + 1} hold token {lo if lo < 0 else hi}, "
-                             f"outside the vocabulary [0, {self.vocab_size}). Wrong file, or set vocab_size.")
+        self._check_vocab(i, tokens_GHW.reshape(SAMPLE_BLOCKS, -1), k)
         last = k * FRAMES_PER_BLOCK + SAMPLE_FRAMES - 1
         first = last - self.state_window + 1
         seg_w = seg[max(first, 0):last + 1]
@@ -270,9 +265,7 @@ class TokenDataset(torch.utils.data.Dataset):
         return torch.from_numpy(tokens_GHW.astype(np.int64)), torch.from_numpy(states_LD)
 
 
-# ---------------------------------------------------------------------------------------------
-# Raw video data (sampling track)
-# ---------------------------------------------------------------------------------------------
+# --- Raw video data (sampling track) ----------------------------------------------------------
 
 RAW_CLIP_LEN = 77       # a challenge clip: frames 0..76 at 30 Hz (paper 2, problem statement)
 RAW_CONTEXT_LEN = 17    # frames 0..16 are given; frame 76 is predicted
@@ -287,42 +280,27 @@ TARGET_FRAME = RAW_CLIP_LEN - 1  # raw frame 76, clip frame 20, inside the last 
 
 
 def clip_frame_indices():
-    """Raw frame index of each of the 21 clip frames: min(4 j, 76) for j = 0..20.
-
-    77 frames at stride 4 give only 20 frames (0, 4, ..., 76), but Wan's VAE encodes 4k + 1
-    frames (frame 0 alone, then chunks of 4). Our choice: repeat frame 76 as the 21st frame, so the
-    target is the last clip frame, which the causal VAE puts in the last latent, and the context
-    frames 0, 4, 8, 12, 16 fill exactly latents 0 and 1. States are downsampled the same way.
-    """
+    """Raw frame index of each of the 21 clip frames: min(4 j, 76) for j = 0..20. 77 frames at
+    stride 4 give only 20 frames (0, 4, ..., 76), but Wan's VAE encodes 4k + 1 frames (frame 0
+    alone, then chunks of 4). Our choice: repeat frame 76 as the 21st frame, so the target is the
+    last clip frame, which the causal VAE puts in the last latent, and the context frames 0, 4, 8,
+    12, 16 fill exactly latents 0 and 1. States are downsampled the same way."""
     return [min(TIME_STRIDE * j, TARGET_FRAME) for j in range(CLIP_LEN)]
-
-
-def _split_file(split_dir, folder, name):
-    """train_v2.0_raw keeps files in subfolders, val_v2.0_raw keeps them flat: try both."""
-    for path in (layout_path(split_dir, folder, name, True), layout_path(split_dir, folder, name, False)):
-        if os.path.exists(path):
-            return path
-    raise FileNotFoundError(f"{split_dir}: neither {folder}/{name} nor {name} exists; is this a "
-                            f"1X raw split folder (train_v2.0_raw/ or val_v2.0_raw/)? "
-                            f"`python -m machinery.prepare synthetic_raw --out DIR` writes a small one")
 
 
 class RawShard:
     """One shard of the raw data: one long 30 Hz mp4 with a state row and a segment id per frame.
-
-    Checked when opened: file sizes against the metadata, robot states for NaN and inf (the error
-    names the file and the frame). Checked when decoded: a damaged mp4, and frames of another size
-    than frame_size (None: any size), are errors that name the video."""
+    Checked when opened: file sizes against the metadata, robot states for NaN and inf. Checked when
+    decoded: a damaged mp4, and frames of another size than frame_size (None: any size)."""
 
     def __init__(self, split_dir, shard, frame_size=None):
-        paths = {kind: _split_file(split_dir, *file) for kind, file in shard_files(shard, 'mp4').items()}
+        paths = shard_paths(split_dir, shard, 'mp4')
         self.video_path, states_path, segment_path = paths['video'], paths['states'], paths['segment_idx']
         self.num_frames = read_json(paths['metadata'], counts=('shard_num_frames',))['shard_num_frames']
         self.frame_size = frame_size
-        for path, nbytes in ((states_path, self.num_frames * STATE_DIM * 4), (segment_path, self.num_frames * 4)):
-            if os.path.getsize(path) != nbytes:
-                raise ValueError(f"{path} has {os.path.getsize(path)} bytes, expected {nbytes} for "
-                                 f"shard_num_frames={self.num_frames}; the file is truncated or from another shard")
+        sizes = expected_sizes(self.num_frames)
+        _check_size(states_path, sizes['states'], f"float32 states ({self.num_frames}, {STATE_DIM})")
+        _check_size(segment_path, sizes['segment_idx'], f"int32 segment id per frame, {self.num_frames} frames")
         self.states_ND = np.memmap(states_path, dtype=np.float32, mode='r', shape=(self.num_frames, STATE_DIM))
         self.segment_N = np.memmap(segment_path, dtype=np.int32, mode='r', shape=(self.num_frames,))
         check_finite_rows(states_path, self.states_ND, 'robot states')
@@ -330,18 +308,18 @@ class RawShard:
     def clip_starts(self, stride=RAW_CLIP_LEN):
         """Starts of the 77-frame windows whose frames all share one segment id (contiguous video)."""
         seg = np.asarray(self.segment_N)
-        new_run = np.concatenate([[True], seg[1:] != seg[:-1]])
-        run_start = np.maximum.accumulate(np.where(new_run, np.arange(len(seg)), 0))  # first frame of my run
-        starts = []
-        for s in range(0, len(seg) - RAW_CLIP_LEN + 1):
-            if run_start[s + RAW_CLIP_LEN - 1] <= s and (not starts or s >= starts[-1] + stride):
-                starts.append(s)
+        run = np.concatenate([[0], np.cumsum(seg[1:] != seg[:-1])])   # frames of one run share a segment id
+        last, starts = run[RAW_CLIP_LEN - 1:], []   # the run of each window's last frame
+        for s in np.flatnonzero(run[:len(last)] == last):
+            if not starts or s >= starts[-1] + stride:
+                starts.append(int(s))
         return starts
 
     def _decode_from(self, start):
         """(frame index, uint8 [H, W, 3]) for every frame from `start` to the end of the video:
         seek to the keyframe before `start`, decode forward."""
-        import av   # only the sampling track reads videos
+        from machinery import need   # only the sampling track reads videos
+        av = need('av', 'reading the raw mp4 videos')
         try:
             with av.open(self.video_path) as container:
                 if not container.streams.video:
@@ -366,11 +344,7 @@ class RawShard:
 
     def read_frames(self, start, count):
         """Frames start .. start+count-1 as uint8 [count, H, W, 3]."""
-        frames = []
-        for idx, frame in self._decode_from(start):
-            if idx >= start + count:
-                break
-            frames.append(frame)
+        frames = [frame for _, frame in itertools.takewhile(lambda f: f[0] < start + count, self._decode_from(start))]
         if len(frames) != count:
             raise ValueError(f"{self.video_path}: got {len(frames)} frames from frame {start}, expected {count}; "
                              f"the video is shorter than its metadata says (truncated download?)")
@@ -387,22 +361,18 @@ class RawShard:
     def iter_clips(self, starts):
         """read_clip for each of the sorted `starts`, decoding the video front to back once (for
         pre-encoding: read_clip seeks and decodes 77 frames per clip, which overlapping clips repeat)."""
-        idx = np.array(clip_frame_indices())
-        pending, buf = list(starts), {}
-        if not pending:
-            return
-        for n, frame in self._decode_from(pending[0]):
-            if n < pending[0]:   # between two windows
-                continue
-            buf[n] = frame
-            while pending and n == pending[0] + TARGET_FRAME:
+        idx, pending = np.array(clip_frame_indices()), list(starts)
+        window = collections.deque(maxlen=RAW_CLIP_LEN)   # the last 77 frames: frames n - 76 .. n
+        for n, frame in self._decode_from(pending[0]) if pending else ():
+            window.append(frame)
+            while pending and n == pending[0] + TARGET_FRAME:   # the window holds the clip of pending[0]
                 s = pending.pop(0)
-                yield s, np.stack([buf[s + i] for i in idx]), self.clip_states(s)
+                yield s, np.stack([window[i] for i in idx]), self.clip_states(s)
             if not pending:
                 return
-            buf = {k: v for k, v in buf.items() if k >= pending[0]}
-        raise ValueError(f"{self.video_path}: the video ends before frame {pending[0] + TARGET_FRAME}; it is "
-                         f"shorter than its metadata says (truncated download?)")
+        if pending:
+            raise ValueError(f"{self.video_path}: the video ends before frame {pending[0] + TARGET_FRAME}; it "
+                             f"is shorter than its metadata says (truncated download?)")
 
 
 def raw_shards(split_dir):
@@ -420,8 +390,7 @@ def raw_shards(split_dir):
 def raw_split_is_whole(split_dir):
     """True if a raw split holds its metadata.json and every shard's four files."""
     try:
-        return all(os.path.exists(_split_file(split_dir, *f)) for i in raw_shards(split_dir)
-                   for f in shard_files(i, 'mp4').values())
+        return all(shard_paths(split_dir, i, 'mp4') for i in raw_shards(split_dir))
     except FileNotFoundError:
         return False
 
@@ -482,9 +451,7 @@ class LatentClips(torch.utils.data.Dataset):
         return len(self.items)
 
 
-# ---------------------------------------------------------------------------------------------
-# The batch order of both trainers
-# ---------------------------------------------------------------------------------------------
+# --- The batch order of both trainers ---------------------------------------------------------
 
 def batch_positions(micro, rank, world_size, batch_size):
     """Positions in a step's global batch of the micro-batch that process `rank` takes at

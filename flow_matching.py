@@ -9,9 +9,9 @@ frame 77 that sample.py and the validation of a training run both use (its score
 metrics.py).
 """
 import torch
-import torch.nn.functional as F
 
 import data
+from machinery import need
 from machinery.vae import frames_to_video, video_to_frames
 from wan_state import frame_timesteps
 
@@ -52,17 +52,17 @@ def flow_matching_loss(model, z0_BCFHW, states_BTD, context_BLD, sigma_B, noise_
     frame; their output is not a prediction of anything, so it is left out of the loss. weight_B:
     one weight per sample (diffsynth_weight), multiplying its mean squared error; None: plain MSE.
     """
-    B, C, Fr, H, W = z0_BCFHW.shape
-    mask_BF = latent_mask(B, Fr, num_context, z0_BCFHW.device)
+    B, K = z0_BCFHW.shape[0], num_context
     s = sigma_B.view(B, 1, 1, 1, 1)
     x_t = (1 - s) * z0_BCFHW + s * noise_BCFHW
-    x_t = torch.where(mask_BF.view(B, 1, Fr, 1, 1) == 0, z0_BCFHW, x_t)
-    v_BCFHW = model(x_t, frame_timesteps(mask_BF, NUM_TRAIN_TIMESTEPS * sigma_B), context_BLD, states_BTD, drop_B)
+    x_t[:, :, :K] = z0_BCFHW[:, :, :K]   # the context latents enter clean
+    t_BF = frame_timesteps(latent_mask(B, z0_BCFHW.shape[2], K, z0_BCFHW.device), NUM_TRAIN_TIMESTEPS * sigma_B)
+    v_BCFHW = model(x_t, t_BF, context_BLD, states_BTD, drop_B)
     target = noise_BCFHW - z0_BCFHW
+    err = (v_BCFHW[:, :, K:].float() - target[:, :, K:].float()).square()
     if weight_B is None:
-        return F.mse_loss(v_BCFHW[:, :, num_context:].float(), target[:, :, num_context:].float())
-    mse_B = (v_BCFHW[:, :, num_context:].float() - target[:, :, num_context:].float()).pow(2).mean(dim=(1, 2, 3, 4))
-    return (mse_B * weight_B.to(mse_B.device)).mean()
+        return err.mean()
+    return (err.mean(dim=(1, 2, 3, 4)) * weight_B.to(err.device)).mean()
 
 
 def diffsynth_weight(sigma_B, shift):
@@ -95,14 +95,6 @@ def sample_draws(seed, step, positions, latent_shape, shift, p_drop):
 
 # --- Samplers -------------------------------------------------------------------------------------
 
-def _unipc(shift):
-    """diffusers' UniPC as Wan 2.2's TI2V pipeline configures it (order 2, x0 prediction from the
-    flow, Wan's shifted flow sigmas)."""
-    from diffusers import UniPCMultistepScheduler
-    return UniPCMultistepScheduler(num_train_timesteps=NUM_TRAIN_TIMESTEPS, prediction_type='flow_prediction',
-                                   use_flow_sigmas=True, flow_shift=shift)
-
-
 @torch.no_grad()
 def sample_latents(model, z_ctx_BCKHW, states_BTD, context_1LD, noise_BCFHW, *, steps, shift, cfg_scale=1.0,
                    scheduler='euler', no_states=False):
@@ -113,8 +105,8 @@ def sample_latents(model, z_ctx_BCKHW, states_BTD, context_1LD, noise_BCFHW, *, 
     the scheduler's integer timesteps (999, 989, ...), as in Wan's pipeline, not 1000 x sigma.
     Each row of the batch is one sample (the caller repeats a clip's context and states for its
     ensemble members). Context tokens get timestep 0; after every solver step the context latents
-    are put back exactly (torch.where, bit for bit), as Wan's TI2V holds its first frame. With
-    cfg_scale != 1 the unconditional pass (the learned no-state embedding) runs in the same batch.
+    are put back exactly (bit for bit), as Wan's TI2V holds its first frame. With cfg_scale != 1
+    the unconditional pass (the learned no-state embedding) runs in the same batch.
     no_states=True samples from the no-state embedding alone (the ablation: what the states add).
     """
     B, C, Fr, H, W = noise_BCFHW.shape
@@ -126,37 +118,39 @@ def sample_latents(model, z_ctx_BCKHW, states_BTD, context_1LD, noise_BCFHW, *, 
         raise ValueError("no_states samples without the states: there is nothing to guide")
     if scheduler not in ('euler', 'unipc'):
         raise ValueError(f"scheduler={scheduler!r}: 'euler' or 'unipc'")
-    device = noise_BCFHW.device
-    mask_BF = latent_mask(B, Fr, K, device)
-    is_ctx = (mask_BF == 0).view(B, 1, Fr, 1, 1)
-    z_ctx_full = F.pad(z_ctx_BCKHW, (0, 0, 0, 0, 0, Fr - K))
+    device, rows = noise_BCFHW.device, 2 * B if guided else B
+    mask_BF = latent_mask(rows, Fr, K, device)
     if guided:   # rows B.. are the unconditional copies
         states_BTD = torch.cat([states_BTD, states_BTD])
-        drop_B = torch.arange(2 * B, device=device) >= B
+        drop_B = torch.arange(rows, device=device) >= B
     else:
         drop_B = torch.full((B,), no_states, dtype=torch.bool, device=device)
 
     def velocity(latent, t):
         x_in = torch.cat([latent, latent]) if guided else latent
-        t_BF = frame_timesteps(torch.cat([mask_BF] * (2 if guided else 1)), t.float().expand(x_in.shape[0]))
-        v = model(x_in, t_BF, context_1LD, states_BTD, drop_B).float()
+        v = model(x_in, frame_timesteps(mask_BF, t.float().expand(rows)), context_1LD, states_BTD, drop_B).float()
         if guided:
             v_cond, v_uncond = v.chunk(2)
             v = v_uncond + cfg_scale * (v_cond - v_uncond)
         return v
 
-    latent = torch.where(is_ctx, z_ctx_full, noise_BCFHW)
+    def hold_context(latent):   # the context latents, exactly
+        return torch.cat([z_ctx_BCKHW, latent[:, :, K:]], dim=2)
+
+    latent = hold_context(noise_BCFHW)
     if scheduler == 'euler':
         sigmas = reference_sigmas(steps, shift).tolist()
         for s, s_next in zip(sigmas[:-1], sigmas[1:]):
             v = velocity(latent, torch.tensor(NUM_TRAIN_TIMESTEPS * s, device=device))
-            latent = torch.where(is_ctx, z_ctx_full, latent + (s_next - s) * v)
+            latent = hold_context(latent + (s_next - s) * v)
         return latent
-    sched = _unipc(shift)
+    # diffusers' UniPC as Wan 2.2's TI2V pipeline configures it (order 2, x0 from the flow, Wan's sigmas)
+    diffusers = need('diffusers', "the 'unipc' scheduler")
+    sched = diffusers.UniPCMultistepScheduler(num_train_timesteps=NUM_TRAIN_TIMESTEPS, use_flow_sigmas=True,
+                                              prediction_type='flow_prediction', flow_shift=shift)
     sched.set_timesteps(steps, device=device)
     for t in sched.timesteps:
-        latent = sched.step(velocity(latent, t), t, latent).prev_sample
-        latent = torch.where(is_ctx, z_ctx_full, latent)
+        latent = hold_context(sched.step(velocity(latent, t), t, latent).prev_sample)
     return latent
 
 

@@ -32,13 +32,12 @@ from tqdm import tqdm
 
 import data
 from configurator import configure
-from machinery import checkpoints, pictures, synthetic_video
-from machinery.distributed import resolve_device
 from flow_matching import predict_frame77
-from metrics import (MetricUnavailable, blur_baseline, fid_network, frechet_distance, inception_features,
-                     lpips_distance, lpips_network, psnr, ssim)
+from machinery import checkpoints, pictures
+from machinery.distributed import resolve_device
 from machinery.vae import PixelCodec
-from machinery.wan_files import build_model, load_lora, text_context
+from machinery.wan_files import build_model, text_context
+from metrics import blur_baseline, psnr, ssim
 from wan_state import lora_modules, merge_lora as merge_lora_into_base
 
 # --- settings ----------------------------------------------------------------------------------
@@ -60,8 +59,10 @@ ablation = True             # also the ensemble under another clip's states and 
 counterfactual = True       # synthetic splits: also a hand-made future, every future scored against its own truth
 gif = True                  # clip_0.gif: the first clip's predicted video next to the real one
 lpips_fid = True            # also LPIPS (AlexNet) per clip and FID (Inception) over the clips, as paper Table 2
+                            # (machinery/image_scores.py)
 lora = ''                   # a LoRA file (ComfyUI, diffusers / PEFT, DiffSynth, kohya / musubi) or an export_lora
-                            # folder, in place of the run's adapters (the folder's state_embedder.safetensors too)
+                            # folder, in place of the run's adapters (the folder's state_embedder.safetensors too;
+                            # machinery/lora_files.py)
 lora_scale = 1.0            # strength of --lora: its update B A alpha / r times this (0: the model without it)
 compile = True              # torch.compile the DiT blocks on CUDA (the first clip pays the compilation; the CPU
                             # runs eager); --compile=False turns it off
@@ -108,7 +109,12 @@ if differ:
 with torch.no_grad():
     for n, v in state['trainable'].items():
         params[n].copy_(v)
-if lora:   # the file's adapters in place of the run's: those zeroed first (load_lora never replaces an update)
+
+
+def load_lora_file(net):
+    """--lora in place of the run's adapters: those zeroed first (a folder of state weights alone
+    loads no adapters, and load_lora replaces only what a file holds)."""
+    from machinery.lora_files import load_lora
     with torch.no_grad():
         for m in lora_modules(net):
             m.lora_B.weight.zero_()
@@ -118,6 +124,10 @@ if lora:   # the file's adapters in place of the run's: those zeroed first (load
         raise SystemExit(f"--lora={lora}: {err}")
     print(f"--lora={lora} at strength {lora_scale}, " +
           ("in place of the run's adapters" if run['train_mode'] == 'lora' else "added to the run's weights"))
+
+
+if lora:
+    load_lora_file(net)
 net.eval().requires_grad_(False)
 if merge_lora and run['train_mode'] == 'lora':   # W + B A alpha / r once, rounded to the base's dtype
     merge_lora_into_base(net)
@@ -133,12 +143,15 @@ if run['vae'] == 'pixel':
 else:
     from machinery.vae import WanVAE
     codec = WanVAE.from_pretrained(run['vae_path'], device=device, dtype=getattr(torch, vae_dtype))
-scorers, unavailable = {}, []   # 'lpips' / 'fid' -> its network; why the others are not computed
-for name, load in (('lpips', lpips_network), ('fid', fid_network)) if lpips_fid else ():
-    try:
-        scorers[name] = load(device)
-    except MetricUnavailable as err:
-        unavailable.append(str(err))
+
+
+def load_lpips_fid():
+    """--lpips_fid: LPIPS per prediction and FID over the clips, with the networks that load here."""
+    from machinery.image_scores import LpipsFid
+    return LpipsFid(device)
+
+
+scorer = load_lpips_fid() if lpips_fid else None
 
 # --- the clips ---------------------------------------------------------------------------------
 split = split or os.path.join(run['data_dir'], 'val_v2.0_raw')
@@ -167,8 +180,35 @@ print(f"{len(clips)} clips of {split}; ensemble {ensemble}, {steps} {scheduler} 
 FUTURES = {'own': 'own states', 'other': "another clip's states", 'arms': "another clip's arms",
            'swing': 'arms swing across'}
 C = data.NUM_CONTEXT_FRAMES
+
+
+def counterfactual_futures(k, item, futures, predict, preds, row):
+    """--counterfactual, on a synthetic split: the ensemble's frame 77 under hand-made state futures
+    too, every future's prediction scored into row against the frame the synthetic world draws for
+    its states (its truth) and against the recorded one; counterfactual_{k}.png."""
+    from machinery import synthetic_video as world
+    states_TD, truth = item['states_TD'], item['frames_THWC'][-1].numpy()
+    if 'other' in futures:   # the other clip's arms alone: the camera pans as recorded, so only the arms differ
+        arms = list(world.SYNTHETIC_ARM_JOINTS)
+        futures['arms'] = states_TD.clone()
+        futures['arms'][C:, arms] = futures['other'][C:, arms]
+    futures['swing'] = torch.from_numpy(world.arms_swing_across(states_TD.numpy()))
+    own_psnr = row[f'psnr_ensemble_{ensemble}']
+    panels = [dict(name=FUTURES['own'], pred_HWC=preds[f'ensemble_{ensemble}'], truth_HWC=truth,
+                   psnr_truth=own_psnr, psnr_orig=own_psnr)]
+    for name, states in futures.items():
+        pred = preds['other_states'] if name == 'other' else predict(states)[1]
+        cf_truth = world.synthetic_frame(split, item['shard'], item['start'] + data.TARGET_FRAME, states[-1].numpy())
+        row[f'psnr_cf_{name}_truth'] = round(psnr(pred, cf_truth), 4)
+        row[f'psnr_cf_{name}_recorded'] = round(psnr(pred, truth), 4)
+        panels.append(dict(name=FUTURES[name], pred_HWC=pred, truth_HWC=cf_truth,
+                           psnr_truth=row[f'psnr_cf_{name}_truth'], psnr_orig=row[f'psnr_cf_{name}_recorded']))
+    pictures.counterfactual_figure(item['frames_THWC'][:C].numpy(), panels,
+                                   title=f'clip {k}: frame 77 under other state futures'
+                                   ).save(os.path.join(results_dir, f'counterfactual_{k}.png'))
+
+
 rows, seconds = [], []
-features = {}   # FID: name -> Inception features of its frame 77 of every clip ('truth': the real ones)
 for k in tqdm(range(len(clips)), desc='clips'):
     try:
         item = clips[k]
@@ -211,36 +251,17 @@ for k in tqdm(range(len(clips)), desc='clips'):
         _, preds['other_states'] = predict(futures['other'])
         _, preds['no_states'] = predict(states_TD, no_states=True)
     row = dict(clip=k, shard=item['shard'], start=item['start'], seconds=round(seconds[-1], 3))
+    lpips = scorer.clip(preds, truth) if scorer else {}   # FID: their features kept for the table
     for name, img in preds.items():
         row[f'psnr_{name}'] = round(psnr(img, truth), 4)
         row[f'ssim_{name}'] = round(ssim(img, truth), 4)
-        if 'lpips' in scorers:
-            row[f'lpips_{name}'] = round(lpips_distance(scorers['lpips'], img, truth), 4)
-    if 'fid' in scorers:
-        for name, img in [*preds.items(), ('truth', truth)]:
-            features.setdefault(name, []).append(inception_features(scorers['fid'], img))
-    context_THWC = frames_THWC[:C].numpy()
-    pictures.clip_figure(context_THWC, members[:png_members], mean, truth,
+        if name in lpips:
+            row[f'lpips_{name}'] = lpips[name]
+    pictures.clip_figure(frames_THWC[:C].numpy(), members[:png_members], mean, truth,
                          title=f'clip {k} (shard {item["shard"]}, frame {item["start"]})').save(
         os.path.join(results_dir, f'clip_{k}.png'))
-    if counterfactual:   # every future's prediction against the frame the world draws for its states
-        if ablation:   # the other clip's arms alone: the camera pans as recorded, so only the arms differ
-            futures['arms'] = states_TD.clone()
-            arms = list(synthetic_video.SYNTHETIC_ARM_JOINTS)
-            futures['arms'][C:, arms] = other_TD[C:, arms]
-        futures['swing'] = torch.from_numpy(synthetic_video.arms_swing_across(states_TD.numpy()))
-        own_psnr = row[f'psnr_ensemble_{ensemble}']
-        panels = [dict(name=FUTURES['own'], pred_HWC=mean, truth_HWC=truth, psnr_truth=own_psnr, psnr_orig=own_psnr)]
-        for name, states in futures.items():
-            pred = preds['other_states'] if name == 'other' else predict(states)[1]
-            cf_truth = synthetic_video.synthetic_frame(split, item['shard'], item['start'] + data.TARGET_FRAME,
-                                                 states[-1].numpy())
-            row[f'psnr_cf_{name}_truth'] = round(psnr(pred, cf_truth), 4)
-            row[f'psnr_cf_{name}_recorded'] = round(psnr(pred, truth), 4)
-            panels.append(dict(name=FUTURES[name], pred_HWC=pred, truth_HWC=cf_truth,
-                               psnr_truth=row[f'psnr_cf_{name}_truth'], psnr_orig=row[f'psnr_cf_{name}_recorded']))
-        pictures.counterfactual_figure(context_THWC, panels, title=f'clip {k}: frame 77 under other state futures'
-                                       ).save(os.path.join(results_dir, f'counterfactual_{k}.png'))
+    if counterfactual:
+        counterfactual_futures(k, item, futures, predict, preds, row)
     rows.append(row)
     with open(metrics_csv, 'w', newline='') as f:   # after every clip: a stop keeps the scores so far
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -255,11 +276,8 @@ for k in tqdm(range(len(clips)), desc='clips'):
 # --- the tables: means over the clips, and the spread over the clips of each margin ---------------
 over_clips = {key: float(np.mean([r[key] for r in rows])) for key in rows[0]
               if key.startswith(('psnr', 'ssim', 'lpips'))}
-if features and len(rows) < 2:
-    unavailable.append("FID needs at least 2 clips (a covariance of their features)")
-elif features:   # the set of predicted frames 77 against the set of real ones
-    truth_ND = torch.cat(features.pop('truth'))
-    over_clips.update({f'fid_{name}': frechet_distance(torch.cat(f), truth_ND) for name, f in features.items()})
+if scorer:   # the set of predicted frames 77 against the set of real ones
+    over_clips.update({f'fid_{name}': fid for name, fid in scorer.fid().items()})
 
 
 def spread(better, worse):
@@ -288,7 +306,7 @@ for name, label in labels.items():
         if name in ('other_states', 'no_states') else ''
     print(f"{label:<44} {p:>10.2f} {s:>8.3f}" + ''.join(f' {v:>8.3f}' if c == 'lpips' else f' {v:>8.2f}'
                                                       for c, v in zip(columns, scores)) + margin)
-for why in unavailable:
+for why in scorer.unavailable if scorer else []:
     print(f"not computed: {why}")
 if counterfactual:
     print("\ncounterfactual futures: the ensemble's frame 77 under other states, scored against the frame the "

@@ -1,12 +1,10 @@
 """nanoWM's tests: a specification of each file of the repository. CPU only, tiny configs.
 
-One section per file, each test one behaviour with the numbers that matter, in this order:
-st_transformer.py, metrics.py, data.py, synthetic.py, prepare.py, train_compression.py (the compression
-track); wan_state.py, wan_files.py, vae.py, flow_matching.py, train_sampling.py, sample.py (the sampling
-track); bench.py and peak_flops.py, configurator.py, run_dir.py, pictures.py; then the workflow around
-the tracks (LoRA files, Hub downloads, --help, own_clips.py, two nodes), LPIPS / FID, reliability, speed, and
-the trainers' workflow (trackers, resume, the disk check). Tests that run a script
-(a subprocess, torchrun) or train or compile for more than a few seconds are marked `slow` (pytest.ini):
+One section per file, each test one behaviour with the numbers that matter, in the order of the files:
+the compression track (st_transformer.py, metrics.py, data.py, train_compression.py), the sampling
+track (wan_state.py, flow_matching.py, train_sampling.py, sample.py), configurator.py, then machinery/
+one module at a time. Tests that start a process (a script, torchrun) or train or compile for more than
+a few seconds are marked `slow` (pytest.ini):
 
     python -m pytest -q test_all.py                  # everything, as CI runs it (.ci/run)
     python -m pytest -q -m "not slow" test_all.py    # the fast specification: under a minute on 2 cores
@@ -36,7 +34,6 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 import configurator
@@ -46,17 +43,18 @@ from machinery import (checkpoints, hub, latents, pictures, prepare, run_dir, sy
                        trackers)
 from flow_matching import (diffsynth_weight, flow_matching_loss, reference_sigmas, sample_draws, sample_latents,
                            shift_sigma)
-from metrics import (P_FLOOR, MetricUnavailable, blur_baseline, cross_entropy_topk, fid_network, frechet_distance,
-                     inception_features, lpips_distance, lpips_network, match_histograms, psnr, ssim)
+from metrics import P_FLOOR, blur_baseline, cross_entropy_topk, match_histograms, psnr, ssim
+from machinery.image_scores import (MetricUnavailable, fid_network, frechet_distance, inception_features, lpips_distance,
+                                    lpips_network)
+from machinery.lora_files import export_lora, load_lora, load_trainable, read_lora, save_trainable
+from machinery.lora_files import main as lora_files_main
 from machinery.speed import StepSpeed, peak_flops
 from st_transformer import Block, STConfig, STTransformer
 from machinery.vae import PixelCodec, WanVAE, frames_to_video
 from machinery.hub import resolve
-from machinery.wan_files import (build_model, export_lora, load_dit, load_lora, load_trainable, null_context, read_lora,
-                                 save_trainable, text_context, to_diffusers_state_dict)
-from machinery.wan_files import main as wan_files_main
+from machinery.wan_files import build_model, load_dit, null_context, text_context, to_diffusers_state_dict
 from wan_state import (LORA_TARGETS, LoRALinear, WanConfig, WanDiT, add_lora, frame_timesteps, lora_modules, merge_lora,
-                       parameter_counts, per_token_timestep, rope_cos_sin, trainable_state_dict, unmerge_lora)
+                       parameter_counts, rope_cos_sin, trainable_state_dict, unmerge_lora)
 
 
 REPO = os.path.dirname(os.path.abspath(__file__))
@@ -101,7 +99,7 @@ def run_script(script, *args, cwd=REPO, nproc=0, fails=False):
 
 
 # ===============================================================================================
-# st_transformer.py: the compression model (ST-transformer, KV-cache decoding, FLOP count)
+# st_transformer.py: the compression model (the ST block, KV-cache decoding, the chunked loss, FLOPs, compiled blocks)
 # ===============================================================================================
 
 
@@ -111,6 +109,62 @@ ST_TINY = dict(vocab_size=1000, n_layer=1, n_head=2, n_embd=32, dropout=0.0)
 def tiny_st_model(**kw):
     torch.manual_seed(0)
     return STTransformer(STConfig(**{**ST_TINY, **kw}))
+
+
+def st_model(dropout=0.0):
+    cfg = STConfig(vocab_size=97, n_layer=2, n_head=2, n_embd=32, T=5, H=4, W=4, dropout=dropout, state_window=64)
+    return randomize(STTransformer(cfg), std=0.3), cfg
+
+
+def st_inputs(cfg, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    z_BTHW = torch.randint(0, cfg.vocab_size, (3, 3, cfg.H, cfg.W), generator=g)
+    return z_BTHW, torch.randn(3, cfg.state_window, cfg.state_dim, generator=g)
+
+
+def counted_flops(fn):
+    """FLOPs that torch counts for fn (math attention, so that the attention products are counted)."""
+    with FlopCounterMode(display=False) as counter, sdpa_kernel([SDPBackend.MATH]):
+        fn()
+    return counter.get_total_flops()
+
+
+@pytest.fixture(scope='module')
+def synthetic_dir(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp('synthetic'))
+    synthetic_tokens.write_synthetic(out, seed=0)
+    return out
+
+
+ST_CFG = STConfig(vocab_size=64, n_layer=1, n_head=2, n_embd=32, H=4, W=4, dropout=0.0)
+
+
+def sdpa_attention(attn, x_BNC, causal):
+    """Attention over the second axis of x_BNC with F.scaled_dot_product_attention (the old path)."""
+    q, k, v = rearrange(attn.qkv(x_BNC), 'b n (three h c) -> three b h n c', three=3, h=attn.n_head)
+    y = F.scaled_dot_product_attention(attn.q_norm(q), attn.k_norm(k), v, is_causal=causal)
+    return attn.resid_drop(attn.proj(rearrange(y, 'b h n c -> b n (h c)')))
+
+
+def sdpa_block(block, x_BTSC):
+    """Block.forward with the residual in (B T) S C for spatial and (B S) T C for temporal attention."""
+    B = x_BTSC.shape[0]
+    x = rearrange(x_BTSC, 'b t s c -> (b t) s c')
+    x = x + sdpa_attention(block.spatial, block.ln_s(x), causal=False)
+    x = rearrange(x, '(b t) s c -> (b s) t c', b=B)
+    x = x + sdpa_attention(block.temporal, block.ln_t(x), causal=True)
+    x = x + block.mlp(block.ln_m(x))
+    return rearrange(x, '(b s) t c -> b t s c', b=B)
+
+
+def st_block(seed=0):
+    torch.manual_seed(seed)
+    return randomize(Block(ST_CFG), std=0.3, seed=seed)
+
+
+def graph_breaks(fn, *args):
+    torch._dynamo.reset()
+    return torch._dynamo.explain(fn)(*args).graph_break_count
 
 
 def test_forward_and_generate_shapes():
@@ -211,17 +265,6 @@ def test_chunked_loss_equals_cross_entropy_on_full_logits_value_and_gradients():
         torch.testing.assert_close(g_chunk, g_full, rtol=1e-4, atol=1e-7)
 
 
-def st_model(dropout=0.0):
-    cfg = STConfig(vocab_size=97, n_layer=2, n_head=2, n_embd=32, T=5, H=4, W=4, dropout=dropout, state_window=64)
-    return randomize(STTransformer(cfg), std=0.3), cfg
-
-
-def st_inputs(cfg, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    z_BTHW = torch.randint(0, cfg.vocab_size, (3, 3, cfg.H, cfg.W), generator=g)
-    return z_BTHW, torch.randn(3, cfg.state_window, cfg.state_dim, generator=g)
-
-
 def test_greedy_decoding_with_kv_cache_equals_without_token_for_token():
     model, cfg = st_model()
     z_BTHW, states_BLD = st_inputs(cfg)
@@ -269,13 +312,6 @@ def test_generate_turns_dropout_off_and_restores_training_mode():
         assert torch.equal(got, want) and model.training
 
 
-def counted_flops(fn):
-    """FLOPs that torch counts for fn (math attention, so that the attention products are counted)."""
-    with FlopCounterMode(display=False) as counter, sdpa_kernel([SDPBackend.MATH]):
-        fn()
-    return counter.get_total_flops()
-
-
 def test_st_transformer_training_flops_match_torch_flop_counter():
     cfg = STConfig(vocab_size=1024, n_layer=2, n_head=4, n_embd=64, H=8, W=8, dropout=0.0)
     model = STTransformer(cfg)
@@ -287,13 +323,6 @@ def test_st_transformer_training_flops_match_torch_flop_counter():
         logits = model(z[:, :5], states, predict_from=2)
         F.cross_entropy(logits.flatten(0, -2), z[:, 3:].reshape(-1)).backward()
     assert abs(model.flops_per_sample() / counted_flops(train_step) - 1) < 0.02
-
-
-@pytest.fixture(scope='module')
-def synthetic_dir(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp('synthetic'))
-    synthetic_tokens.write_synthetic(out, seed=0)
-    return out
 
 
 @pytest.mark.slow
@@ -315,8 +344,106 @@ def test_tiny_model_overfits_one_batch(synthetic_dir):
     assert losses[0] > 6.5 and losses[-1] < bayes.item() - 0.5, (losses[::10], bayes.item())
 
 
+@pytest.mark.parametrize('train', [False, True])
+def test_st_block_with_explicit_causal_time_attention_equals_the_sdpa_block(train):
+    block = st_block().train(train)
+    x = torch.randn(3, 5, 16, 32, requires_grad=True)
+    got = block(x)
+    grads_got = torch.autograd.grad(got.square().sum(), [x, *block.parameters()])
+    want = sdpa_block(block, x)
+    grads_want = torch.autograd.grad(want.square().sum(), [x, *block.parameters()])
+    assert want.abs().max() > 1
+    assert (got - want).abs().max() < 1e-5
+    # fp32 rounding against the gradients' scale (some are 0 exactly: a key bias moves no softmax)
+    scale = max(w.abs().max().item() for w in grads_want)
+    assert scale > 1e3 and max((g - w).abs().max().item() for g, w in zip(grads_got, grads_want)) < 1e-6 * scale
+
+
+def test_temporal_kv_cache_gives_the_sdpa_block_output_grid_by_grid():
+    block = st_block(1).eval()
+    x = torch.randn(2, 5, 16, 32)
+    with torch.no_grad():
+        want = sdpa_block(block, x)
+        cache = {}
+        got = [block(x[:, :3], cache)] + [block(x[:, t:t + 1], cache) for t in (3, 4)]
+    assert cache['k'].shape == (2, 5, 16, 2, 16)   # (B, grids seen, S, heads, head_dim)
+    assert (torch.cat(got, 1) - want).abs().max() < 1e-5
+
+
+def test_causal_time_attention_looks_at_no_later_grid():
+    block = st_block(2).eval()
+    x = torch.randn(1, 5, 16, 32)
+    x2 = x.clone()
+    x2[:, 3] += 1.0
+    with torch.no_grad():
+        out, out2 = block.temporal(x), block.temporal(x2)
+    assert torch.equal(out[:, :3], out2[:, :3]) and (out[:, 3:] - out2[:, 3:]).abs().min() > 0
+
+
+@pytest.mark.parametrize('which', ['spatial', 'temporal'])
+def test_dropout_acts_on_the_attention_output_not_on_the_attention_probabilities(which):
+    # paper 3.1 with 1xgpt's genie/attention.py: attn_drop is built there but never applied
+    torch.manual_seed(0)
+    block = randomize(Block(STConfig(**{**ST_CFG.__dict__, 'dropout': 0.1})), std=0.3)
+    attn = getattr(block, which)
+    x = torch.randn(4, 5, 16, 32)
+    with torch.no_grad():
+        plain = attn.eval()(x)
+        dropped = attn.train()(x)
+    kept = dropped != 0
+    assert 0.08 < 1 - kept.float().mean().item() < 0.12   # 10% of the output zeroed ...
+    assert (dropped[kept] * 0.9 - plain[kept]).abs().max() < 1e-6   # ... the rest the eval output / 0.9
+
+
+def test_st_block_in_training_has_no_graph_breaks():
+    block = st_block().train()
+    block.spatial.resid_drop.p = block.temporal.resid_drop.p = block.mlp.drop.p = 0.1
+    assert graph_breaks(block, torch.randn(2, 5, 16, 32, requires_grad=True)) == 0
+
+
+def test_chunked_loss_has_no_graph_breaks():
+    h, w = torch.randn(40, 32, requires_grad=True), torch.randn(64, 32, requires_grad=True)
+    from st_transformer import _chunk_ce_sum
+    assert graph_breaks(_chunk_ce_sum, h, w, torch.randint(0, 64, (40,))) == 0
+
+
+def test_compiled_st_blocks_serve_a_whole_run_without_falling_back_to_eager():
+    # a run's shapes through one compiled block: training, evaluation and generate (with and without
+    # the KV cache), then a last batch of another size; dynamo's default limit (8 versions) is hit
+    torch._dynamo.reset()
+    model = STTransformer(STConfig(**{**ST_CFG.__dict__, 'n_layer': 2, 'dropout': 0.1})).compile_blocks(backend='eager')
+    z, s = torch.randint(0, 64, (3, 6, 4, 4)), torch.randn(3, 64, 25)
+    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+        for b in (3, 2):
+            model.train()
+            model(z[:b, :5], s[:b], predict_from=2, targets_BTHW=z[:b, 3:], loss_chunk=20).backward()
+            model.eval()
+            with torch.no_grad():
+                for use_cache in (True, False):
+                    grids, _ = model.generate(z[:b, :3], s[:b], use_cache=use_cache)
+                    assert grids.shape == (b, 3, 4, 4)
+
+
+@pytest.mark.slow
+def test_compiled_st_block_and_loss_equal_eager_in_training():
+    torch._dynamo.reset()
+    model = randomize(STTransformer(STConfig(**{**ST_CFG.__dict__, 'n_layer': 2})), std=0.3)
+    z, s = torch.randint(0, 64, (2, 6, 4, 4)), torch.randn(2, 64, 25)
+
+    def loss_and_grads():
+        loss = model(z[:, :5], s, predict_from=2, targets_BTHW=z[:, 3:], loss_chunk=20)   # 96 tokens: 5 chunks
+        return loss, torch.autograd.grad(loss, list(model.parameters()))
+
+    want, want_grads = loss_and_grads()
+    model.compile_blocks(fullgraph=True)   # a graph break would raise
+    got, got_grads = loss_and_grads()
+    assert all(b._compiled_call_impl is not None for b in model.blocks)
+    assert abs(got.item() - want.item()) < 1e-5
+    assert max((g - w).abs().max().item() for g, w in zip(got_grads, want_grads)) < 1e-5
+
+
 # ===============================================================================================
-# metrics.py: the challenge scores (Top-500 CE, PSNR), SSIM, the blur baseline
+# metrics.py: the challenge's scores (Top-500 CE, PSNR, SSIM) and the blur baseline
 # ===============================================================================================
 
 
@@ -382,8 +509,25 @@ def test_metrics_and_blur_baseline():
 
 
 # ===============================================================================================
-# data.py: readers of the published 1X layouts (tokenized and raw), clip frames
+# data.py: the 1X layouts read as published, the batch order of both trainers
 # ===============================================================================================
+
+
+def write_known_shard(split_dir, i, nested, segment_F, vocab=1000, seed=0):
+    rng = np.random.default_rng(seed)
+    n = len(segment_F)
+    tokens = rng.integers(0, vocab, size=(math.ceil(n / 17), 3, 32, 32)).astype(np.int32)
+    states = rng.standard_normal((n, 25)).astype(np.float32)
+    synthetic_tokens.write_shard(split_dir, i, tokens, states, np.asarray(segment_F, np.int32), nested)
+    return tokens, states
+
+
+def write_meta(split_dir, num_shards, frames):
+    with open(os.path.join(split_dir, 'metadata.json'), 'w') as f:
+        json.dump({'num_shards': num_shards, 'query': None, 'hz': 30, 'num_images': frames}, f)
+
+
+SIZE = 32   # synthetic frames: 32x32 -> pixel-codec latents [48, 6, 8, 8], 16 tokens per latent frame
 
 
 def test_the_micro_batches_of_all_ranks_cover_the_global_batch_once():
@@ -400,20 +544,6 @@ def test_batch_order_visits_every_row_once_an_epoch_and_depends_only_on_seed_and
     # a process that asks for positions 2, 3 of step 3 gets what a single process gets there
     assert data.batch_rows(7, 3, [2, 3], global_batch_size, n) == rows[14:16]
     assert data.batch_rows(8, 0, range(4), global_batch_size, n) != rows[:4]
-
-
-def write_known_shard(split_dir, i, nested, segment_F, vocab=1000, seed=0):
-    rng = np.random.default_rng(seed)
-    n = len(segment_F)
-    tokens = rng.integers(0, vocab, size=(math.ceil(n / 17), 3, 32, 32)).astype(np.int32)
-    states = rng.standard_normal((n, 25)).astype(np.float32)
-    synthetic_tokens.write_shard(split_dir, i, tokens, states, np.asarray(segment_F, np.int32), nested)
-    return tokens, states
-
-
-def write_meta(split_dir, num_shards, frames):
-    with open(os.path.join(split_dir, 'metadata.json'), 'w') as f:
-        json.dump({'num_shards': num_shards, 'query': None, 'hz': 30, 'num_images': frames}, f)
 
 
 @pytest.mark.parametrize('nested', [True, False], ids=['train-subfolders', 'val-flat'])
@@ -484,9 +614,6 @@ def test_paper_epoch_is_non_overlapping_samples_inside_segments(tmp_path):
     assert len(every) == len(every_expect) == 19   # a sample at every block: about twice as many
 
 
-SIZE = 32   # synthetic frames: 32x32 -> pixel-codec latents [48, 6, 8, 8], 16 tokens per latent frame
-
-
 def test_clip_indices_put_context_in_latents_0_1_and_frame_76_last():
     idx = data.clip_frame_indices()
     assert idx == [0, 4, 8, 12, 16, 20, 24, 28, 32, 36, 40, 44, 48, 52, 56, 60, 64, 68, 72, 76, 76]
@@ -521,6 +648,98 @@ def test_a_video_shorter_than_its_metadata_fails_clearly(tmp_path):
         list(shard.iter_clips(late))
 
 
+def test_a_token_outside_the_vocabulary_is_found_by_the_split_check(tmp_path, synthetic_dir):
+    bad = tmp_path / 'data'
+    shutil.copytree(synthetic_dir, bad)
+    tokens = np.fromfile(bad / 'val_v2.0' / 'video_0.bin', np.int32)
+    tokens[32 * 32 * 3 * 40 + 5] = 1000   # block 40
+    tokens.tofile(bad / 'val_v2.0' / 'video_0.bin')
+    ds = data.TokenDataset(str(bad / 'val_v2.0'), vocab_size=1000)
+    with pytest.raises(ValueError, match=r'video_0.bin: block 40 holds token 1000, outside the vocabulary \[0, 1000\)'):
+        ds.check_tokens(chunk=32 * 32 * 3 * 7)   # small chunks: the block number counts across them
+    data.TokenDataset(os.path.join(synthetic_dir, 'val_v2.0'), vocab_size=1000).check_tokens()
+
+
+# ===============================================================================================
+# train_compression.py: the compression trainer, run as a user runs it
+# ===============================================================================================
+
+
+SMALL_RUN = ['--n_embd=32', '--n_head=2', '--eval_interval=1000', '--eval_samples=2', '--final_eval=False', '--num_workers=0',
+             '--learning_rate=1e-3', '--warmup_iters=1']
+
+
+def results_of(out_dir):
+    with open(os.path.join(out_dir, 'results.json')) as f:
+        return json.load(f)
+
+
+LEARN_RUN = ['--max_iters=80', '--batch_size=4', '--global_batch_size=4', '--final_eval_samples=16',
+             '--eval_interval=1000', '--eval_samples=2', '--num_workers=0']
+
+
+COMPRESSION_RUN = ['--n_embd=32', '--n_head=2', '--eval_samples=2', '--eval_batch_size=2', '--final_eval=False',
+                   '--num_workers=0', '--batch_size=2', '--global_batch_size=2']
+
+
+def run_compression(*args, cwd, fails=False):
+    return run_script('train_compression.py', *COMPRESSION_RUN, *args, cwd=cwd, fails=fails)
+
+
+def all_finite(path):
+    state = torch.load(path, weights_only=True)
+    return all(torch.isfinite(t).all() for t in state['model'].values())
+
+
+class _Payload:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return exec, (f"open({self.path!r}, 'w').write('pwned')",)
+
+
+def fake_hub(root, synthetic_dir, repo_id=data.HF_REPO_TOKENIZED, splits=('train_v2.0', 'val_v2.0')):
+    """A Hugging Face cache holding a dataset repo, as huggingface_hub lays it out: the offline
+    stand-in for the Hub (HF_HUB_OFFLINE=1 serves files from it)."""
+    rev = 'a' * 40
+    repo = root / f"datasets--{repo_id.replace('/', '--')}"
+    for split in splits:
+        shutil.copytree(os.path.join(synthetic_dir, split), repo / 'snapshots' / rev / split)
+        meta = repo / 'snapshots' / rev / split / 'metadata.json'   # the Hub's keys only (no synthetic world)
+        meta.write_text(json.dumps({k: v for k, v in json.loads(meta.read_text()).items() if k != 'synthetic'}))
+    (repo / 'refs').mkdir()
+    (repo / 'refs' / 'main').write_text(rev)
+    return dict(HF_HUB_CACHE=str(root), HF_HUB_OFFLINE='1')
+
+
+def settings(**extra):
+    """A script's globals as configure() sees them."""
+    return dict(__file__=os.path.join(REPO, 'train_compression.py'), preset='cpu', batch_size=4, shards='',
+                learning_rate=1e-3, compile=False, mode='a', dropout=0.1, sizes=[1, 2], **extra)
+
+
+def configure(argv, cfg=None, **kw):
+    cfg = settings() if cfg is None else cfg
+    configurator.configure(cfg, argv=argv, presets={'cpu': {}, 'paper': dict(batch_size=20, mode='b')},
+                           gpu_preset='paper', choices={'mode': ('a', 'b')},
+                           positive=('batch_size', 'learning_rate'), fractions=('dropout',), **kw)
+    return cfg
+
+
+def save(out, step, value=1.0, metric=None):
+    checkpoints.save_checkpoint(str(out), dict(kind='compression', step=step, config={}, model=dict(w=torch.full((3,), value))),
+                            metric=metric)
+
+
+def step_of(path):
+    return torch.load(path, weights_only=True)['step']
+
+
+def read_log(out):
+    return [json.loads(line) for line in open(Path(out) / 'log.jsonl')]
+
+
 @pytest.mark.slow
 def test_data_and_the_compression_track_work_without_av(tmp_path):
     code = ("import sys; sys.modules.update(av=None, PIL=None, diffusers=None)\n"
@@ -530,177 +749,6 @@ def test_data_and_the_compression_track_work_without_av(tmp_path):
             "print(len(ds), tuple(ds[0][0].shape))\n")
     res = subprocess.run([sys.executable, '-c', code], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0 and '(6, 32, 32)' in res.stdout, res.stderr
-
-
-# ===============================================================================================
-# synthetic.py: the two synthetic worlds (tokenized, raw)
-# ===============================================================================================
-
-
-def test_synthetic_world_is_deterministic_and_its_floor_is_exact(tmp_path, synthetic_dir):
-    synthetic_tokens.write_synthetic(str(tmp_path), seed=0)
-    for f in ('train_v2.0/videos/video_1.bin', 'train_v2.0/robot_states/states_1.bin', 'val_v2.0/video_0.bin'):
-        assert (tmp_path / f).read_bytes() == open(os.path.join(synthetic_dir, f), 'rb').read()
-    ds = data.TokenDataset(os.path.join(synthetic_dir, 'train_v2.0'), vocab_size=1000)
-    world = ds.metadata['synthetic']
-    sums, lags = torch.zeros(3), []
-    for j in range(0, len(ds), 48):  # chunks of 8 samples: the oracle logits are 8 x 3072 x 1000
-        z, s = (torch.stack(x) for x in zip(*[ds[i] for i in range(j, min(j + 48, len(ds)), 6)]))
-        target = z[:, 3:].reshape(-1)
-        oracle = synthetic_tokens.synthetic_oracle_logits(z, s, world).reshape(-1, 1000)
-        blind = synthetic_tokens.synthetic_oracle_logits(z, s, world, use_states=False).reshape(-1, 1000)
-        sums += torch.tensor([F.cross_entropy(oracle, target, reduction='sum'), cross_entropy_topk(oracle, target).sum(),
-                              F.cross_entropy(blind, target, reduction='sum')]) / 1024
-        lags.append(s[:, -34:, synthetic_tokens.LAG_DIM][:, [data.grid_frames(g)[0] for g in (3, 4, 5)]])
-    lags = torch.cat(lags)
-    full, topk, blind = (sums / lags.numel()).tolist()
-    # the closed form equals the metric applied to the Bayes predictor, given the fraction of
-    # new places in these samples (their tokens are many, the grids few: the fraction is noisy)
-    p_new = (lags == 0).float().mean().item()
-    every_lag = torch.stack([ds[i][1][-34:, synthetic_tokens.LAG_DIM][[17, 18, 26]] for i in range(len(ds))])
-    assert (every_lag == 0).float().mean().item() == pytest.approx(synthetic_tokens.SYNTHETIC_P_NEW, abs=0.03)  # 8/27
-    floors = synthetic_tokens.synthetic_floors(world['vocab'], world['eps'], p_new=p_new)
-    assert full == pytest.approx(floors['full'], abs=0.01)
-    assert topk == pytest.approx(floors['topk'], abs=0.02)
-    # ignoring the states costs most of a nat: the states are needed
-    assert blind > floors['full'] + 0.4
-
-
-def test_synthetic_writer_redoes_an_unfinished_set_and_refuses_other_settings(tmp_path):
-    small = dict(train_shards=1, train_frames=340, val_frames=340)
-    synthetic_tokens.write_synthetic(str(tmp_path), **small)
-    video = tmp_path / 'val_v2.0' / 'video_0.bin'
-    good = video.read_bytes()
-    # interrupted: a half-written split and no synthetic.json -> written again, not reused
-    (tmp_path / 'synthetic.json').unlink()
-    video.write_bytes(good[:100])
-    (tmp_path / 'train_v2.0.partial').mkdir()
-    synthetic_tokens.write_synthetic(str(tmp_path), **small)
-    assert video.read_bytes() == good and not (tmp_path / 'train_v2.0.partial').exists()
-    with pytest.raises(SystemExit, match='other settings \\(vocab=1000 on disk, 2000 asked for\\)'):
-        synthetic_tokens.write_synthetic(str(tmp_path), vocab=2000, **small)
-    (tmp_path / 'synthetic.json').write_text('{"settings": {"seed"')
-    with pytest.raises(ValueError, match='synthetic.json is not valid JSON'):
-        synthetic_tokens.write_synthetic(str(tmp_path), **small)
-
-
-def test_synthetic_raw_is_deterministic_readable_and_follows_states(tmp_path):
-    for name, seed in (('a', 3), ('b', 3), ('c', 4)):
-        synthetic_video.write_synthetic_raw(tmp_path / name, num_shards=1, frames_per_shard=300, size=SIZE, seed=seed)
-    a, b, c = (data.RawShard(tmp_path / n, 0) for n in 'abc')
-    assert np.array_equal(a.states_ND, b.states_ND) and np.array_equal(a.segment_N, b.segment_N)
-    assert np.array_equal(a.read_frames(0, 77), b.read_frames(0, 77))
-    assert not np.array_equal(a.states_ND, c.states_ND)
-    starts = a.clip_starts(stride=10)
-    assert starts and all(len(set(a.segment_N[s:s + 77])) == 1 for s in starts)
-    assert all(len(set(a.segment_N[s:s + 77])) > 1 for s in range(300 - 76) if s not in a.clip_starts(stride=1))
-    frames_THWC, states_TD = a.read_clip(starts[0])
-    assert frames_THWC.shape == (21, SIZE, SIZE, 3) and states_TD.shape == (21, 25)
-    assert np.array_equal(frames_THWC[20], a.read_frames(starts[0] + 76, 1)[0])
-    assert np.array_equal(states_TD[20], a.states_ND[starts[0] + 76])
-    # the picture is a function of the states: moving an arm joint moves its disc
-    tex = synthetic_video._texture(np.random.default_rng(0), SIZE * 3 // 2)
-    s = np.zeros(25, np.float32)
-    moved = s.copy()
-    moved[6] = 0.8
-    assert np.abs(synthetic_video.render_synthetic_frame(tex, s, SIZE).astype(int) - synthetic_video.render_synthetic_frame(tex, moved, SIZE)).sum() > 0
-
-
-def test_synthetic_world_redraws_the_recorded_frame_and_draws_counterfactual_futures(tmp_path):
-    synthetic_video.write_synthetic_raw(tmp_path / 'val', num_shards=2, frames_per_shard=300, size=SIZE, seed=5, flat=True)
-    shard = data.RawShard(tmp_path / 'val', 1)
-    start = shard.clip_starts()[0]
-    frames_THWC, states_TD = shard.read_clip(start)
-    redrawn = synthetic_video.synthetic_frame(tmp_path / 'val', 1, start + data.TARGET_FRAME, states_TD[-1])
-    assert np.abs(redrawn.astype(int) - frames_THWC[-1]).max() <= 2   # the recorded frame, up to the codec's rounding
-    swung = synthetic_video.arms_swing_across(states_TD)
-    assert np.array_equal(swung[:data.NUM_CONTEXT_FRAMES], states_TD[:data.NUM_CONTEXT_FRAMES])   # context untouched
-    others = [j for j in range(25) if j not in synthetic_video.SYNTHETIC_ARM_X]
-    assert np.all(swung[data.NUM_CONTEXT_FRAMES:, others] == states_TD[data.NUM_CONTEXT_FRAMES - 1, others])   # still
-    for j in synthetic_video.SYNTHETIC_ARM_X:   # each arm ends on the far side of where it was
-        assert swung[-1, j] == pytest.approx(-0.8 if states_TD[data.NUM_CONTEXT_FRAMES - 1, j] >= 0 else 0.8)
-    counterfactual = synthetic_video.synthetic_frame(tmp_path / 'val', 1, start + data.TARGET_FRAME, swung[-1])
-    assert np.abs(counterfactual.astype(int) - redrawn).max() > 100   # the arm discs moved
-    synthetic_video.write_synthetic_raw(tmp_path / 'other', num_shards=1, frames_per_shard=300, size=SIZE, seed=6, flat=True)
-    meta = json.loads((tmp_path / 'other' / 'metadata.json').read_text())
-    del meta['synthetic']
-    (tmp_path / 'other' / 'metadata.json').write_text(json.dumps(meta))
-    with pytest.raises(ValueError, match='not a synthetic split'):
-        synthetic_video.synthetic_frame(tmp_path / 'other', 0, 100, states_TD[-1])
-
-
-# ===============================================================================================
-# prepare.py: encoding raw clips to latents
-# ===============================================================================================
-
-
-def test_prepare_subcommand_help_shows_the_defaults(capsys):
-    with pytest.raises(SystemExit):
-        prepare.main(['encode_raw', '--help'])
-    out = ' '.join(capsys.readouterr().out.split())
-    assert '(default: pixel)' in out and '(default: 77)' in out and '(default: 8)' in out
-    assert '(default: None)' not in out   # a required option has no default to show
-
-
-def test_prepare_says_what_is_wrong_with_its_input_without_a_traceback(tmp_path):
-    (tmp_path / 'afile').write_text('')
-    with pytest.raises(SystemExit, match=r'^machinery\.prepare synthetic: .*afile'):
-        prepare.main(['synthetic', '--out', str(tmp_path / 'afile')])
-    with pytest.raises(SystemExit, match=r'^machinery\.prepare encode_raw: .*nowhere.*metadata\.json'):
-        prepare.main(['encode_raw', '--split', str(tmp_path / 'nowhere'), '--out', str(tmp_path / 'latents')])
-
-
-@pytest.fixture(scope='module')
-def raw_data(tmp_path_factory):
-    """A small raw_data raw dataset in the 1X layout, with its training latents encoded."""
-    root = tmp_path_factory.mktemp('sampling_data')
-    synthetic_video.write_synthetic_raw(root / 'train_v2.0_raw', num_shards=2, frames_per_shard=1500, size=SIZE, seed=0)
-    synthetic_video.write_synthetic_raw(root / 'val_v2.0_raw', num_shards=1, frames_per_shard=1200, size=SIZE, seed=1, flat=True)
-    latents.encode_raw_split(root / 'train_v2.0_raw', root / 'latents_pixel' / 'train_v2.0_raw', PixelCodec(), stride=8)
-    return root
-
-
-def test_encoding_is_atomic_resumes_an_interrupted_run_and_refuses_to_overwrite(raw_data, tmp_path):
-    from safetensors.torch import load_file, save_file
-    raw = raw_data / 'train_v2.0_raw'
-    whole = tmp_path / 'whole'
-    n = latents.encode_raw_split(raw, whole, PixelCodec(), stride=77)
-    info = json.loads((whole / 'encoding.json').read_text())
-    assert info['stride'] == 77 and info['codec'] == 'PixelCodec' and info['clips'] == n == len(data.LatentClips(whole))
-    assert not (tmp_path / 'whole.partial').exists()
-    # an interrupted run left shard 0 (marked: zero latents) in resumed.partial and no resumed/
-    (tmp_path / 'resumed.partial').mkdir()
-    shard0 = load_file(whole / 'latents_0.safetensors')
-    save_file({**shard0, 'latents': torch.zeros_like(shard0['latents'])}, tmp_path / 'resumed.partial' / 'latents_0.safetensors')
-    assert latents.encode_raw_split(raw, tmp_path / 'resumed', PixelCodec(), stride=77) == n
-    resumed = load_file(tmp_path / 'resumed' / 'latents_0.safetensors')
-    assert resumed['latents'].abs().max() == 0                          # kept, not encoded again
-    assert torch.equal(load_file(tmp_path / 'resumed' / 'latents_1.safetensors')['latents'],
-                       load_file(whole / 'latents_1.safetensors')['latents'])   # the rest encoded
-    assert latents.encode_raw_split(raw, whole, PixelCodec(), stride=77) == n        # finished: kept as it is
-    with pytest.raises(SystemExit, match='encoded with stride 77: pass --clip_stride=77'):
-        latents.encode_raw_split(raw, whole, PixelCodec(), stride=8)
-    # an interrupted encoding resumed with another stride is an error, not two strides under one encoding.json
-    (tmp_path / 'mixed.partial').mkdir()
-    settings = {k: v for k, v in info.items() if k != 'clips'}
-    (tmp_path / 'mixed.partial' / 'settings.json').write_text(json.dumps(settings))
-    with pytest.raises(SystemExit, match=r'mixed.partial has other settings \(stride=77 on disk, 8 asked for\)'):
-        latents.encode_raw_split(raw, tmp_path / 'mixed', PixelCodec(), stride=8)
-
-
-def test_encoded_latents_match_the_codec_on_raw_clips(raw_data):
-    clips, latents = data.RawClips(raw_data / 'train_v2.0_raw', stride=8), data.LatentClips(raw_data / 'latents_pixel' / 'train_v2.0_raw')
-    assert len(clips) == len(latents) > 100
-    for k in (0, len(clips) - 1):
-        z, states = latents[k]
-        item = clips[k]
-        assert torch.equal(z, PixelCodec().encode(frames_to_video(item['frames_THWC'][None]))[0])
-        assert torch.equal(states, item['states_TD'])
-
-
-# ===============================================================================================
-# train_compression.py: the compression track's training script, run as a user runs it
-# ===============================================================================================
 
 
 @pytest.mark.slow
@@ -720,10 +768,6 @@ def test_paper_preset_dry_run(tmp_path):
     n = int(out.split('parameters: ', 1)[1].split()[0].replace(',', ''))
     # 24 blocks of (2 x 4d^2 attention + 8d^2 MLP) + 64000 x 512 tied embedding, plus small parts
     assert 24 * 16 * 512 ** 2 + 64000 * 512 < n < 24 * 16 * 512 ** 2 + 64000 * 512 + 2_000_000
-
-
-SMALL_RUN = ['--n_embd=32', '--n_head=2', '--eval_interval=1000', '--eval_samples=2', '--final_eval=False', '--num_workers=0',
-             '--learning_rate=1e-3', '--warmup_iters=1']
 
 
 @pytest.mark.slow
@@ -766,15 +810,6 @@ def test_resume_gives_the_same_next_loss_as_not_stopping(tmp_path, synthetic_dir
     assert [r['lr'] for r in full] == pytest.approx([1e-3, 1e-3, 7.5e-4, 5e-4, 2.5e-4])
 
 
-def results_of(out_dir):
-    with open(os.path.join(out_dir, 'results.json')) as f:
-        return json.load(f)
-
-
-LEARN_RUN = ['--max_iters=80', '--batch_size=4', '--global_batch_size=4', '--final_eval_samples=16',
-             '--eval_interval=1000', '--eval_samples=2', '--num_workers=0']
-
-
 @pytest.mark.slow
 def test_short_run_learns_beyond_the_baselines(tmp_path, synthetic_dir):
     """80 steps of batch 4 (the README default is longer; neither reaches the Bayes floor)."""
@@ -798,19 +833,6 @@ def test_model_without_states_cannot_beat_the_state_blind_floor(tmp_path, synthe
     # which is most of a nat above the Bayes floor
     assert model['ce'] > blind['ce'] - 0.05
     assert blind['ce'] > r['Bayes floor (states known)']['ce'] + 0.5
-
-
-COMPRESSION_RUN = ['--n_embd=32', '--n_head=2', '--eval_samples=2', '--eval_batch_size=2', '--final_eval=False',
-                   '--num_workers=0', '--batch_size=2', '--global_batch_size=2']
-
-
-def run_compression(*args, cwd, fails=False):
-    return run_script('train_compression.py', *COMPRESSION_RUN, *args, cwd=cwd, fails=fails)
-
-
-def all_finite(path):
-    state = torch.load(path, weights_only=True)
-    return all(torch.isfinite(t).all() for t in state['model'].values())
 
 
 @pytest.mark.slow
@@ -894,14 +916,6 @@ def test_compression_refuses_to_train_over_a_checkpoint_and_bad_flags_before_any
     assert f'--out_dir={tmp_path}/file is a file, not a folder' in err
 
 
-class _Payload:
-    def __init__(self, path):
-        self.path = path
-
-    def __reduce__(self):
-        return exec, (f"open({self.path!r}, 'w').write('pwned')",)
-
-
 @pytest.mark.slow
 def test_compression_resume_takes_the_optimizer_flags_given_now_and_says_so(tmp_path, synthetic_dir):
     out = tmp_path / 'run'
@@ -942,20 +956,6 @@ def test_compression_loads_no_code_and_names_the_wrong_track_or_model(tmp_path, 
     assert not marker.exists()
 
 
-def fake_hub(root, synthetic_dir, repo_id=data.HF_REPO_TOKENIZED, splits=('train_v2.0', 'val_v2.0')):
-    """A Hugging Face cache holding a dataset repo, as huggingface_hub lays it out: the offline
-    stand-in for the Hub (HF_HUB_OFFLINE=1 serves files from it)."""
-    rev = 'a' * 40
-    repo = root / f"datasets--{repo_id.replace('/', '--')}"
-    for split in splits:
-        shutil.copytree(os.path.join(synthetic_dir, split), repo / 'snapshots' / rev / split)
-        meta = repo / 'snapshots' / rev / split / 'metadata.json'   # the Hub's keys only (no synthetic world)
-        meta.write_text(json.dumps({k: v for k, v in json.loads(meta.read_text()).items() if k != 'synthetic'}))
-    (repo / 'refs').mkdir()
-    (repo / 'refs' / 'main').write_text(rev)
-    return dict(HF_HUB_CACHE=str(root), HF_HUB_OFFLINE='1')
-
-
 @pytest.mark.slow
 def test_compression_prepares_its_data_from_an_empty_folder_trains_and_logs_validation(tmp_path, synthetic_dir,
                                                                                       monkeypatch):
@@ -967,7 +967,7 @@ def test_compression_prepares_its_data_from_an_empty_folder_trains_and_logs_vali
     assert f"{tmp_path / 'data' / 'train_v2.0'} is not whole: " in err and 'A mistyped --data_dir?' in err
     err = run_compression('--data_dir', str(tmp_path / 'data'), '--out_dir', str(tmp_path / 'run'), '--max_iters', '2',
                           '--download', cwd=tmp_path, fails=True)
-    assert 'could not fetch train_v2.0/metadata.json' in err and 'python prepare.py download --out DIR' in err
+    assert 'could not fetch train_v2.0/metadata.json' in err and 'python -m machinery.prepare download --out DIR' in err
     for key, value in fake_hub(tmp_path / 'hub', synthetic_dir).items():
         monkeypatch.setenv(key, value)
     args = ['--data_dir', str(tmp_path / 'data'), '--out_dir', str(tmp_path / 'run'), '--max_iters', '2',
@@ -989,35 +989,57 @@ def test_compression_prepares_its_data_from_an_empty_folder_trains_and_logs_vali
     assert video.stat().st_size == os.path.getsize(os.path.join(synthetic_dir, 'train_v2.0/videos/video_1.bin'))
 
 
-def test_a_download_that_would_fill_the_disk_stops_before_it_starts(tmp_path, synthetic_dir, monkeypatch):
-    import functools
-    import huggingface_hub
-    import huggingface_hub.constants
-    meta = data.read_json(os.path.join(synthetic_dir, 'train_v2.0', 'metadata.json'))
-    whole = sum(data.expected_sizes(meta['num_images']).values())   # the split's bytes, from its metadata
-    report = run_dir.disk_report
+@pytest.mark.slow
+def test_compression_stops_at_a_finite_explosion_with_the_checkpoint_from_before_it(tmp_path, synthetic_dir):
+    out = tmp_path / 'run'
+    args = (f'--data_dir={synthetic_dir}', f'--out_dir={out}', '--max_iters=40', '--ckpt_interval=10',
+            '--eval_interval=1000')
+    run_compression(*args, '--stop_at=30', cwd=tmp_path)
+    state = torch.load(out / 'ckpt.pt', weights_only=True)   # an exploded but finite state as step 30
+    state['model'] = {k: v * 30 if v.is_floating_point() else v for k, v in state['model'].items()}
+    torch.save(state, out / 'ckpt.pt')
+    err = run_compression(*args, '--init_from=resume', cwd=tmp_path, fails=True)
+    assert re.search(r'step 31: the training loss spiked to [\d.e+]+, over 10 x [\d.]+ \(the median of the last 30\)',
+                     err), err[-2000:]
+    assert f'{out}/ckpt.pt and {out}/ckpt_prev.pt hold step 20, saved before the loss diverged at step 31' in err
+    assert (step_of(out / 'ckpt.pt'), step_of(out / 'ckpt_prev.pt'), step_of(out / 'ckpt_diverged.pt')) == (20, 20, 30)
 
-    def free(n):   # a disk with n bytes free
-        monkeypatch.setattr(run_dir, 'disk_report', functools.partial(report, usage=lambda p: FakeUsage(n)))
-    monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_CACHE', str(tmp_path / 'cache'))   # the disk of out
-    free(whole - 1)
-    with pytest.raises(SystemExit, match=r'not enough disk space: the train_v2\.0 download [\d.]+ GiB need'):
-        tokenized.check_room_for(str(tmp_path / 'data'), 'train_v2.0', meta)
-    tokenized.check_room_for(str(tmp_path / 'data'), 'train_v2.0', meta, shards=[0])   # half of it fits
-    # a resumed download needs only what is missing: here nothing
-    shutil.copytree(os.path.join(synthetic_dir, 'train_v2.0'), tmp_path / 'data' / 'train_v2.0')
-    free(0)
-    tokenized.check_room_for(str(tmp_path / 'data'), 'train_v2.0', meta)
-    # a disk that fills up all the same is said as such, not as a network problem
-    def full(*args, **kwargs):
-        raise OSError(errno.ENOSPC, 'No space left on device')
-    monkeypatch.setattr(huggingface_hub, 'hf_hub_download', full)
-    with pytest.raises(SystemExit, match=r'the disk filled up while fetching val_v2\.0/metadata\.json'):
-        hub.hub_file(data.HF_REPO_TOKENIZED, 'val_v2.0/metadata.json', str(tmp_path / 'data'), '')
+
+@pytest.mark.slow
+def test_compression_reports_a_bad_val_token_before_the_first_step(tmp_path, synthetic_dir):
+    bad = tmp_path / 'data'
+    shutil.copytree(synthetic_dir, bad)
+    tokens = np.fromfile(bad / 'val_v2.0' / 'video_0.bin', np.int32)
+    tokens[-1] = 5000   # in the last block: the first validation (2 samples) never reads it
+    tokens.tofile(bad / 'val_v2.0' / 'video_0.bin')
+    err = run_compression(f'--data_dir={bad}', f'--out_dir={tmp_path}/run', '--max_iters=5', cwd=tmp_path, fails=True)
+    assert re.search(r'the validation split: .*val_v2.0/video_0.bin: block \d+ holds token 5000', err), err[-2000:]
+    assert not (tmp_path / 'run' / 'log.jsonl').exists()
+
+
+@pytest.mark.slow
+def test_resume_takes_the_model_settings_of_its_checkpoint_and_says_which(tmp_path, synthetic_dir):
+    out = tmp_path / 'run'
+    run_compression(f'--data_dir={synthetic_dir}', f'--out_dir={out}', '--max_iters=2', '--stop_at=1', '--n_layer=2',
+                    cwd=tmp_path)
+    said = run_compression(f'--data_dir={synthetic_dir}', f'--out_dir={out}', '--max_iters=2', '--init_from=resume',
+                           cwd=tmp_path)
+    assert f'resume: model settings taken from {out}/ckpt.pt: n_layer=2' in said
+    state = torch.load(out / 'ckpt.pt', weights_only=True)
+    assert state['step'] == 2 and state['model_cfg']['n_layer'] == 2
+
+
+@pytest.mark.slow
+def test_dry_run_prints_what_the_run_will_write(tmp_path):
+    out = run_script('train_sampling.py', '--preset=paper', '--dry_run', f'--data_dir={tmp_path}/1x', cwd=tmp_path)
+    assert re.search(r'^disk: checkpoints and LoRA exports [\d.,]+ GiB, latents 772\.8 GiB = ', out, re.M), out
+    out = run_script('train_compression.py', '--preset=paper', '--dry_run', cwd=tmp_path)
+    assert re.search(r'^disk: checkpoints [\d.,]+ GiB, tokenized data to download 8\.7 GiB = ', out, re.M), out
+    assert not (tmp_path / 'data').exists()   # a dry run writes nothing
 
 
 # ===============================================================================================
-# wan_state.py: the Wan 2.2 DiT (against diffusers), timesteps, state conditioning, LoRA
+# wan_state.py: the Wan 2.2 DiT (equal to diffusers'), AdaLN-Zero states, LoRA, checkpointing, compiled blocks
 # ===============================================================================================
 
 
@@ -1030,12 +1052,18 @@ TOKENS_PER_FRAME = (H // 2) * (W // 2)
 NS = 4 * (NF - 1) + 1                    # state rows for 3 latent frames
 
 
+def per_token(mask_BF, t_B, tokens_per_frame=TOKENS_PER_FRAME):
+    """The per-frame timesteps one per token, [B, L], as the reference TI2V passes them (and diffusers'
+    WanTransformer3DModel takes them)."""
+    return frame_timesteps(mask_BF, t_B).repeat_interleave(tokens_per_frame, dim=1)
+
+
 def inputs(cfg, seed=1):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(B, C, NF, H, W, generator=g)
     context = torch.randn(B, cfg.text_len, cfg.text_dim, generator=g)
     mask_BF = torch.tensor([[0, 1, 1], [0, 0, 1]])       # first frame(s) held as context
-    t_BL = per_token_timestep(mask_BF, torch.tensor([999.0, 421.5]), TOKENS_PER_FRAME)
+    t_BL = per_token(mask_BF, torch.tensor([999.0, 421.5]))
     states = torch.randn(B, NS, 25, generator=g)
     states[..., 21:23] = torch.rand(B, NS, 2, generator=g)
     return x, t_BL, context, states
@@ -1050,11 +1078,38 @@ def diffusers_twin(cfg):
         qk_norm='rms_norm_across_heads', eps=cfg.eps)
 
 
-def test_per_token_timestep_gives_context_frames_t0():
-    t_BL = per_token_timestep(torch.tensor([[0, 1, 1], [0, 0, 1]]), torch.tensor([700.0, 300.0]), 4)
-    assert t_BL.shape == (2, 12)
-    assert t_BL[0].tolist() == [0.0] * 4 + [700.0] * 8
-    assert t_BL[1].tolist() == [0.0] * 8 + [300.0] * 4
+def wan_inputs(cfg, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, cfg.in_dim, 3, 8, 8, generator=g)
+    t_BL = per_token(torch.tensor([[0, 1, 1], [0, 0, 1]]), torch.tensor([999.0, 421.5]), 16)
+    return x, t_BL, torch.randn(2, cfg.text_len, cfg.text_dim, generator=g), torch.randn(2, 9, 25, generator=g)
+
+
+def wan_lora_block():
+    """Block 0 of a tiny DiT with LoRA adapters (alpha / rank = 2) and the team's per-block state
+    table added to the modulation, as a training step calls it."""
+    torch.manual_seed(0)
+    net = randomize(WanDiT(WanConfig.tiny(state_embedder='team'), state_cond=True), std=0.1)
+    add_lora(net, rank=4, alpha=8)
+    for m in wan_state.lora_modules(net):
+        torch.nn.init.normal_(m.lora_B.weight, std=0.1)
+    cfg, block = net.cfg, net.blocks[0]
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 3 * 16, cfg.dim, generator=g, requires_grad=True)
+    e = torch.randn(2, 3, 6, cfg.dim, generator=g) + net.state_embedder.block_tables[0]
+    context = torch.randn(1, cfg.text_len, cfg.dim, generator=g)
+    return block, (x, e, context, rope_cos_sin(3, 4, 4, cfg.head_dim, cfg.rope_theta, 'cpu'))
+
+
+def fwd_bwd(module, *args):
+    out = module(*args)
+    params = [p for p in module.parameters() if p.requires_grad]
+    return out, torch.autograd.grad(out.float().square().mean(), [args[0], *params])
+
+
+def test_frame_timesteps_give_the_context_frames_timestep_0():
+    t_BF = frame_timesteps(torch.tensor([[0, 1, 1], [0, 0, 1]]), torch.tensor([700.0, 300.0]))
+    assert t_BF.tolist() == [[0.0, 700.0, 700.0], [0.0, 0.0, 300.0]]
 
 
 def test_dit_matches_diffusers_with_per_token_timestep():
@@ -1084,9 +1139,9 @@ def test_per_frame_timesteps_and_a_shared_context_give_the_reference_per_token_o
     mask_BF, t_B = torch.tensor([[0, 1, 1], [0, 0, 1]]), torch.tensor([999.0, 421.5])
     drop = torch.tensor([False, True])
     with torch.no_grad():
-        want = model(x, per_token_timestep(mask_BF, t_B, TOKENS_PER_FRAME), context[:1].expand(B, -1, -1), states, drop)
+        want = model(x, per_token(mask_BF, t_B), context[:1].expand(B, -1, -1), states, drop)
         got = model(x, frame_timesteps(mask_BF, t_B), context[:1], states, drop)
-        want_B = model(x, per_token_timestep(torch.ones(B, NF), t_B, TOKENS_PER_FRAME), context, states)
+        want_B = model(x, per_token(torch.ones(B, NF), t_B), context, states)
         got_B = model(x, t_B, context, states)   # [B]: one timestep for every frame of a sample
     assert want.abs().max() > 0.1
     assert (got - want).abs().max() < 1e-5
@@ -1149,13 +1204,6 @@ def test_gradient_checkpointing_gives_same_gradients():
         model(x, t_BL, context, states, torch.tensor([False, True])).square().mean().backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
     assert torch.allclose(grads[0], grads[1], atol=1e-6)
-
-
-def wan_inputs(cfg, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(2, cfg.in_dim, 3, 8, 8, generator=g)
-    t_BL = per_token_timestep(torch.tensor([[0, 1, 1], [0, 0, 1]]), torch.tensor([999.0, 421.5]), 16)
-    return x, t_BL, torch.randn(2, cfg.text_len, cfg.text_dim, generator=g), torch.randn(2, 9, 25, generator=g)
 
 
 def test_checkpointing_the_first_n_blocks_gives_the_same_loss_and_gradients():
@@ -1309,478 +1357,81 @@ def test_lora_zero_init_train_merge_and_frozen_base():
         assert torch.allclose(model.state_dict()[k], v, atol=1e-6), k
 
 
-# ===============================================================================================
-# wan_files.py: checkpoints and their key maps, the null text context, LoRA files, export
-# ===============================================================================================
+def test_wan_block_with_lora_and_state_modulation_has_no_graph_breaks():
+    block, args = wan_lora_block()
+    assert graph_breaks(block, *args) == 0
+    with torch.autocast('cpu', dtype=torch.bfloat16):   # the bf16 path
+        assert graph_breaks(block, *args) == 0
 
 
-def write_official_checkpoint(model, root, n_shards=2):
-    """The layout of Wan-AI/Wan2.2-TI2V-5B: config.json, index json, sharded safetensors."""
-    from safetensors.torch import save_file
-    cfg = model.cfg
-    root.mkdir(parents=True, exist_ok=True)
-    (root / 'config.json').write_text(json.dumps(dict(
-        _class_name='WanModel', model_type='ti2v', dim=cfg.dim, ffn_dim=cfg.ffn_dim, num_layers=cfg.num_layers,
-        num_heads=cfg.num_heads, in_dim=cfg.in_dim, out_dim=cfg.out_dim, text_len=cfg.text_len, eps=cfg.eps,
-        freq_dim=cfg.freq_dim, text_dim=cfg.text_dim)))
-    sd = {k: v.contiguous() for k, v in model.state_dict().items() if not k.startswith('state_embedder.')}
-    keys = sorted(sd)
-    weight_map = {}
-    for i in range(n_shards):
-        name = f'diffusion_pytorch_model-{i + 1:05d}-of-{n_shards:05d}.safetensors'
-        part = keys[i::n_shards]
-        save_file({k: sd[k] for k in part}, str(root / name))
-        weight_map.update({k: name for k in part})
-    (root / 'diffusion_pytorch_model.safetensors.index.json').write_text(json.dumps(
-        {'metadata': {'total_size': 0}, 'weight_map': weight_map}))
-    return root
+@pytest.mark.slow
+def test_compiled_wan_block_with_lora_equals_eager_forward_and_backward():
+    torch._dynamo.reset()
+    block, args = wan_lora_block()
+    want, want_grads = fwd_bwd(block, *args)
+    block.compile(fullgraph=True)
+    got, got_grads = fwd_bwd(block, *args)
+    assert want.abs().max() > 0.1 and (got - want).abs().max() < 1e-5
+    assert max((g - w).abs().max().item() for g, w in zip(got_grads, want_grads)) < 1e-5
 
 
-def test_from_pretrained_loads_official_sharded_layout(tmp_path):
-    cfg = WanConfig.tiny()
-    src = randomize(WanDiT(cfg, state_cond=False))
-    write_official_checkpoint(src, tmp_path / 'ckpt')
-    loaded = load_dit(tmp_path / 'ckpt', state_cond=True, r_dim=cfg.r_dim)
-    assert loaded.cfg == cfg and loaded.state_cond
-    assert all(p.device.type == 'cpu' and p.dtype == torch.float32 for p in loaded.parameters())
-    x, t_BL, context, states = inputs(cfg)
-    with torch.no_grad():
-        assert torch.equal(loaded(x, t_BL, context, states), src(x, t_BL, context))
-
-
-def test_from_pretrained_loads_diffusers_layout(tmp_path):
-    cfg = WanConfig.tiny()
-    src = randomize(WanDiT(cfg, state_cond=False))
-    ref = diffusers_twin(cfg)
-    ref.load_state_dict(to_diffusers_state_dict(src.state_dict()), strict=True)
-    ref.save_pretrained(tmp_path / 'repo' / 'transformer')
-    loaded = load_dit(tmp_path / 'repo', state_cond=False, text_len=cfg.text_len, r_dim=cfg.r_dim)
-    assert loaded.cfg == cfg
-    x, t_BL, context, _ = inputs(cfg)
-    with torch.no_grad():
-        assert torch.equal(loaded(x, t_BL, context), src(x, t_BL, context))
-
-
-def test_from_pretrained_missing_shard_fails_clearly(tmp_path):
-    root = write_official_checkpoint(randomize(WanDiT(WanConfig.tiny(), state_cond=False)), tmp_path / 'ckpt')
-    (root / 'diffusion_pytorch_model-00002-of-00002.safetensors').unlink()
-    with pytest.raises(FileNotFoundError, match='00002-of-00002.*download the checkpoint again'):
-        load_dit(root)
-
-
-def test_from_pretrained_truncated_shard_fails_clearly(tmp_path):
-    root = write_official_checkpoint(randomize(WanDiT(WanConfig.tiny(), state_cond=False)), tmp_path / 'ckpt')
-    shard = root / 'diffusion_pytorch_model-00001-of-00002.safetensors'
-    shard.write_bytes(shard.read_bytes()[:1000])
-    with pytest.raises(ValueError, match='00001-of-00002.safetensors: cannot read.*truncated'):
-        load_dit(root)
-
-
-def test_from_pretrained_lists_missing_unexpected_and_wrong_shape(tmp_path):
-    from safetensors.torch import save_file
-    cfg = WanConfig.tiny()
-    sd = {k: v.contiguous() for k, v in randomize(WanDiT(cfg, state_cond=False)).state_dict().items()}
-    del sd['blocks.1.ffn.2.bias']
-    sd['blocks.0.extra.weight'] = torch.zeros(3)
-    sd['head.head.weight'] = torch.zeros(7, cfg.dim)
-    root = tmp_path / 'bad'
-    root.mkdir()
-    save_file(sd, str(root / 'diffusion_pytorch_model.safetensors'))
-    (root / 'config.json').write_text(json.dumps(dict(dim=cfg.dim, ffn_dim=cfg.ffn_dim, num_layers=cfg.num_layers,
-                                                      num_heads=cfg.num_heads, text_dim=cfg.text_dim,
-                                                      text_len=cfg.text_len, freq_dim=cfg.freq_dim)))
-    with pytest.raises(ValueError) as err:
-        load_dit(root)
-    msg = str(err.value)
-    assert 'missing (1): blocks.1.ffn.2.bias' in msg
-    assert 'unexpected (1): blocks.0.extra.weight' in msg
-    assert 'wrong shape (1): head.head.weight: checkpoint (7, 64) vs model (192, 64)' in msg
-
-
-def tiny_umt5(tmp_path):
-    from transformers import UMT5Config, UMT5EncoderModel
+@pytest.mark.slow
+def test_compiled_dit_blocks_with_the_first_checkpointed_give_the_eager_loss_and_gradients():
+    # what train_sampling.py runs on CUDA: LoRA, state conditioning, compiled blocks, 1 of 2 checkpointed
+    torch._dynamo.reset()
     torch.manual_seed(0)
-    config = UMT5Config(vocab_size=40, d_model=16, d_kv=4, d_ff=24, num_layers=2, num_heads=4,
-                        relative_attention_num_buckets=8, feed_forward_proj='gated-gelu', dropout_rate=0.0)
-    model = UMT5EncoderModel(config).eval()
-    with torch.no_grad():   # T5 init leaves the norms at 1; make them matter
-        for n, p in model.named_parameters():
-            if 'layer_norm' in n:
-                p.copy_(1 + 0.5 * torch.randn_like(p))
-        want = model(input_ids=torch.tensor([[1]])).last_hidden_state[0]   # "" -> [EOS], EOS id 1
-    return model, want
-
-
-def test_null_context_matches_transformers_umt5_on_eos(tmp_path):
-    model, want = tiny_umt5(tmp_path)
-    model.save_pretrained(tmp_path / 'repo' / 'text_encoder')
-    cache = tmp_path / 'null.safetensors'
-    ctx = null_context(tmp_path / 'repo', cache_path=cache, text_len=8)
-    assert ctx.shape == (1, 8, 16)
-    assert (ctx[0, :1] - want).abs().max() < 1e-5
-    assert ctx[0, 1:].abs().max() == 0        # zero-padded to text_len as the reference does
-    (tmp_path / 'repo' / 'text_encoder' / 'model.safetensors').unlink()
-    assert torch.equal(null_context(tmp_path / 'repo', cache_path=cache, text_len=8), ctx)   # from the cache
-
-
-def test_null_context_reads_original_umt5_checkpoint(tmp_path):
-    model, want = tiny_umt5(tmp_path)
-    hf = model.state_dict()
-    orig = {'token_embedding.weight': hf['shared.weight'], 'norm.weight': hf['encoder.final_layer_norm.weight']}
-    for i in range(2):
-        p = f'encoder.block.{i}.layer.'
-        orig.update({f'blocks.{i}.norm1.weight': hf[p + '0.layer_norm.weight'],
-                     f'blocks.{i}.norm2.weight': hf[p + '1.layer_norm.weight'],
-                     f'blocks.{i}.ffn.gate.0.weight': hf[p + '1.DenseReluDense.wi_0.weight'],
-                     f'blocks.{i}.ffn.fc1.weight': hf[p + '1.DenseReluDense.wi_1.weight'],
-                     f'blocks.{i}.ffn.fc2.weight': hf[p + '1.DenseReluDense.wo.weight'],
-                     f'blocks.{i}.pos_embedding.embedding.weight':
-                         hf[p + '0.SelfAttention.relative_attention_bias.weight']})
-        for n in 'qkvo':
-            orig[f'blocks.{i}.attn.{n}.weight'] = hf[p + f'0.SelfAttention.{n}.weight']
-    (tmp_path / 'official').mkdir()
-    torch.save(orig, tmp_path / 'official' / 'models_t5_umt5-xxl-enc-bf16.pth')
-    ctx = null_context(tmp_path / 'official', cache_path=tmp_path / 'n.safetensors', text_len=8)
-    assert (ctx[0, :1] - want).abs().max() < 1e-5
-
-
-def test_save_and_load_trainable_roundtrip(tmp_path):
-    cfg = WanConfig.tiny()
-    base = randomize(WanDiT(cfg, state_cond=False)).state_dict()
-    model = WanDiT(cfg)
-    model.load_state_dict(base, strict=False)
+    model = randomize(WanDiT(WanConfig.tiny(), state_cond=True), std=0.1)
     add_lora(model, rank=4, alpha=4)
-    randomize(model.state_embedder, seed=3)
-    for m in lora_modules(model):
-        torch.nn.init.normal_(m.lora_B.weight, std=0.01)
-    save_trainable(model, tmp_path / 'lora.safetensors')
+    for m in wan_state.lora_modules(model):
+        torch.nn.init.normal_(m.lora_B.weight, std=0.1)
+    model.gradient_checkpointing = 1
+    x, t_BL, context, states = wan_inputs(model.cfg)
+    trainable = [p for p in model.parameters() if p.requires_grad]
 
-    fresh = WanDiT(cfg)
-    fresh.load_state_dict(base, strict=False)
-    load_trainable(fresh, tmp_path / 'lora.safetensors')          # adds rank-4 LoRA from the metadata
-    assert 'blocks.0.self_attn.q.lora_A.weight' in trainable_state_dict(fresh)
-    assert 'blocks.1.ffn.2.lora_B.weight' in trainable_state_dict(fresh)
-    assert not any(k.endswith('q.weight') for k in trainable_state_dict(fresh))
-    x, t_BL, context, states = inputs(cfg)
-    with torch.no_grad():
-        assert torch.equal(fresh(x, t_BL, context, states), model(x, t_BL, context, states))
+    def loss_and_grads():
+        loss = model(x, t_BL[:, ::16], context[:1], states).square().mean()
+        grads = torch.autograd.grad(loss, trainable, allow_unused=True)   # (the no-state embedding: unused)
+        return loss, [g for g in grads if g is not None]
 
-
-def random_lora(cfg, rank=4, seed=5):
-    """{module: (A [r, in], B [out, r])} on every LoRA target of every block, official names."""
-    g = torch.Generator().manual_seed(seed)
-    model = WanDiT(cfg, state_cond=False)
-    out = {}
-    for i in range(cfg.num_layers):
-        for t in LORA_TARGETS:
-            lin = model.blocks[i].get_submodule(t)
-            out[f'blocks.{i}.{t}'] = (torch.randn(rank, lin.in_features, generator=g) * 0.1,
-                                      torch.randn(lin.out_features, rank, generator=g) * 0.1)
-    return out
+    want, want_grads = loss_and_grads()
+    model.compile_blocks()
+    with torch._dynamo.config.patch(error_on_recompile=True):   # one graph serves every block, the first too
+        got, got_grads = loss_and_grads()
+    assert abs(got.item() - want.item()) < 1e-6 * abs(want.item()) and len(got_grads) == len(want_grads) > 40
+    assert max((g - w).abs().max().item() for g, w in zip(got_grads, want_grads)) < 1e-5
 
 
-def diffusers_pipe(base):
-    """diffusers' WanPipeline around a twin of `base` (a WanDiT without LoRA): the reference loader."""
-    from diffusers import WanPipeline
-    twin = diffusers_twin(base.cfg)
-    twin.load_state_dict(to_diffusers_state_dict(base.state_dict()), strict=True)
-    return WanPipeline(tokenizer=None, text_encoder=None, vae=None, scheduler=None, transformer=twin)
-
-
-def test_exported_lora_loads_in_diffusers_with_the_output_of_our_merged_model(tmp_path):
-    cfg = WanConfig.tiny()
-    model = randomize(WanDiT(cfg, state_cond=False))
-    base = WanDiT(cfg, state_cond=False)
-    base.load_state_dict(model.state_dict())
-    add_lora(model, rank=4, alpha=8)                       # alpha != rank: the scale 2 must survive
-    for m in lora_modules(model):
-        torch.nn.init.normal_(m.lora_B.weight, std=0.05)
-    assert [p.name for p in export_lora(model, tmp_path)] == ['lora.safetensors']   # no state embedder here
-    pipe = diffusers_pipe(base)
-    pipe.load_lora_weights(str(tmp_path), weight_name='lora.safetensors')          # as a user calls it
-    x, t_BL, context, _ = inputs(cfg)
-    with torch.no_grad():
-        merge_lora(model)
-        ours, want, plain = model(x, t_BL, context), pipe.transformer(x, t_BL, context).sample, base(x, t_BL, context)
-    assert (ours - plain).abs().max() > 1e-2          # the LoRA changes the output
-    assert (ours - want).abs().max() < 1e-4
-
-
-def test_exported_lora_has_comfyui_keys_and_needs_no_alpha_to_apply(tmp_path):
-    from safetensors.torch import load_file
-    cfg = WanConfig.tiny()
-    model = randomize(WanDiT(cfg))
-    add_lora(model, rank=4, alpha=8)
-    for m in lora_modules(model):
-        torch.nn.init.normal_(m.lora_B.weight, std=0.05)
-    export_lora(model, tmp_path)
-    sd = load_file(str(tmp_path / 'lora.safetensors'))
-    assert len(sd) == 3 * 10 * cfg.num_layers
-    m = model.blocks[1].cross_attn.o
-    key = 'diffusion_model.blocks.1.cross_attn.o'
-    assert sd[f'{key}.alpha'].item() == 4.0              # alpha = rank: scale 1 whoever reads it...
-    delta = sd[f'{key}.lora_B.weight'] @ sd[f'{key}.lora_A.weight']
-    assert torch.allclose(delta, m.delta(), atol=1e-6)   # ...so B @ A alone (DiffSynth) is the update
-    assert set(load_file(str(tmp_path / 'state_embedder.safetensors'))) == {
-        k for k in model.state_dict() if k.startswith('state_embedder.')}
-
-
-def write_lora(fmt, lora, path, alpha):
-    """The same adapters as another tool writes them."""
-    from safetensors.torch import save_file
-    if fmt == 'diffusers':   # diffusers' own writer, with its PEFT metadata (r, lora_alpha)
-        from diffusers import WanPipeline
-        layers = to_diffusers_state_dict({f'{name}.lora_{p}.weight': w for name, (A, B) in lora.items()
-                                          for p, w in (('A', A), ('B', B))})   # blocks.0.attn1.to_q.lora_A.weight
-        WanPipeline.save_lora_weights(path.parent, transformer_lora_layers=layers, weight_name=path.name,
-                                      transformer_lora_adapter_metadata=dict(r=4, lora_alpha=alpha, target_modules=[
-                                          'to_q', 'to_k', 'to_v', 'to_out.0', 'ffn.net.0.proj', 'ffn.net.2']))
-        return
-    sd = {}
-    for name, (A, B) in lora.items():
-        if fmt == 'comfyui':
-            sd.update({f'diffusion_model.{name}.lora_down.weight': A, f'diffusion_model.{name}.lora_up.weight': B,
-                       f'diffusion_model.{name}.alpha': torch.tensor(float(alpha))})
-        elif fmt == 'musubi':
-            k = 'lora_unet_' + name.replace('.', '_')
-            sd.update({f'{k}.lora_down.weight': A, f'{k}.lora_up.weight': B, f'{k}.alpha': torch.tensor(float(alpha))})
-        elif fmt == 'diffsynth':
-            sd.update({f'{name}.lora_A.default.weight': A, f'{name}.lora_B.default.weight': B})
-    save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
-
-
-@pytest.mark.parametrize('fmt', ['comfyui', 'diffusers', 'musubi', 'diffsynth'])
-def test_load_lora_reads_each_common_format_as_its_tool_applies_it(tmp_path, fmt):
-    cfg = WanConfig.tiny()
-    base = randomize(WanDiT(cfg, state_cond=False))
-    lora = random_lora(cfg)
-    write_lora(fmt, lora, tmp_path / 'file.safetensors', alpha=8)
-    x, t_BL, context, _ = inputs(cfg)
-    if fmt == 'diffsynth':   # DiffSynth's GeneralLoRALoader: W += B @ A (no alpha)
-        ref = WanDiT(cfg, state_cond=False)
-        ref.load_state_dict(base.state_dict())
-        with torch.no_grad():
-            for name, (A, B) in lora.items():
-                ref.get_submodule(name).weight += B @ A
-            want = ref(x, t_BL, context)
-    else:                    # diffusers' own loader reads the other three (scale 8 / 4)
-        pipe = diffusers_pipe(base)
-        pipe.load_lora_weights(str(tmp_path), weight_name='file.safetensors')
-        with torch.no_grad():
-            want = pipe.transformer(x, t_BL, context).sample
-    model = WanDiT(cfg, state_cond=False)
-    model.load_state_dict(base.state_dict())
-    load_lora(model, tmp_path / 'file.safetensors')             # as trainable adapters of the file's rank
-    assert {m.rank for m in lora_modules(model)} == {4} and len(lora_modules(model)) == 10 * cfg.num_layers
-    merged = WanDiT(cfg, state_cond=False)
-    merged.load_state_dict(base.state_dict())
-    load_lora(merged, tmp_path / 'file.safetensors', merge=True)  # into the base weights
-    with torch.no_grad():
-        got, got_merged, plain = model(x, t_BL, context), merged(x, t_BL, context), base(x, t_BL, context)
-    assert (want - plain).abs().max() > 1e-2
-    assert (got - want).abs().max() < 1e-4
-    assert (got_merged - want).abs().max() < 1e-4
-
-
-def test_load_lora_checks_the_whole_file_first_and_leaves_the_model_unchanged_when_it_does_not_fit(tmp_path):
-    from safetensors.torch import save_file
-    cfg = WanConfig.tiny()
-    lora = random_lora(cfg)
-    model = randomize(WanDiT(cfg, state_cond=False))
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-
-    def comfy(lora, **extra):
-        sd = {f'diffusion_model.{n}.lora_{p}.weight': w for n, (A, B) in lora.items() for p, w in (('A', A), ('B', B))}
-        return {**sd, **extra}
-    bad = {'wider': (comfy({**lora, 'blocks.0.ffn.0': (torch.zeros(4, cfg.dim + 1), lora['blocks.0.ffn.0'][1])}),
-                     r'blocks.0.ffn.0 has A \(4, 65\) .* linear maps 64 -> 128: the LoRA is for another model'),
-           'nan': (comfy({**lora, 'blocks.1.self_attn.o': (lora['blocks.1.self_attn.o'][0], torch.full((64, 4), math.nan))}),
-                   'blocks.1.self_attn.o.lora_B.weight holds NaN or inf'),
-           'twice': (comfy(lora, **{'blocks.0.self_attn.q.lora_A.default.weight': lora['blocks.0.self_attn.q'][0]}),
-                     'blocks.0.self_attn.q has its A twice .* mixes two LoRA formats'),
-           'ranks': (comfy(lora, **{'diffusion_model.blocks.0.self_attn.k.lora_B.weight': torch.zeros(64, 3)}),
-                     'must be \\[rank, in\\] and B \\[out, rank\\]')}
-    for name, (sd, message) in bad.items():
-        save_file({k: v.clone() for k, v in sd.items()}, str(tmp_path / f'{name}.safetensors'))
-        for merge in (False, True):
-            with pytest.raises(ValueError, match=message):
-                load_lora(model, tmp_path / f'{name}.safetensors', merge=merge)
-    (tmp_path / 'text.safetensors').write_text('not a LoRA')
-    with pytest.raises(ValueError, match='not a readable safetensors LoRA file'):
-        load_lora(model, tmp_path / 'text.safetensors')
-    assert not lora_modules(model) and all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
-
-
-def test_lora_alpha_is_read_as_each_tool_reads_it(tmp_path):
-    from safetensors.torch import save_file
-    cfg = WanConfig.tiny()
-    lora = random_lora(cfg)   # rank 4
-    for fmt, alpha, scale in (('musubi', 0, 1.0), ('musubi', 8, 2.0), ('comfyui', 0, 0.0), ('diffsynth', None, 1.0)):
-        write_lora(fmt, lora, tmp_path / 'file.safetensors', alpha=alpha)   # kohya, musubi: alpha 0 means rank
-        assert {s for _, _, s in read_lora(tmp_path / 'file.safetensors', cfg.num_layers).values()} == {scale}, fmt
-    # PEFT metadata: lora_alpha, overridden per module by alpha_pattern (diffusers names)
-    sd = {f'transformer.{k}': v.contiguous() for k, v in to_diffusers_state_dict(
-        {f'{n}.lora_{p}.weight': w for n, (A, B) in lora.items() for p, w in (('A', A), ('B', B))}).items()}
-    meta = dict(r=4, lora_alpha=8, alpha_pattern={'attn1.to_q': 2})
-    save_file(sd, str(tmp_path / 'peft.safetensors'), metadata={'lora_adapter_metadata': json.dumps(meta)})
-    scales = {n: s for n, (_, _, s) in read_lora(tmp_path / 'peft.safetensors', cfg.num_layers).items()}
-    assert scales['blocks.0.self_attn.q'] == scales['blocks.1.self_attn.q'] == 0.5
-    assert {s for n, s in scales.items() if not n.endswith('self_attn.q')} == {2.0}
-
-
-def test_crafted_or_truncated_pth_files_and_unwritable_export_folders_are_named(tmp_path):
-    import pickle
-
-    class Payload:   # a pickle that would run code when loaded without weights_only
-        def __reduce__(self):
-            return (os.system, ('echo ran',))
-    root = tmp_path / 'official'
-    root.mkdir()
-    with open(root / 'Wan2.2_VAE.pth', 'wb') as f:
-        pickle.dump({'w': Payload()}, f)
-    with pytest.raises(ValueError, match='Wan2.2_VAE.pth: not a weights file nanoWM can read'):
-        WanVAE.from_pretrained(root)
-    torch.save({'w': torch.zeros(1000)}, root / 'Wan2.2_VAE.pth')
-    (root / 'Wan2.2_VAE.pth').write_bytes((root / 'Wan2.2_VAE.pth').read_bytes()[:500])   # truncated
-    with pytest.raises(ValueError, match='not a weights file nanoWM can read'):
-        WanVAE.from_pretrained(root)
-    (tmp_path / 'a_file').write_text('')
-    with pytest.raises(ValueError, match='cannot write the LoRA files into'):
-        export_lora({'state_embedder.null': torch.zeros(4)}, tmp_path / 'a_file')
-
-
-def test_export_command_and_load_lora_round_trip_a_checkpoint(tmp_path):
-    cfg = WanConfig.tiny()
-    model = randomize(WanDiT(cfg))
-    add_lora(model, rank=4, alpha=2)
-    randomize(model.state_embedder, seed=3)
-    for m in lora_modules(model):
-        torch.nn.init.normal_(m.lora_B.weight, std=0.05)
-    base = {k: v for k, v in model.state_dict().items() if '.lora_' not in k and not k.startswith('state_embedder.')}
-    ckpt = dict(kind='sampling', trainable={n: p.detach() for n, p in model.named_parameters() if p.requires_grad},
-                config=dict(lora_rank=4, lora_alpha=2))   # as train_sampling.py writes it
-    torch.save(ckpt, tmp_path / 'ckpt.pt')
-    wan_files_main(['export', '--ckpt', str(tmp_path / 'ckpt.pt')])   # python -m machinery.wan_files export --ckpt ...
-    fresh = WanDiT(cfg)
-    fresh.load_state_dict(base, strict=False)
-    load_lora(fresh, tmp_path)                   # the folder: lora.safetensors + state_embedder.safetensors
-    x, t_BL, context, states = inputs(cfg)
-    with torch.no_grad():
-        assert (fresh(x, t_BL, context, states) - model(x, t_BL, context, states)).abs().max() < 1e-5
-
-
-# ===============================================================================================
-# vae.py: the latent codecs (PixelCodec, the Wan 2.2 VAE)
-# ===============================================================================================
-
-
-def test_pixel_codec_has_wan_layout_and_is_lossless_on_keyframes():
-    codec = PixelCodec()
-    video = torch.rand(2, 3, 21, SIZE, SIZE) * 2 - 1
-    z = codec.encode(video)
-    assert z.shape == (2, 48, 6, SIZE // 4, SIZE // 4)
-    back = codec.decode(z)
-    assert back.shape == video.shape
-    assert torch.equal(back[:, :, ::4], video[:, :, ::4])     # keyframes 0, 4, .., 20 (target included)
-    assert torch.allclose(back[:, :, 1], 0.75 * video[:, :, 0] + 0.25 * video[:, :, 4])
-    assert torch.equal(codec.encode(video[:, :, :5]), z[:, :, :2])   # context alone -> the same 2 latents
-
-
-def test_pixel_codec_decodes_on_the_latents_device():
-    z = torch.empty(2, 48, 6, 8, 8, device='meta')   # a tensor made without device= would be on the CPU: error
-    assert PixelCodec().decode(z).shape == (2, 3, 21, 32, 32)
-
-
-def official_vae_names(sd):
-    """diffusers AutoencoderKLWan names -> the original Wan2.2_VAE.pth names (wan/modules/vae2_2.py),
-    written independently of the loader's map and in the other direction."""
-    n_resnets = {}   # the official stage is one Sequential: its resnets, then the resampler
-    for k in sd:
-        m = re.match(r'(encoder\.down|decoder\.up)_blocks\.(\d+)\.resnets\.(\d+)\.', k)
-        if m:
-            n_resnets[m[1], m[2]] = max(n_resnets.get((m[1], m[2]), 0), int(m[3]) + 1)
-
-    def stage(m):    # encoder.down_blocks.1.resnets.0. -> encoder.downsamples.1.downsamples.0.
-        index = m[4] if m[3] == 'resnets.' else n_resnets[m[1], m[2]]
-        return f"{m[1]}samples.{m[2]}.{m[1].split('.')[1]}samples.{index}."
-    out = {}
-    for k, v in sd.items():
-        o = re.sub(r'(encoder\.down|decoder\.up)_blocks\.(\d+)\.(resnets\.|downsampler|upsampler)(\d*)\.', stage, k)
-        for a, b in (('.norm1.', '.residual.0.'), ('.conv1.', '.residual.2.'), ('.norm2.', '.residual.3.'),
-                     ('.conv2.', '.residual.6.'), ('.conv_shortcut.', '.shortcut.'), ('.conv_in.', '.conv1.'),
-                     ('.norm_out.', '.head.0.'), ('.conv_out.', '.head.2.'), ('mid_block.resnets.0.', 'middle.0.'),
-                     ('mid_block.attentions.0.', 'middle.1.'), ('mid_block.resnets.1.', 'middle.2.')):
-            o = o.replace(a, b)
-        out[re.sub(r'^quant_conv\.', 'conv1.', re.sub(r'^post_quant_conv\.', 'conv2.', o))] = v
-    return out
-
-
-def test_official_vae_pth_loads_as_the_diffusers_layout(tmp_path):
-    from diffusers import AutoencoderKLWan
+@pytest.mark.parametrize('alpha', [4, 8])
+def test_lora_linear_is_base_plus_scaled_delta(alpha):
     torch.manual_seed(0)
-    mean, std = torch.linspace(-1, 1, 48).tolist(), torch.linspace(0.5, 3, 48).tolist()
-    size = dict(base_dim=8, decoder_base_dim=8, dim_mult=[1, 2, 2, 2], num_res_blocks=1, latents_mean=mean,
-                latents_std=std)
-    tiny = AutoencoderKLWan(z_dim=48, temperal_downsample=[False, True, True], is_residual=True, in_channels=12,
-                            out_channels=12, patch_size=2, scale_factor_spatial=16, **size)
-    randomize(tiny, std=0.2)
-    tiny.save_pretrained(tmp_path / 'diffusers' / 'vae')
-    (tmp_path / 'official').mkdir()
-    official = official_vae_names(tiny.state_dict())
-    assert 'encoder.downsamples.1.downsamples.1.time_conv.weight' in official    # resampler after 1 resnet
-    assert 'decoder.upsamples.0.upsamples.2.resample.1.weight' in official      # after 2 (num_res_blocks + 1)
-    torch.save(official, tmp_path / 'official' / 'Wan2.2_VAE.pth')
-    (tmp_path / 'official' / 'config.json').write_text(json.dumps(dict(dim=3072)))   # the DiT's, as in the repo
-    want = WanVAE.from_pretrained(tmp_path / 'diffusers')
-    for src in (tmp_path / 'official', tmp_path / 'official' / 'Wan2.2_VAE.pth'):
-        got = WanVAE.from_pretrained(src, **size)
-        video = torch.rand(1, 3, 5, 32, 32) * 2 - 1
-        z = got.encode(video)
-        assert torch.equal(z, want.encode(video))
-        assert torch.equal(got.decode(z), want.decode(z))
-    # sample.py --vae_dtype=bfloat16: the same weights, cast as read; close to fp32's output
-    half = WanVAE.from_pretrained(tmp_path / 'official', dtype=torch.bfloat16, **size)
-    assert {p.dtype for p in half.vae.parameters()} == {torch.bfloat16}
-    assert torch.allclose(half.decode(z), want.decode(z), atol=0.05)
+    lin = LoRALinear(torch.nn.Linear(16, 8), rank=4, alpha=alpha)
+    torch.nn.init.normal_(lin.lora_B.weight)
+    x = torch.randn(5, 16)
+    want = x @ lin.weight.T + lin.bias + x @ lin.lora_A.weight.T @ lin.lora_B.weight.T * (alpha / 4)
+    assert (lin(x) - want).abs().max() < 1e-5
 
 
-def test_vae_encode_decode_shapes_and_normalisation(tmp_path):
-    from diffusers import AutoencoderKLWan
-    torch.manual_seed(0)
-    mean, std = torch.linspace(-1, 1, 48).tolist(), torch.linspace(0.5, 3, 48).tolist()
-    # the Wan 2.2 kind: 48 latent channels, 2x2 patchify + residual blocks, 16x spatial, 4x temporal
-    tiny = AutoencoderKLWan(base_dim=8, decoder_base_dim=8, z_dim=48, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
-                            temperal_downsample=[False, True, True], is_residual=True, in_channels=12,
-                            out_channels=12, patch_size=2, scale_factor_spatial=16,
-                            latents_mean=mean, latents_std=std)
-    tiny.save_pretrained(tmp_path / 'repo' / 'vae')
-    vae = WanVAE.from_pretrained(tmp_path / 'repo')
-    video = torch.rand(1, 3, 5, 32, 32) * 2 - 1
-    z = vae.encode(video)
-    assert z.shape == (1, 48, 2, 2, 2)           # 1 + (5 - 1) / 4 latent frames, 32 / 16 pixels
+def test_wan_block_gives_each_frames_modulation_to_that_frames_tokens():
+    # the block's per-frame modulation (one shift / scale / gate per latent frame) against the
+    # per-token form of the reference: every frame's values repeated over its 16 tokens
+    block, (x, e, context, rope) = wan_lora_block()
+    shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (block.modulation.float() + e).unbind(2)
+
+    def per_frame(a):   # (B, 3 frames, D) -> (B, 48 tokens, D)
+        return a.repeat_interleave(16, dim=1)
+
     with torch.no_grad():
-        mu = tiny.encode(video).latent_dist.mode()
-    want = (mu - torch.tensor(mean).view(1, -1, 1, 1, 1)) / torch.tensor(std).view(1, -1, 1, 1, 1)
-    assert torch.allclose(z, want, atol=1e-5)
-    out = vae.decode(z)
-    assert out.shape == (1, 3, 5, 32, 32) and out.abs().max() <= 1
-    with pytest.raises(ValueError, match=r'\[B, 3, 4k\+1, H, W\]'):
-        vae.encode(video[:, :, :4])
-    # `python prepare.py encode_raw --codec=wan`: a raw split's clips as bf16 Wan latents, what training reads
-    raw = tmp_path / 'raw'
-    synthetic_video.write_synthetic_raw(raw, num_shards=1, frames_per_shard=200, size=32, seed=0, flat=True)
-    prepare.main(['encode_raw', '--codec=wan', '--split', str(raw), '--out', str(tmp_path / 'latents'), '--vae_path',
-                  str(tmp_path / 'repo'), '--device', 'cpu'])
-    clips = data.LatentClips(tmp_path / 'latents')
-    frames_THWC, _ = data.RawShard(raw, 0).read_clip(data.RawShard(raw, 0).clip_starts()[0])
-    z0, states = clips[0]
-    assert z0.shape == (48, 6, 2, 2) and states.shape == (21, 25)
-    want = vae.encode(frames_to_video(torch.from_numpy(frames_THWC)[None]))[0]
-    torch.testing.assert_close(z0, want, atol=1e-2, rtol=8e-3)   # stored in bf16 (8 bits of mantissa)
+        h = block.norm1(x) * (1 + per_frame(scale_sa)) + per_frame(shift_sa)
+        want = x + block.self_attn(h, rope=rope).float() * per_frame(gate_sa)
+        want = want + block.cross_attn(block.norm3(want), context).float()
+        h = block.norm2(want) * (1 + per_frame(scale_ff)) + per_frame(shift_ff)
+        want = want + block.ffn(h).float() * per_frame(gate_ff)
+        got = block(x, e, context, rope)
+    assert want.abs().max() > 1 and (got - want).abs().max() < 1e-5
 
 
 # ===============================================================================================
-# flow_matching.py: the schedule, the loss, the sampler
+# flow_matching.py: Wan's schedule, the loss, the samplers
 # ===============================================================================================
 
 
@@ -1790,6 +1441,16 @@ DIFFSYNTH_WAN_WEIGHTS = {999.0: 0.006427387241274118, 990.0: 0.06389988213777542
                          900.0: 0.6309027671813965, 800.0: 1.2086209058761597, 700.0: 1.6713616847991943,
                          500.0: 2.0764002799987793, 300.0: 1.6712682247161865, 100.0: 0.6380054950714111,
                          20.0: 0.12594835460186005, 5.0: 0.031879011541604996}
+
+
+WAN_TINY = dict(dim=32, num_layers=1, num_heads=2, ffn_dim=64)
+
+
+def tiny_wan_model(seed=0):
+    net = build_model(model='tiny', pretrained='', train_mode='full', lora_rank=32, lora_alpha=32, init_seed=seed,
+                      device='cpu', dtype=torch.float32, tiny=WAN_TINY)
+    torch.nn.init.normal_(net.head.head.weight, std=0.02)   # the zero-init head would output 0 everywhere
+    return net
 
 
 def test_diffsynth_loss_weight_is_diffsynths_own():
@@ -1832,16 +1493,6 @@ def test_euler_sampler_follows_the_reference_schedule_and_steps_to_zero():
     z = sample_latents(constant, torch.zeros(1, 48, 2, 4, 4), torch.zeros(1, 21, 25), None, noise, steps=20, shift=5.0)
     assert np.allclose(seen, 1000 * sigmas[:-1].numpy(), rtol=1e-6)      # t = 1000 sigma, as Wan's timesteps
     assert torch.allclose(z[:, :, 2:], noise[:, :, 2:] - 1, atol=1e-5) and torch.equal(z[:, :, :2], torch.zeros(1, 48, 2, 4, 4))
-
-
-WAN_TINY = dict(dim=32, num_layers=1, num_heads=2, ffn_dim=64)
-
-
-def tiny_wan_model(seed=0):
-    net = build_model(model='tiny', pretrained='', train_mode='full', lora_rank=32, lora_alpha=32, init_seed=seed,
-                      device='cpu', dtype=torch.float32, tiny=WAN_TINY)
-    torch.nn.init.normal_(net.head.head.weight, std=0.02)   # the zero-init head would output 0 everywhere
-    return net
 
 
 def test_loss_is_zero_for_the_true_velocity_and_ignores_context_latents():
@@ -1907,8 +1558,120 @@ def test_sampling_without_states_uses_the_no_state_embedding_whatever_the_states
 
 
 # ===============================================================================================
-# train_sampling.py: the sampling track's training script, run as a user runs it
+# train_sampling.py: the sampling trainer, run as a user runs it
 # ===============================================================================================
+
+
+@pytest.fixture(scope='module')
+def raw_data(tmp_path_factory):
+    """A small raw_data raw dataset in the 1X layout, with its training latents encoded."""
+    root = tmp_path_factory.mktemp('sampling_data')
+    synthetic_video.write_synthetic_raw(root / 'train_v2.0_raw', num_shards=2, frames_per_shard=1500, size=SIZE, seed=0)
+    synthetic_video.write_synthetic_raw(root / 'val_v2.0_raw', num_shards=1, frames_per_shard=1200, size=SIZE, seed=1, flat=True)
+    latents.encode_raw_split(root / 'train_v2.0_raw', root / 'latents_pixel' / 'train_v2.0_raw', PixelCodec(), stride=8)
+    return root
+
+
+def write_official_checkpoint(model, root, n_shards=2):
+    """The layout of Wan-AI/Wan2.2-TI2V-5B: config.json, index json, sharded safetensors."""
+    from safetensors.torch import save_file
+    cfg = model.cfg
+    root.mkdir(parents=True, exist_ok=True)
+    (root / 'config.json').write_text(json.dumps(dict(
+        _class_name='WanModel', model_type='ti2v', dim=cfg.dim, ffn_dim=cfg.ffn_dim, num_layers=cfg.num_layers,
+        num_heads=cfg.num_heads, in_dim=cfg.in_dim, out_dim=cfg.out_dim, text_len=cfg.text_len, eps=cfg.eps,
+        freq_dim=cfg.freq_dim, text_dim=cfg.text_dim)))
+    sd = {k: v.contiguous() for k, v in model.state_dict().items() if not k.startswith('state_embedder.')}
+    keys = sorted(sd)
+    weight_map = {}
+    for i in range(n_shards):
+        name = f'diffusion_pytorch_model-{i + 1:05d}-of-{n_shards:05d}.safetensors'
+        part = keys[i::n_shards]
+        save_file({k: sd[k] for k in part}, str(root / name))
+        weight_map.update({k: name for k in part})
+    (root / 'diffusion_pytorch_model.safetensors.index.json').write_text(json.dumps(
+        {'metadata': {'total_size': 0}, 'weight_map': weight_map}))
+    return root
+
+
+def random_lora(cfg, rank=4, seed=5):
+    """{module: (A [r, in], B [out, r])} on every LoRA target of every block, official names."""
+    g = torch.Generator().manual_seed(seed)
+    model = WanDiT(cfg, state_cond=False)
+    out = {}
+    for i in range(cfg.num_layers):
+        for t in LORA_TARGETS:
+            lin = model.blocks[i].get_submodule(t)
+            out[f'blocks.{i}.{t}'] = (torch.randn(rank, lin.in_features, generator=g) * 0.1,
+                                      torch.randn(lin.out_features, rank, generator=g) * 0.1)
+    return out
+
+
+VAL = ['--eval_clips=1', '--eval_ensemble=2', '--eval_steps=2']
+
+
+def train_args(raw_data, out, *extra):
+    return ['train_sampling.py', f'--data_dir={raw_data}', '--make_synthetic=False', f'--out_dir={out}',
+            *(f'--{k}={v}' for k, v in WAN_TINY.items()), '--batch_size=2', '--global_batch_size=8',
+            '--log_interval=1', *VAL, *extra]
+
+
+def trained(out):
+    return torch.load(Path(out) / 'ckpt.pt', weights_only=False)
+
+
+@pytest.fixture(scope='module')
+def straight_run(raw_data, tmp_path_factory):
+    """4 uninterrupted steps in one process: the reference for the DDP and resume tests."""
+    out = tmp_path_factory.mktemp('straight')
+    run_script(*train_args(raw_data, out, '--max_iters=4'))
+    return trained(out)
+
+
+@pytest.fixture(scope='module')
+def one_step_run(raw_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp('one_step')
+    run_script(*train_args(raw_data, out, '--max_iters=1'))
+    return out
+
+
+def weights_finite(path):
+    return all(torch.isfinite(t).all() for t in torch.load(path, weights_only=True)['trainable'].values())
+
+
+def save_lora(path, lora, naming, metadata=None):
+    """The same adapters under diffusers' current (PEFT) or legacy key names."""
+    from safetensors.torch import save_file
+    part = {'peft': ('lora_A', 'lora_B'), 'legacy': ('lora.down', 'lora.up')}[naming]
+    sd = {f'transformer.{k}': v.contiguous() for k, v in to_diffusers_state_dict(
+        {f'{n}.{p}.weight': w for n, (A, B) in lora.items() for p, w in zip(part, (A, B))}).items()}
+    save_file(sd, str(path), metadata=metadata)
+    return path
+
+
+def step_lines(printed):
+    """The step numbers of the printed `step N: ...` lines, in order."""
+    return [int(n) for n in re.findall(r'^step (\d+):', printed, re.M)]
+
+
+def lora_file(path, rank=4):
+    """A LoRA of the tiny run's model (PEFT naming, alpha = rank: B @ A is the whole update)."""
+    lora = random_lora(WanConfig.tiny(**WAN_TINY), rank=rank)
+    return save_lora(path, lora, 'peft'), lora
+
+
+@pytest.fixture(scope='module')
+def lora_run(raw_data, tmp_path_factory):
+    """3 steps of a LoRA run started from a LoRA file, validated and saved at every step, logged to
+    TensorBoard. A random base's zero-initialised head passes no gradient, so the adapters stay
+    exactly the file's: what --init_lora loaded is what the checkpoint holds."""
+    tmp = tmp_path_factory.mktemp('lora_run')
+    path, lora = lora_file(tmp / 'start.safetensors')
+    out = tmp / 'run'
+    printed = run_script(*train_args(raw_data, out, '--train_mode=lora', '--lora_rank=4', '--lora_alpha=4',
+                                     f'--init_lora={path}', '--max_iters=3', '--eval_interval=1', '--ckpt_interval=1',
+                                     '--keep_last=2', '--log_with=tensorboard'))
+    return dict(out=out, printed=printed, lora=lora)
 
 
 @pytest.mark.slow
@@ -1949,27 +1712,6 @@ def test_paper_presets_are_the_submissions_recipes_and_torchrun_on_cuda_picks_pa
     res = subprocess.run([sys.executable, os.path.join(REPO, 'train_sampling.py'), '--dry_run'], cwd=tmp_path,
                          capture_output=True, text=True, env=env, timeout=300)
     assert res.stdout.startswith('preset paper: launched by torchrun on CUDA GPUs') and 'max_iters = 23000' in res.stdout
-
-
-VAL = ['--eval_clips=1', '--eval_ensemble=2', '--eval_steps=2']
-
-
-def train_args(raw_data, out, *extra):
-    return ['train_sampling.py', f'--data_dir={raw_data}', '--make_synthetic=False', f'--out_dir={out}',
-            *(f'--{k}={v}' for k, v in WAN_TINY.items()), '--batch_size=2', '--global_batch_size=8',
-            '--log_interval=1', *VAL, *extra]
-
-
-def trained(out):
-    return torch.load(Path(out) / 'ckpt.pt', weights_only=False)
-
-
-@pytest.fixture(scope='module')
-def straight_run(raw_data, tmp_path_factory):
-    """4 uninterrupted steps in one process: the reference for the DDP and resume tests."""
-    out = tmp_path_factory.mktemp('straight')
-    run_script(*train_args(raw_data, out, '--max_iters=4'))
-    return trained(out)
 
 
 @pytest.mark.slow
@@ -2023,27 +1765,6 @@ def test_lora_run_trains_adapters_and_state_weights_only_and_sample_py_scores_wh
     val = [r for r in run_dir.read_log(str(tmp_path)) if 'val_psnr_ensemble' in r][-1]
     assert float(rows[0]['psnr_ensemble_2']) == round(val['val_psnr_ensemble'], 4)
     assert float(rows[0]['psnr_single']) == round(val['val_psnr_single'], 4)
-
-
-@pytest.mark.slow
-def test_sample_py_says_when_the_no_state_embedding_was_never_trained(raw_data, tmp_path):
-    # preset paper trains without state dropout: its no-state embedding keeps its random init
-    run_script(*train_args(raw_data, tmp_path, '--max_iters=1', '--state_dropout=0'))
-    sample = ['sample.py', f'--out_dir={tmp_path}', '--ensemble=2', '--steps=1', '--max_clips=2', '--gif=False']
-    err = run_script(*sample, '--cfg=2.0', fails=True)
-    assert 'state_dropout=0: its no-state embedding was never trained' in err and '--cfg=2.0' in err
-    assert "the 'no states' row shows an untrained embedding" in run_script(*sample)
-
-
-@pytest.fixture(scope='module')
-def one_step_run(raw_data, tmp_path_factory):
-    out = tmp_path_factory.mktemp('one_step')
-    run_script(*train_args(raw_data, out, '--max_iters=1'))
-    return out
-
-
-def weights_finite(path):
-    return all(torch.isfinite(t).all() for t in torch.load(path, weights_only=True)['trainable'].values())
 
 
 @pytest.mark.slow
@@ -2186,7 +1907,7 @@ def test_sampling_prepares_its_data_on_two_ranks_trains_on_train_and_val_and_log
             '--clip_stride', '77', '--max_iters', '2', '--eval_interval', '1', '--batch_size=2', '--global_batch_size=4',
             '--dim=32', '--num_layers=1', '--num_heads=2', '--ffn_dim=64', *VAL]
     err = run_script(*args, fails=True)
-    assert 'could not fetch train_v2.0_raw/metadata.json' in err and 'python prepare.py download_raw --out DIR' in err
+    assert 'could not fetch train_v2.0_raw/metadata.json' in err and 'python -m machinery.prepare download_raw --out DIR' in err
     for key, value in fake_hub(tmp_path / 'hub', raw_data, data.HF_REPO_RAW, ('train_v2.0_raw', 'val_v2.0_raw')).items():
         monkeypatch.setenv(key, value)
     out = run_script(*args, '--train_splits=train_v2.0_raw,val_v2.0_raw', nproc=2)
@@ -2201,8 +1922,94 @@ def test_sampling_prepares_its_data_on_two_ranks_trains_on_train_and_val_and_log
         assert (tmp_path / 'run' / path).exists(), path
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize('damage', ['truncated', 'resized'])
+def test_sampling_reports_a_damaged_val_video_before_the_first_step(raw_data, tmp_path, damage):
+    data_dir = tmp_path / 'data'
+    shutil.copytree(raw_data, data_dir, ignore=shutil.ignore_patterns('val_v2.0_raw'))
+    if damage == 'truncated':
+        shutil.copytree(raw_data / 'val_v2.0_raw', data_dir / 'val_v2.0_raw')
+        video = data_dir / 'val_v2.0_raw' / 'video_0.mp4'
+        video.write_bytes(video.read_bytes()[:len(video.read_bytes()) // 20])
+        said = r'video_0.mp4(: got \d+ frames from frame \d+, expected 77| cannot be decoded)'
+    else:
+        synthetic_video.write_synthetic_raw(data_dir / 'val_v2.0_raw', 1, 200, 2 * SIZE, seed=1, flat=True)
+        said = rf'video_0.mp4: frames are {2 * SIZE}x{2 * SIZE}, expected {SIZE}x{SIZE}'
+    err = run_script(*train_args(data_dir, tmp_path / 'run', '--max_iters=2'), cwd=tmp_path, fails=True)
+    assert re.search('the validation split: .*' + said, err), err[-2000:]
+    assert not (tmp_path / 'run' / 'log.jsonl').exists()
+
+
+@pytest.mark.slow
+def test_a_run_started_from_a_lora_file_holds_its_update(lora_run):
+    assert 'started from' in lora_run['printed'] and 'its adapters' in lora_run['printed']
+    trainable = torch.load(lora_run['out'] / 'ckpt.pt', weights_only=True)['trainable']
+    for name, (A, B) in lora_run['lora'].items():   # alpha = rank: scale 1
+        update = trainable[f'{name}.lora_B.weight'] @ trainable[f'{name}.lora_A.weight']
+        torch.testing.assert_close(update, B @ A, rtol=0, atol=1e-6)
+    exported = load_file(str(lora_run['out'] / 'lora.safetensors'))   # and the run's export passes it on
+    A, B = lora_run['lora']['blocks.0.self_attn.q']
+    key = 'diffusion_model.blocks.0.self_attn.q.lora_{}.weight'
+    torch.testing.assert_close(exported[key.format('B')] @ exported[key.format('A')], B @ A, rtol=0, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_keep_last_keeps_the_newest_step_numbered_exports(lora_run):
+    names = sorted(p.name for p in lora_run['out'].glob('*.safetensors'))
+    assert names == ['lora.safetensors', 'lora_step0000002.safetensors', 'lora_step0000003.safetensors',
+                     'state_embedder.safetensors', 'state_embedder_step0000002.safetensors',
+                     'state_embedder_step0000003.safetensors']
+
+
+@pytest.mark.slow
+def test_console_log_val_folders_and_best_json_number_the_steps_alike(lora_run):
+    out, printed = lora_run['out'], lora_run['printed']
+    log = read_log(out)
+    assert [r['step'] for r in log] == [1, 2, 3]
+    assert sorted(os.listdir(out / 'val')) == ['step_1', 'step_2', 'step_3']
+    assert step_lines(printed) == [1, 1, 2, 2, 3, 3]   # the loss line, then the val line, of each step
+    best = json.loads((out / 'best.json').read_text())
+    assert best['value'] == max(r['val_psnr_ensemble'] for r in log)
+    assert best['value'] == next(r['val_psnr_ensemble'] for r in log if r['step'] == best['step'])
+    assert torch.load(out / 'ckpt_best.pt', weights_only=True)['step'] == best['step']
+    assert torch.load(out / 'ckpt.pt', weights_only=True)['step'] == log[-1]['step'] == 3
+
+
+@pytest.mark.slow
+def test_a_fully_trained_run_started_from_a_lora_file_has_it_merged_into_its_weights(raw_data, tmp_path):
+    from machinery.wan_files import build_model
+    path, lora = lora_file(tmp_path / 'start.safetensors')
+    run_script(*train_args(raw_data, tmp_path / 'run', f'--init_lora={path}', '--max_iters=1', '--learning_rate=1e-9'))
+    base = build_model(model='tiny', pretrained='', train_mode='full', lora_rank=32, lora_alpha=32, init_seed=0,
+                       device='cpu', dtype=torch.float32, tiny=WAN_TINY).state_dict()
+    trained = torch.load(tmp_path / 'run' / 'ckpt.pt', weights_only=True)['trainable']
+    for name, (A, B) in lora.items():   # one step at lr 1e-9 moves a weight by about 1e-9
+        torch.testing.assert_close(trained[f'{name}.weight'], base[f'{name}.weight'] + B @ A, rtol=0, atol=1e-6)
+    assert (trained['blocks.0.self_attn.q.weight'] - base['blocks.0.self_attn.q.weight']).abs().max() > 1e-3
+
+
+@pytest.mark.slow
+def test_init_lora_with_a_resume_is_refused_before_any_work(tmp_path):
+    err = run_script('train_sampling.py', '--init_from=resume', '--init_lora=x.safetensors',
+                     f'--out_dir={tmp_path}/run', cwd=tmp_path, fails=True)
+    assert '--init_lora=x.safetensors starts a new run; a resume continues its checkpoint' in err
+    assert not (tmp_path / 'run').exists()
+    # a file that is not there is named before any download (preset paper would fetch the data and the VAE first)
+    err = run_script('train_sampling.py', '--preset=paper', '--init_lora=nope.safetensors', f'--out_dir={tmp_path}/run',
+                     cwd=tmp_path, fails=True)
+    assert '--init_lora=nope.safetensors: no such file or folder' in err and not (tmp_path / 'run').exists()
+
+
+@pytest.mark.slow
+def test_init_lora_of_another_rank_stops_the_script_with_the_rank_to_pass(raw_data, tmp_path):
+    path, _ = lora_file(tmp_path / 'rank4.safetensors', rank=4)
+    err = run_script(*train_args(raw_data, tmp_path / 'run', '--train_mode=lora', '--lora_rank=8',
+                                 f'--init_lora={path}', '--max_iters=1'), fails=True)
+    assert f'--init_lora={path}: {path}: adapters of rank 4, the model\'s of rank 8' in err and '--lora_rank=4' in err
+
+
 # ===============================================================================================
-# sample.py: the ensemble of a trained tiny model, scored on the validation clips
+# sample.py: the ensemble and the scores of a trained run
 # ===============================================================================================
 
 
@@ -2218,6 +2025,58 @@ def demo_metrics(raw_data, tmp_path_factory):
     assert len(rows) == 8 and all((out / 'samples' / f).exists() for f in ('clip_0.png', 'counterfactual_0.png',
                                                                            'clip_0.gif'))
     return {k: np.mean([float(r[k]) for r in rows]) for k in rows[0] if k.startswith(('psnr', 'ssim'))}
+
+
+def no_downloads(monkeypatch, tmp_path):
+    """An empty weights cache and no way out: what a machine offline sees."""
+    monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'torch_home'))
+    for var in ('https_proxy', 'HTTPS_PROXY', 'http_proxy', 'HTTP_PROXY'):
+        monkeypatch.setenv(var, 'http://127.0.0.1:9')   # port 9 refuses: a download fails at once
+    for var in ('no_proxy', 'NO_PROXY'):
+        monkeypatch.delenv(var, raising=False)
+
+
+def random_weights_in_the_cache(torch_home, monkeypatch):
+    """Random AlexNet and Inception weights under the file names the packages download to: a cached
+    file is loaded as it is, so sample.py takes its LPIPS / FID path offline (numbers of no meaning)."""
+    import torchvision
+    import torch_fidelity.feature_extractor_inceptionv3 as fidelity
+    folder = torch_home / 'hub' / 'checkpoints'
+    folder.mkdir(parents=True)
+    torch.manual_seed(0)
+    torch.save(torchvision.models.alexnet(weights=None).state_dict(), folder / 'alexnet-owt-7be5be79.pth')
+    with monkeypatch.context() as m:   # the Inception built with its random init, nothing loaded
+        m.setattr(fidelity, 'load_state_dict_from_url', lambda *args, **kwargs: {})
+        m.setattr(fidelity.FeatureExtractorInceptionV3, 'load_state_dict', lambda self, sd: None)
+        inception = fidelity.FeatureExtractorInceptionV3('inception-v3-compat', ['2048'])
+    torch.save(inception.state_dict(), folder / os.path.basename(fidelity.URL_INCEPTION_V3))
+
+
+def scores(out_dir, *args):
+    run_script('sample.py', f'--out_dir={out_dir}', '--ensemble=2', '--steps=2', '--max_clips=1', '--gif=False',
+               '--lpips_fid=False', *args)
+    with open(out_dir / 'samples' / 'metrics.csv') as f:
+        row = next(csv.DictReader(f))
+    return {k: float(v) for k, v in row.items() if k.startswith(('psnr', 'ssim'))}
+
+
+def with_lora_B(src, dst, make_B):
+    """A copy of run src whose adapters' B are make_B(B) (the state weights as trained)."""
+    dst.mkdir()
+    ckpt = torch.load(src / 'ckpt.pt', weights_only=True)
+    ckpt['trainable'] = {n: make_B(p) if n.endswith('lora_B.weight') else p for n, p in ckpt['trainable'].items()}
+    torch.save(ckpt, dst / 'ckpt.pt')
+    return ckpt
+
+
+@pytest.mark.slow
+def test_sample_py_says_when_the_no_state_embedding_was_never_trained(raw_data, tmp_path):
+    # preset paper trains without state dropout: its no-state embedding keeps its random init
+    run_script(*train_args(raw_data, tmp_path, '--max_iters=1', '--state_dropout=0'))
+    sample = ['sample.py', f'--out_dir={tmp_path}', '--ensemble=2', '--steps=1', '--max_clips=2', '--gif=False']
+    err = run_script(*sample, '--cfg=2.0', fails=True)
+    assert 'state_dropout=0: its no-state embedding was never trained' in err and '--cfg=2.0' in err
+    assert "the 'no states' row shows an untrained embedding" in run_script(*sample)
 
 
 @pytest.mark.slow
@@ -2246,60 +2105,118 @@ def test_ensemble_mean_beats_a_single_sample(demo_metrics):
     assert demo_metrics['psnr_ensemble_16'] > demo_metrics['psnr_single'] + 0.5, demo_metrics
 
 
-# ===============================================================================================
-# bench.py and peak_flops.py: the benchmarks and a device's peak FLOP/s
-# ===============================================================================================
+@pytest.mark.slow
+def test_sample_py_without_the_weights_prints_psnr_ssim_and_what_to_fetch(one_step_run, monkeypatch, tmp_path):
+    no_downloads(monkeypatch, tmp_path)   # run_script passes this environment to the script
+    results = tmp_path / 'samples'
+    out = run_script('sample.py', f'--out_dir={one_step_run}', f'--results_dir={results}', '--ensemble=2',
+                     '--steps=1', '--max_clips=2', '--gif=False')
+    header = next(line for line in out.splitlines() if line.startswith('prediction of frame 77'))
+    assert 'PSNR (dB)' in header and 'SSIM' in header and 'LPIPS' not in header and 'FID' not in header
+    assert 'ensemble of 2' in out
+    folder = f"{tmp_path / 'torch_home'}/hub/checkpoints/"
+    lines = [line for line in out.splitlines() if line.startswith('not computed: ')]
+    assert len(lines) == 2
+    assert "LPIPS needs torchvision's AlexNet weights" in lines[0] and 'alexnet-owt-7be5be79.pth' in lines[0]
+    assert "FID needs torch-fidelity's Inception weights" in lines[1] and 'weights-inception-2015-12-05' in lines[1]
+    assert all(folder in line for line in lines)
+    with open(results / 'metrics.csv') as f:
+        assert not any(k.startswith(('lpips', 'fid')) for k in next(csv.DictReader(f)))
 
 
 @pytest.mark.slow
-def test_bench_cpu_smoke_prints_finite_positive_figures_for_every_benchmark():
-    out = run_script('machinery.bench', '--device=cpu', '--preset=cpu')
-    rows = {}
-    for line in out.splitlines():
-        m = re.match(r'(\w+)\s+.*?\s+([\d.]+)\s+([\d.]+)\s+(\d+)\s+(n/a|[\d.]+%)\s+(n/a|[\d.]+)$', line)
-        if m:
-            rows[m[1]] = [float(m[i]) for i in (2, 3, 4)] + [m[5]]
-    assert set(rows) == {'st_train', 'st_forward_fp32', 'st_decode_cache', 'st_decode_nocache', 'wan_fwd',
-                         'wan_fwd_per_token', 'ensemble_batched', 'ensemble_looped', 'wan_lora', 'vae_clip', 'vae_clip_bf16'}, out
-    for name, (ms, samples_per_s, tokens_per_s, mfu) in rows.items():
-        assert all(math.isfinite(v) and v > 0 for v in (ms, samples_per_s, tokens_per_s)), (name, rows[name])
-        assert mfu == 'n/a'   # no peak FLOP/s for a CPU
-    ratios = dict(re.findall(r'^(.+): ([-\d.e+]+)$', out, re.M))
-    assert float(ratios['decode greedy tokens that differ with / without cache']) == 0
-    assert float(ratios['ensemble max |batched - looped| latent (same maths)']) < 1e-4
-    assert float(ratios['decode with cache / teacher-forced forward']) > 0
-    # the bf16 VAE decodes the fp32 one's frames to within rounding (the tiny VAE: ~50 dB)
-    assert 35 < float(ratios['VAE bf16 frame 77 against fp32, PSNR dB (random weights)']) < 100
+def test_sample_py_with_the_weights_adds_lpips_per_clip_and_fid_over_the_clips(one_step_run, monkeypatch, tmp_path):
+    pytest.importorskip('lpips')
+    pytest.importorskip('torchmetrics')
+    no_downloads(monkeypatch, tmp_path)
+    random_weights_in_the_cache(tmp_path / 'torch_home', monkeypatch)
+    results = tmp_path / 'samples'
+    out = run_script('sample.py', f'--out_dir={one_step_run}', f'--results_dir={results}', '--ensemble=2',
+                     '--steps=1', '--max_clips=3', '--gif=False', '--ablation=False', '--blur=False')
+    lines = out.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith('prediction of frame 77'))
+    assert lines[header].split()[-6:] == ['(dB)', 'SSIM', 'LPIPS', 'FID', '(3', 'clips)']
+    for line in lines[header + 1:header + 4]:   # copy last, single sample, ensemble: 4 finite numbers each
+        values = [float(v) for v in line.split()[-4:]]
+        assert all(np.isfinite(values)) and values[2] >= 0 and values[3] >= 0, line
+    assert 'not computed' not in out
+    with open(results / 'metrics.csv') as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 3 and all(np.isfinite(float(r['lpips_ensemble_2'])) for r in rows)
 
 
-def test_step_speed_has_samples_per_s_and_no_mfu_or_memory_on_the_cpu():
-    speed = StepSpeed('cpu', samples_per_step=8, flops_per_step=1e9)
-    speed.start()
-    figures = speed.stop()
-    assert figures['samples_per_s'] > 0 and figures['mfu'] is None and figures['max_mem_gib'] is None
+@pytest.mark.slow
+def test_sample_py_lora_at_scale_0_is_the_base_and_at_scale_1_the_run(raw_data, tmp_path):
+    # a LoRA run on a frozen base; alpha = rank, so the file's update is the run's bit for bit.
+    # Its B are drawn large (one training step moves them little), so that the LoRA changes the prediction.
+    base = write_official_checkpoint(randomize(WanDiT(WanConfig.tiny(**WAN_TINY), state_cond=False), std=0.1),
+                                     tmp_path / 'base')
+    run_script(*train_args(raw_data, tmp_path / 'trained', '--max_iters=1', f'--pretrained={base}',
+                           '--train_mode=lora', '--lora_rank=4', '--lora_alpha=4', '--text_encoder=zeros'))
+    g = torch.Generator().manual_seed(0)
+    run = with_lora_B(tmp_path / 'trained', tmp_path / 'run', lambda B: torch.randn(B.shape, generator=g))
+    with_lora_B(tmp_path / 'trained', tmp_path / 'no_lora', torch.zeros_like)   # the base + the state weights
+    export_lora(run['trainable'], tmp_path / 'exported', run['config']['lora_alpha'])
+    the_run, the_base = scores(tmp_path / 'run'), scores(tmp_path / 'no_lora')
+    assert abs(the_run['psnr_ensemble_2'] - the_base['psnr_ensemble_2']) > 0.01   # the LoRA matters
+    assert scores(tmp_path / 'run', f'--lora={tmp_path / "exported"}', '--lora_scale=0') == the_base
+    assert scores(tmp_path / 'no_lora', f'--lora={tmp_path / "exported"}', '--lora_scale=1') == the_run
+    # the file alone (no folder, so the run's own state weights) at its written strength: the run again
+    assert scores(tmp_path / 'no_lora', f'--lora={tmp_path / "exported" / "lora.safetensors"}') == the_run
 
 
-def test_peak_flops_is_unknown_on_the_cpu():
-    assert peak_flops('cpu') is None
+@pytest.mark.slow
+def test_sample_py_refuses_a_lora_scale_without_a_lora_and_a_lora_that_does_not_fit(one_step_run, tmp_path):
+    err = run_script('sample.py', f'--out_dir={one_step_run}', '--lora_scale=0.5', fails=True)
+    assert '--lora_scale=0.5 sets the strength of --lora' in err
+    (tmp_path / 'bad.safetensors').write_bytes(b'not a safetensors file')
+    err = run_script('sample.py', f'--out_dir={one_step_run}', f'--lora={tmp_path / "bad.safetensors"}', fails=True)
+    assert f'--lora={tmp_path / "bad.safetensors"}: ' in err and 'not a readable safetensors LoRA file' in err
+
+
+@pytest.mark.slow
+def test_sample_py_help_says_compile_is_on_with_cuda_and_off_on_the_cpu():
+    out = run_script('sample.py', '--help')
+    line = next(line for line in out.splitlines() if line.strip().startswith('--compile '))
+    assert 'True' in line and 'the DiT blocks on CUDA' in line and 'the CPU runs eager' in line
+    assert '--compile=False turns it off' in line
+    assert any(line.strip().startswith('--lora_scale ') and 'strength of --lora' in line for line in out.splitlines())
 
 
 # ===============================================================================================
-# configurator.py: the command line
+# configurator.py: flags, config files, presets, --help
 # ===============================================================================================
 
 
-def settings(**extra):
-    """A script's globals as configure() sees them."""
-    return dict(__file__=os.path.join(REPO, 'train_compression.py'), preset='cpu', batch_size=4, shards='',
-                learning_rate=1e-3, compile=False, mode='a', dropout=0.1, sizes=[1, 2], **extra)
+FAKE_SCRIPT = '''"""A training script."""
+preset = 'cpu'              # which preset
+# -- data --
+data_dir = ''               # where the data is
+batch_size = 4              # samples per step
+                            # (per process)
+# -- training --
+learning_rate = 1e-3        # the step size
+max_iters = 10              # optimizer steps
+# -- logging --
+wandb_log = False           # also log to W&B
+# -- setup (after configure) --
+batch_size = int(batch_size)
+'''
 
 
-def configure(argv, cfg=None, **kw):
-    cfg = settings() if cfg is None else cfg
-    configurator.configure(cfg, argv=argv, presets={'cpu': {}, 'paper': dict(batch_size=20, mode='b')},
-                           gpu_preset='paper', choices={'mode': ('a', 'b')},
-                           positive=('batch_size', 'learning_rate'), fractions=('dropout',), **kw)
-    return cfg
+def fake_script(tmp_path, text):
+    path = tmp_path / 'train_fake.py'
+    path.write_text(text)
+    config = {'__file__': str(path), '__doc__': 'A training script.'}
+    exec(compile(text, str(path), 'exec'), config)
+    return config
+
+
+def help_text(config, capsys, module=configurator):
+    with pytest.raises(SystemExit) as stop:
+        module.configure(config, argv=['--help'], presets={'cpu': {}})
+    assert stop.value.code == 0
+    return capsys.readouterr().out
 
 
 def test_key_space_value_equals_key_equals_value_and_lists_and_strings_parse():
@@ -2351,8 +2268,7 @@ def test_help_lists_every_setting_with_default_and_comment_and_exits_0():
     for line in ('--batch_size', '--learning_rate', '--max_iters', '--preset', 'paper:'):
         assert line in out
     assert run_script('train_compression.py', '-h') == out
-    notes, _ = configurator._comments(os.path.join(REPO, 'train_compression.py'))
-    assert notes['batch_size'], "every setting of the training script has a one-line comment"
+    assert re.search(r'^  --batch_size +\d+ +\S', out, re.M), "every setting of the training script has a one-line comment"
 
 
 def test_torchrun_on_cuda_picks_the_paper_preset_plain_python_the_demo_explicit_wins(monkeypatch, capsys):
@@ -2370,9 +2286,69 @@ def test_torchrun_on_cuda_picks_the_paper_preset_plain_python_the_demo_explicit_
     assert configure([])['preset'] == 'cpu'
 
 
+def test_an_unknown_flag_suggests_the_nearest_setting(tmp_path):
+    config = fake_script(tmp_path, FAKE_SCRIPT)
+    for typed, meant in (('learning_rte', 'learning_rate'), ('batchsize', 'batch_size'), ('max_iter', 'max_iters')):
+        with pytest.raises(SystemExit, match=f'unknown setting --{typed}; did you mean --{meant}\\?'):
+            configurator.configure(dict(config), argv=[f'--{typed}=1'], presets={'cpu': {}})
+    with pytest.raises(SystemExit, match='unknown setting --zzz; known settings: batch_size, data_dir, '):
+        configurator.configure(dict(config), argv=['--zzz=1'], presets={'cpu': {}})
+
+
+def test_help_groups_the_settings_under_their_section_markers(tmp_path, capsys):
+    out = help_text(fake_script(tmp_path, FAKE_SCRIPT), capsys)
+    body = out.split('settings (default, then what it is):\n')[1].splitlines()
+    assert [line.split()[0] for line in body if line] == [
+        '--preset', 'data:', '--data_dir', '--batch_size', 'training:', '--learning_rate', '--max_iters',
+        'logging:', '--wandb_log']
+    assert body[1] == '' and body[2] == 'data:'                      # a blank line before each title
+    assert 'samples per step (per process)' in out                  # comments continue as before
+
+
+def test_help_of_a_script_without_markers_is_one_flat_list(tmp_path, capsys):
+    text = '\n'.join(line for line in FAKE_SCRIPT.splitlines() if not line.startswith('# --'))
+    out = help_text(fake_script(tmp_path, text), capsys)
+    assert out.split('settings (default, then what it is):\n')[1] == (
+        "  --preset         'cpu'         which preset\n"
+        "  --data_dir       ''            where the data is\n"
+        "  --batch_size     4             samples per step (per process)\n"
+        "  --learning_rate  0.001         the step size\n"
+        "  --max_iters      10            optimizer steps\n"
+        "  --wandb_log      False         also log to W&B\n")
+
+
+@pytest.mark.parametrize('script, titles', [
+    ('train_compression.py', ['data', 'model (paper 3.1)', 'training (paper 3.2)', 'validation', 'logging',
+                              'run folder', 'system']),
+    ('train_sampling.py', ['data', 'model (paper 2.1)', 'training (paper 2.2)', 'validation', 'logging', 'run folder',
+                           'system'])])
+@pytest.mark.slow
+def test_help_of_each_trainer_shows_its_settings_in_sections(script, titles):
+    out = run_script(script, '--help')
+    body = out.split('settings (default, then what it is):\n')[1]
+    assert re.findall(r'^(\S.*):$', body, re.M) == titles
+    logging = body.split('\nlogging:\n')[1].split('\n\n')[0]
+    assert [line.split()[0] for line in logging.splitlines()] == ['--log_interval', '--log_with', '--wandb_project',
+                                                                 '--wandb_run_name']
+    assert '--wandb_log' not in out
+
+
 # ===============================================================================================
-# run_dir.py: the run folder (lock, checkpoints, log, curves)
+# machinery/run_dir.py: the folder's lock, the divergence guard, the log, the disk check
 # ===============================================================================================
+
+
+def feed(guard, losses, first_step=0):
+    for step, loss in enumerate(losses, first_step):
+        guard.check({'training loss': loss, 'gradient norm': 0.5}, step)
+
+
+class FakeUsage:
+    def __init__(self, free):
+        self.free = free
+
+    def __call__(self, path):
+        return self
 
 
 def test_claim_refuses_to_train_over_a_checkpoint_unless_resuming_or_overwriting(tmp_path):
@@ -2391,6 +2367,7 @@ def test_claim_refuses_to_train_over_a_checkpoint_unless_resuming_or_overwriting
     run_dir.claim(str(out), resume=False, overwrite=True)
 
 
+@pytest.mark.slow
 def test_a_live_run_holds_the_lock_and_a_killed_one_does_not(tmp_path):
     out = tmp_path / 'run'
     out.mkdir()
@@ -2405,36 +2382,6 @@ def test_a_live_run_holds_the_lock_and_a_killed_one_does_not(tmp_path):
         sleeper.wait()
     run_dir.claim(str(out), resume=False)   # the owner is gone: the lock is taken over
     assert json.loads((out / 'run.lock').read_text())['pid'] == os.getpid()
-
-
-def test_saves_keep_the_previous_and_the_best_checkpoint(tmp_path):
-    out = str(tmp_path)
-    for step, val in ((1, 5.0), (2, 4.0), (3, 4.5)):   # step 3 is worse than step 2
-        checkpoints.save_checkpoint(out, dict(kind='compression', step=step, config={}), metric=val)
-    load = lambda name: checkpoints.load_checkpoint(os.path.join(out, name), 'compression')['step']
-    assert (load('ckpt.pt'), load('ckpt_prev.pt'), load('ckpt_best.pt')) == (3, 2, 2)
-    assert json.loads((tmp_path / 'best.json').read_text())['value'] == 4.0
-    assert not [f for f in os.listdir(out) if f.endswith('.tmp')]
-
-
-def test_loading_a_crafted_pickle_runs_no_code(tmp_path):
-    marker = tmp_path / 'pwned.txt'
-    torch.save(dict(kind='compression', step=1, config={}, evil=_Payload(str(marker))), tmp_path / 'ckpt.pt')
-    with pytest.raises(SystemExit, match='refusing to load it'):
-        checkpoints.load_checkpoint(str(tmp_path / 'ckpt.pt'), 'compression')
-    assert not marker.exists()
-
-
-def test_checkpoint_of_the_other_track_or_other_model_settings_is_named(tmp_path):
-    path = str(tmp_path / 'ckpt.pt')
-    torch.save(dict(kind='sampling', step=1, config=dict(n_layer=2)), path)
-    with pytest.raises(SystemExit, match='not a compression-track checkpoint'):
-        checkpoints.load_checkpoint(path, 'compression')
-    with pytest.raises(SystemExit, match=re.escape('n_layer=2 in the checkpoint, 24 now')):
-        checkpoints.load_checkpoint(path, 'sampling', expect=dict(n_layer=24))
-    (tmp_path / 'cut.pt').write_bytes(open(path, 'rb').read()[:100])
-    with pytest.raises(SystemExit, match='may be truncated'):
-        checkpoints.load_checkpoint(str(tmp_path / 'cut.pt'), 'sampling')
 
 
 def test_non_finite_loss_stops_and_names_the_checkpoint_kept(tmp_path):
@@ -2471,8 +2418,1384 @@ def test_a_torn_log_line_or_best_json_is_skipped_with_a_note_not_a_traceback(tmp
     assert 'skipped 1 line(s) that are not JSON' in said and 'best.json cannot be read' in said
 
 
+def test_a_loss_spike_stops_the_run_and_moves_the_checkpoint_it_came_from_aside(tmp_path):
+    save(tmp_path, 10)
+    save(tmp_path, 20, metric=0.5)   # the best so far, then its loss spikes
+    guard = run_dir.DivergenceGuard(str(tmp_path), spike=10.0)
+    feed(guard, [1.0 + 0.01 * (k % 3) for k in range(20)])
+    with pytest.raises(SystemExit) as stop:
+        guard.check({'training loss': 50.0, 'gradient norm': 0.5}, 21)   # step 21: the loss of the weights saved as step 20
+    message = str(stop.value)
+    assert 'step 21: the training loss spiked to 50, over 10 x 1.01 (the median of the last 20): stopping' in message
+    assert f"{tmp_path}/ckpt.pt and {tmp_path}/ckpt_prev.pt hold step 10, saved before the loss diverged at step 21" \
+        in message
+    assert (step_of(tmp_path / 'ckpt.pt'), step_of(tmp_path / 'ckpt_prev.pt')) == (10, 10)
+    assert step_of(tmp_path / 'ckpt_diverged.pt') == 20
+    assert not (tmp_path / 'ckpt_best.pt').exists() and not (tmp_path / 'best.json').exists()
+
+
+def test_a_spike_after_the_last_save_leaves_every_checkpoint_as_it_is(tmp_path):
+    save(tmp_path, 10)
+    save(tmp_path, 20)
+    before = {name: (tmp_path / name).read_bytes() for name in ('ckpt.pt', 'ckpt_prev.pt')}
+    guard = run_dir.DivergenceGuard(str(tmp_path), spike=10.0)
+    feed(guard, [2.0] * 25)
+    with pytest.raises(SystemExit, match=re.escape(f"{tmp_path}/ckpt.pt holds step 20, saved before the divergence "
+                                                   f"at step 25")):
+        guard.check({'training loss': 2e6, 'gradient norm': 0.5}, 25)
+    assert {name: (tmp_path / name).read_bytes() for name in before} == before
+    assert not (tmp_path / 'ckpt_diverged.pt').exists()
+
+
+def test_the_spike_rule_waits_for_20_losses_and_is_off_at_0(tmp_path):
+    warming = run_dir.DivergenceGuard(str(tmp_path), spike=10.0)
+    feed(warming, [1.0] * 19 + [11.0])   # the 20th loss: only 19 known before it
+    off = run_dir.DivergenceGuard(str(tmp_path), spike=0)
+    feed(off, [1.0] * 30 + [1e9])
+    falling = run_dir.DivergenceGuard(str(tmp_path), spike=10.0)
+    feed(falling, [7.0 * 0.9 ** k for k in range(150)])   # a falling loss never trips it
+    with pytest.raises(SystemExit, match='the training loss spiked to 10.5'):
+        feed(run_dir.DivergenceGuard(str(tmp_path), spike=10.0), [1.0] * 20 + [10.5])
+
+
+def test_a_nan_loss_also_moves_a_checkpoint_of_its_step_aside(tmp_path):
+    save(tmp_path, 3)
+    guard = run_dir.DivergenceGuard(str(tmp_path), spike=10.0)
+    with pytest.raises(SystemExit, match=re.escape("step 4: the training loss is nan: stopping. the checkpoint of "
+                                                   "step 3, whose loss diverged, was moved to")) as stop:
+        guard.check({'training loss': float('nan'), 'gradient norm': 0.5}, 4)   # the weights of step 3
+    assert 'no checkpoint from before step 3 exists' in str(stop.value)
+    assert not (tmp_path / 'ckpt.pt').exists() and step_of(tmp_path / 'ckpt_diverged.pt') == 3
+
+
+@pytest.mark.parametrize('content', ['garbage', '[1, 2]', '{"pid": "x", "host": 3}', '{"host": "h"}'])
+def test_a_malformed_lock_is_a_sentence_then_taken_over_once_stale(tmp_path, content):
+    out = tmp_path / 'run'
+    out.mkdir()
+    (out / 'run.lock').write_text(content)
+    with pytest.raises(SystemExit, match=r'in use by another run \(an unreadable lock file, not refreshed for a minute\)'):
+        run_dir.claim(str(out), resume=False)
+    old = time.time() - 120
+    os.utime(out / 'run.lock', (old, old))
+    run_dir.claim(str(out), resume=False)
+    assert json.loads((out / 'run.lock').read_text())['pid'] == os.getpid()
+    run_dir._release_lock(str(out / 'run.lock'), os.getpid())
+
+
+def test_the_lock_stays_fresh_while_a_long_preparation_runs(tmp_path, monkeypatch):
+    monkeypatch.setattr(run_dir, 'HEARTBEAT_S', 0.05)
+    monkeypatch.setattr(run_dir, 'LOCK_STALE_S', 0.5)
+    out = tmp_path / 'run'
+    run_dir.claim(str(out), resume=False)
+    lock = out / 'run.lock'
+    owner = json.loads(lock.read_text())
+    lock.write_text(json.dumps(dict(owner, host='another-host')))   # as a run on another host sees it
+    time.sleep(1.5)   # 3 x the staleness time without a log line or a save: a download, an encoding
+    stale, who = run_dir._lock_is_stale(str(lock))
+    assert not stale and time.time() - os.path.getmtime(lock) < 0.5, who
+    lock.write_text(json.dumps(owner))
+    run_dir._release_lock(str(lock), os.getpid())
+
+
+def test_overwrite_moves_the_earlier_runs_files_aside_and_says_so(tmp_path, capsys):
+    out = tmp_path / 'run'
+    out.mkdir()
+    run_files = ['best.json', 'ckpt.pt', 'ckpt_best.pt', 'ckpt_prev.pt', 'log.jsonl', 'lora.safetensors',
+                 'lora_step0000400.safetensors', 'state_embedder.safetensors', 'val']
+    for name in run_files:
+        (out / name).mkdir() if name == 'val' else (out / name).write_text(name)
+    (out / 'notes.txt').write_text('mine')
+    run_dir.claim(str(out), resume=False, overwrite=True)
+    run_dir._release_lock(str(out / 'run.lock'), os.getpid())
+    aside = [p for p in out.iterdir() if p.name.startswith('previous_')]
+    assert len(aside) == 1 and sorted(os.listdir(aside[0])) == run_files
+    assert sorted(os.listdir(out)) == ['notes.txt', aside[0].name]
+    assert (aside[0] / 'ckpt_best.pt').read_text() == 'ckpt_best.pt'
+    assert "--overwrite: moved the earlier run's files (best.json, ckpt.pt" in capsys.readouterr().out
+
+
+def test_every_log_line_has_its_time(tmp_path):
+    log = run_dir.RunLog(str(tmp_path))
+    before = time.time()
+    log.write(dict(step=0, loss=1.0))
+    record, = run_dir.read_log(str(tmp_path))
+    assert record['step'] == 0 and before - 1 <= record['time'] <= time.time() + 1
+
+
+@pytest.mark.slow
+def test_a_missing_tracker_package_is_refused_by_name_before_any_work(tmp_path):
+    for package in ('tensorboard', 'wandb'):
+        if importlib.util.find_spec(package) is not None:
+            continue
+        for script in ('train_compression.py', 'train_sampling.py'):
+            err = run_script(script, f'--log_with={package}', f'--out_dir={tmp_path}/run', cwd=tmp_path, fails=True)
+            assert f'--log_with={package}: the {package} package is not installed (pip install {package})' in err
+    assert not (tmp_path / 'run').exists()
+
+
+def test_checkpoint_bytes_count_three_files_of_weights_and_two_adam_moments():
+    assert run_dir.checkpoint_bytes(n_saved=1000, n_trained=100) == 3 * 4 * (1000 + 200)
+
+
+def test_a_run_that_needs_more_than_the_free_space_is_refused_in_one_sentence(tmp_path):
+    needs = [(str(tmp_path / 'run'), 3 * 2 ** 30, 'checkpoints'), (str(tmp_path / 'data'), 5 * 2 ** 30, 'latents')]
+    lines, refusal = run_dir.disk_report(needs, usage=FakeUsage(100 * 2 ** 30))
+    assert lines == [f'disk: checkpoints 3.0 GiB, latents 5.0 GiB = 8.0 GiB to write on the disk of {tmp_path} '
+                     f'(100.0 GiB free)'] and refusal == ''
+    _, refusal = run_dir.disk_report(needs, usage=FakeUsage(6 * 2 ** 30))
+    assert refusal == (f'not enough disk space: checkpoints 3.0 GiB, latents 5.0 GiB need 8.0 GiB on the disk of '
+                       f'{tmp_path}, which has 6.0 GiB free. Free space there, or pass an --out_dir (or --data_dir) '
+                       f'on a larger disk.')
+
+
 # ===============================================================================================
-# pictures.py: labelled grids and GIFs of frames
+# machinery/checkpoints.py: atomic saves, loads that run no code, the settings of a resume
+# ===============================================================================================
+
+
+def test_saves_keep_the_previous_and_the_best_checkpoint(tmp_path):
+    out = str(tmp_path)
+    for step, val in ((1, 5.0), (2, 4.0), (3, 4.5)):   # step 3 is worse than step 2
+        checkpoints.save_checkpoint(out, dict(kind='compression', step=step, config={}), metric=val)
+    load = lambda name: checkpoints.load_checkpoint(os.path.join(out, name), 'compression')['step']
+    assert (load('ckpt.pt'), load('ckpt_prev.pt'), load('ckpt_best.pt')) == (3, 2, 2)
+    assert json.loads((tmp_path / 'best.json').read_text())['value'] == 4.0
+    assert not [f for f in os.listdir(out) if f.endswith('.tmp')]
+
+
+def test_loading_a_crafted_pickle_runs_no_code(tmp_path):
+    marker = tmp_path / 'pwned.txt'
+    torch.save(dict(kind='compression', step=1, config={}, evil=_Payload(str(marker))), tmp_path / 'ckpt.pt')
+    with pytest.raises(SystemExit, match='refusing to load it'):
+        checkpoints.load_checkpoint(str(tmp_path / 'ckpt.pt'), 'compression')
+    assert not marker.exists()
+
+
+def test_checkpoint_of_the_other_track_or_other_model_settings_is_named(tmp_path):
+    path = str(tmp_path / 'ckpt.pt')
+    torch.save(dict(kind='sampling', step=1, config=dict(n_layer=2)), path)
+    with pytest.raises(SystemExit, match='not a compression-track checkpoint'):
+        checkpoints.load_checkpoint(path, 'compression')
+    with pytest.raises(SystemExit, match=re.escape('n_layer=2 in the checkpoint, 24 now')):
+        checkpoints.load_checkpoint(path, 'sampling', expect=dict(n_layer=24))
+    (tmp_path / 'cut.pt').write_bytes(open(path, 'rb').read()[:100])
+    with pytest.raises(SystemExit, match='may be truncated'):
+        checkpoints.load_checkpoint(str(tmp_path / 'cut.pt'), 'sampling')
+
+
+def test_weights_with_inf_are_never_saved_and_nothing_is_overwritten(tmp_path):
+    save(tmp_path, 1)
+    save(tmp_path, 2)
+    before = {name: (tmp_path / name).read_bytes() for name in ('ckpt.pt', 'ckpt_prev.pt')}
+    with pytest.raises(SystemExit, match=re.escape(f"step 3: model.w holds NaN or inf: stopping without saving. "
+                                                   f"{tmp_path}/ckpt.pt (step 2) is untouched")):
+        save(tmp_path, 3, value=float('inf'))
+    state = dict(kind='compression', step=3, config={}, model=dict(w=torch.ones(3)),
+                 optimizer=dict(state={0: dict(exp_avg_sq=torch.tensor([1.0, float('nan')]))}))
+    with pytest.raises(SystemExit, match='optimizer.state.0.exp_avg_sq holds NaN or inf'):
+        checkpoints.save_checkpoint(str(tmp_path), state)
+    assert {name: (tmp_path / name).read_bytes() for name in before} == before
+    assert sorted(os.listdir(tmp_path)) == ['ckpt.pt', 'ckpt_prev.pt']
+
+
+@pytest.mark.parametrize('where', ['torch.save', 'os.replace'])
+def test_a_full_disk_during_a_save_is_one_sentence_and_leaves_no_tmp(tmp_path, monkeypatch, where):
+    save(tmp_path, 1)
+    before = (tmp_path / 'ckpt.pt').read_bytes()
+
+    def full(*args, **kwargs):
+        if where == 'torch.save':
+            open(args[1], 'wb').write(b'half a checkpoint')
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(checkpoints.torch if where == 'torch.save' else checkpoints.os, where.split('.')[1], full)
+    with pytest.raises(SystemExit, match=re.escape(f"could not save {tmp_path}/ckpt.pt (No space left on device): "
+                                                   f"free space")) as stop:
+        save(tmp_path, 2)
+    monkeypatch.undo()
+    assert f'{tmp_path}/ckpt.pt (step 1) is untouched' in str(stop.value)
+    assert (tmp_path / 'ckpt.pt').read_bytes() == before
+    assert not [n for n in os.listdir(tmp_path) if n.endswith('.tmp')]
+
+
+def test_a_model_flag_that_differs_from_the_checkpoint_is_refused_by_name(tmp_path):
+    checkpoints.save_checkpoint(str(tmp_path), dict(kind='compression', step=1, config=dict(n_layer=2, n_embd=64)))
+    with pytest.raises(SystemExit, match=r'n_layer=2 in the checkpoint, 1 now\. Leave these settings out'):
+        checkpoints.model_settings_on_resume(str(tmp_path), 'compression', dict(n_layer=1, n_embd=64), {'n_layer'})
+    # not given: the checkpoint's; given and equal: kept
+    assert checkpoints.model_settings_on_resume(str(tmp_path), 'compression', dict(n_layer=1, n_embd=64),
+                                            {'n_embd'}) == dict(n_layer=2, n_embd=64)
+    # what configure() reports as given: flags and a config file's assignments, not a preset's
+    cfg_file = tmp_path / 'my_run.py'
+    cfg_file.write_text('n_layer = 1\nif True:\n    learning_rate = 2e-4\n')
+    given = configurator.configure(dict(settings(), n_layer=24, preset='cpu'),
+                                   argv=[str(cfg_file), '--batch_size=8', '--preset=paper'],
+                                   presets={'cpu': {}, 'paper': dict(batch_size=20, mode='b')})
+    assert given == {'n_layer', 'learning_rate', 'batch_size'}
+
+
+# ===============================================================================================
+# machinery/trackers.py: TensorBoard and W&B at the log's steps
+# ===============================================================================================
+
+
+def images(n, size=64, seed=0):
+    return np.random.RandomState(seed).randint(0, 256, (n, size, size, 3), dtype=np.uint8)
+
+
+def tensorboard_events(folder):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(folder), size_guidance={'scalars': 0, 'images': 0})
+    events.Reload()
+    return events
+
+
+FAKE_WANDB = '''
+"""A stand-in for wandb: records init's arguments and every log call in $FAKE_WANDB_RECORD."""
+import json
+import os
+
+
+def _record(entry):
+    with open(os.environ['FAKE_WANDB_RECORD'], 'a') as f:
+        f.write(json.dumps(entry) + '\\n')
+
+
+class Image:
+    def __init__(self, path):
+        self.path = path
+
+
+class Run:
+    def log(self, data, step=None):
+        _record(dict(call='log', step=step, data={k: {'image': v.path} if isinstance(v, Image) else v
+                                                  for k, v in data.items()}))
+
+    def finish(self):
+        _record(dict(call='finish'))
+
+
+def init(**kwargs):
+    _record(dict(call='init', kwargs={k: v for k, v in kwargs.items() if k != 'config'}))
+    return Run()
+'''
+
+
+@pytest.mark.slow
+def test_tensorboard_gets_the_log_figures_at_their_steps_and_the_val_pictures(lora_run):
+    events = tensorboard_events(lora_run['out'] / 'tensorboard')
+    log = read_log(lora_run['out'])
+    for key in ('loss', 'grad_norm', 'val_psnr_ensemble'):
+        assert [(e.step, pytest.approx(e.value)) for e in events.Scalars(key)] == [(r['step'], r[key]) for r in log]
+    pictures = events.Images('val/clip_0')
+    assert [p.step for p in pictures] == [1, 2, 3] and pictures[0].width > 100
+
+
+def test_tensorboard_of_a_resumed_run_reads_as_one_run(tmp_path):
+    log = run_dir.RunLog(str(tmp_path), log_with='tensorboard')
+    for step in range(1, 6):
+        log.write(dict(step=step, loss=float(step)))
+    log.close()
+    log = run_dir.RunLog(str(tmp_path), start_step=3, log_with='tensorboard')   # from the checkpoint of step 3
+    log.write(dict(step=4, loss=40.0))
+    log.close()
+    events = tensorboard_events(tmp_path / 'tensorboard')
+    assert [(e.step, e.value) for e in events.Scalars('loss')] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0)]
+
+
+@pytest.mark.slow
+def test_compression_tensorboard_and_log_agree_on_steps(tmp_path, synthetic_dir):
+    printed = run_compression(f'--data_dir={synthetic_dir}', f'--out_dir={tmp_path}', '--max_iters=2',
+                              '--eval_interval=1', '--log_interval=1', '--log_with=tensorboard', cwd=tmp_path)
+    log = read_log(tmp_path)
+    assert [r['step'] for r in log] == [1, 2] and step_lines(printed) == [1, 1, 2, 2]
+    events = tensorboard_events(tmp_path / 'tensorboard')
+    for key in ('loss', 'lr', 'val_ar_top500'):
+        assert [(e.step, pytest.approx(e.value)) for e in events.Scalars(key)] == [(r['step'], r[key]) for r in log]
+    assert json.loads((tmp_path / 'best.json').read_text())['step'] in (1, 2)
+
+
+@pytest.mark.slow
+def test_wandb_keeps_its_files_in_out_dir_continues_its_run_on_resume_and_gets_the_val_pictures(raw_data, tmp_path):
+    (tmp_path / 'fake' / 'wandb').mkdir(parents=True)
+    (tmp_path / 'fake' / 'wandb' / '__init__.py').write_text(FAKE_WANDB)
+    record = tmp_path / 'wandb_calls.jsonl'
+    env = dict(os.environ, PYTHONPATH=f"{tmp_path / 'fake'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+               FAKE_WANDB_RECORD=str(record))
+    out = tmp_path / 'run'
+    for extra in (['--max_iters=1'], ['--max_iters=2', '--init_from=resume']):
+        args = train_args(raw_data, out, '--log_with=wandb', '--eval_interval=1', *extra)
+        res = subprocess.run([sys.executable, os.path.join(REPO, args[0]), *args[1:]], cwd=tmp_path, env=env,
+                             capture_output=True, text=True, timeout=600)
+        assert res.returncode == 0, res.stderr[-3000:]
+    calls = [json.loads(line) for line in open(record)]
+    inits = [c['kwargs'] for c in calls if c['call'] == 'init']
+    assert len(inits) == 2 and inits[0]['dir'] == inits[1]['dir'] == str(out)
+    assert inits[0]['id'] == inits[1]['id'] == (out / 'wandb_id').read_text() and inits[1]['resume'] == 'allow'
+    logs = [c for c in calls if c['call'] == 'log']
+    assert [c['step'] for c in logs] == [1, 2]
+    assert all(c['data']['val/clip_0']['image'] == str(out / 'val' / f"step_{c['step']}" / 'clip_0.png') for c in logs)
+    assert logs[0]['data']['loss'] == read_log(out)[0]['loss']
+
+
+# ===============================================================================================
+# machinery/distributed.py: both trainers on two nodes
+# ===============================================================================================
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(('localhost', 0))
+        return s.getsockname()[1]
+
+
+def run_on_two_nodes(*args, cwd):
+    """`torchrun --nnodes 2 --nproc_per_node 1 --rdzv_backend c10d --rdzv_endpoint HOST:PORT SCRIPT ...`
+    typed on two nodes, as a cluster runs it: here two launchers on one machine (gloo on the CPU),
+    which meet at the c10d rendezvous the first of them hosts. Returns node 0's output."""
+    port = free_port()
+    env = dict(os.environ, OMP_NUM_THREADS='1', CUDA_VISIBLE_DEVICES='')
+    nodes = [subprocess.Popen([sys.executable, '-m', 'torch.distributed.run', '--nnodes=2', '--nproc_per_node=1',
+                               f'--node_rank={rank}', '--rdzv_backend=c10d', f'--rdzv_endpoint=localhost:{port}',
+                               '--rdzv_id=two_nodes', '--rdzv_conf=join_timeout=120', '--max_restarts=0',
+                               os.path.join(REPO, args[0]), *args[1:]],
+                              cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for rank in (0, 1)]
+    deadline = time.time() + 300
+    while any(node.poll() is None for node in nodes) and time.time() < deadline:
+        if any(node.poll() not in (None, 0) for node in nodes):
+            break   # one node failed: the other would wait for it at torchrun's exit barrier for minutes
+        time.sleep(0.2)
+    for node in nodes:
+        if node.poll() is None:
+            node.kill()
+    outputs = [node.communicate() for node in nodes]
+    for node, (out, err) in zip(nodes, outputs):
+        assert node.returncode == 0, f"{' '.join(node.args)} failed:\n{out[-3000:]}\n{err[-3000:]}"
+    return outputs[0][0] + outputs[1][0]
+
+
+@pytest.mark.slow
+def test_compression_on_two_nodes_takes_the_step_of_one_process(tmp_path, synthetic_dir):
+    common = SMALL_RUN + [f'--data_dir={synthetic_dir}', '--max_iters=1', '--global_batch_size=4', '--batch_size=2']
+    run_script('train_compression.py', *common, f'--out_dir={tmp_path}/one', cwd=tmp_path)
+    out = run_on_two_nodes('train_compression.py', *common, f'--out_dir={tmp_path}/nodes', cwd=tmp_path)
+    assert '2 processes on 2 nodes' in out
+    one = torch.load(tmp_path / 'one' / 'ckpt.pt', weights_only=False)
+    nodes = torch.load(tmp_path / 'nodes' / 'ckpt.pt', weights_only=False)
+    for name, p in one['model'].items():   # equal up to fp32 summation order (as the one-node DDP test)
+        torch.testing.assert_close(nodes['model'][name], p, rtol=0, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_sampling_on_two_nodes_takes_the_steps_of_one_process(raw_data, tmp_path):
+    run_script(*train_args(raw_data, tmp_path / 'one', '--max_iters=4'))
+    out = run_on_two_nodes(*train_args(raw_data, tmp_path / 'nodes', '--max_iters=4'), cwd=tmp_path)
+    assert '2 processes on 2 nodes' in out and '2 process(es) x batch 2 x 2 accumulation' in out
+    one, nodes = trained(tmp_path / 'one'), trained(tmp_path / 'nodes')
+    assert one['step'] == nodes['step'] == 4
+    for n, p in one['trainable'].items():   # tolerance as test_all.py's one-node DDP test
+        assert torch.allclose(p, nodes['trainable'][n], atol=1e-5, rtol=1e-4), n
+
+
+# ===============================================================================================
+# machinery/speed.py: a step's samples/s and MFU
+# ===============================================================================================
+
+
+def test_step_speed_has_samples_per_s_and_no_mfu_or_memory_on_the_cpu():
+    speed = StepSpeed('cpu', samples_per_step=8, flops_per_step=1e9)
+    speed.start()
+    figures = speed.stop()
+    assert figures['samples_per_s'] > 0 and figures['mfu'] is None and figures['max_mem_gib'] is None
+
+
+def test_peak_flops_is_unknown_on_the_cpu():
+    assert peak_flops('cpu') is None
+
+
+# ===============================================================================================
+# machinery/hub.py: downloads from the Hugging Face Hub
+# ===============================================================================================
+
+
+def test_hub_download_into_models_dir_keeps_one_plain_copy_in_the_official_layout(tmp_path, monkeypatch, capsys):
+    import huggingface_hub
+    cfg = WanConfig.tiny()
+    src = randomize(WanDiT(cfg, state_cond=False))
+    calls = []
+
+    def fake_snapshot_download(repo_id, allow_patterns=None, local_dir=None, **kw):   # the Hub, offline
+        calls.append(dict(repo_id=repo_id, allow_patterns=allow_patterns, local_dir=local_dir))
+        write_official_checkpoint(src, Path(local_dir or tmp_path / 'hub_cache' / 'snapshot'))
+        return str(local_dir or tmp_path / 'hub_cache' / 'snapshot')
+    monkeypatch.setattr(huggingface_hub, 'snapshot_download', fake_snapshot_download)
+    monkeypatch.setenv('NANOWM_MODELS_DIR', str(tmp_path / 'models'))
+    loaded = load_dit('Wan-AI/Wan2.2-TI2V-5B', state_cond=False, r_dim=cfg.r_dim)
+    assert calls == [dict(repo_id='Wan-AI/Wan2.2-TI2V-5B', local_dir=tmp_path / 'models' / 'Wan2.2-TI2V-5B',
+                          allow_patterns=['config.json', 'diffusion_pytorch_model*', 'transformer/*'])]
+    assert 'into ' + str(tmp_path / 'models' / 'Wan2.2-TI2V-5B') in capsys.readouterr().out
+    assert not (tmp_path / 'hub_cache').exists()                       # one copy: no Hub cache beside it
+    files = list((tmp_path / 'models' / 'Wan2.2-TI2V-5B').iterdir())
+    assert len(files) == 4 and not any(p.is_symlink() for p in files)
+    x, t_BL, context, _ = inputs(cfg)
+    with torch.no_grad():
+        assert torch.equal(loaded(x, t_BL, context), src(x, t_BL, context))
+    # the folder then serves as it is (no download), and without NANOWM_MODELS_DIR the Hub cache is used
+    assert resolve(tmp_path / 'models' / 'Wan2.2-TI2V-5B', ['*']) == tmp_path / 'models' / 'Wan2.2-TI2V-5B'
+    monkeypatch.delenv('NANOWM_MODELS_DIR')
+    assert resolve('Wan-AI/Wan2.2-TI2V-5B', ['config.json']) == tmp_path / 'hub_cache' / 'snapshot'
+    assert len(calls) == 2 and calls[1]['local_dir'] is None
+
+
+# ===============================================================================================
+# machinery/tokenized.py: the tokenized data on disk, and the disk it needs
+# ===============================================================================================
+
+
+def test_a_download_that_would_fill_the_disk_stops_before_it_starts(tmp_path, synthetic_dir, monkeypatch):
+    import functools
+    import huggingface_hub
+    import huggingface_hub.constants
+    meta = data.read_json(os.path.join(synthetic_dir, 'train_v2.0', 'metadata.json'))
+    whole = sum(data.expected_sizes(meta['num_images']).values())   # the split's bytes, from its metadata
+    report = run_dir.disk_report
+
+    def free(n):   # a disk with n bytes free
+        monkeypatch.setattr(run_dir, 'disk_report', functools.partial(report, usage=lambda p: FakeUsage(n)))
+    monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_CACHE', str(tmp_path / 'cache'))   # the disk of out
+    free(whole - 1)
+    with pytest.raises(SystemExit, match=r'not enough disk space: the train_v2\.0 download [\d.]+ GiB need'):
+        tokenized.check_room_for(str(tmp_path / 'data'), 'train_v2.0', meta)
+    tokenized.check_room_for(str(tmp_path / 'data'), 'train_v2.0', meta, shards=[0])   # half of it fits
+    # a resumed download needs only what is missing: here nothing
+    shutil.copytree(os.path.join(synthetic_dir, 'train_v2.0'), tmp_path / 'data' / 'train_v2.0')
+    free(0)
+    tokenized.check_room_for(str(tmp_path / 'data'), 'train_v2.0', meta)
+    # a disk that fills up all the same is said as such, not as a network problem
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, 'No space left on device')
+    monkeypatch.setattr(huggingface_hub, 'hf_hub_download', full)
+    with pytest.raises(SystemExit, match=r'the disk filled up while fetching val_v2\.0/metadata\.json'):
+        hub.hub_file(data.HF_REPO_TOKENIZED, 'val_v2.0/metadata.json', str(tmp_path / 'data'), '')
+
+
+def test_the_1x_tokenized_splits_are_8_7_gib_and_a_folder_that_holds_them_needs_nothing(tmp_path, synthetic_dir):
+    n = tokenized.tokenized_bytes(str(tmp_path), ['train_v2.0', 'val_v2.0'])
+    assert n == sum(data.expected_sizes(11_254_161).values()) + sum(data.expected_sizes(50_300).values())
+    assert round(n / 2 ** 30, 1) == 8.7
+    assert tokenized.tokenized_bytes(str(tmp_path), ['train_v2.0'], shards=[0, 1]) == sum(
+        data.expected_sizes(11_254_161 * 2 // 100).values())
+    # by the metadata on disk, less what is there: a whole split needs nothing, a split missing a shard that shard
+    shutil.copytree(synthetic_dir, tmp_path / 'syn')
+    assert tokenized.tokenized_bytes(str(tmp_path / 'syn'), ['train_v2.0', 'val_v2.0']) == 0
+    shard = data.shard_paths(str(tmp_path / 'syn' / 'train_v2.0'), 1)
+    missing = os.path.getsize(shard['video'])
+    os.remove(shard['video'])
+    # (an estimate: frames spread evenly over the shards, json files counted as held: within a block a shard)
+    assert abs(tokenized.tokenized_bytes(str(tmp_path / 'syn'), ['train_v2.0']) - missing) < 2 * 3 * 32 * 32 * 4
+
+
+# ===============================================================================================
+# machinery/latents.py: raw clips encoded to latents, and the disk they need
+# ===============================================================================================
+
+
+def test_encoding_is_atomic_resumes_an_interrupted_run_and_refuses_to_overwrite(raw_data, tmp_path):
+    from safetensors.torch import load_file, save_file
+    raw = raw_data / 'train_v2.0_raw'
+    whole = tmp_path / 'whole'
+    n = latents.encode_raw_split(raw, whole, PixelCodec(), stride=77)
+    info = json.loads((whole / 'encoding.json').read_text())
+    assert info['stride'] == 77 and info['codec'] == 'PixelCodec' and info['clips'] == n == len(data.LatentClips(whole))
+    assert not (tmp_path / 'whole.partial').exists()
+    # an interrupted run left shard 0 (marked: zero latents) in resumed.partial and no resumed/
+    (tmp_path / 'resumed.partial').mkdir()
+    shard0 = load_file(whole / 'latents_0.safetensors')
+    save_file({**shard0, 'latents': torch.zeros_like(shard0['latents'])}, tmp_path / 'resumed.partial' / 'latents_0.safetensors')
+    assert latents.encode_raw_split(raw, tmp_path / 'resumed', PixelCodec(), stride=77) == n
+    resumed = load_file(tmp_path / 'resumed' / 'latents_0.safetensors')
+    assert resumed['latents'].abs().max() == 0                          # kept, not encoded again
+    assert torch.equal(load_file(tmp_path / 'resumed' / 'latents_1.safetensors')['latents'],
+                       load_file(whole / 'latents_1.safetensors')['latents'])   # the rest encoded
+    assert latents.encode_raw_split(raw, whole, PixelCodec(), stride=77) == n        # finished: kept as it is
+    with pytest.raises(SystemExit, match='encoded with stride 77: pass --clip_stride=77'):
+        latents.encode_raw_split(raw, whole, PixelCodec(), stride=8)
+    # an interrupted encoding resumed with another stride is an error, not two strides under one encoding.json
+    (tmp_path / 'mixed.partial').mkdir()
+    settings = {k: v for k, v in info.items() if k != 'clips'}
+    (tmp_path / 'mixed.partial' / 'settings.json').write_text(json.dumps(settings))
+    with pytest.raises(SystemExit, match=r'mixed.partial has other settings \(stride=77 on disk, 8 asked for\)'):
+        latents.encode_raw_split(raw, tmp_path / 'mixed', PixelCodec(), stride=8)
+
+
+def test_encoded_latents_match_the_codec_on_raw_clips(raw_data):
+    clips, latents = data.RawClips(raw_data / 'train_v2.0_raw', stride=8), data.LatentClips(raw_data / 'latents_pixel' / 'train_v2.0_raw')
+    assert len(clips) == len(latents) > 100
+    for k in (0, len(clips) - 1):
+        z, states = latents[k]
+        item = clips[k]
+        assert torch.equal(z, PixelCodec().encode(frames_to_video(item['frames_THWC'][None]))[0])
+        assert torch.equal(states, item['states_TD'])
+
+
+def test_the_1x_latents_at_a_window_every_8_frames_are_0_83_terabytes(tmp_path):
+    n = latents.latents_bytes(str(tmp_path), ['train_v2.0_raw'], 'wan', 8)
+    assert n == 11_254_161 // 8 * 48 * 6 * 32 * 32 * 2 and round(n / 1e12, 2) == 0.83
+
+
+# ===============================================================================================
+# machinery/vae.py: the pixel codec and the Wan 2.2 VAE
+# ===============================================================================================
+
+
+def official_vae_names(sd):
+    """diffusers AutoencoderKLWan names -> the original Wan2.2_VAE.pth names (wan/modules/vae2_2.py),
+    written independently of the loader's map and in the other direction."""
+    n_resnets = {}   # the official stage is one Sequential: its resnets, then the resampler
+    for k in sd:
+        m = re.match(r'(encoder\.down|decoder\.up)_blocks\.(\d+)\.resnets\.(\d+)\.', k)
+        if m:
+            n_resnets[m[1], m[2]] = max(n_resnets.get((m[1], m[2]), 0), int(m[3]) + 1)
+
+    def stage(m):    # encoder.down_blocks.1.resnets.0. -> encoder.downsamples.1.downsamples.0.
+        index = m[4] if m[3] == 'resnets.' else n_resnets[m[1], m[2]]
+        return f"{m[1]}samples.{m[2]}.{m[1].split('.')[1]}samples.{index}."
+    out = {}
+    for k, v in sd.items():
+        o = re.sub(r'(encoder\.down|decoder\.up)_blocks\.(\d+)\.(resnets\.|downsampler|upsampler)(\d*)\.', stage, k)
+        for a, b in (('.norm1.', '.residual.0.'), ('.conv1.', '.residual.2.'), ('.norm2.', '.residual.3.'),
+                     ('.conv2.', '.residual.6.'), ('.conv_shortcut.', '.shortcut.'), ('.conv_in.', '.conv1.'),
+                     ('.norm_out.', '.head.0.'), ('.conv_out.', '.head.2.'), ('mid_block.resnets.0.', 'middle.0.'),
+                     ('mid_block.attentions.0.', 'middle.1.'), ('mid_block.resnets.1.', 'middle.2.')):
+            o = o.replace(a, b)
+        out[re.sub(r'^quant_conv\.', 'conv1.', re.sub(r'^post_quant_conv\.', 'conv2.', o))] = v
+    return out
+
+
+def test_pixel_codec_has_wan_layout_and_is_lossless_on_keyframes():
+    codec = PixelCodec()
+    video = torch.rand(2, 3, 21, SIZE, SIZE) * 2 - 1
+    z = codec.encode(video)
+    assert z.shape == (2, 48, 6, SIZE // 4, SIZE // 4)
+    back = codec.decode(z)
+    assert back.shape == video.shape
+    assert torch.equal(back[:, :, ::4], video[:, :, ::4])     # keyframes 0, 4, .., 20 (target included)
+    assert torch.allclose(back[:, :, 1], 0.75 * video[:, :, 0] + 0.25 * video[:, :, 4])
+    assert torch.equal(codec.encode(video[:, :, :5]), z[:, :, :2])   # context alone -> the same 2 latents
+
+
+def test_pixel_codec_decodes_on_the_latents_device():
+    z = torch.empty(2, 48, 6, 8, 8, device='meta')   # a tensor made without device= would be on the CPU: error
+    assert PixelCodec().decode(z).shape == (2, 3, 21, 32, 32)
+
+
+def test_official_vae_pth_loads_as_the_diffusers_layout(tmp_path):
+    from diffusers import AutoencoderKLWan
+    torch.manual_seed(0)
+    mean, std = torch.linspace(-1, 1, 48).tolist(), torch.linspace(0.5, 3, 48).tolist()
+    size = dict(base_dim=8, decoder_base_dim=8, dim_mult=[1, 2, 2, 2], num_res_blocks=1, latents_mean=mean,
+                latents_std=std)
+    tiny = AutoencoderKLWan(z_dim=48, temperal_downsample=[False, True, True], is_residual=True, in_channels=12,
+                            out_channels=12, patch_size=2, scale_factor_spatial=16, **size)
+    randomize(tiny, std=0.2)
+    tiny.save_pretrained(tmp_path / 'diffusers' / 'vae')
+    (tmp_path / 'official').mkdir()
+    official = official_vae_names(tiny.state_dict())
+    assert 'encoder.downsamples.1.downsamples.1.time_conv.weight' in official    # resampler after 1 resnet
+    assert 'decoder.upsamples.0.upsamples.2.resample.1.weight' in official      # after 2 (num_res_blocks + 1)
+    torch.save(official, tmp_path / 'official' / 'Wan2.2_VAE.pth')
+    (tmp_path / 'official' / 'config.json').write_text(json.dumps(dict(dim=3072)))   # the DiT's, as in the repo
+    want = WanVAE.from_pretrained(tmp_path / 'diffusers')
+    for src in (tmp_path / 'official', tmp_path / 'official' / 'Wan2.2_VAE.pth'):
+        got = WanVAE.from_pretrained(src, **size)
+        video = torch.rand(1, 3, 5, 32, 32) * 2 - 1
+        z = got.encode(video)
+        assert torch.equal(z, want.encode(video))
+        assert torch.equal(got.decode(z), want.decode(z))
+    # sample.py --vae_dtype=bfloat16: the same weights, cast as read; close to fp32's output
+    half = WanVAE.from_pretrained(tmp_path / 'official', dtype=torch.bfloat16, **size)
+    assert {p.dtype for p in half.vae.parameters()} == {torch.bfloat16}
+    assert torch.allclose(half.decode(z), want.decode(z), atol=0.05)
+
+
+def test_vae_encode_decode_shapes_and_normalisation(tmp_path):
+    from diffusers import AutoencoderKLWan
+    torch.manual_seed(0)
+    mean, std = torch.linspace(-1, 1, 48).tolist(), torch.linspace(0.5, 3, 48).tolist()
+    # the Wan 2.2 kind: 48 latent channels, 2x2 patchify + residual blocks, 16x spatial, 4x temporal
+    tiny = AutoencoderKLWan(base_dim=8, decoder_base_dim=8, z_dim=48, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
+                            temperal_downsample=[False, True, True], is_residual=True, in_channels=12,
+                            out_channels=12, patch_size=2, scale_factor_spatial=16,
+                            latents_mean=mean, latents_std=std)
+    tiny.save_pretrained(tmp_path / 'repo' / 'vae')
+    vae = WanVAE.from_pretrained(tmp_path / 'repo')
+    video = torch.rand(1, 3, 5, 32, 32) * 2 - 1
+    z = vae.encode(video)
+    assert z.shape == (1, 48, 2, 2, 2)           # 1 + (5 - 1) / 4 latent frames, 32 / 16 pixels
+    with torch.no_grad():
+        mu = tiny.encode(video).latent_dist.mode()
+    want = (mu - torch.tensor(mean).view(1, -1, 1, 1, 1)) / torch.tensor(std).view(1, -1, 1, 1, 1)
+    assert torch.allclose(z, want, atol=1e-5)
+    out = vae.decode(z)
+    assert out.shape == (1, 3, 5, 32, 32) and out.abs().max() <= 1
+    with pytest.raises(ValueError, match=r'\[B, 3, 4k\+1, H, W\]'):
+        vae.encode(video[:, :, :4])
+    # `python -m machinery.prepare encode_raw --codec=wan`: a raw split's clips as bf16 Wan latents, what training reads
+    raw = tmp_path / 'raw'
+    synthetic_video.write_synthetic_raw(raw, num_shards=1, frames_per_shard=200, size=32, seed=0, flat=True)
+    prepare.main(['encode_raw', '--codec=wan', '--split', str(raw), '--out', str(tmp_path / 'latents'), '--vae_path',
+                  str(tmp_path / 'repo'), '--device', 'cpu'])
+    clips = data.LatentClips(tmp_path / 'latents')
+    frames_THWC, _ = data.RawShard(raw, 0).read_clip(data.RawShard(raw, 0).clip_starts()[0])
+    z0, states = clips[0]
+    assert z0.shape == (48, 6, 2, 2) and states.shape == (21, 25)
+    want = vae.encode(frames_to_video(torch.from_numpy(frames_THWC)[None]))[0]
+    torch.testing.assert_close(z0, want, atol=1e-2, rtol=8e-3)   # stored in bf16 (8 bits of mantissa)
+
+
+# ===============================================================================================
+# machinery/wan_files.py: Wan checkpoints and their key names, the umT5 empty prompt, a run's model
+# ===============================================================================================
+
+
+def tiny_umt5(tmp_path):
+    from transformers import UMT5Config, UMT5EncoderModel
+    torch.manual_seed(0)
+    config = UMT5Config(vocab_size=40, d_model=16, d_kv=4, d_ff=24, num_layers=2, num_heads=4,
+                        relative_attention_num_buckets=8, feed_forward_proj='gated-gelu', dropout_rate=0.0)
+    model = UMT5EncoderModel(config).eval()
+    with torch.no_grad():   # T5 init leaves the norms at 1; make them matter
+        for n, p in model.named_parameters():
+            if 'layer_norm' in n:
+                p.copy_(1 + 0.5 * torch.randn_like(p))
+        want = model(input_ids=torch.tensor([[1]])).last_hidden_state[0]   # "" -> [EOS], EOS id 1
+    return model, want
+
+
+def test_from_pretrained_loads_official_sharded_layout(tmp_path):
+    cfg = WanConfig.tiny()
+    src = randomize(WanDiT(cfg, state_cond=False))
+    write_official_checkpoint(src, tmp_path / 'ckpt')
+    loaded = load_dit(tmp_path / 'ckpt', state_cond=True, r_dim=cfg.r_dim)
+    assert loaded.cfg == cfg and loaded.state_cond
+    assert all(p.device.type == 'cpu' and p.dtype == torch.float32 for p in loaded.parameters())
+    x, t_BL, context, states = inputs(cfg)
+    with torch.no_grad():
+        assert torch.equal(loaded(x, t_BL, context, states), src(x, t_BL, context))
+
+
+def test_from_pretrained_loads_diffusers_layout(tmp_path):
+    cfg = WanConfig.tiny()
+    src = randomize(WanDiT(cfg, state_cond=False))
+    ref = diffusers_twin(cfg)
+    ref.load_state_dict(to_diffusers_state_dict(src.state_dict()), strict=True)
+    ref.save_pretrained(tmp_path / 'repo' / 'transformer')
+    loaded = load_dit(tmp_path / 'repo', state_cond=False, text_len=cfg.text_len, r_dim=cfg.r_dim)
+    assert loaded.cfg == cfg
+    x, t_BL, context, _ = inputs(cfg)
+    with torch.no_grad():
+        assert torch.equal(loaded(x, t_BL, context), src(x, t_BL, context))
+
+
+def test_from_pretrained_missing_shard_fails_clearly(tmp_path):
+    root = write_official_checkpoint(randomize(WanDiT(WanConfig.tiny(), state_cond=False)), tmp_path / 'ckpt')
+    (root / 'diffusion_pytorch_model-00002-of-00002.safetensors').unlink()
+    with pytest.raises(FileNotFoundError, match='00002-of-00002.*download the checkpoint again'):
+        load_dit(root)
+
+
+def test_from_pretrained_truncated_shard_fails_clearly(tmp_path):
+    root = write_official_checkpoint(randomize(WanDiT(WanConfig.tiny(), state_cond=False)), tmp_path / 'ckpt')
+    shard = root / 'diffusion_pytorch_model-00001-of-00002.safetensors'
+    shard.write_bytes(shard.read_bytes()[:1000])
+    with pytest.raises(ValueError, match='00001-of-00002.safetensors: cannot read.*truncated'):
+        load_dit(root)
+
+
+def test_from_pretrained_lists_missing_unexpected_and_wrong_shape(tmp_path):
+    from safetensors.torch import save_file
+    cfg = WanConfig.tiny()
+    sd = {k: v.contiguous() for k, v in randomize(WanDiT(cfg, state_cond=False)).state_dict().items()}
+    del sd['blocks.1.ffn.2.bias']
+    sd['blocks.0.extra.weight'] = torch.zeros(3)
+    sd['head.head.weight'] = torch.zeros(7, cfg.dim)
+    root = tmp_path / 'bad'
+    root.mkdir()
+    save_file(sd, str(root / 'diffusion_pytorch_model.safetensors'))
+    (root / 'config.json').write_text(json.dumps(dict(dim=cfg.dim, ffn_dim=cfg.ffn_dim, num_layers=cfg.num_layers,
+                                                      num_heads=cfg.num_heads, text_dim=cfg.text_dim,
+                                                      text_len=cfg.text_len, freq_dim=cfg.freq_dim)))
+    with pytest.raises(ValueError) as err:
+        load_dit(root)
+    msg = str(err.value)
+    assert 'missing (1): blocks.1.ffn.2.bias' in msg
+    assert 'unexpected (1): blocks.0.extra.weight' in msg
+    assert 'wrong shape (1): head.head.weight: checkpoint (7, 64) vs model (192, 64)' in msg
+
+
+def test_null_context_matches_transformers_umt5_on_eos(tmp_path):
+    model, want = tiny_umt5(tmp_path)
+    model.save_pretrained(tmp_path / 'repo' / 'text_encoder')
+    cache = tmp_path / 'null.safetensors'
+    ctx = null_context(tmp_path / 'repo', cache_path=cache, text_len=8)
+    assert ctx.shape == (1, 8, 16)
+    assert (ctx[0, :1] - want).abs().max() < 1e-5
+    assert ctx[0, 1:].abs().max() == 0        # zero-padded to text_len as the reference does
+    (tmp_path / 'repo' / 'text_encoder' / 'model.safetensors').unlink()
+    assert torch.equal(null_context(tmp_path / 'repo', cache_path=cache, text_len=8), ctx)   # from the cache
+
+
+def test_null_context_reads_original_umt5_checkpoint(tmp_path):
+    model, want = tiny_umt5(tmp_path)
+    hf = model.state_dict()
+    orig = {'token_embedding.weight': hf['shared.weight'], 'norm.weight': hf['encoder.final_layer_norm.weight']}
+    for i in range(2):
+        p = f'encoder.block.{i}.layer.'
+        orig.update({f'blocks.{i}.norm1.weight': hf[p + '0.layer_norm.weight'],
+                     f'blocks.{i}.norm2.weight': hf[p + '1.layer_norm.weight'],
+                     f'blocks.{i}.ffn.gate.0.weight': hf[p + '1.DenseReluDense.wi_0.weight'],
+                     f'blocks.{i}.ffn.fc1.weight': hf[p + '1.DenseReluDense.wi_1.weight'],
+                     f'blocks.{i}.ffn.fc2.weight': hf[p + '1.DenseReluDense.wo.weight'],
+                     f'blocks.{i}.pos_embedding.embedding.weight':
+                         hf[p + '0.SelfAttention.relative_attention_bias.weight']})
+        for n in 'qkvo':
+            orig[f'blocks.{i}.attn.{n}.weight'] = hf[p + f'0.SelfAttention.{n}.weight']
+    (tmp_path / 'official').mkdir()
+    torch.save(orig, tmp_path / 'official' / 'models_t5_umt5-xxl-enc-bf16.pth')
+    ctx = null_context(tmp_path / 'official', cache_path=tmp_path / 'n.safetensors', text_len=8)
+    assert (ctx[0, :1] - want).abs().max() < 1e-5
+
+
+def test_crafted_or_truncated_pth_files_and_unwritable_export_folders_are_named(tmp_path):
+    import pickle
+
+    class Payload:   # a pickle that would run code when loaded without weights_only
+        def __reduce__(self):
+            return (os.system, ('echo ran',))
+    root = tmp_path / 'official'
+    root.mkdir()
+    with open(root / 'Wan2.2_VAE.pth', 'wb') as f:
+        pickle.dump({'w': Payload()}, f)
+    with pytest.raises(ValueError, match='Wan2.2_VAE.pth: not a weights file nanoWM can read'):
+        WanVAE.from_pretrained(root)
+    torch.save({'w': torch.zeros(1000)}, root / 'Wan2.2_VAE.pth')
+    (root / 'Wan2.2_VAE.pth').write_bytes((root / 'Wan2.2_VAE.pth').read_bytes()[:500])   # truncated
+    with pytest.raises(ValueError, match='not a weights file nanoWM can read'):
+        WanVAE.from_pretrained(root)
+    (tmp_path / 'a_file').write_text('')
+    with pytest.raises(ValueError, match='cannot write the LoRA files into'):
+        export_lora({'state_embedder.null': torch.zeros(4)}, tmp_path / 'a_file')
+
+
+# ===============================================================================================
+# machinery/lora_files.py: LoRA files in (every Wan tool's format) and out (ComfyUI's keys), the export command
+# ===============================================================================================
+
+
+def diffusers_pipe(base):
+    """diffusers' WanPipeline around a twin of `base` (a WanDiT without LoRA): the reference loader."""
+    from diffusers import WanPipeline
+    twin = diffusers_twin(base.cfg)
+    twin.load_state_dict(to_diffusers_state_dict(base.state_dict()), strict=True)
+    return WanPipeline(tokenizer=None, text_encoder=None, vae=None, scheduler=None, transformer=twin)
+
+
+def twin(model):
+    other = WanDiT(model.cfg, state_cond=False)
+    other.load_state_dict(model.state_dict())
+    return other
+
+
+def trained_lora_model(seed=0):
+    model = randomize(WanDiT(WanConfig.tiny()), seed=seed)
+    add_lora(model, rank=4, alpha=4)
+    for m in lora_modules(model):
+        torch.nn.init.normal_(m.lora_B.weight, std=0.05)
+    return model
+
+
+def write_lora(fmt, lora, path, alpha):
+    """The same adapters as another tool writes them."""
+    from safetensors.torch import save_file
+    if fmt == 'diffusers':   # diffusers' own writer, with its PEFT metadata (r, lora_alpha)
+        from diffusers import WanPipeline
+        layers = to_diffusers_state_dict({f'{name}.lora_{p}.weight': w for name, (A, B) in lora.items()
+                                          for p, w in (('A', A), ('B', B))})   # blocks.0.attn1.to_q.lora_A.weight
+        WanPipeline.save_lora_weights(path.parent, transformer_lora_layers=layers, weight_name=path.name,
+                                      transformer_lora_adapter_metadata=dict(r=4, lora_alpha=alpha, target_modules=[
+                                          'to_q', 'to_k', 'to_v', 'to_out.0', 'ffn.net.0.proj', 'ffn.net.2']))
+        return
+    sd = {}
+    for name, (A, B) in lora.items():
+        if fmt == 'comfyui':
+            sd.update({f'diffusion_model.{name}.lora_down.weight': A, f'diffusion_model.{name}.lora_up.weight': B,
+                       f'diffusion_model.{name}.alpha': torch.tensor(float(alpha))})
+        elif fmt == 'musubi':
+            k = 'lora_unet_' + name.replace('.', '_')
+            sd.update({f'{k}.lora_down.weight': A, f'{k}.lora_up.weight': B, f'{k}.alpha': torch.tensor(float(alpha))})
+        elif fmt == 'diffsynth':
+            sd.update({f'{name}.lora_A.default.weight': A, f'{name}.lora_B.default.weight': B})
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
+
+
+def effective_weight(model, name):
+    """The weight a linear applies: W merged, or W + B A alpha / rank with adapters."""
+    m = model.get_submodule(name)
+    return m.weight + m.delta() if lora_modules(model) and not m.merged else m.weight.clone()
+
+
+def tiny_run_model(rank):
+    """The DiT train_sampling.py builds for --train_mode=lora: zero-initialised adapters of `rank`."""
+    return build_model(model='tiny', pretrained='', train_mode='lora', lora_rank=rank, lora_alpha=rank, init_seed=0,
+                       device='cpu', dtype=torch.float32, tiny={})
+
+
+def test_save_and_load_trainable_roundtrip(tmp_path):
+    cfg = WanConfig.tiny()
+    base = randomize(WanDiT(cfg, state_cond=False)).state_dict()
+    model = WanDiT(cfg)
+    model.load_state_dict(base, strict=False)
+    add_lora(model, rank=4, alpha=4)
+    randomize(model.state_embedder, seed=3)
+    for m in lora_modules(model):
+        torch.nn.init.normal_(m.lora_B.weight, std=0.01)
+    save_trainable(model, tmp_path / 'lora.safetensors')
+
+    fresh = WanDiT(cfg)
+    fresh.load_state_dict(base, strict=False)
+    load_trainable(fresh, tmp_path / 'lora.safetensors')          # adds rank-4 LoRA from the metadata
+    assert 'blocks.0.self_attn.q.lora_A.weight' in trainable_state_dict(fresh)
+    assert 'blocks.1.ffn.2.lora_B.weight' in trainable_state_dict(fresh)
+    assert not any(k.endswith('q.weight') for k in trainable_state_dict(fresh))
+    x, t_BL, context, states = inputs(cfg)
+    with torch.no_grad():
+        assert torch.equal(fresh(x, t_BL, context, states), model(x, t_BL, context, states))
+
+
+def test_exported_lora_loads_in_diffusers_with_the_output_of_our_merged_model(tmp_path):
+    cfg = WanConfig.tiny()
+    model = randomize(WanDiT(cfg, state_cond=False))
+    base = WanDiT(cfg, state_cond=False)
+    base.load_state_dict(model.state_dict())
+    add_lora(model, rank=4, alpha=8)                       # alpha != rank: the scale 2 must survive
+    for m in lora_modules(model):
+        torch.nn.init.normal_(m.lora_B.weight, std=0.05)
+    assert [p.name for p in export_lora(model, tmp_path)] == ['lora.safetensors']   # no state embedder here
+    pipe = diffusers_pipe(base)
+    pipe.load_lora_weights(str(tmp_path), weight_name='lora.safetensors')          # as a user calls it
+    x, t_BL, context, _ = inputs(cfg)
+    with torch.no_grad():
+        merge_lora(model)
+        ours, want, plain = model(x, t_BL, context), pipe.transformer(x, t_BL, context).sample, base(x, t_BL, context)
+    assert (ours - plain).abs().max() > 1e-2          # the LoRA changes the output
+    assert (ours - want).abs().max() < 1e-4
+
+
+def test_exported_lora_has_comfyui_keys_and_needs_no_alpha_to_apply(tmp_path):
+    from safetensors.torch import load_file
+    cfg = WanConfig.tiny()
+    model = randomize(WanDiT(cfg))
+    add_lora(model, rank=4, alpha=8)
+    for m in lora_modules(model):
+        torch.nn.init.normal_(m.lora_B.weight, std=0.05)
+    export_lora(model, tmp_path)
+    sd = load_file(str(tmp_path / 'lora.safetensors'))
+    assert len(sd) == 3 * 10 * cfg.num_layers
+    m = model.blocks[1].cross_attn.o
+    key = 'diffusion_model.blocks.1.cross_attn.o'
+    assert sd[f'{key}.alpha'].item() == 4.0              # alpha = rank: scale 1 whoever reads it...
+    delta = sd[f'{key}.lora_B.weight'] @ sd[f'{key}.lora_A.weight']
+    assert torch.allclose(delta, m.delta(), atol=1e-6)   # ...so B @ A alone (DiffSynth) is the update
+    assert set(load_file(str(tmp_path / 'state_embedder.safetensors'))) == {
+        k for k in model.state_dict() if k.startswith('state_embedder.')}
+
+
+def test_export_command_and_load_lora_round_trip_a_checkpoint(tmp_path):
+    cfg = WanConfig.tiny()
+    model = randomize(WanDiT(cfg))
+    add_lora(model, rank=4, alpha=2)
+    randomize(model.state_embedder, seed=3)
+    for m in lora_modules(model):
+        torch.nn.init.normal_(m.lora_B.weight, std=0.05)
+    base = {k: v for k, v in model.state_dict().items() if '.lora_' not in k and not k.startswith('state_embedder.')}
+    ckpt = dict(kind='sampling', trainable={n: p.detach() for n, p in model.named_parameters() if p.requires_grad},
+                config=dict(lora_rank=4, lora_alpha=2))   # as train_sampling.py writes it
+    torch.save(ckpt, tmp_path / 'ckpt.pt')
+    lora_files_main(['export', '--ckpt', str(tmp_path / 'ckpt.pt')])   # python -m machinery.lora_files export --ckpt ...
+    fresh = WanDiT(cfg)
+    fresh.load_state_dict(base, strict=False)
+    load_lora(fresh, tmp_path)                   # the folder: lora.safetensors + state_embedder.safetensors
+    x, t_BL, context, states = inputs(cfg)
+    with torch.no_grad():
+        assert (fresh(x, t_BL, context, states) - model(x, t_BL, context, states)).abs().max() < 1e-5
+
+
+def test_step_numbered_exports_keep_the_newest_and_lora_safetensors_is_the_latest(tmp_path):
+    from safetensors.torch import load_file
+    model = trained_lora_model()
+    for step in (100, 200, 300, 400):
+        with torch.no_grad():
+            model.blocks[0].ffn[0].lora_B.weight.fill_(step)
+        written = export_lora(model, tmp_path, step=step, keep_last=2)
+    assert [p.name for p in written] == ['lora_step0000400.safetensors', 'lora.safetensors',
+                                         'state_embedder_step0000400.safetensors', 'state_embedder.safetensors']
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        'lora.safetensors', 'lora_step0000300.safetensors', 'lora_step0000400.safetensors',
+        'state_embedder.safetensors', 'state_embedder_step0000300.safetensors',
+        'state_embedder_step0000400.safetensors']
+    key = 'diffusion_model.blocks.0.ffn.0.lora_B.weight'
+    assert load_file(str(tmp_path / 'lora.safetensors'))[key].unique().tolist() == [400.0]
+    assert load_file(str(tmp_path / 'lora_step0000300.safetensors'))[key].unique().tolist() == [300.0]
+    export_lora(model, tmp_path, step=50, keep_last=1)   # a run started over here: later steps are left alone
+    assert (tmp_path / 'lora_step0000400.safetensors').exists() and (tmp_path / 'lora_step0000050.safetensors').exists()
+    with pytest.raises(ValueError, match='keep_last=0: a count >= 1'):
+        export_lora(model, tmp_path, step=500, keep_last=0)
+
+
+def test_exported_files_get_the_mode_of_ckpt_pt(tmp_path):
+    old = os.umask(0o027)   # a shared machine's umask: group may read
+    try:
+        written = export_lora(trained_lora_model(), tmp_path)
+        torch.save({}, tmp_path / 'ckpt.pt')   # checkpoints.save_checkpoint writes ckpt.pt with torch.save
+    finally:
+        os.umask(old)
+    assert {stat.S_IMODE(p.stat().st_mode) for p in written} == {stat.S_IMODE((tmp_path / 'ckpt.pt').stat().st_mode)} \
+        == {0o640}
+    assert not list(tmp_path.glob('*.tmp'))
+
+
+def test_export_command_refuses_to_replace_lora_files_unless_overwrite(tmp_path, capsys):
+    model = trained_lora_model()
+    ckpt = dict(kind='sampling', trainable={n: p.detach() for n, p in model.named_parameters() if p.requires_grad},
+                config=dict(lora_rank=4, lora_alpha=4))
+    torch.save(ckpt, tmp_path / 'ckpt_best.pt')
+    export_lora(trained_lora_model(seed=1), tmp_path)   # the run's latest export, already there
+    latest = (tmp_path / 'lora.safetensors').read_bytes()
+    with pytest.raises(SystemExit, match=r'lora.safetensors exists: pass --out with another folder, or --overwrite'):
+        lora_files_main(['export', '--ckpt', str(tmp_path / 'ckpt_best.pt')])
+    assert (tmp_path / 'lora.safetensors').read_bytes() == latest
+    lora_files_main(['export', '--ckpt', str(tmp_path / 'ckpt_best.pt'), '--out', str(tmp_path / 'best')])
+    lora_files_main(['export', '--ckpt', str(tmp_path / 'ckpt_best.pt'), '--overwrite'])
+    replaced = (tmp_path / 'lora.safetensors').read_bytes()
+    assert replaced == (tmp_path / 'best' / 'lora.safetensors').read_bytes() and replaced != latest
+
+
+def test_a_full_disk_during_a_lora_export_is_one_sentence_and_leaves_no_tmp(tmp_path, monkeypatch):
+    from machinery.lora_files import save_atomic
+    path = tmp_path / 'lora.safetensors'
+    save_atomic({'w': torch.ones(2)}, path)
+    real_replace = os.replace
+
+    def full_disk(src, dst):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(os, 'replace', full_disk)
+    with pytest.raises(SystemExit, match=r'could not write .*lora.safetensors \(No space left on device\): free space'):
+        save_atomic({'w': torch.zeros(2)}, path)
+    monkeypatch.setattr(os, 'replace', real_replace)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['lora.safetensors']
+    from safetensors.torch import load_file
+    assert torch.equal(load_file(str(path))['w'], torch.ones(2))
+
+
+@pytest.mark.parametrize('fmt', ['comfyui', 'diffusers', 'musubi', 'diffsynth'])
+def test_load_lora_reads_each_common_format_as_its_tool_applies_it(tmp_path, fmt):
+    cfg = WanConfig.tiny()
+    base = randomize(WanDiT(cfg, state_cond=False))
+    lora = random_lora(cfg)
+    write_lora(fmt, lora, tmp_path / 'file.safetensors', alpha=8)
+    x, t_BL, context, _ = inputs(cfg)
+    if fmt == 'diffsynth':   # DiffSynth's GeneralLoRALoader: W += B @ A (no alpha)
+        ref = WanDiT(cfg, state_cond=False)
+        ref.load_state_dict(base.state_dict())
+        with torch.no_grad():
+            for name, (A, B) in lora.items():
+                ref.get_submodule(name).weight += B @ A
+            want = ref(x, t_BL, context)
+    else:                    # diffusers' own loader reads the other three (scale 8 / 4)
+        pipe = diffusers_pipe(base)
+        pipe.load_lora_weights(str(tmp_path), weight_name='file.safetensors')
+        with torch.no_grad():
+            want = pipe.transformer(x, t_BL, context).sample
+    model = WanDiT(cfg, state_cond=False)
+    model.load_state_dict(base.state_dict())
+    load_lora(model, tmp_path / 'file.safetensors')             # as trainable adapters of the file's rank
+    assert {m.rank for m in lora_modules(model)} == {4} and len(lora_modules(model)) == 10 * cfg.num_layers
+    merged = WanDiT(cfg, state_cond=False)
+    merged.load_state_dict(base.state_dict())
+    load_lora(merged, tmp_path / 'file.safetensors', merge=True)  # into the base weights
+    with torch.no_grad():
+        got, got_merged, plain = model(x, t_BL, context), merged(x, t_BL, context), base(x, t_BL, context)
+    assert (want - plain).abs().max() > 1e-2
+    assert (got - want).abs().max() < 1e-4
+    assert (got_merged - want).abs().max() < 1e-4
+
+
+def test_load_lora_checks_the_whole_file_first_and_leaves_the_model_unchanged_when_it_does_not_fit(tmp_path):
+    from safetensors.torch import save_file
+    cfg = WanConfig.tiny()
+    lora = random_lora(cfg)
+    model = randomize(WanDiT(cfg, state_cond=False))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def comfy(lora, **extra):
+        sd = {f'diffusion_model.{n}.lora_{p}.weight': w for n, (A, B) in lora.items() for p, w in (('A', A), ('B', B))}
+        return {**sd, **extra}
+    bad = {'wider': (comfy({**lora, 'blocks.0.ffn.0': (torch.zeros(4, cfg.dim + 1), lora['blocks.0.ffn.0'][1])}),
+                     r'blocks.0.ffn.0 has A \(4, 65\) .* linear maps 64 -> 128: the LoRA is for another model'),
+           'nan': (comfy({**lora, 'blocks.1.self_attn.o': (lora['blocks.1.self_attn.o'][0], torch.full((64, 4), math.nan))}),
+                   'blocks.1.self_attn.o.lora_B.weight holds NaN or inf'),
+           'twice': (comfy(lora, **{'blocks.0.self_attn.q.lora_A.default.weight': lora['blocks.0.self_attn.q'][0]}),
+                     'blocks.0.self_attn.q has its A twice .* mixes two LoRA formats'),
+           'ranks': (comfy(lora, **{'diffusion_model.blocks.0.self_attn.k.lora_B.weight': torch.zeros(64, 3)}),
+                     'must be \\[rank, in\\] and B \\[out, rank\\]')}
+    for name, (sd, message) in bad.items():
+        save_file({k: v.clone() for k, v in sd.items()}, str(tmp_path / f'{name}.safetensors'))
+        for merge in (False, True):
+            with pytest.raises(ValueError, match=message):
+                load_lora(model, tmp_path / f'{name}.safetensors', merge=merge)
+    (tmp_path / 'text.safetensors').write_text('not a LoRA')
+    with pytest.raises(ValueError, match='not a readable safetensors LoRA file'):
+        load_lora(model, tmp_path / 'text.safetensors')
+    assert not lora_modules(model) and all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_lora_alpha_is_read_as_each_tool_reads_it(tmp_path):
+    from safetensors.torch import save_file
+    cfg = WanConfig.tiny()
+    lora = random_lora(cfg)   # rank 4
+    for fmt, alpha, scale in (('musubi', 0, 1.0), ('musubi', 8, 2.0), ('comfyui', 0, 0.0), ('diffsynth', None, 1.0)):
+        write_lora(fmt, lora, tmp_path / 'file.safetensors', alpha=alpha)   # kohya, musubi: alpha 0 means rank
+        assert {s for _, _, s in read_lora(tmp_path / 'file.safetensors', cfg.num_layers).values()} == {scale}, fmt
+    # PEFT metadata: lora_alpha, overridden per module by alpha_pattern (diffusers names)
+    sd = {f'transformer.{k}': v.contiguous() for k, v in to_diffusers_state_dict(
+        {f'{n}.lora_{p}.weight': w for n, (A, B) in lora.items() for p, w in (('A', A), ('B', B))}).items()}
+    meta = dict(r=4, lora_alpha=8, alpha_pattern={'attn1.to_q': 2})
+    save_file(sd, str(tmp_path / 'peft.safetensors'), metadata={'lora_adapter_metadata': json.dumps(meta)})
+    scales = {n: s for n, (_, _, s) in read_lora(tmp_path / 'peft.safetensors', cfg.num_layers).items()}
+    assert scales['blocks.0.self_attn.q'] == scales['blocks.1.self_attn.q'] == 0.5
+    assert {s for n, s in scales.items() if not n.endswith('self_attn.q')} == {2.0}
+
+
+def test_legacy_diffusers_naming_loads_to_the_update_of_the_same_weights_in_peft_naming(tmp_path):
+    cfg = WanConfig.tiny()
+    lora = random_lora(cfg)   # rank 4
+    legacy = save_lora(tmp_path / 'legacy.safetensors', lora, 'legacy')
+    peft = save_lora(tmp_path / 'peft.safetensors', lora, 'peft')
+    with open(legacy, 'rb') as f:   # the file really holds the legacy names
+        assert b'transformer.blocks.0.attn1.to_q.lora.down.weight' in f.read(20000)
+    got, want = read_lora(legacy, cfg.num_layers), read_lora(peft, cfg.num_layers)
+    assert len(got) == len(want) == 10 * cfg.num_layers
+    for name, (A, B, scale) in want.items():
+        assert torch.equal(got[name][0], A) and torch.equal(got[name][1], B) and got[name][2] == scale == 1.0
+    base = randomize(WanDiT(cfg, state_cond=False))
+    model = load_lora(twin(base), legacy)
+    pipe = diffusers_pipe(base)   # diffusers maps .lora.down -> .lora_A itself: the reference
+    pipe.load_lora_weights(str(tmp_path), weight_name='legacy.safetensors')
+    x, t_BL, context, _ = inputs(cfg)
+    with torch.no_grad():
+        ours, ref, plain = model(x, t_BL, context), pipe.transformer(x, t_BL, context).sample, base(x, t_BL, context)
+    assert (ref - plain).abs().max() > 1e-2
+    assert (ours - ref).abs().max() < 1e-4
+
+
+def test_legacy_naming_reads_alpha_tensors_as_comfyui_does(tmp_path):
+    from safetensors.torch import load_file, save_file
+    cfg = WanConfig.tiny()
+    path = save_lora(tmp_path / 'legacy.safetensors', random_lora(cfg), 'legacy')
+    sd = load_file(str(path))
+    sd.update({k.replace('.lora.down.weight', '.alpha'): torch.tensor(8.0) for k in list(sd) if 'lora.down' in k})
+    save_file(sd, str(path))
+    assert {s for _, _, s in read_lora(path, cfg.num_layers).values()} == {2.0}   # alpha 8 / rank 4
+
+
+@pytest.mark.parametrize('merge', [False, True], ids=['adapters', 'merged'])
+def test_lora_scale_0_is_the_base_model_and_0_5_halves_the_update(tmp_path, merge):
+    cfg = WanConfig.tiny()
+    path = save_lora(tmp_path / 'peft.safetensors', random_lora(cfg), 'peft')
+    base = randomize(WanDiT(cfg, state_cond=False))
+    x, t_BL, context, _ = inputs(cfg)
+    with torch.no_grad():
+        off = load_lora(twin(base), path, merge=merge, scale=0.0)
+        assert torch.equal(off(x, t_BL, context), base(x, t_BL, context))
+        update = {s: effective_weight(load_lora(twin(base), path, merge=merge, scale=s), 'blocks.1.ffn.2')
+                  - base.blocks[1].ffn[2].weight for s in (0.5, 1.0)}
+    assert update[1.0].abs().max() > 1e-2
+    assert torch.allclose(update[0.5], update[1.0] / 2, atol=1e-6)
+    with pytest.raises(ValueError, match='LoRA scale nan: a finite number'):
+        load_lora(twin(base), path, merge=merge, scale=float('nan'))
+
+
+def test_init_lora_makes_the_files_update_the_trainable_adapters_of_a_new_run(tmp_path):
+    cfg = WanConfig.tiny()
+    lora = random_lora(cfg)   # rank 4
+    path = save_lora(tmp_path / 'peft.safetensors', lora, 'peft',
+                     metadata={'lora_adapter_metadata': json.dumps(dict(r=4, lora_alpha=8))})   # scale 2
+    model = randomize(tiny_run_model(rank=4))   # a pretrained base (a random one's zero head passes no gradient)
+    for m in lora_modules(model):
+        torch.nn.init.zeros_(m.lora_B.weight)   # a new run's adapters: B = 0
+    base = {k: v.clone() for k, v in model.state_dict().items() if '.lora_' not in k}
+    load_lora(model, path)
+    m = model.blocks[0].self_attn.q
+    assert m.scale == 1.0                                       # the run's alpha / rank stays
+    assert torch.allclose(m.delta(), lora['blocks.0.self_attn.q'][1] @ lora['blocks.0.self_attn.q'][0] * 2.0, atol=1e-6)
+    assert all(torch.equal(v, base[k]) for k, v in model.state_dict().items() if k in base)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert len([n for n in trainable if '.lora_' in n]) == 2 * 10 * cfg.num_layers
+    assert all('.lora_' in n or n.startswith('state_embedder.') for n in trainable)
+    # a step of training moves the loaded adapters
+    x, t_BL, context, states = inputs(cfg)
+    model(x, t_BL, context, states).square().mean().backward()
+    assert m.lora_B.weight.grad.abs().max() > 0
+
+
+def test_init_lora_of_another_rank_is_refused_with_the_rank_to_pass(tmp_path):
+    cfg = WanConfig.tiny()
+    path = save_lora(tmp_path / 'peft.safetensors', random_lora(cfg, rank=4), 'peft')
+    model = tiny_run_model(rank=8)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r'adapters of rank 4, the model\'s of rank 8: .*--lora_rank=4'):
+        load_lora(model, path)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+# ===============================================================================================
+# machinery/synthetic_tokens.py: the compression track's synthetic world
+# ===============================================================================================
+
+
+def test_synthetic_world_is_deterministic_and_its_floor_is_exact(tmp_path, synthetic_dir):
+    synthetic_tokens.write_synthetic(str(tmp_path), seed=0)
+    for f in ('train_v2.0/videos/video_1.bin', 'train_v2.0/robot_states/states_1.bin', 'val_v2.0/video_0.bin'):
+        assert (tmp_path / f).read_bytes() == open(os.path.join(synthetic_dir, f), 'rb').read()
+    ds = data.TokenDataset(os.path.join(synthetic_dir, 'train_v2.0'), vocab_size=1000)
+    world = ds.metadata['synthetic']
+    sums, lags = torch.zeros(3), []
+    for j in range(0, len(ds), 48):  # chunks of 8 samples: the oracle logits are 8 x 3072 x 1000
+        z, s = (torch.stack(x) for x in zip(*[ds[i] for i in range(j, min(j + 48, len(ds)), 6)]))
+        target = z[:, 3:].reshape(-1)
+        oracle = synthetic_tokens.synthetic_oracle_logits(z, s, world).reshape(-1, 1000)
+        blind = synthetic_tokens.synthetic_oracle_logits(z, s, world, use_states=False).reshape(-1, 1000)
+        sums += torch.tensor([F.cross_entropy(oracle, target, reduction='sum'), cross_entropy_topk(oracle, target).sum(),
+                              F.cross_entropy(blind, target, reduction='sum')]) / 1024
+        lags.append(s[:, -34:, synthetic_tokens.LAG_DIM][:, [data.grid_frames(g)[0] for g in (3, 4, 5)]])
+    lags = torch.cat(lags)
+    full, topk, blind = (sums / lags.numel()).tolist()
+    # the closed form equals the metric applied to the Bayes predictor, given the fraction of
+    # new places in these samples (their tokens are many, the grids few: the fraction is noisy)
+    p_new = (lags == 0).float().mean().item()
+    every_lag = torch.stack([ds[i][1][-34:, synthetic_tokens.LAG_DIM][[17, 18, 26]] for i in range(len(ds))])
+    assert (every_lag == 0).float().mean().item() == pytest.approx(synthetic_tokens.SYNTHETIC_P_NEW, abs=0.03)  # 8/27
+    floors = synthetic_tokens.synthetic_floors(world['vocab'], world['eps'], p_new=p_new)
+    assert full == pytest.approx(floors['full'], abs=0.01)
+    assert topk == pytest.approx(floors['topk'], abs=0.02)
+    # ignoring the states costs most of a nat: the states are needed
+    assert blind > floors['full'] + 0.4
+
+
+def test_synthetic_writer_redoes_an_unfinished_set_and_refuses_other_settings(tmp_path):
+    small = dict(train_shards=1, train_frames=340, val_frames=340)
+    synthetic_tokens.write_synthetic(str(tmp_path), **small)
+    video = tmp_path / 'val_v2.0' / 'video_0.bin'
+    good = video.read_bytes()
+    # interrupted: a half-written split and no synthetic.json -> written again, not reused
+    (tmp_path / 'synthetic.json').unlink()
+    video.write_bytes(good[:100])
+    (tmp_path / 'train_v2.0.partial').mkdir()
+    synthetic_tokens.write_synthetic(str(tmp_path), **small)
+    assert video.read_bytes() == good and not (tmp_path / 'train_v2.0.partial').exists()
+    with pytest.raises(SystemExit, match='other settings \\(vocab=1000 on disk, 2000 asked for\\)'):
+        synthetic_tokens.write_synthetic(str(tmp_path), vocab=2000, **small)
+    (tmp_path / 'synthetic.json').write_text('{"settings": {"seed"')
+    with pytest.raises(ValueError, match='synthetic.json is not valid JSON'):
+        synthetic_tokens.write_synthetic(str(tmp_path), **small)
+
+
+# ===============================================================================================
+# machinery/synthetic_video.py: the sampling track's synthetic world
+# ===============================================================================================
+
+
+def test_synthetic_raw_is_deterministic_readable_and_follows_states(tmp_path):
+    for name, seed in (('a', 3), ('b', 3), ('c', 4)):
+        synthetic_video.write_synthetic_raw(tmp_path / name, num_shards=1, frames_per_shard=300, size=SIZE, seed=seed)
+    a, b, c = (data.RawShard(tmp_path / n, 0) for n in 'abc')
+    assert np.array_equal(a.states_ND, b.states_ND) and np.array_equal(a.segment_N, b.segment_N)
+    assert np.array_equal(a.read_frames(0, 77), b.read_frames(0, 77))
+    assert not np.array_equal(a.states_ND, c.states_ND)
+    starts = a.clip_starts(stride=10)
+    assert starts and all(len(set(a.segment_N[s:s + 77])) == 1 for s in starts)
+    assert all(len(set(a.segment_N[s:s + 77])) > 1 for s in range(300 - 76) if s not in a.clip_starts(stride=1))
+    frames_THWC, states_TD = a.read_clip(starts[0])
+    assert frames_THWC.shape == (21, SIZE, SIZE, 3) and states_TD.shape == (21, 25)
+    assert np.array_equal(frames_THWC[20], a.read_frames(starts[0] + 76, 1)[0])
+    assert np.array_equal(states_TD[20], a.states_ND[starts[0] + 76])
+    # the picture is a function of the states: moving an arm joint moves its disc
+    tex = synthetic_video._texture(np.random.default_rng(0), SIZE * 3 // 2)
+    s = np.zeros(25, np.float32)
+    moved = s.copy()
+    moved[6] = 0.8
+    assert np.abs(synthetic_video.render_synthetic_frame(tex, s, SIZE).astype(int) - synthetic_video.render_synthetic_frame(tex, moved, SIZE)).sum() > 0
+
+
+def test_synthetic_world_redraws_the_recorded_frame_and_draws_counterfactual_futures(tmp_path):
+    synthetic_video.write_synthetic_raw(tmp_path / 'val', num_shards=2, frames_per_shard=300, size=SIZE, seed=5, flat=True)
+    shard = data.RawShard(tmp_path / 'val', 1)
+    start = shard.clip_starts()[0]
+    frames_THWC, states_TD = shard.read_clip(start)
+    redrawn = synthetic_video.synthetic_frame(tmp_path / 'val', 1, start + data.TARGET_FRAME, states_TD[-1])
+    assert np.abs(redrawn.astype(int) - frames_THWC[-1]).max() <= 2   # the recorded frame, up to the codec's rounding
+    swung = synthetic_video.arms_swing_across(states_TD)
+    assert np.array_equal(swung[:data.NUM_CONTEXT_FRAMES], states_TD[:data.NUM_CONTEXT_FRAMES])   # context untouched
+    others = [j for j in range(25) if j not in synthetic_video.SYNTHETIC_ARM_X]
+    assert np.all(swung[data.NUM_CONTEXT_FRAMES:, others] == states_TD[data.NUM_CONTEXT_FRAMES - 1, others])   # still
+    for j in synthetic_video.SYNTHETIC_ARM_X:   # each arm ends on the far side of where it was
+        assert swung[-1, j] == pytest.approx(-0.8 if states_TD[data.NUM_CONTEXT_FRAMES - 1, j] >= 0 else 0.8)
+    counterfactual = synthetic_video.synthetic_frame(tmp_path / 'val', 1, start + data.TARGET_FRAME, swung[-1])
+    assert np.abs(counterfactual.astype(int) - redrawn).max() > 100   # the arm discs moved
+    synthetic_video.write_synthetic_raw(tmp_path / 'other', num_shards=1, frames_per_shard=300, size=SIZE, seed=6, flat=True)
+    meta = json.loads((tmp_path / 'other' / 'metadata.json').read_text())
+    del meta['synthetic']
+    (tmp_path / 'other' / 'metadata.json').write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match='not a synthetic split'):
+        synthetic_video.synthetic_frame(tmp_path / 'other', 0, 100, states_TD[-1])
+
+
+def test_writing_the_synthetic_raw_set_keeps_an_encoding_of_other_data(tmp_path):
+    out = tmp_path / 'data'
+    other = out / 'latents_wan' / 'train_v2.0_raw'   # the encoding of a real split whose videos were deleted
+    other.mkdir(parents=True)
+    (other / 'encoding.json').write_text('{"clips": 1}')
+    unrelated = out / 'latents_pixel' / 'my_split'
+    unrelated.mkdir(parents=True)
+    (unrelated / 'latents_0.safetensors').write_text('x')
+    with pytest.raises(SystemExit, match=re.escape(f"{other} holds an encoding of other train_v2.0_raw data: refusing")):
+        synthetic_video.write_synthetic_raw_set(out, train_shards=1, frames=100, size=SIZE)
+    assert (other / 'encoding.json').read_text() == '{"clips": 1}'
+    shutil.rmtree(out / 'latents_wan')
+    assert synthetic_video.write_synthetic_raw_set(out, train_shards=1, frames=100, size=SIZE)
+    assert (unrelated / 'latents_0.safetensors').read_text() == 'x'
+
+
+def test_an_encoding_of_an_unfinished_synthetic_set_is_written_again(tmp_path):
+    out = tmp_path / 'data'
+    synthetic_video.write_synthetic_raw_set(out, train_shards=1, frames=100, size=SIZE)
+    (out / 'synthetic.json').unlink()   # interrupted: its encoding is of data written again below
+    stale = out / 'latents_pixel' / 'train_v2.0_raw'
+    stale.mkdir(parents=True)
+    assert synthetic_video.write_synthetic_raw_set(out, train_shards=1, frames=100, size=SIZE)
+    assert not stale.exists() and (out / 'latents_pixel').exists()
+
+
+# ===============================================================================================
+# machinery/own_clips.py: your own clips in the raw 1X layout
+# ===============================================================================================
+
+
+def write_clip(folder, name, frames=80, size=32, state_width=25, state_rows=None, seed=0):
+    """NAME.mp4 (frame k: a gradient shifted by k, so frames are told apart) + NAME.npy states."""
+    import av
+    folder.mkdir(parents=True, exist_ok=True)
+    g = np.random.default_rng(seed)
+    video = np.empty((frames, size, size, 3), dtype=np.uint8)
+    ramp = np.add.outer(np.arange(size), np.arange(size)) * 4
+    for k in range(frames):
+        video[k] = ((ramp + 3 * k + 40 * seed)[..., None] + np.array([0, 60, 120])) % 256
+    with av.open(str(folder / f'{name}.mp4'), 'w') as container:
+        stream = container.add_stream('libx264', rate=30)
+        stream.width = stream.height = size
+        stream.pix_fmt, stream.options = 'yuv444p', {'crf': '0'}
+        for frame in video:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format='rgb24')))
+        container.mux(stream.encode())
+    states = g.standard_normal((state_rows or frames, state_width)).astype(np.float32)
+    np.save(folder / f'{name}.npy', states)
+    return video, states
+
+
+def test_own_clips_become_the_raw_layout_that_the_sampling_reader_reads(tmp_path, capsys):
+    import data
+    from machinery import own_clips
+    clips = {name: write_clip(tmp_path / 'clips', name, frames=80 + 10 * i, seed=i)
+             for i, name in enumerate(('arm_a', 'arm_b', 'arm_c'))}
+    own_clips.main(['--clips', str(tmp_path / 'clips'), '--out', str(tmp_path / 'mine'), '--size', '32', '--crf', '0'])
+    assert 'train on it: python train_sampling.py --data_dir=' in capsys.readouterr().out
+    train, val = tmp_path / 'mine' / 'train_v2.0_raw', tmp_path / 'mine' / 'val_v2.0_raw'
+    assert data.raw_split_is_whole(train) and data.raw_split_is_whole(val)
+    assert (train / 'videos' / 'video_1.mp4').exists() and (val / 'video_0.mp4').exists()   # nested / flat
+    assert json.loads((train / 'metadata.json').read_text()) == dict(num_shards=2, query=None, hz=30, num_images=170)
+    assert json.loads((val / 'metadata_0.json').read_text()) == dict(shard_num_frames=100, shard_ind=0,
+                                                                     source='arm_c.mp4')
+    for split, names in ((train, ('arm_a', 'arm_b')), (val, ('arm_c',))):
+        ds = data.RawClips(str(split), stride=1, frame_size=(32, 32))
+        for shard, name in enumerate(names):
+            video, states = clips[name]
+            starts = [s for i, s in ds.items if i == shard]
+            assert starts == list(range(len(states) - 76))                 # one segment: every window is a clip
+            item = ds[ds.items.index((shard, starts[-1]))]
+            idx = np.array(data.clip_frame_indices()) + starts[-1]
+            assert np.array_equal(item['states_TD'].numpy(), states[idx])
+            diff = np.abs(item['frames_THWC'].numpy().astype(int) - video[idx].astype(int))
+            assert diff.max() <= 3, f"{name}: frames differ by {diff.max()}"   # yuv444p round-off only
+
+
+@pytest.mark.parametrize('case, message', [
+    ('lengths', r'b.mp4 has 80 frames but .*b.npy 79 state rows: one row per frame'),
+    ('width', r'b.npy: states of shape \(80, 24\), expected \(frames, 25\)'),
+    ('size', r'b.mp4: frames are 48x48 \(height x width\), expected 32x32 \(--size'),
+    ('no_states', r'b.mp4 has no b.npy'),
+    ('no_video', r'b.npy has no b.mp4'),
+    ('nan', r'b.npy: robot states hold nan at row \(frame\) 5, column 3'),
+    ('short', r'b.npy: 40 frames; a training clip needs 77')])
+def test_own_clips_stop_before_writing_and_name_the_file_and_what_is_expected(tmp_path, case, message):
+    from machinery import own_clips
+    clips = tmp_path / 'clips'
+    write_clip(clips, 'a')
+    write_clip(clips, 'c', seed=2)
+    kw = dict(lengths=dict(state_rows=79), width=dict(state_width=24), size=dict(size=48), short=dict(frames=40))
+    write_clip(clips, 'b', seed=1, **kw.get(case, {}))
+    if case == 'no_states':
+        (clips / 'b.npy').unlink()
+    if case == 'no_video':
+        (clips / 'b.mp4').unlink()
+    if case == 'nan':
+        states = np.load(clips / 'b.npy')
+        states[5, 3] = np.nan
+        np.save(clips / 'b.npy', states)
+    with pytest.raises(SystemExit, match=message):
+        own_clips.main(['--clips', str(clips), '--out', str(tmp_path / 'mine'), '--size', '32'])
+    assert not (tmp_path / 'mine').exists() or not any((tmp_path / 'mine').iterdir())
+
+
+@pytest.mark.slow
+def test_own_clips_train_with_train_sampling_as_the_converter_says(tmp_path):
+    from machinery import own_clips
+    for i, name in enumerate(('a', 'b', 'c')):
+        write_clip(tmp_path / 'clips', name, frames=120, seed=i)
+    own_clips.main(['--clips', str(tmp_path / 'clips'), '--out', str(tmp_path / 'mine'), '--size', '32'])
+    out = run_script('train_sampling.py', f'--data_dir={tmp_path / "mine"}', f'--out_dir={tmp_path / "run"}',
+                     '--dim=32', '--num_layers=1', '--num_heads=2', '--ffn_dim=64', '--batch_size=2',
+                     '--global_batch_size=2', '--max_iters=1', '--eval_clips=1', '--eval_ensemble=2', '--eval_steps=2',
+                     cwd=tmp_path)
+    assert '12 training clips (train_v2.0_raw, a window every 8 frames)' in out   # 2 videos x 6 windows of 120 frames
+    assert (tmp_path / 'run' / 'ckpt.pt').exists()
+
+
+@pytest.mark.slow
+def test_prepare_own_clips_writes_a_folder_train_sampling_trains_on(tmp_path):
+    for i, name in enumerate(('a', 'b', 'c')):
+        write_clip(tmp_path / 'clips', name, frames=120, seed=i)
+    said = run_script('machinery.prepare', 'own_clips', '--clips', str(tmp_path / 'clips'), '--out', str(tmp_path / 'mine'),
+                      '--size', '32', cwd=tmp_path)
+    assert f'train on it: python train_sampling.py --data_dir={tmp_path / "mine"}' in said
+    out = run_script('train_sampling.py', f'--data_dir={tmp_path / "mine"}', f'--out_dir={tmp_path / "run"}',
+                     *(f'--{k}={v}' for k, v in WAN_TINY.items()), '--batch_size=2', '--global_batch_size=2',
+                     '--max_iters=2', *VAL, cwd=tmp_path)
+    assert '12 training clips (train_v2.0_raw, a window every 8 frames)' in out   # 2 videos x 6 windows of 120 frames
+    assert [r['step'] for r in read_log(tmp_path / 'run')] == [1, 2]
+
+
+# ===============================================================================================
+# machinery/pictures.py: labelled frame grids and GIFs
 # ===============================================================================================
 
 
@@ -2601,437 +3924,9 @@ def test_save_gif_writes_21_looping_frames_with_both_clips(tmp_path):
 
 
 # ===============================================================================================
-# wan_files.py: LoRA files in (legacy naming, strength, continuing training) and out (history)
+# machinery/image_scores.py: LPIPS and FID against the reference packages
 # ===============================================================================================
 
-def save_lora(path, lora, naming, metadata=None):
-    """The same adapters under diffusers' current (PEFT) or legacy key names."""
-    from safetensors.torch import save_file
-    part = {'peft': ('lora_A', 'lora_B'), 'legacy': ('lora.down', 'lora.up')}[naming]
-    sd = {f'transformer.{k}': v.contiguous() for k, v in to_diffusers_state_dict(
-        {f'{n}.{p}.weight': w for n, (A, B) in lora.items() for p, w in zip(part, (A, B))}).items()}
-    save_file(sd, str(path), metadata=metadata)
-    return path
-
-
-def twin(model):
-    other = WanDiT(model.cfg, state_cond=False)
-    other.load_state_dict(model.state_dict())
-    return other
-
-
-def test_legacy_diffusers_naming_loads_to_the_update_of_the_same_weights_in_peft_naming(tmp_path):
-    cfg = WanConfig.tiny()
-    lora = random_lora(cfg)   # rank 4
-    legacy = save_lora(tmp_path / 'legacy.safetensors', lora, 'legacy')
-    peft = save_lora(tmp_path / 'peft.safetensors', lora, 'peft')
-    with open(legacy, 'rb') as f:   # the file really holds the legacy names
-        assert b'transformer.blocks.0.attn1.to_q.lora.down.weight' in f.read(20000)
-    got, want = read_lora(legacy, cfg.num_layers), read_lora(peft, cfg.num_layers)
-    assert len(got) == len(want) == 10 * cfg.num_layers
-    for name, (A, B, scale) in want.items():
-        assert torch.equal(got[name][0], A) and torch.equal(got[name][1], B) and got[name][2] == scale == 1.0
-    base = randomize(WanDiT(cfg, state_cond=False))
-    model = load_lora(twin(base), legacy)
-    pipe = diffusers_pipe(base)   # diffusers maps .lora.down -> .lora_A itself: the reference
-    pipe.load_lora_weights(str(tmp_path), weight_name='legacy.safetensors')
-    x, t_BL, context, _ = inputs(cfg)
-    with torch.no_grad():
-        ours, ref, plain = model(x, t_BL, context), pipe.transformer(x, t_BL, context).sample, base(x, t_BL, context)
-    assert (ref - plain).abs().max() > 1e-2
-    assert (ours - ref).abs().max() < 1e-4
-
-
-def test_legacy_naming_reads_alpha_tensors_as_comfyui_does(tmp_path):
-    from safetensors.torch import load_file, save_file
-    cfg = WanConfig.tiny()
-    path = save_lora(tmp_path / 'legacy.safetensors', random_lora(cfg), 'legacy')
-    sd = load_file(str(path))
-    sd.update({k.replace('.lora.down.weight', '.alpha'): torch.tensor(8.0) for k in list(sd) if 'lora.down' in k})
-    save_file(sd, str(path))
-    assert {s for _, _, s in read_lora(path, cfg.num_layers).values()} == {2.0}   # alpha 8 / rank 4
-
-
-def effective_weight(model, name):
-    """The weight a linear applies: W merged, or W + B A alpha / rank with adapters."""
-    m = model.get_submodule(name)
-    return m.weight + m.delta() if lora_modules(model) and not m.merged else m.weight.clone()
-
-
-@pytest.mark.parametrize('merge', [False, True], ids=['adapters', 'merged'])
-def test_lora_scale_0_is_the_base_model_and_0_5_halves_the_update(tmp_path, merge):
-    cfg = WanConfig.tiny()
-    path = save_lora(tmp_path / 'peft.safetensors', random_lora(cfg), 'peft')
-    base = randomize(WanDiT(cfg, state_cond=False))
-    x, t_BL, context, _ = inputs(cfg)
-    with torch.no_grad():
-        off = load_lora(twin(base), path, merge=merge, scale=0.0)
-        assert torch.equal(off(x, t_BL, context), base(x, t_BL, context))
-        update = {s: effective_weight(load_lora(twin(base), path, merge=merge, scale=s), 'blocks.1.ffn.2')
-                  - base.blocks[1].ffn[2].weight for s in (0.5, 1.0)}
-    assert update[1.0].abs().max() > 1e-2
-    assert torch.allclose(update[0.5], update[1.0] / 2, atol=1e-6)
-    with pytest.raises(ValueError, match='LoRA scale nan: a finite number'):
-        load_lora(twin(base), path, merge=merge, scale=float('nan'))
-
-
-def tiny_run_model(rank):
-    """The DiT train_sampling.py builds for --train_mode=lora: zero-initialised adapters of `rank`."""
-    return build_model(model='tiny', pretrained='', train_mode='lora', lora_rank=rank, lora_alpha=rank, init_seed=0,
-                       device='cpu', dtype=torch.float32, tiny={})
-
-
-def test_init_lora_makes_the_files_update_the_trainable_adapters_of_a_new_run(tmp_path):
-    cfg = WanConfig.tiny()
-    lora = random_lora(cfg)   # rank 4
-    path = save_lora(tmp_path / 'peft.safetensors', lora, 'peft',
-                     metadata={'lora_adapter_metadata': json.dumps(dict(r=4, lora_alpha=8))})   # scale 2
-    model = randomize(tiny_run_model(rank=4))   # a pretrained base (a random one's zero head passes no gradient)
-    for m in lora_modules(model):
-        torch.nn.init.zeros_(m.lora_B.weight)   # a new run's adapters: B = 0
-    base = {k: v.clone() for k, v in model.state_dict().items() if '.lora_' not in k}
-    load_lora(model, path)
-    m = model.blocks[0].self_attn.q
-    assert m.scale == 1.0                                       # the run's alpha / rank stays
-    assert torch.allclose(m.delta(), lora['blocks.0.self_attn.q'][1] @ lora['blocks.0.self_attn.q'][0] * 2.0, atol=1e-6)
-    assert all(torch.equal(v, base[k]) for k, v in model.state_dict().items() if k in base)
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert len([n for n in trainable if '.lora_' in n]) == 2 * 10 * cfg.num_layers
-    assert all('.lora_' in n or n.startswith('state_embedder.') for n in trainable)
-    # a step of training moves the loaded adapters
-    x, t_BL, context, states = inputs(cfg)
-    model(x, t_BL, context, states).square().mean().backward()
-    assert m.lora_B.weight.grad.abs().max() > 0
-
-
-def test_init_lora_of_another_rank_is_refused_with_the_rank_to_pass(tmp_path):
-    cfg = WanConfig.tiny()
-    path = save_lora(tmp_path / 'peft.safetensors', random_lora(cfg, rank=4), 'peft')
-    model = tiny_run_model(rank=8)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(ValueError, match=r'adapters of rank 4, the model\'s of rank 8: .*--lora_rank=4'):
-        load_lora(model, path)
-    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
-
-
-def trained_lora_model(seed=0):
-    model = randomize(WanDiT(WanConfig.tiny()), seed=seed)
-    add_lora(model, rank=4, alpha=4)
-    for m in lora_modules(model):
-        torch.nn.init.normal_(m.lora_B.weight, std=0.05)
-    return model
-
-
-def test_step_numbered_exports_keep_the_newest_and_lora_safetensors_is_the_latest(tmp_path):
-    from safetensors.torch import load_file
-    model = trained_lora_model()
-    for step in (100, 200, 300, 400):
-        with torch.no_grad():
-            model.blocks[0].ffn[0].lora_B.weight.fill_(step)
-        written = export_lora(model, tmp_path, step=step, keep_last=2)
-    assert [p.name for p in written] == ['lora_step0000400.safetensors', 'lora.safetensors',
-                                         'state_embedder_step0000400.safetensors', 'state_embedder.safetensors']
-    assert sorted(p.name for p in tmp_path.iterdir()) == [
-        'lora.safetensors', 'lora_step0000300.safetensors', 'lora_step0000400.safetensors',
-        'state_embedder.safetensors', 'state_embedder_step0000300.safetensors',
-        'state_embedder_step0000400.safetensors']
-    key = 'diffusion_model.blocks.0.ffn.0.lora_B.weight'
-    assert load_file(str(tmp_path / 'lora.safetensors'))[key].unique().tolist() == [400.0]
-    assert load_file(str(tmp_path / 'lora_step0000300.safetensors'))[key].unique().tolist() == [300.0]
-    export_lora(model, tmp_path, step=50, keep_last=1)   # a run started over here: later steps are left alone
-    assert (tmp_path / 'lora_step0000400.safetensors').exists() and (tmp_path / 'lora_step0000050.safetensors').exists()
-    with pytest.raises(ValueError, match='keep_last=0: a count >= 1'):
-        export_lora(model, tmp_path, step=500, keep_last=0)
-
-
-def test_exported_files_get_the_mode_of_ckpt_pt(tmp_path):
-    old = os.umask(0o027)   # a shared machine's umask: group may read
-    try:
-        written = export_lora(trained_lora_model(), tmp_path)
-        torch.save({}, tmp_path / 'ckpt.pt')   # checkpoints.save_checkpoint writes ckpt.pt with torch.save
-    finally:
-        os.umask(old)
-    assert {stat.S_IMODE(p.stat().st_mode) for p in written} == {stat.S_IMODE((tmp_path / 'ckpt.pt').stat().st_mode)} \
-        == {0o640}
-    assert not list(tmp_path.glob('*.tmp'))
-
-
-def test_export_command_refuses_to_replace_lora_files_unless_overwrite(tmp_path, capsys):
-    model = trained_lora_model()
-    ckpt = dict(kind='sampling', trainable={n: p.detach() for n, p in model.named_parameters() if p.requires_grad},
-                config=dict(lora_rank=4, lora_alpha=4))
-    torch.save(ckpt, tmp_path / 'ckpt_best.pt')
-    export_lora(trained_lora_model(seed=1), tmp_path)   # the run's latest export, already there
-    latest = (tmp_path / 'lora.safetensors').read_bytes()
-    with pytest.raises(SystemExit, match=r'lora.safetensors exists: pass --out with another folder, or --overwrite'):
-        wan_files_main(['export', '--ckpt', str(tmp_path / 'ckpt_best.pt')])
-    assert (tmp_path / 'lora.safetensors').read_bytes() == latest
-    wan_files_main(['export', '--ckpt', str(tmp_path / 'ckpt_best.pt'), '--out', str(tmp_path / 'best')])
-    wan_files_main(['export', '--ckpt', str(tmp_path / 'ckpt_best.pt'), '--overwrite'])
-    replaced = (tmp_path / 'lora.safetensors').read_bytes()
-    assert replaced == (tmp_path / 'best' / 'lora.safetensors').read_bytes() and replaced != latest
-
-
-# ===============================================================================================
-# wan_files.py: Hub downloads that keep one copy
-# ===============================================================================================
-
-def test_hub_download_into_models_dir_keeps_one_plain_copy_in_the_official_layout(tmp_path, monkeypatch, capsys):
-    import huggingface_hub
-    cfg = WanConfig.tiny()
-    src = randomize(WanDiT(cfg, state_cond=False))
-    calls = []
-
-    def fake_snapshot_download(repo_id, allow_patterns=None, local_dir=None, **kw):   # the Hub, offline
-        calls.append(dict(repo_id=repo_id, allow_patterns=allow_patterns, local_dir=local_dir))
-        write_official_checkpoint(src, Path(local_dir or tmp_path / 'hub_cache' / 'snapshot'))
-        return str(local_dir or tmp_path / 'hub_cache' / 'snapshot')
-    monkeypatch.setattr(huggingface_hub, 'snapshot_download', fake_snapshot_download)
-    monkeypatch.setenv('NANOWM_MODELS_DIR', str(tmp_path / 'models'))
-    loaded = load_dit('Wan-AI/Wan2.2-TI2V-5B', state_cond=False, r_dim=cfg.r_dim)
-    assert calls == [dict(repo_id='Wan-AI/Wan2.2-TI2V-5B', local_dir=tmp_path / 'models' / 'Wan2.2-TI2V-5B',
-                          allow_patterns=['config.json', 'diffusion_pytorch_model*', 'transformer/*'])]
-    assert 'into ' + str(tmp_path / 'models' / 'Wan2.2-TI2V-5B') in capsys.readouterr().out
-    assert not (tmp_path / 'hub_cache').exists()                       # one copy: no Hub cache beside it
-    files = list((tmp_path / 'models' / 'Wan2.2-TI2V-5B').iterdir())
-    assert len(files) == 4 and not any(p.is_symlink() for p in files)
-    x, t_BL, context, _ = inputs(cfg)
-    with torch.no_grad():
-        assert torch.equal(loaded(x, t_BL, context), src(x, t_BL, context))
-    # the folder then serves as it is (no download), and without NANOWM_MODELS_DIR the Hub cache is used
-    assert resolve(tmp_path / 'models' / 'Wan2.2-TI2V-5B', ['*']) == tmp_path / 'models' / 'Wan2.2-TI2V-5B'
-    monkeypatch.delenv('NANOWM_MODELS_DIR')
-    assert resolve('Wan-AI/Wan2.2-TI2V-5B', ['config.json']) == tmp_path / 'hub_cache' / 'snapshot'
-    assert len(calls) == 2 and calls[1]['local_dir'] is None
-
-
-# ===============================================================================================
-# configurator.py: suggestions and a --help in sections
-# ===============================================================================================
-
-FAKE_SCRIPT = '''"""A training script."""
-preset = 'cpu'              # which preset
-# -- data --
-data_dir = ''               # where the data is
-batch_size = 4              # samples per step
-                            # (per process)
-# -- training --
-learning_rate = 1e-3        # the step size
-max_iters = 10              # optimizer steps
-# -- logging --
-wandb_log = False           # also log to W&B
-# -- setup (after configure) --
-batch_size = int(batch_size)
-'''
-
-
-def fake_script(tmp_path, text):
-    path = tmp_path / 'train_fake.py'
-    path.write_text(text)
-    config = {'__file__': str(path), '__doc__': 'A training script.'}
-    exec(compile(text, str(path), 'exec'), config)
-    return config
-
-
-def help_text(config, capsys, module=configurator):
-    with pytest.raises(SystemExit) as stop:
-        module.configure(config, argv=['--help'], presets={'cpu': {}})
-    assert stop.value.code == 0
-    return capsys.readouterr().out
-
-
-def test_an_unknown_flag_suggests_the_nearest_setting(tmp_path):
-    config = fake_script(tmp_path, FAKE_SCRIPT)
-    for typed, meant in (('learning_rte', 'learning_rate'), ('batchsize', 'batch_size'), ('max_iter', 'max_iters')):
-        with pytest.raises(SystemExit, match=f'unknown setting --{typed}; did you mean --{meant}\\?'):
-            configurator.configure(dict(config), argv=[f'--{typed}=1'], presets={'cpu': {}})
-    with pytest.raises(SystemExit, match='unknown setting --zzz; known settings: batch_size, data_dir, '):
-        configurator.configure(dict(config), argv=['--zzz=1'], presets={'cpu': {}})
-
-
-def test_help_groups_the_settings_under_their_section_markers(tmp_path, capsys):
-    out = help_text(fake_script(tmp_path, FAKE_SCRIPT), capsys)
-    body = out.split('settings (default, then what it is):\n')[1].splitlines()
-    assert [line.split()[0] for line in body if line] == [
-        '--preset', 'data:', '--data_dir', '--batch_size', 'training:', '--learning_rate', '--max_iters',
-        'logging:', '--wandb_log']
-    assert body[1] == '' and body[2] == 'data:'                      # a blank line before each title
-    assert 'samples per step (per process)' in out                  # comments continue as before
-
-
-def test_help_of_a_script_without_markers_is_one_flat_list(tmp_path, capsys):
-    text = '\n'.join(line for line in FAKE_SCRIPT.splitlines() if not line.startswith('# --'))
-    out = help_text(fake_script(tmp_path, text), capsys)
-    assert out.split('settings (default, then what it is):\n')[1] == (
-        "  --preset         'cpu'         which preset\n"
-        "  --data_dir       ''            where the data is\n"
-        "  --batch_size     4             samples per step (per process)\n"
-        "  --learning_rate  0.001         the step size\n"
-        "  --max_iters      10            optimizer steps\n"
-        "  --wandb_log      False         also log to W&B\n")
-
-
-# ===============================================================================================
-# own_clips.py: a user's own videos and states -> the raw 1X layout
-# ===============================================================================================
-
-def write_clip(folder, name, frames=80, size=32, state_width=25, state_rows=None, seed=0):
-    """NAME.mp4 (frame k: a gradient shifted by k, so frames are told apart) + NAME.npy states."""
-    import av
-    folder.mkdir(parents=True, exist_ok=True)
-    g = np.random.default_rng(seed)
-    video = np.empty((frames, size, size, 3), dtype=np.uint8)
-    ramp = np.add.outer(np.arange(size), np.arange(size)) * 4
-    for k in range(frames):
-        video[k] = ((ramp + 3 * k + 40 * seed)[..., None] + np.array([0, 60, 120])) % 256
-    with av.open(str(folder / f'{name}.mp4'), 'w') as container:
-        stream = container.add_stream('libx264', rate=30)
-        stream.width = stream.height = size
-        stream.pix_fmt, stream.options = 'yuv444p', {'crf': '0'}
-        for frame in video:
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format='rgb24')))
-        container.mux(stream.encode())
-    states = g.standard_normal((state_rows or frames, state_width)).astype(np.float32)
-    np.save(folder / f'{name}.npy', states)
-    return video, states
-
-
-def test_own_clips_become_the_raw_layout_that_the_sampling_reader_reads(tmp_path, capsys):
-    import data
-    from machinery import own_clips
-    clips = {name: write_clip(tmp_path / 'clips', name, frames=80 + 10 * i, seed=i)
-             for i, name in enumerate(('arm_a', 'arm_b', 'arm_c'))}
-    own_clips.main(['--clips', str(tmp_path / 'clips'), '--out', str(tmp_path / 'mine'), '--size', '32', '--crf', '0'])
-    assert 'train on it: python train_sampling.py --data_dir=' in capsys.readouterr().out
-    train, val = tmp_path / 'mine' / 'train_v2.0_raw', tmp_path / 'mine' / 'val_v2.0_raw'
-    assert data.raw_split_is_whole(train) and data.raw_split_is_whole(val)
-    assert (train / 'videos' / 'video_1.mp4').exists() and (val / 'video_0.mp4').exists()   # nested / flat
-    assert json.loads((train / 'metadata.json').read_text()) == dict(num_shards=2, query=None, hz=30, num_images=170)
-    assert json.loads((val / 'metadata_0.json').read_text()) == dict(shard_num_frames=100, shard_ind=0,
-                                                                     source='arm_c.mp4')
-    for split, names in ((train, ('arm_a', 'arm_b')), (val, ('arm_c',))):
-        ds = data.RawClips(str(split), stride=1, frame_size=(32, 32))
-        for shard, name in enumerate(names):
-            video, states = clips[name]
-            starts = [s for i, s in ds.items if i == shard]
-            assert starts == list(range(len(states) - 76))                 # one segment: every window is a clip
-            item = ds[ds.items.index((shard, starts[-1]))]
-            idx = np.array(data.clip_frame_indices()) + starts[-1]
-            assert np.array_equal(item['states_TD'].numpy(), states[idx])
-            diff = np.abs(item['frames_THWC'].numpy().astype(int) - video[idx].astype(int))
-            assert diff.max() <= 3, f"{name}: frames differ by {diff.max()}"   # yuv444p round-off only
-
-
-@pytest.mark.parametrize('case, message', [
-    ('lengths', r'b.mp4 has 80 frames but .*b.npy 79 state rows: one row per frame'),
-    ('width', r'b.npy: states of shape \(80, 24\), expected \(frames, 25\)'),
-    ('size', r'b.mp4: frames are 48x48 \(height x width\), expected 32x32 \(--size'),
-    ('no_states', r'b.mp4 has no b.npy'),
-    ('no_video', r'b.npy has no b.mp4'),
-    ('nan', r'b.npy: robot states hold nan at row \(frame\) 5, column 3'),
-    ('short', r'b.npy: 40 frames; a training clip needs 77')])
-def test_own_clips_stop_before_writing_and_name_the_file_and_what_is_expected(tmp_path, case, message):
-    from machinery import own_clips
-    clips = tmp_path / 'clips'
-    write_clip(clips, 'a')
-    write_clip(clips, 'c', seed=2)
-    kw = dict(lengths=dict(state_rows=79), width=dict(state_width=24), size=dict(size=48), short=dict(frames=40))
-    write_clip(clips, 'b', seed=1, **kw.get(case, {}))
-    if case == 'no_states':
-        (clips / 'b.npy').unlink()
-    if case == 'no_video':
-        (clips / 'b.mp4').unlink()
-    if case == 'nan':
-        states = np.load(clips / 'b.npy')
-        states[5, 3] = np.nan
-        np.save(clips / 'b.npy', states)
-    with pytest.raises(SystemExit, match=message):
-        own_clips.main(['--clips', str(clips), '--out', str(tmp_path / 'mine'), '--size', '32'])
-    assert not (tmp_path / 'mine').exists() or not any((tmp_path / 'mine').iterdir())
-
-
-
-@pytest.mark.slow
-def test_own_clips_train_with_train_sampling_as_the_converter_says(tmp_path):
-    from machinery import own_clips
-    for i, name in enumerate(('a', 'b', 'c')):
-        write_clip(tmp_path / 'clips', name, frames=120, seed=i)
-    own_clips.main(['--clips', str(tmp_path / 'clips'), '--out', str(tmp_path / 'mine'), '--size', '32'])
-    out = run_script('train_sampling.py', f'--data_dir={tmp_path / "mine"}', f'--out_dir={tmp_path / "run"}',
-                     '--dim=32', '--num_layers=1', '--num_heads=2', '--ffn_dim=64', '--batch_size=2',
-                     '--global_batch_size=2', '--max_iters=1', '--eval_clips=1', '--eval_ensemble=2', '--eval_steps=2',
-                     cwd=tmp_path)
-    assert '12 training clips (train_v2.0_raw, a window every 8 frames)' in out   # 2 videos x 6 windows of 120 frames
-    assert (tmp_path / 'run' / 'ckpt.pt').exists()
-
-# ===============================================================================================
-# distributed.py: a run over two nodes, simulated on one machine
-# ===============================================================================================
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(('localhost', 0))
-        return s.getsockname()[1]
-
-
-def run_on_two_nodes(*args, cwd):
-    """`torchrun --nnodes 2 --nproc_per_node 1 --rdzv_backend c10d --rdzv_endpoint HOST:PORT SCRIPT ...`
-    typed on two nodes, as a cluster runs it: here two launchers on one machine (gloo on the CPU),
-    which meet at the c10d rendezvous the first of them hosts. Returns node 0's output."""
-    port = free_port()
-    env = dict(os.environ, OMP_NUM_THREADS='1', CUDA_VISIBLE_DEVICES='')
-    nodes = [subprocess.Popen([sys.executable, '-m', 'torch.distributed.run', '--nnodes=2', '--nproc_per_node=1',
-                               f'--node_rank={rank}', '--rdzv_backend=c10d', f'--rdzv_endpoint=localhost:{port}',
-                               '--rdzv_id=two_nodes', '--rdzv_conf=join_timeout=120', '--max_restarts=0',
-                               os.path.join(REPO, args[0]), *args[1:]],
-                              cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for rank in (0, 1)]
-    deadline = time.time() + 300
-    while any(node.poll() is None for node in nodes) and time.time() < deadline:
-        if any(node.poll() not in (None, 0) for node in nodes):
-            break   # one node failed: the other would wait for it at torchrun's exit barrier for minutes
-        time.sleep(0.2)
-    for node in nodes:
-        if node.poll() is None:
-            node.kill()
-    outputs = [node.communicate() for node in nodes]
-    for node, (out, err) in zip(nodes, outputs):
-        assert node.returncode == 0, f"{' '.join(node.args)} failed:\n{out[-3000:]}\n{err[-3000:]}"
-    return outputs[0][0] + outputs[1][0]
-
-
-@pytest.mark.slow
-def test_compression_on_two_nodes_takes_the_step_of_one_process(tmp_path, synthetic_dir):
-    common = SMALL_RUN + [f'--data_dir={synthetic_dir}', '--max_iters=1', '--global_batch_size=4', '--batch_size=2']
-    run_script('train_compression.py', *common, f'--out_dir={tmp_path}/one', cwd=tmp_path)
-    out = run_on_two_nodes('train_compression.py', *common, f'--out_dir={tmp_path}/nodes', cwd=tmp_path)
-    assert '2 processes on 2 nodes' in out
-    one = torch.load(tmp_path / 'one' / 'ckpt.pt', weights_only=False)
-    nodes = torch.load(tmp_path / 'nodes' / 'ckpt.pt', weights_only=False)
-    for name, p in one['model'].items():   # equal up to fp32 summation order (as the one-node DDP test)
-        torch.testing.assert_close(nodes['model'][name], p, rtol=0, atol=1e-5)
-
-
-@pytest.mark.slow
-def test_sampling_on_two_nodes_takes_the_steps_of_one_process(raw_data, tmp_path):
-    run_script(*train_args(raw_data, tmp_path / 'one', '--max_iters=4'))
-    out = run_on_two_nodes(*train_args(raw_data, tmp_path / 'nodes', '--max_iters=4'), cwd=tmp_path)
-    assert '2 processes on 2 nodes' in out and '2 process(es) x batch 2 x 2 accumulation' in out
-    one, nodes = trained(tmp_path / 'one'), trained(tmp_path / 'nodes')
-    assert one['step'] == nodes['step'] == 4
-    for n, p in one['trainable'].items():   # tolerance as test_all.py's one-node DDP test
-        assert torch.allclose(p, nodes['trainable'][n], atol=1e-5, rtol=1e-4), n
-
-
-# ===============================================================================================
-# metrics.py and sample.py: LPIPS and FID (paper Table 2), sample.py --lora and --compile
-# ===============================================================================================
-
-def images(n, size=64, seed=0):
-    return np.random.RandomState(seed).randint(0, 256, (n, size, size, 3), dtype=np.uint8)
-
-
-# --- LPIPS ---------------------------------------------------------------------------------------
 
 def random_lpips():
     """LPIPS with a random AlexNet trunk (no download); the linear layers ship in the package."""
@@ -3040,6 +3935,28 @@ def random_lpips():
     with warnings.catch_warnings():   # lpips 0.1.4 asks torchvision for AlexNet the pre-0.13 way
         warnings.simplefilter('ignore', UserWarning)
         return lpips.LPIPS(net='alex', pnet_rand=True, verbose=False).eval().requires_grad_(False)
+
+
+def fid_by_sqrtm(a, b):
+    """The textbook FID with scipy's matrix square root of S_a S_b (pytorch-fid's route)."""
+    from scipy import linalg
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    covmean = linalg.sqrtm(cov_a @ cov_b).real
+    return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * np.trace(covmean))
+
+
+class RandomFeatures(torch.nn.Module):
+    """A stand-in for the Inception: uint8 NCHW images -> [N, 8] features, random fixed weights."""
+    num_features = 8
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(3, 8, 5, stride=2)
+
+    def forward(self, x):
+        return self.conv(x.float() / 255).relu().mean((2, 3)) * 10
 
 
 def test_lpips_equals_the_packages_own_call_on_the_same_random_alexnet():
@@ -3054,17 +3971,6 @@ def test_lpips_equals_the_packages_own_call_on_the_same_random_alexnet():
     theirs_float = float(net(*(torch.from_numpy(x).permute(2, 0, 1)[None].float() for x in (af, bf)), normalize=True))
     assert abs(lpips_distance(net, af, bf) - theirs_float) <= 1e-6 * theirs_float
     assert lpips_distance(net, a, a) == 0.0
-
-
-# --- FID -------------------------------------------------------------------------------------------
-
-def fid_by_sqrtm(a, b):
-    """The textbook FID with scipy's matrix square root of S_a S_b (pytorch-fid's route)."""
-    from scipy import linalg
-    mu_a, mu_b = a.mean(0), b.mean(0)
-    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    covmean = linalg.sqrtm(cov_a @ cov_b).real
-    return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * np.trace(covmean))
 
 
 def test_frechet_distance_agrees_with_scipy_sqrtm_and_with_torchmetrics():
@@ -3089,19 +3995,6 @@ def test_frechet_distance_agrees_with_scipy_sqrtm_and_with_torchmetrics():
         frechet_distance(a[:1], b)
 
 
-class RandomFeatures(torch.nn.Module):
-    """A stand-in for the Inception: uint8 NCHW images -> [N, 8] features, random fixed weights."""
-    num_features = 8
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.conv = torch.nn.Conv2d(3, 8, 5, stride=2)
-
-    def forward(self, x):
-        return self.conv(x.float() / 255).relu().mean((2, 3)) * 10
-
-
 def test_fid_of_image_sets_equals_torchmetrics_metric_on_the_same_random_backbone():
     pytest.importorskip('torchmetrics')
     from torchmetrics.image.fid import FrechetInceptionDistance
@@ -3113,15 +4006,6 @@ def test_fid_of_image_sets_equals_torchmetrics_metric_on_the_same_random_backbon
     metric.update(torch.from_numpy(truths).permute(0, 3, 1, 2), real=True)
     theirs = float(metric.compute())
     assert ours > 1.0 and abs(ours - theirs) < 1e-5 * theirs
-
-
-def no_downloads(monkeypatch, tmp_path):
-    """An empty weights cache and no way out: what a machine offline sees."""
-    monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'torch_home'))
-    for var in ('https_proxy', 'HTTPS_PROXY', 'http_proxy', 'HTTP_PROXY'):
-        monkeypatch.setenv(var, 'http://127.0.0.1:9')   # port 9 refuses: a download fails at once
-    for var in ('no_proxy', 'NO_PROXY'):
-        monkeypatch.delenv(var, raising=False)
 
 
 def test_missing_weights_name_the_file_and_where_to_put_it(monkeypatch, tmp_path):
@@ -3145,995 +4029,48 @@ def test_missing_weights_name_the_file_and_where_to_put_it(monkeypatch, tmp_path
     assert 'weights-inception-2015-12-05-6726825d.pth' in str(err.value) and folder in str(err.value)
 
 
-# --- sample.py -------------------------------------------------------------------------------------
-
-@pytest.mark.slow
-def test_sample_py_without_the_weights_prints_psnr_ssim_and_what_to_fetch(one_step_run, monkeypatch, tmp_path):
-    no_downloads(monkeypatch, tmp_path)   # run_script passes this environment to the script
-    results = tmp_path / 'samples'
-    out = run_script('sample.py', f'--out_dir={one_step_run}', f'--results_dir={results}', '--ensemble=2',
-                     '--steps=1', '--max_clips=2', '--gif=False')
-    header = next(line for line in out.splitlines() if line.startswith('prediction of frame 77'))
-    assert 'PSNR (dB)' in header and 'SSIM' in header and 'LPIPS' not in header and 'FID' not in header
-    assert 'ensemble of 2' in out
-    folder = f"{tmp_path / 'torch_home'}/hub/checkpoints/"
-    lines = [line for line in out.splitlines() if line.startswith('not computed: ')]
-    assert len(lines) == 2
-    assert "LPIPS needs torchvision's AlexNet weights" in lines[0] and 'alexnet-owt-7be5be79.pth' in lines[0]
-    assert "FID needs torch-fidelity's Inception weights" in lines[1] and 'weights-inception-2015-12-05' in lines[1]
-    assert all(folder in line for line in lines)
-    with open(results / 'metrics.csv') as f:
-        assert not any(k.startswith(('lpips', 'fid')) for k in next(csv.DictReader(f)))
+# ===============================================================================================
+# machinery/prepare.py: the data commands
+# ===============================================================================================
 
 
-def random_weights_in_the_cache(torch_home, monkeypatch):
-    """Random AlexNet and Inception weights under the file names the packages download to: a cached
-    file is loaded as it is, so sample.py takes its LPIPS / FID path offline (numbers of no meaning)."""
-    import torchvision
-    import torch_fidelity.feature_extractor_inceptionv3 as fidelity
-    folder = torch_home / 'hub' / 'checkpoints'
-    folder.mkdir(parents=True)
-    torch.manual_seed(0)
-    torch.save(torchvision.models.alexnet(weights=None).state_dict(), folder / 'alexnet-owt-7be5be79.pth')
-    with monkeypatch.context() as m:   # the Inception built with its random init, nothing loaded
-        m.setattr(fidelity, 'load_state_dict_from_url', lambda *args, **kwargs: {})
-        m.setattr(fidelity.FeatureExtractorInceptionV3, 'load_state_dict', lambda self, sd: None)
-        inception = fidelity.FeatureExtractorInceptionV3('inception-v3-compat', ['2048'])
-    torch.save(inception.state_dict(), folder / os.path.basename(fidelity.URL_INCEPTION_V3))
+def test_prepare_subcommand_help_shows_the_defaults(capsys):
+    with pytest.raises(SystemExit):
+        prepare.main(['encode_raw', '--help'])
+    out = ' '.join(capsys.readouterr().out.split())
+    assert '(default: pixel)' in out and '(default: 77)' in out and '(default: 8)' in out
+    assert '(default: None)' not in out   # a required option has no default to show
 
 
-@pytest.mark.slow
-def test_sample_py_with_the_weights_adds_lpips_per_clip_and_fid_over_the_clips(one_step_run, monkeypatch, tmp_path):
-    pytest.importorskip('lpips')
-    pytest.importorskip('torchmetrics')
-    no_downloads(monkeypatch, tmp_path)
-    random_weights_in_the_cache(tmp_path / 'torch_home', monkeypatch)
-    results = tmp_path / 'samples'
-    out = run_script('sample.py', f'--out_dir={one_step_run}', f'--results_dir={results}', '--ensemble=2',
-                     '--steps=1', '--max_clips=3', '--gif=False', '--ablation=False', '--blur=False')
-    lines = out.splitlines()
-    header = next(i for i, line in enumerate(lines) if line.startswith('prediction of frame 77'))
-    assert lines[header].split()[-6:] == ['(dB)', 'SSIM', 'LPIPS', 'FID', '(3', 'clips)']
-    for line in lines[header + 1:header + 4]:   # copy last, single sample, ensemble: 4 finite numbers each
-        values = [float(v) for v in line.split()[-4:]]
-        assert all(np.isfinite(values)) and values[2] >= 0 and values[3] >= 0, line
-    assert 'not computed' not in out
-    with open(results / 'metrics.csv') as f:
-        rows = list(csv.DictReader(f))
-    assert len(rows) == 3 and all(np.isfinite(float(r['lpips_ensemble_2'])) for r in rows)
-
-
-def scores(out_dir, *args):
-    run_script('sample.py', f'--out_dir={out_dir}', '--ensemble=2', '--steps=2', '--max_clips=1', '--gif=False',
-               '--lpips_fid=False', *args)
-    with open(out_dir / 'samples' / 'metrics.csv') as f:
-        row = next(csv.DictReader(f))
-    return {k: float(v) for k, v in row.items() if k.startswith(('psnr', 'ssim'))}
-
-
-def with_lora_B(src, dst, make_B):
-    """A copy of run src whose adapters' B are make_B(B) (the state weights as trained)."""
-    dst.mkdir()
-    ckpt = torch.load(src / 'ckpt.pt', weights_only=True)
-    ckpt['trainable'] = {n: make_B(p) if n.endswith('lora_B.weight') else p for n, p in ckpt['trainable'].items()}
-    torch.save(ckpt, dst / 'ckpt.pt')
-    return ckpt
-
-
-@pytest.mark.slow
-def test_sample_py_lora_at_scale_0_is_the_base_and_at_scale_1_the_run(raw_data, tmp_path):
-    # a LoRA run on a frozen base; alpha = rank, so the file's update is the run's bit for bit.
-    # Its B are drawn large (one training step moves them little), so that the LoRA changes the prediction.
-    base = write_official_checkpoint(randomize(WanDiT(WanConfig.tiny(**WAN_TINY), state_cond=False), std=0.1),
-                                     tmp_path / 'base')
-    run_script(*train_args(raw_data, tmp_path / 'trained', '--max_iters=1', f'--pretrained={base}',
-                           '--train_mode=lora', '--lora_rank=4', '--lora_alpha=4', '--text_encoder=zeros'))
-    g = torch.Generator().manual_seed(0)
-    run = with_lora_B(tmp_path / 'trained', tmp_path / 'run', lambda B: torch.randn(B.shape, generator=g))
-    with_lora_B(tmp_path / 'trained', tmp_path / 'no_lora', torch.zeros_like)   # the base + the state weights
-    export_lora(run['trainable'], tmp_path / 'exported', run['config']['lora_alpha'])
-    the_run, the_base = scores(tmp_path / 'run'), scores(tmp_path / 'no_lora')
-    assert abs(the_run['psnr_ensemble_2'] - the_base['psnr_ensemble_2']) > 0.01   # the LoRA matters
-    assert scores(tmp_path / 'run', f'--lora={tmp_path / "exported"}', '--lora_scale=0') == the_base
-    assert scores(tmp_path / 'no_lora', f'--lora={tmp_path / "exported"}', '--lora_scale=1') == the_run
-    # the file alone (no folder, so the run's own state weights) at its written strength: the run again
-    assert scores(tmp_path / 'no_lora', f'--lora={tmp_path / "exported" / "lora.safetensors"}') == the_run
-
-
-@pytest.mark.slow
-def test_sample_py_refuses_a_lora_scale_without_a_lora_and_a_lora_that_does_not_fit(one_step_run, tmp_path):
-    err = run_script('sample.py', f'--out_dir={one_step_run}', '--lora_scale=0.5', fails=True)
-    assert '--lora_scale=0.5 sets the strength of --lora' in err
-    (tmp_path / 'bad.safetensors').write_bytes(b'not a safetensors file')
-    err = run_script('sample.py', f'--out_dir={one_step_run}', f'--lora={tmp_path / "bad.safetensors"}', fails=True)
-    assert f'--lora={tmp_path / "bad.safetensors"}: ' in err and 'not a readable safetensors LoRA file' in err
-
-
-@pytest.mark.slow
-def test_sample_py_help_says_compile_is_on_with_cuda_and_off_on_the_cpu():
-    out = run_script('sample.py', '--help')
-    line = next(line for line in out.splitlines() if line.strip().startswith('--compile '))
-    assert 'True' in line and 'the DiT blocks on CUDA' in line and 'the CPU runs eager' in line
-    assert '--compile=False turns it off' in line
-    assert any(line.strip().startswith('--lora_scale ') and 'strength of --lora' in line for line in out.splitlines())
+def test_prepare_says_what_is_wrong_with_its_input_without_a_traceback(tmp_path):
+    (tmp_path / 'afile').write_text('')
+    with pytest.raises(SystemExit, match=r'^machinery\.prepare synthetic: .*afile'):
+        prepare.main(['synthetic', '--out', str(tmp_path / 'afile')])
+    with pytest.raises(SystemExit, match=r'^machinery\.prepare encode_raw: .*nowhere.*metadata\.json'):
+        prepare.main(['encode_raw', '--split', str(tmp_path / 'nowhere'), '--out', str(tmp_path / 'latents')])
 
 
 # ===============================================================================================
-# run_dir.py and both trainers: divergence, full disks, locks, --overwrite, the val split at start
+# machinery/bench.py: the benchmark
 # ===============================================================================================
-
-def save(out, step, value=1.0, metric=None):
-    checkpoints.save_checkpoint(str(out), dict(kind='compression', step=step, config={}, model=dict(w=torch.full((3,), value))),
-                            metric=metric)
-
-
-def step_of(path):
-    return torch.load(path, weights_only=True)['step']
-
-
-def feed(guard, losses, first_step=0):
-    for step, loss in enumerate(losses, first_step):
-        guard.check({'training loss': loss, 'gradient norm': 0.5}, step)
-
-
-# ---------------------------------------------------------------------------------------------
-# The divergence guard
-# ---------------------------------------------------------------------------------------------
-
-def test_a_loss_spike_stops_the_run_and_moves_the_checkpoint_it_came_from_aside(tmp_path):
-    save(tmp_path, 10)
-    save(tmp_path, 20, metric=0.5)   # the best so far, then its loss spikes
-    guard = run_dir.DivergenceGuard(str(tmp_path), spike=10.0)
-    feed(guard, [1.0 + 0.01 * (k % 3) for k in range(20)])
-    with pytest.raises(SystemExit) as stop:
-        guard.check({'training loss': 50.0, 'gradient norm': 0.5}, 21)   # step 21: the loss of the weights saved as step 20
-    message = str(stop.value)
-    assert 'step 21: the training loss spiked to 50, over 10 x 1.01 (the median of the last 20): stopping' in message
-    assert f"{tmp_path}/ckpt.pt and {tmp_path}/ckpt_prev.pt hold step 10, saved before the loss diverged at step 21" \
-        in message
-    assert (step_of(tmp_path / 'ckpt.pt'), step_of(tmp_path / 'ckpt_prev.pt')) == (10, 10)
-    assert step_of(tmp_path / 'ckpt_diverged.pt') == 20
-    assert not (tmp_path / 'ckpt_best.pt').exists() and not (tmp_path / 'best.json').exists()
-
-
-def test_a_spike_after_the_last_save_leaves_every_checkpoint_as_it_is(tmp_path):
-    save(tmp_path, 10)
-    save(tmp_path, 20)
-    before = {name: (tmp_path / name).read_bytes() for name in ('ckpt.pt', 'ckpt_prev.pt')}
-    guard = run_dir.DivergenceGuard(str(tmp_path), spike=10.0)
-    feed(guard, [2.0] * 25)
-    with pytest.raises(SystemExit, match=re.escape(f"{tmp_path}/ckpt.pt holds step 20, saved before the divergence "
-                                                   f"at step 25")):
-        guard.check({'training loss': 2e6, 'gradient norm': 0.5}, 25)
-    assert {name: (tmp_path / name).read_bytes() for name in before} == before
-    assert not (tmp_path / 'ckpt_diverged.pt').exists()
-
-
-def test_the_spike_rule_waits_for_20_losses_and_is_off_at_0(tmp_path):
-    warming = run_dir.DivergenceGuard(str(tmp_path), spike=10.0)
-    feed(warming, [1.0] * 19 + [11.0])   # the 20th loss: only 19 known before it
-    off = run_dir.DivergenceGuard(str(tmp_path), spike=0)
-    feed(off, [1.0] * 30 + [1e9])
-    falling = run_dir.DivergenceGuard(str(tmp_path), spike=10.0)
-    feed(falling, [7.0 * 0.9 ** k for k in range(150)])   # a falling loss never trips it
-    with pytest.raises(SystemExit, match='the training loss spiked to 10.5'):
-        feed(run_dir.DivergenceGuard(str(tmp_path), spike=10.0), [1.0] * 20 + [10.5])
-
-
-def test_a_nan_loss_also_moves_a_checkpoint_of_its_step_aside(tmp_path):
-    save(tmp_path, 3)
-    guard = run_dir.DivergenceGuard(str(tmp_path), spike=10.0)
-    with pytest.raises(SystemExit, match=re.escape("step 4: the training loss is nan: stopping. the checkpoint of "
-                                                   "step 3, whose loss diverged, was moved to")) as stop:
-        guard.check({'training loss': float('nan'), 'gradient norm': 0.5}, 4)   # the weights of step 3
-    assert 'no checkpoint from before step 3 exists' in str(stop.value)
-    assert not (tmp_path / 'ckpt.pt').exists() and step_of(tmp_path / 'ckpt_diverged.pt') == 3
-
-
-def test_weights_with_inf_are_never_saved_and_nothing_is_overwritten(tmp_path):
-    save(tmp_path, 1)
-    save(tmp_path, 2)
-    before = {name: (tmp_path / name).read_bytes() for name in ('ckpt.pt', 'ckpt_prev.pt')}
-    with pytest.raises(SystemExit, match=re.escape(f"step 3: model.w holds NaN or inf: stopping without saving. "
-                                                   f"{tmp_path}/ckpt.pt (step 2) is untouched")):
-        save(tmp_path, 3, value=float('inf'))
-    state = dict(kind='compression', step=3, config={}, model=dict(w=torch.ones(3)),
-                 optimizer=dict(state={0: dict(exp_avg_sq=torch.tensor([1.0, float('nan')]))}))
-    with pytest.raises(SystemExit, match='optimizer.state.0.exp_avg_sq holds NaN or inf'):
-        checkpoints.save_checkpoint(str(tmp_path), state)
-    assert {name: (tmp_path / name).read_bytes() for name in before} == before
-    assert sorted(os.listdir(tmp_path)) == ['ckpt.pt', 'ckpt_prev.pt']
 
 
 @pytest.mark.slow
-def test_compression_stops_at_a_finite_explosion_with_the_checkpoint_from_before_it(tmp_path, synthetic_dir):
-    out = tmp_path / 'run'
-    args = (f'--data_dir={synthetic_dir}', f'--out_dir={out}', '--max_iters=40', '--ckpt_interval=10',
-            '--eval_interval=1000')
-    run_compression(*args, '--stop_at=30', cwd=tmp_path)
-    state = torch.load(out / 'ckpt.pt', weights_only=True)   # an exploded but finite state as step 30
-    state['model'] = {k: v * 30 if v.is_floating_point() else v for k, v in state['model'].items()}
-    torch.save(state, out / 'ckpt.pt')
-    err = run_compression(*args, '--init_from=resume', cwd=tmp_path, fails=True)
-    assert re.search(r'step 31: the training loss spiked to [\d.e+]+, over 10 x [\d.]+ \(the median of the last 30\)',
-                     err), err[-2000:]
-    assert f'{out}/ckpt.pt and {out}/ckpt_prev.pt hold step 20, saved before the loss diverged at step 31' in err
-    assert (step_of(out / 'ckpt.pt'), step_of(out / 'ckpt_prev.pt'), step_of(out / 'ckpt_diverged.pt')) == (20, 20, 30)
-
-
-# ---------------------------------------------------------------------------------------------
-# Faults during a save; the lock
-# ---------------------------------------------------------------------------------------------
-
-@pytest.mark.parametrize('where', ['torch.save', 'os.replace'])
-def test_a_full_disk_during_a_save_is_one_sentence_and_leaves_no_tmp(tmp_path, monkeypatch, where):
-    save(tmp_path, 1)
-    before = (tmp_path / 'ckpt.pt').read_bytes()
-
-    def full(*args, **kwargs):
-        if where == 'torch.save':
-            open(args[1], 'wb').write(b'half a checkpoint')
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-    monkeypatch.setattr(checkpoints.torch if where == 'torch.save' else checkpoints.os, where.split('.')[1], full)
-    with pytest.raises(SystemExit, match=re.escape(f"could not save {tmp_path}/ckpt.pt (No space left on device): "
-                                                   f"free space")) as stop:
-        save(tmp_path, 2)
-    monkeypatch.undo()
-    assert f'{tmp_path}/ckpt.pt (step 1) is untouched' in str(stop.value)
-    assert (tmp_path / 'ckpt.pt').read_bytes() == before
-    assert not [n for n in os.listdir(tmp_path) if n.endswith('.tmp')]
-
-
-@pytest.mark.parametrize('content', ['garbage', '[1, 2]', '{"pid": "x", "host": 3}', '{"host": "h"}'])
-def test_a_malformed_lock_is_a_sentence_then_taken_over_once_stale(tmp_path, content):
-    out = tmp_path / 'run'
-    out.mkdir()
-    (out / 'run.lock').write_text(content)
-    with pytest.raises(SystemExit, match=r'in use by another run \(an unreadable lock file, not refreshed for a minute\)'):
-        run_dir.claim(str(out), resume=False)
-    old = time.time() - 120
-    os.utime(out / 'run.lock', (old, old))
-    run_dir.claim(str(out), resume=False)
-    assert json.loads((out / 'run.lock').read_text())['pid'] == os.getpid()
-    run_dir._release_lock(str(out / 'run.lock'), os.getpid())
-
-
-def test_the_lock_stays_fresh_while_a_long_preparation_runs(tmp_path, monkeypatch):
-    monkeypatch.setattr(run_dir, 'HEARTBEAT_S', 0.05)
-    monkeypatch.setattr(run_dir, 'LOCK_STALE_S', 0.5)
-    out = tmp_path / 'run'
-    run_dir.claim(str(out), resume=False)
-    lock = out / 'run.lock'
-    owner = json.loads(lock.read_text())
-    lock.write_text(json.dumps(dict(owner, host='another-host')))   # as a run on another host sees it
-    time.sleep(1.5)   # 3 x the staleness time without a log line or a save: a download, an encoding
-    stale, who = run_dir._lock_is_stale(str(lock))
-    assert not stale and time.time() - os.path.getmtime(lock) < 0.5, who
-    lock.write_text(json.dumps(owner))
-    run_dir._release_lock(str(lock), os.getpid())
-
-
-def test_overwrite_moves_the_earlier_runs_files_aside_and_says_so(tmp_path, capsys):
-    out = tmp_path / 'run'
-    out.mkdir()
-    run_files = ['best.json', 'ckpt.pt', 'ckpt_best.pt', 'ckpt_prev.pt', 'log.jsonl', 'lora.safetensors',
-                 'lora_step0000400.safetensors', 'state_embedder.safetensors', 'val']
-    for name in run_files:
-        (out / name).mkdir() if name == 'val' else (out / name).write_text(name)
-    (out / 'notes.txt').write_text('mine')
-    run_dir.claim(str(out), resume=False, overwrite=True)
-    run_dir._release_lock(str(out / 'run.lock'), os.getpid())
-    aside = [p for p in out.iterdir() if p.name.startswith('previous_')]
-    assert len(aside) == 1 and sorted(os.listdir(aside[0])) == run_files
-    assert sorted(os.listdir(out)) == ['notes.txt', aside[0].name]
-    assert (aside[0] / 'ckpt_best.pt').read_text() == 'ckpt_best.pt'
-    assert "--overwrite: moved the earlier run's files (best.json, ckpt.pt" in capsys.readouterr().out
-
-
-def test_every_log_line_has_its_time(tmp_path):
-    log = run_dir.RunLog(str(tmp_path))
-    before = time.time()
-    log.write(dict(step=0, loss=1.0))
-    record, = run_dir.read_log(str(tmp_path))
-    assert record['step'] == 0 and before - 1 <= record['time'] <= time.time() + 1
-
-
-# ---------------------------------------------------------------------------------------------
-# Data preparation touches only what it writes
-# ---------------------------------------------------------------------------------------------
-
-def test_writing_the_synthetic_raw_set_keeps_an_encoding_of_other_data(tmp_path):
-    out = tmp_path / 'data'
-    other = out / 'latents_wan' / 'train_v2.0_raw'   # the encoding of a real split whose videos were deleted
-    other.mkdir(parents=True)
-    (other / 'encoding.json').write_text('{"clips": 1}')
-    unrelated = out / 'latents_pixel' / 'my_split'
-    unrelated.mkdir(parents=True)
-    (unrelated / 'latents_0.safetensors').write_text('x')
-    with pytest.raises(SystemExit, match=re.escape(f"{other} holds an encoding of other train_v2.0_raw data: refusing")):
-        synthetic_video.write_synthetic_raw_set(out, train_shards=1, frames=100, size=SIZE)
-    assert (other / 'encoding.json').read_text() == '{"clips": 1}'
-    shutil.rmtree(out / 'latents_wan')
-    assert synthetic_video.write_synthetic_raw_set(out, train_shards=1, frames=100, size=SIZE)
-    assert (unrelated / 'latents_0.safetensors').read_text() == 'x'
-
-
-def test_an_encoding_of_an_unfinished_synthetic_set_is_written_again(tmp_path):
-    out = tmp_path / 'data'
-    synthetic_video.write_synthetic_raw_set(out, train_shards=1, frames=100, size=SIZE)
-    (out / 'synthetic.json').unlink()   # interrupted: its encoding is of data written again below
-    stale = out / 'latents_pixel' / 'train_v2.0_raw'
-    stale.mkdir(parents=True)
-    assert synthetic_video.write_synthetic_raw_set(out, train_shards=1, frames=100, size=SIZE)
-    assert not stale.exists() and (out / 'latents_pixel').exists()
-
-
-# ---------------------------------------------------------------------------------------------
-# The validation split is checked before the first step
-# ---------------------------------------------------------------------------------------------
-
-def test_a_token_outside_the_vocabulary_is_found_by_the_split_check(tmp_path, synthetic_dir):
-    bad = tmp_path / 'data'
-    shutil.copytree(synthetic_dir, bad)
-    tokens = np.fromfile(bad / 'val_v2.0' / 'video_0.bin', np.int32)
-    tokens[32 * 32 * 3 * 40 + 5] = 1000   # block 40
-    tokens.tofile(bad / 'val_v2.0' / 'video_0.bin')
-    ds = data.TokenDataset(str(bad / 'val_v2.0'), vocab_size=1000)
-    with pytest.raises(ValueError, match=r'video_0.bin: block 40 holds token 1000, outside the vocabulary \[0, 1000\)'):
-        ds.check_tokens(chunk=32 * 32 * 3 * 7)   # small chunks: the block number counts across them
-    data.TokenDataset(os.path.join(synthetic_dir, 'val_v2.0'), vocab_size=1000).check_tokens()
-
-
-@pytest.mark.slow
-def test_compression_reports_a_bad_val_token_before_the_first_step(tmp_path, synthetic_dir):
-    bad = tmp_path / 'data'
-    shutil.copytree(synthetic_dir, bad)
-    tokens = np.fromfile(bad / 'val_v2.0' / 'video_0.bin', np.int32)
-    tokens[-1] = 5000   # in the last block: the first validation (2 samples) never reads it
-    tokens.tofile(bad / 'val_v2.0' / 'video_0.bin')
-    err = run_compression(f'--data_dir={bad}', f'--out_dir={tmp_path}/run', '--max_iters=5', cwd=tmp_path, fails=True)
-    assert re.search(r'the validation split: .*val_v2.0/video_0.bin: block \d+ holds token 5000', err), err[-2000:]
-    assert not (tmp_path / 'run' / 'log.jsonl').exists()
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize('damage', ['truncated', 'resized'])
-def test_sampling_reports_a_damaged_val_video_before_the_first_step(raw_data, tmp_path, damage):
-    data_dir = tmp_path / 'data'
-    shutil.copytree(raw_data, data_dir, ignore=shutil.ignore_patterns('val_v2.0_raw'))
-    if damage == 'truncated':
-        shutil.copytree(raw_data / 'val_v2.0_raw', data_dir / 'val_v2.0_raw')
-        video = data_dir / 'val_v2.0_raw' / 'video_0.mp4'
-        video.write_bytes(video.read_bytes()[:len(video.read_bytes()) // 20])
-        said = r'video_0.mp4(: got \d+ frames from frame \d+, expected 77| cannot be decoded)'
-    else:
-        synthetic_video.write_synthetic_raw(data_dir / 'val_v2.0_raw', 1, 200, 2 * SIZE, seed=1, flat=True)
-        said = rf'video_0.mp4: frames are {2 * SIZE}x{2 * SIZE}, expected {SIZE}x{SIZE}'
-    err = run_script(*train_args(data_dir, tmp_path / 'run', '--max_iters=2'), cwd=tmp_path, fails=True)
-    assert re.search('the validation split: .*' + said, err), err[-2000:]
-    assert not (tmp_path / 'run' / 'log.jsonl').exists()
-
-
-def test_a_full_disk_during_a_lora_export_is_one_sentence_and_leaves_no_tmp(tmp_path, monkeypatch):
-    from machinery.wan_files import save_atomic
-    path = tmp_path / 'lora.safetensors'
-    save_atomic({'w': torch.ones(2)}, path)
-    real_replace = os.replace
-
-    def full_disk(src, dst):
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-    monkeypatch.setattr(os, 'replace', full_disk)
-    with pytest.raises(SystemExit, match=r'could not write .*lora.safetensors \(No space left on device\): free space'):
-        save_atomic({'w': torch.zeros(2)}, path)
-    monkeypatch.setattr(os, 'replace', real_replace)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ['lora.safetensors']
-    from safetensors.torch import load_file
-    assert torch.equal(load_file(str(path))['w'], torch.ones(2))
-
-
-# ===============================================================================================
-# speed: the explicit temporal attention, fewer kernels per block, regional compile without graph breaks
-# ===============================================================================================
-
-ST_CFG = STConfig(vocab_size=64, n_layer=1, n_head=2, n_embd=32, H=4, W=4, dropout=0.0)
-
-
-# --- the oracle: the ST block as it was written with SDPA, the residual moved between layouts ------
-
-def sdpa_attention(attn, x_BNC, causal):
-    """Attention over the second axis of x_BNC with F.scaled_dot_product_attention (the old path)."""
-    q, k, v = rearrange(attn.qkv(x_BNC), 'b n (three h c) -> three b h n c', three=3, h=attn.n_head)
-    y = F.scaled_dot_product_attention(attn.q_norm(q), attn.k_norm(k), v, is_causal=causal)
-    return attn.resid_drop(attn.proj(rearrange(y, 'b h n c -> b n (h c)')))
-
-
-def sdpa_block(block, x_BTSC):
-    """Block.forward with the residual in (B T) S C for spatial and (B S) T C for temporal attention."""
-    B = x_BTSC.shape[0]
-    x = rearrange(x_BTSC, 'b t s c -> (b t) s c')
-    x = x + sdpa_attention(block.spatial, block.ln_s(x), causal=False)
-    x = rearrange(x, '(b t) s c -> (b s) t c', b=B)
-    x = x + sdpa_attention(block.temporal, block.ln_t(x), causal=True)
-    x = x + block.mlp(block.ln_m(x))
-    return rearrange(x, '(b s) t c -> b t s c', b=B)
-
-
-def st_block(seed=0):
-    torch.manual_seed(seed)
-    return randomize(Block(ST_CFG), std=0.3, seed=seed)
-
-
-@pytest.mark.parametrize('train', [False, True])
-def test_st_block_with_explicit_causal_time_attention_equals_the_sdpa_block(train):
-    block = st_block().train(train)
-    x = torch.randn(3, 5, 16, 32, requires_grad=True)
-    got = block(x)
-    grads_got = torch.autograd.grad(got.square().sum(), [x, *block.parameters()])
-    want = sdpa_block(block, x)
-    grads_want = torch.autograd.grad(want.square().sum(), [x, *block.parameters()])
-    assert want.abs().max() > 1
-    assert (got - want).abs().max() < 1e-5
-    # fp32 rounding against the gradients' scale (some are 0 exactly: a key bias moves no softmax)
-    scale = max(w.abs().max().item() for w in grads_want)
-    assert scale > 1e3 and max((g - w).abs().max().item() for g, w in zip(grads_got, grads_want)) < 1e-6 * scale
-
-
-def test_temporal_kv_cache_gives_the_sdpa_block_output_grid_by_grid():
-    block = st_block(1).eval()
-    x = torch.randn(2, 5, 16, 32)
-    with torch.no_grad():
-        want = sdpa_block(block, x)
-        cache = {}
-        got = [block(x[:, :3], cache)] + [block(x[:, t:t + 1], cache) for t in (3, 4)]
-    assert cache['k'].shape == (2, 5, 16, 2, 16)   # (B, grids seen, S, heads, head_dim)
-    assert (torch.cat(got, 1) - want).abs().max() < 1e-5
-
-
-def test_causal_time_attention_looks_at_no_later_grid():
-    block = st_block(2).eval()
-    x = torch.randn(1, 5, 16, 32)
-    x2 = x.clone()
-    x2[:, 3] += 1.0
-    with torch.no_grad():
-        out, out2 = block.temporal(x), block.temporal(x2)
-    assert torch.equal(out[:, :3], out2[:, :3]) and (out[:, 3:] - out2[:, 3:]).abs().min() > 0
-
-
-@pytest.mark.parametrize('which', ['spatial', 'temporal'])
-def test_dropout_acts_on_the_attention_output_not_on_the_attention_probabilities(which):
-    # paper 3.1 with 1xgpt's genie/attention.py: attn_drop is built there but never applied
-    torch.manual_seed(0)
-    block = randomize(Block(STConfig(**{**ST_CFG.__dict__, 'dropout': 0.1})), std=0.3)
-    attn = getattr(block, which)
-    x = torch.randn(4, 5, 16, 32)
-    with torch.no_grad():
-        plain = attn.eval()(x)
-        dropped = attn.train()(x)
-    kept = dropped != 0
-    assert 0.08 < 1 - kept.float().mean().item() < 0.12   # 10% of the output zeroed ...
-    assert (dropped[kept] * 0.9 - plain[kept]).abs().max() < 1e-6   # ... the rest the eval output / 0.9
-
-
-# --- regional compilation: zero graph breaks, compiled equals eager ------------------------------
-
-def graph_breaks(fn, *args):
-    torch._dynamo.reset()
-    return torch._dynamo.explain(fn)(*args).graph_break_count
-
-
-def test_st_block_in_training_has_no_graph_breaks():
-    block = st_block().train()
-    block.spatial.resid_drop.p = block.temporal.resid_drop.p = block.mlp.drop.p = 0.1
-    assert graph_breaks(block, torch.randn(2, 5, 16, 32, requires_grad=True)) == 0
-
-
-def test_chunked_loss_has_no_graph_breaks():
-    h, w = torch.randn(40, 32, requires_grad=True), torch.randn(64, 32, requires_grad=True)
-    from st_transformer import _chunk_ce_sum
-    assert graph_breaks(_chunk_ce_sum, h, w, torch.randint(0, 64, (40,))) == 0
-
-
-def test_compiled_st_blocks_serve_a_whole_run_without_falling_back_to_eager():
-    # a run's shapes through one compiled block: training, evaluation and generate (with and without
-    # the KV cache), then a last batch of another size; dynamo's default limit (8 versions) is hit
-    torch._dynamo.reset()
-    model = STTransformer(STConfig(**{**ST_CFG.__dict__, 'n_layer': 2, 'dropout': 0.1})).compile_blocks(backend='eager')
-    z, s = torch.randint(0, 64, (3, 6, 4, 4)), torch.randn(3, 64, 25)
-    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
-        for b in (3, 2):
-            model.train()
-            model(z[:b, :5], s[:b], predict_from=2, targets_BTHW=z[:b, 3:], loss_chunk=20).backward()
-            model.eval()
-            with torch.no_grad():
-                for use_cache in (True, False):
-                    grids, _ = model.generate(z[:b, :3], s[:b], use_cache=use_cache)
-                    assert grids.shape == (b, 3, 4, 4)
-
-
-def wan_lora_block():
-    """Block 0 of a tiny DiT with LoRA adapters (scale 2, so the scale multiply runs) and the team's
-    per-block state table added to the modulation, as a training step calls it."""
-    torch.manual_seed(0)
-    net = randomize(WanDiT(WanConfig.tiny(state_embedder='team'), state_cond=True), std=0.1)
-    add_lora(net, rank=4, alpha=8)
-    for m in wan_state.lora_modules(net):
-        torch.nn.init.normal_(m.lora_B.weight, std=0.1)
-    cfg, block = net.cfg, net.blocks[0]
-    g = torch.Generator().manual_seed(3)
-    x = torch.randn(2, 3 * 16, cfg.dim, generator=g, requires_grad=True)
-    e = torch.randn(2, 3, 6, cfg.dim, generator=g) + net.state_embedder.block_tables[0]
-    context = torch.randn(1, cfg.text_len, cfg.dim, generator=g)
-    return block, (x, e, context, rope_cos_sin(3, 4, 4, cfg.head_dim, cfg.rope_theta, 'cpu'))
-
-
-def test_wan_block_with_lora_and_state_modulation_has_no_graph_breaks():
-    block, args = wan_lora_block()
-    assert graph_breaks(block, *args) == 0
-    with torch.autocast('cpu', dtype=torch.bfloat16):   # the bf16 path casts its input itself
-        assert graph_breaks(block, *args) == 0
-
-
-def fwd_bwd(module, *args):
-    out = module(*args)
-    params = [p for p in module.parameters() if p.requires_grad]
-    return out, torch.autograd.grad(out.float().square().mean(), [args[0], *params])
-
-
-@pytest.mark.slow
-def test_compiled_st_block_and_loss_equal_eager_in_training():
-    torch._dynamo.reset()
-    model = randomize(STTransformer(STConfig(**{**ST_CFG.__dict__, 'n_layer': 2})), std=0.3)
-    z, s = torch.randint(0, 64, (2, 6, 4, 4)), torch.randn(2, 64, 25)
-
-    def loss_and_grads():
-        loss = model(z[:, :5], s, predict_from=2, targets_BTHW=z[:, 3:], loss_chunk=20)   # 96 tokens: 5 chunks
-        return loss, torch.autograd.grad(loss, list(model.parameters()))
-
-    want, want_grads = loss_and_grads()
-    model.compile_blocks(fullgraph=True)   # a graph break would raise
-    got, got_grads = loss_and_grads()
-    assert all(b._compiled_call_impl is not None for b in model.blocks)
-    assert abs(got.item() - want.item()) < 1e-5
-    assert max((g - w).abs().max().item() for g, w in zip(got_grads, want_grads)) < 1e-5
-
-
-@pytest.mark.slow
-def test_compiled_wan_block_with_lora_equals_eager_forward_and_backward():
-    torch._dynamo.reset()
-    block, args = wan_lora_block()
-    want, want_grads = fwd_bwd(block, *args)
-    block.compile(fullgraph=True)
-    got, got_grads = fwd_bwd(block, *args)
-    assert want.abs().max() > 0.1 and (got - want).abs().max() < 1e-5
-    assert max((g - w).abs().max().item() for g, w in zip(got_grads, want_grads)) < 1e-5
-
-
-@pytest.mark.slow
-def test_compiled_dit_blocks_with_the_first_checkpointed_give_the_eager_loss_and_gradients():
-    # what train_sampling.py runs on CUDA: LoRA, state conditioning, compiled blocks, 1 of 2 checkpointed
-    torch._dynamo.reset()
-    torch.manual_seed(0)
-    model = randomize(WanDiT(WanConfig.tiny(), state_cond=True), std=0.1)
-    add_lora(model, rank=4, alpha=4)
-    for m in wan_state.lora_modules(model):
-        torch.nn.init.normal_(m.lora_B.weight, std=0.1)
-    model.gradient_checkpointing = 1
-    x, t_BL, context, states = wan_inputs(model.cfg)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-
-    def loss_and_grads():
-        loss = model(x, t_BL[:, ::16], context[:1], states).square().mean()
-        grads = torch.autograd.grad(loss, trainable, allow_unused=True)   # (the no-state embedding: unused)
-        return loss, [g for g in grads if g is not None]
-
-    want, want_grads = loss_and_grads()
-    model.compile_blocks()
-    with torch._dynamo.config.patch(error_on_recompile=True):   # one graph serves every block, the first too
-        got, got_grads = loss_and_grads()
-    assert abs(got.item() - want.item()) < 1e-6 * abs(want.item()) and len(got_grads) == len(want_grads) > 40
-    assert max((g - w).abs().max().item() for g, w in zip(got_grads, want_grads)) < 1e-5
-
-
-# --- LoRA and AdaLN with fewer kernels, the same maths -------------------------------------------
-
-class CountOps(TorchDispatchMode):
-    """The aten ops a piece of code runs (views included)."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.append(func.overloadpacket.__name__)
-        return func(*args, **(kwargs or {}))
-
-
-@pytest.mark.parametrize('alpha', [4, 8])
-def test_lora_linear_is_base_plus_scaled_delta_and_multiplies_only_when_scale_is_not_one(alpha):
-    torch.manual_seed(0)
-    lin = LoRALinear(torch.nn.Linear(16, 8), rank=4, alpha=alpha)
-    torch.nn.init.normal_(lin.lora_B.weight)
-    x = torch.randn(5, 16)
-    with CountOps() as c:
-        y = lin(x)
-    want = x @ lin.weight.T + lin.bias + x @ lin.lora_A.weight.T @ lin.lora_B.weight.T * (alpha / 4)
-    assert (y - want).abs().max() < 1e-5
-    assert c.ops.count('mul') == (0 if alpha == 4 else 1)
-
-
-def test_lora_linear_under_autocast_casts_its_input_once_and_gives_the_autocast_result():
-    torch.manual_seed(0)
-    lin = LoRALinear(torch.nn.Linear(16, 8).bfloat16(), rank=4, alpha=4)
-    torch.nn.init.normal_(lin.lora_B.weight)
-    x = torch.randn(5, 16)
-    with torch.autocast('cpu', dtype=torch.bfloat16):
-        with CountOps() as c:
-            y = lin(x)
-        want = F.linear(x, lin.weight, lin.bias) + lin.lora_B(lin.lora_A(x))   # autocast casts x twice
-    casts = [op for op in c.ops if op == '_to_copy']
-    assert y.dtype == torch.bfloat16 and torch.equal(y, want)
-    assert len(casts) == 3   # x once, and the fp32 adapters A and B to bf16
-
-
-def test_wan_block_with_fused_modulate_and_gate_equals_the_plain_adaln_formulas():
-    # the block's fused modulate / gate / residual kernels against x * (1 + scale) + shift, y * gate
-    block, (x, e, context, rope) = wan_lora_block()
-    shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (block.modulation.float() + e).unbind(2)
-
-    def per_frame(a):   # (B, 3 frames, D) -> (B, 48 tokens, D)
-        return a.repeat_interleave(16, dim=1)
-
-    with torch.no_grad():
-        h = block.norm1(x) * (1 + per_frame(scale_sa)) + per_frame(shift_sa)
-        want = x + block.self_attn(h, rope=rope).float() * per_frame(gate_sa)
-        want = want + block.cross_attn(block.norm3(want), context).float()
-        h = block.norm2(want) * (1 + per_frame(scale_ff)) + per_frame(shift_ff)
-        want = want + block.ffn(h).float() * per_frame(gate_ff)
-        got = block(x, e, context, rope)
-    assert want.abs().max() > 1 and (got - want).abs().max() < 1e-5
-
-
-__all__ = ['raw_data', 'synthetic_dir']   # the fixtures, used below
-
-
-# ===============================================================================================
-# both trainers: the workflow (--help in sections, --init_lora, one step numbering, trackers, resume, disk)
-# ===============================================================================================
-
-def read_log(out):
-    return [json.loads(line) for line in open(Path(out) / 'log.jsonl')]
-
-
-def step_lines(printed):
-    """The step numbers of the printed `step N: ...` lines, in order."""
-    return [int(n) for n in re.findall(r'^step (\d+):', printed, re.M)]
-
-
-# ===============================================================================================
-# --help in sections
-# ===============================================================================================
-
-@pytest.mark.parametrize('script, titles', [
-    ('train_compression.py', ['data', 'model (paper 3.1)', 'training (paper 3.2)', 'validation', 'logging',
-                              'run folder', 'system']),
-    ('train_sampling.py', ['data', 'model (paper 2.1)', 'training (paper 2.2)', 'validation', 'logging', 'run folder',
-                           'system'])])
-def test_help_of_each_trainer_shows_its_settings_in_sections(script, titles):
-    out = run_script(script, '--help')
-    body = out.split('settings (default, then what it is):\n')[1]
-    assert re.findall(r'^(\S.*):$', body, re.M) == titles
-    logging = body.split('\nlogging:\n')[1].split('\n\n')[0]
-    assert [line.split()[0] for line in logging.splitlines()] == ['--log_interval', '--log_with', '--wandb_project',
-                                                                 '--wandb_run_name']
-    assert '--wandb_log' not in out
-
-
-# ===============================================================================================
-# One sampling run read by several tests: --init_lora, keep_last, the step numbering, TensorBoard
-# ===============================================================================================
-
-def lora_file(path, rank=4):
-    """A LoRA of the tiny run's model (PEFT naming, alpha = rank: B @ A is the whole update)."""
-    lora = random_lora(WanConfig.tiny(**WAN_TINY), rank=rank)
-    return save_lora(path, lora, 'peft'), lora
-
-
-@pytest.fixture(scope='module')
-def lora_run(raw_data, tmp_path_factory):
-    """3 steps of a LoRA run started from a LoRA file, validated and saved at every step, logged to
-    TensorBoard. A random base's zero-initialised head passes no gradient, so the adapters stay
-    exactly the file's: what --init_lora loaded is what the checkpoint holds."""
-    tmp = tmp_path_factory.mktemp('lora_run')
-    path, lora = lora_file(tmp / 'start.safetensors')
-    out = tmp / 'run'
-    printed = run_script(*train_args(raw_data, out, '--train_mode=lora', '--lora_rank=4', '--lora_alpha=4',
-                                     f'--init_lora={path}', '--max_iters=3', '--eval_interval=1', '--ckpt_interval=1',
-                                     '--keep_last=2', '--log_with=tensorboard'))
-    return dict(out=out, printed=printed, lora=lora)
-
-
-@pytest.mark.slow
-def test_a_run_started_from_a_lora_file_holds_its_update(lora_run):
-    assert 'started from' in lora_run['printed'] and 'its adapters' in lora_run['printed']
-    trainable = torch.load(lora_run['out'] / 'ckpt.pt', weights_only=True)['trainable']
-    for name, (A, B) in lora_run['lora'].items():   # alpha = rank: scale 1
-        update = trainable[f'{name}.lora_B.weight'] @ trainable[f'{name}.lora_A.weight']
-        torch.testing.assert_close(update, B @ A, rtol=0, atol=1e-6)
-    exported = load_file(str(lora_run['out'] / 'lora.safetensors'))   # and the run's export passes it on
-    A, B = lora_run['lora']['blocks.0.self_attn.q']
-    key = 'diffusion_model.blocks.0.self_attn.q.lora_{}.weight'
-    torch.testing.assert_close(exported[key.format('B')] @ exported[key.format('A')], B @ A, rtol=0, atol=1e-6)
-
-
-@pytest.mark.slow
-def test_keep_last_keeps_the_newest_step_numbered_exports(lora_run):
-    names = sorted(p.name for p in lora_run['out'].glob('*.safetensors'))
-    assert names == ['lora.safetensors', 'lora_step0000002.safetensors', 'lora_step0000003.safetensors',
-                     'state_embedder.safetensors', 'state_embedder_step0000002.safetensors',
-                     'state_embedder_step0000003.safetensors']
-
-
-@pytest.mark.slow
-def test_console_log_val_folders_and_best_json_number_the_steps_alike(lora_run):
-    out, printed = lora_run['out'], lora_run['printed']
-    log = read_log(out)
-    assert [r['step'] for r in log] == [1, 2, 3]
-    assert sorted(os.listdir(out / 'val')) == ['step_1', 'step_2', 'step_3']
-    assert step_lines(printed) == [1, 1, 2, 2, 3, 3]   # the loss line, then the val line, of each step
-    best = json.loads((out / 'best.json').read_text())
-    assert best['value'] == max(r['val_psnr_ensemble'] for r in log)
-    assert best['value'] == next(r['val_psnr_ensemble'] for r in log if r['step'] == best['step'])
-    assert torch.load(out / 'ckpt_best.pt', weights_only=True)['step'] == best['step']
-    assert torch.load(out / 'ckpt.pt', weights_only=True)['step'] == log[-1]['step'] == 3
-
-
-def tensorboard_events(folder):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    events = EventAccumulator(str(folder), size_guidance={'scalars': 0, 'images': 0})
-    events.Reload()
-    return events
-
-
-@pytest.mark.slow
-def test_tensorboard_gets_the_log_figures_at_their_steps_and_the_val_pictures(lora_run):
-    events = tensorboard_events(lora_run['out'] / 'tensorboard')
-    log = read_log(lora_run['out'])
-    for key in ('loss', 'grad_norm', 'val_psnr_ensemble'):
-        assert [(e.step, pytest.approx(e.value)) for e in events.Scalars(key)] == [(r['step'], r[key]) for r in log]
-    pictures = events.Images('val/clip_0')
-    assert [p.step for p in pictures] == [1, 2, 3] and pictures[0].width > 100
-
-
-def test_tensorboard_of_a_resumed_run_reads_as_one_run(tmp_path):
-    log = run_dir.RunLog(str(tmp_path), log_with='tensorboard')
-    for step in range(1, 6):
-        log.write(dict(step=step, loss=float(step)))
-    log.close()
-    log = run_dir.RunLog(str(tmp_path), start_step=3, log_with='tensorboard')   # from the checkpoint of step 3
-    log.write(dict(step=4, loss=40.0))
-    log.close()
-    events = tensorboard_events(tmp_path / 'tensorboard')
-    assert [(e.step, e.value) for e in events.Scalars('loss')] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0)]
-
-
-@pytest.mark.slow
-def test_compression_tensorboard_and_log_agree_on_steps(tmp_path, synthetic_dir):
-    printed = run_compression(f'--data_dir={synthetic_dir}', f'--out_dir={tmp_path}', '--max_iters=2',
-                              '--eval_interval=1', '--log_interval=1', '--log_with=tensorboard', cwd=tmp_path)
-    log = read_log(tmp_path)
-    assert [r['step'] for r in log] == [1, 2] and step_lines(printed) == [1, 1, 2, 2]
-    events = tensorboard_events(tmp_path / 'tensorboard')
-    for key in ('loss', 'lr', 'val_ar_top500'):
-        assert [(e.step, pytest.approx(e.value)) for e in events.Scalars(key)] == [(r['step'], r[key]) for r in log]
-    assert json.loads((tmp_path / 'best.json').read_text())['step'] in (1, 2)
-
-
-@pytest.mark.slow
-def test_a_fully_trained_run_started_from_a_lora_file_has_it_merged_into_its_weights(raw_data, tmp_path):
-    from machinery.wan_files import build_model
-    path, lora = lora_file(tmp_path / 'start.safetensors')
-    run_script(*train_args(raw_data, tmp_path / 'run', f'--init_lora={path}', '--max_iters=1', '--learning_rate=1e-9'))
-    base = build_model(model='tiny', pretrained='', train_mode='full', lora_rank=32, lora_alpha=32, init_seed=0,
-                       device='cpu', dtype=torch.float32, tiny=WAN_TINY).state_dict()
-    trained = torch.load(tmp_path / 'run' / 'ckpt.pt', weights_only=True)['trainable']
-    for name, (A, B) in lora.items():   # one step at lr 1e-9 moves a weight by about 1e-9
-        torch.testing.assert_close(trained[f'{name}.weight'], base[f'{name}.weight'] + B @ A, rtol=0, atol=1e-6)
-    assert (trained['blocks.0.self_attn.q.weight'] - base['blocks.0.self_attn.q.weight']).abs().max() > 1e-3
-
-
-# ===============================================================================================
-# --init_lora: refusals
-# ===============================================================================================
-
-def test_init_lora_with_a_resume_is_refused_before_any_work(tmp_path):
-    err = run_script('train_sampling.py', '--init_from=resume', '--init_lora=x.safetensors',
-                     f'--out_dir={tmp_path}/run', cwd=tmp_path, fails=True)
-    assert '--init_lora=x.safetensors starts a new run; a resume continues its checkpoint' in err
-    assert not (tmp_path / 'run').exists()
-    # a file that is not there is named before any download (preset paper would fetch the data and the VAE first)
-    err = run_script('train_sampling.py', '--preset=paper', '--init_lora=nope.safetensors', f'--out_dir={tmp_path}/run',
-                     cwd=tmp_path, fails=True)
-    assert '--init_lora=nope.safetensors: no such file or folder' in err and not (tmp_path / 'run').exists()
-
-
-@pytest.mark.slow
-def test_init_lora_of_another_rank_stops_the_script_with_the_rank_to_pass(raw_data, tmp_path):
-    path, _ = lora_file(tmp_path / 'rank4.safetensors', rank=4)
-    err = run_script(*train_args(raw_data, tmp_path / 'run', '--train_mode=lora', '--lora_rank=8',
-                                 f'--init_lora={path}', '--max_iters=1'), fails=True)
-    assert f'--init_lora={path}: {path}: adapters of rank 4, the model\'s of rank 8' in err and '--lora_rank=4' in err
-
-
-# ===============================================================================================
-# W&B: files in out_dir, the same run on resume, validation pictures (a stand-in wandb package)
-# ===============================================================================================
-
-FAKE_WANDB = '''
-"""A stand-in for wandb: records init's arguments and every log call in $FAKE_WANDB_RECORD."""
-import json
-import os
-
-
-def _record(entry):
-    with open(os.environ['FAKE_WANDB_RECORD'], 'a') as f:
-        f.write(json.dumps(entry) + '\\n')
-
-
-class Image:
-    def __init__(self, path):
-        self.path = path
-
-
-class Run:
-    def log(self, data, step=None):
-        _record(dict(call='log', step=step, data={k: {'image': v.path} if isinstance(v, Image) else v
-                                                  for k, v in data.items()}))
-
-    def finish(self):
-        _record(dict(call='finish'))
-
-
-def init(**kwargs):
-    _record(dict(call='init', kwargs={k: v for k, v in kwargs.items() if k != 'config'}))
-    return Run()
-'''
-
-
-@pytest.mark.slow
-def test_wandb_keeps_its_files_in_out_dir_continues_its_run_on_resume_and_gets_the_val_pictures(raw_data, tmp_path):
-    (tmp_path / 'fake' / 'wandb').mkdir(parents=True)
-    (tmp_path / 'fake' / 'wandb' / '__init__.py').write_text(FAKE_WANDB)
-    record = tmp_path / 'wandb_calls.jsonl'
-    env = dict(os.environ, PYTHONPATH=f"{tmp_path / 'fake'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-               FAKE_WANDB_RECORD=str(record))
-    out = tmp_path / 'run'
-    for extra in (['--max_iters=1'], ['--max_iters=2', '--init_from=resume']):
-        args = train_args(raw_data, out, '--log_with=wandb', '--eval_interval=1', *extra)
-        res = subprocess.run([sys.executable, os.path.join(REPO, args[0]), *args[1:]], cwd=tmp_path, env=env,
-                             capture_output=True, text=True, timeout=600)
-        assert res.returncode == 0, res.stderr[-3000:]
-    calls = [json.loads(line) for line in open(record)]
-    inits = [c['kwargs'] for c in calls if c['call'] == 'init']
-    assert len(inits) == 2 and inits[0]['dir'] == inits[1]['dir'] == str(out)
-    assert inits[0]['id'] == inits[1]['id'] == (out / 'wandb_id').read_text() and inits[1]['resume'] == 'allow'
-    logs = [c for c in calls if c['call'] == 'log']
-    assert [c['step'] for c in logs] == [1, 2]
-    assert all(c['data']['val/clip_0']['image'] == str(out / 'val' / f"step_{c['step']}" / 'clip_0.png') for c in logs)
-    assert logs[0]['data']['loss'] == read_log(out)[0]['loss']
-
-
-def test_a_missing_tracker_package_is_refused_by_name_before_any_work(tmp_path):
-    for package in ('tensorboard', 'wandb'):
-        if importlib.util.find_spec(package) is not None:
-            continue
-        for script in ('train_compression.py', 'train_sampling.py'):
-            err = run_script(script, f'--log_with={package}', f'--out_dir={tmp_path}/run', cwd=tmp_path, fails=True)
-            assert f'--log_with={package}: the {package} package is not installed (pip install {package})' in err
-    assert not (tmp_path / 'run').exists()
-
-
-# ===============================================================================================
-# Resume: the model settings come from the checkpoint
-# ===============================================================================================
-
-@pytest.mark.slow
-def test_resume_takes_the_model_settings_of_its_checkpoint_and_says_which(tmp_path, synthetic_dir):
-    out = tmp_path / 'run'
-    run_compression(f'--data_dir={synthetic_dir}', f'--out_dir={out}', '--max_iters=2', '--stop_at=1', '--n_layer=2',
-                    cwd=tmp_path)
-    said = run_compression(f'--data_dir={synthetic_dir}', f'--out_dir={out}', '--max_iters=2', '--init_from=resume',
-                           cwd=tmp_path)
-    assert f'resume: model settings taken from {out}/ckpt.pt: n_layer=2' in said
-    state = torch.load(out / 'ckpt.pt', weights_only=True)
-    assert state['step'] == 2 and state['model_cfg']['n_layer'] == 2
-
-
-def test_a_model_flag_that_differs_from_the_checkpoint_is_refused_by_name(tmp_path):
-    checkpoints.save_checkpoint(str(tmp_path), dict(kind='compression', step=1, config=dict(n_layer=2, n_embd=64)))
-    with pytest.raises(SystemExit, match=r'n_layer=2 in the checkpoint, 1 now\. Leave these settings out'):
-        checkpoints.model_settings_on_resume(str(tmp_path), 'compression', dict(n_layer=1, n_embd=64), {'n_layer'})
-    # not given: the checkpoint's; given and equal: kept
-    assert checkpoints.model_settings_on_resume(str(tmp_path), 'compression', dict(n_layer=1, n_embd=64),
-                                            {'n_embd'}) == dict(n_layer=2, n_embd=64)
-    # what configure() reports as given: flags and a config file's assignments, not a preset's
-    cfg_file = tmp_path / 'my_run.py'
-    cfg_file.write_text('n_layer = 1\nif True:\n    learning_rate = 2e-4\n')
-    given = configurator.configure(dict(settings(), n_layer=24, preset='cpu'),
-                                   argv=[str(cfg_file), '--batch_size=8', '--preset=paper'],
-                                   presets={'cpu': {}, 'paper': dict(batch_size=20, mode='b')})
-    assert given == {'n_layer', 'learning_rate', 'batch_size'}
-
-
-# ===============================================================================================
-# The disk check
-# ===============================================================================================
-
-class FakeUsage:
-    def __init__(self, free):
-        self.free = free
-
-    def __call__(self, path):
-        return self
-
-
-def test_checkpoint_bytes_count_three_files_of_weights_and_two_adam_moments():
-    assert run_dir.checkpoint_bytes(n_saved=1000, n_trained=100) == 3 * 4 * (1000 + 200)
-
-
-def test_the_1x_latents_at_a_window_every_8_frames_are_0_83_terabytes(tmp_path):
-    n = latents.latents_bytes(str(tmp_path), ['train_v2.0_raw'], 'wan', 8)
-    assert n == 11_254_161 // 8 * 48 * 6 * 32 * 32 * 2 and round(n / 1e12, 2) == 0.83
-
-
-def test_the_1x_tokenized_splits_are_8_7_gib_and_a_folder_that_holds_them_needs_nothing(tmp_path, synthetic_dir):
-    n = tokenized.tokenized_bytes(str(tmp_path), ['train_v2.0', 'val_v2.0'])
-    assert n == sum(data.expected_sizes(11_254_161).values()) + sum(data.expected_sizes(50_300).values())
-    assert round(n / 2 ** 30, 1) == 8.7
-    assert tokenized.tokenized_bytes(str(tmp_path), ['train_v2.0'], shards=[0, 1]) == sum(
-        data.expected_sizes(11_254_161 * 2 // 100).values())
-    # by the metadata on disk, less what is there: a whole split needs nothing, a split missing a shard that shard
-    shutil.copytree(synthetic_dir, tmp_path / 'syn')
-    assert tokenized.tokenized_bytes(str(tmp_path / 'syn'), ['train_v2.0', 'val_v2.0']) == 0
-    shard = data.shard_paths(str(tmp_path / 'syn' / 'train_v2.0'), 1)
-    missing = os.path.getsize(shard['video'])
-    os.remove(shard['video'])
-    # (an estimate: frames spread evenly over the shards, json files counted as held: within a block a shard)
-    assert abs(tokenized.tokenized_bytes(str(tmp_path / 'syn'), ['train_v2.0']) - missing) < 2 * 3 * 32 * 32 * 4
-
-
-def test_a_run_that_needs_more_than_the_free_space_is_refused_in_one_sentence(tmp_path):
-    needs = [(str(tmp_path / 'run'), 3 * 2 ** 30, 'checkpoints'), (str(tmp_path / 'data'), 5 * 2 ** 30, 'latents')]
-    lines, refusal = run_dir.disk_report(needs, usage=FakeUsage(100 * 2 ** 30))
-    assert lines == [f'disk: checkpoints 3.0 GiB, latents 5.0 GiB = 8.0 GiB to write on the disk of {tmp_path} '
-                     f'(100.0 GiB free)'] and refusal == ''
-    _, refusal = run_dir.disk_report(needs, usage=FakeUsage(6 * 2 ** 30))
-    assert refusal == (f'not enough disk space: checkpoints 3.0 GiB, latents 5.0 GiB need 8.0 GiB on the disk of '
-                       f'{tmp_path}, which has 6.0 GiB free. Free space there, or pass an --out_dir (or --data_dir) '
-                       f'on a larger disk.')
-
-
-@pytest.mark.slow
-def test_dry_run_prints_what_the_run_will_write(tmp_path):
-    out = run_script('train_sampling.py', '--preset=paper', '--dry_run', f'--data_dir={tmp_path}/1x', cwd=tmp_path)
-    assert re.search(r'^disk: checkpoints and LoRA exports [\d.,]+ GiB, latents 772\.8 GiB = ', out, re.M), out
-    out = run_script('train_compression.py', '--preset=paper', '--dry_run', cwd=tmp_path)
-    assert re.search(r'^disk: checkpoints [\d.,]+ GiB, tokenized data to download 8\.7 GiB = ', out, re.M), out
-    assert not (tmp_path / 'data').exists()   # a dry run writes nothing
-
-
-# ===============================================================================================
-# prepare.py own_clips, then training on them
-# ===============================================================================================
-
-@pytest.mark.slow
-def test_prepare_own_clips_writes_a_folder_train_sampling_trains_on(tmp_path):
-    for i, name in enumerate(('a', 'b', 'c')):
-        write_clip(tmp_path / 'clips', name, frames=120, seed=i)
-    said = run_script('machinery.prepare', 'own_clips', '--clips', str(tmp_path / 'clips'), '--out', str(tmp_path / 'mine'),
-                      '--size', '32', cwd=tmp_path)
-    assert f'train on it: python train_sampling.py --data_dir={tmp_path / "mine"}' in said
-    out = run_script('train_sampling.py', f'--data_dir={tmp_path / "mine"}', f'--out_dir={tmp_path / "run"}',
-                     *(f'--{k}={v}' for k, v in WAN_TINY.items()), '--batch_size=2', '--global_batch_size=2',
-                     '--max_iters=2', *VAL, cwd=tmp_path)
-    assert '12 training clips (train_v2.0_raw, a window every 8 frames)' in out   # 2 videos x 6 windows of 120 frames
-    assert [r['step'] for r in read_log(tmp_path / 'run')] == [1, 2]
+def test_bench_cpu_smoke_prints_finite_positive_figures_for_every_benchmark():
+    out = run_script('machinery.bench', '--device=cpu', '--preset=cpu')
+    rows = {}
+    for line in out.splitlines():
+        m = re.match(r'(\w+)\s+.*?\s+([\d.]+)\s+([\d.]+)\s+(\d+)\s+(n/a|[\d.]+%)\s+(n/a|[\d.]+)$', line)
+        if m:
+            rows[m[1]] = [float(m[i]) for i in (2, 3, 4)] + [m[5]]
+    assert set(rows) == {'st_train', 'st_forward_fp32', 'st_decode_cache', 'st_decode_nocache', 'wan_fwd',
+                         'wan_fwd_per_token', 'ensemble_batched', 'ensemble_looped', 'wan_lora', 'vae_clip', 'vae_clip_bf16'}, out
+    for name, (ms, samples_per_s, tokens_per_s, mfu) in rows.items():
+        assert all(math.isfinite(v) and v > 0 for v in (ms, samples_per_s, tokens_per_s)), (name, rows[name])
+        assert mfu == 'n/a'   # no peak FLOP/s for a CPU
+    ratios = dict(re.findall(r'^(.+): ([-\d.e+]+)$', out, re.M))
+    assert float(ratios['decode greedy tokens that differ with / without cache']) == 0
+    assert float(ratios['ensemble max |batched - looped| latent (same maths)']) < 1e-4
+    assert float(ratios['decode with cache / teacher-forced forward']) > 0
+    # the bf16 VAE decodes the fp32 one's frames to within rounding (the tiny VAE: ~50 dB)
+    assert 35 < float(ratios['VAE bf16 frame 77 against fp32, PSNR dB (random weights)']) < 100

@@ -6,13 +6,11 @@
     python train_compression.py --eval_only --out_dir=out/compression --split=val_v2.0
     python train_compression.py --init_from=resume       # continue out_dir/ckpt.pt
 
-Settings are the module globals below; `--key=value` or `--key value` overrides them
-(configurator.py), `--help` lists them. A plain `python` run uses preset cpu, torchrun on CUDA
-GPUs preset paper; `--preset=...` always wins, and later flags override the preset. With preset
-paper and no data in data_dir, the run downloads it first (huggingface_hub, spread over the
-ranks). Logs go to out_dir/log.jsonl (and --log_with=tensorboard or wandb; step N: after N
-optimizer steps, as in the checkpoints), curves to out_dir/curves.png. Ends with a table:
-Top-500 CE (and full CE) of the model, teacher-forced and greedy autoregressive, next to
+Settings are the module globals below; `--key=value` overrides them (configurator.py; `--help`
+lists them). A plain `python` run uses preset cpu, torchrun on CUDA GPUs preset paper, which
+downloads missing data first; `--preset=...` always wins, and later flags override it. Logs go to
+out_dir/log.jsonl (and --log_with=tensorboard or wandb), curves to out_dir/curves.png. Ends with a
+table: Top-500 CE (and full CE) of the model, teacher-forced and greedy autoregressive, next to
 baselines and, on synthetic data, the exact Bayes floor.
 """
 import json
@@ -154,26 +152,23 @@ disk_lines, no_room = run_dir.disk_report(
     + ([(data_dir, to_fetch, 'tokenized data to download')] if to_fetch else []))
 
 # --- dry run: the model's size, the run's length and its disk, no data, no weights ----------------
-if dry_run:
-    print(f"settings: {json.dumps(config)}")
-    print(f"{model_cfg}\nparameters: {meta_model.num_params():,} "
-          f"(embedding/head {meta_model.tok_emb.weight.numel():,}, tied)\n"
-          f"training FLOPs per sample: {meta_model.flops_per_sample():.3e}")
-    if max_iters == 0:   # the real run counts its samples; the paper states about 306k
-        print(f"steps: {epochs:g} epochs x {PAPER_TRAIN_SAMPLES:,} samples (the paper's count; a run counts "
-              f"its data) / {global_batch_size} per step = {int(epochs * PAPER_TRAIN_SAMPLES // global_batch_size):,}")
-    else:
-        print(f"steps: {max_iters:,}")
-    print(f"micro-batch {batch_size} per process: {global_batch_size} = {batch_size} x GPUs x accumulation "
-          + ', '.join(f"({g} GPU{'s' if g > 1 else ''}: {global_batch_size // (batch_size * g)})"
-                      for g in (1, 8, 16) if global_batch_size % (batch_size * g) == 0))
-    print('\n'.join(disk_lines + [no_room] if no_room else disk_lines))
+if dry_run:   # the steps of --epochs: the real run counts its samples, the paper states about 306k
+    steps = f"{max_iters:,}" if max_iters else (
+        f"{epochs:g} epochs x {PAPER_TRAIN_SAMPLES:,} samples (the paper's count; a run counts its data) / "
+        f"{global_batch_size} per step = {int(epochs * PAPER_TRAIN_SAMPLES // global_batch_size):,}")
+    accum = ', '.join(f"({g} GPU{'s' if g > 1 else ''}: {global_batch_size // (batch_size * g)})"
+                      for g in (1, 8, 16) if global_batch_size % (batch_size * g) == 0)
+    print('\n'.join([f"settings: {json.dumps(config)}", str(model_cfg), f"parameters: {meta_model.num_params():,} "
+                     f"(embedding/head {meta_model.tok_emb.weight.numel():,}, tied)",
+                     f"training FLOPs per sample: {meta_model.flops_per_sample():.3e}", f"steps: {steps}",
+                     f"micro-batch {batch_size} per process: {global_batch_size} = {batch_size} x GPUs x accumulation "
+                     + accum, *disk_lines, *([no_room] if no_room else [])]))
     raise SystemExit(0)
 if no_room and not eval_only:
     raise SystemExit(no_room)
 
 
-# --- helpers: the schedule, evaluation, checkpoints (of the data and model set up below) ----------
+# --- helpers: the schedule, evaluation (of the data and model set up below) ----------------------
 def get_lr(it, peak_lr, warmup_iters, max_iters):
     """Paper 3.2: linear warmup to peak_lr over warmup_iters steps, then linear decay to 0 at max_iters.
     Step it (from 0) takes get_lr(it): the peak at warmup_iters - 1 and warmup_iters, the last step
@@ -190,7 +185,6 @@ def evaluate(model, ds, num_samples, baselines=False):
     (in fp32, paper 3.2-3.3), and the baselines if asked. Returns name -> (top500, full).
     A non-finite figure stops the run: a NaN metric is never printed as a result."""
     model.eval()
-    dev = next(model.parameters()).device
     V = model.cfg.vocab_size
     n = len(ds) if num_samples <= 0 else min(num_samples, len(ds))
     # own generator: evaluating must not draw from the global RNG (only rank 0 evaluates)
@@ -209,27 +203,27 @@ def evaluate(model, ds, num_samples, baselines=False):
             s[2] += len(chunk_N)
 
     for z_BGHW, states_BLD in tqdm(loader, desc='eval', leave=False, disable=not baselines):
-        z_BGHW, states_BLD = z_BGHW.to(dev), states_BLD.to(dev)
+        z_BGHW, states_BLD = z_BGHW.to(device), states_BLD.to(device)
         future_BMHW = z_BGHW[:, 3:]
         with autocast:
             add('model, teacher-forced', model(z_BGHW[:, :T], states_BLD, predict_from=2), future_BMHW)
         _, logits = model.generate(z_BGHW[:, :3], states_BLD, num_grids=3)
         add('model, greedy autoregressive', logits, future_BMHW)
         if baselines:
-            add('uniform over the vocabulary', torch.zeros(1, V, device=dev).expand(future_BMHW.numel(), V), future_BMHW)
+            add('uniform over the vocabulary', torch.zeros(1, V, device=device).expand(future_BMHW.numel(), V), future_BMHW)
             copy_src.append(z_BGHW[:, 2:3].expand_as(future_BMHW).cpu())
             targets.append(future_BMHW.cpu())
             if world is not None:
                 for name, use in (('Bayes floor (states known)', True), ('state-blind floor', False)):
-                    add(name, synthetic_tokens.synthetic_oracle_logits(z_BGHW.cpu(), states_BLD.cpu(), world, use).to(dev), future_BMHW)
+                    add(name, synthetic_tokens.synthetic_oracle_logits(z_BGHW.cpu(), states_BLD.cpu(), world, use).to(device), future_BMHW)
     if baselines:
         # copy the last context grid into grids 3, 4, 5, with the best constant confidence a:
         # p(copied token) = a, every other token (1 - a) / (V - 1); a = the fraction that matches
         src, tgt = torch.cat(copy_src).reshape(-1), torch.cat(targets).reshape(-1)
         a = min(max((src == tgt).double().mean().item(), 1e-6), 1 - 1e-6)
         for i in range(0, len(tgt), 4096):   # on the model's device: 64k-wide rows are slow on a CPU
-            s, t = src[i:i + 4096].to(dev), tgt[i:i + 4096].to(dev)
-            logits = torch.full((len(t), V), math.log((1 - a) / (V - 1)), device=dev)
+            s, t = src[i:i + 4096].to(device), tgt[i:i + 4096].to(device)
+            logits = torch.full((len(t), V), math.log((1 - a) / (V - 1)), device=device)
             add('copy the last context grid', logits.scatter_(1, s[:, None], math.log(a)), t)
     model.train()
     results = {k: (v[0] / v[2], v[1] / v[2]) for k, v in sums.items()}
@@ -243,19 +237,12 @@ def evaluate(model, ds, num_samples, baselines=False):
 
 
 def print_table(results, world=None):
-    lines = [f"{'':34s} {'Top-500 CE':>10s} {'full CE':>8s}"]
-    for name, (top, full) in results.items():
-        lines.append(f"{name:34s} {top:10.4f} {full:8.4f}")
-    if world is not None:
+    if world is not None:   # a synthetic set: its Bayes floor in closed form too
         floors = synthetic_tokens.synthetic_floors(world['vocab'], world['eps'], world['p_new'])
-        lines.append(f"{'Bayes floor, closed form':34s} {floors['topk']:10.4f} {floors['full']:8.4f}")
-    print('\n'.join(lines))
-
-
-def save_checkpoint(step, metric):
-    state = dict(kind='compression', model=raw_model.state_dict(), optimizer=optimizer.state_dict(), step=step,
-                 model_cfg=dict(vars(model_cfg)), config=checkpoints.plain(config))
-    checkpoints.save_checkpoint(out_dir, state, metric)   # ckpt.pt atomically; ckpt_prev.pt; ckpt_best.pt by metric
+        results = {**results, 'Bayes floor, closed form': (floors['topk'], floors['full'])}
+    print(f"{'':34s} {'Top-500 CE':>10s} {'full CE':>8s}")
+    for name, (top, full) in results.items():
+        print(f"{name:34s} {top:10.4f} {full:8.4f}")
 
 
 # --- processes: DDP under torchrun, the precision; rank 0 claims out_dir --------------------------
@@ -281,13 +268,12 @@ else:          # data/synthetic, written by rank 0 on first use
     on_master(synthetic_tokens.default_synthetic_dir)
     wait_for_all('the synthetic data')
     data_dir = synthetic_tokens.default_synthetic_dir()
-split_dir = lambda name: os.path.join(data_dir, name)
 
 
 def read_split(name, **kw):
     """data.TokenDataset of a split; a missing or damaged file stops the run with its name."""
     try:
-        return data.TokenDataset(split_dir(name), **kw)
+        return data.TokenDataset(os.path.join(data_dir, name), **kw)
     except (ValueError, FileNotFoundError) as e:
         fix = f"\n({data_dir} is the demo's synthetic set: if a file there is damaged, delete the folder and the " \
               f"next run writes it anew)" if demo else ''
@@ -413,7 +399,10 @@ for step in range(start_step, stop):
         tqdm.write(f"step {done}: val Top-500 CE ({min(eval_samples, len(val_ds))} samples) teacher-forced "
                    f"{tf_top:.4f}, greedy autoregressive {ar_top:.4f}")
     if (ckpt_interval > 0 and done % ckpt_interval == 0) or done == stop:
-        save_checkpoint(done, record.get('val_ar_top500'))   # ckpt_best.pt: the lowest greedy AR Top-500 CE
+        state = dict(kind='compression', model=raw_model.state_dict(), optimizer=optimizer.state_dict(), step=done,
+                     model_cfg=dict(vars(model_cfg)), config=checkpoints.plain(config))
+        # ckpt.pt atomically, ckpt_prev.pt, and ckpt_best.pt: the lowest greedy AR Top-500 CE
+        checkpoints.save_checkpoint(out_dir, state, record.get('val_ar_top500'))
 
 # --- the end: curves, the final table -------------------------------------------------------------
 if master:

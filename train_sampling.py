@@ -42,13 +42,13 @@ from tqdm import tqdm
 
 import data
 from configurator import configure
-from machinery import checkpoints, latents, pictures, run_dir, synthetic_video
-from machinery.distributed import (finish, grad_accum_steps, mean_over_ranks, on_master, resolve_device, setup_distributed,
-                         wait_for_all)
 from flow_matching import diffsynth_weight, flow_matching_loss, predict_frame77, sample_draws
-from metrics import psnr
+from machinery import checkpoints, latents, pictures, run_dir
+from machinery.distributed import (finish, grad_accum_steps, mean_over_ranks, on_master, resolve_device,
+                                   setup_distributed)
 from machinery.speed import StepSpeed
-from machinery.wan_files import build_model, export_lora, load_lora, text_context
+from machinery.wan_files import build_model, text_context
+from metrics import psnr
 from wan_state import WanConfig, WanDiT, add_lora
 
 # --- settings (defaults: the CPU demo on synthetic clips) -----------------------------------------
@@ -245,6 +245,7 @@ def save_checkpoint(step, metric):
     checkpoints.save_checkpoint(out_dir, state, metric, higher_is_better=True)   # ckpt_best.pt: the best val PSNR
     # the same weights for other tools: lora.safetensors (ComfyUI / diffusers keys, README) and the
     # state conditioning, which only nanoWM has, in state_embedder.safetensors; with a numbered history
+    from machinery.lora_files import export_lora
     export_lora(raw_model, out_dir, step=step, keep_last=keep_last or None)
 
 
@@ -268,17 +269,17 @@ except (FileNotFoundError, ValueError) as e:
                      f"--text_encoder=zeros")
 
 # --- data: raw clips (synthetic, downloaded or given) -> latents on disk, once --------------------
-split_dir = lambda name: os.path.join(data_dir, name)
-if demo or make_synthetic:   # written where the user asked for it only: the demo's folder, or --make_synthetic
-    on_master(synthetic_video.write_synthetic_raw_set, data_dir, synthetic_shards, 1500, synthetic_size, seed, 1200)
-    wait_for_all('the synthetic data')
+# the synthetic set is written where the user asked for it only: the demo's folder, or --make_synthetic
 latent_dirs, codec = latents.raw_latents(data_dir, train_split_names, vae, vae_path, stride=clip_stride,
                                          batch_size=encode_batch_size, download=download, device=device,
-                                         rank=rank, world_size=world_size)   # every rank does its share
+                                         rank=rank, world_size=world_size,   # every rank does its share
+                                         synthetic=(synthetic_shards, 1500, synthetic_size, seed, 1200)
+                                         if demo or make_synthetic else None)
 train_parts = [data.LatentClips(d) for d in latent_dirs]
 train_ds = torch.utils.data.ConcatDataset(train_parts)
 frame_size = train_parts[0].encoding.get('frame_size')
-val_ds = data.RawClips(split_dir('val_v2.0_raw'), stride=data.RAW_CLIP_LEN, max_clips=eval_clips, frame_size=frame_size)
+val_ds = data.RawClips(os.path.join(data_dir, 'val_v2.0_raw'), stride=data.RAW_CLIP_LEN, max_clips=eval_clips,
+                       frame_size=frame_size)
 if master:   # damage in the val split stops the run now, not at the first validation
     try:
         val_ds.check()
@@ -296,15 +297,10 @@ if master:
 # --- model and optimizer (and the state of a resumed run) -----------------------------------------
 raw_model = build_model(model=model, pretrained=pretrained, train_mode=train_mode, lora_rank=lora_rank,
                         lora_alpha=lora_alpha, init_seed=init_seed, device=device, dtype=ptdtype, tiny=tiny,
-                        state_embedder=state_embedder)
+                        state_embedder=state_embedder, init_lora=init_lora)
 raw_model.gradient_checkpointing = gradient_checkpointing
-if init_lora:   # a new run from a LoRA file: its update in the adapters (merged into a fully trained base)
-    try:
-        load_lora(raw_model, init_lora, merge=train_mode == 'full')
-    except (ValueError, FileNotFoundError) as err:
-        raise SystemExit(f"--init_lora={init_lora}: {err}")
-    if master:
-        print(f"started from {init_lora} ({'merged into the weights' if train_mode == 'full' else 'its adapters'})")
+if master and init_lora:
+    print(f"started from {init_lora} ({'merged into the weights' if train_mode == 'full' else 'its adapters'})")
 trainable = {n: p for n, p in raw_model.named_parameters() if p.requires_grad}
 optimizer = torch.optim.AdamW(trainable.values(), lr=learning_rate, weight_decay=weight_decay,
                               fused=device_type == 'cuda')
@@ -338,8 +334,8 @@ log = run_dir.RunLog(out_dir, start_step, log_with, config, wandb_project, wandb
 _, Fr, Hl, Wl = z_example.shape
 flops_per_sample = (raw_model.flops_per_sample(Fr, Hl, Wl, lora_step=True, batch=batch_size) if train_mode == 'lora'
                     else 3 * raw_model.flops_per_sample(Fr, Hl, Wl, batch=batch_size))
-speed = StepSpeed(device, global_batch_size, flops_per_sample * batch_size * grad_accum)
 guard = run_dir.DivergenceGuard(out_dir, loss_spike, master, start_step)   # the loss-spike rule
+speed = StepSpeed(device, global_batch_size, flops_per_sample * batch_size * grad_accum)
 t0 = time.time()
 for step in range(start_step, max_iters):
     speed.start()
@@ -389,4 +385,4 @@ if master:
     log.close(curves=[('flow-matching loss', ['loss']),
                       ('val PSNR of frame 77 (dB)', ['val_psnr_single', 'val_psnr_ensemble', 'val_psnr_copy_last'])],
               title=f'sampling: {len(val_ds)} val clips, ensemble of {eval_ensemble}')
-finish()   # every rank together, then the process groups go (distributed.py)
+finish()   # every rank together, then the process groups go (machinery/distributed.py)

@@ -6,7 +6,8 @@ modulation added to the timestep's, one per latent frame); frame_timesteps (the 
 frames at timestep 0); WanDiT; LoRA (paper 2.2: rank 32 on the frozen DiT, hand-rolled as in
 minLoRA). The DiT computes what the reference (Wan-Video/Wan2.2 wan/modules/model.py) computes;
 test_all.py checks it against diffusers' WanTransformer3DModel.
-Checkpoints, LoRA files and the umT5 context: wan_files.py; the VAE: vae.py.
+Checkpoints and the umT5 context: machinery/wan_files.py; LoRA files: machinery/lora_files.py; the VAE:
+machinery/vae.py.
 
 Precision: fp32 on the CPU. With bf16 weights (set_dtype) the forward runs under bf16 autocast
 and keeps the residual stream, the timestep and state modulation and the head in fp32, as the
@@ -117,14 +118,6 @@ class LayerNorm(nn.LayerNorm):
         return super().forward(x.float())
 
 
-def autocast_input(x):
-    """x in the dtype autocast runs matmuls in (bf16 with bf16 weights), cast once here: otherwise
-    every Linear that reads x (q, k, v and their LoRA adapters) casts the same fp32 tensor again.
-    Outside autocast, x as it is. (Backward: the gradients of x's readers add in that dtype.)"""
-    device_type = x.device.type
-    return x.to(torch.get_autocast_dtype(device_type)) if torch.is_autocast_enabled(device_type) else x
-
-
 class Attention(nn.Module):
     """Self- (rope given) or cross-attention (context given); q/k RMS-normed across all heads."""
 
@@ -139,7 +132,6 @@ class Attention(nn.Module):
         self.norm_k = RMSNorm(dim, eps)
 
     def forward(self, x_BLD, context_BSD=None, rope=None):
-        x_BLD = autocast_input(x_BLD)
         src_BSD = x_BLD if context_BSD is None else context_BSD
         q = rearrange(self.norm_q(self.q(x_BLD)), 'b l (h d) -> b h l d', h=self.num_heads)
         k = rearrange(self.norm_k(self.k(src_BSD)), 'b s (h d) -> b h s d', h=self.num_heads)
@@ -157,21 +149,17 @@ class Attention(nn.Module):
 
 def modulate(x_BLD, shift_BGD, scale_BGD):
     """x * (1 + scale) + shift (DiT's adaLN), one (shift, scale) per group of L / G consecutive
-    tokens: G = F, one per latent frame (tokens are frame-major), or G = L, one per token.
-    (addcmul: one pass over x instead of a multiply and an add.)"""
-    B, L, D = x_BLD.shape
-    G = shift_BGD.shape[1]
-    x_BGND = x_BLD.view(B, G, L // G, D)
-    return torch.addcmul(shift_BGD[:, :, None], x_BGND, 1 + scale_BGD[:, :, None]).view(B, L, D)
+    tokens: G = F, one per latent frame (tokens are frame-major), or G = L, one per token."""
+    x_BGND = rearrange(x_BLD, 'b (g n) d -> b g n d', g=shift_BGD.shape[1])
+    out_BGND = x_BGND * (1 + scale_BGD[:, :, None]) + shift_BGD[:, :, None]
+    return rearrange(out_BGND, 'b g n d -> b (g n) d')
 
 
 def gated_residual(x_BLD, y_BLD, gate_BGD):
-    """x + y * gate: the residual branch y times its gate, one gate per group of tokens as in
-    modulate(), added to the fp32 residual stream in one pass (a bf16 y is read as it is and
-    computed on in fp32, so no separate upcast of it)."""
-    B, L, D = x_BLD.shape
-    G = gate_BGD.shape[1]
-    return torch.addcmul(x_BLD.view(B, G, L // G, D), y_BLD.view(B, G, L // G, D), gate_BGD[:, :, None]).view(B, L, D)
+    """x + gate * y: the residual branch y = f(x) times its gate, one gate per group of tokens as in
+    modulate(), added to the fp32 residual stream (a bf16 y is promoted to fp32 by the product)."""
+    x_BGND, y_BGND = (rearrange(a, 'b (g n) d -> b g n d', g=gate_BGD.shape[1]) for a in (x_BLD, y_BLD))
+    return rearrange(x_BGND + gate_BGD[:, :, None] * y_BGND, 'b g n d -> b (g n) d')
 
 
 class Block(nn.Module):
@@ -192,10 +180,11 @@ class Block(nn.Module):
         # 6-way modulation in fp32: this block's learned offset + the timestep (+ state) embedding,
         # one per group of tokens (a latent frame, or a token: see WanDiT.forward)
         shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (self.modulation.float() + e_BG6D).unbind(2)
-        x_BLD = gated_residual(x_BLD, self.self_attn(modulate(self.norm1(x_BLD), shift_sa, scale_sa), rope=rope), gate_sa)
+        h_BLD = modulate(self.norm1(x_BLD), shift_sa, scale_sa)
+        x_BLD = gated_residual(x_BLD, self.self_attn(h_BLD, rope=rope), gate_sa)
         x_BLD = x_BLD + self.cross_attn(self.norm3(x_BLD), context_BSD)   # a bf16 output adds in fp32
-        x_BLD = gated_residual(x_BLD, self.ffn(modulate(self.norm2(x_BLD), shift_ff, scale_ff)), gate_ff)
-        return x_BLD
+        h_BLD = modulate(self.norm2(x_BLD), shift_ff, scale_ff)
+        return gated_residual(x_BLD, self.ffn(h_BLD), gate_ff)
 
 
 class Head(nn.Module):
@@ -288,18 +277,12 @@ def frame_timesteps(mask_BF, t_B):
     """[B, F] frame mask (0 = context frame, 1 = generated) x [B] timesteps -> [B, F] per frame.
 
     This is how TI2V holds its first frame fixed (Wan 2.2 TI2V: timestep 0 on its tokens); the paper
-    holds several frames. The DiT takes it as it is (one modulation per latent frame).
+    holds several frames. The DiT takes it as it is (one modulation per latent frame); the reference
+    (and diffusers) pass the same timesteps one per token, .repeat_interleave(tokens_per_frame, dim=1).
     """
     if mask_BF.ndim != 2 or t_B.shape != mask_BF.shape[:1]:
         raise ValueError(f"mask must be [B, F] and t [B], got {tuple(mask_BF.shape)} and {tuple(t_B.shape)}")
     return mask_BF.float() * t_B.float()[:, None]
-
-
-def per_token_timestep(mask_BF, t_B, tokens_per_frame):
-    """The same timesteps one per token, [B, L], as the reference TI2V passes them (and diffusers'
-    WanTransformer3DModel takes them); tokens_per_frame = (H / 2) * (W / 2). The DiT gives the same
-    output for these as for frame_timesteps(), more slowly (bench.py measures by how much)."""
-    return frame_timesteps(mask_BF, t_B).repeat_interleave(tokens_per_frame, dim=1)
 
 
 class WanDiT(nn.Module):
@@ -379,7 +362,8 @@ class WanDiT(nn.Module):
         """ValueError on inputs of the wrong shape; else the token grid (f, h, w) and the timesteps
         t_BG, one per modulation group: G = f (one timestep per latent frame) or G = L = f h w (one
         per token, as the reference). Every token of a frame has the same timestep and states, so
-        per frame is the same maths with h * w times less modulation work and memory (bench.py)."""
+        per frame is the same maths with h * w times less modulation work and memory (measured by
+        machinery/bench.py)."""
         cfg = self.cfg
         B, C, Fr, H, W = x.shape
         pt, ph, pw = cfg.patch_size
@@ -471,9 +455,9 @@ class WanDiT(nn.Module):
 
     @classmethod
     def from_pretrained(cls, cfg, state_dict, state_cond=True, device='cpu'):
-        """The DiT holding a checkpoint's weights (official key names, as wan_files.load_dit reads
-        them from the Hub or a folder). Built on the meta device and the tensors assigned, so only
-        one copy of the weights is ever in memory. The state embedder (in no Wan checkpoint) gets
+        """The DiT holding a checkpoint's weights (official key names, as machinery.wan_files.load_dit
+        reads them from the Hub or a folder). Built on the meta device and the tensors assigned, so
+        only one copy of the weights is ever in memory. The state embedder (in no Wan checkpoint) gets
         its own init: 'paper' is zero at its output, so the model starts as the base model (DiT's
         adaLN-Zero); 'team' is not, as in the team's code."""
         with torch.device('meta'):
@@ -514,12 +498,10 @@ class LoRALinear(nn.Linear):
         nn.init.zeros_(self.lora_B.weight)   # B = 0: the model starts exactly as the base
 
     def forward(self, x):
-        x = autocast_input(x)   # one cast, shared by the base and the adapter
         y = F.linear(x, self.weight, self.bias)
         if self.merged:
             return y
-        lora = self.lora_B(self.lora_A(x))
-        return y + (lora if self.scale == 1 else lora * self.scale)   # alpha = rank (the paper's 32 / 32): no multiply
+        return y + self.lora_B(self.lora_A(x)) * self.scale
 
     def delta(self):
         return (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scale
@@ -574,7 +556,7 @@ def trainable_state_dict(model):
     return {k: v for k, v in model.state_dict().items() if is_trainable(k)}
 
 
-# --- Size: parameter counts on the meta device (speed: bench.py) ----------------------------------
+# --- Size: parameter counts on the meta device (speed: machinery/bench.py) ------------------------
 
 def parameter_counts(cfg=None, lora_rank=32):
     """Base / state-conditioning / LoRA parameter counts, built on the meta device (no memory)."""
@@ -594,7 +576,4 @@ def main():
 
 
 if __name__ == '__main__':
-    import sys
-    if sys.argv[1:2] in (['export'], ['encode_raw']):
-        raise SystemExit("moved: `python -m machinery.wan_files export`, `python prepare.py encode_raw --codec=wan`")
     main()

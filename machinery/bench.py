@@ -45,7 +45,7 @@ lets torch choose. The VAE row has no such check (its attention is fp32, single-
 1024 channels: no fused kernel takes it). --profile prints the operators and kernels that took the
 most device time (CPU time on the CPU) in each benchmark's timed calls. --compile compiles block by
 block (compile_blocks of both models), as the training scripts do. MFU = model FLOPs / time / the
-device's dense bf16 peak (peak_flops.py); it is n/a on the CPU and for the fp32 decoding rows.
+device's dense bf16 peak (machinery/speed.py); it is n/a on the CPU and for the fp32 decoding rows.
 """
 import math
 import time
@@ -55,9 +55,10 @@ import torch
 
 import data
 from configurator import configure
+from flow_matching import flow_matching_loss, latent_mask, sample_latents
 from machinery.speed import peak_flops
 from st_transformer import STConfig, STTransformer
-from wan_state import WanConfig, WanDiT, add_lora, frame_timesteps, lora_modules, per_token_timestep
+from wan_state import WanConfig, WanDiT, add_lora, frame_timesteps, lora_modules
 
 # --- settings --------------------------------------------------------------------------------
 preset = 'full' if torch.cuda.is_available() else 'cpu'  # 'cpu' (tiny), 'cpu_ratios', 'full' (the paper's sizes)
@@ -273,8 +274,6 @@ def bench_st_decode(st, z_BGHW, states_BLD):
 def build_dit():
     """The frozen DiT of --wan_model (bf16 weights on CUDA), and random inputs of a clip's shapes
     for the largest batch: latents, states, one text context and the mask of the context latents."""
-    if wan_model not in ('tiny', 'ti2v-5b'):
-        raise ValueError(f"--wan_model={wan_model}: use 'tiny' or 'ti2v-5b'")
     wcfg = (WanConfig.tiny(dim=wan_dim, num_layers=wan_layers, num_heads=wan_heads, ffn_dim=wan_ffn)
             if wan_model == 'tiny' else WanConfig())
     with torch.device(device):
@@ -288,8 +287,7 @@ def build_dit():
     x_BCFHW = torch.randn(n_max, wcfg.in_dim, Fr, latent_hw, latent_hw, device=device)
     wstates_BTD = torch.randn(n_max, 4 * (Fr - 1) + 1, wcfg.state_dim, device=device)
     context_1LD = torch.randn(1, wcfg.text_len, wcfg.text_dim, device=device)   # umT5("") stand-in
-    mask_BF = torch.ones(n_max, Fr, device=device)
-    mask_BF[:, :K] = 0   # the 2 context latents at t = 0 (paper 2.1)
+    mask_BF = latent_mask(n_max, Fr, K, device)   # the 2 context latents at t = 0 (paper 2.1)
     return net, x_BCFHW, wstates_BTD, context_1LD, mask_BF
 
 
@@ -303,7 +301,7 @@ def bench_wan_fwd(net, x_BCFHW, wstates_BTD, context_1LD, mask_BF):
     with torch.no_grad():
         sec, gib, _ = timed(lambda: net(x_BCFHW[:b], frame_timesteps(mask_BF[:b], t_B), context_1LD, wstates_BTD[:b]))
         report('wan_fwd', f'{b} x {clip}', sec, gib, b, b * L, flops)
-        t_BL = per_token_timestep(mask_BF[:b], t_B, tokens_per_frame)
+        t_BL = frame_timesteps(mask_BF[:b], t_B).repeat_interleave(tokens_per_frame, dim=1)
         sec_ref, gib, _ = timed(lambda: net(x_BCFHW[:b], t_BL, context_1LD.expand(b, -1, -1), wstates_BTD[:b]))
         report('wan_fwd_per_token', f'{b} x {clip}, t per token', sec_ref, gib, b, b * L, flops)
     return {'DiT forward, per-token timesteps and per-sample context / per-frame and shared': sec_ref / sec}
@@ -314,7 +312,6 @@ def bench_ensemble(net, x_BCFHW, wstates_BTD, context_1LD):
     batch, and (with --ensemble_looped) the same members one at a time. Batching is worth it if it
     is faster and its latents are the looped ones (the same maths, up to float rounding). Returns
     the batched seconds (sample.py's DiT time per clip) and the ratios."""
-    from flow_matching import sample_latents
     n = ensemble
     z_ctx = x_BCFHW[:1, :, :K].expand(n, -1, -1, -1, -1)   # one clip's context, repeated per member
     noise = torch.randn(n, net.cfg.in_dim, Fr, latent_hw, latent_hw, device=device)
@@ -342,7 +339,6 @@ def bench_ensemble(net, x_BCFHW, wstates_BTD, context_1LD):
 def bench_wan_lora(net, x_BCFHW, wstates_BTD, context_1LD):
     """One LoRA fine-tuning step of the DiT (rank 32, frozen base, flow_matching.py's loss, fused
     AdamW), with gradient checkpointing on the first --wan_ckpt_blocks blocks. Adds LoRA to net."""
-    from flow_matching import flow_matching_loss
     b = wan_lora_batch
     if not lora_modules(net):   # (the rows of a second --sdpa kernel reuse the adapters)
         add_lora(net, rank=32, alpha=32)   # freezes the base; fp32 adapters and state weights train
@@ -377,14 +373,13 @@ def bench_vae():
     fp32's as PSNR (dB, uint8 frames as sample.py scores them; independent errors add in MSE, so at
     40 dB a score near 23 dB moves by under 0.1 dB)."""
     import copy
-    from diffusers import AutoencoderKLWan
-    from metrics import psnr
+    from machinery import need
     from machinery.vae import WanVAE, video_to_frames
+    from metrics import psnr
+    AutoencoderKLWan = need('diffusers', 'the vae benchmark').AutoencoderKLWan
     # Wan-AI/Wan2.2-TI2V-5B-Diffusers vae/config.json (48 channels, 2x2 patchify, 16x16x4)
     size = dict(tiny=dict(base_dim=8, decoder_base_dim=8, dim_mult=[1, 2, 2, 2], num_res_blocks=1),
                 **{'wan2.2': dict(base_dim=160, decoder_base_dim=256, dim_mult=[1, 2, 4, 4], num_res_blocks=2)})
-    if vae not in size:
-        raise ValueError(f"--vae={vae}: use 'tiny' or 'wan2.2'")
     fp32 = AutoencoderKLWan(z_dim=48, temperal_downsample=[False, True, True], is_residual=True, in_channels=12,
                             out_channels=12, patch_size=2, scale_factor_spatial=16, scale_factor_temporal=4,
                             latents_mean=[0.0] * 48, latents_std=[1.0] * 48, **size[vae]).to(device)

@@ -1,11 +1,8 @@
 """A run's checkpoints: written so that no state is ever lost, and read so that no file runs code.
 
-    save_checkpoint(out_dir, state, metric)   ckpt.pt written atomically; the one before it kept as
-                                              ckpt_prev.pt, and the best by a validation metric as
-                                              ckpt_best.pt (hard links: no extra disk); a state holding
-                                              NaN or inf is never written
-    load_checkpoint(path, kind, expect)       torch.load(weights_only=True): tensors and plain data only,
-                                              so loading never runs code; the track and model settings checked
+    save_checkpoint(out_dir, state, metric)   ckpt.pt atomically, ckpt_prev.pt and ckpt_best.pt (hard
+                                              links); a state holding NaN or inf is never written
+    load_checkpoint(path, kind, expect)       tensors and plain data only; track and model settings checked
     model_settings_on_resume(...)             a resume takes the model settings of its checkpoint, and
     optimizer_settings_on_resume(...)         the optimizer flags given now (it says which changed)
     keep_last_good(out_dir, step)             after a divergence: ckpt.pt back to the last state before it
@@ -24,11 +21,10 @@ DIVERGED = 'ckpt_diverged.pt'   # a saved state whose loss then diverged, moved 
 
 
 def save_checkpoint(out_dir, state, metric=None, higher_is_better=False):
-    """Write ckpt.pt atomically; keep the previous one as ckpt_prev.pt; if `metric` is given and
-    is the best so far, ckpt.pt is also kept as ckpt_best.pt (best.json says its step and value).
-    At every moment ckpt.pt is a whole checkpoint: a run killed while saving loses nothing. A state
-    holding NaN or inf is never saved (the run stops, files untouched), nor is a full disk a
-    traceback (the partial file is removed)."""
+    """Write ckpt.pt atomically (a run killed while saving loses nothing); keep the previous one as
+    ckpt_prev.pt; if `metric` is the best so far, ckpt.pt is also kept as ckpt_best.pt (best.json:
+    its step and value). A state holding NaN or inf is never saved (the run stops, files untouched),
+    nor is a full disk a traceback (the partial file is removed)."""
     path = os.path.join(out_dir, CKPT)
     bad = _non_finite(state)
     if bad:
@@ -64,33 +60,23 @@ def _non_finite(obj, name=''):
     if isinstance(obj, torch.Tensor):
         return name if obj.is_floating_point() and not torch.isfinite(obj).all() else None
     items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
-    for key, value in items:
-        bad = _non_finite(value, f"{name}.{key}" if name else str(key))
-        if bad:
-            return bad
-    return None
+    return next(filter(None, (_non_finite(value, f"{name}.{key}" if name else str(key)) for key, value in items)), None)
 
 
 def _peek(path):
-    """A checkpoint on disk with its tensors left there (memory-mapped), or None if unreadable:
-    what a caller needs of it (its step, its config) is read without loading the weights."""
+    """A checkpoint on disk with its tensors left there (memory-mapped), or {} if unreadable: what
+    a caller needs of it (its step, its config) is read without loading the weights."""
     try:
         state = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
     except Exception:   # unreadable or not ours: the caller says so
-        return None
-    return state if isinstance(state, dict) else None
-
-
-def _saved_step(path):
-    """The step of a checkpoint on disk, or None."""
-    return (_peek(path) or {}).get('step')
+        return {}
+    return state if isinstance(state, dict) else {}
 
 
 def _what_ckpt_holds(out_dir):
     ckpt = os.path.join(out_dir, CKPT)
-    if not os.path.exists(ckpt):
-        return "no checkpoint was written"
-    return f"{ckpt} (step {_saved_step(ckpt)}) is untouched"
+    return f"{ckpt} (step {_peek(ckpt).get('step')}) is untouched" if os.path.exists(ckpt) else \
+        "no checkpoint was written"
 
 
 def _link_or_copy(src, dst):
@@ -137,14 +123,16 @@ def load_checkpoint(path, kind, expect=None):
 
 def model_settings_on_resume(out_dir, kind, settings, given):
     """--init_from=resume, as nanoGPT: the settings that shape the model (settings: name -> value
-    now) are those of out_dir/ckpt.pt. One the user did not give (given: the names configure()
-    returns, set by a flag or a config file) is taken from the checkpoint, with a line naming
-    each; one given that differs is refused by name. Returns the settings to use. Reads the
-    checkpoint memory-mapped: only its config is touched."""
+    now) are those of out_dir/ckpt.pt (read memory-mapped: only its config). One the user did not
+    give (given: the names configure() returns) is taken from it, with a line naming each; one given
+    that differs is refused by name. Returns the settings to use."""
     path = os.path.join(out_dir, CKPT)
     if not os.path.exists(path):   # claim() says so, with what to do
         return settings
-    saved = _saved_config(path, kind)
+    state = _peek(path)
+    if state.get('kind') != kind:   # load_checkpoint stops saying what is wrong
+        state = load_checkpoint(path, kind)
+    saved = state.get('config', {})
     differ = {k: v for k, v in settings.items() if k in saved and saved[k] != v}
     clash = [f"{k}={saved[k]!r} in the checkpoint, {v!r} now" for k, v in differ.items() if k in given]
     if clash:
@@ -155,14 +143,6 @@ def model_settings_on_resume(out_dir, kind, settings, given):
     if taken and os.environ.get('RANK', '0') == '0':
         print(f"resume: model settings taken from {path}: " + ', '.join(f"{k}={v!r}" for k, v in taken.items()))
     return {**settings, **taken}
-
-
-def _saved_config(path, kind):
-    """A checkpoint's config, its tensors left on disk (memory-mapped)."""
-    state = _peek(path)
-    if state is None or state.get('kind') != kind:   # load_checkpoint stops saying what is wrong
-        state = load_checkpoint(path, kind)
-    return state.get('config', {})
 
 
 def optimizer_settings_on_resume(optimizer, group_settings, saved_config, config):
@@ -191,7 +171,7 @@ def keep_last_good(out_dir, step):
     ckpt, prev = os.path.join(out_dir, CKPT), os.path.join(out_dir, PREV)
     if not os.path.exists(ckpt):
         return "no checkpoint was written"
-    saved = _saved_step(ckpt)
+    saved = _peek(ckpt).get('step')
     if saved is None or saved < step - 1:   # the weights that diverged are those of step - 1
         return f"{ckpt} holds step {saved}, saved before the divergence at step {step}"
     os.replace(ckpt, os.path.join(out_dir, DIVERGED))
@@ -206,7 +186,7 @@ def keep_last_good(out_dir, step):
     if not os.path.exists(prev):
         return f"{said}; no checkpoint from before step {saved} exists"
     _link_or_copy(prev, ckpt)
-    return f"{ckpt} and {prev} hold step {_saved_step(ckpt)}, saved before the loss diverged at step {step}; {said}"
+    return f"{ckpt} and {prev} hold step {_peek(ckpt).get('step')}, saved before the loss diverged at step {step}; {said}"
 
 
 def _read_json_or_none(path, then):

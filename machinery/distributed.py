@@ -1,12 +1,7 @@
-"""The processes of a training run, as torchrun starts them (both training scripts use these).
-
-    device = resolve_device('auto')                        # the GPU if torch sees one, else cpu
-    ddp, rank, world, device = setup_distributed(device)   # DDP when torchrun set RANK, else one process
-    grad_accum_steps(global_batch_size, batch_size, world_size)  # micro-steps per optimizer step
-    on_master(fn, *args)    # rank 0 does fn (a check, a write); if fn stops the run, every rank stops
-    wait_for_all(what)      # a barrier that does not time out during hours of data preparation
-    mean_over_ranks(t)      # a tensor averaged over the ranks (the loss every rank logs and checks)
-    finish()                # the end of a run: every rank together, then the process group goes
+"""The processes of a training run, as torchrun starts them (both training scripts use these):
+the device and DDP (resolve_device, setup_distributed, grad_accum_steps), rank 0's work that may
+stop every rank (on_master), barriers that outlast hours of data preparation (wait_for_all), the
+loss averaged over the ranks (mean_over_ranks), and the end of a run (finish).
 
 Over several nodes the same torchrun command runs on every node (--nnodes N, the c10d rendezvous
 on the first node). torchrun starts the script only when every node's torchrun has joined, and
@@ -66,24 +61,21 @@ def on_master(fn, *args):
     message: no rank is left waiting for the others at a later collective."""
     ddp = dist.is_available() and dist.is_initialized()
     master = not ddp or dist.get_rank() == 0
-    message = None
+    box = [None]   # rank 0's stop message, sent to every rank
     if master:
         try:
             fn(*args)
         except SystemExit as e:
-            message = str(e)
+            box = [str(e)]
     if ddp:
-        box = [message]
         dist.broadcast_object_list(box, src=0)
-        message = box[0]
-    if message is not None:
-        raise SystemExit(message if master else 1)
+    if box[0] is not None:
+        raise SystemExit(box[0] if master else 1)
 
 
 def wait_for_all(what, hours=48):
-    """A barrier that does not time out during a long download or encoding: NCCL's (and the default
-    group's) timeout is minutes, the first preparation of the 1X data takes hours. A gloo group with
-    a long timeout waits on the CPU, only here."""
+    """A barrier that outlasts a long download or encoding (hours; NCCL's timeout is minutes): a gloo
+    group with a long timeout, waiting on the CPU."""
     if dist.is_available() and dist.is_initialized():
         if dist.get_rank() == 0:
             print(f"waiting for every rank to finish {what}")
@@ -100,10 +92,9 @@ def mean_over_ranks(t):
 
 
 def finish():
-    """The end of a DDP run: every rank waits for the others (rank 0 may still be writing its final
-    figures), then the process groups are destroyed. A rank that tears gloo down while a peer still
-    holds its connections can die in C++ (SIGABRT, "terminate called without an active exception"),
-    after its work is done but with an exit code that fails the launch."""
+    """The end of a DDP run: every rank waits for the others (rank 0 may still be writing), then the
+    process groups go. A rank that tears gloo down while a peer still holds its connections can die
+    in C++ (SIGABRT) after its work is done, with an exit code that fails the launch."""
     if dist.is_available() and dist.is_initialized():
         wait_for_all('the run')
         dist.destroy_process_group()

@@ -21,10 +21,6 @@ from machinery.hub import hub_file
 from machinery.vae import PixelCodec, frames_to_video
 
 
-# ---------------------------------------------------------------------------------------------
-# Raw video data (sampling track): download, and latents on disk (encode once, train many steps)
-# ---------------------------------------------------------------------------------------------
-
 def _fetch_raw(repo_file, out):
     """One file of the raw dataset into out/repo_file (hub_file); one placed by an earlier run is kept."""
     dst = os.path.join(out, repo_file)
@@ -198,13 +194,20 @@ def latents_bytes(data_dir, splits, vae, stride, synthetic_frames=None, assume_1
     return total
 
 
-def raw_latents(data_dir, splits, vae, vae_path, stride, batch_size, download, device, rank=0, world_size=1):
+def raw_latents(data_dir, splits, vae, vae_path, stride, batch_size, download, device, rank=0, world_size=1,
+                synthetic=None):
     """The latents train_sampling.py trains on, made once: data_dir/latents_{vae}/SPLIT for each raw
-    training split. A split neither whole on disk nor encoded is fetched from the Hub if download,
-    else an error (val_v2.0_raw, which validation reads raw, too); each split is then encoded, or
+    training split. synthetic (train shards, frames, size, seed, val frames): first write that
+    synthetic raw set into data_dir (synthetic_video.write_synthetic_raw_set; a finished one is
+    kept). A split neither whole on disk nor encoded is fetched from the Hub if download, else an
+    error (val_v2.0_raw, which validation reads raw, too); each split is then encoded, or
     its finished encoding checked against this stride and codec. With world_size > 1 every rank
     fetches and encodes its share of the shards, and rank 0 finishes. Returns ([latent dir per
     split], codec): validation decodes with the same codec."""
+    if synthetic:   # rank 0 writes it, once
+        from machinery.synthetic_video import write_synthetic_raw_set
+        on_master(write_synthetic_raw_set, data_dir, *synthetic)
+        wait_for_all('the synthetic data')
     split_dir = lambda name: os.path.join(data_dir, name)
     latent_dirs = {s: os.path.join(data_dir, f'latents_{vae}', s) for s in splits}
     missing = [s for s in sorted(set(splits) | {'val_v2.0_raw'}) if not raw_split_is_whole(split_dir(s))

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from data import RAW_CLIP_LEN, RAW_HZ, STATE_DIM, check_finite_rows, layout_path, shard_files
+from machinery import need
 
 SPLITS = ('train_v2.0_raw', 'val_v2.0_raw')
 
@@ -63,7 +64,7 @@ def read_states(path):
 
 def video_header(path):
     """(height, width, frame count or 0 when the container does not say, frames per second)."""
-    import av
+    av = need('av', 'reading your mp4 videos')
     try:
         with av.open(str(path)) as container:
             if not container.streams.video:
@@ -97,7 +98,7 @@ def check_pair(video, states_path, size):
 
 def write_shard(split_dir, shard, video, states_ND, nested, crf):
     """Re-encode `video` as shard `shard` of a raw split, with its states, one segment and its metadata."""
-    import av
+    av = need('av', 'writing the raw mp4 videos')
     paths = {kind: layout_path(split_dir, folder, name, nested)
              for kind, (folder, name) in shard_files(shard, 'mp4').items()}
     for path in paths.values():

@@ -9,9 +9,12 @@ default font, and the margins are sized from the measured text so that no label 
 import math
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
 
 import data
+from machinery import need
+
+# Pillow (requirements-sampling.txt): every sampling run draws its validation PNGs
+Image, ImageDraw, ImageFont = (need(f'PIL.{m}', 'drawing the figures') for m in ('Image', 'ImageDraw', 'ImageFont'))
 
 GAP = 4            # pixels between cells, and between a caption and its cell
 MARGIN = 8         # pixels around the figure, between rows, and right of the row labels

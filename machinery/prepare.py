@@ -98,7 +98,7 @@ def main(argv=None):
     p.add_argument('--split', default='val_v2.0_raw', help='train_v2.0_raw or val_v2.0_raw')
     p.set_defaults(run=lambda a: print(f"downloaded to {latents.download_raw(a.out, a.split)}"))
     p = sub.add_parser('own_clips', help='convert a folder of your own clips (NAME.mp4 + NAME.npy states, frames x 25) '
-                                         'to the raw layout train_sampling.py reads (own_clips.py)')
+                                         'to the raw layout train_sampling.py reads (machinery/own_clips.py)')
     own_clips.add_arguments(p)
     p.set_defaults(run=cmd_own_clips)
 

@@ -2,18 +2,12 @@
 checkpoints.py). A long run (about 17 h for compression, 36 h on 32 GPUs for sampling) must never
 lose its last good state, nor share its folder with another run.
 
-    claim(out_dir, resume, overwrite)   refuse to train from scratch over an existing checkpoint,
-                                        check the folder is writable, and lock it (run.lock,
-                                        refreshed by a thread while the run lives); --overwrite
-                                        moves the earlier run's files into previous_<time>/
-    DivergenceGuard(out_dir, spike)     a NaN or inf loss (or gradient norm), or a loss far above its
-                                        recent median, stops the run; ckpt.pt and ckpt_prev.pt keep
-                                        only states from before the divergence
-    check_log_with(log_with)            a tracker whose package is missing stops the run at its start
-    RunLog(out_dir, ...)                log.jsonl (and TensorBoard or W&B, and curves.png: trackers.py);
-                                        on the terminal a progress bar and a line every log_interval
-                                        steps. Step N: after N optimizer steps, in the log, the
-                                        console, val/step_N, best.json and ckpt.pt alike
+    claim(out_dir, resume, overwrite)   no training over a checkpoint by accident, a writable folder,
+                                        locked (run.lock) while the run lives; --overwrite moves the
+                                        earlier run's files into previous_<time>/
+    DivergenceGuard(out_dir, spike)     a NaN, inf or spiking loss stops the run, ckpt.pt and
+                                        ckpt_prev.pt holding states from before the divergence
+    RunLog(out_dir, ...)                log.jsonl (and TensorBoard, W&B, curves.png: trackers.py)
     checkpoint_bytes / disk_report      what a run will write, against the free space
 """
 import atexit
@@ -24,9 +18,11 @@ import os
 import shutil
 import socket
 import statistics
+import tempfile
 import threading
 import time
 from collections import deque
+from contextlib import suppress
 
 from tqdm import tqdm
 
@@ -38,39 +34,34 @@ HEARTBEAT_S = 60     # a live run refreshes its lock this often (a thread: downl
 SPIKE_WINDOW, SPIKE_MIN = 100, 20   # the loss-spike rule: the median of the last 100 losses, once 20 are known
 
 
-# ---------------------------------------------------------------------------------------------
-# Claiming the folder: no accidental overwrite, one writer at a time
-# ---------------------------------------------------------------------------------------------
-
-def _pid_alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
+# --- Claiming the folder: no accidental overwrite, one writer at a time ----------------------
 
 def _lock_is_stale(path):
+    """(stale, whose lock): on this host a lock is stale once its process is gone, from another host
+    once it is not refreshed for LOCK_STALE_S."""
     try:
         with open(path) as f:
             owner = json.load(f)
-        owner = dict(pid=int(owner['pid']), host=str(owner['host']), started=owner.get('started', '?'))
+        pid, host, started = int(owner['pid']), str(owner['host']), owner.get('started', '?')
     except (OSError, ValueError, TypeError, KeyError, AttributeError):   # torn or foreign content
         try:
             return time.time() - os.path.getmtime(path) > 60, 'an unreadable lock file, not refreshed for a minute'
         except OSError:   # removed meanwhile
             return True, 'a lock file that is gone'
-    who = f"pid {owner['pid']} on {owner['host']}, started {owner['started']}"
-    if owner['host'] == socket.gethostname():
-        return not _pid_alive(owner['pid']), who
-    return time.time() - os.path.getmtime(path) > LOCK_STALE_S, who
+    who = f"pid {pid} on {host}, started {started}"
+    if host != socket.gethostname():
+        return time.time() - os.path.getmtime(path) > LOCK_STALE_S, who
+    try:
+        os.kill(pid, 0)   # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return True, who
+    except PermissionError:   # it exists, another user's
+        pass
+    return False, who
 
 
 def _take_lock(out_dir):
     path = os.path.join(out_dir, LOCK)
-    me = dict(pid=os.getpid(), host=socket.gethostname(), started=time.strftime('%Y-%m-%d %H:%M:%S'))
     for _ in range(2):
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
@@ -83,34 +74,31 @@ def _take_lock(out_dir):
             os.remove(path)
             continue
         with os.fdopen(fd, 'w') as f:
-            json.dump(me, f)
+            json.dump(dict(pid=os.getpid(), host=socket.gethostname(), started=time.strftime('%Y-%m-%d %H:%M:%S')), f)
         atexit.register(_release_lock, path, os.getpid())
-        threading.Thread(target=_keep_lock_fresh, args=(out_dir,), daemon=True).start()
-        return path
+        threading.Thread(target=_keep_lock_fresh, args=(path,), daemon=True).start()
+        return
     raise SystemExit(f"could not lock {path}: another run keeps taking it")
 
 
-def _keep_lock_fresh(out_dir):
-    """While this process lives, refresh its lock every HEARTBEAT_S: a run that spends hours
+def _keep_lock_fresh(path):
+    """While this process lives, refresh its lock's time every HEARTBEAT_S: a run that spends hours
     downloading or encoding before its first step must not look dead to a run on another host."""
     while True:
         time.sleep(HEARTBEAT_S)
-        heartbeat(out_dir)
+        with suppress(OSError):
+            os.utime(path)
 
 
 def _release_lock(path, pid):
-    try:
-        with open(path) as f:
-            if json.load(f)['pid'] == pid:
-                os.remove(path)
-    except (OSError, ValueError, KeyError):
-        pass
+    with suppress(OSError, ValueError, KeyError), open(path) as f:
+        if json.load(f)['pid'] == pid:
+            os.remove(path)
 
 
 def claim(out_dir, resume, overwrite=False, resume_flag='--init_from=resume'):
-    """Call on the process that saves (rank 0) before any work. Stops with a message if out_dir
-    holds a checkpoint and this is not a resume (unless overwrite), if a resume finds none, if the
-    folder cannot be written, or if another live run holds it."""
+    """Call on rank 0 before any work. Stops if out_dir holds a checkpoint and this is not a resume
+    (unless overwrite), if a resume finds none, if the folder is not writable, or another run holds it."""
     ckpt = os.path.join(out_dir, CKPT)
     if resume and not os.path.exists(ckpt):
         raise SystemExit(f"{resume_flag}: {ckpt} does not exist (train first, or pass the run's --out_dir)")
@@ -122,10 +110,7 @@ def claim(out_dir, resume, overwrite=False, resume_flag='--init_from=resume'):
         raise SystemExit(f"--out_dir={out_dir} is a file, not a folder: pass a folder (it is made if missing)")
     try:
         os.makedirs(out_dir, exist_ok=True)
-        probe = os.path.join(out_dir, f'.write_test_{os.getpid()}')
-        with open(probe, 'w') as f:
-            f.write('ok')
-        os.remove(probe)
+        tempfile.TemporaryFile(dir=out_dir).close()   # a file can be written there
     except OSError as e:
         raise SystemExit(f"--out_dir={out_dir} is not writable ({e.strerror}): pass a folder you can write to")
     _take_lock(out_dir)
@@ -140,12 +125,11 @@ RUN_FILES = (CKPT, PREV, BEST, DIVERGED, 'best.json', 'log.jsonl', 'curves.png',
 
 
 def _move_earlier_run_aside(out_dir):
-    """--overwrite: the earlier run's files go to out_dir/previous_<time>/, so the new run's folder
-    never mixes two runs (a best checkpoint or an exported LoRA of the old one beside the new)."""
+    """--overwrite: the earlier run's files go to out_dir/previous_<time>/: a folder never mixes two runs."""
     names = sorted(n for n in os.listdir(out_dir) if n in RUN_FILES or n.endswith('.tmp')
                    or (n.startswith(('lora_', 'state_embedder_')) and n.endswith('.safetensors')))
     if not names:
-        return None
+        return
     aside = os.path.join(out_dir, 'previous_' + time.strftime('%Y%m%d-%H%M%S'))
     while os.path.exists(aside):
         aside += '_'
@@ -153,26 +137,14 @@ def _move_earlier_run_aside(out_dir):
     for name in names:
         os.replace(os.path.join(out_dir, name), os.path.join(aside, name))
     print(f"--overwrite: moved the earlier run's files ({', '.join(names)}) to {aside}/")
-    return aside
 
 
-def heartbeat(out_dir):
-    """Refresh the lock's time, so a run on another host knows this one is alive."""
-    try:
-        os.utime(os.path.join(out_dir, LOCK))
-    except OSError:
-        pass
-
-
-# ---------------------------------------------------------------------------------------------
-# Divergence and logs
-# ---------------------------------------------------------------------------------------------
+# --- Divergence and logs ----------------------------------------------------------------------
 
 def stop_if_not_finite(figures, step, out_dir, master=True):
-    """A NaN or inf among figures ({'training loss': value, ...}) of optimizer step `step` stops
-    the run (exit code 1) before that step updates the weights. A stop, not a skipped step, is the
-    safe default: a run that diverges once usually diverges again. Every rank calls it with the
-    same (all-reduced) figures, so all stop together; only the master prints why."""
+    """A NaN or inf among figures ({'training loss': value, ...}) of optimizer step `step` stops the
+    run before that step updates the weights: a stop, not a skipped step (a run that diverges once
+    usually diverges again)."""
     for what, value in figures.items():
         if not math.isfinite(value):
             stop_diverged(f"the {what} is {value}", step, out_dir, master)
@@ -181,10 +153,9 @@ def stop_if_not_finite(figures, step, out_dir, master=True):
 class DivergenceGuard:
     """Stops a run that diverges, before the optimizer step, with ckpt.pt the last good state.
     Diverged: a NaN or inf loss or gradient norm, or a training loss above `spike` times the
-    median of its last SPIKE_WINDOW values (once SPIKE_MIN are known; spike 0: off), so a run that
-    explodes but stays finite stops too, before its checkpoints are overwritten. Every rank calls
-    check with the same (all-reduced) figures; the spike rule is the master's alone (it continues
-    its history from log.jsonl on resume), and the launcher stops the other ranks when it exits."""
+    median of its last SPIKE_WINDOW values (once SPIKE_MIN are known; spike 0: off). Every rank
+    checks the same (all-reduced) figures, so all stop together; the spike rule is the master's
+    alone (its history continues from log.jsonl on resume): the launcher stops the other ranks."""
 
     def __init__(self, out_dir, spike, master=True, start_step=0):
         self.out_dir, self.spike, self.master = out_dir, spike, master
@@ -206,15 +177,12 @@ class DivergenceGuard:
 
 
 def stop_diverged(reason, step, out_dir, master=True):
-    """Stop (exit code 1) for a divergence seen in optimizer step `step`, i.e. in the loss of the
-    weights saved as step `step` - 1 (step N: after N optimizer steps): a checkpoint of those
-    weights (saved just before) goes to ckpt_diverged.pt, and ckpt.pt becomes ckpt_prev.pt again
-    (both then hold the state before). The message says which file holds which step."""
+    """Stop (exit code 1; the master says why) for a divergence seen in optimizer step `step`, i.e.
+    in the loss of the weights saved as step - 1: checkpoints.keep_last_good."""
     if not master:
         raise SystemExit(1)
     raise SystemExit(f"step {step}: {reason}: stopping. {keep_last_good(out_dir, step)}. Lower --learning_rate, "
                      f"check the data, or resume from the checkpoint with other settings.")
-
 
 
 # How the printed line shows the figures both trainers record every step (the others: log.jsonl only)
@@ -230,22 +198,20 @@ def check_log_with(log_with):
 
 class RunLog:
     """One json line per record (with its unix time) in out_dir/log.jsonl, and a tracker if asked
-    (log_with: 'none', 'tensorboard' or 'wandb'; the package imported only then). A record's step
-    is N after N optimizer steps: the N-th step's loss, and the validation of its weights. On
-    resume from step S, records after S are dropped first, so the log reads as one uninterrupted
-    run. A figure that is None (no MFU on the CPU) is left out.
-    The trackers (trackers.py): TensorBoard drops its events after S on resume, W&B continues its run.
-    With total (the last step), a progress bar; with log_interval, a line every log_interval
-    steps and at the last, as nanoGPT prints its loss: `step 100: loss 2.1234, ..., MFU 8.9%`."""
+    (log_with: 'tensorboard' or 'wandb', trackers.py). A record's step is N after N optimizer steps:
+    the N-th step's loss, and the validation of its weights. On resume from step S, records after S
+    are dropped first (TensorBoard's events too; W&B continues its run), so the log reads as one
+    run. A figure that is None (no MFU on the CPU) is left out. With total (the last step), a
+    progress bar; with log_interval, a line every log_interval steps and at the last, as nanoGPT
+    prints its loss: `step 100: loss 2.1234, ..., MFU 8.9%`."""
 
     def __init__(self, out_dir, start_step=0, log_with='none', config=None, project='nanowm', run_name='',
                  total=None, log_interval=0):
         self.out_dir, self.path = out_dir, os.path.join(out_dir, 'log.jsonl')
         self.total, self.log_interval = total, log_interval
         self.bar = tqdm(total=total, initial=start_step, desc='train', dynamic_ncols=True) if total else None
-        kept = []
-        if start_step > 0 and os.path.exists(self.path):
-            kept = [json.dumps(r) + '\n' for r in read_log(out_dir) if r.get('step', 0) <= start_step]
+        kept = [json.dumps(r) + '\n' for r in read_log(out_dir) if r.get('step', 0) <= start_step] \
+            if start_step > 0 and os.path.exists(self.path) else []
         with open(self.path, 'w') as f:
             f.writelines(kept)
         self.tracker = None
@@ -296,9 +262,7 @@ def read_log(out_dir):
     return records
 
 
-# ---------------------------------------------------------------------------------------------
-# Disk space: what a run will write, against what is free
-# ---------------------------------------------------------------------------------------------
+# --- Disk space: what a run will write, against what is free ----------------------------------
 
 def checkpoint_bytes(n_saved, n_trained):
     """The checkpoint files a run keeps at most: ckpt.pt, ckpt_prev.pt and ckpt_best.pt (distinct

@@ -7,8 +7,7 @@ import torch
 
 # Dense bf16 peak FLOP/s (vendor datasheets, without sparsity), for MFU; the first name that
 # occurs in torch.cuda.get_device_name() wins, so the PCIe H100 comes before the SXM one.
-PEAK_BF16_FLOPS = (('H100 PCIe', 756e12), ('H100', 989e12), ('H200', 989e12),
-                   ('B200', 2250e12), ('A100', 312e12))
+PEAK_BF16_FLOPS = (('H100 PCIe', 756e12), ('H100', 989e12), ('H200', 989e12), ('B200', 2250e12), ('A100', 312e12))
 
 
 def peak_flops(device):
@@ -20,11 +19,10 @@ def peak_flops(device):
 
 
 class StepSpeed:
-    """The speed of a training step, as the scripts log it: start() before the step, stop() after
-    it returns samples_per_s; mfu, this process's model FLOPs per step over the step's time and the
-    device's peak as a running average (0.9 old + 0.1 new, nanoGPT's) that starts once the first
-    `warmup` steps are past (they allocate, and with --compile compile); and max_mem_gib, the peak
-    GPU memory so far. A figure the device does not have is None (MFU and memory on the CPU)."""
+    """The speed of a training step: start() before it, stop() after it returns samples_per_s; mfu,
+    model FLOPs per step over its time and the device's peak as nanoGPT's running average (0.9 old
+    + 0.1 new), once the first `warmup` steps (allocation, compilation) are past; and max_mem_gib,
+    the peak GPU memory so far. A figure the device does not have is None (on the CPU)."""
 
     def __init__(self, device, samples_per_step, flops_per_step, warmup=5):
         self.samples_per_step, self.flops_per_step, self.warmup = samples_per_step, flops_per_step, warmup

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from data import NUM_CONTEXT_FRAMES, RAW_HZ, STATE_DIM, layout_path, read_json, shard_files, synthetic_is_written
+from machinery import need
 
 
 # ---------------------------------------------------------------------------------------------
@@ -106,7 +107,7 @@ def write_synthetic_raw(split_dir, num_shards=1, frames_per_shard=1200, size=64,
     The split is written to SPLIT.partial and renamed into place whole: a killed write leaves no
     split that looks finished (SPLIT.partial is deleted by the next write).
     """
-    import av   # only the sampling track writes videos
+    av = need('av', 'writing the synthetic mp4 videos')
     if size % 16 != 0:
         raise ValueError(f"size={size}: use a multiple of 16 (VAE and patch strides)")
     final_dir = str(split_dir).rstrip('/')

@@ -1,9 +1,7 @@
 """The tokenized 1X data of the compression track on disk: checked whole, or downloaded from the
-Hugging Face Hub (every rank its share), with the disk it will take counted first.
-
-    tokenized_splits(data_dir, splits, shards, rank, world_size, download)   # train_compression.py
-    tokenized_bytes(data_dir, splits, shards)    # what a run will still download (its disk check)
-    download_tokenized(out, split, shards)       # `python -m machinery.prepare download`
+Hugging Face Hub (every rank its share), with the disk it will take counted first: tokenized_splits
+(train_compression.py), tokenized_bytes (its disk check), download_tokenized (`python -m
+machinery.prepare download`).
 """
 import os
 
@@ -12,12 +10,7 @@ from tqdm import tqdm
 from data import HF_REPO_TOKENIZED, SPLITS_1X, check_shards, expected_sizes, read_json, repo_files, shard_paths
 from machinery import run_dir
 from machinery.distributed import on_master, wait_for_all
-from machinery.hub import hub_file
 
-
-# ---------------------------------------------------------------------------------------------
-# Tokenized data (compression track): download and checks
-# ---------------------------------------------------------------------------------------------
 
 def tokenized_split_problems(split_dir, shards=None):
     """What is missing or the wrong size in a tokenized split (the sizes follow from the metadata,
@@ -30,8 +23,7 @@ def tokenized_split_problems(split_dir, shards=None):
     except ValueError as e:   # damaged: named (a download fetches it again)
         return [str(e)]
     problems = []
-    if shards is not None:
-        check_shards(shards, num_shards, meta)
+    check_shards(shards, num_shards, meta)
     for i in range(num_shards) if shards is None else shards:
         try:
             paths = shard_paths(split_dir, i)
@@ -47,19 +39,17 @@ def tokenized_split_problems(split_dir, shards=None):
 
 def _fetch(repo_file, out, force=False):
     """One file of the tokenized dataset into out/repo_file (hub_file)."""
+    from machinery.hub import hub_file   # only a download reaches the Hub
     return hub_file(HF_REPO_TOKENIZED, repo_file, out, "    python -m machinery.prepare download --out DIR --split train_v2.0\n"
                     "    python -m machinery.prepare download --out DIR --split val_v2.0\n", force)
 
 
 def download_tokenized(out, split='val_v2.0', shards=None, rank=0, world=1):
-    """Fetch a split of 1x-technologies/worldmodel into out/split with huggingface_hub: its
-    metadata, then the shards (shards=[0]: one train shard to try; None: all), shard i by rank
-    i % world, so every rank of a run shares the work (out must be on storage they all see).
-    Every file is checked against the size its metadata implies and fetched again once if it is
-    wrong. Train splits keep files in subfolders, the others flat (the dataset's layout)."""
+    """Fetch a split of 1x-technologies/worldmodel into out/split: its metadata, then the shards
+    (shards=[0]: one train shard to try; None: all), shard i by rank i % world (out must be on
+    storage every rank sees). A file of another size than its metadata implies is fetched again once."""
     meta = read_json(_fetch(f'{split}/metadata.json', out), counts=('num_shards', 'num_images'))
-    if shards is not None:
-        check_shards(shards, meta['num_shards'], os.path.join(out, split, 'metadata.json'))
+    check_shards(shards, meta['num_shards'], os.path.join(out, split, 'metadata.json'))
     check_room_for(out, split, meta, shards)
     mine = [i for i in (range(meta['num_shards']) if shards is None else shards) if i % world == rank]
     for i in tqdm(mine, desc=f'download {split}', unit='shard', disable=rank != 0):   # the overall progress
@@ -137,7 +127,7 @@ def finish_download(out, split, shards=None):
 
 
 def _is_synthetic(data_dir):
-    """A folder synthetic.py wrote: its synthetic.json, or a split's metadata that says so."""
+    """A folder synthetic_tokens.py wrote: its synthetic.json, or a split's metadata that says so."""
     def says_synthetic(split):
         try:
             return 'synthetic' in read_json(os.path.join(data_dir, split, 'metadata.json'))
@@ -148,32 +138,31 @@ def _is_synthetic(data_dir):
 
 def tokenized_splits(data_dir, splits, shards=None, rank=0, world_size=1, download=False):
     """Make the tokenized splits a run reads whole in data_dir: with download, the missing or
-    incomplete ones are fetched from the Hub (every rank its share of the shards), then rank 0
-    checks each; without, or in a synthetic set, what is wrong stops the run. shards: the shards
-    of train_v2.0 to use (None: all); the other splits are always whole."""
+    incomplete ones are fetched (every rank its share), then rank 0 checks each; without, or in a
+    synthetic set, what is wrong stops the run. shards: those of train_v2.0 (None: all)."""
     shards_of = lambda split: shards if split == 'train_v2.0' else None
     try:
         problems = {s: tokenized_split_problems(os.path.join(data_dir, s), shards_of(s)) for s in splits}
     except ValueError as e:   # shards the split does not have
         raise SystemExit(f"--shards: {e}")
     missing = [s for s in splits if problems[s]]
-    synthetic_set = bool(missing) and _is_synthetic(data_dir)   # never mixed with 1X files
-    for s in missing:
-        if synthetic_set or not download:
-            fix = (f"It is a synthetic set: delete {data_dir} and write it again (`python -m machinery.prepare synthetic --out "
-                   f"{data_dir}` with the --vocab and --seed it had)" if synthetic_set else
-                   f"A mistyped --data_dir? Pass the folder of the 1X tokenized data, --download to fetch what is "
-                   f"missing from the Hugging Face Hub (preset paper does), or prepare it where there is a network: "
-                   f"`python -m machinery.prepare download --out DIR --split {s}`")
-            more = f" (and {len(problems[s]) - 3} more)" if len(problems[s]) > 3 else ''
-            raise SystemExit(f"{os.path.join(data_dir, s)} is not whole: {'; '.join(problems[s][:3])}{more}. {fix}.")
+    if not missing:
+        return
+    synthetic_set, s = _is_synthetic(data_dir), missing[0]   # a synthetic set is never mixed with 1X files
+    if synthetic_set or not download:
+        fix = (f"It is a synthetic set: delete {data_dir} and write it again (`python -m machinery.prepare synthetic "
+               f"--out {data_dir}` with the --vocab and --seed it had)" if synthetic_set else
+               f"A mistyped --data_dir? Pass the folder of the 1X tokenized data, --download to fetch what is "
+               f"missing from the Hugging Face Hub (preset paper does), or prepare it where there is a network: "
+               f"`python -m machinery.prepare download --out DIR --split {s}`")
+        more = f" (and {len(problems[s]) - 3} more)" if len(problems[s]) > 3 else ''
+        raise SystemExit(f"{os.path.join(data_dir, s)} is not whole: {'; '.join(problems[s][:3])}{more}. {fix}.")
     for s in missing:
         try:
             download_tokenized(data_dir, s, shards_of(s), rank, world_size)
         except ValueError as e:   # shards the Hub's split does not have, a damaged metadata file
             raise SystemExit(str(e))
-    if missing:
-        wait_for_all(f"downloading {', '.join(missing)}")
-        for s in missing:
-            on_master(finish_download, data_dir, s, shards_of(s))
-        wait_for_all('the split metadata')
+    wait_for_all(f"downloading {', '.join(missing)}")
+    for s in missing:
+        on_master(finish_download, data_dir, s, shards_of(s))
+    wait_for_all('the split metadata')

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from machinery import need
 from machinery.hub import resolve
 from machinery.wan_files import check_keys, read_pth
 
@@ -94,7 +95,7 @@ class WanVAE:
         -Diffusers repo (its vae/), a local copy of either, or the path of a Wan2.2_VAE.pth. The
         .pth has original key names (wan/modules/vae2_2.py) and no config: its weights are renamed
         into AutoencoderKLWan built with VAE22_CONFIG (config_overrides change it, for tests)."""
-        from diffusers import AutoencoderKLWan
+        AutoencoderKLWan = need('diffusers', 'the Wan 2.2 VAE').AutoencoderKLWan
         p = Path(os.path.expanduser(str(repo_id_or_dir)))
         pth = p if p.is_file() else resolve(repo_id_or_dir, [VAE_FILE, 'vae/*']) / VAE_FILE
         if not p.is_file():   # the official root's config.json is the DiT's: its .pth comes first

@@ -1,41 +1,36 @@
-"""The Wan ecosystem's files: what nanoWM reads from and writes for the other Wan 2.2 tools.
-A Hub repo id is downloaded through huggingface_hub; a local folder is read as it is. In order:
+"""The Wan ecosystem's files that a sampling run reads: the DiT's checkpoint and the umT5 empty prompt.
+A Hub repo id is downloaded through huggingface_hub (machinery/hub.py); a local folder is read as it is.
 
-checkpoint files  resolve(repo_id_or_dir, allow_patterns): a folder, or a Hub download (into
-                  NANOWM_MODELS_DIR if set: one copy); check_keys(expected, got, source);
-                  read_pth(path): a .pth read without running its code
+checkpoint files  sharded safetensors, config.json; check_keys(expected, got, source); read_pth(path):
+                  a .pth read without running its code
 key names         diffusers_name, official_name, to_diffusers_state_dict: official Wan <-> diffusers
-the DiT           load_dit(repo_or_dir): official or diffusers layout, sharded safetensors
+the DiT           load_dit(repo_or_dir): official or diffusers layout
 text context      null_context(repo_or_dir): umT5's encoding of "", padded to 512 slots (cached)
-a run's model     build_model(...): the DiT a run trains (+ LoRA); text_context(cfg, text_encoder, device)
-nanoWM's weights  save_trainable, load_trainable: the LoRA adapters + the state conditioning
-LoRA files        export_lora(model, out_dir): lora.safetensors, which ComfyUI, diffusers and DiffSynth
-                  read, + state_embedder.safetensors (step=N: a numbered history too); read_lora,
-                  load_lora(model, path, merge=False, scale=1.0): a Wan LoRA of ComfyUI, diffusers /
-                  PEFT (also the legacy .lora.down naming), DiffSynth or kohya / musubi format
-command line      python -m machinery.wan_files export --ckpt out_sampling/ckpt.pt [--out DIR] [--overwrite]
+a run's model     build_model(...): the DiT a run trains (+ LoRA, + a LoRA file to start from);
+                  text_context(cfg, text_encoder, device)
+LoRA files in and out, the export command: machinery/lora_files.py.
 """
 import json
-import math
 import os
 import re
 from dataclasses import fields, replace
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from machinery.hub import resolve
-from wan_state import (LORA_TARGETS, LoRALinear, WanConfig, WanDiT, add_lora, keeps_fp32, lora_modules,
-                       trainable_state_dict)
+from wan_state import WanConfig, WanDiT, add_lora, keeps_fp32
 
 
-# --- Checkpoint files: download, sharded safetensors, config.json, checks -------------------------
+# --- Checkpoint files: sharded safetensors, config.json, checks -----------------------------------
 
-def _find_weights(root, stem):
-    """Shard files of a checkpoint: through <stem>.safetensors.index.json, or one <stem>.safetensors."""
-    index = root / f'{stem}.safetensors.index.json'
+def _safetensors_index(root, stem):
+    """key -> shard path of a checkpoint: through <stem>.safetensors.index.json, or one
+    <stem>.safetensors; every shard must be there, open, and hold the keys the index gives it."""
+    index, single = root / f'{stem}.safetensors.index.json', root / f'{stem}.safetensors'
     if index.exists():
         try:
             weight_map = json.loads(index.read_text())['weight_map']
@@ -48,16 +43,9 @@ def _find_weights(root, stem):
         if missing:
             raise FileNotFoundError(f"{index} lists shard(s) {missing} that are not in {root}; "
                                     f"the download is incomplete: download the checkpoint again")
-        return shards
-    single = root / f'{stem}.safetensors'
-    return {single.name: None} if single.exists() else {}
-
-
-def _safetensors_index(root, stem):
-    """key -> shard path of a sharded or single-file safetensors checkpoint; every shard must open."""
-    from safetensors import safe_open
-    shards = _find_weights(root, stem)
-    if not shards:
+    elif single.exists():
+        shards = {single.name: None}
+    else:
         raise FileNotFoundError(f"no {stem}.safetensors or {stem}.safetensors.index.json in {root}")
     where = {}
     for shard, keys in shards.items():
@@ -75,16 +63,6 @@ def _safetensors_index(root, stem):
     return where
 
 
-def _read_safetensors(root, stem, device='cpu'):
-    """Yield (key, tensor) from a sharded or single-file safetensors checkpoint, one at a time."""
-    from safetensors import safe_open
-    where = _safetensors_index(root, stem)
-    for path in dict.fromkeys(where.values()):
-        with safe_open(str(path), framework='pt', device=str(device)) as f:
-            for key in [k for k, p in where.items() if p == path]:
-                yield key, f.get_tensor(key)
-
-
 def check_keys(expected, got, source):
     """expected, got: {name: tensor}. ValueError listing the missing, unexpected and wrong-shape tensors."""
     missing = sorted(set(expected) - set(got))
@@ -92,15 +70,11 @@ def check_keys(expected, got, source):
     wrong = [f"{k}: checkpoint {tuple(got[k].shape)} vs model {tuple(expected[k].shape)}"
              for k in sorted(set(expected) & set(got)) if got[k].shape != expected[k].shape]
     if missing or unexpected or wrong:
-        def show(items):
-            return ', '.join(items[:8]) + (f' ... ({len(items)} in all)' if len(items) > 8 else '')
         lines = [f"checkpoint {source} does not match the model config:"]
-        if missing:
-            lines.append(f"  missing ({len(missing)}): {show(missing)}")
-        if unexpected:
-            lines.append(f"  unexpected ({len(unexpected)}): {show(unexpected)}")
-        if wrong:
-            lines.append(f"  wrong shape ({len(wrong)}): {show(wrong)}")
+        for what, items in (('missing', missing), ('unexpected', unexpected), ('wrong shape', wrong)):
+            if items:
+                lines.append(f"  {what} ({len(items)}): {', '.join(items[:8])}"
+                             + (f' ... ({len(items)} in all)' if len(items) > 8 else ''))
         raise ValueError('\n'.join(lines))
 
 
@@ -186,12 +160,14 @@ def load_dit(repo_id_or_dir='Wan-AI/Wan2.2-TI2V-5B', state_cond=True, device='cp
     """
     dtype = dtype or (torch.bfloat16 if str(device).startswith('cuda') else torch.float32)
     root = resolve(repo_id_or_dir, ['config.json', 'diffusion_pytorch_model*', 'transformer/*'])
-    if not _find_weights(root, 'diffusion_pytorch_model') and (root / 'transformer').is_dir():
+    if not list(root.glob('diffusion_pytorch_model.safetensors*')) and (root / 'transformer').is_dir():
         root = root / 'transformer'
     cfg = replace(_config_from_json(root / 'config.json'), **cfg_overrides)
-    sd = {}
-    for key, tensor in _read_safetensors(root, 'diffusion_pytorch_model', device):
-        sd[key] = tensor.to(torch.float32 if keeps_fp32(official_name(key)) else dtype)
+    sd, where = {}, _safetensors_index(root, 'diffusion_pytorch_model')
+    for path in dict.fromkeys(where.values()):   # shard by shard, each tensor cast as it is read
+        with safe_open(str(path), framework='pt', device=str(device)) as f:
+            for key in [k for k, p in where.items() if p == path]:
+                sd[key] = f.get_tensor(key).to(torch.float32 if keeps_fp32(official_name(key)) else dtype)
     if any(k.startswith('condition_embedder.') for k in sd):
         sd = {official_name(k): v for k, v in sd.items()}
     with torch.device('meta'):
@@ -214,7 +190,6 @@ def null_context(repo_id_or_dir='Wan-AI/Wan2.2-TI2V-5B', cache_path=None, text_l
     tokenizer needed. Reads the official models_t5_umt5-xxl-enc-bf16.pth or the diffusers
     text_encoder/ (transformers UMT5EncoderModel). The [1, 4096] result is cached as safetensors.
     """
-    from safetensors.torch import load_file, save_file
     if cache_path is None:
         name = str(repo_id_or_dir).strip('/').replace('/', '--')
         cache_dir = Path(os.environ.get('NANOWM_CACHE', '~/.cache/nanowm')).expanduser()
@@ -233,10 +208,9 @@ def null_context(repo_id_or_dir='Wan-AI/Wan2.2-TI2V-5B', cache_path=None, text_l
 
 def _umt5_one_token(root, token_id):
     """Read only what one token needs: one embedding row, v, o, the FFN and the norms of each layer."""
-    from safetensors import safe_open
     if (root / UMT5_FILE).exists():   # original Wan keys (wan/modules/t5.py T5Encoder); mmap reads lazily
         sd = read_pth(root / UMT5_FILE)
-        keys, get, get_row = sd.keys(), sd.__getitem__, lambda key, i: sd[key][i:i + 1]
+        keys, get = sd.keys(), lambda key, rows=slice(None): sd[key][rows]
         n_layers = 1 + max(int(k.split('.')[1]) for k in keys if k.startswith('blocks.'))
         names = dict(emb='token_embedding.weight', final='norm.weight', n1='blocks.{}.norm1.weight',
                      v='blocks.{}.attn.v.weight', o='blocks.{}.attn.o.weight', n2='blocks.{}.norm2.weight',
@@ -246,13 +220,9 @@ def _umt5_one_token(root, token_id):
         where = _safetensors_index(sub, 'model')
         keys = where.keys()
 
-        def get(key):
+        def get(key, rows=slice(None)):   # only those rows read from the file
             with safe_open(str(where[key]), framework='pt') as f:
-                return f.get_tensor(key)
-
-        def get_row(key, i):
-            with safe_open(str(where[key]), framework='pt') as f:
-                return f.get_slice(key)[i:i + 1]
+                return f.get_slice(key)[rows]
 
         n_layers = 1 + max(int(k.split('.')[2]) for k in keys if k.startswith('encoder.block.'))
         emb = 'shared.weight' if 'shared.weight' in keys else 'encoder.embed_tokens.weight'
@@ -268,7 +238,7 @@ def _umt5_one_token(root, token_id):
     def rms(x, weight):   # T5 LayerNorm: no mean subtraction, no bias, eps 1e-6
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * weight
 
-    x = get_row(names['emb'], token_id).float()
+    x = get(names['emb'], slice(token_id, token_id + 1)).float()
     for i in range(n_layers):
         x = x + rms(x, w('n1', i)) @ w('v', i).T @ w('o', i).T
         h = rms(x, w('n2', i))
@@ -279,10 +249,12 @@ def _umt5_one_token(root, token_id):
 # --- What a run builds: the DiT it trains and its text context ------------------------------------
 
 def build_model(*, model, pretrained, train_mode, lora_rank, lora_alpha, init_seed, device, dtype, tiny,
-                state_embedder='paper'):
+                state_embedder='paper', init_lora=''):
     """The DiT to fine-tune. pretrained = '' builds random weights from init_seed (tiny demo, timing).
     train_mode 'lora': frozen base + LoRA + state parameters (the paper); 'full': every weight
-    (the CPU demo, whose base is random: LoRA on a random base has nothing to adapt)."""
+    (the CPU demo, whose base is random: LoRA on a random base has nothing to adapt). init_lora: a
+    LoRA file or export folder a new run starts from (machinery/lora_files.py): its update in the
+    adapters, or merged into the weights (full); one that does not fit stops, named."""
     if model not in ('tiny', 'ti2v-5b'):
         raise ValueError(f"model={model!r}: 'tiny' or 'ti2v-5b'")
     if train_mode not in ('lora', 'full'):
@@ -303,6 +275,12 @@ def build_model(*, model, pretrained, train_mode, lora_rank, lora_alpha, init_se
     for p in net.parameters():   # trained weights stay fp32: they are the optimizer's master copy
         if p.requires_grad:
             p.data = p.data.float()
+    if init_lora:
+        from machinery.lora_files import load_lora
+        try:
+            load_lora(net, init_lora, merge=train_mode == 'full')
+        except (ValueError, FileNotFoundError) as err:
+            raise SystemExit(f"--init_lora={init_lora}: {err}")
     return net
 
 
@@ -313,308 +291,3 @@ def text_context(cfg, text_encoder, device):
     if text_encoder == 'zeros':
         return torch.zeros(1, cfg.text_len, cfg.text_dim, device=device)
     return null_context(text_encoder, text_len=cfg.text_len).to(device)
-
-
-# --- nanoWM's own trained weights: LoRA adapters + state conditioning -----------------------------
-
-def _check_unmerged(model, before):
-    if any(m.merged for m in lora_modules(model)):
-        raise ValueError(f"unmerge_lora(model) before {before}")
-
-
-def save_trainable(model, path):
-    """The LoRA adapters (rank and alpha in the metadata) and the state-conditioning weights."""
-    from safetensors.torch import save_file
-    _check_unmerged(model, 'saving')
-    sd = {k: v.detach().contiguous().cpu() for k, v in trainable_state_dict(model).items()}
-    loras = lora_modules(model)
-    meta = {'lora_rank': str(loras[0].rank), 'lora_alpha': str(loras[0].alpha)} if loras else {}
-    save_file(sd, str(path), metadata=meta)
-
-
-def load_trainable(model, path):
-    """Load LoRA + state weights saved by save_trainable; adds LoRA first if the file has it."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-    with safe_open(str(path), framework='pt') as f:
-        meta = f.metadata() or {}
-    sd = load_file(str(path))
-    if any('.lora_' in k for k in sd) and not lora_modules(model):
-        if 'lora_rank' not in meta:
-            raise ValueError(f"{path}: LoRA weights without lora_rank metadata; call add_lora first")
-        add_lora(model, rank=int(meta['lora_rank']), alpha=float(meta['lora_alpha']))
-    _check_unmerged(model, 'loading')
-    check_keys(trainable_state_dict(model), sd, path)
-    model.load_state_dict(sd, strict=False)
-    return model
-
-
-# --- LoRA files of the other Wan tools: ComfyUI, diffusers, DiffSynth-Studio, kohya / musubi ------
-
-# The same adapters under four key conventions (module names in the official Wan naming, ours):
-#   ComfyUI / Wan     diffusion_model.blocks.0.self_attn.q.lora_A.weight, .lora_B.weight, .alpha
-#   diffusers / PEFT  transformer.blocks.0.attn1.to_q.lora_A.weight (alpha in the file's metadata)
-#   DiffSynth-Studio  blocks.0.self_attn.q.lora_A.default.weight (no alpha)
-#   kohya / musubi    lora_unet_blocks_0_self_attn_q.lora_down.weight, .lora_up.weight, .alpha
-#   legacy diffusers  transformer.blocks.0.attn1.to_q.lora.down.weight, .lora.up.weight (diffusers
-#                     utils/state_dict_utils.py maps .lora.down -> .lora_A; ComfyUI reads it with .alpha)
-# lora_A = lora_down [rank, in], lora_B = lora_up [out, rank]; the update is B @ A * alpha / rank,
-# or B @ A where a file has no alpha (ComfyUI comfy/lora.py, diffusers lora_conversion_utils.py
-# _convert_non_diffusers_wan_lora_to_diffusers / _convert_musubi_wan_lora_to_diffusers, DiffSynth
-# GeneralLoRALoader, which ignores alpha).
-_LORA_KEY = re.compile(r'(?:diffusion_model\.|transformer\.|base_model\.model\.|lora_unet_)?(.+?)'
-                       r'\.(lora_A|lora_B|lora_down|lora_up|lora\.down|lora\.up|alpha)(?:\.default)?(?:\.weight)?')
-
-
-_LORA_PART = {'lora_A': 'A', 'lora_down': 'A', 'lora.down': 'A', 'lora_B': 'B', 'lora_up': 'B', 'lora.up': 'B',
-              'alpha': 'alpha'}
-
-
-def export_lora(model_or_trainable, out_dir, lora_alpha=None, step=None, keep_last=None):
-    """Write out_dir/lora.safetensors, which ComfyUI, diffusers and DiffSynth-Studio load for Wan 2.2
-    TI2V-5B, and out_dir/state_embedder.safetensors (the robot-state conditioning: nanoWM's own,
-    no other tool has it). Returns the paths written.
-
-    model_or_trainable: a WanDiT with LoRA (merged or not), or a checkpoint's trainable tensors
-    (ckpt['trainable']: blocks.N.<module>.lora_A.weight ..., state_embedder.*) with its lora_alpha.
-    Keys diffusion_model.blocks.N.<module>.lora_A.weight [r, in], .lora_B.weight [out, r] and
-    .alpha = r: alpha / rank is folded into lora_B, so B @ A is the whole update and loaders that
-    read .alpha (ComfyUI, diffusers) and loaders that do not (DiffSynth) apply the same update.
-
-    step: also keep this save as lora_step{step:07d}.safetensors (and state_embedder_step...),
-    the history musubi-tuner and diffusers' examples keep; lora.safetensors stays the latest.
-    keep_last: keep only the newest keep_last step-numbered files (None: all of them)."""
-    if keep_last is not None and (not isinstance(keep_last, int) or keep_last < 1):
-        raise ValueError(f"keep_last={keep_last!r}: a count >= 1 of step-numbered LoRA files to keep (None: all)")
-    if isinstance(model_or_trainable, nn.Module):
-        loras = {n: (m.lora_A.weight, m.lora_B.weight, m.scale) for n, m in model_or_trainable.named_modules()
-                 if isinstance(m, LoRALinear)}
-        state = {k: v for k, v in model_or_trainable.state_dict().items() if k.startswith('state_embedder.')}
-    else:
-        sd = model_or_trainable
-        a_keys = [k for k in sd if k.endswith('.lora_A.weight')]
-        if a_keys and lora_alpha is None:
-            raise ValueError("a trainable state dict needs its lora_alpha (ckpt['config'])")
-        loras = {k[:-len('.lora_A.weight')]: (sd[k], sd[k.replace('.lora_A.', '.lora_B.')],
-                                              lora_alpha / sd[k].shape[0]) for k in a_keys}
-        state = {k: v for k, v in sd.items() if k.startswith('state_embedder.')}
-    out_dir = Path(out_dir)
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        probe = out_dir / f'.write_test_{os.getpid()}'
-        probe.write_text('ok')
-        probe.unlink()
-    except OSError as err:   # a file where the folder should be, a read-only folder, a full disk
-        raise ValueError(f"cannot write the LoRA files into {out_dir} ({err.strerror}): give a folder you "
-                         f"can write to") from None
-    files = {}
-    if loras:
-        sd = {}
-        for name, (A, B, scale) in loras.items():
-            sd[f'diffusion_model.{name}.lora_A.weight'] = A.detach().float().cpu().contiguous()
-            sd[f'diffusion_model.{name}.lora_B.weight'] = (B.detach().float().cpu() * scale).contiguous()
-            sd[f'diffusion_model.{name}.alpha'] = torch.tensor(float(A.shape[0]))
-        files['lora'] = sd
-    if state:
-        files['state_embedder'] = {k: v.detach().float().cpu().contiguous() for k, v in state.items()}
-    written = []
-    for stem, sd in files.items():
-        if step is not None:
-            written.append(save_atomic(sd, out_dir / f'{stem}_step{step:07d}.safetensors'))
-            if keep_last is not None:   # files of later steps (a run started over here) are left alone
-                history = sorted(p for p in out_dir.glob(f'{stem}_step' + '[0-9]' * 7 + '.safetensors')
-                                 if int(p.stem[-7:]) <= step)
-                for old in history[:-keep_last]:
-                    old.unlink()
-        written.append(save_atomic(sd, out_dir / f'{stem}.safetensors'))
-    return written
-
-
-def save_atomic(sd, path):
-    """safetensors file written whole or not at all (a run killed while saving leaves the old one).
-    Written through open(), so its mode follows the umask as ckpt.pt's does (readable by the group
-    under the usual umask; safetensors' own save_file writes 0600)."""
-    from safetensors.torch import save
-    tmp = f'{path}.tmp'
-    try:
-        with open(tmp, 'wb') as f:
-            f.write(save(sd, metadata={'format': 'pt'}))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as err:   # a full disk: no half-written .tmp left behind, the old file kept
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise SystemExit(f"could not write {path} ({err.strerror}): free space on its disk, then resume "
-                         f"or export again (the previous {os.path.basename(path)}, if any, is untouched)")
-    return Path(path)
-
-
-def read_lora(path_or_state_dict, num_layers):
-    """A Wan LoRA in any format above -> {our module name: (A [r, in], B [out, r], scale)}, fp32.
-
-    The scale is alpha / rank, alpha as each tool reads it: a .alpha tensor (kohya and musubi read
-    alpha 0 as alpha = rank); else diffusers / PEFT's lora_adapter_metadata (lora_alpha, with its
-    alpha_pattern per module); else rank (scale 1). Every tensor is checked before anything is
-    returned: keys of modules this loader does not know (time or head adapters, DoRA, diffs), a
-    module given twice (two formats in one file), A without B, ranks of A and B that differ, and
-    NaN or inf values are errors that name the key."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-    sd, meta, source = path_or_state_dict, {}, 'the LoRA'
-    if not isinstance(sd, dict):
-        source = str(sd)
-        try:
-            with safe_open(source, framework='pt') as f:
-                meta = f.metadata() or {}
-            sd = load_file(source)
-        except Exception as err:   # safetensors raises its own error types for a non-safetensors file
-            raise ValueError(f"{source}: not a readable safetensors LoRA file ({err})") from None
-    peft = {k.split('.')[-1]: v for k, v in json.loads(meta.get('lora_adapter_metadata', '{}')).items()}
-    targets = [f'blocks.{i}.{t}' for i in range(num_layers) for t in LORA_TARGETS]
-    underscored = {n.replace('.', '_'): n for n in targets}   # kohya / musubi write dots as _
-    parts, file_names, unknown = {}, {}, []
-    for key, tensor in sd.items():
-        m = _LORA_KEY.fullmatch(key)
-        name = m and (underscored.get(m[1]) or official_name(m[1] + '.weight')[:-len('.weight')])
-        if name not in targets:
-            unknown.append(key)
-            continue
-        part = _LORA_PART[m[2]]
-        if part in parts.get(name, {}):
-            raise ValueError(f"{source}: {name} has its {part} twice ({parts[name][part][0]} and {key}): the file "
-                             f"mixes two LoRA formats; keep one")
-        if not torch.isfinite(tensor).all():
-            raise ValueError(f"{source}: {key} holds NaN or inf values: the LoRA is broken")
-        parts.setdefault(name, {})[part] = (key, tensor)
-        file_names[name] = m[1]
-    if unknown:
-        raise ValueError(f"{len(unknown)} key(s) are not LoRA adapters of the {len(LORA_TARGETS)} linears of a Wan "
-                         f"block this loader knows ({', '.join(LORA_TARGETS)}), e.g. {unknown[:4]}")
-    out = {}
-    for name, p in parts.items():
-        if 'A' not in p or 'B' not in p:
-            raise ValueError(f"{source}: {name} has {sorted(p)} but a LoRA needs both A (down) and B (up)")
-        (a_key, A), (b_key, B) = p['A'], p['B']
-        if A.ndim != 2 or B.ndim != 2 or B.shape[1] != A.shape[0]:
-            raise ValueError(f"{source}: {a_key} is {tuple(A.shape)} and {b_key} {tuple(B.shape)}: A must be "
-                             f"[rank, in] and B [out, rank] with the same rank")
-        rank = A.shape[0]
-        if 'alpha' in p:
-            alpha = p['alpha'][1].item()
-            alpha = alpha or (rank if a_key.startswith('lora_unet_') else 0.0)   # kohya, musubi: 0 means rank
-        elif 'lora_alpha' in peft:   # PEFT: lora_alpha, or the alpha_pattern entry that matches the module
-            alpha = next((v for k, v in peft.get('alpha_pattern', {}).items()
-                          if re.fullmatch(rf'(.*\.)?{k}', file_names[name])), peft['lora_alpha'])
-        else:
-            alpha = rank
-        out[name] = (A.float(), B.float(), alpha / rank)
-    return out
-
-
-@torch.no_grad()
-def load_lora(model, path, merge=False, scale=1.0):
-    """Load a Wan LoRA of any format above (a file, or export_lora's folder: lora.safetensors and,
-    if there, state_embedder.safetensors) into a WanDiT. Returns the model. Everything is checked
-    before the model changes: a file that does not fit leaves the model as it was.
-
-    merge=False: the file's adapters become the model's LoRA (unmerged, trainable: to continue
-        training from a LoRA file, or to evaluate one trained elsewhere). A model without adapters
-        gets add_lora with the file's rank and alpha; one with adapters (the zero-initialised ones of
-        a new run, or a checkpoint's, which the file's replace) keeps the modules, the file must have
-        their rank, and those the file lacks get B = 0, so the model is the base plus exactly the
-        file's update.
-    merge=True: W += B @ A * alpha / rank into the base weights of any model, with or without
-        adapters of its own (to stack LoRAs, or to sample at base speed).
-    scale: the strength of the file's update, as ComfyUI's strength_model and diffusers'
-        set_adapters weight: 0 is the base model, 0.5 half the update, 1 the file as written. It
-        scales the adapters' update only; state_embedder.safetensors loads as it is."""
-    if not isinstance(scale, (int, float)) or not math.isfinite(scale):
-        raise ValueError(f"LoRA scale {scale!r}: a finite number (1.0 applies the file as written)")
-    path = Path(path)
-    lora_file, state_file = (path / 'lora.safetensors', path / 'state_embedder.safetensors') if path.is_dir() \
-        else (path, None)
-    if not lora_file.exists() and not (state_file and state_file.exists()):
-        raise FileNotFoundError(f"{path}: no LoRA file (or export_lora folder) there")
-    loras = read_lora(lora_file, len(model.blocks)) if lora_file.exists() else {}
-    # --- checks: nothing below them fails on the file's content
-    for name, (A, B, _) in loras.items():
-        linear = model.get_submodule(name)
-        if (A.shape[1], B.shape[0]) != (linear.in_features, linear.out_features):
-            raise ValueError(f"{lora_file}: {name} has A {tuple(A.shape)} and B {tuple(B.shape)}, but the model's "
-                             f"linear maps {linear.in_features} -> {linear.out_features}: the LoRA is for another model")
-    own = lora_modules(model)
-    if loras and not merge:
-        ranks = sorted({A.shape[0] for A, _, _ in loras.values()})
-        if len(ranks) != 1:
-            raise ValueError(f"{lora_file}: adapters of ranks {ranks}; trainable adapters need one rank, so load "
-                             f"it with merge=True")
-        if own and ranks[0] != own[0].rank:
-            raise ValueError(f"{lora_file}: adapters of rank {ranks[0]}, the model's of rank {own[0].rank}: give the "
-                             f"model rank-{ranks[0]} adapters (train_sampling.py --lora_rank={ranks[0]}) to continue from this file, "
-                             f"or load it with merge=True")
-        _check_unmerged(model, 'loading adapters')
-        if own:
-            lacking = sorted(set(loras) - {n for n, m in model.named_modules() if isinstance(m, LoRALinear)})
-            if lacking:
-                raise ValueError(f"the model has no adapters on {lacking[:4]}...: add_lora with these targets first")
-    state_sd = None
-    if state_file is not None and state_file.exists():
-        from safetensors.torch import load_file
-        if not model.state_cond:
-            raise ValueError(f"{state_file}: state conditioning weights, but the model has state_cond=False")
-        state_sd = load_file(str(state_file))
-        check_keys({k: v for k, v in model.state_dict().items() if k.startswith('state_embedder.')}, state_sd, state_file)
-    # --- the changes
-    if merge:
-        for name, (A, B, file_scale) in loras.items():
-            w = model.get_submodule(name).weight
-            w += ((B @ A) * (file_scale * scale)).to(device=w.device, dtype=w.dtype)
-    elif loras:
-        if not own:   # one rank (checked above); alpha: the first module's (an alpha of 0 adds nothing)
-            A, _, file_scale = next(iter(loras.values()))
-            add_lora(model, rank=A.shape[0], alpha=(file_scale or 1.0) * A.shape[0],
-                     targets=sorted({n.split('.', 2)[2] for n in loras}, key=LORA_TARGETS.index))
-        for name, m in ((n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)):
-            A, B, file_scale = loras.get(name, (None, None, None))
-            if A is None:
-                m.lora_B.weight.zero_()
-                continue
-            m.lora_A.weight.copy_(A)
-            m.lora_B.weight.copy_(B * (file_scale * scale / m.scale))   # B A m.scale = the file's update x scale
-    if state_sd is not None:
-        model.load_state_dict(state_sd, strict=False)
-    return model
-
-
-# --- Command line ---------------------------------------------------------------------------------
-
-def main(argv=None):
-    """`python -m machinery.wan_files export --ckpt out_sampling/ckpt.pt [--out DIR] [--overwrite]`:
-    lora.safetensors + state_embedder.safetensors of a sampling checkpoint (export_lora)."""
-    import argparse
-    from machinery import checkpoints   # weights_only loading, the track checked, a truncated file named
-    parser = argparse.ArgumentParser(prog='python -m machinery.wan_files', description=main.__doc__)
-    sub = parser.add_subparsers(dest='command', required=True)
-    p = sub.add_parser('export', help="write a sampling checkpoint's LoRA in the ComfyUI / diffusers format")
-    p.add_argument('--ckpt', required=True, help="a train_sampling.py checkpoint (ckpt.pt, ckpt_best.pt)")
-    p.add_argument('--out', default=None, help="output folder (default: the checkpoint's folder)")
-    p.add_argument('--overwrite', action='store_true', help="replace LoRA files already in the output folder")
-    args = parser.parse_args(argv)
-    out = Path(args.out or Path(args.ckpt).parent)
-    there = [out / f for f in ('lora.safetensors', 'state_embedder.safetensors') if (out / f).exists()]
-    if there and not args.overwrite:   # a run folder holds its latest export: ckpt_best.pt must not replace it
-        raise SystemExit(f"{there[0]} exists: pass --out with another folder, or --overwrite to replace it")
-    ckpt = checkpoints.load_checkpoint(args.ckpt, 'sampling')
-    try:
-        written = export_lora(ckpt['trainable'], out, ckpt['config'].get('lora_alpha'))
-    except ValueError as err:
-        raise SystemExit(str(err))
-    print('\n'.join(f"wrote {p}" for p in written) or f"{args.ckpt}: no LoRA or state weights to export")
-    if ckpt['config'].get('train_mode') == 'full':
-        print(f"no lora.safetensors: {args.ckpt} trained every weight (train_mode full), so there are no LoRA "
-              f"adapters to export; its weights are in the checkpoint")
-
-
-if __name__ == '__main__':
-    main()
