@@ -38,6 +38,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import configurator
 import data
+import machinery
 import wan_state
 from machinery import (checkpoints, hub, latents, pictures, prepare, run_dir, synthetic_tokens, synthetic_video, tokenized,
                        trackers)
@@ -167,12 +168,18 @@ def graph_breaks(fn, *args):
     return torch._dynamo.explain(fn)(*args).graph_break_count
 
 
-def test_forward_and_generate_shapes():
+def test_forward_gives_the_logits_of_the_grids_after_predict_from():
     model = tiny_st_model().eval()
     z = torch.randint(0, 1000, (2, 6, 32, 32))
     s = torch.randn(2, 64, 25)
     assert model(z[:, :5], s).shape == (2, 5, 32, 32, 1000)
     assert model(z[:, :5], s, predict_from=2).shape == (2, 3, 32, 32, 1000)
+
+
+def test_greedy_decoding_takes_the_argmax_of_the_teacher_forced_logits_of_its_own_grids():
+    model = tiny_st_model().eval()
+    z = torch.randint(0, 1000, (2, 6, 32, 32))
+    s = torch.randn(2, 64, 25)
     grids, logits = model.generate(z[:, :3], s, num_grids=3)
     assert grids.shape == (2, 3, 32, 32) and grids.dtype == torch.int64
     assert logits.shape == (2, 3, 32, 32, 1000) and logits.dtype == torch.float32
@@ -181,11 +188,16 @@ def test_forward_and_generate_shapes():
     assert torch.equal(grids, logits.argmax(-1))
     tf = model(torch.cat([z[:, :3], grids[:, :2]], 1), s, predict_from=2)
     torch.testing.assert_close(tf, logits, rtol=1e-4, atol=1e-4)
-    sampled, _ = model.generate(z[:, :3], s, num_grids=2, temperature=1.0, top_k=5)
-    assert sampled.shape == (2, 2, 32, 32)
 
 
-def test_attention_is_spatial_per_grid_and_causal_in_time():
+def test_sampled_decoding_draws_the_grids_asked_for():
+    model = tiny_st_model().eval()
+    z = torch.randint(0, 1000, (2, 3, 32, 32))
+    sampled, _ = model.generate(z, torch.randn(2, 64, 25), num_grids=2, temperature=1.0, top_k=5)
+    assert sampled.shape == (2, 2, 32, 32) and sampled.min() >= 0 and sampled.max() < 1000
+
+
+def test_a_token_attends_within_its_grid_or_to_earlier_grids():
     model = tiny_st_model(n_layer=2).eval()
     z = torch.randint(0, 1000, (1, 5, 32, 32))
     s = torch.randn(1, 64, 25)
@@ -254,7 +266,7 @@ def test_weight_decay_groups_match_paper():
     assert len(decayed) + len(kept) == len(list(model.parameters()))
 
 
-def test_chunked_loss_equals_cross_entropy_on_full_logits_value_and_gradients():
+def test_chunked_loss_equals_cross_entropy_on_the_full_logits():
     model = randomize(tiny_st_model(), std=0.05)
     z, s = torch.randint(0, 1000, (2, 6, 32, 32)), torch.randn(2, 64, 25)
     full = F.cross_entropy(model(z[:, :5], s, predict_from=2).flatten(0, -2), z[:, 3:].reshape(-1))
@@ -301,7 +313,7 @@ def test_kv_cache_runs_only_the_new_grid_through_the_blocks():
     assert grids_seen == [3, 4, 5]      # without the cache: the whole sequence every step
 
 
-def test_generate_turns_dropout_off_and_restores_training_mode():
+def test_generate_decodes_in_eval_mode_whatever_the_models_mode():
     model, cfg = st_model(dropout=0.5)
     z_BTHW, states_BLD = st_inputs(cfg)
     model.eval()
@@ -425,7 +437,7 @@ def test_compiled_st_blocks_serve_a_whole_run_without_falling_back_to_eager():
 
 
 @pytest.mark.slow
-def test_compiled_st_block_and_loss_equal_eager_in_training():
+def test_compiled_st_training_step_equals_eager():
     torch._dynamo.reset()
     model = randomize(STTransformer(STConfig(**{**ST_CFG.__dict__, 'n_layer': 2})), std=0.3)
     z, s = torch.randint(0, 64, (2, 6, 4, 4)), torch.randn(2, 64, 25)
@@ -494,18 +506,35 @@ def test_top500_cross_entropy_of_tied_logits_is_the_expectation_over_which_are_k
     assert torch.isfinite(cross_entropy_topk(masked, t, k)).all()
 
 
-def test_metrics_and_blur_baseline():
-    rng = np.random.default_rng(0)
-    img = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
-    assert psnr(img, img) == 100.0 and ssim(img, img) == pytest.approx(1.0)
+def random_image(seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+
+
+def normal_image(seed=1):
+    return np.random.default_rng(seed).normal(120, 20, (32, 32, 3)).clip(0, 255).astype(np.uint8)
+
+
+def test_psnr_is_minus_10_log10_of_the_mse_of_pixels_in_0_1():
+    img = random_image()
+    assert psnr(img, img) == 100.0   # the mse floor of 1e-10
     off = np.clip(img.astype(int) + 10, 0, 255).astype(np.uint8)
     assert psnr(off, img) == pytest.approx(10 * np.log10(1 / np.mean(((off.astype(float) - img) / 255) ** 2)))
-    ref = rng.normal(120, 20, (32, 32, 3)).clip(0, 255).astype(np.uint8)
+
+
+def test_ssim_of_an_image_with_itself_is_1():
+    assert ssim(random_image(), random_image()) == pytest.approx(1.0)
+
+
+def test_histogram_matching_maps_the_values_monotonically_onto_the_references_histogram():
+    img, ref = random_image(), normal_image()
     matched = match_histograms(img, ref)   # uniform values take the reference's normal histogram
     assert abs(matched.mean() - ref.mean()) < 1 and abs(matched.std() - ref.std()) < 1
     order = np.argsort(img[..., 0], axis=None)
     assert np.all(np.diff(matched[..., 0].ravel()[order].astype(int)) >= 0)   # a monotone map of the values
-    assert blur_baseline(img, ref, 1.0).std() <= ref.std() + 1
+
+
+def test_the_blur_baseline_is_no_sharper_than_the_frame_it_matches():
+    assert blur_baseline(random_image(), normal_image(), 1.0).std() <= normal_image().std() + 1
 
 
 # ===============================================================================================
@@ -537,17 +566,22 @@ def test_the_micro_batches_of_all_ranks_cover_the_global_batch_once():
         assert sorted(positions) == list(range(8))
 
 
-def test_batch_order_visits_every_row_once_an_epoch_and_depends_only_on_seed_and_step():
+def test_batch_order_visits_every_row_once_an_epoch():
     n, global_batch_size = 10, 4
     rows = [r for step in range(5) for r in data.batch_rows(7, step, range(global_batch_size), global_batch_size, n)]
     assert sorted(rows[:10]) == sorted(rows[10:20]) == list(range(10)) and rows[:10] != rows[10:20]
+
+
+def test_the_rows_of_a_step_are_a_function_of_seed_with_step():
+    n, global_batch_size = 10, 4
+    rows = [r for step in range(5) for r in data.batch_rows(7, step, range(global_batch_size), global_batch_size, n)]
     # a process that asks for positions 2, 3 of step 3 gets what a single process gets there
     assert data.batch_rows(7, 3, [2, 3], global_batch_size, n) == rows[14:16]
     assert data.batch_rows(8, 0, range(4), global_batch_size, n) != rows[:4]
 
 
 @pytest.mark.parametrize('nested', [True, False], ids=['train-subfolders', 'val-flat'])
-def test_reader_round_trip_and_windows_stay_in_one_segment(tmp_path, nested):
+def test_token_reader_gives_the_written_windows_inside_one_segment(tmp_path, nested):
     # 10 blocks minus 5 frames (a partial last block); segments change at frames 40 and 100
     n = 165
     segment = np.repeat([7, 8, 9], [40, 60, 65])
@@ -569,7 +603,7 @@ def test_reader_round_trip_and_windows_stay_in_one_segment(tmp_path, nested):
         assert torch.equal(s, torch.from_numpy(states[rows]))
 
 
-def test_reader_errors_name_the_file_and_the_problem(tmp_path):
+def test_token_reader_errors_name_the_file_with_its_problem(tmp_path):
     segment = np.zeros(68, np.int32)
     write_known_shard(str(tmp_path), 0, True, segment)
     write_meta(str(tmp_path), 2, 136)
@@ -614,7 +648,7 @@ def test_paper_epoch_is_non_overlapping_samples_inside_segments(tmp_path):
     assert len(every) == len(every_expect) == 19   # a sample at every block: about twice as many
 
 
-def test_clip_indices_put_context_in_latents_0_1_and_frame_76_last():
+def test_clip_frames_fit_wans_latents_with_frame_76_last():
     idx = data.clip_frame_indices()
     assert idx == [0, 4, 8, 12, 16, 20, 24, 28, 32, 36, 40, 44, 48, 52, 56, 60, 64, 68, 72, 76, 76]
     assert idx[:data.NUM_CONTEXT_FRAMES] == [0, 4, 8, 12, 16] and max(idx[data.NUM_CONTEXT_FRAMES:]) == 76
@@ -625,12 +659,15 @@ def test_clip_indices_put_context_in_latents_0_1_and_frame_76_last():
     assert idx[frames_of_latent[-1][-1]] == data.TARGET_FRAME == 76   # the target is the last clip frame
 
 
-def test_reader_rejects_truncated_and_missing_files(tmp_path):
+def test_a_truncated_raw_states_file_is_named_as_truncated(tmp_path):
     synthetic_video.write_synthetic_raw(tmp_path / 'raw', num_shards=1, frames_per_shard=200, size=SIZE, seed=0, flat=True)
     with open(tmp_path / 'raw' / 'states_0.bin', 'r+b') as f:
         f.truncate(100)
     with pytest.raises(ValueError, match='states_0.bin.*truncated'):
         data.RawShard(tmp_path / 'raw', 0)
+
+
+def test_a_folder_that_is_no_raw_split_is_named_by_its_missing_metadata(tmp_path):
     with pytest.raises(FileNotFoundError, match='metadata.json'):
         data.RawClips(tmp_path / 'nothing')
 
@@ -741,7 +778,7 @@ def read_log(out):
 
 
 @pytest.mark.slow
-def test_data_and_the_compression_track_work_without_av(tmp_path):
+def test_the_compression_data_needs_no_optional_package(tmp_path):
     code = ("import sys; sys.modules.update(av=None, PIL=None, diffusers=None)\n"
             "import data\nfrom machinery import synthetic_tokens\n"
             f"synthetic_tokens.write_synthetic({str(tmp_path)!r}, train_shards=1, train_frames=340, val_frames=340)\n"
@@ -848,7 +885,7 @@ def test_compression_compiled_trains_the_same_steps_as_eager(tmp_path, synthetic
 
 
 @pytest.mark.slow
-def test_compression_nan_loss_stops_with_an_error_and_never_saves_a_nan_checkpoint(tmp_path, synthetic_dir):
+def test_compression_stops_at_a_nan_loss_without_saving_it(tmp_path, synthetic_dir):
     run_compression(f'--data_dir={synthetic_dir}', f'--out_dir={tmp_path}', '--max_iters=2', cwd=tmp_path)
     err = run_compression(f'--data_dir={synthetic_dir}', f'--out_dir={tmp_path}', '--max_iters=30', '--overwrite',
                           '--learning_rate=1e6', '--ckpt_interval=1', cwd=tmp_path, fails=True)
@@ -857,7 +894,7 @@ def test_compression_nan_loss_stops_with_an_error_and_never_saves_a_nan_checkpoi
 
 
 @pytest.mark.slow
-def test_compression_nan_in_robot_states_names_the_file_and_the_row(tmp_path, synthetic_dir):
+def test_a_nan_in_robot_states_stops_compression_naming_its_row(tmp_path, synthetic_dir):
     bad = tmp_path / 'data'
     shutil.copytree(synthetic_dir, bad)
     states = np.fromfile(bad / 'val_v2.0' / 'states_0.bin', np.float32).reshape(-1, 25)
@@ -869,7 +906,7 @@ def test_compression_nan_in_robot_states_names_the_file_and_the_row(tmp_path, sy
 
 
 @pytest.mark.slow
-def test_compression_names_a_damaged_file_and_never_downloads_into_a_synthetic_set(tmp_path, synthetic_dir):
+def test_compression_names_a_damaged_synthetic_file_instead_of_downloading(tmp_path, synthetic_dir):
     bad = tmp_path / 'bad'
     shutil.copytree(synthetic_dir, bad)
     video = bad / 'train_v2.0' / 'videos' / 'video_1.bin'
@@ -891,7 +928,7 @@ def test_compression_names_a_damaged_file_and_never_downloads_into_a_synthetic_s
 
 
 @pytest.mark.slow
-def test_compression_refuses_to_train_over_a_checkpoint_and_bad_flags_before_any_work(tmp_path, synthetic_dir):
+def test_compression_refuses_bad_starts_before_any_work(tmp_path, synthetic_dir):
     out = tmp_path / 'run'
     run_compression(f'--data_dir={synthetic_dir}', f'--out_dir={out}', '--max_iters=1', cwd=tmp_path)
     before = (out / 'ckpt.pt').read_bytes()
@@ -917,7 +954,7 @@ def test_compression_refuses_to_train_over_a_checkpoint_and_bad_flags_before_any
 
 
 @pytest.mark.slow
-def test_compression_resume_takes_the_optimizer_flags_given_now_and_says_so(tmp_path, synthetic_dir):
+def test_compression_resume_says_which_optimizer_flags_it_takes_from_now(tmp_path, synthetic_dir):
     out = tmp_path / 'run'
     run_compression(f'--data_dir={synthetic_dir}', f'--out_dir={out}', '--max_iters=2', '--stop_at=1', cwd=tmp_path)
     said = run_compression(f'--data_dir={synthetic_dir}', f'--out_dir={out}', '--max_iters=2', '--init_from=resume',
@@ -940,7 +977,7 @@ def test_flags_the_machine_cannot_serve_are_refused_by_name_before_any_work(tmp_
 
 
 @pytest.mark.slow
-def test_compression_loads_no_code_and_names_the_wrong_track_or_model(tmp_path, synthetic_dir):
+def test_compression_loads_only_plain_checkpoints_of_its_own_track(tmp_path, synthetic_dir):
     out = tmp_path / 'run'
     run_compression(f'--data_dir={synthetic_dir}', f'--out_dir={out}', '--max_iters=1', cwd=tmp_path)
     err = run_compression(f'--data_dir={synthetic_dir}', f'--out_dir={out}', '--max_iters=2', '--init_from=resume',
@@ -957,7 +994,7 @@ def test_compression_loads_no_code_and_names_the_wrong_track_or_model(tmp_path, 
 
 
 @pytest.mark.slow
-def test_compression_prepares_its_data_from_an_empty_folder_trains_and_logs_validation(tmp_path, synthetic_dir,
+def test_compression_runs_from_an_empty_folder_to_a_validated_log(tmp_path, synthetic_dir,
                                                                                       monkeypatch):
     monkeypatch.setenv('HF_HUB_OFFLINE', '1')
     monkeypatch.setenv('HF_HUB_CACHE', str(tmp_path / 'empty_cache'))
@@ -1018,7 +1055,7 @@ def test_compression_reports_a_bad_val_token_before_the_first_step(tmp_path, syn
 
 
 @pytest.mark.slow
-def test_resume_takes_the_model_settings_of_its_checkpoint_and_says_which(tmp_path, synthetic_dir):
+def test_resume_says_which_model_settings_it_takes_from_the_checkpoint(tmp_path, synthetic_dir):
     out = tmp_path / 'run'
     run_compression(f'--data_dir={synthetic_dir}', f'--out_dir={out}', '--max_iters=2', '--stop_at=1', '--n_layer=2',
                     cwd=tmp_path)
@@ -1130,7 +1167,7 @@ def test_dit_matches_diffusers_with_per_token_timestep():
     assert (out_B - want_B).abs().max() < 1e-4
 
 
-def test_per_frame_timesteps_and_a_shared_context_give_the_reference_per_token_output():
+def test_per_frame_timesteps_with_one_shared_context_give_the_reference_output():
     # the scripts pass one timestep per latent frame and one context for the batch; the reference
     # (and diffusers) one timestep per token and a context per sample: the same maths, less work
     cfg = WanConfig.tiny()
@@ -1170,7 +1207,7 @@ def test_full_config_parameter_count_on_meta():
     assert 5e6 < count['state'] < 6e6
 
 
-def test_the_paper_texts_and_the_teams_state_embedders_have_their_sizes_and_shapes():
+def test_both_state_embedders_have_their_published_sizes():
     # paper 2.1's text, as nanoWM reads it, and the team's code (5 ways apart: wan_state.StateEmbedder)
     assert parameter_counts(WanConfig())['state'] == 5_316_352
     assert parameter_counts(WanConfig(state_embedder='team'))['state'] == 67_903_488   # the team's 67.9M
@@ -1206,7 +1243,7 @@ def test_gradient_checkpointing_gives_same_gradients():
     assert torch.allclose(grads[0], grads[1], atol=1e-6)
 
 
-def test_checkpointing_the_first_n_blocks_gives_the_same_loss_and_gradients():
+def test_checkpointing_the_first_n_blocks_changes_no_gradient():
     cfg = WanConfig.tiny(num_layers=3)
     model = randomize(WanDiT(cfg), std=0.1)
     x, t_BL, context, states = wan_inputs(cfg)
@@ -1329,35 +1366,57 @@ def test_states_of_wrong_shape_fail_clearly():
         WanDiT(WanConfig.tiny(dim=256, num_heads=64))
 
 
-def test_lora_zero_init_train_merge_and_frozen_base():
+def lora_on_a_random_base():
+    """A tiny random DiT, its output before LoRA, its base weights, and the same model with rank-4 adapters."""
     cfg = WanConfig.tiny()
     model = randomize(WanDiT(cfg, state_cond=False))
-    x, t_BL, context, _ = inputs(cfg)
+    args = inputs(cfg)[:3]
     with torch.no_grad():
-        want = model(x, t_BL, context)
+        want = model(*args)
     base_before = {k: v.clone() for k, v in model.state_dict().items()}
-    add_lora(model, rank=4, alpha=8)
-    assert len(lora_modules(model)) == 10 * cfg.num_layers
+    return add_lora(model, rank=4, alpha=8), args, want, base_before
+
+
+def lora_step(model, args):
+    """One SGD step of the adapters on a square loss."""
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    model(*args).square().mean().backward()
+    opt.step()
+
+
+def test_lora_starts_as_the_base_model():
+    model, args, want, _ = lora_on_a_random_base()
+    assert len(lora_modules(model)) == 10 * model.cfg.num_layers
     with torch.no_grad():
-        assert torch.equal(model(x, t_BL, context), want)
+        assert torch.equal(model(*args), want)
+
+
+def test_lora_training_changes_only_the_adapters():
+    model, args, want, base_before = lora_on_a_random_base()
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all('.lora_' in n for n in trainable)
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
-    model(x, t_BL, context).square().mean().backward()
+    lora_step(model, args)
     assert all(p.grad is None for n, p in model.named_parameters() if '.lora_' not in n)   # frozen base
-    opt.step()
     with torch.no_grad():
-        tuned = model(x, t_BL, context)
-        assert (tuned - want).abs().max() > 1e-4
+        assert (model(*args) - want).abs().max() > 1e-4
+    for k, v in base_before.items():
+        assert torch.equal(model.state_dict()[k], v), k
+
+
+def test_merge_then_unmerge_keeps_the_lora_models_output():
+    model, args, _, base_before = lora_on_a_random_base()
+    lora_step(model, args)
+    with torch.no_grad():
+        tuned = model(*args)
         merge_lora(model)
-        assert (model(x, t_BL, context) - tuned).abs().max() < 1e-5
+        assert (model(*args) - tuned).abs().max() < 1e-5
         unmerge_lora(model)
-        assert (model(x, t_BL, context) - tuned).abs().max() < 1e-5
+        assert (model(*args) - tuned).abs().max() < 1e-5
     for k, v in base_before.items():
         assert torch.allclose(model.state_dict()[k], v, atol=1e-6), k
 
 
-def test_wan_block_with_lora_and_state_modulation_has_no_graph_breaks():
+def test_wan_training_block_has_no_graph_breaks():
     block, args = wan_lora_block()
     assert graph_breaks(block, *args) == 0
     with torch.autocast('cpu', dtype=torch.bfloat16):   # the bf16 path
@@ -1365,7 +1424,7 @@ def test_wan_block_with_lora_and_state_modulation_has_no_graph_breaks():
 
 
 @pytest.mark.slow
-def test_compiled_wan_block_with_lora_equals_eager_forward_and_backward():
+def test_compiled_wan_lora_block_equals_eager():
     torch._dynamo.reset()
     block, args = wan_lora_block()
     want, want_grads = fwd_bwd(block, *args)
@@ -1376,7 +1435,7 @@ def test_compiled_wan_block_with_lora_equals_eager_forward_and_backward():
 
 
 @pytest.mark.slow
-def test_compiled_dit_blocks_with_the_first_checkpointed_give_the_eager_loss_and_gradients():
+def test_compiled_dit_with_checkpointed_blocks_equals_eager():
     # what train_sampling.py runs on CUDA: LoRA, state conditioning, compiled blocks, 1 of 2 checkpointed
     torch._dynamo.reset()
     torch.manual_seed(0)
@@ -1478,7 +1537,7 @@ def test_shifted_sigma_matches_wan():
     assert torch.equal(shift_sigma(u, 1.0), u)
 
 
-def test_euler_sampler_follows_the_reference_schedule_and_steps_to_zero():
+def test_euler_sampler_steps_down_wans_reference_sigmas_to_zero():
     # Wan 2.2 (get_sampling_sigmas) and DiffSynth: sigmas = shift(linspace(1, 0, N + 1)[:N]), then 0
     sigmas = reference_sigmas(20, 5.0)
     u = np.linspace(1, 0, 21)[:20]
@@ -1495,7 +1554,7 @@ def test_euler_sampler_follows_the_reference_schedule_and_steps_to_zero():
     assert torch.allclose(z[:, :, 2:], noise[:, :, 2:] - 1, atol=1e-5) and torch.equal(z[:, :, :2], torch.zeros(1, 48, 2, 4, 4))
 
 
-def test_loss_is_zero_for_the_true_velocity_and_ignores_context_latents():
+def test_loss_is_the_velocity_error_of_the_generated_latents_only():
     net = tiny_wan_model()
     z0 = torch.randn(3, 48, 6, 8, 8)
     states = torch.randn(3, 21, 25)
@@ -1692,7 +1751,7 @@ def test_train_sampling_refuses_data_on_disk_that_its_flags_do_not_describe(raw_
 
 
 @pytest.mark.slow
-def test_paper_presets_are_the_submissions_recipes_and_torchrun_on_cuda_picks_paper(tmp_path):
+def test_paper_presets_hold_the_submissions_recipes(tmp_path):
     out = run_script('train_sampling.py', '--preset=paper', '--dry_run', cwd=tmp_path)
     for line in ('clip_stride = 8', 'learning_rate = 0.0004', 'weight_decay = 0.01', 'grad_clip = 0.0',
                  'state_dropout = 0.0', 'shift = 5.0', "loss_weighting = 'diffsynth'", 'global_batch_size = 1024',
@@ -1741,7 +1800,7 @@ def test_resume_equals_no_stop(raw_data, straight_run, tmp_path):
 
 
 @pytest.mark.slow
-def test_lora_run_trains_adapters_and_state_weights_only_and_sample_py_scores_what_validation_scored(raw_data, tmp_path):
+def test_sample_py_scores_a_lora_run_as_its_validation_did(raw_data, tmp_path):
     # the paper's mode through both scripts: a base in the official layout, frozen; LoRA and state
     # conditioning trained; sample.py keeps the adapters unmerged, so on the same clip and noise it
     # predicts exactly what the run's validation predicted
@@ -1768,7 +1827,7 @@ def test_lora_run_trains_adapters_and_state_weights_only_and_sample_py_scores_wh
 
 
 @pytest.mark.slow
-def test_sampling_nan_loss_stops_every_rank_and_keeps_the_last_good_checkpoint(raw_data, tmp_path):
+def test_a_nan_loss_stops_every_sampling_rank_at_the_last_good_checkpoint(raw_data, tmp_path):
     run_script(*train_args(raw_data, tmp_path, '--max_iters=1'))
     err = run_script(*train_args(raw_data, tmp_path, '--max_iters=30', '--overwrite', '--learning_rate=1e6',
                                  '--ckpt_interval=1', '--eval_interval=100'), nproc=2, fails=True)
@@ -1815,7 +1874,7 @@ def test_sampling_nan_in_states_or_samples_names_the_file_the_row_or_the_clip(ra
 
 
 @pytest.mark.slow
-def test_sampling_refuses_to_train_over_a_checkpoint_bad_values_and_a_second_run(raw_data, one_step_run, tmp_path):
+def test_sampling_refuses_bad_starts_before_any_work(raw_data, one_step_run, tmp_path):
     import socket
     before = (one_step_run / 'ckpt.pt').read_bytes()
     for args, message in (([], 'already exists. To continue that run pass --init_from=resume'),
@@ -1841,7 +1900,7 @@ def test_sampling_refuses_to_train_over_a_checkpoint_bad_values_and_a_second_run
 
 
 @pytest.mark.slow
-def test_sampling_resume_takes_the_learning_rate_given_now_and_says_so(raw_data, one_step_run, tmp_path):
+def test_sampling_resume_says_it_takes_the_learning_rate_given_now(raw_data, one_step_run, tmp_path):
     shutil.copytree(one_step_run, tmp_path / 'run')
     said = run_script(*train_args(raw_data, tmp_path / 'run', '--max_iters=2', '--init_from=resume',
                                   '--learning_rate=5e-4', '--weight_decay=0.02'))
@@ -1851,7 +1910,7 @@ def test_sampling_resume_takes_the_learning_rate_given_now_and_says_so(raw_data,
 
 
 @pytest.mark.slow
-def test_sampling_checkpoints_load_no_code_and_name_the_wrong_track_or_model(raw_data, one_step_run, tmp_path):
+def test_sampling_loads_only_plain_checkpoints_of_its_own_track(raw_data, one_step_run, tmp_path):
     assert 'dim=32 in the checkpoint, 64 now' in run_script(
         *train_args(raw_data, one_step_run, '--max_iters=2', '--init_from=resume', '--dim=64'), fails=True)
     marker = tmp_path / 'pwned.txt'
@@ -1868,7 +1927,7 @@ def test_sampling_checkpoints_load_no_code_and_name_the_wrong_track_or_model(raw
 
 
 @pytest.mark.slow
-def test_sampling_data_is_written_only_where_asked_and_bad_files_are_named(raw_data, one_step_run, tmp_path):
+def test_sampling_touches_only_the_data_it_is_asked_to_write(raw_data, one_step_run, tmp_path):
     # a mistyped --data_dir is an error, not a fresh synthetic set
     err = run_script('train_sampling.py', f'--data_dir={tmp_path}/dta', f'--out_dir={tmp_path}/run', fails=True)
     assert 'holds no whole train_v2.0_raw, val_v2.0_raw (a mistyped --data_dir?)' in err
@@ -1899,7 +1958,7 @@ def test_sampling_data_is_written_only_where_asked_and_bad_files_are_named(raw_d
 
 
 @pytest.mark.slow
-def test_sampling_prepares_its_data_on_two_ranks_trains_on_train_and_val_and_logs_validation(raw_data, tmp_path,
+def test_sampling_runs_from_an_empty_folder_on_two_ranks_to_a_validated_log(raw_data, tmp_path,
                                                                                            monkeypatch):
     monkeypatch.setenv('HF_HUB_OFFLINE', '1')
     monkeypatch.setenv('HF_HUB_CACHE', str(tmp_path / 'empty_cache'))
@@ -1962,7 +2021,7 @@ def test_keep_last_keeps_the_newest_step_numbered_exports(lora_run):
 
 
 @pytest.mark.slow
-def test_console_log_val_folders_and_best_json_number_the_steps_alike(lora_run):
+def test_every_record_numbers_a_step_by_the_optimizer_steps_done(lora_run):
     out, printed = lora_run['out'], lora_run['printed']
     log = read_log(out)
     assert [r['step'] for r in log] == [1, 2, 3]
@@ -2106,7 +2165,7 @@ def test_ensemble_mean_beats_a_single_sample(demo_metrics):
 
 
 @pytest.mark.slow
-def test_sample_py_without_the_weights_prints_psnr_ssim_and_what_to_fetch(one_step_run, monkeypatch, tmp_path):
+def test_sample_py_without_the_metric_weights_says_what_to_fetch(one_step_run, monkeypatch, tmp_path):
     no_downloads(monkeypatch, tmp_path)   # run_script passes this environment to the script
     results = tmp_path / 'samples'
     out = run_script('sample.py', f'--out_dir={one_step_run}', f'--results_dir={results}', '--ensemble=2',
@@ -2125,7 +2184,7 @@ def test_sample_py_without_the_weights_prints_psnr_ssim_and_what_to_fetch(one_st
 
 
 @pytest.mark.slow
-def test_sample_py_with_the_weights_adds_lpips_per_clip_and_fid_over_the_clips(one_step_run, monkeypatch, tmp_path):
+def test_sample_py_scores_lpips_per_clip_with_fid_over_the_clips(one_step_run, monkeypatch, tmp_path):
     pytest.importorskip('lpips')
     pytest.importorskip('torchmetrics')
     no_downloads(monkeypatch, tmp_path)
@@ -2146,7 +2205,7 @@ def test_sample_py_with_the_weights_adds_lpips_per_clip_and_fid_over_the_clips(o
 
 
 @pytest.mark.slow
-def test_sample_py_lora_at_scale_0_is_the_base_and_at_scale_1_the_run(raw_data, tmp_path):
+def test_sample_py_lora_scale_sets_the_files_strength(raw_data, tmp_path):
     # a LoRA run on a frozen base; alpha = rank, so the file's update is the run's bit for bit.
     # Its B are drawn large (one training step moves them little), so that the LoRA changes the prediction.
     base = write_official_checkpoint(randomize(WanDiT(WanConfig.tiny(**WAN_TINY), state_cond=False), std=0.1),
@@ -2166,7 +2225,7 @@ def test_sample_py_lora_at_scale_0_is_the_base_and_at_scale_1_the_run(raw_data, 
 
 
 @pytest.mark.slow
-def test_sample_py_refuses_a_lora_scale_without_a_lora_and_a_lora_that_does_not_fit(one_step_run, tmp_path):
+def test_sample_py_refuses_a_lora_it_cannot_apply(one_step_run, tmp_path):
     err = run_script('sample.py', f'--out_dir={one_step_run}', '--lora_scale=0.5', fails=True)
     assert '--lora_scale=0.5 sets the strength of --lora' in err
     (tmp_path / 'bad.safetensors').write_bytes(b'not a safetensors file')
@@ -2175,7 +2234,7 @@ def test_sample_py_refuses_a_lora_scale_without_a_lora_and_a_lora_that_does_not_
 
 
 @pytest.mark.slow
-def test_sample_py_help_says_compile_is_on_with_cuda_and_off_on_the_cpu():
+def test_sample_py_help_says_compile_runs_on_cuda_only():
     out = run_script('sample.py', '--help')
     line = next(line for line in out.splitlines() if line.strip().startswith('--compile '))
     assert 'True' in line and 'the DiT blocks on CUDA' in line and 'the CPU runs eager' in line
@@ -2219,7 +2278,7 @@ def help_text(config, capsys, module=configurator):
     return capsys.readouterr().out
 
 
-def test_key_space_value_equals_key_equals_value_and_lists_and_strings_parse():
+def test_key_space_value_parses_as_key_equals_value():
     a = configure(['--batch_size=8', '--shards=0,1', '--learning_rate=3e-4', '--compile', '--sizes=3'])
     b = configure(['--batch_size', '8', '--shards', '0,1', '--learning_rate', '3e-4', '--compile', 'True',
                    '--sizes', '3'])
@@ -2229,7 +2288,7 @@ def test_key_space_value_equals_key_equals_value_and_lists_and_strings_parse():
     assert configure(['--shards=0'])['shards'] == '0'   # a string setting keeps the text as typed
 
 
-def test_bad_flags_name_the_flag_and_what_is_allowed():
+def test_a_bad_flag_is_named_with_what_is_allowed():
     cases = [(['--batch_size=0'], '--batch_size=0 must be positive'),
              (['--batch_size=-4'], '--batch_size=-4 must be positive'),
              (['--dropout=1.5'], '--dropout=1.5 must lie in [0, 1]'),
@@ -2263,7 +2322,7 @@ def test_a_config_file_is_held_to_the_rules_of_the_flags(tmp_path):
 
 
 @pytest.mark.slow
-def test_help_lists_every_setting_with_default_and_comment_and_exits_0():
+def test_help_lists_every_setting_with_its_comment():
     out = run_script('train_compression.py', '--help')
     for line in ('--batch_size', '--learning_rate', '--max_iters', '--preset', 'paper:'):
         assert line in out
@@ -2334,8 +2393,21 @@ def test_help_of_each_trainer_shows_its_settings_in_sections(script, titles):
 
 
 # ===============================================================================================
+# machinery/__init__.py: the optional packages, imported where used
+# ===============================================================================================
+
+
+def test_a_missing_optional_package_stops_with_the_pip_line_that_installs_it(monkeypatch):
+    monkeypatch.setitem(sys.modules, 'av', None)   # as if PyAV were not installed
+    with pytest.raises(SystemExit, match=r"^reading mp4 videos needs the av package \(.*\): "
+                                         r"pip install -r requirements-sampling\.txt$"):
+        machinery.need('av', 'reading mp4 videos')
+
+
+# ===============================================================================================
 # machinery/run_dir.py: the folder's lock, the divergence guard, the log, the disk check
 # ===============================================================================================
+
 
 
 def feed(guard, losses, first_step=0):
@@ -2368,7 +2440,7 @@ def test_claim_refuses_to_train_over_a_checkpoint_unless_resuming_or_overwriting
 
 
 @pytest.mark.slow
-def test_a_live_run_holds_the_lock_and_a_killed_one_does_not(tmp_path):
+def test_only_a_live_run_holds_the_lock(tmp_path):
     out = tmp_path / 'run'
     out.mkdir()
     sleeper = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])
@@ -2384,13 +2456,13 @@ def test_a_live_run_holds_the_lock_and_a_killed_one_does_not(tmp_path):
     assert json.loads((out / 'run.lock').read_text())['pid'] == os.getpid()
 
 
-def test_non_finite_loss_stops_and_names_the_checkpoint_kept(tmp_path):
+def test_a_non_finite_loss_stop_names_the_checkpoint_kept(tmp_path):
     run_dir.stop_if_not_finite({'loss': 1.5, 'gradient norm': 0.2}, 3, str(tmp_path))
     with pytest.raises(SystemExit, match='step 7: the gradient norm is inf: stopping. no checkpoint was written'):
         run_dir.stop_if_not_finite({'loss': 1.5, 'gradient norm': float('inf')}, 7, str(tmp_path))
 
 
-def test_log_of_a_resumed_run_reads_as_one_run_and_plots(tmp_path):
+def test_the_log_of_a_resumed_run_reads_as_one_run(tmp_path):
     out = str(tmp_path)
     log = run_dir.RunLog(out)
     for step in range(1, 7):
@@ -2418,7 +2490,7 @@ def test_a_torn_log_line_or_best_json_is_skipped_with_a_note_not_a_traceback(tmp
     assert 'skipped 1 line(s) that are not JSON' in said and 'best.json cannot be read' in said
 
 
-def test_a_loss_spike_stops_the_run_and_moves_the_checkpoint_it_came_from_aside(tmp_path):
+def test_a_loss_spike_moves_the_checkpoint_it_came_from_aside(tmp_path):
     save(tmp_path, 10)
     save(tmp_path, 20, metric=0.5)   # the best so far, then its loss spikes
     guard = run_dir.DivergenceGuard(str(tmp_path), spike=10.0)
@@ -2447,7 +2519,7 @@ def test_a_spike_after_the_last_save_leaves_every_checkpoint_as_it_is(tmp_path):
     assert not (tmp_path / 'ckpt_diverged.pt').exists()
 
 
-def test_the_spike_rule_waits_for_20_losses_and_is_off_at_0(tmp_path):
+def test_the_spike_rule_acts_from_20_losses_unless_off(tmp_path):
     warming = run_dir.DivergenceGuard(str(tmp_path), spike=10.0)
     feed(warming, [1.0] * 19 + [11.0])   # the 20th loss: only 19 known before it
     off = run_dir.DivergenceGuard(str(tmp_path), spike=0)
@@ -2497,7 +2569,7 @@ def test_the_lock_stays_fresh_while_a_long_preparation_runs(tmp_path, monkeypatc
     run_dir._release_lock(str(lock), os.getpid())
 
 
-def test_overwrite_moves_the_earlier_runs_files_aside_and_says_so(tmp_path, capsys):
+def test_overwrite_moves_the_earlier_runs_files_aside(tmp_path, capsys):
     out = tmp_path / 'run'
     out.mkdir()
     run_files = ['best.json', 'ckpt.pt', 'ckpt_best.pt', 'ckpt_prev.pt', 'log.jsonl', 'lora.safetensors',
@@ -2533,7 +2605,7 @@ def test_a_missing_tracker_package_is_refused_by_name_before_any_work(tmp_path):
     assert not (tmp_path / 'run').exists()
 
 
-def test_checkpoint_bytes_count_three_files_of_weights_and_two_adam_moments():
+def test_checkpoint_bytes_count_three_files_of_weights_with_adam_moments():
     assert run_dir.checkpoint_bytes(n_saved=1000, n_trained=100) == 3 * 4 * (1000 + 200)
 
 
@@ -2553,7 +2625,7 @@ def test_a_run_that_needs_more_than_the_free_space_is_refused_in_one_sentence(tm
 # ===============================================================================================
 
 
-def test_saves_keep_the_previous_and_the_best_checkpoint(tmp_path):
+def test_saves_keep_the_previous_checkpoint_beside_the_best(tmp_path):
     out = str(tmp_path)
     for step, val in ((1, 5.0), (2, 4.0), (3, 4.5)):   # step 3 is worse than step 2
         checkpoints.save_checkpoint(out, dict(kind='compression', step=step, config={}), metric=val)
@@ -2583,7 +2655,7 @@ def test_checkpoint_of_the_other_track_or_other_model_settings_is_named(tmp_path
         checkpoints.load_checkpoint(str(tmp_path / 'cut.pt'), 'sampling')
 
 
-def test_weights_with_inf_are_never_saved_and_nothing_is_overwritten(tmp_path):
+def test_weights_with_inf_are_never_saved(tmp_path):
     save(tmp_path, 1)
     save(tmp_path, 2)
     before = {name: (tmp_path / name).read_bytes() for name in ('ckpt.pt', 'ckpt_prev.pt')}
@@ -2599,7 +2671,7 @@ def test_weights_with_inf_are_never_saved_and_nothing_is_overwritten(tmp_path):
 
 
 @pytest.mark.parametrize('where', ['torch.save', 'os.replace'])
-def test_a_full_disk_during_a_save_is_one_sentence_and_leaves_no_tmp(tmp_path, monkeypatch, where):
+def test_a_full_disk_during_a_save_is_one_sentence_with_no_tmp_left(tmp_path, monkeypatch, where):
     save(tmp_path, 1)
     before = (tmp_path / 'ckpt.pt').read_bytes()
 
@@ -2681,7 +2753,7 @@ def init(**kwargs):
 
 
 @pytest.mark.slow
-def test_tensorboard_gets_the_log_figures_at_their_steps_and_the_val_pictures(lora_run):
+def test_tensorboard_gets_every_logged_figure_at_its_step(lora_run):
     events = tensorboard_events(lora_run['out'] / 'tensorboard')
     log = read_log(lora_run['out'])
     for key in ('loss', 'grad_norm', 'val_psnr_ensemble'):
@@ -2703,7 +2775,7 @@ def test_tensorboard_of_a_resumed_run_reads_as_one_run(tmp_path):
 
 
 @pytest.mark.slow
-def test_compression_tensorboard_and_log_agree_on_steps(tmp_path, synthetic_dir):
+def test_compressions_tensorboard_steps_are_its_logs(tmp_path, synthetic_dir):
     printed = run_compression(f'--data_dir={synthetic_dir}', f'--out_dir={tmp_path}', '--max_iters=2',
                               '--eval_interval=1', '--log_interval=1', '--log_with=tensorboard', cwd=tmp_path)
     log = read_log(tmp_path)
@@ -2715,7 +2787,7 @@ def test_compression_tensorboard_and_log_agree_on_steps(tmp_path, synthetic_dir)
 
 
 @pytest.mark.slow
-def test_wandb_keeps_its_files_in_out_dir_continues_its_run_on_resume_and_gets_the_val_pictures(raw_data, tmp_path):
+def test_wandb_keeps_one_run_in_out_dir_across_a_resume(raw_data, tmp_path):
     (tmp_path / 'fake' / 'wandb').mkdir(parents=True)
     (tmp_path / 'fake' / 'wandb' / '__init__.py').write_text(FAKE_WANDB)
     record = tmp_path / 'wandb_calls.jsonl'
@@ -2802,7 +2874,7 @@ def test_sampling_on_two_nodes_takes_the_steps_of_one_process(raw_data, tmp_path
 # ===============================================================================================
 
 
-def test_step_speed_has_samples_per_s_and_no_mfu_or_memory_on_the_cpu():
+def test_step_speed_on_the_cpu_is_samples_per_s_alone():
     speed = StepSpeed('cpu', samples_per_step=8, flops_per_step=1e9)
     speed.start()
     figures = speed.stop()
@@ -2879,7 +2951,7 @@ def test_a_download_that_would_fill_the_disk_stops_before_it_starts(tmp_path, sy
         hub.hub_file(data.HF_REPO_TOKENIZED, 'val_v2.0/metadata.json', str(tmp_path / 'data'), '')
 
 
-def test_the_1x_tokenized_splits_are_8_7_gib_and_a_folder_that_holds_them_needs_nothing(tmp_path, synthetic_dir):
+def test_the_tokenized_download_counts_8_7_gib_less_what_is_there(tmp_path, synthetic_dir):
     n = tokenized.tokenized_bytes(str(tmp_path), ['train_v2.0', 'val_v2.0'])
     assert n == sum(data.expected_sizes(11_254_161).values()) + sum(data.expected_sizes(50_300).values())
     assert round(n / 2 ** 30, 1) == 8.7
@@ -2900,7 +2972,7 @@ def test_the_1x_tokenized_splits_are_8_7_gib_and_a_folder_that_holds_them_needs_
 # ===============================================================================================
 
 
-def test_encoding_is_atomic_resumes_an_interrupted_run_and_refuses_to_overwrite(raw_data, tmp_path):
+def test_an_interrupted_encoding_resumes_with_its_own_settings_only(raw_data, tmp_path):
     from safetensors.torch import load_file, save_file
     raw = raw_data / 'train_v2.0_raw'
     whole = tmp_path / 'whole'
@@ -2972,7 +3044,7 @@ def official_vae_names(sd):
     return out
 
 
-def test_pixel_codec_has_wan_layout_and_is_lossless_on_keyframes():
+def test_pixel_codec_is_lossless_on_keyframes_in_wans_layout():
     codec = PixelCodec()
     video = torch.rand(2, 3, 21, SIZE, SIZE) * 2 - 1
     z = codec.encode(video)
@@ -3018,7 +3090,7 @@ def test_official_vae_pth_loads_as_the_diffusers_layout(tmp_path):
     assert torch.allclose(half.decode(z), want.decode(z), atol=0.05)
 
 
-def test_vae_encode_decode_shapes_and_normalisation(tmp_path):
+def test_vae_latents_are_normalised_in_wans_layout(tmp_path):
     from diffusers import AutoencoderKLWan
     torch.manual_seed(0)
     mean, std = torch.linspace(-1, 1, 48).tolist(), torch.linspace(0.5, 3, 48).tolist()
@@ -3112,7 +3184,7 @@ def test_from_pretrained_truncated_shard_fails_clearly(tmp_path):
         load_dit(root)
 
 
-def test_from_pretrained_lists_missing_unexpected_and_wrong_shape(tmp_path):
+def test_from_pretrained_lists_every_key_that_does_not_fit(tmp_path):
     from safetensors.torch import save_file
     cfg = WanConfig.tiny()
     sd = {k: v.contiguous() for k, v in randomize(WanDiT(cfg, state_cond=False)).state_dict().items()}
@@ -3166,7 +3238,7 @@ def test_null_context_reads_original_umt5_checkpoint(tmp_path):
     assert (ctx[0, :1] - want).abs().max() < 1e-5
 
 
-def test_crafted_or_truncated_pth_files_and_unwritable_export_folders_are_named(tmp_path):
+def test_a_file_nanowm_cannot_read_or_write_is_named(tmp_path):
     import pickle
 
     class Payload:   # a pickle that would run code when loaded without weights_only
@@ -3250,7 +3322,7 @@ def tiny_run_model(rank):
                        device='cpu', dtype=torch.float32, tiny={})
 
 
-def test_save_and_load_trainable_roundtrip(tmp_path):
+def test_trainable_weights_round_trip_through_their_file(tmp_path):
     cfg = WanConfig.tiny()
     base = randomize(WanDiT(cfg, state_cond=False)).state_dict()
     model = WanDiT(cfg)
@@ -3291,7 +3363,7 @@ def test_exported_lora_loads_in_diffusers_with_the_output_of_our_merged_model(tm
     assert (ours - want).abs().max() < 1e-4
 
 
-def test_exported_lora_has_comfyui_keys_and_needs_no_alpha_to_apply(tmp_path):
+def test_exported_lora_has_comfyui_keys_with_alpha_folded_in(tmp_path):
     from safetensors.torch import load_file
     cfg = WanConfig.tiny()
     model = randomize(WanDiT(cfg))
@@ -3310,7 +3382,7 @@ def test_exported_lora_has_comfyui_keys_and_needs_no_alpha_to_apply(tmp_path):
         k for k in model.state_dict() if k.startswith('state_embedder.')}
 
 
-def test_export_command_and_load_lora_round_trip_a_checkpoint(tmp_path):
+def test_the_export_of_a_checkpoint_loads_back_exactly(tmp_path):
     cfg = WanConfig.tiny()
     model = randomize(WanDiT(cfg))
     add_lora(model, rank=4, alpha=2)
@@ -3330,7 +3402,7 @@ def test_export_command_and_load_lora_round_trip_a_checkpoint(tmp_path):
         assert (fresh(x, t_BL, context, states) - model(x, t_BL, context, states)).abs().max() < 1e-5
 
 
-def test_step_numbered_exports_keep_the_newest_and_lora_safetensors_is_the_latest(tmp_path):
+def test_step_numbered_exports_keep_the_newest_beside_the_latest(tmp_path):
     from safetensors.torch import load_file
     model = trained_lora_model()
     for step in (100, 200, 300, 400):
@@ -3380,7 +3452,7 @@ def test_export_command_refuses_to_replace_lora_files_unless_overwrite(tmp_path,
     assert replaced == (tmp_path / 'best' / 'lora.safetensors').read_bytes() and replaced != latest
 
 
-def test_a_full_disk_during_a_lora_export_is_one_sentence_and_leaves_no_tmp(tmp_path, monkeypatch):
+def test_a_full_disk_during_a_lora_export_is_one_sentence_with_no_tmp_left(tmp_path, monkeypatch):
     from machinery.lora_files import save_atomic
     path = tmp_path / 'lora.safetensors'
     save_atomic({'w': torch.ones(2)}, path)
@@ -3430,7 +3502,7 @@ def test_load_lora_reads_each_common_format_as_its_tool_applies_it(tmp_path, fmt
     assert (got_merged - want).abs().max() < 1e-4
 
 
-def test_load_lora_checks_the_whole_file_first_and_leaves_the_model_unchanged_when_it_does_not_fit(tmp_path):
+def test_a_lora_file_that_does_not_fit_leaves_the_model_unchanged(tmp_path):
     from safetensors.torch import save_file
     cfg = WanConfig.tiny()
     lora = random_lora(cfg)
@@ -3509,7 +3581,7 @@ def test_legacy_naming_reads_alpha_tensors_as_comfyui_does(tmp_path):
 
 
 @pytest.mark.parametrize('merge', [False, True], ids=['adapters', 'merged'])
-def test_lora_scale_0_is_the_base_model_and_0_5_halves_the_update(tmp_path, merge):
+def test_lora_scale_multiplies_the_files_update(tmp_path, merge):
     cfg = WanConfig.tiny()
     path = save_lora(tmp_path / 'peft.safetensors', random_lora(cfg), 'peft')
     base = randomize(WanDiT(cfg, state_cond=False))
@@ -3563,7 +3635,7 @@ def test_init_lora_of_another_rank_is_refused_with_the_rank_to_pass(tmp_path):
 # ===============================================================================================
 
 
-def test_synthetic_world_is_deterministic_and_its_floor_is_exact(tmp_path, synthetic_dir):
+def test_the_synthetic_token_worlds_bayes_floor_is_exact(tmp_path, synthetic_dir):
     synthetic_tokens.write_synthetic(str(tmp_path), seed=0)
     for f in ('train_v2.0/videos/video_1.bin', 'train_v2.0/robot_states/states_1.bin', 'val_v2.0/video_0.bin'):
         assert (tmp_path / f).read_bytes() == open(os.path.join(synthetic_dir, f), 'rb').read()
@@ -3592,7 +3664,7 @@ def test_synthetic_world_is_deterministic_and_its_floor_is_exact(tmp_path, synth
     assert blind > floors['full'] + 0.4
 
 
-def test_synthetic_writer_redoes_an_unfinished_set_and_refuses_other_settings(tmp_path):
+def test_the_synthetic_writer_finishes_only_sets_of_its_own_settings(tmp_path):
     small = dict(train_shards=1, train_frames=340, val_frames=340)
     synthetic_tokens.write_synthetic(str(tmp_path), **small)
     video = tmp_path / 'val_v2.0' / 'video_0.bin'
@@ -3615,7 +3687,7 @@ def test_synthetic_writer_redoes_an_unfinished_set_and_refuses_other_settings(tm
 # ===============================================================================================
 
 
-def test_synthetic_raw_is_deterministic_readable_and_follows_states(tmp_path):
+def test_synthetic_clips_follow_their_states(tmp_path):
     for name, seed in (('a', 3), ('b', 3), ('c', 4)):
         synthetic_video.write_synthetic_raw(tmp_path / name, num_shards=1, frames_per_shard=300, size=SIZE, seed=seed)
     a, b, c = (data.RawShard(tmp_path / n, 0) for n in 'abc')
@@ -3637,7 +3709,7 @@ def test_synthetic_raw_is_deterministic_readable_and_follows_states(tmp_path):
     assert np.abs(synthetic_video.render_synthetic_frame(tex, s, SIZE).astype(int) - synthetic_video.render_synthetic_frame(tex, moved, SIZE)).sum() > 0
 
 
-def test_synthetic_world_redraws_the_recorded_frame_and_draws_counterfactual_futures(tmp_path):
+def test_the_synthetic_world_redraws_any_frame_for_any_states(tmp_path):
     synthetic_video.write_synthetic_raw(tmp_path / 'val', num_shards=2, frames_per_shard=300, size=SIZE, seed=5, flat=True)
     shard = data.RawShard(tmp_path / 'val', 1)
     start = shard.clip_starts()[0]
@@ -3746,7 +3818,7 @@ def test_own_clips_become_the_raw_layout_that_the_sampling_reader_reads(tmp_path
     ('no_video', r'b.npy has no b.mp4'),
     ('nan', r'b.npy: robot states hold nan at row \(frame\) 5, column 3'),
     ('short', r'b.npy: 40 frames; a training clip needs 77')])
-def test_own_clips_stop_before_writing_and_name_the_file_and_what_is_expected(tmp_path, case, message):
+def test_own_clips_name_a_bad_file_before_writing(tmp_path, case, message):
     from machinery import own_clips
     clips = tmp_path / 'clips'
     write_clip(clips, 'a')
@@ -3848,7 +3920,7 @@ def test_grid_draws_every_frame_pixel_exact_in_its_cell():
     assert img.width >= xb + 128 and img.height >= yc + 128
 
 
-def test_grid_grows_with_rows_and_columns():
+def test_grid_grows_with_its_cells():
     f = _frames(1)[0]
     one = pictures.grid([[f]], ['r'])
     wider = pictures.grid([[f, f]], ['r'])
@@ -3864,7 +3936,7 @@ def test_grid_leaves_empty_cells_white():
     assert (img[y:y + 128, x - 128 - pictures.GAP:x] == 255).all()
 
 
-def test_grid_text_is_not_clipped_and_long_captions_fit_their_cell():
+def test_grid_text_is_never_clipped():
     f = _frames(1)[0]
     caption = 'a caption much wider than its cell with Pneumonoultramicroscopicsilicovolcanoconiosis'
     img = np.asarray(pictures.grid([[f]], ['a rather long row label'], [[caption]], title='a title wider than the one frame'))
@@ -3887,7 +3959,7 @@ def test_error_map_is_mean_absolute_error_times_gain_clipped():
     assert pictures.error_map(truth, pred, gain=1)[1, 1, 0] == 20   # symmetric
 
 
-def test_clip_figure_shows_context_members_mean_truth_and_error():
+def test_clip_figure_shows_every_panel():
     context, members, (mean, truth) = _frames(5, seed=1), _frames(3, seed=2), _frames(2, seed=3)
     img = pictures.clip_figure(context, members, mean, truth, title='clip 0')
     for frame in [*context, *members, mean, truth, pictures.error_map(mean, truth)]:
@@ -3973,7 +4045,7 @@ def test_lpips_equals_the_packages_own_call_on_the_same_random_alexnet():
     assert lpips_distance(net, a, a) == 0.0
 
 
-def test_frechet_distance_agrees_with_scipy_sqrtm_and_with_torchmetrics():
+def test_frechet_distance_equals_the_reference_computations():
     pytest.importorskip('torchmetrics')
     from torchmetrics.image.fid import _compute_fid
     rng = np.random.RandomState(0)
@@ -4008,7 +4080,7 @@ def test_fid_of_image_sets_equals_torchmetrics_metric_on_the_same_random_backbon
     assert ours > 1.0 and abs(ours - theirs) < 1e-5 * theirs
 
 
-def test_missing_weights_name_the_file_and_where_to_put_it(monkeypatch, tmp_path):
+def test_missing_weights_are_named_with_where_to_put_them(monkeypatch, tmp_path):
     pytest.importorskip('lpips')
     pytest.importorskip('torchmetrics')
     import urllib.error
