@@ -273,8 +273,8 @@ except (FileNotFoundError, ValueError) as e:
 latent_dirs, codec = latents.raw_latents(data_dir, train_split_names, vae, vae_path, stride=clip_stride,
                                          batch_size=encode_batch_size, download=download, device=device,
                                          rank=rank, world_size=world_size,   # every rank does its share
-                                         synthetic=(synthetic_shards, 1500, synthetic_size, seed, 1200)
-                                         if demo or make_synthetic else None)
+                                         synthetic=dict(train_shards=synthetic_shards, frames=1500, size=synthetic_size,
+                                                        seed=seed, val_frames=1200) if demo or make_synthetic else None)
 train_parts = [data.LatentClips(d) for d in latent_dirs]
 train_ds = torch.utils.data.ConcatDataset(train_parts)
 frame_size = train_parts[0].encoding.get('frame_size')

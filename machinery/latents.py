@@ -197,16 +197,16 @@ def latents_bytes(data_dir, splits, vae, stride, synthetic_frames=None, assume_1
 def raw_latents(data_dir, splits, vae, vae_path, stride, batch_size, download, device, rank=0, world_size=1,
                 synthetic=None):
     """The latents train_sampling.py trains on, made once: data_dir/latents_{vae}/SPLIT for each raw
-    training split. synthetic (train shards, frames, size, seed, val frames): first write that
-    synthetic raw set into data_dir (synthetic_video.write_synthetic_raw_set; a finished one is
-    kept). A split neither whole on disk nor encoded is fetched from the Hub if download, else an
-    error (val_v2.0_raw, which validation reads raw, too); each split is then encoded, or
-    its finished encoding checked against this stride and codec. With world_size > 1 every rank
+    training split. synthetic (the settings of synthetic_video.write_synthetic_raw_set): first write
+    that synthetic raw set into data_dir (a finished one of the same settings is kept). A split
+    neither whole on disk nor encoded is fetched from the Hub if download, else an error
+    (val_v2.0_raw, which validation reads raw, too); each split is then encoded, or its finished
+    encoding checked against this stride and codec. With world_size > 1 every rank
     fetches and encodes its share of the shards, and rank 0 finishes. Returns ([latent dir per
     split], codec): validation decodes with the same codec."""
     if synthetic:   # rank 0 writes it, once
         from machinery.synthetic_video import write_synthetic_raw_set
-        on_master(write_synthetic_raw_set, data_dir, *synthetic)
+        on_master(lambda: write_synthetic_raw_set(data_dir, **synthetic))
         wait_for_all('the synthetic data')
     split_dir = lambda name: os.path.join(data_dir, name)
     latent_dirs = {s: os.path.join(data_dir, f'latents_{vae}', s) for s in splits}
