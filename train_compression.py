@@ -152,23 +152,26 @@ disk_lines, no_room = run_dir.disk_report(
     + ([(data_dir, to_fetch, 'tokenized data to download')] if to_fetch else []))
 
 # --- dry run: the model's size, the run's length and its disk, no data, no weights ----------------
-if dry_run:   # the steps of --epochs: the real run counts its samples, the paper states about 306k
-    steps = f"{max_iters:,}" if max_iters else (
-        f"{epochs:g} epochs x {PAPER_TRAIN_SAMPLES:,} samples (the paper's count; a run counts its data) / "
-        f"{global_batch_size} per step = {int(epochs * PAPER_TRAIN_SAMPLES // global_batch_size):,}")
-    accum = ', '.join(f"({g} GPU{'s' if g > 1 else ''}: {global_batch_size // (batch_size * g)})"
-                      for g in (1, 8, 16) if global_batch_size % (batch_size * g) == 0)
-    print('\n'.join([f"settings: {json.dumps(config)}", str(model_cfg), f"parameters: {meta_model.num_params():,} "
-                     f"(embedding/head {meta_model.tok_emb.weight.numel():,}, tied)",
-                     f"training FLOPs per sample: {meta_model.flops_per_sample():.3e}", f"steps: {steps}",
-                     f"micro-batch {batch_size} per process: {global_batch_size} = {batch_size} x GPUs x accumulation "
-                     + accum, *disk_lines, *([no_room] if no_room else [])]))
+if dry_run:
+    print(f"settings: {json.dumps(config)}")
+    print(f"{model_cfg}\nparameters: {meta_model.num_params():,} "
+          f"(embedding/head {meta_model.tok_emb.weight.numel():,}, tied)\n"
+          f"training FLOPs per sample: {meta_model.flops_per_sample():.3e}")
+    if max_iters == 0:   # the real run counts its samples; the paper states about 306k
+        print(f"steps: {epochs:g} epochs x {PAPER_TRAIN_SAMPLES:,} samples (the paper's count; a run counts "
+              f"its data) / {global_batch_size} per step = {int(epochs * PAPER_TRAIN_SAMPLES // global_batch_size):,}")
+    else:
+        print(f"steps: {max_iters:,}")
+    print(f"micro-batch {batch_size} per process: {global_batch_size} = {batch_size} x GPUs x accumulation "
+          + ', '.join(f"({g} GPU{'s' if g > 1 else ''}: {global_batch_size // (batch_size * g)})"
+                      for g in (1, 8, 16) if global_batch_size % (batch_size * g) == 0))
+    print('\n'.join(disk_lines + [no_room] if no_room else disk_lines))
     raise SystemExit(0)
 if no_room and not eval_only:
     raise SystemExit(no_room)
 
 
-# --- helpers: the schedule, evaluation (of the data and model set up below) ----------------------
+# --- helpers: the schedule, evaluation, checkpoints (of the data and model set up below) ----------
 def get_lr(it, peak_lr, warmup_iters, max_iters):
     """Paper 3.2: linear warmup to peak_lr over warmup_iters steps, then linear decay to 0 at max_iters.
     Step it (from 0) takes get_lr(it): the peak at warmup_iters - 1 and warmup_iters, the last step
@@ -243,6 +246,12 @@ def print_table(results, world=None):
     print(f"{'':34s} {'Top-500 CE':>10s} {'full CE':>8s}")
     for name, (top, full) in results.items():
         print(f"{name:34s} {top:10.4f} {full:8.4f}")
+
+
+def save_checkpoint(step, metric):
+    state = dict(kind='compression', model=raw_model.state_dict(), optimizer=optimizer.state_dict(), step=step,
+                 model_cfg=dict(vars(model_cfg)), config=checkpoints.plain(config))
+    checkpoints.save_checkpoint(out_dir, state, metric)   # ckpt.pt atomically; ckpt_prev.pt; ckpt_best.pt by metric
 
 
 # --- processes: DDP under torchrun, the precision; rank 0 claims out_dir --------------------------
@@ -399,10 +408,7 @@ for step in range(start_step, stop):
         tqdm.write(f"step {done}: val Top-500 CE ({min(eval_samples, len(val_ds))} samples) teacher-forced "
                    f"{tf_top:.4f}, greedy autoregressive {ar_top:.4f}")
     if (ckpt_interval > 0 and done % ckpt_interval == 0) or done == stop:
-        state = dict(kind='compression', model=raw_model.state_dict(), optimizer=optimizer.state_dict(), step=done,
-                     model_cfg=dict(vars(model_cfg)), config=checkpoints.plain(config))
-        # ckpt.pt atomically, ckpt_prev.pt, and ckpt_best.pt: the lowest greedy AR Top-500 CE
-        checkpoints.save_checkpoint(out_dir, state, record.get('val_ar_top500'))
+        save_checkpoint(done, record.get('val_ar_top500'))   # ckpt_best.pt: the lowest greedy AR Top-500 CE
 
 # --- the end: curves, the final table -------------------------------------------------------------
 if master:

@@ -60,7 +60,11 @@ def _non_finite(obj, name=''):
     if isinstance(obj, torch.Tensor):
         return name if obj.is_floating_point() and not torch.isfinite(obj).all() else None
     items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
-    return next(filter(None, (_non_finite(value, f"{name}.{key}" if name else str(key)) for key, value in items)), None)
+    for key, value in items:
+        bad = _non_finite(value, f"{name}.{key}" if name else str(key))
+        if bad:
+            return bad
+    return None
 
 
 def _peek(path):
