@@ -35,7 +35,7 @@ from configurator import configure
 from flow_matching import predict_frame77
 from machinery import checkpoints, pictures
 from machinery.distributed import resolve_device
-from machinery.vae import PixelCodec
+from machinery.vae import PixelCodec, WanVAE
 from machinery.wan_files import build_model, text_context
 from metrics import blur_baseline, psnr, ssim
 from wan_state import lora_modules, merge_lora as merge_lora_into_base
@@ -141,17 +141,11 @@ seed = run['seed'] if seed == -1 else seed
 if run['vae'] == 'pixel':
     codec = PixelCodec()
 else:
-    from machinery.vae import WanVAE
     codec = WanVAE.from_pretrained(run['vae_path'], device=device, dtype=getattr(torch, vae_dtype))
-
-
-def load_lpips_fid():
-    """--lpips_fid: LPIPS per prediction and FID over the clips, with the networks that load here."""
+scorer = None   # --lpips_fid: LPIPS per prediction and FID over the clips, with the networks that load here
+if lpips_fid:
     from machinery.image_scores import LpipsFid
-    return LpipsFid(device)
-
-
-scorer = load_lpips_fid() if lpips_fid else None
+    scorer = LpipsFid(device)
 
 # --- the clips ---------------------------------------------------------------------------------
 split = split or os.path.join(run['data_dir'], 'val_v2.0_raw')
