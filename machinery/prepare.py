@@ -16,10 +16,6 @@ from data import RAW_CLIP_LEN
 from machinery import latents, own_clips, synthetic_tokens, synthetic_video, tokenized
 
 
-# ---------------------------------------------------------------------------------------------
-# Command line
-# ---------------------------------------------------------------------------------------------
-
 def cmd_synthetic(args):
     world = synthetic_tokens.write_synthetic(args.out, seed=args.seed, vocab=args.vocab)   # reuses a finished set of these settings
     floors = synthetic_tokens.synthetic_floors(world['vocab'], world['eps'], world['p_new'])
@@ -44,10 +40,6 @@ def cmd_encode_raw(args):
     codec, dtype = latents.load_codec(args.codec, args.vae_path, args.device)
     n = latents.encode_raw_split(args.split, args.out, codec, args.stride, args.batch_size, args.device, dtype)
     print(f"encoded {n} clips of {args.split} to {args.out}")
-
-
-def cmd_own_clips(args):
-    own_clips.run(args)
 
 
 class DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
@@ -100,7 +92,7 @@ def main(argv=None):
     p = sub.add_parser('own_clips', help='convert a folder of your own clips (NAME.mp4 + NAME.npy states, frames x 25) '
                                          'to the raw layout train_sampling.py reads (machinery/own_clips.py)')
     own_clips.add_arguments(p)
-    p.set_defaults(run=cmd_own_clips)
+    p.set_defaults(run=own_clips.run)
 
     args = parser.parse_args(argv)
     try:
