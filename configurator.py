@@ -1,7 +1,5 @@
-"""Command-line overrides for the flat scripts, as nanoGPT does it. A script's settings are its module globals, each
-with a comment; `given = configure(globals(), presets=PRESETS, ...)` right below them applies a preset, config files
-(bare arguments: assignments) and flags (`--key=value`, `--key value`, `--flag`) in turn. `--help` lists them all.
-"""
+"""Command-line overrides of a flat script's settings (its module globals, each with a comment), as nanoGPT does it:
+`configure(globals(), ...)` applies a preset, config files (assignments), then `--key=value` flags; see `--help`."""
 import ast
 import difflib
 import os
@@ -51,7 +49,10 @@ def configure(config, argv=None, presets=None, gpu_preset=None, choices=None, po
         if key is None:   # a config file: the names it assigns (not its functions' or comprehensions' locals)
             code = open(text).read()
             print(f"config file {text}:\n{code}")
-            table = symtable.symtable(code, text, 'exec')
+            try:
+                table = symtable.symtable(code, text, 'exec')
+            except SyntaxError as e:
+                raise SystemExit(f"{text}, line {e.lineno}: {e.msg} (a config file holds Python assignments)") from None
             assigned = {s.get_name() for s in table.get_symbols() if s.is_assigned() and not s.is_namespace()}
             if 'preset' in assigned and 'preset' in known:
                 raise SystemExit(f"{text} sets preset: give it as --preset=NAME (a preset applies before config files)")
@@ -70,7 +71,8 @@ def configure(config, argv=None, presets=None, gpu_preset=None, choices=None, po
                 value = text   # a word: _typed names it
             config[key] = _typed(value, config[key], f"--{key}={text}")
             print(f"override: {key} = {config[key]!r}")
-    rules = [(k, config[k] in a, f"is not one of {', '.join(map(repr, a))}") for k, a in (choices or {}).items()]
+    rules = [(k, abs(config[k]) < float('inf'), 'is not a finite number') for k in known if type(config[k]) is float]
+    rules += [(k, config[k] in a, f"is not one of {', '.join(map(repr, a))}") for k, a in (choices or {}).items()]
     rules += [(k, config[k] > 0, 'must be positive') for k in positive]
     rules += [(k, config[k] >= 0, 'must be >= 0') for k in nonnegative]
     for key, ok, rule in rules + [(k, 0 <= config[k] <= 1, 'must lie in [0, 1]') for k in fractions]:
@@ -80,8 +82,7 @@ def configure(config, argv=None, presets=None, gpu_preset=None, choices=None, po
 
 
 def _cuda_available():
-    import torch
-    return torch.cuda.is_available()
+    return __import__('torch').cuda.is_available()   # torch imported only when torchrun asks
 
 
 def _typed(value, old, given_as):
@@ -96,8 +97,7 @@ def _typed(value, old, given_as):
 
 
 def _print_help(config, known, presets, gpu_preset):
-    """Each setting with its default and comment (`name = value  # comment`, and the comment lines below that go on),
-    under the title of the `# -- title --` line above it; before them the usage, docstring and presets."""
+    """The usage, docstring, presets, then each setting with its default and comment under its `# -- title --`."""
     path = config.get('__file__', '')
     print(f"usage: python {os.path.basename(path or sys.argv[0])} [config.py] [--key=value | --key value ...]",
           *(config.get('__doc__') or '').strip().splitlines()[:1], sep='\n\n', end='\n\n')   # docstring line 1

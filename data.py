@@ -14,6 +14,7 @@ machinery's job (machinery/prepare.py).
 """
 import collections
 import functools
+import hashlib
 import itertools
 import json
 import math
@@ -21,7 +22,6 @@ import os
 
 import numpy as np
 import torch
-from safetensors import safe_open
 
 # --- Layout of the 1X datasets ----------------------------------------------------------------
 
@@ -51,7 +51,7 @@ def read_json(path, counts=()):
     try:
         with open(path) as f:
             meta = json.load(f)
-    except json.JSONDecodeError as e:
+    except ValueError as e:   # not JSON (JSONDecodeError), or not text (UnicodeDecodeError)
         raise ValueError(f"{path} is not valid JSON ({e}): the file is truncated or damaged; download or write "
                          f"it again") from None
     for key in counts:
@@ -277,6 +277,7 @@ NUM_CONTEXT_FRAMES = 5  # clip frames 0..4 = raw frames 0, 4, 8, 12, 16
 NUM_LATENTS = 6         # 1 + (21 - 1) / 4 Wan latent frames
 NUM_CONTEXT_LATENTS = 2  # latent 0 = clip frame 0, latent 1 = clip frames 1..4: all context
 TARGET_FRAME = RAW_CLIP_LEN - 1  # raw frame 76, clip frame 20, inside the last latent
+REDO_RAW = "delete it and fetch it again (--download); for a synthetic or own-clips split write the split again"
 
 
 def clip_frame_indices():
@@ -290,14 +291,17 @@ def clip_frame_indices():
 
 class RawShard:
     """One shard of the raw data: one long 30 Hz mp4 with a state row and a segment id per frame.
-    Checked when opened: file sizes against the metadata, robot states for NaN and inf. Checked when
-    decoded: a damaged mp4, and frames of another size than frame_size (None: any size)."""
+    Checked when opened: sizes, states for NaN and inf, the video's sha256 if its metadata has one (nanoWM's
+    writers; 1X's have none). When decoded: frames damaged (as the decoder sees) or lost, or not frame_size."""
 
     def __init__(self, split_dir, shard, frame_size=None):
         paths = shard_paths(split_dir, shard, 'mp4')
         self.video_path, states_path, segment_path = paths['video'], paths['states'], paths['segment_idx']
-        self.num_frames = read_json(paths['metadata'], counts=('shard_num_frames',))['shard_num_frames']
-        self.frame_size = frame_size
+        meta = read_json(paths['metadata'], counts=('shard_num_frames',))
+        self.num_frames, self.frame_size = meta['shard_num_frames'], frame_size
+        with open(self.video_path, 'rb') as f:   # the sets nanoWM writes keep a sha256: damage no decoder sees
+            if 'sha256' in meta and hashlib.sha256(f.read()).hexdigest() != meta['sha256']:
+                raise ValueError(f"{self.video_path}: not the bytes its metadata's sha256 names: {REDO_RAW}")
         sizes = expected_sizes(self.num_frames)
         _check_size(states_path, sizes['states'], f"float32 states ({self.num_frames}, {STATE_DIM})")
         _check_size(segment_path, sizes['segment_idx'], f"int32 segment id per frame, {self.num_frames} frames")
@@ -322,8 +326,8 @@ class RawShard:
         av = need('av', 'reading the raw mp4 videos')
         try:
             with av.open(self.video_path) as container:
-                if not container.streams.video:
-                    raise ValueError(f"{self.video_path} holds no video stream")
+                if not container.streams.video or container.streams.video[0].codec_context is None:
+                    raise ValueError(f"{self.video_path} holds no video stream FFmpeg can decode: {REDO_RAW}")
                 stream = container.streams.video[0]
                 stream.thread_type = 'AUTO'
                 size = (stream.codec_context.height, stream.codec_context.width)
@@ -332,15 +336,18 @@ class RawShard:
                                      f"{self.frame_size[0]}x{self.frame_size[1]} (the size the other shards, or the "
                                      f"model's training data, have); the file is from another dataset")
                 fps, tb = stream.average_rate, stream.time_base
-                t0 = stream.start_time or 0
-                container.seek(t0 + int(start / fps / tb), stream=stream, backward=True)
+                t0, want = stream.start_time or 0, start   # want: the frame that must come next
+                container.seek(t0 + int(max(start - 16, 0) / fps / tb), stream=stream, backward=True)
                 for frame in container.decode(stream):
                     idx = round((frame.pts - t0) * tb * fps)
+                    if idx >= start and (frame.is_corrupt or idx != want):   # damage the decoder saw, a lost frame
+                        raise ValueError(f"{self.video_path}: frame {want} is damaged or lost: {REDO_RAW}")
                     if idx >= start:
+                        want += 1
                         yield idx, frame.to_ndarray(format='rgb24')
         except (av.FFmpegError, TypeError, ZeroDivisionError) as e:   # no rate or time base: not a video either
             raise ValueError(f"{self.video_path} cannot be decoded ({type(e).__name__}: {e}): the file is damaged "
-                             f"or truncated; download or write it again") from None
+                             f"or truncated: {REDO_RAW}") from None
 
     def read_frames(self, start, count):
         """Frames start .. start+count-1 as uint8 [count, H, W, 3]."""
@@ -387,14 +394,6 @@ def raw_shards(split_dir):
     return list(range(num_shards))
 
 
-def raw_split_is_whole(split_dir):
-    """True if a raw split holds its metadata.json and every shard's four files."""
-    try:
-        return all(shard_paths(split_dir, i, 'mp4') for i in raw_shards(split_dir))
-    except FileNotFoundError:
-        return False
-
-
 class RawClips(torch.utils.data.Dataset):
     """All valid 77-frame windows of a raw split, `stride` frames apart at least. Item: dict with
     frames_THWC uint8 [21, H, W, 3] (clip frame 20 = raw frame 76 = the target), states_TD [21, 25]."""
@@ -424,31 +423,6 @@ class RawClips(torch.utils.data.Dataset):
         frames_THWC, states_TD = self.shards[shard].read_clip(start)
         return dict(frames_THWC=torch.from_numpy(frames_THWC), states_TD=torch.from_numpy(states_TD),
                     shard=shard, start=start)
-
-
-class LatentClips(torch.utils.data.Dataset):
-    """Pre-encoded clips (encode_raw_split's files), read row by row without loading whole shards.
-    Only a finished encoding (with encoding.json) is read."""
-
-    def __init__(self, latent_dir):
-        if not os.path.exists(os.path.join(latent_dir, 'encoding.json')):
-            raise FileNotFoundError(f"{latent_dir}/encoding.json missing: not a finished encoding; run "
-                                    f"`python -m machinery.prepare encode_raw` (--codec=pixel or wan); "
-                                    f"both resume an interrupted one")
-        self.encoding = read_json(os.path.join(latent_dir, 'encoding.json'))
-        names = sorted(n for n in os.listdir(latent_dir) if n.startswith('latents_') and n.endswith('.safetensors'))
-        self.files = [safe_open(os.path.join(latent_dir, n), framework='pt') for n in names]
-        self.items = [(f, k) for f in self.files for k in range(f.get_slice('starts').get_shape()[0])]
-        if not self.items:
-            raise ValueError(f"{latent_dir}: no clips")
-
-    def __getitem__(self, k):
-        """(latents float32 [48, 6, h, w], states [21, 25]) of clip k."""
-        f, row = self.items[k]
-        return f.get_slice('latents')[row:row + 1][0].float(), f.get_slice('states')[row:row + 1][0]
-
-    def __len__(self):
-        return len(self.items)
 
 
 # --- The batch order of both trainers ---------------------------------------------------------

@@ -123,8 +123,8 @@ def sample_latents(model, z_ctx_BCKHW, states_BTD, context_1LD, noise_BCFHW, *, 
     if guided:   # rows B.. are the unconditional copies
         states_BTD = torch.cat([states_BTD, states_BTD])
         drop_B = torch.arange(rows, device=device) >= B
-    else:
-        drop_B = torch.full((B,), no_states, dtype=torch.bool, device=device)
+    else:   # no flags at all without no_states: a model trained without state dropout has no no-state embedding
+        drop_B = torch.ones(B, dtype=torch.bool, device=device) if no_states else None
 
     def velocity(latent, t):
         x_in = torch.cat([latent, latent]) if guided else latent

@@ -19,7 +19,8 @@ place of the run's adapters, at strength --lora_scale. --ablation: the same clip
 under another clip's states and under none (how much the prediction follows the robot);
 --counterfactual, on a synthetic split: each future also scored against the frame the world
 draws for its states. Outputs in {out_dir}/samples/: metrics.csv, clip_{k}.png,
-counterfactual_{k}.png, clip_0.gif.
+counterfactual_{k}.png, clip_0.gif. The scores are written clip by clip to metrics.partial.csv, which
+replaces metrics.csv only when every clip is scored: a run that stops leaves the earlier result whole.
 """
 import csv
 import math
@@ -33,7 +34,7 @@ from tqdm import tqdm
 import data
 from configurator import configure
 from flow_matching import predict_frame77
-from machinery import checkpoints, pictures
+from machinery import checkpoints, pictures, written
 from machinery.distributed import resolve_device
 from machinery.vae import PixelCodec, WanVAE
 from machinery.wan_files import build_model, text_context
@@ -77,6 +78,21 @@ configure(globals(), choices=dict(scheduler=('euler', 'unipc'), vae_dtype=('floa
           nonnegative=('max_clips', 'shift', 'png_members'))
 if lora_scale != 1.0 and not lora:
     raise SystemExit(f"--lora_scale={lora_scale} sets the strength of --lora: give the LoRA file with --lora")
+for flag, most, why in (('cfg', 20, 'guidance scales in use lie between 1 (off) and about 7'),
+                        ('shift', 100, 'Wan samples with 5 to 12 (0: the run\'s)'), ('blur_sigma', 64, 'pixels'),
+                        ('lora_scale', 10, '1 applies the file as written, 0 leaves it out, -1 subtracts it')):
+    if not abs(globals()[flag]) <= most:   # a typo (or inf) stops here, not after hours of sampling
+        raise SystemExit(f"--{flag}={globals()[flag]} is out of range: at most {most} in size ({why})")
+device = resolve_device(device)
+if device.startswith('cuda') and torch.cuda.device_count() <= int(device[5:] or 0):
+    raise SystemExit(f"--device={device}: this torch ({torch.__version__}) sees {torch.cuda.device_count()} CUDA "
+                     f"GPU(s); pass --device=cpu (or auto), or the number of a GPU it sees")
+scorer = None   # --lpips_fid: LPIPS per prediction and FID over the clips; loaded first, so that a missing
+if lpips_fid:   # package or network file is said within seconds, not after the model and the clips
+    from machinery.image_scores import LpipsFid
+    scorer = LpipsFid(device)
+    for why in scorer.unavailable:
+        print(f"not computed: {why}")
 if not out_dir:
     out_dir = 'out_sampling_paper' if os.path.exists(os.path.join('out_sampling_paper', checkpoints.CKPT)) \
         else 'out_sampling'
@@ -90,7 +106,6 @@ if not os.path.exists(ckpt_path):
 state = checkpoints.load_checkpoint(ckpt_path, 'sampling')
 run = state['config']
 print(f"{ckpt_path}: step {state['step']}, model {run['model']}, vae {run['vae']}, {run['train_mode']}")
-device = resolve_device(device)
 device_type = 'cuda' if device.startswith('cuda') else 'cpu'
 # as the run's validation computed: a LoRA run's frozen base in bf16; full training's fp32 weights in fp32 (TF32)
 ptdtype = torch.bfloat16 if device_type == 'cuda' and run['dtype'] == 'bfloat16' and run['train_mode'] == 'lora' \
@@ -101,7 +116,8 @@ net = build_model(model=run['model'], pretrained=run['pretrained'], train_mode=r
                   lora_rank=run['lora_rank'], lora_alpha=run['lora_alpha'], init_seed=run['init_seed'],
                   device=device, dtype=ptdtype, tiny=dict(dim=run['dim'], num_layers=run['num_layers'],
                                                           num_heads=run['num_heads'], ffn_dim=run['ffn_dim']),
-                  state_embedder=run['state_embedder'])
+                  state_embedder=run['state_embedder'],   # the no-state embedding: trained with state dropout
+                  null_state=run['state_dropout'] > 0 or 'state_embedder.null' in state['trainable'])   # (or older)
 params = dict(net.named_parameters())
 differ = sorted({n for n, p in params.items() if p.requires_grad} ^ set(state['trainable']))
 if differ:
@@ -135,23 +151,26 @@ if ptdtype != torch.float32:   # bf16 inference on GPUs (fp32 kept where the ref
     net.set_dtype(ptdtype)
 if compile and device_type == 'cuda':   # fused kernels for the 30 identical blocks
     net.compile_blocks()
-context_1LD = text_context(net.cfg, run['text_encoder'], device)   # [1, 512, 4096]: shared by every row
+try:
+    context_1LD = text_context(net.cfg, run['text_encoder'], device)   # [1, 512, 4096]: shared by every row
+except (FileNotFoundError, ValueError) as e:
+    raise SystemExit(f"the run's text encoder {run['text_encoder']}: {e}")
 shift = shift or run['shift']
 seed = run['seed'] if seed == -1 else seed
 if run['vae'] == 'pixel':
     codec = PixelCodec()
 else:
     codec = WanVAE.from_pretrained(run['vae_path'], device=device, dtype=getattr(torch, vae_dtype))
-scorer = None   # --lpips_fid: LPIPS per prediction and FID over the clips, with the networks that load here
-if lpips_fid:
-    from machinery.image_scores import LpipsFid
-    scorer = LpipsFid(device)
 
 # --- the clips ---------------------------------------------------------------------------------
 split = split or os.path.join(run['data_dir'], 'val_v2.0_raw')
-clips = data.RawClips(split, stride=clip_stride, max_clips=max_clips or None, frame_size=run.get('frame_size'))
-# a synthetic split records its world's look: it can be drawn again for any states
-counterfactual = counterfactual and 'look' in data.read_json(os.path.join(split, 'metadata.json')).get('synthetic', {})
+try:   # a split missing or damaged: named
+    clips = data.RawClips(split, stride=clip_stride, max_clips=max_clips or None, frame_size=run.get('frame_size'))
+    # a synthetic split records its world's look: it can be drawn again for any states
+    look = 'look' in data.read_json(os.path.join(split, 'metadata.json')).get('synthetic', {})
+except (FileNotFoundError, ValueError) as e:
+    raise SystemExit(f"--split={split}: {e}")
+counterfactual = counterfactual and look
 if ablation and len(clips) < 2:
     print("one clip: no state ablation (it takes another clip's states)")
     ablation = False
@@ -160,13 +179,18 @@ untrained = f"{ckpt_path} was trained with state_dropout=0: its no-state embeddi
 if cfg != 1.0 and run['state_dropout'] == 0:
     raise SystemExit(f"--cfg={cfg}: {untrained}, so there is no unconditional model to guide with. Use --cfg=1.0, "
                      f"or train with --state_dropout > 0 (preset paper_cfg)")
-if ablation and run['state_dropout'] == 0:
+no_states_row = ablation and net.state_embedder.null is not None
+if ablation and not no_states_row:
+    print(f"note: {ckpt_path} was trained without state dropout, so it has no no-state embedding: no 'no states' row")
+elif ablation and run['state_dropout'] == 0:   # an older run's, built whatever its dropout
     print(f"note: {untrained}; the 'no states' row shows an untrained embedding, not the model without states")
 results_dir = results_dir or os.path.join(out_dir, 'samples')
 os.makedirs(results_dir, exist_ok=True)
-metrics_csv = os.path.join(results_dir, 'metrics.csv')   # this run's scores only, written clip by clip
-if os.path.exists(metrics_csv):
-    os.remove(metrics_csv)
+# this run's scores only, clip by clip, set aside until every clip is scored: the earlier metrics.csv
+# (hours of evaluation at full scale) stays whole whatever stops this run
+metrics_csv, partial_csv = (os.path.join(results_dir, f) for f in ('metrics.csv', 'metrics.partial.csv'))
+if os.path.exists(partial_csv):   # a stopped run's rows
+    os.remove(partial_csv)
 print(f"{len(clips)} clips of {split}; ensemble {ensemble}, {steps} {scheduler} steps, shift {shift}, cfg {cfg}"
       f"{'; state ablation' if ablation else ''}{'; counterfactual futures' if counterfactual else ''}")
 
@@ -197,17 +221,25 @@ def counterfactual_futures(k, item, futures, predict, preds, row):
         row[f'psnr_cf_{name}_recorded'] = round(psnr(pred, truth), 4)
         panels.append(dict(name=FUTURES[name], pred_HWC=pred, truth_HWC=cf_truth,
                            psnr_truth=row[f'psnr_cf_{name}_truth'], psnr_orig=row[f'psnr_cf_{name}_recorded']))
-    pictures.counterfactual_figure(item['frames_THWC'][:C].numpy(), panels,
-                                   title=f'clip {k}: frame 77 under other state futures'
-                                   ).save(os.path.join(results_dir, f'counterfactual_{k}.png'))
+    pictures.save_png(pictures.counterfactual_figure(item['frames_THWC'][:C].numpy(), panels,
+                                                     title=f'clip {k}: frame 77 under other state futures'),
+                      os.path.join(results_dir, f'counterfactual_{k}.png'), then=f"then run again ({kept()})")
 
 
 rows, seconds = [], []
+
+
+def kept():
+    """What a stop leaves: the earlier result, and this run's scores so far."""
+    return f"{metrics_csv} (an earlier result, if any) is untouched" + (
+        f"; {partial_csv} holds the scores of this run's {len(rows)} clip(s) so far" if rows else "")
+
+
 for k in tqdm(range(len(clips)), desc='clips'):
     try:
         item = clips[k]
     except ValueError as e:   # a damaged video: named, with the scores so far kept
-        raise SystemExit(f"clip {k}: {e}\n{metrics_csv} holds the {k} clips before it")
+        raise SystemExit(f"clip {k}: {e}\n{kept()}")
     frames_THWC, states_TD = item['frames_THWC'], item['states_TD']
     truth = frames_THWC[-1].numpy()
     last_ctx = frames_THWC[C - 1].numpy()
@@ -220,8 +252,7 @@ for k in tqdm(range(len(clips)), desc='clips'):
                                    scheduler=scheduler, decode_batch=decode_batch, device=device,
                                    no_states=no_states, videos=videos)
         except FloatingPointError as e:
-            raise SystemExit(f"clip {k} (shard {item['shard']}, frame {item['start']}): {e}\n"
-                             f"{metrics_csv} holds the {k} clips before it")
+            raise SystemExit(f"clip {k} (shard {item['shard']}, frame {item['start']}): {e}\n{kept()}")
 
     if device_type == 'cuda':
         torch.cuda.synchronize()
@@ -243,6 +274,7 @@ for k in tqdm(range(len(clips)), desc='clips'):
         futures['other'] = states_TD.clone()
         futures['other'][C:] = other_TD[C:]
         _, preds['other_states'] = predict(futures['other'])
+    if no_states_row:
         _, preds['no_states'] = predict(states_TD, no_states=True)
     row = dict(clip=k, shard=item['shard'], start=item['start'], seconds=round(seconds[-1], 3))
     lpips = scorer.clip(preds, truth) if scorer else {}   # FID: their features kept for the table
@@ -251,13 +283,14 @@ for k in tqdm(range(len(clips)), desc='clips'):
         row[f'ssim_{name}'] = round(ssim(img, truth), 4)
         if name in lpips:
             row[f'lpips_{name}'] = lpips[name]
-    pictures.clip_figure(frames_THWC[:C].numpy(), members[:png_members], mean, truth,
-                         title=f'clip {k} (shard {item["shard"]}, frame {item["start"]})').save(
-        os.path.join(results_dir, f'clip_{k}.png'))
+    pictures.save_png(pictures.clip_figure(frames_THWC[:C].numpy(), members[:png_members], mean, truth,
+                                           title=f'clip {k} (shard {item["shard"]}, frame {item["start"]})'),
+                      os.path.join(results_dir, f'clip_{k}.png'), then=f"then run again ({kept()})")
     if counterfactual:
         counterfactual_futures(k, item, futures, predict, preds, row)
-    rows.append(row)
-    with open(metrics_csv, 'w', newline='') as f:   # after every clip: a stop keeps the scores so far
+    # after every clip, so that a stop keeps the scores so far (kept(): those of the clips before this one)
+    with written(partial_csv, then=f"then run again ({kept()})") as tmp, open(tmp, 'w', newline='') as f:
+        rows.append(row)
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
@@ -265,7 +298,7 @@ for k in tqdm(range(len(clips)), desc='clips'):
         members_video = videos[0]
         mean_video = members_video.astype(np.float64).mean(0).round().astype(np.uint8)
         pictures.save_gif(os.path.join(results_dir, 'clip_0.gif'), [members_video[0], mean_video, frames_THWC.numpy()],
-                          ['sample 1', f'mean of {ensemble}', 'real'])
+                          ['sample 1', f'mean of {ensemble}', 'real'], then=f"then run again ({kept()})")
 
 # --- the tables: means over the clips, and the spread over the clips of each margin ---------------
 over_clips = {key: float(np.mean([r[key] for r in rows])) for key in rows[0]
@@ -294,8 +327,7 @@ for name, label in labels.items():
     p, s = over_clips[f'psnr_{name}'], over_clips[f'ssim_{name}']
     scores = [over_clips[f'{c}_{name}'] for c in columns]
     if not all(math.isfinite(v) for v in (p, s, *scores)):
-        raise SystemExit(f"the {label}'s scores came out {p}, {s}, {scores}: not a result; "
-                         f"see {results_dir}/metrics.csv")
+        raise SystemExit(f"the {label}'s scores came out {p}, {s}, {scores}: not a result; {kept()}")
     margin = f'   own states better by {own - p:.2f} dB {spread(f"ensemble_{ensemble}", name)}' \
         if name in ('other_states', 'no_states') else ''
     print(f"{label:<44} {p:>10.2f} {s:>8.3f}" + ''.join(f' {v:>8.3f}' if c == 'lpips' else f' {v:>8.2f}'
@@ -313,5 +345,6 @@ if counterfactual:
               f"{spread(f'cf_{name}_truth', f'cf_{name}_recorded')}")
 print(f"{np.mean(seconds[1:] or seconds):.2f} s per clip on {device} (ensemble {ensemble}, {steps} steps, cfg {cfg}; "
       f"the own states' prediction, ablations not counted)")
+os.replace(partial_csv, metrics_csv)   # every clip scored: the new result replaces the earlier one
 print(f"wrote {results_dir}/metrics.csv, clip_*.png{', counterfactual_*.png' if counterfactual else ''}"
       f"{', clip_0.gif' if gif else ''}")

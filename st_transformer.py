@@ -194,9 +194,9 @@ class STTransformer(nn.Module):
 
         Only the positions that are scored get the output head: training scores the future
         grids 3, 4, 5 (paper 3.2), i.e. positions 2, 3, 4, and the 64k-way head is the largest
-        cost of the model, so this is cheaper and exact. The loss never holds the logits of the
-        whole batch (head_cross_entropy): at the paper's size they would be 0.73 GiB in fp32 per
-        sample (3 x 1024 tokens x 64,000)."""
+        cost of the model, so this is cheaper and exact. The loss holds the logits of loss_chunk
+        tokens at a time (head_cross_entropy): at the paper's size the whole batch's would be 0.73 GiB
+        in fp32 per sample (3 x 1024 tokens x 64,000)."""
         if targets_BTHW is None:
             return self.blocks_and_head(self.embed(z_BTHW, states_BLD), predict_from)
         h_BTSC = self.hidden(self.embed(z_BTHW, states_BLD), predict_from)
@@ -319,15 +319,19 @@ def _chunk_ce_sum(h_NC, weight_VC, target_N):
 
 
 def head_cross_entropy(h_NC, weight_VC, target_N, chunk=4096, chunk_loss=_chunk_ce_sum):
-    """Mean cross-entropy of the logits h_NC @ weight_VC^T (fp32 log-softmax) against target_N,
-    computed chunk tokens at a time with activation checkpointing: each chunk's logits are made,
-    reduced to a sum and freed, and made again in the backward pass. So at most one chunk of fp32
-    logits (chunk x V x 4 bytes: 1 GiB at 4096 x 64000) exists at a time instead of the whole
-    micro-batch's (30720 x 64000 x 4 bytes = 7.3 GiB at batch 10), for one extra head matmul.
-    Equal to F.cross_entropy on the full logits (test_all.py checks value and gradients).
-    chunk_loss: the function of one chunk (the compiled one after STTransformer.compile_blocks)."""
+    """Mean cross-entropy of the logits h_NC @ weight_VC^T (fp32 log-softmax) against target_N, in equal
+    chunks of at most `chunk` tokens (the fewest, or up to twice as many, that divide N: 8 x 3840 at batch
+    10, so the compiled chunk_loss meets one shape), each checkpointed: its logits are made, reduced to a
+    sum, freed, and made again in the backward. So one chunk's fp32 logits exist at a time (1 GiB at 4096 x
+    64000), not the micro-batch's (7.3 GiB at batch 10), for a head matmul more. chunk=0: all at once, not
+    recomputed (compiled, chunk_loss keeps only the bf16 logits). Equal to F.cross_entropy (test_all.py)."""
+    N = len(target_N)
+    if chunk == 0:
+        return chunk_loss(h_NC, weight_VC, target_N) / N
+    n = -(-N // chunk)   # the fewest chunks
+    size = -(-N // next((k for k in range(n, 2 * n + 1) if N % k == 0), n))
     total = h_NC.new_zeros((), dtype=torch.float32)
-    for i in range(0, len(target_N), chunk):
-        total = total + torch.utils.checkpoint.checkpoint(chunk_loss, h_NC[i:i + chunk], weight_VC,
-                                                          target_N[i:i + chunk], use_reentrant=False)
-    return total / len(target_N)
+    for i in range(0, N, size):
+        total = total + torch.utils.checkpoint.checkpoint(chunk_loss, h_NC[i:i + size], weight_VC,
+                                                          target_N[i:i + size], use_reentrant=False)
+    return total / N

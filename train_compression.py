@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 import data
 from configurator import configure
-from machinery import checkpoints, run_dir, synthetic_tokens, tokenized
+from machinery import checkpoints, run_dir, synthetic_tokens, tokenized, written
 from machinery.distributed import (finish, grad_accum_steps, mean_over_ranks, on_master, resolve_device, setup_distributed,
                          wait_for_all)
 from metrics import cross_entropy_topk
@@ -250,8 +250,8 @@ def print_table(results, world=None):
 
 def save_checkpoint(step, metric):
     state = dict(kind='compression', model=raw_model.state_dict(), optimizer=optimizer.state_dict(), step=step,
-                 model_cfg=dict(vars(model_cfg)), config=checkpoints.plain(config))
-    checkpoints.save_checkpoint(out_dir, state, metric)   # ckpt.pt atomically; ckpt_prev.pt; ckpt_best.pt by metric
+                 model_cfg=dict(vars(model_cfg)), config=checkpoints.plain(config), guard=guard.state_dict())
+    checkpoints.save_checkpoint(out_dir, state, metric, trusted=guard.trusted)   # and ckpt_prev.pt, ckpt_best.pt
 
 
 # --- processes: DDP under torchrun, the precision; rank 0 claims out_dir --------------------------
@@ -332,7 +332,7 @@ torch.manual_seed(seed)  # the same on every rank: identical initial weights
 raw_model = STTransformer(model_cfg).to(device)
 optimizer = torch.optim.AdamW(raw_model.param_groups(weight_decay), lr=learning_rate, betas=(beta1, beta2),
                               fused=device_type == 'cuda')  # paper 3.2: fused AdamW
-start_step = 0
+start_step, saved_guard = 0, None
 ckpt_path = os.path.join(out_dir, checkpoints.CKPT)
 if init_from == 'resume':   # loaded to the CPU, tensors and plain data only (never runs code)
     state = checkpoints.load_checkpoint(ckpt_path, 'compression', expect={k: config[k] for k in MODEL_KEYS})
@@ -340,7 +340,7 @@ if init_from == 'resume':   # loaded to the CPU, tensors and plain data only (ne
     optimizer.load_state_dict(state['optimizer'])
     changed = checkpoints.optimizer_settings_on_resume(   # the flags given now (the lr follows get_lr every step)
         optimizer, [dict(weight_decay=wd, betas=(beta1, beta2)) for wd in (weight_decay, 0.0)], state['config'], config)
-    start_step = state['step']
+    start_step, saved_guard = state['step'], state.get('guard')   # the loss-spike rule's history too
     if master:
         print(f"resumed from {ckpt_path} at step {start_step}" + (f"; {changed}" if changed else ''))
 if compile:   # regional: each block (one graph serves them all) and the loss chunk, so it compiles in about a minute
@@ -354,6 +354,9 @@ if master:
 
 # --- training loop --------------------------------------------------------------------------------
 stop = min(max_iters, stop_at) if stop_at > 0 else max_iters
+if start_step >= stop:
+    raise SystemExit(f"{ckpt_path} is at step {start_step} already, and this run ends at step {stop} (--max_iters, "
+                     f"--epochs, --stop_at): pass a later end to train on, or --eval_only to evaluate the checkpoint")
 # this process's micro-batches, step by step: the rows of its positions in each step's global
 # batch, the same under any world size (data.batch_rows)
 micro_batches = (data.batch_rows(seed, s, data.batch_positions(micro, rank, world_size, batch_size),
@@ -366,7 +369,7 @@ loader = iter(torch.utils.data.DataLoader(train_ds, batch_sampler=micro_batches,
 log = run_dir.RunLog(out_dir, start_step, log_with, config, wandb_project, wandb_run_name, total=stop,
                      log_interval=log_interval) if master else None
 speed = StepSpeed(device, global_batch_size, raw_model.flops_per_sample() * batch_size * grad_accum)
-guard = run_dir.DivergenceGuard(out_dir, loss_spike, master, start_step)   # the loss-spike rule
+guard = run_dir.DivergenceGuard(out_dir, loss_spike, master, start_step, saved_guard)   # the loss-spike rule
 t0 = time.time()
 for step in range(start_step, stop):
     speed.start()
@@ -388,7 +391,7 @@ for step in range(start_step, stop):
     loss_value = mean_over_ranks(loss_sum).item()   # the same on every rank: a NaN on one stops them all
     grad_norm = torch.nn.utils.clip_grad_norm_(train_model.parameters(), grad_clip or math.inf).item()   # 0: no clip
     # a NaN, inf or spiking loss stops the run before the weights change: ckpt.pt stays the last good state
-    done = step + 1   # step N: after N optimizer steps, in the log, the console, best.json and ckpt.pt alike
+    done = step + 1   # step N: after N optimizer steps, in the log, the console and ckpt.pt alike
     guard.check({'training loss': loss_value, 'gradient norm': grad_norm}, done)
     lr = get_lr(step, learning_rate, warmup_iters, max_iters)
     for group in optimizer.param_groups:
@@ -421,6 +424,6 @@ if master and final_eval and stop == max_iters:
     print(f"\nval_v2.0 ({len(val_ds) if final_eval_samples <= 0 else min(final_eval_samples, len(val_ds))} samples), "
           f"per token of the future grids 3-5, nats; Top-500 CE as defined in metrics.py:")
     print_table(results, val_ds.metadata.get('synthetic'))
-    with open(os.path.join(out_dir, 'results.json'), 'w') as f:
+    with written(os.path.join(out_dir, 'results.json'), 'then copy the table above') as tmp, open(tmp, 'w') as f:
         json.dump({k: dict(top500=v[0], ce=v[1]) for k, v in results.items()}, f, indent=1)
 finish()   # every rank together, then the process groups go (distributed.py)

@@ -43,7 +43,7 @@ from tqdm import tqdm
 import data
 from configurator import configure
 from flow_matching import diffsynth_weight, flow_matching_loss, predict_frame77, sample_draws
-from machinery import checkpoints, latents, pictures, run_dir
+from machinery import checkpoints, latents, pictures, run_dir, written
 from machinery.distributed import (finish, grad_accum_steps, mean_over_ranks, on_master, resolve_device,
                                    setup_distributed)
 from machinery.speed import StepSpeed
@@ -156,17 +156,24 @@ given = configure(globals(), presets=PRESETS, gpu_preset='paper',
 # --- derived settings and checks ------------------------------------------------------------------
 # settings that define the trained weights: a resume takes the checkpoint's unless given (as nanoGPT)
 MODEL_KEYS = ('model', 'dim', 'num_layers', 'num_heads', 'ffn_dim', 'pretrained', 'train_mode', 'lora_rank',
-              'lora_alpha', 'vae', 'state_embedder', 'text_encoder')
-if init_from == 'resume':
+              'lora_alpha', 'vae', 'state_embedder', 'text_encoder', 'null_state')
+null_state = state_dropout > 0   # the learned no-state embedding, built only where state dropout trains it
+if init_from == 'resume':   # the checkpoint's null_state: its trained no-state embedding is never dropped
     globals().update(checkpoints.model_settings_on_resume(out_dir, 'sampling', {k: globals()[k] for k in MODEL_KEYS},
                                                       given))
     if init_lora:
         raise SystemExit(f"--init_lora={init_lora} starts a new run; a resume continues its checkpoint: drop one")
+    if state_dropout > 0 and not null_state:
+        raise SystemExit(f"--state_dropout={state_dropout} trains the no-state embedding, which {out_dir}/ckpt.pt was "
+                         f"trained without (--state_dropout=0): resume with --state_dropout=0, or start a new run")
 if init_lora and not os.path.exists(init_lora):   # before any download or encoding
     raise SystemExit(f"--init_lora={init_lora}: no such file or folder")
 demo = not data_dir
 data_dir = data_dir or 'data/sampling_demo'
 text_encoder = text_encoder or pretrained or 'zeros'   # a pretrained DiT was trained on umT5's encoding of ""
+# the synthetic raw set is written where the user asked for it only: the demo's folder, or --make_synthetic
+synthetic = dict(train_shards=synthetic_shards, frames=1500, size=synthetic_size, seed=seed,
+                 val_frames=1200) if demo or make_synthetic else None
 train_split_names = [s for s in train_splits.split(',') if s]
 for s in train_split_names:
     if s not in ('train_v2.0_raw', 'val_v2.0_raw'):
@@ -187,25 +194,26 @@ tiny = dict(dim=dim, num_layers=num_layers, num_heads=num_heads, ffn_dim=ffn_dim
 # --- the model's size (built on the meta device) and the disk the run will write ------------------
 with torch.device('meta'):
     cfg = WanConfig.tiny(**tiny) if model == 'tiny' else WanConfig()
-    meta_model = WanDiT(replace(cfg, state_embedder=state_embedder), state_cond=True)
+    meta_model = WanDiT(replace(cfg, state_embedder=state_embedder, null_state=null_state), state_cond=True)
     if train_mode == 'lora':
         add_lora(meta_model, rank=lora_rank, alpha=lora_alpha)
 n_all = sum(p.numel() for p in meta_model.parameters())
 n_train = sum(p.numel() for p in meta_model.parameters() if p.requires_grad)
 n_state = sum(p.numel() for n, p in meta_model.named_parameters() if n.startswith('state_embedder.'))
+n_bare = n_state - cfg.r_dim * null_state   # without the no-state embedding (r_dim values)
 n_export = sum(p.numel() for n, p in meta_model.named_parameters() if '.lora_' in n) + n_state
-exports = 1 + (keep_last or math.ceil(max_iters / (ckpt_interval or max_iters)))   # lora.safetensors, numbered ones
+exports = 1 + min(keep_last or math.inf, math.ceil(max_iters / (ckpt_interval or max_iters)))   # 1: lora.safetensors
 disk_lines, no_room = run_dir.disk_report([
     (out_dir, run_dir.checkpoint_bytes(n_train, n_train) + 4 * n_export * exports, 'checkpoints and LoRA exports'),
-    (data_dir, latents.latents_bytes(data_dir, train_split_names, vae, clip_stride,
-                                     (synthetic_shards * 1500, synthetic_size) if demo or make_synthetic else None,
-                                     assume_1x=dry_run), 'latents')])   # a run checks a download's after it
+    (data_dir, latents.latents_bytes(data_dir, train_split_names, vae, clip_stride, synthetic, assume_1x=dry_run),
+     'latents')])   # a run checks a download's after it
 
 # --- dry run: the model's size, the run's length and its disk, no data, no weights ----------------
 if dry_run:
     print(f"model {model}: {n_all / 1e6:.1f}M parameters, {n_train / 1e6:.1f}M trained ({train_mode}, "
           f"LoRA rank {lora_rank})")
-    print(f"state embedder {state_embedder!r}: {n_state:,} parameters")
+    print(f"state embedder {state_embedder!r}: {n_bare:,} parameters ({n_bare + cfg.r_dim:,} with the no-state "
+          f"embedding that --state_dropout > 0 trains)")
     for key in ('clip_stride', 'learning_rate', 'weight_decay', 'grad_clip', 'state_dropout', 'shift', 'loss_weighting',
                 'global_batch_size', 'batch_size', 'max_iters', 'gradient_checkpointing', 'compile', 'train_splits', 'vae',
                 'pretrained', 'text_encoder', 'out_dir'):
@@ -233,16 +241,18 @@ def evaluate(step):
         scores['val_psnr_single'].append(psnr(members[0], truth))
         scores['val_psnr_ensemble'].append(psnr(mean, truth))
         scores['val_psnr_copy_last'].append(psnr(frames_THWC[data.NUM_CONTEXT_FRAMES - 1].numpy(), truth))
-        pictures.clip_figure(frames_THWC[:data.NUM_CONTEXT_FRAMES].numpy(), members, mean, truth,
-                             title=f'step {step}, val clip {k}').save(os.path.join(folder, f'clip_{k}.png'))
         pngs[f'val/clip_{k}'] = os.path.join(folder, f'clip_{k}.png')
+        with written(pngs[f'val/clip_{k}'], then='then resume with --init_from=resume') as tmp:
+            pictures.clip_figure(frames_THWC[:data.NUM_CONTEXT_FRAMES].numpy(), members, mean, truth,
+                                 title=f'step {step}, val clip {k}').save(tmp, format='PNG')
     return {key: float(np.mean(v)) for key, v in scores.items()}, pngs
 
 
 def save_checkpoint(step, metric):
-    state = dict(kind='sampling', trainable={n: p.detach().cpu() for n, p in trainable.items()},
-                 optimizer=optimizer.state_dict(), step=step, config=checkpoints.plain(dict(config, frame_size=frame_size)))
-    checkpoints.save_checkpoint(out_dir, state, metric, higher_is_better=True)   # ckpt_best.pt: the best val PSNR
+    state = dict(kind='sampling', trainable={n: p.detach().cpu() for n, p in trainable.items()}, step=step,
+                 optimizer=optimizer.state_dict(), config=checkpoints.plain(dict(config, frame_size=frame_size)),
+                 guard=guard.state_dict())
+    checkpoints.save_checkpoint(out_dir, state, metric, higher_is_better=True, trusted=guard.trusted)   # best: PSNR
     # the same weights for other tools: lora.safetensors (ComfyUI / diffusers keys, README) and the
     # state conditioning, which only nanoWM has, in state_embedder.safetensors; with a numbered history
     from machinery.lora_files import export_lora
@@ -269,22 +279,22 @@ except (FileNotFoundError, ValueError) as e:
                      f"--text_encoder=zeros")
 
 # --- data: raw clips (synthetic, downloaded or given) -> latents on disk, once --------------------
-# the synthetic set is written where the user asked for it only: the demo's folder, or --make_synthetic
 latent_dirs, codec = latents.raw_latents(data_dir, train_split_names, vae, vae_path, stride=clip_stride,
                                          batch_size=encode_batch_size, download=download, device=device,
-                                         rank=rank, world_size=world_size,   # every rank does its share
-                                         synthetic=dict(train_shards=synthetic_shards, frames=1500, size=synthetic_size,
-                                                        seed=seed, val_frames=1200) if demo or make_synthetic else None)
-train_parts = [data.LatentClips(d) for d in latent_dirs]
-train_ds = torch.utils.data.ConcatDataset(train_parts)
+                                         rank=rank, world_size=world_size, synthetic=synthetic)   # each rank its share
+try:   # a latents file damaged since it was encoded: named
+    train_parts = [latents.LatentClips(d) for d in latent_dirs]
+except ValueError as e:
+    raise SystemExit(f"the training split: {e}")
 frame_size = train_parts[0].encoding.get('frame_size')
-val_ds = data.RawClips(os.path.join(data_dir, 'val_v2.0_raw'), stride=data.RAW_CLIP_LEN, max_clips=eval_clips,
-                       frame_size=frame_size)
-if master:   # damage in the val split stops the run now, not at the first validation
-    try:
+try:   # damage in the val split stops the run now, not at the first validation
+    val_ds = data.RawClips(os.path.join(data_dir, 'val_v2.0_raw'), stride=data.RAW_CLIP_LEN, max_clips=eval_clips,
+                           frame_size=frame_size)
+    if master:
         val_ds.check()
-    except ValueError as e:
-        raise SystemExit(f"the validation split: {e}")
+except ValueError as e:
+    raise SystemExit(f"the validation split: {e}")
+train_ds = torch.utils.data.ConcatDataset(train_parts)
 z_example, _ = train_ds[0]
 if len(train_ds) < global_batch_size:
     raise SystemExit(f"the training set has {len(train_ds)} clips, fewer than --global_batch_size={global_batch_size}")
@@ -295,9 +305,12 @@ if master:
           f"from {data_dir}, latents {tuple(z_example.shape)}; {len(val_ds)} val clips for validation")
 
 # --- model and optimizer (and the state of a resumed run) -----------------------------------------
-raw_model = build_model(model=model, pretrained=pretrained, train_mode=train_mode, lora_rank=lora_rank,
-                        lora_alpha=lora_alpha, init_seed=init_seed, device=device, dtype=ptdtype, tiny=tiny,
-                        state_embedder=state_embedder, init_lora=init_lora)
+try:
+    raw_model = build_model(model=model, pretrained=pretrained, train_mode=train_mode, lora_rank=lora_rank,
+                            lora_alpha=lora_alpha, init_seed=init_seed, device=device, dtype=ptdtype, tiny=tiny,
+                            state_embedder=state_embedder, init_lora=init_lora, null_state=null_state)
+except (FileNotFoundError, ValueError) as e:   # a damaged or foreign --pretrained checkpoint (load_dit names the file)
+    raise SystemExit(f"--pretrained={pretrained}: {e}") if pretrained else e
 raw_model.gradient_checkpointing = gradient_checkpointing
 if master and init_lora:
     print(f"started from {init_lora} ({'merged into the weights' if train_mode == 'full' else 'its adapters'})")
@@ -307,7 +320,7 @@ optimizer = torch.optim.AdamW(trainable.values(), lr=learning_rate, weight_decay
 if master:
     print(f"model {model}: {sum(p.numel() for p in raw_model.parameters()) / 1e6:.2f}M parameters, "
           f"{sum(p.numel() for p in trainable.values()) / 1e6:.2f}M trained ({train_mode}), device {device}")
-start_step = 0
+start_step, saved_guard = 0, None
 ckpt_path = os.path.join(out_dir, checkpoints.CKPT)
 if init_from == 'resume':   # loaded to the CPU, tensors and plain data only (never runs code)
     state = checkpoints.load_checkpoint(ckpt_path, 'sampling', expect={k: config[k] for k in MODEL_KEYS})
@@ -317,7 +330,10 @@ if init_from == 'resume':   # loaded to the CPU, tensors and plain data only (ne
     optimizer.load_state_dict(state['optimizer'])
     changed = checkpoints.optimizer_settings_on_resume(optimizer, [dict(lr=learning_rate, weight_decay=weight_decay)],
                                                    state['config'], config)   # the flags given now
-    start_step = state['step']
+    start_step, saved_guard = state['step'], state.get('guard')   # the loss-spike rule's history too
+    if start_step >= max_iters:
+        raise SystemExit(f"{ckpt_path} is at step {start_step} already, and this run ends at --max_iters={max_iters}: "
+                         f"pass a larger --max_iters to train on, or evaluate the checkpoint with sample.py")
     if master:
         print(f"resumed from {ckpt_path} at step {start_step}" + (f"; {changed}" if changed else ''))
 if compile:   # regional: each block (one graph serves them all), so it compiles in about a minute
@@ -334,7 +350,7 @@ log = run_dir.RunLog(out_dir, start_step, log_with, config, wandb_project, wandb
 _, Fr, Hl, Wl = z_example.shape
 flops_per_sample = (raw_model.flops_per_sample(Fr, Hl, Wl, lora_step=True, batch=batch_size) if train_mode == 'lora'
                     else 3 * raw_model.flops_per_sample(Fr, Hl, Wl, batch=batch_size))
-guard = run_dir.DivergenceGuard(out_dir, loss_spike, master, start_step)   # the loss-spike rule
+guard = run_dir.DivergenceGuard(out_dir, loss_spike, master, start_step, saved_guard)   # the loss-spike rule
 speed = StepSpeed(device, global_batch_size, flops_per_sample * batch_size * grad_accum)
 t0 = time.time()
 for step in range(start_step, max_iters):
@@ -345,20 +361,23 @@ for step in range(start_step, max_iters):
         # world size (data.batch_rows), and each sample's draws (noise, timestep, state dropout)
         positions = data.batch_positions(micro, rank, world_size, batch_size)
         rows = data.batch_rows(seed, step, positions, global_batch_size, len(train_ds))
-        z0, states = map(torch.stack, zip(*(train_ds[r] for r in rows)))
+        try:
+            z0, states = map(torch.stack, zip(*(train_ds[r] for r in rows)))
+        except ValueError as e:   # a latents file damaged since it was encoded (LatentClips checks each clip)
+            raise SystemExit(f"step {step + 1}: {e}")
         sigma, noise, drop = sample_draws(seed, step, positions, z0.shape[1:], shift, state_dropout)
         z0, states, sigma, noise, drop = (x.to(device) for x in (z0, states, sigma, noise, drop))
         # gradients are all-reduced only on the last micro-step
         sync = nullcontext() if world_size == 1 or micro == grad_accum - 1 else train_model.no_sync()
         with sync:
-            loss = flow_matching_loss(train_model, z0, states, context_1LD, sigma, noise, drop,
+            loss = flow_matching_loss(train_model, z0, states, context_1LD, sigma, noise, drop if null_state else None,
                                       weight_B=diffsynth_weight(sigma, shift) if loss_weighting == 'diffsynth' else None)
             (loss / grad_accum).backward()
         loss_sum += loss.detach() / grad_accum
     loss_value = mean_over_ranks(loss_sum).item()   # the same on every rank: a NaN on one stops them all
     grad_norm = torch.nn.utils.clip_grad_norm_(trainable.values(), grad_clip or math.inf).item()   # 0: no clip
     # a NaN, inf or spiking loss stops the run before the weights change: ckpt.pt stays the last good state
-    done = step + 1   # step N: after N optimizer steps, in the log, the console, val/step_N, best.json, ckpt.pt
+    done = step + 1   # step N: after N optimizer steps, in the log, the console, val/step_N and ckpt.pt alike
     guard.check({'training loss': loss_value, 'gradient norm': grad_norm}, done)
     optimizer.step()   # at the constant learning_rate (paper 2.2)
     optimizer.zero_grad(set_to_none=True)

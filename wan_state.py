@@ -45,6 +45,7 @@ class WanConfig:
     r_dim: int = 256               # state feature width
     state_freqs: int = 4           # sin/cos at frequencies 1, 2, 4, 8 per continuous dim ('paper' embedder)
     state_embedder: str = 'paper'  # 'paper' (the report's text) or 'team' (the team's code, StateEmbedder)
+    null_state: bool = True        # the learned no-state embedding (CFG): as the team's code, only for state dropout
 
     @classmethod
     def tiny(cls, **overrides):
@@ -213,7 +214,8 @@ class StateEmbedder(nn.Module):
          past and future, are given in the challenge)
       -> Linear, SiLU, Linear to 6 x dim, the last layer zero-initialised so the model starts
          exactly as the base model (DiT's adaLN-Zero).
-    A learned no-state embedding replaces the compressed features of dropped samples (CFG).
+    A learned no-state embedding replaces the compressed features of dropped samples (CFG); only a
+    model built with null_state has it (one trained with state dropout).
 
     state_embedder 'team': the modules of the team's own code (datacrunch-research/torchtitan,
     torchtitan/experiments/wan/model/model.py at a48283a, WanModel1x_ lines 437-518, the robot_modulation
@@ -239,7 +241,7 @@ class StateEmbedder(nn.Module):
         conv = lambda: nn.Conv1d(r, r, 3, stride=2, padding=1)
         self.conv = nn.Sequential(conv(), nn.SiLU(), nn.GroupNorm(8, r), conv(), nn.SiLU(), nn.GroupNorm(8, r)) \
             if team else nn.Sequential(conv(), nn.SiLU(), conv())
-        self.null = nn.Parameter(torch.randn(r) * 0.02)
+        self.null = nn.Parameter(torch.randn(r) * 0.02) if cfg.null_state else None
         if team:
             d = cfg.dim
             self.mlp_out = nn.Sequential(nn.Linear(r, d), nn.SiLU(), nn.Linear(d, d), nn.SiLU(), nn.Linear(d, 6 * d))
@@ -251,6 +253,9 @@ class StateEmbedder(nn.Module):
             self.block_tables = None
 
     def forward(self, states_BTD, drop_B, batch, num_frames):
+        if self.null is None and (states_BTD is None or drop_B is not None):
+            raise ValueError("this model has no no-state embedding (null_state=False: a run trained without state "
+                             "dropout): give it the states, and drop_states=None")
         if states_BTD is None:
             r_BFR = self.null.float().expand(batch, num_frames, -1)
         else:

@@ -1,18 +1,20 @@
 #!/usr/bin/env bash
-# nanoWM: first-GPU-run checks, at most 9 minutes on one H100 or H200 (no internet, random weights,
-# synthetic data): the speed targets first, then the full-size runs and checks while time is left.
-# Run from the repository root:
-#     bash dev/gpu_check.sh             # GPU; logs to $OUT/ if set, else ./gpu_out/
-#     DEVICE=cpu bash dev/gpu_check.sh  # CPU dry run of the same commands at tiny sizes (typos, flags)
-#     SKIP_SPEED=1 bash dev/gpu_check.sh   # section 2 only: a second call when section 1 used the budget
-# A GPU machine without a package index may lack `av`, `diffusers` and `matplotlib` (the sampling
-# track needs the first two; without matplotlib a run only skips curves.png). Bring them as wheels,
-# from a machine that has an index:
-#     echo /.whl/ >> .git/info/exclude
+# nanoWM: first-GPU-run checks on one H100 or H200 (no internet, random weights, synthetic data).
+# Section 1 brings back the four speed figures, each printed (stdout and summary, naming the card)
+# as soon as it is measured: the LoRA step (clips/s), the compression step (samples/s), the DiT
+# forward (MFU) and sample.py --ensemble 20 (seconds a clip with the VAE). Section 2, the full-size
+# runs and checks, follows while the budget lasts, or in a second call. Run from the repository root:
+#     bash dev/gpu_check.sh                    # one call of 600 s: section 1 (~6 min), then section 2
+#     SKIP_SPEED=1 BUDGET=300 bash dev/gpu_check.sh   # a second call: section 2 only, in BUDGET s
+#     DEVICE=cpu bash dev/gpu_check.sh         # CPU dry run of the same commands at tiny sizes (typos, flags)
+# Logs go to $OUT/ if set, else ./gpu_out/.
+# The GPU machine has no package index and lacks `av` and `diffusers` (the sampling track's mp4 steps
+# and the VAE row need them). Bring them as wheels in .whl/ beside the checkout (40 MiB; av's abi3
+# wheel serves Python >= 3.11), fetched on a machine with an index:
 #     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #         --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 -d .whl av==18.1.0 diffusers==0.42.1
-# .whl/ must travel with the tree to the GPU machine. Without .whl/ the sampling-track steps that
-# read or write mp4 files are skipped, and so is the diffusers row (vae).
+# A runner that copies only the files git tracks must be told to bring .whl/ as well (it is no part
+# of the repository). Without it the mp4 steps and the VAE row are skipped: no sample.py figure.
 # Every step: `timeout`, failures logged and skipped over, a global time budget (BUDGET s).
 # Output: $LOGDIR/gpu_check.log (everything) and $LOGDIR/summary.txt (rc, seconds, key lines).
 # Big files (checkpoints, data) go to $WORK, never to $OUT.
@@ -47,7 +49,9 @@ else
 fi
 
 say() { echo "$*" | tee -a "$SUM"; }
-# run_step NAME TIMEOUT_S CMD...: run under timeout (capped by the budget left), log, summarise
+FIG='^(st_|wan_|ensemble_|vae_)[a-z0-9_]* '   # a row of machinery.bench's table: a figure
+# run_step NAME TIMEOUT_S CMD...: run under timeout (capped by the budget left), log, summarise; the
+# figures reach stdout and the summary the moment they are printed, so a call cut short keeps them
 run_step() {
     local name=$1 t=$(( $2 * TMUL )); shift 2
     local now rem t0 rc dt steplog
@@ -57,14 +61,15 @@ run_step() {
     steplog=$WORK/logs/$name.log
     printf '\n===== [%s] at t+%ss, timeout %ss\n$ %s\n' "$name" "$(( now - START ))" "$t" "$*" >> "$LOG"
     t0=$(date +%s)
-    timeout --kill-after=15 "$t" "$@" > "$steplog" 2>&1 < /dev/null
-    rc=$?
+    timeout --kill-after=15 "$t" "$@" < /dev/null 2>&1 | tee "$steplog" | grep --line-buffered -E "$FIG" \
+        | sed -u "s/^/    [$CARD] /" | tee -a "$SUM"
+    rc=${PIPESTATUS[0]}
     dt=$(( $(date +%s) - t0 ))
     tr '\r' '\n' < "$steplog" | grep -v '^override:' >> "$LOG"
     say "----- $name: rc=$rc ($( [ $rc = 124 ] || [ $rc = 137 ] && echo TIMEOUT || { [ $rc = 0 ] && echo ok || echo FAILED; } )) ${dt}s"
     # the lines that matter: results, memory, speed, errors
-    tr '\r' '\n' < "$steplog" | grep -E 'PROBE|^(st_|wan_|ensemble_|vae_)|GiB|MFU|mfu|samples/s|samples_s|ms/step|parameters|Error|error:|Traceback|out of memory|No available kernel|^step [0-9]|trained|resumed|memwrap|process\(es\)|decode|ratio|looped|per clip|^VAE |^device|torch [0-9]' \
-        | grep -v -E '^override:|[0-9?]it/s|s/it' | awk '!seen[$0]++' | tail -n 14 | cut -c1-220 | sed 's/^/    /' >> "$SUM"
+    tr '\r' '\n' < "$steplog" | grep -E 'PROBE|GiB|MFU|mfu|samples/s|samples_s|ms/step|parameters|Error|error:|Traceback|out of memory|No available kernel|^step [0-9]|trained|resumed|memwrap|process\(es\)|decode|ratio|looped|per clip|^VAE |^device|torch [0-9]' \
+        | grep -v -E "^override:|[0-9?]it/s|s/it|$FIG" | awk '!seen[$0]++' | tail -n 14 | cut -c1-220 | sed 's/^/    /' >> "$SUM"
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -74,6 +79,8 @@ run_step() {
     echo "date $(date -u +%FT%TZ); DEVICE=$DEVICE; repo $REPO; commit $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null)"
     command -v nvidia-smi >/dev/null && nvidia-smi
 } >> "$LOG" 2>&1
+CARD=$($PY -c "import torch; print(torch.cuda.get_device_name(0) if '$DEVICE' != 'cpu' and torch.cuda.is_available() else 'CPU')" 2>/dev/null)
+say "card: ${CARD:=unknown}"
 command -v nvidia-smi >/dev/null && say "nvidia-smi: $(nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader 2>&1 | head -n 2)"
 if ! $PY -c "import av, diffusers" 2>/dev/null && ls "$REPO"/.whl/*.whl >/dev/null 2>&1; then
     $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$REPO"/.whl/*.whl >> "$LOG" 2>&1 \
@@ -93,22 +100,51 @@ for m in ('av', 'diffusers', 'einops', 'safetensors', 'huggingface_hub', 'PIL', 
 EOF
 
 # ---------------------------------------------------------------------------------------------
-# 1. the speed targets first (a lent GPU's minutes are few): each track's training step compiled
-# as its preset runs it, sample.py's ensemble and VAE, the DiT forward. Targets on one H100:
-# LoRA step >= 11 clips/s, compression step >= 60 samples/s, ensemble 20 x 20 steps + VAE
-# <= 12 s a clip, DiT forward (batch 4) >= 55% MFU. Compilation is regional (block by block): about
-# a minute per model with a cold cache, inside each step's timeout.
+# 1. the four speed figures (targets on one H100: DiT forward >= 55% MFU, sample.py --ensemble 20
+# <= 12 s a clip with the VAE, compression step >= 60 samples/s, LoRA step >= 11 clips/s), each
+# step compiled as its preset runs it. bench.py --compile compiles block by block with static shapes
+# and each step has one shape, so every step compiles one graph a model (the loss chunk divides the
+# micro-batch's tokens; the chunk-size rows add one small loss graph each). Each step estimated
+# on an H100 (cold compile cache), then its timeout: 60 / 80, 65 / 100, 35 / 70, 95 / 120, 100 / 150 s.
 # ---------------------------------------------------------------------------------------------
-# LoRA step at the paper preset's per-GPU batch 8 with 12 of 30 blocks checkpointed (its 80 GB estimate)
+# field FROM_END of bench row NAME in the log of STEP (from the end: 4 ms, 3 samples/s, 1 MFU)
+fig() { [ -f "$WORK/logs/$1.log" ] && awk -v n="$2" -v k="$3" '$1 == n {v = $(NF - k)} END {print v}' \
+    "$WORK/logs/$1.log"; }
 if [ "${SKIP_SPEED:-0}" = 0 ]; then
-run_step speed_wan_lora_b8_ckpt12_compile 150 $PY -m machinery.bench --preset=full --device=$BDEV --what=wan_lora --wan_lora_batch=8 --wan_ckpt_blocks=12 --compile --warmup=1 --iters=2 $B_SMALL
-# compression step at the paper preset's micro-batch 10
-run_step speed_st_train_b10_compile 120 $PY -m machinery.bench --preset=full --device=$BDEV --what=st_train --st_batch=10 --compile --warmup=1 --iters=3 $B_SMALL
-# the DiT forward (batch 4), then sample.py's work on a clip: 20 members x 20 steps as one batch, and the
-# VAE in fp32 and bf16 (--vae_dtype=bfloat16, with the PSNR of its frame 77 against fp32's)
-if [ "$HAVE_DIFFUSERS" = 1 ]; then WHAT=wan_fwd,ensemble,vae; else WHAT=wan_fwd,ensemble; fi
-run_step speed_sample_compile 240 $PY -m machinery.bench --preset=full --device=$BDEV --what=$WHAT --compile --ensemble=20 --steps=20 --ensemble_looped=False --warmup=1 --iters=1 $B_SMALL
+# the DiT forward (batch 4, a timestep per latent frame)
+run_step speed_wan_fwd_b4 80 $PY -m machinery.bench --preset=full --device=$BDEV --what=wan_fwd --wan_batch=4 \
+    --wan_fwd_per_token=False --compile --warmup=2 --iters=5 $B_SMALL
+# sample.py's DiT work on a clip: 20 members x 20 solver steps as one batch (the warm-up: one step)
+run_step speed_ensemble_20x20 100 $PY -m machinery.bench --preset=full --device=$BDEV --what=ensemble --ensemble=20 \
+    --steps=20 --ensemble_looped=False --compile --warmup=1 --iters=1 $B_SMALL
+# sample.py's VAE work on that clip: encode the context, decode the 20 members 4 at a time, fp32
+# (sample.py's default) and bf16 (--vae_dtype=bfloat16, with its frame 77's PSNR against fp32's)
+[ "$HAVE_DIFFUSERS" = 1 ] && run_step speed_vae_20 70 $PY -m machinery.bench --preset=full --device=$BDEV --what=vae \
+    --ensemble=20 --warmup=1 --iters=1 $B_SMALL
+ens=$(fig speed_ensemble_20x20 ensemble_batched 4); vae=$(fig speed_vae_20 vae_clip 4)
+vae_bf16=$(fig speed_vae_20 vae_clip_bf16 4)
+sec() { awk -v a="$1" -v b="$2" 'BEGIN {printf "%.2f", (a + b) / 1000}'; }   # ms + ms -> s
+[ -n "$ens" ] && [ -n "$vae" ] && say "    [$CARD] sample.py --ensemble 20 --steps 20: $(sec "$ens" "$vae") s a clip \
+(DiT $(sec "$ens" 0) + VAE $(sec 0 "$vae")); --vae_dtype=bfloat16: $(sec "$ens" "${vae_bf16:-nan}") s"
+# the compression step at the paper preset's micro-batch 10 (30,720 scored tokens: 8 loss chunks of
+# 3,840), then the loss as a lever: one chunk of 30,720, recomputed in the backward; no chunks and no
+# recomputation (--st_loss_chunk=0: one head matmul less, the bf16 logits kept, 3.7 GiB)
+run_step speed_st_train_b10 120 $PY -m machinery.bench --preset=full --device=$BDEV --what=st_train --st_batch=10 \
+    --st_loss_chunk=4096,30720,0 --compile --warmup=1 --iters=3 $B_SMALL
+# the LoRA step at the paper preset's per-GPU batch 8 with 12 of 30 blocks checkpointed (its 80 GB estimate)
+run_step speed_wan_lora_b8_ckpt12 150 $PY -m machinery.bench --preset=full --device=$BDEV --what=wan_lora \
+    --wan_lora_batch=8 --wan_ckpt_blocks=12 --compile --warmup=1 --iters=2 $B_SMALL
+lora=$(fig speed_wan_lora_b8_ckpt12 wan_lora 3); st=$(fig speed_st_train_b10 st_train_chunk4096 3)
+mfu=$(fig speed_wan_fwd_b4 wan_fwd 1)
+say "FIGURES [$CARD] $(date -u +%F): LoRA step ${lora:-?} clips/s (target >= 11); compression ${st:-?} samples/s \
+(>= 60); DiT forward MFU ${mfu:-?} (>= 55%); sample.py: the line above (<= 12 s a clip)"
 fi
+# the lever that needs a process of its own (a compile setting: its graphs differ), first after section 1:
+# selective activation checkpointing of the compiled blocks (torch.compile's activation memory budget:
+# half the activations saved, the matmuls' first, the elementwise work recomputed) in place of whole
+# blocks checkpointed, beside speed_wan_lora_b8_ckpt12 (estimated ~100 s, ~50 GiB on an H100)
+run_step lever_wan_lora_b8_budget 150 $PY -m machinery.bench --preset=full --device=$BDEV --what=wan_lora \
+    --wan_lora_batch=8 --wan_ckpt_blocks=0 --act_budget=0.5 --compile --warmup=1 --iters=2 $B_SMALL
 
 # ---------------------------------------------------------------------------------------------
 # helpers written to $WORK: peak-memory wrapper, CUDA probe, synthetic data
@@ -293,11 +329,6 @@ run_step bench_wan_lora_default 45 $PY -m machinery.bench --preset=full --device
 
 # DiT forward (batch 4) and sample.py's batched ensemble (20 members; 2 solver steps: time scales with steps)
 run_step bench_wan_fwd_ensemble 60 $PY -m machinery.bench --preset=full --device=$BDEV --what=wan_fwd,ensemble --ensemble=20 --steps=2 --warmup=1 --iters=2 $B_SMALL
-
-# the VAE row (no flash-only check on it: its fp32 single-head attention takes no fused kernel)
-if [ "$HAVE_DIFFUSERS" = 1 ]; then
-    run_step bench_vae 75 $PY -m machinery.bench --preset=full --device=$BDEV --what=vae --ensemble=4 --warmup=1 --iters=1 $B_SMALL
-fi
 
 # resume the tiny sampling run without torchrun (the optimizer state loads from the CPU onto the GPU)
 [ "$HAVE_AV" = 1 ] && run_step resume_train_sampling_tiny 40 $PY train_sampling.py --preset=cpu --device=$DEV $TS_DATA \

@@ -6,6 +6,8 @@ As nanoGPT's bench.py: untimed warm-up calls, then timed calls with device synch
     python -m machinery.bench --preset=full                     # GPU: the paper's sizes (defaults to full on CUDA)
     python -m machinery.bench --preset=full --what=st_train --compile
     python -m machinery.bench --preset=full --what=wan_lora --wan_lora_batch=4 --wan_ckpt_blocks=10
+    python -m machinery.bench --preset=full --what=wan_lora --compile --act_budget=0.5   # selective act. checkpointing
+    python -m machinery.bench --preset=full --what=st_train --compile --st_loss_chunk=4096,0   # a row per loss chunk
     python -m machinery.bench --preset=full --what=wan_fwd --profile   # where the time goes (torch.profiler)
     python -m machinery.bench --preset=full --what=st_train,wan_fwd --sdpa=flash,efficient,cudnn,math   # a row per kernel
     python -m machinery.bench --device=cpu --preset=cpu_ratios          # the ratios on the CPU (KV cache, batched ensemble)
@@ -15,7 +17,8 @@ What each benchmark times (--what=all runs them all; or name some, e.g. --what=s
   st_train   one optimizer step of the compression ST-transformer (paper 3.1-3.2: 24 layers,
              d 512, T 5, bf16 autocast, fused AdamW), random tokens of the real shapes; the
              training loss of train_compression.py: cross-entropy of the predicted grids 3-5
-             only, --st_loss_chunk tokens of logits at a time (st_transformer.head_cross_entropy)
+             only, at most --st_loss_chunk tokens of logits at a time in equal chunks (0: all at
+             once, not recomputed; st_transformer.head_cross_entropy); several: a row each (st_train_chunkN)
   st_decode  greedy decoding of 3 grids from 3 context grids (STTransformer.generate, fp32 as the
              paper decodes), with and without the temporal KV cache, next to one teacher-forced
              forward of the same 5 grids in the same precision (the target: cached decoding
@@ -44,7 +47,8 @@ named row_kernel; a kernel the device or the shapes do not have is skipped with 
 lets torch choose. The VAE row has no such check (its attention is fp32, single-head, with 640 /
 1024 channels: no fused kernel takes it). --profile prints the operators and kernels that took the
 most device time (CPU time on the CPU) in each benchmark's timed calls. --compile compiles block by
-block (compile_blocks of both models), as the training scripts do. MFU = model FLOPs / time / the
+block (compile_blocks of both models), as the training scripts do, with static shapes: a row's shapes
+never change, so each compiles once (a shape seen first is static in the scripts too). MFU = model FLOPs / time / the
 device's dense bf16 peak (machinery/speed.py); it is n/a on the CPU and for the fp32 decoding rows.
 """
 import math
@@ -52,6 +56,7 @@ import time
 from contextlib import nullcontext
 
 import torch
+import torch._functorch.config
 
 import data
 from configurator import configure
@@ -64,7 +69,11 @@ from wan_state import WanConfig, WanDiT, add_lora, frame_timesteps, lora_modules
 preset = 'full' if torch.cuda.is_available() else 'cpu'  # 'cpu' (tiny), 'cpu_ratios', 'full' (the paper's sizes)
 what = 'all'               # all, or some of st_train,st_decode,wan_fwd,ensemble,wan_lora,vae
 device = 'auto'            # 'auto', 'cpu', 'cuda', 'cuda:1'
-compile = False            # torch.compile the blocks of the ST-transformer and the DiT (and the ST loss chunk)
+compile = False            # torch.compile the blocks of the ST-transformer and the DiT (and the ST loss chunk),
+                           # static shapes (dynamic=False: each row's shapes are fixed, one graph a row)
+act_budget = 1.0           # with --compile: its activation memory budget (0-1). Below 1 the compiled training
+                           # blocks save that fraction of their activations (the matmuls' first) and recompute
+                           # the rest (elementwise work) in the backward: selective activation checkpointing
 sdpa = 'flash'             # attention kernels allowed: flash, efficient, cudnn, math or any; a comma list: rows per kernel
 warmup = 1                 # untimed calls first (compilation, cuDNN autotuning, allocator)
 iters = 2                  # timed calls, averaged
@@ -78,7 +87,8 @@ st_embd = 32               # width (paper: 512)
 st_vocab = 512             # token vocabulary (paper: 64000)
 st_grid = 8                # token grid height = width (paper: 32)
 st_batch = 2               # training samples per step
-st_loss_chunk = 4096       # tokens whose fp32 logits exist at once in the loss (train_compression.py's loss_chunk)
+st_loss_chunk = (4096,)    # at most this many tokens' fp32 logits at once in the loss (train_compression.py's
+                           # loss_chunk; 0: all at once, not recomputed); several (--st_loss_chunk=4096,0): a row each
 decode_batch = 2           # samples decoded at once
 # sampling-track DiT
 wan_model = 'tiny'         # 'tiny' (WanConfig.tiny with the sizes below) or 'ti2v-5b'
@@ -88,6 +98,7 @@ wan_heads = 2              # the tiny DiT's attention heads
 wan_ffn = 128              # the tiny DiT's feed-forward width
 latent_hw = 8              # latent height = width (512 px / 16 = 32 at full size)
 wan_batch = 1              # clips per forward
+wan_fwd_per_token = True   # also time the reference's per-token timesteps (with --compile: one more graph)
 wan_lora_batch = 1         # clips per LoRA step
 wan_ckpt_blocks = 0        # blocks with gradient checkpointing in the LoRA step (0 = none)
 ensemble = 4               # members (paper: 20)
@@ -115,9 +126,9 @@ PRESETS = {
                  ensemble=20, steps=20, vae='wan2.2', warmup=2, iters=5),
 }
 configure(globals(), presets=PRESETS, choices=dict(vae=('tiny', 'wan2.2'), wan_model=('tiny', 'ti2v-5b')),
-          positive=('iters', 'st_batch', 'st_loss_chunk', 'decode_batch', 'wan_batch', 'wan_lora_batch', 'ensemble',
+          positive=('iters', 'st_batch', 'decode_batch', 'wan_batch', 'wan_lora_batch', 'ensemble',
                     'steps'),
-          nonnegative=('warmup', 'threads', 'wan_ckpt_blocks'))
+          nonnegative=('warmup', 'threads', 'wan_ckpt_blocks'), fractions=('act_budget',))
 WHAT = ('st_train', 'st_decode', 'wan_fwd', 'ensemble', 'wan_lora', 'vae')
 selected = WHAT if what == 'all' else tuple(what.split(','))
 if not set(selected) <= set(WHAT):
@@ -126,11 +137,17 @@ SDPA_KERNELS = ('flash', 'efficient', 'cudnn', 'math', 'any')
 backends = tuple(sdpa.split(','))
 if not (backends and set(backends) <= set(SDPA_KERNELS) and len(set(backends)) == len(backends)):
     raise SystemExit(f"--sdpa={sdpa}: choose one or more of {', '.join(SDPA_KERNELS)}, comma-separated")
+if not (st_loss_chunk and all(isinstance(c, int) and c >= 0 for c in st_loss_chunk)):
+    raise SystemExit(f"--st_loss_chunk={','.join(map(str, st_loss_chunk))}: give token counts >= 0, comma-separated")
 
 # --- setup -----------------------------------------------------------------------------------
 if device == 'auto':
     device = 'cuda' if torch.cuda.is_available() else 'cpu'
 cuda = device.startswith('cuda')
+if act_budget != 1.0 and not compile:
+    raise SystemExit(f"--act_budget={act_budget} acts on compiled blocks only: add --compile")
+torch._functorch.config.activation_memory_budget = act_budget
+budget = f', budget {act_budget:g}' if act_budget != 1.0 else ''   # in the training rows' shapes
 if threads > 0:
     torch.set_num_threads(threads)
 if cuda:   # set_device needs an index: plain 'cuda' is the current device
@@ -175,13 +192,15 @@ def attention_kernels(kernels):
     return sdpa_kernel(allowed)
 
 
-def timed(fn, kernels='bf16'):
+def timed(fn, kernels='bf16', warm=None):
     """Mean seconds per call of fn after warm-up calls, synchronised; the peak GiB on CUDA; and
-    the output of the last call. With --profile, the timed calls run under torch.profiler (which
-    slows them a little) and its table of the most expensive operators is printed."""
+    the output of the last call. warm: a cheaper warm-up call with fn's shapes (compilation and
+    autotuning see what the timed calls will), instead of fn itself. With --profile, the timed
+    calls run under torch.profiler (which slows them a little) and its table of the most expensive
+    operators is printed."""
     with attention_kernels(kernels):
         for _ in range(warmup):
-            fn()
+            (warm or fn)()
         sync()
         if cuda:
             torch.cuda.reset_peak_memory_stats()
@@ -221,29 +240,32 @@ def build_st():
                    H=st_grid, W=st_grid, dropout=0.1)
     st = STTransformer(cfg).to(device)
     if compile:
-        st.compile_blocks()
+        st.compile_blocks(dynamic=False)
     z_BGHW = torch.randint(0, st_vocab, (max(st_batch, decode_batch), 6, st_grid, st_grid), device=device)
     states_BLD = torch.randn(max(st_batch, decode_batch), cfg.state_window, cfg.state_dim, device=device)
     return st, z_BGHW, states_BLD
 
 
-def bench_st_train(st, z_BGHW, states_BLD):
+def bench_st_train(st, z_BGHW, states_BLD, loss_chunk):
     """One optimizer step of the ST-transformer, exactly train_compression.py's: bf16 autocast,
-    fused AdamW, the training loss (the predicted grids 3-5 only, chunked)."""
+    fused AdamW, the training loss (the predicted grids 3-5 only, loss_chunk tokens of logits at a
+    time at most: st_transformer.head_cross_entropy splits the tokens into equal chunks)."""
     optimizer = torch.optim.AdamW(st.param_groups(0.05), lr=1e-4, betas=(0.9, 0.95), fused=cuda)
     z, s = z_BGHW[:st_batch], states_BLD[:st_batch]
 
     def st_step():
         # grids 3..5 predicted from positions 2..4, the loss chunk by chunk as train_compression.py
         with autocast:
-            loss = st(z[:, :5], s, predict_from=2, targets_BTHW=z[:, 3:], loss_chunk=st_loss_chunk)
+            loss = st(z[:, :5], s, predict_from=2, targets_BTHW=z[:, 3:], loss_chunk=loss_chunk)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
     st.train()
     sec, gib, _ = timed(st_step)
-    report('st_train', f'{st_batch} x 5 x {st_grid}x{st_grid}, L{st_layers} d{st_embd}', sec, gib,
+    name = f'st_train_chunk{loss_chunk}' if len(st_loss_chunk) > 1 else 'st_train'
+    loss = f'chunk <= {loss_chunk}' if loss_chunk else 'no loss chunks'
+    report(name, f'{st_batch} x 5 x {st_grid}x{st_grid}, L{st_layers} d{st_embd}, {loss}{budget}', sec, gib,
            st_batch, st_batch * 5 * S, st_batch * st.flops_per_sample())
 
 
@@ -282,7 +304,7 @@ def build_dit():
         net.set_dtype(torch.bfloat16)   # bf16 weights, the reference's fp32 modulation, norms and head
     net.requires_grad_(False)
     if compile:
-        net.compile_blocks()
+        net.compile_blocks(dynamic=False)
     n_max = max(wan_batch, wan_lora_batch, ensemble)
     x_BCFHW = torch.randn(n_max, wcfg.in_dim, Fr, latent_hw, latent_hw, device=device)
     wstates_BTD = torch.randn(n_max, 4 * (Fr - 1) + 1, wcfg.state_dim, device=device)
@@ -301,6 +323,8 @@ def bench_wan_fwd(net, x_BCFHW, wstates_BTD, context_1LD, mask_BF):
     with torch.no_grad():
         sec, gib, _ = timed(lambda: net(x_BCFHW[:b], frame_timesteps(mask_BF[:b], t_B), context_1LD, wstates_BTD[:b]))
         report('wan_fwd', f'{b} x {clip}', sec, gib, b, b * L, flops)
+        if not wan_fwd_per_token:
+            return {}
         t_BL = frame_timesteps(mask_BF[:b], t_B).repeat_interleave(tokens_per_frame, dim=1)
         sec_ref, gib, _ = timed(lambda: net(x_BCFHW[:b], t_BL, context_1LD.expand(b, -1, -1), wstates_BTD[:b]))
         report('wan_fwd_per_token', f'{b} x {clip}, t per token', sec_ref, gib, b, b * L, flops)
@@ -326,7 +350,10 @@ def bench_ensemble(net, x_BCFHW, wstates_BTD, context_1LD):
         return torch.cat([sample_latents(net, z_ctx[i:i + 1], states_n[i:i + 1], context_1LD, noise[i:i + 1],
                                          steps=steps, shift=5.0, cfg_scale=cfg_scale) for i in range(n)])
 
-    sec_b, gib, z_batched = timed(batched)
+    def one_step():   # the warm-up: the DiT sees the shapes of every step
+        return sample_latents(net, z_ctx, states_n, context_1LD, noise, steps=1, shift=5.0, cfg_scale=cfg_scale)
+
+    sec_b, gib, z_batched = timed(batched, warm=one_step)
     report('ensemble_batched', f'{n} members x {steps} steps, {clip}', sec_b, gib, n, n * steps * L, flops)
     if not ensemble_looped:
         return sec_b, {}
@@ -360,8 +387,8 @@ def bench_wan_lora(net, x_BCFHW, wstates_BTD, context_1LD):
 
     net.train()
     sec, gib, _ = timed(lora_step)
-    report('wan_lora', f'{b} x {clip}, ckpt {net.checkpointed_blocks()}/{net.cfg.num_layers}', sec, gib, b, b * L,
-           b * net.flops_per_sample(Fr, latent_hw, latent_hw, lora_step=True, batch=b))
+    report('wan_lora', f'{b} x {clip}, ckpt {net.checkpointed_blocks()}/{net.cfg.num_layers}{budget}', sec, gib, b,
+           b * L, b * net.flops_per_sample(Fr, latent_hw, latent_hw, lora_step=True, batch=b))
 
 
 # --- sampling track: the VAE work of sample.py on one clip --------------------------------------
@@ -390,12 +417,13 @@ def bench_vae():
     for dtype in (torch.float32, torch.bfloat16):
         codec = WanVAE(fp32 if dtype == torch.float32 else copy.deepcopy(fp32).bfloat16())
 
-        def vae_clip():   # as sample.py: encode the context frames, decode 4 members at a time
+        def vae_clip(members=ensemble):   # as sample.py: encode the context frames, decode 4 members at a time
             codec.encode(frames)
-            return torch.cat([codec.decode(latents[i:i + 4]) for i in range(0, ensemble, 4)])
+            return torch.cat([codec.decode(latents[i:i + 4]) for i in range(0, members, 4)])
 
         name = 'vae_clip' if dtype == torch.float32 else 'vae_clip_bf16'
-        seconds[dtype], gib, videos[dtype] = timed(vae_clip, kernels=None)   # not a transformer: any kernel
+        # not a transformer: any attention kernel; the warm-up decodes one batch of 4 (the same shapes)
+        seconds[dtype], gib, videos[dtype] = timed(vae_clip, kernels=None, warm=lambda: vae_clip(4))
         report(name, shape, seconds[dtype], gib, ensemble, ensemble * data.NUM_LATENTS * latent_hw ** 2)
     # frame 77 of each member (the scored frame), as sample.py turns it into an image
     f32, b16 = (video_to_frames(videos[d][:, :, -1:]).cpu().numpy() for d in (torch.float32, torch.bfloat16))
@@ -434,8 +462,8 @@ sec_ensemble = None
 if any(w in selected for w in ('st_train', 'st_decode')):
     st, z_BGHW, states_BLD = build_st()
     for backend in backends:
-        if 'st_train' in selected:
-            unless_no_kernel('st_train', bench_st_train, st, z_BGHW, states_BLD)
+        for loss_chunk in st_loss_chunk if 'st_train' in selected else ():
+            unless_no_kernel('st_train', bench_st_train, st, z_BGHW, states_BLD, loss_chunk)
         if 'st_decode' in selected:
             ratios.update(per_kernel(unless_no_kernel('st_decode', bench_st_decode, st, z_BGHW, states_BLD)))
     del st

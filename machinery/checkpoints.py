@@ -2,56 +2,53 @@
 
     save_checkpoint(out_dir, state, metric)   ckpt.pt atomically, ckpt_prev.pt and ckpt_best.pt (hard
                                               links); a state holding NaN or inf is never written
-    load_checkpoint(path, kind, expect)       tensors and plain data only; track and model settings checked
+    load_checkpoint(path, kind, expect)       tensors and plain data only, finite; track and model settings checked
     model_settings_on_resume(...)             a resume takes the model settings of its checkpoint, and
     optimizer_settings_on_resume(...)         the optimizer flags given now (it says which changed)
-    keep_last_good(out_dir, step)             after a divergence: ckpt.pt back to the last state before it
+    keep_last_good(out_dir, step, trusted)    after a divergence: ckpt.pt back to the last state before it
     plain(config)                             the settings as plain data, for a checkpoint
 """
-import json
 import math
 import os
 import pickle
 import shutil
+from contextlib import suppress
 
 import torch
 
+from machinery import written
+
 CKPT, PREV, BEST = 'ckpt.pt', 'ckpt_prev.pt', 'ckpt_best.pt'
 DIVERGED = 'ckpt_diverged.pt'   # a saved state whose loss then diverged, moved out of ckpt.pt
+EARLIER = f"{PREV} or {BEST} in the same folder (if there) hold earlier states: copy one over {CKPT} to resume from it"
 
 
-def save_checkpoint(out_dir, state, metric=None, higher_is_better=False):
-    """Write ckpt.pt atomically (a run killed while saving loses nothing); keep the previous one as
-    ckpt_prev.pt; if `metric` is the best so far, ckpt.pt is also kept as ckpt_best.pt (best.json:
-    its step and value). A state holding NaN or inf is never saved (the run stops, files untouched),
-    nor is a full disk a traceback (the partial file is removed)."""
-    path = os.path.join(out_dir, CKPT)
+def save_checkpoint(out_dir, state, metric=None, higher_is_better=False, trusted=None):
+    """Write ckpt.pt atomically (a run killed while saving loses nothing), with `metric`; the state it
+    replaces becomes ckpt_prev.pt, unless that would rotate out a known-good state for one that is not
+    (trusted(step): DivergenceGuard.trusted; None: every state is). If `metric` beats the one ckpt_best.pt
+    holds, ckpt.pt is also kept as ckpt_best.pt. A state holding NaN or inf is never saved (the run stops,
+    files untouched), nor is a full disk a traceback (the partial file is removed)."""
+    path, prev, best = (os.path.join(out_dir, name) for name in (CKPT, PREV, BEST))
+    trusted = trusted or (lambda step: True)
+    held = _peek(path).get('step')
+    untouched = f"{path} (step {held}) is untouched" if os.path.exists(path) else "no checkpoint was written"
     bad = _non_finite(state)
     if bad:
-        raise SystemExit(f"step {state.get('step')}: {bad} holds NaN or inf: stopping without saving. "
-                         f"{_what_ckpt_holds(out_dir)}. Lower --learning_rate, check the data, or resume "
-                         f"from the checkpoint with other settings.")
-    try:
-        torch.save(state, path + '.tmp')
-        with open(path + '.tmp', 'rb') as f:
+        raise SystemExit(f"step {state.get('step')}: {bad} holds NaN or inf: stopping without saving. {untouched}. "
+                         f"Lower --learning_rate, check the data, or resume from the checkpoint with other settings.")
+    then = f"then resume with --init_from=resume: {untouched}"
+    if os.path.exists(path) and (trusted(held) or not trusted(_peek(prev).get('step'))):
+        _link_or_copy(path, prev, then)   # first: a kill before the write leaves ckpt.pt and its copy
+    with written(path, then) as tmp:
+        with open(tmp, 'wb') as f:   # a Python file: a full disk's OS reason reaches the message
+            torch.save(dict(state, metric=metric), f)
+            f.flush()
             os.fsync(f.fileno())
-        if os.path.exists(path):
-            _link_or_copy(path, os.path.join(out_dir, PREV))
-        os.replace(path + '.tmp', path)
-    except OSError as e:   # a full disk, a quota, a folder gone read-only
-        for tmp in (path + '.tmp', os.path.join(out_dir, PREV) + '.tmp'):
-            if os.path.exists(tmp):
-                os.remove(tmp)
-        raise SystemExit(f"could not save {path} ({e.strerror or e}): free space (or fix the permissions) on the "
-                         f"disk of --out_dir={out_dir}, then resume. {_what_ckpt_holds(out_dir)}.")
     if metric is not None and math.isfinite(metric):
-        best_json = os.path.join(out_dir, 'best.json')
-        best = _read_json_or_none(best_json, 'the next finite metric becomes the best')
-        if best is None or (metric > best['value'] if higher_is_better else metric < best['value']):
-            _link_or_copy(path, os.path.join(out_dir, BEST))
-            with open(best_json + '.tmp', 'w') as f:
-                json.dump(dict(step=state.get('step'), value=metric, higher_is_better=higher_is_better), f)
-            os.replace(best_json + '.tmp', best_json)
+        old = _peek(best).get('metric')   # ckpt_best.pt holds its own metric: no second file to disagree with
+        if old is None or (metric > old if higher_is_better else metric < old):
+            _link_or_copy(path, best, then)
 
 
 def _non_finite(obj, name=''):
@@ -77,22 +74,17 @@ def _peek(path):
     return state if isinstance(state, dict) else {}
 
 
-def _what_ckpt_holds(out_dir):
-    ckpt = os.path.join(out_dir, CKPT)
-    return f"{ckpt} (step {_peek(ckpt).get('step')}) is untouched" if os.path.exists(ckpt) else \
-        "no checkpoint was written"
-
-
-def _link_or_copy(src, dst):
+def _link_or_copy(src, dst, then):
     """dst becomes a hard link to src's current file (its content stays when src is replaced)."""
-    tmp = dst + '.tmp'
-    if os.path.exists(tmp):
-        os.remove(tmp)
-    try:
-        os.link(src, tmp)
-    except OSError:   # a file system without hard links
-        shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
+    if os.path.exists(dst) and os.path.samefile(src, dst):
+        return   # linked already (a rename onto a link of the same file would leave the .tmp beside it)
+    with written(dst, then) as tmp:
+        with suppress(FileNotFoundError):
+            os.remove(tmp)   # left by a kill
+        try:
+            os.link(src, tmp)
+        except OSError:   # a file system without hard links
+            shutil.copyfile(src, tmp)
 
 
 def load_checkpoint(path, kind, expect=None):
@@ -109,13 +101,14 @@ def load_checkpoint(path, kind, expect=None):
                          f"({first}). nanoWM loads checkpoints with torch.load(weights_only=True), so a file "
                          f"that would run code is rejected; only load checkpoints you trust and that nanoWM wrote.")
     except (RuntimeError, EOFError, OSError) as e:
-        raise SystemExit(f"{path} cannot be read ({str(e).splitlines()[0][:200]}): it may be truncated; {PREV} or "
-                         f"{BEST} in the same folder (if there) hold earlier states: copy one over {CKPT} to resume "
-                         f"from it")
+        raise SystemExit(f"{path} cannot be read ({str(e).splitlines()[0][:200]}): it may be truncated; {EARLIER}")
     if not isinstance(state, dict) or state.get('kind') != kind:
         found = state.get('kind', 'no track recorded') if isinstance(state, dict) else type(state).__name__
         raise SystemExit(f"{path} is not a {kind}-track checkpoint of nanoWM (it says: {found}); "
                          f"pass the checkpoint of a {kind} run")
+    bad = _non_finite(state)
+    if bad:
+        raise SystemExit(f"{path}: {bad} holds NaN or inf, so it cannot be used; {EARLIER}")
     saved = state.get('config', {})
     diffs = [f"{k}={saved[k]!r} in the checkpoint, {v!r} now" for k, v in (expect or {}).items()
              if k in saved and saved[k] != v]   # a setting the checkpoint predates is not compared
@@ -168,39 +161,28 @@ def plain(config):
             if isinstance(v, (int, float, bool, str, type(None), list, tuple))}
 
 
-def keep_last_good(out_dir, step):
+def keep_last_good(out_dir, step, trusted):
     """After a divergence seen in optimizer step `step` (in the loss of the weights saved as step - 1): a
-    checkpoint of those weights goes to ckpt_diverged.pt and ckpt.pt becomes ckpt_prev.pt again. Returns
-    the sentence that says which file holds which step."""
-    ckpt, prev = os.path.join(out_dir, CKPT), os.path.join(out_dir, PREV)
-    if not os.path.exists(ckpt):
-        return "no checkpoint was written"
-    saved = _peek(ckpt).get('step')
-    if saved is None or saved < step - 1:   # the weights that diverged are those of step - 1
-        return f"{ckpt} holds step {saved}, saved before the divergence at step {step}"
-    os.replace(ckpt, os.path.join(out_dir, DIVERGED))
-    said = f"the checkpoint of step {saved}, whose loss diverged, was moved to {os.path.join(out_dir, DIVERGED)}"
-    best_json = os.path.join(out_dir, 'best.json')
-    best = _read_json_or_none(best_json, 'it is replaced')
-    if best is not None and best.get('step') is not None and best['step'] >= saved:   # the best was that state too
-        for path in (os.path.join(out_dir, BEST), best_json):
-            if os.path.exists(path):
-                os.remove(path)
-        said += f" ({BEST} was that state too and is removed)"
-    if not os.path.exists(prev):
-        return f"{said}; no checkpoint from before step {saved} exists"
-    _link_or_copy(prev, ckpt)
-    return f"{ckpt} and {prev} hold step {_peek(ckpt).get('step')}, saved before the loss diverged at step {step}; {said}"
-
-
-def _read_json_or_none(path, then):
-    """A small JSON file of the run folder, or None (with a note saying what happens) when it is
-    missing or unreadable."""
-    if not os.path.exists(path):
-        return None
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (json.JSONDecodeError, OSError) as err:
-        print(f"note: {path} cannot be read ({err}); {then}")
-        return None
+    checkpoint of those weights goes to ckpt_diverged.pt (and ckpt_best.pt, if it is that state, goes), and
+    ckpt_prev.pt back to ckpt.pt. Returns the sentence that says which file holds which step, and which of
+    them are known good (trusted(step): DivergenceGuard.trusted)."""
+    ckpt, prev, best, diverged = (os.path.join(out_dir, name) for name in (CKPT, PREV, BEST, DIVERGED))
+    saved, said = _peek(ckpt).get('step'), []
+    if saved is not None and saved >= step - 1:   # the weights that diverged are those of step - 1
+        os.replace(ckpt, diverged)
+        said.append(f"the checkpoint of step {saved}, whose loss diverged, was moved to {diverged}")
+        if _peek(best).get('step', -1) >= saved:
+            os.remove(best)
+            said[0] += f" ({BEST} was that state too and is removed)"
+        if os.path.exists(prev):
+            _link_or_copy(prev, ckpt, f"then copy {prev} to {ckpt}")
+    held = {}
+    for path in filter(os.path.exists, (ckpt, prev)):
+        held.setdefault(_peek(path).get('step'), []).append(path)
+    if not held:
+        return f"{said[0]}; no checkpoint from before step {saved} exists" if said else "no checkpoint was written"
+    for n, paths in held.items():
+        said.append(f"{' and '.join(paths)} {'holds' if len(paths) == 1 else 'hold'} step {n}, " + (
+            f"saved before the loss diverged at step {step}" if trusted(n) else
+            "whose loss was finite but came before the spike rule could check it: it may have diverged too"))
+    return '; '.join(said)

@@ -4,15 +4,17 @@ predicted frames 77 against the real ones over the clips (LpipsFid).
 
 Both score through networks trained elsewhere, taken from the field's reference packages and
 imported only when asked for: `lpips` (Zhang et al. 2018) with AlexNet, the variant video-prediction
-papers report, and torchmetrics' FID, whose Inception is the TensorFlow FID network (Heusel et al.
-2017) as torch-fidelity ports it. We take torchmetrics because the world-model evaluations we
-compare with use it (NVIDIA Cosmos: nvidia-cosmos/cosmos-cookbook, scripts/metrics/qualitative/
-fvd_fid/compute_fid_single_view.py, with torchmetrics' defaults as here); pytorch-fid and
-torch-fidelity load the same Inception weights, clean-fid resizes differently. The networks'
-weights download on first use; without them there is no number, and MetricUnavailable says what
-to install or fetch.
+papers report, and torchmetrics' FID (as world-model evaluations use it: NVIDIA Cosmos, cosmos-cookbook's
+scripts/metrics/qualitative/fvd_fid/compute_fid_single_view.py), whose Inception is the TensorFlow FID
+network (Heusel et al. 2017) as torch-fidelity ports it, fed frames resized to 299 x 299 as the original
+does (antialias=False, not torchmetrics' default since 1.8, which moves the features by ~5%). The
+networks' weights download on first use; without them there is no number, and MetricUnavailable says
+what to install or fetch.
 """
+import inspect
 import os
+import pickle
+import socket
 import warnings
 
 import numpy as np
@@ -23,10 +25,34 @@ class MetricUnavailable(RuntimeError):
     """A score's package or pretrained weights are not on this machine; the message says how to get them."""
 
 
-def _weights_missing(metric, what, url, err):
-    folder = os.path.join(torch.hub.get_dir(), 'checkpoints')
-    return MetricUnavailable(f"{metric} needs {what}, which could not be loaded ({type(err).__name__}; offline?): "
-                             f"download {url} into {folder}/")
+DOWNLOAD_TIMEOUT_S = 15   # a weights download that gets no answer this long fails (urllib's default: never)
+
+
+def pretrained(metric, url, build):
+    """build(): a package's network, which loads its weights from torch's hub cache. The file is downloaded
+    first if missing (a silent network fails in seconds), then read here as tensors only and checked finite,
+    since the packages unpickle it fully (weights_only=False): a crafted file fails here, before it runs code."""
+    path = os.path.join(torch.hub.get_dir(), 'checkpoints', os.path.basename(url))
+    again = f"delete it, and it downloads again from {url}"
+    default_timeout = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
+    try:
+        state = torch.hub.load_state_dict_from_url(url, map_location='cpu', weights_only=True)
+    except OSError as err:   # no network (URLError), a timeout, a full disk
+        raise MetricUnavailable(f"{metric} needs {path}, which could not be downloaded or read ({err}; offline?): "
+                                f"download {url} there") from None
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as err:   # objects, not tensors; truncated
+        raise MetricUnavailable(f"{metric}: {path} is damaged or not a weights file ({type(err).__name__}): {again}"
+                                ) from None
+    finally:
+        socket.setdefaulttimeout(default_timeout)
+    tensors = state.values() if isinstance(state, dict) else [state]
+    if not all(isinstance(t, torch.Tensor) and t.isfinite().all() for t in tensors):
+        raise MetricUnavailable(f"{metric}: {path} holds NaN, infinite or non-tensor weights: {again}")
+    try:
+        return build()
+    except RuntimeError:   # the package's load_state_dict: other tensors than its network's
+        raise MetricUnavailable(f"{metric}: {path} does not hold the network's tensors: {again}") from None
 
 
 def _images_NCHW(images):
@@ -47,13 +73,10 @@ def lpips_network(device='cpu'):
     except ImportError as err:
         raise MetricUnavailable(f"LPIPS needs the lpips package and torchvision ({err}): pip install lpips torchvision"
                                 ) from None
-    try:
-        with warnings.catch_warnings():   # lpips 0.1.4 asks torchvision for AlexNet the pre-0.13 way
-            warnings.simplefilter('ignore', UserWarning)
-            return lpips.LPIPS(net='alex', verbose=False).to(device).eval()
-    except (OSError, RuntimeError) as err:   # no network (URLError is an OSError), or a damaged download
-        url = AlexNet_Weights.IMAGENET1K_V1.url
-        raise _weights_missing('LPIPS', "torchvision's AlexNet weights", url, err) from None
+    with warnings.catch_warnings():   # lpips 0.1.4 asks torchvision for AlexNet the pre-0.13 way
+        warnings.simplefilter('ignore', UserWarning)
+        net = pretrained('LPIPS', AlexNet_Weights.IMAGENET1K_V1.url, lambda: lpips.LPIPS(net='alex', verbose=False))
+    return net.to(device).eval()
 
 
 @torch.no_grad()
@@ -67,18 +90,18 @@ def lpips_distance(net, pred_HWC, target_HWC):
 
 def fid_network(device='cpu'):
     """torchmetrics' FID Inception (2048 pooled features; downloaded on first use). It takes uint8
-    NCHW images of any size and resizes them to 299 x 299 itself (bilinear, antialiased: torchmetrics'
-    default)."""
+    NCHW images of any size and resizes them to 299 x 299 itself: bilinear without antialiasing, as
+    the TensorFlow original, torch-fidelity and pytorch-fid (torchmetrics' default antialiases)."""
     try:
         from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3   # torchmetrics' Inception
         from torchmetrics.image.fid import FrechetInceptionDistance
     except ImportError as err:
         raise MetricUnavailable(f"FID needs torchmetrics with torch-fidelity ({err}): pip install 'torchmetrics[image]'"
                                 ) from None
-    try:
-        return FrechetInceptionDistance(feature=2048).inception.to(device)
-    except (OSError, RuntimeError) as err:
-        raise _weights_missing('FID', "torch-fidelity's Inception weights", URL_INCEPTION_V3, err) from None
+    # torchmetrics 1.8 made the antialiased resize its default; before 1.8 it resized as torch-fidelity does
+    standard = {'antialias': False} if 'antialias' in inspect.signature(FrechetInceptionDistance).parameters else {}
+    return pretrained('FID', URL_INCEPTION_V3, lambda: FrechetInceptionDistance(feature=2048, **standard).inception
+                      ).to(device)
 
 
 @torch.no_grad()

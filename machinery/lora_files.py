@@ -17,7 +17,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save, save_file
 
-from machinery.wan_files import check_keys, official_name
+from machinery import written
+from machinery.wan_files import check_finite, check_keys, official_name
 from wan_state import LORA_TARGETS, LoRALinear, add_lora, lora_modules, trainable_state_dict
 
 # The same adapters under four key conventions (module names in the official Wan naming, ours):
@@ -38,9 +39,32 @@ _LORA_PART = {'lora_A': 'A', 'lora_down': 'A', 'lora.down': 'A', 'lora_B': 'B', 
 
 
 def _read(path):
-    """(tensors, metadata) of a safetensors file."""
-    with safe_open(str(path), framework='pt') as f:
-        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
+    """(tensors, metadata) of a safetensors file, its tensors checked for NaN and inf; ValueError naming it."""
+    try:
+        with safe_open(str(path), framework='pt') as f:
+            sd, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
+    except Exception as err:   # safetensors raises its own error types for a non-safetensors file
+        raise ValueError(f"{path}: not a readable safetensors LoRA file ({err})") from None
+    check_finite(sd, path)
+    return sd, meta
+
+
+# A LoRA's alpha, as large as any tool writes (the rank, or a small multiple of it) and far below the
+# sizes that make a sample nothing but NaN
+MAX_ALPHA = 10_000
+
+
+def _alpha(value, source, key):
+    """A LoRA alpha (a number, a one-element tensor or the text of a number) as a float; ValueError
+    naming the file and the key if it is none, or NaN, inf or beyond MAX_ALPHA."""
+    try:
+        alpha = float(value)
+    except (TypeError, ValueError, RuntimeError):
+        alpha = math.nan
+    if isinstance(value, bool) or not abs(alpha) <= MAX_ALPHA:
+        raise ValueError(f"{source}: {key} is {value!r}, not a LoRA alpha (a number of at most {MAX_ALPHA:,} in size; "
+                         f"the update is B A alpha / rank): the file is damaged")
+    return alpha
 
 
 def _check_unmerged(model, before):
@@ -81,11 +105,8 @@ def export_lora(model_or_trainable, out_dir, lora_alpha=None, step=None, keep_la
     out_dir = Path(out_dir)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        probe = out_dir / f'.write_test_{os.getpid()}'
-        probe.write_text('ok')
-        probe.unlink()
-    except OSError as err:   # a file where the folder should be, a read-only folder, a full disk
-        raise ValueError(f"cannot write the LoRA files into {out_dir} ({err.strerror}): give a folder you "
+    except OSError as err:   # a file where the folder should be (a full disk: save_atomic says it)
+        raise SystemExit(f"cannot write the LoRA files into {out_dir} ({err.strerror}): give a folder you "
                          f"can write to") from None
     files = {}
     if loras:
@@ -110,21 +131,15 @@ def export_lora(model_or_trainable, out_dir, lora_alpha=None, step=None, keep_la
 
 
 def save_atomic(sd, path):
-    """safetensors file written whole or not at all (a run killed while saving leaves the old one).
-    Written through open(), so its mode follows the umask as ckpt.pt's does (readable by the group
-    under the usual umask; safetensors' own save_file writes 0600)."""
-    tmp = f'{path}.tmp'
-    try:
+    """safetensors file written whole or not at all (machinery.written: a kill or a full disk leaves
+    the old one, and a full disk is one sentence). Written through open(), so its mode follows the
+    umask as ckpt.pt's does (readable by the group under the usual umask; save_file writes 0600)."""
+    with written(str(path), then=f"then resume or export again (the previous {os.path.basename(path)}, if any, "
+                                 f"is untouched)") as tmp:
         with open(tmp, 'wb') as f:
             f.write(save(sd, metadata={'format': 'pt'}))
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as err:   # a full disk: no half-written .tmp left behind, the old file kept
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise SystemExit(f"could not write {path} ({err.strerror}): free space on its disk, then resume "
-                         f"or export again (the previous {os.path.basename(path)}, if any, is untouched)")
     return Path(path)
 
 
@@ -140,13 +155,15 @@ def read_lora(path_or_state_dict, num_layers):
     module given twice (two formats in one file), A without B, ranks of A and B that differ, and
     NaN or inf values are errors that name the key."""
     sd, meta, source = path_or_state_dict, {}, 'the LoRA'
-    if not isinstance(sd, dict):
+    if isinstance(sd, dict):
+        check_finite(sd, source)
+    else:
         source = str(sd)
-        try:
-            sd, meta = _read(source)
-        except Exception as err:   # safetensors raises its own error types for a non-safetensors file
-            raise ValueError(f"{source}: not a readable safetensors LoRA file ({err})") from None
-    peft = {k.split('.')[-1]: v for k, v in json.loads(meta.get('lora_adapter_metadata', '{}')).items()}
+        sd, meta = _read(source)
+    try:
+        peft = {k.split('.')[-1]: v for k, v in json.loads(meta.get('lora_adapter_metadata', '{}')).items()}
+    except (json.JSONDecodeError, AttributeError) as err:
+        raise ValueError(f"{source}: its lora_adapter_metadata is not a JSON object ({err}): the file is damaged")
     targets = [f'blocks.{i}.{t}' for i in range(num_layers) for t in LORA_TARGETS]
     underscored = {n.replace('.', '_'): n for n in targets}   # kohya / musubi write dots as _
     parts, file_names, unknown = {}, {}, []
@@ -160,13 +177,11 @@ def read_lora(path_or_state_dict, num_layers):
         if part in parts.get(name, {}):
             raise ValueError(f"{source}: {name} has its {part} twice ({parts[name][part][0]} and {key}): the file "
                              f"mixes two LoRA formats; keep one")
-        if not torch.isfinite(tensor).all():
-            raise ValueError(f"{source}: {key} holds NaN or inf values: the LoRA is broken")
         parts.setdefault(name, {})[part] = (key, tensor)
         file_names[name] = m[1]
     if unknown:
-        raise ValueError(f"{len(unknown)} key(s) are not LoRA adapters of the {len(LORA_TARGETS)} linears of a Wan "
-                         f"block this loader knows ({', '.join(LORA_TARGETS)}), e.g. {unknown[:4]}")
+        raise ValueError(f"{source}: {len(unknown)} key(s) are not LoRA adapters of the {len(LORA_TARGETS)} linears "
+                         f"of a Wan block this loader knows ({', '.join(LORA_TARGETS)}), e.g. {unknown[:4]}")
     out = {}
     for name, p in parts.items():
         if 'A' not in p or 'B' not in p:
@@ -177,11 +192,12 @@ def read_lora(path_or_state_dict, num_layers):
                              f"[rank, in] and B [out, rank] with the same rank")
         rank = A.shape[0]
         if 'alpha' in p:
-            alpha = p['alpha'][1].item()
+            alpha = _alpha(p['alpha'][1], source, p['alpha'][0])
             alpha = alpha or (rank if a_key.startswith('lora_unet_') else 0.0)   # kohya, musubi: 0 means rank
         elif 'lora_alpha' in peft:   # PEFT: lora_alpha, or the alpha_pattern entry that matches the module
-            alpha = next((v for k, v in peft.get('alpha_pattern', {}).items()
-                          if re.fullmatch(rf'(.*\.)?{k}', file_names[name])), peft['lora_alpha'])
+            alpha = _alpha(next((v for k, v in peft.get('alpha_pattern', {}).items()
+                                 if re.fullmatch(rf'(.*\.)?{k}', file_names[name])), peft['lora_alpha']),
+                           source, "a lora_alpha in its lora_adapter_metadata")
         else:
             alpha = rank
         out[name] = (A.float(), B.float(), alpha / rank)
@@ -213,6 +229,8 @@ def load_lora(model, path, merge=False, scale=1.0):
     if not lora_file.exists() and not (state_file and state_file.exists()):
         raise FileNotFoundError(f"{path}: no LoRA file (or export_lora folder) there")
     loras = read_lora(lora_file, len(model.blocks)) if lora_file.exists() else {}
+    if lora_file.exists() and not loras:   # loaded, it would change nothing (or, in place of adapters, zero them)
+        raise ValueError(f"{lora_file} holds no LoRA tensors: an empty or unfinished file; give the LoRA itself")
     # --- checks: nothing below them fails on the file's content
     for name, (A, B, _) in loras.items():
         linear = model.get_submodule(name)
@@ -227,9 +245,9 @@ def load_lora(model, path, merge=False, scale=1.0):
                              f"it with merge=True")
         own_rank = next(iter(own.values())).rank if own else ranks[0]
         if ranks[0] != own_rank:
-            raise ValueError(f"{lora_file}: adapters of rank {ranks[0]}, the model's of rank {own_rank}: give the "
-                             f"model rank-{ranks[0]} adapters (train_sampling.py --lora_rank={ranks[0]}) to continue "
-                             f"from this file, or load it with merge=True")
+            raise ValueError(f"{lora_file}: adapters of rank {ranks[0]}, the model's of rank {own_rank}: unmerged, "
+                             f"they take the place of adapters of their own rank (a run trained with "
+                             f"--lora_rank={ranks[0]}); merge=True adds them into the weights of any model")
         _check_unmerged(model, 'loading adapters')
         lacking = sorted(set(loras) - set(own)) if own else []
         if lacking:
@@ -239,7 +257,14 @@ def load_lora(model, path, merge=False, scale=1.0):
         if not model.state_cond:
             raise ValueError(f"{state_file}: state conditioning weights, but the model has state_cond=False")
         state_sd, _ = _read(state_file)
-        check_keys({k: v for k, v in model.state_dict().items() if k.startswith('state_embedder.')}, state_sd, state_file)
+        embedder = {k: v for k, v in model.state_dict().items() if k.startswith('state_embedder.')}
+        null = 'state_embedder.null'   # the no-state embedding: only a run trained with state dropout has one
+        if (null in state_sd) != (null in embedder):
+            print(f"note: {state_file}: " + (f"{null} left out (this model has no no-state embedding)" if null in
+                                             state_sd else f"no {null} in it: the model keeps its own"))
+            state_sd.pop(null, None)
+            embedder.pop(null, None)
+        check_keys(embedder, state_sd, state_file)
     # --- the changes
     if merge:
         for name, (A, B, file_scale) in loras.items():
@@ -279,7 +304,7 @@ def load_trainable(model, path):
     if any('.lora_' in k for k in sd) and not lora_modules(model):
         if 'lora_rank' not in meta:
             raise ValueError(f"{path}: LoRA weights without lora_rank metadata; call add_lora first")
-        add_lora(model, rank=int(meta['lora_rank']), alpha=float(meta['lora_alpha']))
+        add_lora(model, rank=int(meta['lora_rank']), alpha=_alpha(meta.get('lora_alpha'), path, 'lora_alpha'))
     _check_unmerged(model, 'loading')
     check_keys(trainable_state_dict(model), sd, path)
     model.load_state_dict(sd, strict=False)

@@ -13,9 +13,11 @@ message naming the file and what is expected.
 Output, as the 1X raw data and data.RawShard read it: out/train_v2.0_raw/ (files in subfolders)
 and out/val_v2.0_raw/ (flat; the last `val` videos by name), one shard per video: video_{i}.mp4
 (re-encoded with libx264 at 30 Hz), states_{i}.bin (float32 [frames, 25]), segment_idx_{i}.bin
-(int32, one segment: a video is one contiguous recording), metadata_{i}.json (its frame count and
-source file), and metadata.json. A split is written to SPLIT.partial and renamed into place whole.
+(int32, one segment: a video is one contiguous recording), metadata_{i}.json (its frame count, source
+file and the sha256 of video_{i}.mp4, which data.RawShard checks), and metadata.json. A split is
+written to SPLIT.partial and renamed into place whole.
 """
+import hashlib
 import json
 import os
 import shutil
@@ -24,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from data import RAW_CLIP_LEN, RAW_HZ, STATE_DIM, check_finite_rows, layout_path, shard_files
-from machinery import need
+from machinery import need, written
 
 SPLITS = ('train_v2.0_raw', 'val_v2.0_raw')
 
@@ -67,8 +69,8 @@ def video_header(path):
     av = need('av', 'reading your mp4 videos')
     try:
         with av.open(str(path)) as container:
-            if not container.streams.video:
-                raise ValueError(f"{path} holds no video stream")
+            if not container.streams.video or container.streams.video[0].codec_context is None:
+                raise ValueError(f"{path} holds no video stream FFmpeg can decode")
             stream = container.streams.video[0]
             return (stream.codec_context.height, stream.codec_context.width, stream.frames,
                     float(stream.average_rate or 0))
@@ -104,7 +106,7 @@ def write_shard(split_dir, shard, video, states_ND, nested, crf):
     for path in paths.values():
         os.makedirs(os.path.dirname(path), exist_ok=True)
     n = 0
-    with av.open(str(video)) as src, av.open(paths['video'], 'w') as dst:
+    with av.open(str(video)) as src, written(paths['video']) as tmp, av.open(tmp, 'w', format='mp4') as dst:
         out = dst.add_stream('libx264', rate=RAW_HZ)
         out.width, out.height = src.streams.video[0].codec_context.width, src.streams.video[0].codec_context.height
         out.pix_fmt = 'yuv444p'   # no chroma subsampling: the colours the VAE sees stay the recorded ones
@@ -119,10 +121,12 @@ def write_shard(split_dir, shard, video, states_ND, nested, crf):
         dst.mux(out.encode())
     if n != len(states_ND):
         raise ValueError(f"{video} has {n} frames but its states {len(states_ND)} rows: one row per frame is needed")
-    states_ND.tofile(paths['states'])
-    np.full(n, shard, dtype=np.int32).tofile(paths['segment_idx'])
-    with open(paths['metadata'], 'w') as f:
-        json.dump({'shard_num_frames': n, 'shard_ind': shard, 'source': Path(video).name}, f)
+    for array, path in ((states_ND, paths['states']), (np.full(n, shard, dtype=np.int32), paths['segment_idx'])):
+        with written(path) as tmp:
+            array.tofile(tmp)
+    sha256 = hashlib.sha256(Path(paths['video']).read_bytes()).hexdigest()   # data.RawShard checks it
+    with written(paths['metadata']) as tmp, open(tmp, 'w') as f:
+        json.dump({'shard_num_frames': n, 'shard_ind': shard, 'source': Path(video).name, 'sha256': sha256}, f)
     return n
 
 
@@ -145,7 +149,7 @@ def convert(clips_dir, out, val=1, size=512, crf=18):
         frames = 0
         for shard, k in enumerate(tqdm(members, desc=split, unit='video')):
             frames += write_shard(split_dir, shard, pairs[k][0], states[k], split.startswith('train'), crf)
-        with open(os.path.join(split_dir, 'metadata.json'), 'w') as f:
+        with written(os.path.join(split_dir, 'metadata.json')) as tmp, open(tmp, 'w') as f:
             json.dump({'num_shards': len(members), 'query': None, 'hz': RAW_HZ, 'num_images': frames}, f)
     for split in SPLITS:   # both splits whole, or neither in place
         os.replace(os.path.join(out, split + '.partial'), os.path.join(out, split))

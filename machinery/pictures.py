@@ -11,7 +11,7 @@ import math
 import numpy as np
 
 import data
-from machinery import need
+from machinery import need, written
 
 # Pillow (requirements-sampling.txt): every sampling run draws its validation PNGs
 Image, ImageDraw, ImageFont = (need(f'PIL.{m}', 'drawing the figures') for m in ('Image', 'ImageDraw', 'ImageFont'))
@@ -175,8 +175,14 @@ def counterfactual_figure(context_THWC, futures, min_px=128, title=None):
     return grid(rows, labels, captions, min_px, title)
 
 
-def save_gif(path, frames_by_row, labels, min_px=128, fps=6):
-    """An endless GIF of clips [T, H, W, 3] side by side, labelled above, with the raw frame index below."""
+def save_png(image, path, then='then run again'):
+    """A figure (a PIL image) into path as PNG, whole or not at all: a full disk is one sentence (machinery.written)."""
+    with written(str(path), then) as tmp:
+        image.save(tmp, format='PNG')
+
+
+def save_gif(path, frames_by_row, labels, min_px=128, fps=6, then='then run again'):
+    """An endless GIF of clips [T, H, W, 3] side by side, labelled above, the raw frame index below (as save_png)."""
     clips = [np.asarray(c) for c in frames_by_row]
     if not (clips and len(clips[0]) > 0):
         raise ValueError("save_gif needs at least one clip of at least one frame")
@@ -199,4 +205,6 @@ def save_gif(path, frames_by_row, labels, min_px=128, fps=6):
     # only the pixels that change: a few tens of kB instead of a few hundred
     palette = Image.fromarray(np.concatenate([np.asarray(p) for p in pages])).quantize(256)
     pages = [p.quantize(palette=palette, dither=Image.Dither.NONE) for p in pages]
-    pages[0].save(path, save_all=True, append_images=pages[1:], duration=round(1000 / fps), loop=0, disposal=1)
+    with written(str(path), then) as tmp:
+        pages[0].save(tmp, format='GIF', save_all=True, append_images=pages[1:], duration=round(1000 / fps), loop=0,
+                      disposal=1)

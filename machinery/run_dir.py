@@ -100,6 +100,8 @@ def claim(out_dir, resume, overwrite=False, resume_flag='--init_from=resume'):
     """Call on rank 0 before any work. Stops if out_dir holds a checkpoint and this is not a resume
     (unless overwrite), if a resume finds none, if the folder is not writable, or another run holds it."""
     ckpt = os.path.join(out_dir, CKPT)
+    if resume and overwrite:
+        raise SystemExit(f"--overwrite starts a new run in {out_dir}, {resume_flag} continues its run: drop one")
     if resume and not os.path.exists(ckpt):
         raise SystemExit(f"{resume_flag}: {ckpt} does not exist (train first, or pass the run's --out_dir)")
     if not resume and os.path.exists(ckpt) and not overwrite:
@@ -119,7 +121,7 @@ def claim(out_dir, resume, overwrite=False, resume_flag='--init_from=resume'):
 
 
 # What a run writes into its out_dir (with the LoRA export, and sample.py's samples/): --overwrite moves these
-RUN_FILES = (CKPT, PREV, BEST, DIVERGED, 'best.json', 'log.jsonl', 'curves.png',
+RUN_FILES = (CKPT, PREV, BEST, DIVERGED, 'log.jsonl', 'curves.png',
              'results.json', 'val', 'samples', 'lora.safetensors', 'state_embedder.safetensors', 'tensorboard',
              'wandb', 'wandb_id')
 
@@ -141,48 +143,47 @@ def _move_earlier_run_aside(out_dir):
 
 # --- Divergence and logs ----------------------------------------------------------------------
 
-def stop_if_not_finite(figures, step, out_dir, master=True):
-    """A NaN or inf among figures ({'training loss': value, ...}) of optimizer step `step` stops the
-    run before that step updates the weights: a stop, not a skipped step (a run that diverges once
-    usually diverges again)."""
-    for what, value in figures.items():
-        if not math.isfinite(value):
-            stop_diverged(f"the {what} is {value}", step, out_dir, master)
-
-
 class DivergenceGuard:
     """Stops a run that diverges, before the optimizer step, with ckpt.pt the last good state.
-    Diverged: a NaN or inf loss or gradient norm, or a training loss above `spike` times the
-    median of its last SPIKE_WINDOW values (once SPIKE_MIN are known; spike 0: off). Every rank
-    checks the same (all-reduced) figures, so all stop together; the spike rule is the master's
-    alone (its history continues from log.jsonl on resume): the launcher stops the other ranks."""
+    Diverged: a NaN or inf loss or gradient norm, or a training loss above `spike` times the median of
+    its last SPIKE_WINDOW values (once SPIKE_MIN are known; spike 0: off), a history that travels in the
+    checkpoint (state_dict; `saved` on resume). Every rank checks the same (all-reduced) figures, so all
+    stop together; the spike rule is the master's alone: the launcher stops the other ranks."""
 
-    def __init__(self, out_dir, spike, master=True, start_step=0):
-        self.out_dir, self.spike, self.master = out_dir, spike, master
-        self.losses = deque(maxlen=SPIKE_WINDOW)
-        if master and start_step > 0 and os.path.exists(os.path.join(out_dir, 'log.jsonl')):
-            self.losses.extend(r['loss'] for r in read_log(out_dir)
-                               if r.get('step', start_step) <= start_step and isinstance(r.get('loss'), (int, float)))
+    def __init__(self, out_dir, spike, master=True, start_step=0, saved=None):
+        self.out_dir, self.spike, self.master, self.start_step = out_dir, spike, master, start_step
+        saved = saved or {}
+        self.losses = deque(saved.get('losses', ()), maxlen=SPIKE_WINDOW)
+        # the first step whose weights' loss the spike rule checked (off: finiteness is all there is to check)
+        self.checked_from = saved.get('checked_from', math.inf) if spike else 0
+
+    def state_dict(self):
+        return dict(losses=list(self.losses), checked_from=self.checked_from)
+
+    def trusted(self, step):
+        """Whether the state saved as `step` is known good: the one this run resumed from, or its loss passed."""
+        return step is not None and (step == self.start_step or step >= self.checked_from)
 
     def check(self, figures, step):
         """figures of optimizer step `step` (the N-th step's: computed on the weights saved as step N - 1)."""
-        stop_if_not_finite(figures, step, self.out_dir, self.master)
+        for what, value in figures.items():   # a stop, not a skipped step: a run that diverges once usually does again
+            if not math.isfinite(value):
+                self.stop(f"the {what} is {value}", step)
         loss = figures['training loss']
         if self.master and self.spike and len(self.losses) >= SPIKE_MIN:
             median = statistics.median(self.losses)
             if loss > self.spike * median:
-                stop_diverged(f"the training loss spiked to {loss:.4g}, over {self.spike:g} x {median:.4g} (the "
-                              f"median of the last {len(self.losses)})", step, self.out_dir, self.master)
+                self.stop(f"the training loss spiked to {loss:.4g}, over {self.spike:g} x {median:.4g} (the "
+                          f"median of the last {len(self.losses)})", step)
+            self.checked_from = min(self.checked_from, step - 1)
         self.losses.append(loss)
 
-
-def stop_diverged(reason, step, out_dir, master=True):
-    """Stop (exit code 1; the master says why) for a divergence seen in optimizer step `step`, i.e.
-    in the loss of the weights saved as step - 1: checkpoints.keep_last_good."""
-    if not master:
-        raise SystemExit(1)
-    raise SystemExit(f"step {step}: {reason}: stopping. {keep_last_good(out_dir, step)}. Lower --learning_rate, "
-                     f"check the data, or resume from the checkpoint with other settings.")
+    def stop(self, reason, step):
+        """Stop (exit 1; the master says why) at a divergence in the loss of the weights of step - 1."""
+        if not self.master:
+            raise SystemExit(1)
+        raise SystemExit(f"step {step}: {reason}: stopping. {keep_last_good(self.out_dir, step, self.trusted)}. "
+                         f"Lower --learning_rate, check the data, or resume from the checkpoint with other settings.")
 
 
 # How the printed line shows the figures both trainers record every step (the others: log.jsonl only)
@@ -191,9 +192,17 @@ LINE_FORMATS = dict(loss='loss {:.4f}', lr='lr {:.2e}', grad_norm='grad norm {:.
 
 
 def check_log_with(log_with):
-    """Stop at start, not at the first log line hours later, if --log_with's package is missing."""
-    if log_with != 'none' and importlib.util.find_spec(log_with) is None:
+    """Stop at start, not at the first log line hours later, if --log_with's package is missing or broken."""
+    if log_with == 'none':
+        return
+    if importlib.util.find_spec(log_with) is None:
         raise SystemExit(f"--log_with={log_with}: the {log_with} package is not installed (pip install {log_with})")
+    try:   # what trackers.py imports
+        importlib.import_module('torch.utils.tensorboard' if log_with == 'tensorboard' else log_with)
+    except Exception as err:   # a broken install fails in many ways (ImportError, protobuf's TypeError, ...)
+        first = (str(err).strip() or type(err).__name__).splitlines()[0][:200]
+        raise SystemExit(f"--log_with={log_with}: the {log_with} package is installed but fails on import ({first}): "
+                         f"reinstall it (pip install --force-reinstall {log_with}), or pass --log_with=none") from None
 
 
 class RunLog:
@@ -271,8 +280,14 @@ def checkpoint_bytes(n_saved, n_trained):
     return 3 * 4 * (n_saved + 2 * n_trained)
 
 
-def gib(n):
-    return f"{n / 2 ** 30:,.1f} GiB" if n < 2 ** 40 else f"{n / 2 ** 40:,.2f} TiB"
+def size(n):
+    """n bytes at any scale: 2.00 TiB, 3.1 GiB, 12.0 MiB, 4.0 KiB, 10 bytes."""
+    if n >= 2 ** 40:
+        return f"{n / 2 ** 40:,.2f} TiB"
+    for unit, power in (('GiB', 30), ('MiB', 20), ('KiB', 10)):
+        if n >= 2 ** power / 10:
+            return f"{n / 2 ** power:,.1f} {unit}"
+    return f"{n:,} bytes"
 
 
 def existing_parent(folder):
@@ -292,13 +307,13 @@ def disk_report(needs, usage=shutil.disk_usage):
         probe = existing_parent(folder)
         disk = by_disk.setdefault(os.stat(probe).st_dev, [probe, 0, []])
         disk[1] += n
-        disk[2].append(f"{what} {gib(n)}")
+        disk[2].append(f"{what} {size(n)}")
     lines, short = [], []
     for probe, n, whats in by_disk.values():
         free = usage(probe).free
-        lines.append(f"disk: {', '.join(whats)} = {gib(n)} to write on the disk of {probe} ({gib(free)} free)")
+        lines.append(f"disk: {', '.join(whats)} = {size(n)} to write on the disk of {probe} ({size(free)} free)")
         if n > free:
-            short.append(f"{', '.join(whats)} need {gib(n)} on the disk of {probe}, which has {gib(free)} free")
+            short.append(f"{', '.join(whats)} need {size(n)} on the disk of {probe}, which has {size(free)} free")
     refusal = (f"not enough disk space: {'; '.join(short)}. Free space there, or pass an --out_dir (or --data_dir) "
                f"on a larger disk.") if short else ''
     return lines, refusal

@@ -1,6 +1,5 @@
-"""A GPU's dense bf16 peak FLOP/s: the denominator of the MFU (model FLOPs per second / this peak,
-as nanoGPT reports it) that bench.py prints, and StepSpeed, the speed figures both training
-scripts log with every step (samples/s, MFU, peak GPU memory)."""
+"""A GPU's dense bf16 peak FLOP/s, the MFU's denominator (model FLOPs / s / peak, as nanoGPT's), and
+StepSpeed, the speed both training scripts log every step (samples/s, MFU, peak GPU memory)."""
 import time
 
 import torch

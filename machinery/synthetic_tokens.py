@@ -14,6 +14,7 @@ import torch
 
 from data import (FRAMES_PER_BLOCK, GRID_FRAMES, GRID_H, GRID_W, GRIDS_PER_BLOCK, SAMPLE_FRAMES, SAMPLE_GRIDS,
                   STATE_DIM, grid_frames, layout_path, read_json, shard_files, synthetic_is_written)
+from machinery import written
 from metrics import P_FLOOR
 
 # The robot looks around three places: at each grid it looks at one of them, uniformly at
@@ -108,9 +109,8 @@ def write_synthetic(out, seed=0, vocab=1000, eps=0.1, train_shards=2, train_fram
         if os.path.exists(split_dir):   # an unfinished synthetic split: replaced (never a real one)
             shutil.rmtree(split_dir)
         os.replace(partial, split_dir)
-    with open(os.path.join(out, 'synthetic.json.tmp'), 'w') as f:
+    with written(os.path.join(out, 'synthetic.json')) as tmp, open(tmp, 'w') as f:   # last: the set is whole
         json.dump(dict(settings=settings, world=world), f)
-    os.replace(os.path.join(out, 'synthetic.json.tmp'), os.path.join(out, 'synthetic.json'))
     return world
 
 

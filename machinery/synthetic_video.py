@@ -7,16 +7,18 @@ can score a prediction against the true frame of any other future.
     synthetic_frame(split, ...)    any frame redrawn for other states: sample.py's counterfactual truth
 """
 import functools
+import hashlib
 import json
 import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from data import NUM_CONTEXT_FRAMES, RAW_HZ, STATE_DIM, layout_path, read_json, shard_files, synthetic_is_written
-from machinery import need
+from machinery import need, written
 
 
 # ---------------------------------------------------------------------------------------------
@@ -103,7 +105,8 @@ def write_synthetic_raw(split_dir, num_shards=1, frames_per_shard=1200, size=64,
 
     Deterministic from `seed` (synthetic_raw_world). Each segment has its own texture, so the
     context frames are needed to know the scene and the states to know where the camera and arms go.
-    Videos are libx264 at crf 0 in yuv444p, so decoding returns the rendered colours up to rounding.
+    Videos are libx264 at crf 0 in yuv444p, so decoding returns the rendered colours up to rounding;
+    each shard's metadata keeps its video's sha256, which data.RawShard checks.
     The split is written to SPLIT.partial and renamed into place whole: a killed write leaves no
     split that looks finished (SPLIT.partial is deleted by the next write).
     """
@@ -120,7 +123,7 @@ def write_synthetic_raw(split_dir, num_shards=1, frames_per_shard=1200, size=64,
                  for kind, (folder, name) in shard_files(shard, 'mp4').items()}
         for path in paths.values():
             os.makedirs(os.path.dirname(path), exist_ok=True)
-        with av.open(paths['video'], 'w') as container:
+        with written(paths['video']) as tmp, av.open(tmp, 'w', format='mp4') as container:
             stream = container.add_stream('libx264', rate=RAW_HZ)
             stream.width = stream.height = size
             stream.pix_fmt = 'yuv444p'
@@ -131,14 +134,15 @@ def write_synthetic_raw(split_dir, num_shards=1, frames_per_shard=1200, size=64,
                                                    format='rgb24')
                 container.mux(stream.encode(frame))
             container.mux(stream.encode())
-        states_ND.tofile(paths['states'])
-        segment_N.tofile(paths['segment_idx'])
-        with open(paths['metadata'], 'w') as f:
-            json.dump({'shard_num_frames': frames_per_shard, 'shard_ind': shard}, f)
-    with open(os.path.join(split_dir, 'metadata.json'), 'w') as f:
-        json.dump({'num_shards': num_shards, 'query': None, 'hz': RAW_HZ,
-                   'num_images': num_shards * frames_per_shard, 'synthetic': dict(seed=seed, size=size, look=look)},
-                  f)
+        for array, path in ((states_ND, paths['states']), (segment_N, paths['segment_idx'])):
+            with written(path) as tmp:
+                array.tofile(tmp)
+        sha256 = hashlib.sha256(Path(paths['video']).read_bytes()).hexdigest()   # damage no decoder sees is found
+        with written(paths['metadata']) as tmp, open(tmp, 'w') as f:
+            json.dump({'shard_num_frames': frames_per_shard, 'shard_ind': shard, 'sha256': sha256}, f)
+    with written(os.path.join(split_dir, 'metadata.json')) as tmp, open(tmp, 'w') as f:
+        json.dump({'num_shards': num_shards, 'query': None, 'hz': RAW_HZ, 'num_images': num_shards * frames_per_shard,
+                   'synthetic': dict(seed=seed, size=size, look=look)}, f)
     if os.path.exists(final_dir):
         shutil.rmtree(final_dir)
     os.replace(split_dir, final_dir)
@@ -207,8 +211,6 @@ def write_synthetic_raw_set(out, train_shards=2, frames=1200, size=64, seed=0, v
             shutil.rmtree(encoded)   # encoded from the unfinished synthetic split written again below
     write_synthetic_raw(os.path.join(out, 'train_v2.0_raw'), train_shards, frames, size, seed)
     write_synthetic_raw(os.path.join(out, 'val_v2.0_raw'), 1, val_frames or frames, size, seed + 1, flat=True)
-    path = os.path.join(out, 'synthetic.json')
-    with open(path + '.tmp', 'w') as f:
+    with written(os.path.join(out, 'synthetic.json')) as tmp, open(tmp, 'w') as f:   # last: the set is finished
         json.dump(settings, f)
-    os.replace(path + '.tmp', path)
     return True

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from machinery import need
 from machinery.hub import resolve
-from machinery.wan_files import check_keys, read_pth
+from machinery.wan_files import check_finite, check_keys, read_pth
 
 
 # --- Frames <-> the codecs' video convention ------------------------------------------------------
@@ -94,24 +94,31 @@ class WanVAE:
         """The official repo (Wan-AI/Wan2.2-TI2V-5B: its Wan2.2_VAE.pth alone is downloaded), the
         -Diffusers repo (its vae/), a local copy of either, or the path of a Wan2.2_VAE.pth. The
         .pth has original key names (wan/modules/vae2_2.py) and no config: its weights are renamed
-        into AutoencoderKLWan built with VAE22_CONFIG (config_overrides change it, for tests)."""
+        into AutoencoderKLWan built with VAE22_CONFIG (config_overrides change it, for tests). A file
+        missing, damaged (NaN, inf too) or of another model stops with one sentence naming it."""
         AutoencoderKLWan = need('diffusers', 'the Wan 2.2 VAE').AutoencoderKLWan
         p = Path(os.path.expanduser(str(repo_id_or_dir)))
         pth = p if p.is_file() else resolve(repo_id_or_dir, [VAE_FILE, 'vae/*']) / VAE_FILE
-        if not p.is_file():   # the official root's config.json is the DiT's: its .pth comes first
-            root = pth.parent
-            sub = next((d for d in (root / 'vae', root) if (d / 'config.json').exists()), None)
-            if sub is not None and (sub != root or not pth.exists()):
-                return cls(AutoencoderKLWan.from_pretrained(str(sub), torch_dtype=dtype).to(device))
-            if not pth.exists():
-                raise FileNotFoundError(f"{root} has neither {VAE_FILE} (the official Wan-AI/Wan2.2-TI2V-5B) nor "
-                                        f"vae/config.json (Wan-AI/Wan2.2-TI2V-5B-Diffusers)")
-        raw = read_pth(pth)
-        # cast as read (diffusers' own .to(dtype) warns of fp32 modules that this VAE does not have)
-        sd = {_diffusers_vae_name(k): v.to(dtype) for k, v in raw.items()}
-        with torch.device('meta'):
-            vae = AutoencoderKLWan(**{**VAE22_CONFIG, **config_overrides})
-        check_keys(vae.state_dict(), sd, pth)
+        try:
+            if not p.is_file():   # the official root's config.json is the DiT's: its .pth comes first
+                root = pth.parent
+                sub = next((d for d in (root / 'vae', root) if (d / 'config.json').exists()), None)
+                if sub is not None and (sub != root or not pth.exists()):
+                    vae = AutoencoderKLWan.from_pretrained(str(sub), torch_dtype=dtype)
+                    check_finite(dict(vae.named_parameters()), sub)
+                    return cls(vae.to(device))
+                if not pth.exists():
+                    raise ValueError(f"{root} has neither {VAE_FILE} (the official Wan-AI/Wan2.2-TI2V-5B) nor "
+                                     f"vae/config.json (Wan-AI/Wan2.2-TI2V-5B-Diffusers)")
+            # cast as read (diffusers' own .to(dtype) warns of fp32 modules that this VAE does not have)
+            raw = read_pth(pth)
+            check_finite(raw, pth)
+            sd = {_diffusers_vae_name(k): v.to(dtype) for k, v in raw.items()}
+            with torch.device('meta'):
+                vae = AutoencoderKLWan(**{**VAE22_CONFIG, **config_overrides})
+            check_keys(vae.state_dict(), sd, pth)
+        except ValueError as err:
+            raise SystemExit(f"the Wan 2.2 VAE: {err}") from None
         vae.load_state_dict(sd, strict=True, assign=True)
         return cls(vae.to(device))
 

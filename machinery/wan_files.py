@@ -11,6 +11,7 @@ a run's model     build_model(...): the DiT a run trains (+ LoRA, + a LoRA file 
 LoRA files in and out, the export command: machinery/lora_files.py.
 """
 import json
+import math
 import os
 import re
 from dataclasses import fields, replace
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from machinery import disk_error
 from machinery.hub import resolve
 from wan_state import WanConfig, WanDiT, add_lora, keeps_fp32
 
@@ -78,31 +80,52 @@ def check_keys(expected, got, source):
         raise ValueError('\n'.join(lines))
 
 
+def check_finite(tensors, source):
+    """ValueError naming source and the first tensor that holds NaN or inf (weights are checked as they load)."""
+    bad = next((k for k, v in tensors.items() if not torch.isfinite(v).all()), None)
+    if bad is not None:
+        raise ValueError(f"{source}: {bad} holds NaN or inf values: the file is damaged (or was saved from diverged "
+                         f"weights); use a good copy")
+
+
 def read_pth(path):
     """An official .pth weights file (Wan2.2_VAE.pth, the umT5 encoder), memory-mapped (read lazily),
     with torch.load(weights_only=True): tensors only, so a crafted file never runs code."""
     try:
-        return torch.load(path, map_location='cpu', mmap=True, weights_only=True)
+        sd = torch.load(path, map_location='cpu', mmap=True, weights_only=True)
     except Exception as err:   # UnpicklingError (objects, not tensors), RuntimeError (truncated), ...
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ValueError(f"{path}: not a weights file nanoWM can read ({first}); it holds Python objects rather than "
                          f"tensors, or it is truncated: download it again from the official repo") from None
+    if not (isinstance(sd, dict) and all(isinstance(v, torch.Tensor) for v in sd.values())):
+        raise ValueError(f"{path}: not a weights file (it holds no dict of named tensors): download it again")
+    return sd
 
 
 def _config_from_json(path):
-    """WanConfig from an official config.json (dim, num_heads, ...) or a diffusers one."""
+    """WanConfig from an official config.json (dim, num_heads, ...) or a diffusers one; ValueError
+    naming the file if it is damaged or is no Wan config (a size that is no positive number)."""
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: a Wan checkpoint directory holds config.json next to its weights")
-    raw = json.loads(path.read_text())
-    if 'num_attention_heads' in raw:   # diffusers WanTransformer3DModel config
-        raw = dict(dim=raw['num_attention_heads'] * raw['attention_head_dim'], num_heads=raw['num_attention_heads'],
-                   in_dim=raw['in_channels'], out_dim=raw['out_channels'], ffn_dim=raw['ffn_dim'],
-                   num_layers=raw['num_layers'], text_dim=raw.get('text_dim', 4096), freq_dim=raw['freq_dim'],
-                   eps=raw['eps'], patch_size=raw['patch_size'])
-    names = {fld.name for fld in fields(WanConfig)}
-    kw = {k: v for k, v in raw.items() if k in names}
-    if 'patch_size' in kw:
-        kw['patch_size'] = tuple(kw['patch_size'])
+    try:
+        raw = json.loads(path.read_text())
+        if 'num_attention_heads' in raw:   # diffusers WanTransformer3DModel config
+            raw = dict(dim=raw['num_attention_heads'] * raw['attention_head_dim'], num_heads=raw['num_attention_heads'],
+                       in_dim=raw['in_channels'], out_dim=raw['out_channels'], ffn_dim=raw['ffn_dim'],
+                       num_layers=raw['num_layers'], text_dim=raw.get('text_dim', 4096), freq_dim=raw['freq_dim'],
+                       eps=raw['eps'], patch_size=raw['patch_size'])
+        kw = {fld.name: raw[fld.name] for fld in fields(WanConfig) if fld.name in raw}
+        if 'patch_size' in kw:
+            kw['patch_size'] = tuple(kw['patch_size'])
+    except (json.JSONDecodeError, KeyError, TypeError) as err:   # truncated, or another model's config
+        raise ValueError(f"{path}: not the config.json of a Wan DiT ({type(err).__name__}: {err}); download it "
+                         f"again") from None
+    kinds = {fld.name: (int,) if type(fld.default) is int else (int, float) for fld in fields(WanConfig)
+             if type(fld.default) in (int, float)}   # the sizes: counts, and eps, rope_theta
+    wrong = [f'{k}={v!r}' for k, v in kw.items() if k in kinds and not (isinstance(v, kinds[k]) and 0 < v < math.inf)]
+    if wrong:
+        raise ValueError(f"{path}: {', '.join(wrong)}: a Wan DiT's sizes are positive numbers (whole for counts); "
+                         f"the file is damaged or not a Wan config")
     return WanConfig(**kw)
 
 
@@ -166,8 +189,10 @@ def load_dit(repo_id_or_dir='Wan-AI/Wan2.2-TI2V-5B', state_cond=True, device='cp
     sd, where = {}, _safetensors_index(root, 'diffusion_pytorch_model')
     for path in dict.fromkeys(where.values()):   # shard by shard, each tensor cast as it is read
         with safe_open(str(path), framework='pt', device=str(device)) as f:
-            for key in [k for k, p in where.items() if p == path]:
-                sd[key] = f.get_tensor(key).to(torch.float32 if keeps_fp32(official_name(key)) else dtype)
+            shard = {key: f.get_tensor(key).to(torch.float32 if keeps_fp32(official_name(key)) else dtype)
+                     for key in where if where[key] == path}
+        check_finite(shard, path)
+        sd.update(shard)
     if any(k.startswith('condition_embedder.') for k in sd):
         sd = {official_name(k): v for k, v in sd.items()}
     with torch.device('meta'):
@@ -196,13 +221,28 @@ def null_context(repo_id_or_dir='Wan-AI/Wan2.2-TI2V-5B', cache_path=None, text_l
         cache_path = cache_dir / f'null_context_{name}.safetensors'
     cache_path = Path(cache_path)
     if cache_path.exists():
-        eos_1D = load_file(str(cache_path))['context']
+        eos_1D, source = load_file(str(cache_path))['context'], cache_path
     else:
-        eos_1D = _umt5_one_token(resolve(repo_id_or_dir, [UMT5_FILE, 'text_encoder/*']), eos_id)
-        cache_path.parent.mkdir(parents=True, exist_ok=True)
+        source = resolve(repo_id_or_dir, [UMT5_FILE, 'text_encoder/*'])
+        try:   # another model's weights: a key it lacks, a shape that does not fit
+            eos_1D = _umt5_one_token(source, eos_id)
+        except (KeyError, RuntimeError) as err:
+            raise ValueError(f"{source}: not the weights of Wan's umT5-XXL encoder ({type(err).__name__}: {err}); "
+                             f"download them again") from None
+    if not torch.isfinite(eos_1D).all():   # NaN or inf in the weights it is computed from (or in the cache)
+        raise ValueError(f"{source}: the umT5 encoding of the empty prompt holds NaN or inf values: the file is "
+                         f"damaged; use a good copy (a cache file: delete it)")
+    if source != cache_path:
         tmp = cache_path.with_name(f'{cache_path.name}.{os.getpid()}.tmp')   # whole, even with every rank writing
-        save_file({'context': eos_1D.contiguous()}, str(tmp))
-        os.replace(tmp, cache_path)
+        try:   # a cache: a disk without room for it costs only the encoding next time
+            cache_path.parent.mkdir(parents=True, exist_ok=True)
+            save_file({'context': eos_1D.contiguous()}, str(tmp))
+            os.replace(tmp, cache_path)
+        except Exception as err:
+            tmp.unlink(missing_ok=True)
+            if disk_error(err) is None:
+                raise
+            print(f"note: the empty prompt's encoding is not cached in {cache_path} ({disk_error(err)})")
     return F.pad(eos_1D, (0, 0, 0, text_len - eos_1D.shape[0]))[None]
 
 
@@ -211,7 +251,7 @@ def _umt5_one_token(root, token_id):
     if (root / UMT5_FILE).exists():   # original Wan keys (wan/modules/t5.py T5Encoder); mmap reads lazily
         sd = read_pth(root / UMT5_FILE)
         keys, get = sd.keys(), lambda key, rows=slice(None): sd[key][rows]
-        n_layers = 1 + max(int(k.split('.')[1]) for k in keys if k.startswith('blocks.'))
+        n_layers = 1 + max((int(k.split('.')[1]) for k in keys if k.startswith('blocks.')), default=-1)
         names = dict(emb='token_embedding.weight', final='norm.weight', n1='blocks.{}.norm1.weight',
                      v='blocks.{}.attn.v.weight', o='blocks.{}.attn.o.weight', n2='blocks.{}.norm2.weight',
                      gate='blocks.{}.ffn.gate.0.weight', fc1='blocks.{}.ffn.fc1.weight', fc2='blocks.{}.ffn.fc2.weight')
@@ -224,13 +264,16 @@ def _umt5_one_token(root, token_id):
             with safe_open(str(where[key]), framework='pt') as f:
                 return f.get_slice(key)[rows]
 
-        n_layers = 1 + max(int(k.split('.')[2]) for k in keys if k.startswith('encoder.block.'))
+        n_layers = 1 + max((int(k.split('.')[2]) for k in keys if k.startswith('encoder.block.')), default=-1)
         emb = 'shared.weight' if 'shared.weight' in keys else 'encoder.embed_tokens.weight'
         p = 'encoder.block.{}.layer.'
         names = dict(emb=emb, final='encoder.final_layer_norm.weight', n1=p + '0.layer_norm.weight',
                      v=p + '0.SelfAttention.v.weight', o=p + '0.SelfAttention.o.weight', n2=p + '1.layer_norm.weight',
                      gate=p + '1.DenseReluDense.wi_0.weight', fc1=p + '1.DenseReluDense.wi_1.weight',
                      fc2=p + '1.DenseReluDense.wo.weight')
+
+    if n_layers < 1:
+        raise KeyError(names['n1'].format(0))
 
     def w(key, i=None):
         return get(names[key].format(i)).float()
@@ -249,22 +292,27 @@ def _umt5_one_token(root, token_id):
 # --- What a run builds: the DiT it trains and its text context ------------------------------------
 
 def build_model(*, model, pretrained, train_mode, lora_rank, lora_alpha, init_seed, device, dtype, tiny,
-                state_embedder='paper', init_lora=''):
+                state_embedder='paper', null_state=True, init_lora=''):
     """The DiT to fine-tune. pretrained = '' builds random weights from init_seed (tiny demo, timing).
     train_mode 'lora': frozen base + LoRA + state parameters (the paper); 'full': every weight
-    (the CPU demo, whose base is random: LoRA on a random base has nothing to adapt). init_lora: a
-    LoRA file or export folder a new run starts from (machinery/lora_files.py): its update in the
-    adapters, or merged into the weights (full); one that does not fit stops, named."""
+    (the CPU demo, whose base is random: LoRA on a random base has nothing to adapt). null_state:
+    the learned no-state embedding (a run with state dropout). init_lora: a LoRA file or export
+    folder a new run starts from (machinery/lora_files.py): its update in the adapters, or merged
+    into the weights (full). A pretrained checkpoint or a LoRA file that does not fit stops, named."""
     if model not in ('tiny', 'ti2v-5b'):
         raise ValueError(f"model={model!r}: 'tiny' or 'ti2v-5b'")
     if train_mode not in ('lora', 'full'):
         raise ValueError(f"train_mode={train_mode!r}: 'lora' or 'full'")
     torch.manual_seed(init_seed)
     if pretrained:
-        net = load_dit(pretrained, state_cond=True, device=device, dtype=dtype, state_embedder=state_embedder)
+        try:
+            net = load_dit(pretrained, state_cond=True, device=device, dtype=dtype, state_embedder=state_embedder,
+                           null_state=null_state)
+        except (ValueError, FileNotFoundError) as err:   # a damaged or foreign checkpoint, named by load_dit
+            raise SystemExit(f"--pretrained={pretrained}: {err}") from None
     else:
-        cfg = WanConfig.tiny(**tiny, state_embedder=state_embedder) if model == 'tiny' \
-            else WanConfig(state_embedder=state_embedder)
+        cfg = WanConfig.tiny(**tiny, state_embedder=state_embedder, null_state=null_state) if model == 'tiny' \
+            else WanConfig(state_embedder=state_embedder, null_state=null_state)
         net = WanDiT(cfg, state_cond=True).to(device)
         if dtype != torch.float32:
             net.set_dtype(dtype)
