@@ -8,6 +8,17 @@ import symtable
 import sys
 
 
+# Other Wan trainers' names (musubi-tuner, diffusers' examples) of a setting nanoWM spells its own way: said, not taken
+ELSEWHERE = dict(max_train_steps='max_iters', max_train_epochs='epochs', output_dir='out_dir', report_to='log_with',
+                 resume_from_checkpoint='init_from=resume', network_weights='init_lora', network_dim='lora_rank',
+                 rank='lora_rank', network_alpha='lora_alpha', checkpointing_steps='ckpt_interval',
+                 save_every_n_steps='ckpt_interval', checkpoints_total_limit='keep_last', save_last_n_steps='keep_last',
+                 validation_steps='eval_interval', train_batch_size='batch_size', mixed_precision='dtype',
+                 gradient_accumulation_steps='global_batch_size: batch_size x processes x accumulation',
+                 lr_warmup_steps='warmup_iters', max_grad_norm='grad_clip', dit='pretrained', lora_weight='lora',
+                 lora_multiplier='lora_scale')
+
+
 def configure(config, argv=None, presets=None, gpu_preset=None, choices=None, positive=(), nonnegative=(),
               fractions=()):
     """Set the globals `config` from the command line, check them; the settings a flag or config file gave."""
@@ -23,8 +34,11 @@ def configure(config, argv=None, presets=None, gpu_preset=None, choices=None, po
         if key is None and not os.path.isfile(arg):
             raise SystemExit(f"{arg}: no such config file (settings are given as --key=value)")
         elif key is not None and key not in known:
-            near = difflib.get_close_matches(key, known, n=1)
-            hint = f"did you mean --{near[0]}?" if near else f"known settings: {', '.join(sorted(known))}"
+            ours = ELSEWHERE.get(key, '')   # another tool's name of a setting this script lacks: no look-alike
+            near = [] if ours else difflib.get_close_matches(key, known, n=1)
+            hint = (f"another Wan tool's name (musubi-tuner, diffusers); nanoWM's is --{ours}"
+                    if re.split('[=:]', ours)[0] in known
+                    else f"did you mean --{near[0]}?" if near else f"known settings: {', '.join(sorted(known))}")
             raise SystemExit(f"unknown setting --{key}; {hint} (--help describes them)")
         elif key is not None and not sep:   # `--key value`; a bare boolean `--flag` is True (`--flag False` also works)
             bare = isinstance(config[key], bool) and args[:1] not in (['True'], ['False'])
@@ -107,8 +121,9 @@ def _print_help(config, known, presets, gpu_preset):
         print(*(f"  {name}: " + (' '.join(f"{k}={v!r}" for k, v in overrides.items()) or '(the defaults below)')
                 for name, overrides in presets.items()), sep='\n', end='\n\n')
     text = open(path).read() + '\n' if os.path.isfile(path) else ''
-    notes = {m[1]: ' '.join([m[2].strip()] + [line.strip()[1:].strip() for line in m[3].splitlines()])
-             for m in re.finditer(r'^\s*([A-Za-z_]\w*)\s*=[^=\n].*?#\s?(.*)\n((?:[ \t]+#(?! ---).*\n)*)', text, re.M)}
+    notes = {m[1]: ' '.join([m[2].strip()] + [line.strip()[1:].strip() for line in m[3].splitlines()])   # the first
+             for m in reversed(list(re.finditer(r'^\s*([A-Za-z_]\w*)\s*=[^=\n].*?#\s?(.*)\n((?:[ \t]+#(?! ---).*\n)*)',
+                                                text, re.M)))}   # assignment's: a setting's, not a later derivation's
     parts = re.split(r'^# -- (\S.*?) --[ \t]*$', text, flags=re.M)   # untitled, title, its text, title, its text...
     sections = {name: title for title, part in reversed(list(zip([None] + parts[1::2], parts[0::2])))   # the first wins
                 for name in re.findall(r'^([A-Za-z_]\w*)\s*=[^=]', part, re.M)}

@@ -53,6 +53,8 @@ def flow_matching_loss(model, z0_BCFHW, states_BTD, context_BLD, sigma_B, noise_
     one weight per sample (diffsynth_weight), multiplying its mean squared error; None: plain MSE.
     """
     B, K = z0_BCFHW.shape[0], num_context
+    if not takes_states(model):
+        states_BTD = drop_B = None
     s = sigma_B.view(B, 1, 1, 1, 1)
     x_t = (1 - s) * z0_BCFHW + s * noise_BCFHW
     x_t[:, :, :K] = z0_BCFHW[:, :, :K]   # the context latents enter clean
@@ -63,6 +65,11 @@ def flow_matching_loss(model, z0_BCFHW, states_BTD, context_BLD, sigma_B, noise_
     if weight_B is None:
         return err.mean()
     return (err.mean(dim=(1, 2, 3, 4)) * weight_B.to(err.device)).mean()
+
+
+def takes_states(model):
+    """False for a base model (WanDiT(state_cond=False), or DDP's wrapper of one): it is given no states."""
+    return getattr(getattr(model, 'module', model), 'state_cond', True)
 
 
 def diffsynth_weight(sigma_B, shift):
@@ -118,9 +125,14 @@ def sample_latents(model, z_ctx_BCKHW, states_BTD, context_1LD, noise_BCFHW, *, 
         raise ValueError("no_states samples without the states: there is nothing to guide")
     if scheduler not in ('euler', 'unipc'):
         raise ValueError(f"scheduler={scheduler!r}: 'euler' or 'unipc'")
+    if not takes_states(model) and (guided or no_states):
+        raise ValueError("a model without state conditioning (state_cond=False) has no no-state embedding: "
+                         "cfg_scale 1, no_states False")
     device, rows = noise_BCFHW.device, 2 * B if guided else B
     mask_BF = latent_mask(rows, Fr, K, device)
-    if guided:   # rows B.. are the unconditional copies
+    if not takes_states(model):
+        states_BTD = drop_B = None
+    elif guided:   # rows B.. are the unconditional copies
         states_BTD = torch.cat([states_BTD, states_BTD])
         drop_B = torch.arange(rows, device=device) >= B
     else:   # no flags at all without no_states: a model trained without state dropout has no no-state embedding
@@ -166,12 +178,13 @@ def predict_frame77(net, codec, frames_THWC, states_TD, context_1LD, *, ensemble
     The 5 context frames are encoded once and held fixed in every member (sample_latents). Returns
     the members uint8 [N, H, W, 3] and their mean uint8 [H, W, 3]; with videos=True also every
     member's whole decoded clip, uint8 [N, 21, H, W, 3]. no_states: the no-state embedding instead
-    of the states (states_TD is then ignored). Non-finite latents are an error."""
+    of the states (states_TD is then ignored). A model without states (state_cond=False) ignores
+    states_TD (None is fine). Non-finite latents are an error."""
     z_ctx = codec.encode(frames_to_video(frames_THWC[None, :data.NUM_CONTEXT_FRAMES]).to(device))
     latent_shape = (z_ctx.shape[1], data.NUM_LATENTS, *z_ctx.shape[3:])
     noise = torch.randn((ensemble, *latent_shape), generator=torch.Generator().manual_seed(noise_seed)).to(device)
-    z = sample_latents(net, z_ctx.expand(ensemble, -1, -1, -1, -1),
-                       states_TD[None].expand(ensemble, -1, -1).to(device), context_1LD, noise, steps=steps,
+    states_BTD = None if states_TD is None else states_TD[None].expand(ensemble, -1, -1).to(device)
+    z = sample_latents(net, z_ctx.expand(ensemble, -1, -1, -1, -1), states_BTD, context_1LD, noise, steps=steps,
                        shift=shift, cfg_scale=cfg_scale, scheduler=scheduler, no_states=no_states)
     if not torch.isfinite(z).all():
         raise FloatingPointError(f"the model's sample holds {int((~torch.isfinite(z)).sum())} non-finite latent "

@@ -12,15 +12,12 @@ every step), decoded, and their frames 77 averaged in pixel space. Where the fut
 the mean blurs, and PSNR rewards that over any single guess.
 
 Each clip's PSNR, SSIM and LPIPS are written for: copy the last context frame, one member, the
-ensemble mean, and the earlier blur + histogram matching baseline; the table adds FID over the clips
-(paper Table 2). LPIPS and FID need pretrained networks that download on first use: without them
-the table has PSNR and SSIM, and a line says what to fetch. --lora: a LoRA file of any Wan tool in
-place of the run's adapters, at strength --lora_scale. --ablation: the same clip and noise
-under another clip's states and under none (how much the prediction follows the robot);
---counterfactual, on a synthetic split: each future also scored against the frame the world
-draws for its states. Outputs in {out_dir}/samples/: metrics.csv, clip_{k}.png,
-counterfactual_{k}.png, clip_0.gif. The scores are written clip by clip to metrics.partial.csv, which
-replaces metrics.csv only when every clip is scored: a run that stops leaves the earlier result whole.
+ensemble mean, and the blur + histogram matching baseline; the table adds FID over the clips (paper
+Table 2; LPIPS and FID download their networks on first use). --lora: LoRA files of any Wan tool in
+place of the run's adapters. --ablation: the same clip and noise under another clip's states and under
+none; --counterfactual (a synthetic split): other futures, scored against the frames the world draws
+for them. Outputs in {out_dir}/samples/: metrics.csv (replaced only when every clip is scored; the
+scores so far are in metrics.partial.csv), clip_{k}.png, counterfactual_{k}.png, clip_0.gif.
 """
 import csv
 import math
@@ -56,15 +53,15 @@ shift = 0.0                 # timestep shift; 0 = the one the model was trained 
 blur = True                 # also score the blur + histogram-matching baseline
 blur_sigma = 1.0            # Gaussian sigma in pixels for the blur baseline
 png_members = 4             # members drawn in each PNG
-ablation = True             # also the ensemble under another clip's states and with no states (2 more per clip)
-counterfactual = True       # synthetic splits: also a hand-made future, every future scored against its own truth
+ablation = True             # also the ensemble under another clip's states and, if trained, the no-state embedding
+counterfactual = True       # synthetic splits: also hand-made state futures, each scored against its own truth
 gif = True                  # clip_0.gif: the first clip's predicted video next to the real one
 lpips_fid = True            # also LPIPS (AlexNet) per clip and FID (Inception) over the clips, as paper Table 2
                             # (machinery/image_scores.py)
-lora = ''                   # a LoRA file (ComfyUI, diffusers / PEFT, DiffSynth, kohya / musubi) or an export_lora
-                            # folder, in place of the run's adapters (the folder's state_embedder.safetensors too;
-                            # machinery/lora_files.py)
-lora_scale = 1.0            # strength of --lora: its update B A alpha / r times this (0: the model without it)
+lora = ''                   # LoRA files (ComfyUI, diffusers / PEFT, DiffSynth, kohya / musubi) or export_lora
+                            # folders, each path:strength, their updates added in place of the run's adapters:
+                            # 'a.safetensors:0.8,b.safetensors:0.5' (a folder's state_embedder.safetensors too)
+lora_scale = 1.0            # strength of --lora paths without ':strength': B A alpha / r times this (0: none)
 compile = True              # torch.compile the DiT blocks on CUDA (the first clip pays the compilation; the CPU
                             # runs eager); --compile=False turns it off
 merge_lora = False          # fold LoRA into the base weights: at most 1.6% fewer FLOPs, but in bf16 the rounding
@@ -78,6 +75,16 @@ configure(globals(), choices=dict(scheduler=('euler', 'unipc'), vae_dtype=('floa
           nonnegative=('max_clips', 'shift', 'png_members'))
 if lora_scale != 1.0 and not lora:
     raise SystemExit(f"--lora_scale={lora_scale} sets the strength of --lora: give the LoRA file with --lora")
+loras = []   # --lora: (path, strength) of each file
+for item in filter(None, lora.split(',')):
+    path, sep, strength = item.rpartition(':')
+    try:
+        loras.append((path, float(strength)) if sep else (item, lora_scale))
+    except ValueError:
+        raise SystemExit(f"--lora={lora}: {item!r} is no path:strength (a number, e.g. a.safetensors:0.8)") from None
+    if not abs(loras[-1][1]) <= 10:
+        raise SystemExit(f"--lora={lora}: strength {loras[-1][1]} of {loras[-1][0]}: at most 10 in size (1 applies "
+                         f"the file as written, 0 leaves it out, -1 subtracts it)")
 for flag, most, why in (('cfg', 20, 'guidance scales in use lie between 1 (off) and about 7'),
                         ('shift', 100, 'Wan samples with 5 to 12 (0: the run\'s)'), ('blur_sigma', 64, 'pixels'),
                         ('lora_scale', 10, '1 applies the file as written, 0 leaves it out, -1 subtracts it')):
@@ -93,6 +100,7 @@ if lpips_fid:   # package or network file is said within seconds, not after the 
     scorer = LpipsFid(device)
     for why in scorer.unavailable:
         print(f"not computed: {why}")
+said = len(scorer.unavailable) if scorer else 0   # the end adds what comes up later (FID of fewer than 2 clips)
 if not out_dir:
     out_dir = 'out_sampling_paper' if os.path.exists(os.path.join('out_sampling_paper', checkpoints.CKPT)) \
         else 'out_sampling'
@@ -117,35 +125,33 @@ net = build_model(model=run['model'], pretrained=run['pretrained'], train_mode=r
                   device=device, dtype=ptdtype, tiny=dict(dim=run['dim'], num_layers=run['num_layers'],
                                                           num_heads=run['num_heads'], ffn_dim=run['ffn_dim']),
                   state_embedder=run['state_embedder'],   # the no-state embedding: trained with state dropout
-                  null_state=run['state_dropout'] > 0 or 'state_embedder.null' in state['trainable'])   # (or older)
+                  null_state=run['state_dropout'] > 0 or 'state_embedder.null' in state['trainable'],   # (or older)
+                  state_cond=run.get('use_states', True))   # False: a base trained without states
 params = dict(net.named_parameters())
 differ = sorted({n for n, p in params.items() if p.requires_grad} ^ set(state['trainable']))
 if differ:
-    raise SystemExit(f"{ckpt_path} does not fit the model its settings build (tensors differ: {differ[:4]})")
+    raise SystemExit(f"{ckpt_path} does not fit the model its settings build (tensors differ: {differ[:4]}): pass "
+                     f"--ckpt={checkpoints.PREV} (or {checkpoints.BEST}), or the --out_dir of another run")
 with torch.no_grad():
     for n, v in state['trainable'].items():
         params[n].copy_(v)
 
 
-def load_lora_file(net):
-    """--lora in place of the run's adapters: those zeroed first (a folder of state weights alone
-    loads no adapters, and load_lora replaces only what a file holds)."""
-    from machinery.lora_files import load_lora
-    with torch.no_grad():
-        for m in lora_modules(net):
-            m.lora_B.weight.zero_()
+def load_loras(net):
+    """--lora: the files' updates added, in place of the run's adapters (stack_loras: ranks concatenated)."""
+    from machinery.lora_files import stack_loras
     try:
-        load_lora(net, lora, scale=lora_scale)
+        stack_loras(net, loras)
     except (ValueError, FileNotFoundError) as err:
         raise SystemExit(f"--lora={lora}: {err}")
-    print(f"--lora={lora} at strength {lora_scale}, " +
+    print(f"--lora: {', '.join(f'{p} at strength {v}' for p, v in loras)}, " +
           ("in place of the run's adapters" if run['train_mode'] == 'lora' else "added to the run's weights"))
 
 
-if lora:
-    load_lora_file(net)
+if loras:
+    load_loras(net)
 net.eval().requires_grad_(False)
-if merge_lora and run['train_mode'] == 'lora':   # W + B A alpha / r once, rounded to the base's dtype
+if merge_lora and lora_modules(net):   # W + B A alpha / r once, rounded to the base's dtype
     merge_lora_into_base(net)
 if ptdtype != torch.float32:   # bf16 inference on GPUs (fp32 kept where the reference keeps it)
     net.set_dtype(ptdtype)
@@ -157,10 +163,8 @@ except (FileNotFoundError, ValueError) as e:
     raise SystemExit(f"the run's text encoder {run['text_encoder']}: {e}")
 shift = shift or run['shift']
 seed = run['seed'] if seed == -1 else seed
-if run['vae'] == 'pixel':
-    codec = PixelCodec()
-else:
-    codec = WanVAE.from_pretrained(run['vae_path'], device=device, dtype=getattr(torch, vae_dtype))
+codec = PixelCodec() if run['vae'] == 'pixel' else \
+    WanVAE.from_pretrained(run['vae_path'], device=device, dtype=getattr(torch, vae_dtype))
 
 # --- the clips ---------------------------------------------------------------------------------
 split = split or os.path.join(run['data_dir'], 'val_v2.0_raw')
@@ -170,7 +174,13 @@ try:   # a split missing or damaged: named
     look = 'look' in data.read_json(os.path.join(split, 'metadata.json')).get('synthetic', {})
 except (FileNotFoundError, ValueError) as e:
     raise SystemExit(f"--split={split}: {e}")
-counterfactual = counterfactual and look
+counterfactual = counterfactual and look and net.state_cond
+if cfg != 1.0 and not net.state_cond:
+    raise SystemExit(f"--cfg={cfg}: {ckpt_path} was trained without states (use_states False): there are no states "
+                     f"to guide with; use --cfg=1.0")
+if ablation and not net.state_cond:
+    print(f"{ckpt_path} was trained without states (use_states False): no state ablation or counterfactual rows")
+    ablation = False
 if ablation and len(clips) < 2:
     print("one clip: no state ablation (it takes another clip's states)")
     ablation = False
@@ -235,11 +245,11 @@ def kept():
         f"; {partial_csv} holds the scores of this run's {len(rows)} clip(s) so far" if rows else "")
 
 
-for k in tqdm(range(len(clips)), desc='clips'):
+for k in tqdm(range(len(clips)), desc='clips', disable=None):   # a bar on a terminal only
     try:
         item = clips[k]
     except ValueError as e:   # a damaged video: named, with the scores so far kept
-        raise SystemExit(f"clip {k}: {e}\n{kept()}")
+        raise SystemExit(f"clip {k}: {e}; pass --split with a good copy of the split\n{kept()}")
     frames_THWC, states_TD = item['frames_THWC'], item['states_TD']
     truth = frames_THWC[-1].numpy()
     last_ctx = frames_THWC[C - 1].numpy()
@@ -252,7 +262,8 @@ for k in tqdm(range(len(clips)), desc='clips'):
                                    scheduler=scheduler, decode_batch=decode_batch, device=device,
                                    no_states=no_states, videos=videos)
         except FloatingPointError as e:
-            raise SystemExit(f"clip {k} (shard {item['shard']}, frame {item['start']}): {e}\n{kept()}")
+            raise SystemExit(f"clip {k} (shard {item['shard']}, frame {item['start']}): {e}; pass an earlier "
+                             f"state: --ckpt={checkpoints.PREV} (or {checkpoints.BEST})\n{kept()}")
 
     if device_type == 'cuda':
         torch.cuda.synchronize()
@@ -332,7 +343,7 @@ for name, label in labels.items():
         if name in ('other_states', 'no_states') else ''
     print(f"{label:<44} {p:>10.2f} {s:>8.3f}" + ''.join(f' {v:>8.3f}' if c == 'lpips' else f' {v:>8.2f}'
                                                       for c, v in zip(columns, scores)) + margin)
-for why in scorer.unavailable if scorer else []:
+for why in scorer.unavailable[said:] if scorer else []:
     print(f"not computed: {why}")
 if counterfactual:
     print("\ncounterfactual futures: the ensemble's frame 77 under other states, scored against the frame the "

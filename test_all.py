@@ -47,18 +47,20 @@ import machinery
 import wan_state
 from machinery import (checkpoints, hub, image_scores, latents, own_clips, pictures, prepare, run_dir, synthetic_tokens,
                        synthetic_video, tokenized, trackers)
-from flow_matching import (diffsynth_weight, flow_matching_loss, reference_sigmas, sample_draws, sample_latents,
-                           shift_sigma)
+from flow_matching import (diffsynth_weight, flow_matching_loss, predict_frame77, reference_sigmas, sample_draws,
+                           sample_latents, shift_sigma)
 from metrics import P_FLOOR, blur_baseline, cross_entropy_topk, match_histograms, psnr, ssim
 from machinery.image_scores import (MetricUnavailable, fid_network, frechet_distance, inception_features, lpips_distance,
                                     lpips_network)
-from machinery.lora_files import export_lora, load_lora, load_trainable, read_lora, save_atomic, save_trainable
+from machinery.lora_files import (export_lora, load_lora, load_trainable, lora_rank_alpha, read_lora, save_atomic,
+                                  save_trainable, stack_loras)
 from machinery.lora_files import main as lora_files_main
 from machinery.speed import StepSpeed, peak_flops
 from st_transformer import Block, STConfig, STTransformer, _chunk_ce_sum, head_cross_entropy
 from machinery.vae import PixelCodec, WanVAE, frames_to_video
 from machinery.hub import resolve
-from machinery.wan_files import build_model, load_dit, null_context, read_pth, text_context, to_diffusers_state_dict
+from machinery.wan_files import (build_model, load_dit, null_context, read_pth, run_settings, text_context,
+                                 to_diffusers_state_dict)
 from wan_state import (LORA_TARGETS, LoRALinear, WanConfig, WanDiT, add_lora, frame_timesteps, lora_modules, merge_lora,
                        parameter_counts, rope_cos_sin, trainable_state_dict, unmerge_lora)
 
@@ -1237,7 +1239,7 @@ def test_resume_says_which_model_settings_it_takes_from_the_checkpoint(tmp_path,
                     cwd=tmp_path)
     said = run_compression(f'--data_dir={synthetic_dir}', f'--out_dir={out}', '--max_iters=2', '--init_from=resume',
                            cwd=tmp_path)
-    assert f'resume: model settings taken from {out}/ckpt.pt: n_layer=2' in said
+    assert f'settings taken from {out}/ckpt.pt (not given now): ' in said and 'n_layer=2' in said
     state = torch.load(out / 'ckpt.pt', weights_only=True)
     assert state['step'] == 2 and state['model_cfg']['n_layer'] == 2
 
@@ -1295,6 +1297,22 @@ def test_a_compression_resume_with_nothing_left_to_train_is_refused(tmp_path, sy
                           '--max_iters=8', cwd=tmp_path, fails=True)
     assert '--overwrite starts a new run in' in err and 'drop one' in err
     assert (out / 'ckpt.pt').read_bytes() == before
+
+
+@pytest.mark.slow
+def test_a_resume_without_flags_continues_the_runs_trackers_and_intervals(tmp_path, synthetic_dir):
+    out = tmp_path / 'run'
+    run_compression(f'--data_dir={synthetic_dir}', f'--out_dir={out}', '--max_iters=4', '--stop_at=2',
+                    '--log_with=tensorboard', '--eval_interval=2', '--log_interval=1', cwd=tmp_path)
+    said = run_compression(f'--out_dir={out}', '--init_from=resume', '--max_iters=5', cwd=tmp_path)
+    line = next(l for l in said.splitlines() if l.startswith('settings taken from'))
+    for setting in (f"data_dir='{synthetic_dir}'", "log_with='tensorboard'", 'eval_interval=2', 'log_interval=1'):
+        assert setting in line, line
+    assert 'max_iters' not in line and 'stop_at' not in line   # typed now; a command's own
+    assert step_lines(said) == [3, 4, 4, 5, 5]   # each step's line, the validation of steps 4 and 5 (the end)
+    events = tensorboard_events(out / 'tensorboard')
+    assert [e.step for e in events.Scalars('loss')] == [1, 2, 3, 4, 5]   # the same folder, on after the resume
+    assert torch.load(out / 'ckpt.pt', weights_only=True)['step'] == 5
 
 
 # ===============================================================================================
@@ -1692,6 +1710,25 @@ def test_lora_linear_is_base_plus_scaled_delta(alpha):
     assert (lin(x) - want).abs().max() < 1e-5
 
 
+def test_lora_accumulated_by_the_base_gemm_gives_the_plain_output_and_gradients():
+    # the speed lever LoRALinear.addmm: y + (x A^T) B^T * scale inside one GEMM, against the plain sum
+    model, args, _, _ = lora_on_a_random_base()
+    for m in lora_modules(model):
+        torch.nn.init.normal_(m.lora_B.weight, std=0.1)
+    outputs, grads = [], []
+    for addmm in (False, True):
+        for m in lora_modules(model):
+            m.addmm = addmm
+        model.zero_grad()
+        out = model(*args)
+        out.square().mean().backward()
+        outputs.append(out.detach())
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    assert outputs[0].abs().max() > 0.1 and (outputs[1] - outputs[0]).abs().max() < 1e-5
+    for name, g in grads[0].items():
+        assert g.abs().max() > 0 and (grads[1][name] - g).abs().max() <= 1e-5 * g.abs().max(), name
+
+
 def test_wan_block_gives_each_frames_modulation_to_that_frames_tokens():
     # the block's per-frame modulation (one shift / scale / gate per latent frame) against the
     # per-token form of the reference: every frame's values repeated over its 16 tokens
@@ -1913,6 +1950,23 @@ def test_sampling_a_model_without_the_no_state_token_needs_the_states():
     for kw in (dict(no_states=True), dict(cfg_scale=2.0)):
         with pytest.raises(ValueError, match='has no no-state embedding'):
             run(**kw)
+
+
+def test_loss_and_samplers_give_a_model_without_states_no_states(tmp_path):
+    torch.manual_seed(0)
+    net = randomize(WanDiT(WanConfig.tiny(**WAN_TINY), state_cond=False))
+    x, t_BL, context, states = inputs(net.cfg)
+    sigma, noise = torch.tensor([0.3, 0.8]), torch.randn_like(x)
+    loss = flow_matching_loss(net, x, states, context, sigma, noise, torch.tensor([True, False]))
+    assert torch.equal(loss, flow_matching_loss(net, x, None, context, sigma, noise, None))
+    z = sample_latents(net, x[:, :, :1], states, context, noise, steps=2, shift=5.0)
+    assert torch.equal(z, sample_latents(net, x[:, :, :1], None, context, noise, steps=2, shift=5.0))
+    with pytest.raises(ValueError, match='without state conditioning'):
+        sample_latents(net, x[:, :, :1], None, context, noise, steps=2, shift=5.0, cfg_scale=2.0)
+    frames = torch.randint(0, 256, (data.NUM_CONTEXT_FRAMES, 32, 32, 3), dtype=torch.uint8)   # the context alone
+    _, mean = predict_frame77(net, PixelCodec(), frames, None, context[:1], ensemble=2, steps=1, shift=5.0,
+                              noise_seed=0)
+    assert mean.shape == (32, 32, 3)
 
 
 # ===============================================================================================
@@ -2281,7 +2335,7 @@ def test_sampling_runs_from_an_empty_folder_on_two_ranks_to_a_validated_log(raw_
     log = run_dir.read_log(str(tmp_path / 'run'))
     assert [r['step'] for r in log] == [1, 2]
     assert all(math.isfinite(r[k]) for r in log for k in ('loss', 'val_psnr_single', 'val_psnr_ensemble'))
-    for path in ('val/step_1/clip_0.png', 'val/step_2/clip_0.png', 'curves.png', 'ckpt_best.pt', 'log.jsonl'):
+    for path in ('val/step_0000001/clip_0.png', 'val/step_0000002/clip_0.png', 'curves.png', 'ckpt_best.pt', 'log.jsonl'):
         assert (tmp_path / 'run' / path).exists(), path
 
 
@@ -2329,7 +2383,7 @@ def test_every_record_numbers_a_step_by_the_optimizer_steps_done(lora_run):
     out, printed = lora_run['out'], lora_run['printed']
     log = read_log(out)
     assert [r['step'] for r in log] == [1, 2, 3]
-    assert sorted(os.listdir(out / 'val')) == ['step_1', 'step_2', 'step_3']
+    assert sorted(os.listdir(out / 'val')) == ['step_0000001', 'step_0000002', 'step_0000003']
     assert step_lines(printed) == [1, 1, 2, 2, 3, 3]   # the loss line, then the val line, of each step
     best = torch.load(out / 'ckpt_best.pt', weights_only=True)
     assert best['metric'] == max(r['val_psnr_ensemble'] for r in log)
@@ -2367,7 +2421,7 @@ def test_init_lora_of_another_rank_stops_the_script_with_the_rank_to_pass(raw_da
     path, _ = lora_file(tmp_path / 'rank4.safetensors', rank=4)
     err = run_script(*train_args(raw_data, tmp_path / 'run', '--train_mode=lora', '--lora_rank=8',
                                  f'--init_lora={path}', '--max_iters=1'), fails=True)
-    assert f'--init_lora={path}: {path}: adapters of rank 4, the model\'s of rank 8' in err and '--lora_rank=4' in err
+    assert f'--init_lora={path} holds adapters of rank 4, not --lora_rank=8: pass --lora_rank=4' in err
 
 
 @pytest.mark.slow
@@ -2417,9 +2471,9 @@ def test_a_full_disk_while_writing_validation_pictures_is_a_sentence(raw_data, t
     res = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=REPO),
                          timeout=600, preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
     assert res.returncode == 1 and 'Traceback' not in res.stderr, res.stderr[-2000:]
-    assert re.search(r'could not write .*/run/val/step_1/clip_0\.png \(File too large\): free space on its disk',
+    assert re.search(r'could not write .*/run/val/step_0000001/clip_0\.png \(File too large\): free space on its disk',
                      res.stderr), res.stderr[-2000:]
-    assert not [n for n in os.listdir(tmp_path / 'run' / 'val' / 'step_1') if n.endswith('.tmp')]
+    assert not [n for n in os.listdir(tmp_path / 'run' / 'val' / 'step_0000001') if n.endswith('.tmp')]
 
 
 @pytest.mark.slow
@@ -2437,6 +2491,98 @@ def test_the_disk_check_counts_the_lora_exports_a_run_makes_not_keep_last(tmp_pa
     out = run_script('train_sampling.py', '--preset=paper_cfg', '--dry_run', '--keep_last=1000000000',
                      f'--data_dir={tmp_path}/1x', cwd=tmp_path)
     assert re.search(r'^disk: checkpoints and LoRA exports [\d.]+ GiB, latents 772\.8 GiB = ', out, re.M), out
+
+
+@pytest.mark.slow
+def test_the_two_stage_demo_trains_lora_and_states_on_a_frozen_base_trained_without_states(raw_data, tmp_path):
+    base, lora = tmp_path / 'base', tmp_path / 'lora'
+    run_script(*train_args(raw_data, base, '--use_states=False', '--max_iters=2'))
+    stage1 = trained(base)
+    assert not any(n.startswith('state_embedder.') for n in stage1['trainable'])   # stage 1: no states at all
+    base_bytes = (base / 'ckpt.pt').read_bytes()
+    # stage 2: its sizes and text context from the base run, LoRA and the state embedder trained on it, frozen
+    printed = run_script(*train_without_sizes(raw_data, lora, f'--pretrained={base}', '--train_mode=lora',
+                                              '--lora_rank=4', '--max_iters=2', '--eval_interval=2'))
+    assert (f"settings taken from --pretrained={base} (not given now): dim=32, num_layers=1, num_heads=2, "
+            f"ffn_dim=64, text_encoder='zeros'") in printed
+    assert 'on a random base' not in printed and 'validating at step 2: 1 clips' in printed
+    assert (lora / 'val' / 'step_0000002' / 'clip_0.png').exists()   # numbered as the LoRA exports
+    stage2 = trained(lora)
+    assert (base / 'ckpt.pt').read_bytes() == base_bytes
+    trainable = stage2['trainable']
+    assert all('.lora_' in n or n.startswith('state_embedder.') for n in trainable)   # the base: none of it
+    assert any(n.endswith('lora_B.weight') and p.abs().max() > 0 for n, p in trainable.items())   # B left 0
+    assert any(n.startswith('state_embedder.') for n in trainable)
+    assert all(r['grad_norm'] > 0 for r in read_log(lora))   # the trained base's head passes gradients
+    # the model the run trained: stage 1's weights, every one of them, frozen; the adapters and states on top
+    model = build_model(model='tiny', pretrained=str(base), train_mode='lora', lora_rank=4, lora_alpha=32, init_seed=0,
+                        device='cpu', dtype=torch.float32, tiny=WAN_TINY)
+    frozen = {n: p for n, p in model.named_parameters() if not p.requires_grad}
+    assert sorted(frozen) == sorted(stage1['trainable'])
+    assert all(torch.equal(p, stage1['trainable'][n]) for n, p in frozen.items())
+    assert sorted(n for n, p in model.named_parameters() if p.requires_grad) == sorted(trainable)
+
+
+@pytest.mark.slow
+def test_the_demos_second_stage_names_the_first_when_it_is_missing(tmp_path):
+    err = run_script('train_sampling.py', '--preset=cpu_lora', cwd=tmp_path, fails=True)
+    assert ('--pretrained=out_sampling_base: no such folder; train it first (the two-stage demo: python '
+            'train_sampling.py --preset=cpu_base)') in err and 'Traceback' not in err
+    assert not (tmp_path / 'out_sampling_lora').exists()
+
+
+@pytest.mark.slow
+def test_a_resumed_sampling_run_continues_its_demo_data_and_tensorboard(raw_data, tmp_path):
+    out = tmp_path / 'run'
+    run_script(*train_args(raw_data, out, '--max_iters=2', '--log_with=tensorboard', '--keep_last=1',
+                           '--eval_interval=2', '--train_mode=lora', '--lora_rank=4'))
+    said = run_script('train_sampling.py', f'--out_dir={out}', '--init_from=resume', '--max_iters=3', cwd=tmp_path)
+    line = next(l for l in said.splitlines() if l.startswith('settings taken from'))
+    for setting in (f"data_dir='{raw_data}'", "log_with='tensorboard'", 'keep_last=1', 'dim=32', 'lora_rank=4',
+                    "train_mode='lora'", 'eval_interval=2', 'batch_size=2'):
+        assert setting in line, line
+    assert [e.step for e in tensorboard_events(out / 'tensorboard').Scalars('loss')] == [1, 2, 3]
+    assert sorted(p.name for p in out.glob('lora_step*')) == ['lora_step0000003.safetensors']   # keep_last=1 still
+
+
+@pytest.mark.slow
+def test_init_lora_takes_its_rank_from_the_file_and_is_checked_before_any_data_work(raw_data, tmp_path):
+    path, lora = lora_file(tmp_path / 'rank4.safetensors', rank=4)
+    said = run_script(*train_args(raw_data, tmp_path / 'run', '--train_mode=lora', f'--init_lora={path}',
+                                  '--max_iters=1'))
+    assert f'--init_lora={path}: LoRA rank 4, alpha 4 (the file\'s unless given)' in said
+    assert trained(tmp_path / 'run')['config']['lora_rank'] == 4
+    # a rank given that differs, and a damaged file: refused before the data or the run folder is touched
+    err = run_script('train_sampling.py', '--train_mode=lora', '--lora_rank=8', f'--init_lora={path}',
+                     f'--data_dir={tmp_path}/none', f'--out_dir={tmp_path}/run2', fails=True)
+    assert f'--init_lora={path} holds adapters of rank 4, not --lora_rank=8: pass --lora_rank=4' in err
+    bad = tmp_path / 'bad.safetensors'
+    bad.write_bytes(path.read_bytes()[:200])
+    err = run_script('train_sampling.py', '--train_mode=lora', f'--init_lora={bad}', f'--data_dir={tmp_path}/none',
+                     f'--out_dir={tmp_path}/run2', fails=True)
+    assert str(bad) in err and 'Traceback' not in err
+    assert not (tmp_path / 'none').exists() and not (tmp_path / 'run2').exists()
+
+
+@pytest.mark.slow
+def test_too_few_clips_names_the_flags_that_fix_it_and_a_file_gets_no_progress_bar(raw_data, tmp_path):
+    res = subprocess.run([sys.executable, os.path.join(REPO, 'train_sampling.py'),
+                          *train_args(raw_data, tmp_path / 'run', '--max_iters=2')[1:]],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0 and '\r' not in res.stderr and 'train:' not in res.stderr   # no bar fragments
+    assert step_lines(res.stdout) == [1, 2, 2]
+    err = run_script(*train_args(raw_data, tmp_path / 'run2', '--global_batch_size=100000'), fails=True)
+    assert ('fewer than --global_batch_size=100000: lower --global_batch_size (and --batch_size), pass a smaller '
+            '--clip_stride for more windows, or more data') in err
+
+
+@pytest.mark.slow
+def test_train_sampling_help_describes_each_setting_with_its_own_comment(tmp_path):
+    printed = run_script('train_sampling.py', '--help', cwd=tmp_path)
+    lines = {l.split()[0]: l for l in printed.splitlines() if l.startswith('  --')}
+    assert "repo/folder with Wan's umT5" in lines['--text_encoder']
+    assert 'RNG' not in lines['--init_from'] and 'settings not given' in lines['--init_from']
+    assert 'stage 1 of the two-stage CPU demo' in lines['--use_states']
 
 
 # ===============================================================================================
@@ -2548,8 +2694,9 @@ def test_sample_py_without_the_metric_weights_says_what_to_fetch(one_step_run, m
     folder = f"{tmp_path / 'torch_home'}/hub/checkpoints/"
     lines = [line for line in out.splitlines() if line.startswith('not computed: ')]
     assert len(lines) == 2
-    assert "LPIPS needs torchvision's AlexNet weights" in lines[0] and 'alexnet-owt-7be5be79.pth' in lines[0]
-    assert "FID needs torch-fidelity's Inception weights" in lines[1] and 'weights-inception-2015-12-05' in lines[1]
+    assert lines[0].startswith(f'not computed: LPIPS needs {folder}alexnet-owt-7be5be79.pth, which could not be')
+    assert lines[1].startswith(f'not computed: FID needs {folder}weights-inception-2015-12-05')
+    assert all('offline?): download https://' in line for line in lines)
     assert all(folder in line for line in lines)
     with open(results / 'metrics.csv') as f:
         assert not any(k.startswith(('lpips', 'fid')) for k in next(csv.DictReader(f)))
@@ -2684,6 +2831,37 @@ def test_sample_py_refuses_an_empty_lora_file_rather_than_zeroing_the_runs_adapt
     err = run_script('sample.py', f'--out_dir={one_step_run}', f'--lora={tmp_path}/empty.safetensors', fails=True)
     assert f'--lora={tmp_path}/empty.safetensors: {tmp_path}/empty.safetensors holds no LoRA tensors' in err
     assert 'Traceback' not in err
+
+
+@pytest.mark.slow
+def test_sample_py_says_a_missing_metric_network_before_it_reads_the_run(tmp_path):
+    env = dict(os.environ, TORCH_HOME=str(tmp_path / 'torch'))   # no weights here; offline: no download either
+    out = subprocess.run([sys.executable, 'sample.py', f'--out_dir={tmp_path / "none"}'], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=300)
+    printed = out.stdout + out.stderr
+    assert out.returncode != 0 and 'Traceback' not in printed
+    missing = printed.index(f'{tmp_path / "none" / "ckpt.pt"} not found')
+    said = [m.start() for m in re.finditer('not computed: ', printed)]
+    if not said:   # a machine that has or downloads the networks has nothing to say
+        pytest.skip('the LPIPS and FID networks are on this machine')
+    assert max(said) < missing
+
+
+@pytest.mark.slow
+def test_sample_py_refuses_a_lora_strength_it_cannot_read_before_any_work(tmp_path):
+    for spec, said in (('a.safetensors:strong', "'a.safetensors:strong' is no path:strength"),
+                       ('a.safetensors:0.5,b.safetensors:inf', 'strength inf of b.safetensors: at most 10')):
+        err = run_script('sample.py', f'--out_dir={tmp_path}', f'--lora={spec}', '--lpips_fid=False', fails=True)
+        assert f'--lora={spec}: {said}' in err and 'not found' not in err
+
+
+@pytest.mark.slow
+def test_sample_py_help_gives_each_setting_its_own_text():
+    out = run_script('sample.py', '--help')
+    lines = {line.split()[0]: line for line in out.splitlines() if line.strip().startswith('--')}
+    assert "'a.safetensors:0.8,b.safetensors:0.5'" in lines['--lora']
+    assert "strength of --lora paths without ':strength'" in lines['--lora_scale']
+    assert 'no-state embedding' in lines['--ablation'] and 'state futures' in lines['--counterfactual']
 
 
 # ===============================================================================================
@@ -2854,8 +3032,33 @@ def test_a_config_file_with_a_syntax_error_is_one_sentence(tmp_path):
         configure([str(cfg_file)])
 
 
+def test_another_tools_name_of_a_setting_points_to_nanowms(tmp_path):
+    with pytest.raises(SystemExit, match=r"unknown setting --max_train_steps; another Wan tool's name \(musubi-tuner, "
+                                         r"diffusers\); nanoWM's is --max_iters \(--help"):
+        configure(['--max_train_steps=10'], settings(max_iters=5))
+    for theirs, ours in (('resume_from_checkpoint', '--init_from=resume'), ('report_to', '--log_with'),
+                         ('network_weights', '--init_lora'), ('save_last_n_steps', '--keep_last'),
+                         ('checkpoints_total_limit', '--keep_last'), ('lora_multiplier', '--lora_scale')):
+        cfg = settings(max_iters=5, init_from='scratch', log_with='none', init_lora='', keep_last=0, lora_scale=1.0)
+        with pytest.raises(SystemExit, match=f"nanoWM's is {ours}"):
+            configure([f'--{theirs}=1'], cfg)
+    # a script without the setting: no look-alike (--lora_weight is not --loss_weighting)
+    with pytest.raises(SystemExit) as e:
+        configure(['--lora_weight=x.safetensors'], settings(loss_weighting='none'))
+    assert 'loss_weighting?' not in str(e.value) and 'known settings:' in str(e.value)
+
+
+def test_help_shows_each_settings_own_comment_not_a_later_lines(tmp_path, capsys):
+    script = tmp_path / 'script.py'
+    script.write_text("text_encoder = ''   # the umT5 folder; '' = pretrained's\n"
+                      "text_encoder = text_encoder or 'zeros'   # a later derivation's comment\n")
+    with pytest.raises(SystemExit):
+        configurator.configure(dict(__file__=str(script), text_encoder=''), argv=['--help'])
+    assert "the umT5 folder; '' = pretrained's" in capsys.readouterr().out
+
+
 # ===============================================================================================
-# machinery/__init__.py: the optional packages, imported where used
+# machinery/__init__.py: the optional packages, imported where used; files written whole or not at all
 # ===============================================================================================
 
 
@@ -2864,6 +3067,36 @@ def test_a_missing_optional_package_stops_with_the_pip_line_that_installs_it(mon
     with pytest.raises(SystemExit, match=r"^reading mp4 videos needs the av package \(.*\): "
                                          r"pip install -r requirements-sampling\.txt$"):
         machinery.need('av', 'reading mp4 videos')
+
+
+def test_a_write_that_fails_for_want_of_room_is_a_sentence_and_a_bug_keeps_its_traceback(tmp_path):
+    path = tmp_path / 'out.bin'
+    path.write_bytes(b'the earlier file')
+    # PyTorch's C++ writer: its first words (an iostream error) behind a later "unexpected pos"
+    try:
+        try:
+            raise RuntimeError('basic_ios::clear: iostream error')
+        except RuntimeError:
+            raise RuntimeError('[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598')
+    except RuntimeError as err:
+        torch_full = err
+    for error in (OSError(errno.ENOSPC, 'No space left on device'), OSError('1000 requested and 12 written'),
+                  torch_full, RuntimeError('Error while serializing: I/O error: Disk quota exceeded (os error 122)')):
+        with pytest.raises(SystemExit, match=rf'^could not write {path} \(.+\): free space on its disk .*, then '
+                                             r'resume$'):
+            with machinery.written(path, then='then resume') as tmp:
+                open(tmp, 'wb').write(b'half')
+                raise error
+        assert path.read_bytes() == b'the earlier file' and not os.path.exists(f'{path}.tmp')
+    for bug in (ValueError('a bug'), KeyError('w'), FileNotFoundError(errno.ENOENT, 'a file read in the body')):
+        with pytest.raises(type(bug)):
+            with machinery.written(path) as tmp:
+                open(tmp, 'wb').write(b'half')
+                raise bug
+        assert not os.path.exists(f'{path}.tmp')
+    with machinery.written(path) as tmp:
+        open(tmp, 'wb').write(b'new')
+    assert path.read_bytes() == b'new'
 
 
 # ===============================================================================================
@@ -3250,10 +3483,11 @@ def test_weights_with_inf_are_never_saved(tmp_path):
 def test_a_model_flag_that_differs_from_the_checkpoint_is_refused_by_name(tmp_path):
     checkpoints.save_checkpoint(str(tmp_path), dict(kind='compression', step=1, config=dict(n_layer=2, n_embd=64)))
     with pytest.raises(SystemExit, match=r'n_layer=2 in the checkpoint, 1 now\. Leave these settings out'):
-        checkpoints.model_settings_on_resume(str(tmp_path), 'compression', dict(n_layer=1, n_embd=64), {'n_layer'})
-    # not given: the checkpoint's; given and equal: kept
-    assert checkpoints.model_settings_on_resume(str(tmp_path), 'compression', dict(n_layer=1, n_embd=64),
-                                            {'n_embd'}) == dict(n_layer=2, n_embd=64)
+        checkpoints.settings_on_resume(str(tmp_path), 'compression', dict(n_layer=1, n_embd=64), {'n_layer'},
+                                       ('n_layer',))
+    # not given: the checkpoint's (the settings taken are returned); given and equal: kept
+    assert checkpoints.settings_on_resume(str(tmp_path), 'compression', dict(n_layer=1, n_embd=64), {'n_embd'},
+                                          ('n_layer',)) == dict(n_layer=2)
     # what configure() reports as given: flags and a config file's assignments, not a preset's
     cfg_file = tmp_path / 'my_run.py'
     cfg_file.write_text('n_layer = 1\nif True:\n    learning_rate = 2e-4\n')
@@ -3368,6 +3602,31 @@ def test_a_checkpoint_holding_nan_is_refused_when_loaded(tmp_path):
         checkpoints.load_checkpoint(str(tmp_path / 'ckpt.pt'), 'compression')
 
 
+def train_without_sizes(raw_data, out, *extra):
+    """train_args without the model's sizes: what a run takes from elsewhere (its base, its checkpoint)."""
+    return [a for a in train_args(raw_data, out, *extra) if a.split('=')[0] not in
+            {f'--{k}' for k in WAN_TINY}]
+
+
+def test_a_resume_takes_every_setting_not_given_from_the_checkpoint_in_one_line(tmp_path, capsys):
+    saved = dict(n_layer=2, max_iters=40, log_with='tensorboard', keep_last=3, eval_interval=5, out_dir='elsewhere',
+                 preset='paper', init_from='scratch', device='cuda:1', stop_at=20)
+    checkpoints.save_checkpoint(str(tmp_path), dict(kind='compression', step=1, config=saved))
+    now = dict(n_layer=1, max_iters=42, log_with='none', keep_last=0, eval_interval=5, out_dir=str(tmp_path),
+               preset='cpu', init_from='resume', device='auto', stop_at=0, learning_rate=1e-3)
+    taken = checkpoints.settings_on_resume(str(tmp_path), 'compression', now, {'max_iters'}, ('n_layer',))
+    # the typed --max_iters wins (it extends the run); what a command does (preset, out_dir, ...) stays its own
+    assert taken == dict(n_layer=2, log_with='tensorboard', keep_last=3)
+    assert capsys.readouterr().out == (f"settings taken from {tmp_path}/ckpt.pt (not given now): n_layer=2, "
+                                       f"log_with='tensorboard', keep_last=3\n")
+    # a model setting given that differs is refused by name; another given one simply wins
+    with pytest.raises(SystemExit, match=r"n_layer=2 in the checkpoint, 1 now\. Leave these settings out .* to take "
+                                         r"the checkpoint's, or pass another --out_dir"):
+        checkpoints.settings_on_resume(str(tmp_path), 'compression', now, {'n_layer'}, ('n_layer',))
+    assert checkpoints.settings_on_resume(str(tmp_path), 'compression', now, {'max_iters', 'log_with', 'keep_last'},
+                                          ('n_layer',)) == dict(n_layer=2)
+
+
 # ===============================================================================================
 # machinery/trackers.py: TensorBoard and W&B at the log's steps
 # ===============================================================================================
@@ -3468,7 +3727,7 @@ def test_wandb_keeps_one_run_in_out_dir_across_a_resume(raw_data, tmp_path):
     assert inits[0]['id'] == inits[1]['id'] == (out / 'wandb_id').read_text() and inits[1]['resume'] == 'allow'
     logs = [c for c in calls if c['call'] == 'log']
     assert [c['step'] for c in logs] == [1, 2]
-    assert all(c['data']['val/clip_0']['image'] == str(out / 'val' / f"step_{c['step']}" / 'clip_0.png') for c in logs)
+    assert all(c['data']['val/clip_0']['image'] == str(out / 'val' / f"step_{c['step']:07d}" / 'clip_0.png') for c in logs)
     assert logs[0]['data']['loss'] == read_log(out)[0]['loss']
 
 
@@ -4112,6 +4371,42 @@ def test_a_crafted_or_damaged_text_encoder_is_named(tmp_path, monkeypatch, capsy
 FAST = ['--ensemble=2', '--steps=1', '--max_clips=2', '--gif=False', '--lpips_fid=False']
 
 
+def test_build_model_without_state_cond_builds_the_base_model():
+    net = build_model(model='tiny', pretrained='', train_mode='full', lora_rank=4, lora_alpha=4, init_seed=0,
+                      device='cpu', dtype=torch.float32, tiny=WAN_TINY, state_cond=False)
+    assert not net.state_cond and not any(k.startswith('state_embedder.') for k in net.state_dict())
+
+
+def test_a_full_run_folder_is_the_frozen_base_of_a_lora_run_with_fresh_state_weights(tmp_path):
+    base = base_run(tmp_path / 'stage1')
+    assert run_settings(tmp_path / 'stage1')['dim'] == WAN_TINY['dim']
+    assert run_settings('Wan-AI/Wan2.2-TI2V-5B') is None and run_settings(tmp_path) is None
+    net = stage_two(tmp_path / 'stage1')
+    assert net.state_cond and lora_modules(net)
+    trained = {n for n, p in net.named_parameters() if p.requires_grad}
+    assert trained == {n for n in net.state_dict() if '.lora_' in n or n.startswith('state_embedder.')}
+    sd = net.state_dict()
+    for k, v in base.state_dict().items():   # the base's weights, exactly
+        assert torch.equal(sd[k], v), k
+    x, t_BL, context, states = inputs(net.cfg)
+    with torch.no_grad():   # zero LoRA B and AdaLN-Zero's zero output: the model starts as the base
+        assert torch.allclose(net(x, t_BL, context, states), base(x, t_BL, context), atol=1e-6)
+    again = stage_two(tmp_path / 'stage1')   # the state embedder's init: from init_seed
+    assert all(torch.equal(again.state_dict()[k], v) for k, v in sd.items() if k.startswith('state_embedder.'))
+
+
+def test_a_lora_run_is_refused_as_a_base_with_the_flag_to_use(tmp_path):
+    base_run(tmp_path / 'lora_run', train_mode='lora')
+    with pytest.raises(SystemExit, match=r'a LoRA run \(train_mode lora\).*--init_lora='):
+        stage_two(tmp_path / 'lora_run')
+
+
+def test_text_context_of_a_base_run_folder_is_the_one_it_trained_on(tmp_path):
+    base_run(tmp_path / 'stage1')
+    cfg = WanConfig.tiny(**WAN_TINY)
+    assert torch.equal(text_context(cfg, str(tmp_path / 'stage1'), 'cpu'), text_context(cfg, 'zeros', 'cpu'))
+
+
 # ===============================================================================================
 # machinery/lora_files.py: LoRA files in (every Wan tool's format) and out (ComfyUI's keys), the export command
 # ===============================================================================================
@@ -4575,6 +4870,125 @@ def test_a_full_disk_during_an_export_keeps_the_older_exports_whole(tmp_path, mo
     (tmp_path / 'a_file').write_text('')
     with pytest.raises(SystemExit, match='cannot write the LoRA files into .*a_file'):
         export_lora(trained_lora_model(), tmp_path / 'a_file')
+
+
+def base_run(root, train_mode='full', seed=0):
+    """A stage-1 run folder as train_sampling.py writes it: a tiny base trained without states (every weight
+    in ckpt['trainable']), its settings in ckpt['config']."""
+    cfg = WanConfig.tiny(**WAN_TINY)
+    base = randomize(WanDiT(cfg, state_cond=False), seed=seed)
+    root.mkdir(parents=True, exist_ok=True)
+    config = dict(model='tiny', **WAN_TINY, train_mode=train_mode, use_states=False, vae='pixel',
+                  text_encoder='zeros', pretrained='', frame_size=32)
+    checkpoints.save_checkpoint(str(root), dict(kind='sampling', step=7, config=config,
+                                                trainable={k: v.clone() for k, v in base.state_dict().items()}))
+    return base
+
+
+def stage_two(pretrained, state_cond=True, train_mode='lora'):
+    return build_model(model='tiny', pretrained=str(pretrained), train_mode=train_mode, lora_rank=4, lora_alpha=4,
+                       init_seed=3, device='cpu', dtype=torch.float32, tiny={}, state_cond=state_cond)
+
+
+@pytest.mark.parametrize('fmt, alpha, want', [('musubi', 8, 8.0), ('musubi', 0, 4.0), ('comfyui', 2, 2.0),
+                                             ('diffsynth', None, 4.0)])
+def test_lora_rank_alpha_reads_a_files_rank_and_alpha_without_a_model(tmp_path, fmt, alpha, want):
+    write_lora(fmt, random_lora(WanConfig.tiny(**WAN_TINY), rank=4), tmp_path / 'f.safetensors', alpha)
+    assert lora_rank_alpha(tmp_path / 'f.safetensors') == (4, want)
+
+
+def test_lora_rank_alpha_reads_peft_metadata_and_an_export_folder(tmp_path):
+    cfg = WanConfig.tiny(**WAN_TINY)
+    save_lora(tmp_path / 'peft.safetensors', random_lora(cfg, rank=4), 'peft',
+              metadata={'lora_adapter_metadata': json.dumps(dict(r=4, lora_alpha=16))})
+    assert lora_rank_alpha(tmp_path / 'peft.safetensors') == (4, 16.0)
+    model = build_model(model='tiny', pretrained='', train_mode='lora', lora_rank=8, lora_alpha=16, init_seed=0,
+                        device='cpu', dtype=torch.float32, tiny=WAN_TINY)
+    export_lora(model, tmp_path / 'export')   # alpha / rank folded into B: the file's alpha is its rank
+    assert lora_rank_alpha(tmp_path / 'export') == (8, 8.0)
+    (tmp_path / 'export' / 'lora.safetensors').unlink()   # state weights alone: no adapters to size
+    assert lora_rank_alpha(tmp_path / 'export') == (None, None)
+
+
+def test_lora_rank_alpha_refuses_a_bad_file_in_a_sentence_naming_it(tmp_path):
+    from safetensors.torch import save_file
+    bad = tmp_path / 'bad.safetensors'
+    bad.write_bytes(b'not a safetensors file')
+    with pytest.raises(SystemExit, match=f'{bad}: not a readable safetensors LoRA file'):
+        lora_rank_alpha(bad)
+    save_file({'other': torch.zeros(1)}, str(tmp_path / 'empty.safetensors'))
+    with pytest.raises(SystemExit, match='not LoRA adapters'):
+        lora_rank_alpha(tmp_path / 'empty.safetensors')
+    save_file({}, str(tmp_path / 'none.safetensors'))
+    with pytest.raises(SystemExit, match='holds no LoRA tensors'):
+        lora_rank_alpha(tmp_path / 'none.safetensors')
+    lora = random_lora(WanConfig.tiny(**WAN_TINY), rank=4)
+    lora['blocks.0.ffn.0'] = (lora['blocks.0.ffn.0'][0] * math.nan, lora['blocks.0.ffn.0'][1])
+    save_lora(tmp_path / 'nan.safetensors', lora, 'peft')
+    with pytest.raises(SystemExit, match='holds NaN or inf'):
+        lora_rank_alpha(tmp_path / 'nan.safetensors')
+    write_lora('musubi', random_lora(WanConfig.tiny(**WAN_TINY)), tmp_path / 'a.safetensors', 1e9)
+    with pytest.raises(SystemExit, match='not a LoRA alpha'):
+        lora_rank_alpha(tmp_path / 'a.safetensors')
+    with pytest.raises(SystemExit, match='no LoRA file'):
+        lora_rank_alpha(tmp_path / 'missing')
+
+
+def test_stacked_lora_files_give_the_sum_of_their_updates_at_their_strengths(tmp_path):
+    cfg = WanConfig.tiny(**WAN_TINY)
+    base = randomize(WanDiT(cfg, state_cond=False))
+    a, b = random_lora(cfg, rank=4, seed=1), random_lora(cfg, rank=2, seed=2)
+    del b['blocks.0.ffn.0']   # a module only one file adapts
+    write_lora('musubi', a, tmp_path / 'a.safetensors', alpha=8)   # scale 2
+    save_lora(tmp_path / 'b.safetensors', b, 'peft')               # scale 1
+    model = twin(base)
+    add_lora(model, rank=8, alpha=8)   # a LoRA run's own adapters: replaced
+    stack_loras(model, [(tmp_path / 'a.safetensors', 0.8), (tmp_path / 'b.safetensors', -0.5)])
+    assert {m.rank for m in lora_modules(model)} == {6}   # ranks concatenated
+    for name, (A, B) in a.items():
+        want = 0.8 * 2 * B @ A + (-0.5 * b[name][1] @ b[name][0] if name in b else 0)
+        assert torch.allclose(model.get_submodule(name).delta(), want, atol=1e-6), name
+    x, t_BL, context, _ = inputs(cfg)
+    with torch.no_grad():
+        stack_loras(model, [(tmp_path / 'a.safetensors', 0.0)])   # strength 0: the base again
+        assert torch.allclose(model(x, t_BL, context), base(x, t_BL, context), atol=1e-6)
+    with pytest.raises(ValueError, match='strength nan'):
+        stack_loras(model, [(tmp_path / 'a.safetensors', math.nan)])
+
+
+def test_exports_carry_rank_alpha_base_model_step_and_what_diffusers_and_kohya_read(tmp_path):
+    from safetensors import safe_open
+    model = build_model(model='tiny', pretrained='', train_mode='lora', lora_rank=4, lora_alpha=8, init_seed=0,
+                        device='cpu', dtype=torch.float32, tiny=WAN_TINY)
+    for m in lora_modules(model):
+        torch.nn.init.normal_(m.lora_B.weight, std=0.05)
+    written = export_lora(model, tmp_path, step=40, info=dict(base_model='Wan-AI/Wan2.2-TI2V-5B'))
+    assert [p.name for p in written] == ['lora_step0000040.safetensors', 'lora.safetensors',
+                                         'state_embedder_step0000040.safetensors', 'state_embedder.safetensors']
+    with safe_open(str(tmp_path / 'lora.safetensors'), 'pt') as f:
+        meta = f.metadata()
+    assert {k: meta[k] for k in ('lora_rank', 'lora_alpha', 'base_model', 'step', 'ss_network_dim',
+                                 'ss_network_alpha', 'ss_base_model_version')} == dict(
+        lora_rank='4', lora_alpha='4', base_model='Wan-AI/Wan2.2-TI2V-5B', step='40', ss_network_dim='4',
+        ss_network_alpha='4', ss_base_model_version='Wan-AI/Wan2.2-TI2V-5B')   # alpha / rank is folded into B
+    peft = json.loads(meta['lora_adapter_metadata'])
+    assert peft['transformer.r'] == peft['transformer.lora_alpha'] == 4
+    assert peft['transformer.target_modules'] == sorted(['attn1.to_q', 'attn1.to_k', 'attn1.to_v', 'attn1.to_out.0',
+                                                          'attn2.to_q', 'attn2.to_k', 'attn2.to_v', 'attn2.to_out.0',
+                                                          'ffn.net.0.proj', 'ffn.net.2'])
+    assert lora_rank_alpha(tmp_path) == (4, 4.0)
+    again = tmp_path / 'again'
+    export_lora(model, again, step=40, info=dict(base_model='Wan-AI/Wan2.2-TI2V-5B'))   # the same bytes
+    assert (again / 'lora.safetensors').read_bytes() == (tmp_path / 'lora.safetensors').read_bytes()
+    fresh = tiny_lora_model()
+    load_lora(fresh, tmp_path)   # the update round-trips with the metadata in the file
+    for m, n in zip(lora_modules(model), lora_modules(fresh)):
+        assert torch.allclose(m.delta(), n.delta(), atol=1e-6)
+
+
+def tiny_lora_model():
+    return build_model(model='tiny', pretrained='', train_mode='lora', lora_rank=4, lora_alpha=4, init_seed=0,
+                       device='cpu', dtype=torch.float32, tiny=WAN_TINY)
 
 
 # ===============================================================================================

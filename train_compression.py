@@ -115,11 +115,10 @@ given = configure(globals(), presets=PRESETS, gpu_preset='paper',
           fractions=('dropout', 'beta1', 'beta2'))
 
 # --- derived settings and checks ------------------------------------------------------------------
-# settings that define the model: a resume takes the checkpoint's unless given (as nanoGPT)
+# settings that define the model: a resume refuses other values given (every setting not given: the checkpoint's)
 MODEL_KEYS = ('vocab_size', 'n_layer', 'n_head', 'n_embd', 'state_window', 'use_states')
 if init_from == 'resume' and not eval_only:
-    globals().update(checkpoints.model_settings_on_resume(out_dir, 'compression', {k: globals()[k] for k in MODEL_KEYS},
-                                                      given))
+    globals().update(checkpoints.settings_on_resume(out_dir, 'compression', globals(), given, MODEL_KEYS))
 if max_iters == 0 and epochs == 0 and not eval_only:
     raise SystemExit("--max_iters=0 and --epochs=0: give the run a length (--max_iters=N steps, or --epochs=E)")
 if n_embd % n_head:
@@ -205,7 +204,7 @@ def evaluate(model, ds, num_samples, baselines=False):
             s[1] += torch.nn.functional.cross_entropy(chunk_NV, chunk_N, reduction='sum').item()
             s[2] += len(chunk_N)
 
-    for z_BGHW, states_BLD in tqdm(loader, desc='eval', leave=False, disable=not baselines):
+    for z_BGHW, states_BLD in tqdm(loader, desc='eval', leave=False, disable=None if baselines else True):
         z_BGHW, states_BLD = z_BGHW.to(device), states_BLD.to(device)
         future_BMHW = z_BGHW[:, 3:]
         with autocast:
@@ -317,7 +316,9 @@ if master:   # damage in the val split stops the run now, not at the first valid
     except ValueError as e:
         raise SystemExit(f"the validation split: {e}")
 if len(train_ds) < global_batch_size:
-    raise SystemExit(f"the training set has {len(train_ds)} samples, fewer than --global_batch_size={global_batch_size}")
+    raise SystemExit(f"the training set has {len(train_ds)} samples, fewer than --global_batch_size="
+                     f"{global_batch_size}: lower --global_batch_size (and --batch_size), pass --sample_stride=1 for "
+                     f"more samples, or more data")
 if max_iters == 0:
     max_iters = int(epochs * len(train_ds) // global_batch_size)
 if master:

@@ -47,12 +47,13 @@ from machinery import checkpoints, latents, pictures, run_dir, written
 from machinery.distributed import (finish, grad_accum_steps, mean_over_ranks, on_master, resolve_device,
                                    setup_distributed)
 from machinery.speed import StepSpeed
-from machinery.wan_files import build_model, text_context
+from machinery.wan_files import build_model, run_settings, text_context
 from metrics import psnr
 from wan_state import WanConfig, WanDiT, add_lora
 
 # --- settings (defaults: the CPU demo on synthetic clips) -----------------------------------------
-preset = 'cpu'              # 'cpu' (the demo), 'paper' (the 23.0 dB submission's recipe), 'paper_cfg' (PRESETS)
+preset = 'cpu'              # 'cpu' (the demo), 'paper' (the 23.0 dB submission's recipe), 'paper_cfg', and the
+                            # two-stage demo of the recipe: 'cpu_base', then 'cpu_lora' (PRESETS)
 # -- data --
 data_dir = ''               # folder of train_v2.0_raw/ and val_v2.0_raw/ ('' = data/sampling_demo, synthetic)
 train_splits = 'train_v2.0_raw'  # raw splits to train on; 'train_v2.0_raw,val_v2.0_raw' as the 1st submission
@@ -71,15 +72,17 @@ dim = 256                   # tiny model width: >= 192, the 48 x 2 x 2 values a 
 num_layers = 2              # tiny model blocks
 num_heads = 4               # tiny model attention heads
 ffn_dim = 512               # tiny model feed-forward width
-pretrained = ''             # hub repo or folder of Wan 2.2 TI2V-5B; '' = random init
+pretrained = ''             # hub repo or folder of Wan 2.2 TI2V-5B, or a nanoWM sampling run folder (the frozen
+                            # base of preset cpu_lora: its sizes too); '' = random init
 init_lora = ''              # a LoRA file (any format sample.py --lora reads) or an exported folder a new run
-                            # starts from: its adapters (train_mode lora, same lora_rank) or merged (full)
+                            # starts from: its adapters (train_mode lora, its rank unless given) or merged (full)
 text_encoder = ''           # repo/folder with Wan's umT5 (the empty prompt, encoded once); '' = pretrained's,
                             # or 'zeros' without one (the demo's random base)
 train_mode = 'full'         # 'lora' (paper: frozen base) or 'full' (the demo's random base)
 lora_rank = 32              # paper 2.2: LoRA rank 32
 lora_alpha = 32             # LoRA scale alpha / rank (1 at rank 32, the team's alpha = rank)
 state_embedder = 'paper'    # 'paper' (the report's text, 5.3M) or 'team' (the team's code, 67.9M; wan_state.py)
+use_states = True           # False: the base model, no state embedder: stage 1 of the two-stage CPU demo
 init_seed = 0               # random initial weights (and the state embedder's)
 gradient_checkpointing = 0  # recompute the first n blocks in backward (0: none; preset paper: 12 of 30,
                             # an estimate for 80 GB at batch 8)
@@ -108,7 +111,7 @@ wandb_project = 'nanowm'    # W&B project
 wandb_run_name = 'sampling'  # W&B run name
 # -- run folder --
 out_dir = 'out_sampling'    # checkpoints, log.jsonl, curves.png, val/ PNGs, lora.safetensors
-init_from = 'scratch'       # 'scratch' or 'resume' (from out_dir/ckpt.pt: trained weights, optimizer, step, RNG)
+init_from = 'scratch'       # 'scratch' or 'resume' (out_dir/ckpt.pt: weights, optimizer, step; settings not given)
 overwrite = False           # train from scratch even if out_dir holds a run (it moves to out_dir/previous_<time>/)
 dry_run = False             # print the recipe, the model size and the disk it needs, then exit
 ckpt_interval = 400         # save every this many steps (0 = only at the end)
@@ -133,10 +136,16 @@ PAPER = dict(data_dir='data/1x', download=True, clip_stride=8, vae='wan', encode
              gradient_checkpointing=12, compile=True, dtype='bfloat16',
              out_dir='out_sampling_paper', ckpt_interval=500, eval_interval=500, eval_clips=8, eval_ensemble=4,
              eval_steps=20)
+# The paper's recipe on the CPU, in two stages: a tiny base learns the synthetic world without states (Wan's
+# pretraining, in small), then LoRA and the AdaLN-Zero state embedder train on it, frozen (README)
 PRESETS = {
     'cpu': {},   # the defaults above
     'paper': PAPER,
     'paper_cfg': {**PAPER, 'state_dropout': 0.1, 'out_dir': 'out_sampling_paper_cfg'},   # sample with --cfg
+    'cpu_base': dict(use_states=False, out_dir='out_sampling_base'),
+    'cpu_lora': dict(pretrained='out_sampling_base', train_mode='lora', lora_rank=16, lora_alpha=16,
+                     learning_rate=2e-3, max_iters=300, eval_interval=100, ckpt_interval=100,
+                     out_dir='out_sampling_lora'),
 }
 
 # --- configure: the preset, then config files and flags (configurator.py) -------------------------
@@ -154,21 +163,44 @@ given = configure(globals(), presets=PRESETS, gpu_preset='paper',
           fractions=('state_dropout',))
 
 # --- derived settings and checks ------------------------------------------------------------------
-# settings that define the trained weights: a resume takes the checkpoint's unless given (as nanoGPT)
+# settings that define the trained weights: a resume refuses other values given (every setting not given: the
+# checkpoint's, as nanoGPT), as does a base that is a nanoWM run (its BASE_KEYS)
 MODEL_KEYS = ('model', 'dim', 'num_layers', 'num_heads', 'ffn_dim', 'pretrained', 'train_mode', 'lora_rank',
-              'lora_alpha', 'vae', 'state_embedder', 'text_encoder', 'null_state')
-null_state = state_dropout > 0   # the learned no-state embedding, built only where state dropout trains it
+              'lora_alpha', 'vae', 'state_embedder', 'text_encoder', 'null_state', 'use_states')
+BASE_KEYS = ('model', 'dim', 'num_layers', 'num_heads', 'ffn_dim', 'vae', 'text_encoder')
+null_state = use_states and state_dropout > 0   # the learned no-state embedding, only where state dropout trains it
 if init_from == 'resume':   # the checkpoint's null_state: its trained no-state embedding is never dropped
-    globals().update(checkpoints.model_settings_on_resume(out_dir, 'sampling', {k: globals()[k] for k in MODEL_KEYS},
-                                                      given))
+    globals().update(checkpoints.settings_on_resume(out_dir, 'sampling', globals(), given, MODEL_KEYS))
     if init_lora:
         raise SystemExit(f"--init_lora={init_lora} starts a new run; a resume continues its checkpoint: drop one")
-    if state_dropout > 0 and not null_state:
+    if state_dropout > 0 and use_states and not null_state:
         raise SystemExit(f"--state_dropout={state_dropout} trains the no-state embedding, which {out_dir}/ckpt.pt was "
                          f"trained without (--state_dropout=0): resume with --state_dropout=0, or start a new run")
+base_run = run_settings(pretrained) if pretrained else None   # a nanoWM run's weights as the base (stage 2 of the demo)
+if pretrained and not base_run and '/' not in pretrained and not os.path.isdir(pretrained):   # no Hub repo either
+    raise SystemExit(f"--pretrained={pretrained}: no such folder; train it first (the two-stage demo: python "
+                     f"train_sampling.py --preset=cpu_base), or pass a Hub repo such as Wan-AI/Wan2.2-TI2V-5B")
+if base_run:   # its model, as it was trained (and its text context: zeros for the demo's)
+    globals().update(checkpoints.settings_from(base_run, {k: globals()[k] for k in BASE_KEYS}, given, BASE_KEYS,
+                                               f"--pretrained={pretrained}"))
 if init_lora and not os.path.exists(init_lora):   # before any download or encoding
     raise SystemExit(f"--init_lora={init_lora}: no such file or folder")
-demo = not data_dir
+
+
+def lora_settings_of(path):
+    """An --init_lora file's rank and alpha (machinery/lora_files.py, imported for such a run only)."""
+    from machinery.lora_files import lora_rank_alpha
+    return dict(zip(('lora_rank', 'lora_alpha'), lora_rank_alpha(path)))
+
+
+if init_lora:   # its adapters' rank and alpha unless given; a damaged file stops here, before any data work
+    in_file = lora_settings_of(init_lora)
+    if 'lora_rank' in given and lora_rank != in_file['lora_rank'] and train_mode == 'lora':
+        raise SystemExit(f"--init_lora={init_lora} holds adapters of rank {in_file['lora_rank']}, not --lora_rank="
+                         f"{lora_rank}: pass --lora_rank={in_file['lora_rank']}, or leave it out to take the file's")
+    globals().update({k: v for k, v in in_file.items() if k not in given})
+    print(f"--init_lora={init_lora}: LoRA rank {lora_rank}, alpha {lora_alpha:g} (the file's unless given)")
+demo = data_dir in ('', 'data/sampling_demo')   # '': the default; the folder: a resumed demo's saved data_dir
 data_dir = data_dir or 'data/sampling_demo'
 text_encoder = text_encoder or pretrained or 'zeros'   # a pretrained DiT was trained on umT5's encoding of ""
 # the synthetic raw set is written where the user asked for it only: the demo's folder, or --make_synthetic
@@ -194,7 +226,7 @@ tiny = dict(dim=dim, num_layers=num_layers, num_heads=num_heads, ffn_dim=ffn_dim
 # --- the model's size (built on the meta device) and the disk the run will write ------------------
 with torch.device('meta'):
     cfg = WanConfig.tiny(**tiny) if model == 'tiny' else WanConfig()
-    meta_model = WanDiT(replace(cfg, state_embedder=state_embedder, null_state=null_state), state_cond=True)
+    meta_model = WanDiT(replace(cfg, state_embedder=state_embedder, null_state=null_state), state_cond=use_states)
     if train_mode == 'lora':
         add_lora(meta_model, rank=lora_rank, alpha=lora_alpha)
 n_all = sum(p.numel() for p in meta_model.parameters())
@@ -227,9 +259,10 @@ if no_room:
 # --- helpers: validation, checkpoints (of the data and model set up below) ------------------------
 def evaluate(step):
     """PSNR of frame 77 on the fixed val clips: a single sample and the mean of eval_ensemble
-    (paper 2.3); the clips' PNGs (context | members | mean | truth | error) in out_dir/val/step_N/.
-    Returns the figures and {name: PNG path} (for the tracker)."""
-    folder = os.path.join(out_dir, 'val', f'step_{step}')
+    (paper 2.3); the clips' PNGs (context | members | mean | truth | error) in out_dir/val/step_NNNNNNN/
+    (numbered as the LoRA exports: they sort by step). Returns the figures and {name: PNG path} (for the tracker)."""
+    tqdm.write(f"validating at step {step}: {len(val_ds)} clips, ensemble {eval_ensemble}, {eval_steps} steps each...")
+    folder = os.path.join(out_dir, 'val', f'step_{step:07d}')
     os.makedirs(folder, exist_ok=True)
     scores, pngs = {'val_psnr_single': [], 'val_psnr_ensemble': [], 'val_psnr_copy_last': []}, {}
     for k in range(len(val_ds)):
@@ -255,8 +288,8 @@ def save_checkpoint(step, metric):
     checkpoints.save_checkpoint(out_dir, state, metric, higher_is_better=True, trusted=guard.trusted)   # best: PSNR
     # the same weights for other tools: lora.safetensors (ComfyUI / diffusers keys, README) and the
     # state conditioning, which only nanoWM has, in state_embedder.safetensors; with a numbered history
-    from machinery.lora_files import export_lora
-    export_lora(raw_model, out_dir, step=step, keep_last=keep_last or None)
+    from machinery.lora_files import base_model, export_lora
+    export_lora(raw_model, out_dir, step=step, keep_last=keep_last or None, info=dict(base_model=base_model(config)))
 
 
 # --- processes: DDP under torchrun, the precision; rank 0 claims out_dir --------------------------
@@ -297,7 +330,9 @@ except ValueError as e:
 train_ds = torch.utils.data.ConcatDataset(train_parts)
 z_example, _ = train_ds[0]
 if len(train_ds) < global_batch_size:
-    raise SystemExit(f"the training set has {len(train_ds)} clips, fewer than --global_batch_size={global_batch_size}")
+    raise SystemExit(f"the training set has {len(train_ds)} clips, fewer than --global_batch_size={global_batch_size}: "
+                     f"lower --global_batch_size (and --batch_size), pass a smaller --clip_stride for more windows, "
+                     f"or more data")
 if master:
     if 'val_v2.0_raw' in train_split_names:
         print("training on val_v2.0_raw too: the validation PSNR below is not a held-out number")
@@ -308,7 +343,8 @@ if master:
 try:
     raw_model = build_model(model=model, pretrained=pretrained, train_mode=train_mode, lora_rank=lora_rank,
                             lora_alpha=lora_alpha, init_seed=init_seed, device=device, dtype=ptdtype, tiny=tiny,
-                            state_embedder=state_embedder, init_lora=init_lora, null_state=null_state)
+                            state_embedder=state_embedder, init_lora=init_lora, null_state=null_state,
+                            state_cond=use_states)
 except (FileNotFoundError, ValueError) as e:   # a damaged or foreign --pretrained checkpoint (load_dit names the file)
     raise SystemExit(f"--pretrained={pretrained}: {e}") if pretrained else e
 raw_model.gradient_checkpointing = gradient_checkpointing

@@ -502,10 +502,15 @@ class LoRALinear(nn.Linear):
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)   # B = 0: the model starts exactly as the base
 
+    addmm = False   # a speed lever, off until a GPU shows it pays (dev/gpu_check.sh times it beside the plain step)
+
     def forward(self, x):
         y = F.linear(x, self.weight, self.bias)
         if self.merged:
             return y
+        if self.addmm:   # the same sum, with B's product accumulated into y by the GEMM itself: no delta tensor
+            return torch.addmm(y.flatten(0, -2), self.lora_A(x).flatten(0, -2), self.lora_B.weight.T.to(y.dtype),
+                               alpha=self.scale).view_as(y)
         return y + self.lora_B(self.lora_A(x)) * self.scale
 
     def delta(self):

@@ -145,6 +145,10 @@ fi
 # blocks checkpointed, beside speed_wan_lora_b8_ckpt12 (estimated ~100 s, ~50 GiB on an H100)
 run_step lever_wan_lora_b8_budget 150 $PY -m machinery.bench --preset=full --device=$BDEV --what=wan_lora \
     --wan_lora_batch=8 --wan_ckpt_blocks=0 --act_budget=0.5 --compile --warmup=1 --iters=2 $B_SMALL
+# LoRA's B product accumulated by the base GEMM (torch.addmm) in place of a separate add, beside
+# speed_wan_lora_b8_ckpt12 with the same checkpointing (estimated ~100 s)
+run_step lever_wan_lora_b8_addmm 150 $PY -m machinery.bench --preset=full --device=$BDEV --what=wan_lora \
+    --wan_lora_batch=8 --wan_ckpt_blocks=12 --lora_addmm=True --compile --warmup=1 --iters=2 $B_SMALL
 
 # ---------------------------------------------------------------------------------------------
 # helpers written to $WORK: peak-memory wrapper, CUDA probe, synthetic data

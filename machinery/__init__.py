@@ -5,8 +5,9 @@ run no code), trackers (TensorBoard, W&B, curves.png), distributed (the processe
 (the codecs), wan_files (Wan checkpoints, the umT5 empty prompt), lora_files (LoRA files in and out),
 image_scores (LPIPS, FID), synthetic_tokens and synthetic_video (the two synthetic worlds), own_clips
 (your clips in the 1X layout), pictures (frame figures), prepare (`python -m machinery.prepare`: the data
-commands), bench (`python -m machinery.bench`). Optional packages are imported where used, through need();
-files are written through written(), so a full disk is a sentence and never leaves a partial file.
+commands), bench (`python -m machinery.bench`), slurm_sampling.sh (the paper's 4-node run under SLURM).
+Optional packages are imported where used, through need(); files are written through written(), so a
+full disk is a sentence and never leaves a partial file.
 """
 import errno
 import importlib

@@ -101,6 +101,7 @@ wan_batch = 1              # clips per forward
 wan_fwd_per_token = True   # also time the reference's per-token timesteps (with --compile: one more graph)
 wan_lora_batch = 1         # clips per LoRA step
 wan_ckpt_blocks = 0        # blocks with gradient checkpointing in the LoRA step (0 = none)
+lora_addmm = False         # LoRA's B product accumulated by the base GEMM (wan_state.LoRALinear.addmm)
 ensemble = 4               # members (paper: 20)
 steps = 2                  # solver steps (paper: 20)
 cfg_scale = 1.0            # classifier-free guidance (1.0 = off, the paper's choice; else 2N rows)
@@ -370,6 +371,8 @@ def bench_wan_lora(net, x_BCFHW, wstates_BTD, context_1LD):
     if not lora_modules(net):   # (the rows of a second --sdpa kernel reuse the adapters)
         add_lora(net, rank=32, alpha=32)   # freezes the base; fp32 adapters and state weights train
     net.gradient_checkpointing = wan_ckpt_blocks
+    for m in lora_modules(net):
+        m.addmm = lora_addmm
     trainable = [p for p in net.parameters() if p.requires_grad]
     for p in trainable:
         p.data = p.data.float()   # the optimizer's master copy (as wan_files.build_model)
@@ -387,7 +390,8 @@ def bench_wan_lora(net, x_BCFHW, wstates_BTD, context_1LD):
 
     net.train()
     sec, gib, _ = timed(lora_step)
-    report('wan_lora', f'{b} x {clip}, ckpt {net.checkpointed_blocks()}/{net.cfg.num_layers}{budget}', sec, gib, b,
+    report('wan_lora', f'{b} x {clip}, ckpt {net.checkpointed_blocks()}/{net.cfg.num_layers}{budget}'
+           f"{', addmm' if lora_addmm else ''}", sec, gib, b,
            b * L, b * net.flops_per_sample(Fr, latent_hw, latent_hw, lora_step=True, batch=b))
 
 

@@ -3,8 +3,8 @@
     save_checkpoint(out_dir, state, metric)   ckpt.pt atomically, ckpt_prev.pt and ckpt_best.pt (hard
                                               links); a state holding NaN or inf is never written
     load_checkpoint(path, kind, expect)       tensors and plain data only, finite; track and model settings checked
-    model_settings_on_resume(...)             a resume takes the model settings of its checkpoint, and
-    optimizer_settings_on_resume(...)         the optimizer flags given now (it says which changed)
+    settings_on_resume(...)                   a resume takes every setting not given from its checkpoint,
+    optimizer_settings_on_resume(...)         and the optimizer flags given now (it says which changed)
     keep_last_good(out_dir, step, trusted)    after a divergence: ckpt.pt back to the last state before it
     plain(config)                             the settings as plain data, for a checkpoint
 """
@@ -118,28 +118,41 @@ def load_checkpoint(path, kind, expect=None):
     return state
 
 
-def model_settings_on_resume(out_dir, kind, settings, given):
-    """--init_from=resume, as nanoGPT: the settings that shape the model (settings: name -> value
-    now) are those of out_dir/ckpt.pt (read memory-mapped: only its config). One the user did not
-    give (given: the names configure() returns) is taken from it, with a line naming each; one given
-    that differs is refused by name. Returns the settings to use."""
+# What a command does, not what its run is: never taken from the checkpoint on resume (a preset is
+# only a name: the values it set come back one by one; out_dir is where the checkpoint was found)
+NOT_RESUMED = ('preset', 'init_from', 'overwrite', 'dry_run', 'eval_only', 'ckpt', 'split', 'stop_at', 'out_dir',
+               'device')
+
+
+def settings_on_resume(out_dir, kind, current, given, model_keys):
+    """--init_from=resume continues the run as it was: each setting the user did not give (given: the
+    names configure() returns) is the one saved in out_dir/ckpt.pt (read memory-mapped: only its
+    config), except NOT_RESUMED; a typed one wins, but a model setting (model_keys) given that differs
+    is refused by name. current: the script's globals. Returns the settings taken, said in one line."""
     path = os.path.join(out_dir, CKPT)
     if not os.path.exists(path):   # claim() says so, with what to do
-        return settings
+        return {}
     state = _peek(path)
     if state.get('kind') != kind:   # load_checkpoint stops saying what is wrong
         state = load_checkpoint(path, kind)
-    saved = state.get('config', {})
-    differ = {k: v for k, v in settings.items() if k in saved and saved[k] != v}
-    clash = [f"{k}={saved[k]!r} in the checkpoint, {v!r} now" for k, v in differ.items() if k in given]
+    return settings_from(state.get('config', {}), current, given, model_keys, path, skip=NOT_RESUMED,
+                         other=', or pass another --out_dir to start a new run')
+
+
+def settings_from(saved, current, given, model_keys, source, skip=(), other=''):
+    """The settings of `saved` (the config of the checkpoint `source`) that differ from `current` and were
+    not given; a model setting given that differs is refused. Prints one line naming what is taken."""
+    differ = {k: v for k, v in saved.items() if k in current and k not in skip and current[k] != v
+              and isinstance(current[k], (int, float, bool, str))}
+    clash = [f"{k}={v!r} in the checkpoint, {current[k]!r} now" for k, v in differ.items()
+             if k in given and k in model_keys]
     if clash:
-        raise SystemExit(f"{path} was trained with other model settings: {'; '.join(clash)}. Leave these settings "
-                         f"out (flags or config file) to take the checkpoint's, or pass another --out_dir to start "
-                         f"a new run.")
-    taken = {k: saved[k] for k in differ}
+        raise SystemExit(f"{source} was trained with other model settings: {'; '.join(clash)}. Leave these settings "
+                         f"out (flags or config file) to take the checkpoint's{other}.")
+    taken = {k: v for k, v in differ.items() if k not in given}
     if taken and os.environ.get('RANK', '0') == '0':
-        print(f"resume: model settings taken from {path}: " + ', '.join(f"{k}={v!r}" for k, v in taken.items()))
-    return {**settings, **taken}
+        print(f"settings taken from {source} (not given now): " + ', '.join(f"{k}={v!r}" for k, v in taken.items()))
+    return taken
 
 
 def optimizer_settings_on_resume(optimizer, group_settings, saved_config, config):

@@ -49,7 +49,7 @@ def download_raw(out, split='val_v2.0_raw', rank=0, world=1):
     files are checked against the sizes their metadata implies."""
     meta = read_json(_fetch_raw(f'{split}/metadata.json', out), counts=('num_shards',))
     mine = [i for i in range(meta['num_shards']) if i % world == rank]
-    for i in tqdm(mine, desc=f'download {split}', unit='shard', disable=rank != 0):   # the overall progress
+    for i in tqdm(mine, desc=f'download {split}', unit='shard', disable=rank or None):   # on a terminal
         for f in repo_files(split, i, 'mp4').values():
             _fetch_raw(f, out)
         RawShard(os.path.join(out, split), i)   # sizes and finite states
@@ -87,7 +87,7 @@ def encode_raw_split(split_dir, out_dir, codec, stride=RAW_CLIP_LEN, batch_size=
     elif rank == 0:   # the first shards' settings, before them
         with written(settings_json) as tmp, open(tmp, 'w') as f:
             json.dump(settings, f)
-    for shard_id in tqdm(shards[rank::world], desc=f'encode {split_dir}', unit='shard', disable=rank != 0):
+    for shard_id in tqdm(shards[rank::world], desc=f'encode {split_dir}', unit='shard', disable=rank or None):
         path = os.path.join(partial, f'latents_{shard_id}.safetensors')
         if os.path.exists(path):   # written whole by an interrupted run
             continue
@@ -95,7 +95,7 @@ def encode_raw_split(split_dir, out_dir, codec, stride=RAW_CLIP_LEN, batch_size=
         starts = shard.clip_starts(stride)
         latents, states, batch = [], [], []
         for k, (_, frames_THWC, states_TD) in enumerate(tqdm(shard.iter_clips(starts), total=len(starts), leave=False,
-                                                              desc=f'shard {shard_id}')):
+                                                              desc=f'shard {shard_id}', disable=rank or None)):
             batch.append(torch.from_numpy(frames_THWC))
             states.append(torch.from_numpy(states_TD))
             if len(batch) == batch_size or k == len(starts) - 1:

@@ -4,6 +4,8 @@
                                        state_embedder.safetensors (step=N: a numbered history too)
     read_lora, load_lora(model, path)  a Wan LoRA of ComfyUI, diffusers / PEFT (also the legacy .lora.down
                                        naming), DiffSynth or kohya / musubi, or export_lora's folder
+    stack_loras(model, [(path, s)])    several, each at its strength, their updates added
+    lora_rank_alpha(path)              a file's rank and alpha, read without a model
     save_trainable, load_trainable     the adapters (rank, alpha in the metadata) + the state conditioning
     python -m machinery.lora_files export --ckpt out_sampling/ckpt.pt [--out DIR] [--overwrite]
 """
@@ -14,11 +16,12 @@ import re
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save, save_file
 
 from machinery import written
-from machinery.wan_files import check_finite, check_keys, official_name
+from machinery.wan_files import check_finite, check_keys, diffusers_name, official_name
 from wan_state import LORA_TARGETS, LoRALinear, add_lora, lora_modules, trainable_state_dict
 
 # The same adapters under four key conventions (module names in the official Wan naming, ours):
@@ -74,7 +77,7 @@ def _check_unmerged(model, before):
 
 # --- Out: the run's adapters for the other tools --------------------------------------------------
 
-def export_lora(model_or_trainable, out_dir, lora_alpha=None, step=None, keep_last=None):
+def export_lora(model_or_trainable, out_dir, lora_alpha=None, step=None, keep_last=None, info=None):
     """Write out_dir/lora.safetensors, which ComfyUI, diffusers and DiffSynth-Studio load for Wan 2.2
     TI2V-5B, and out_dir/state_embedder.safetensors (the robot-state conditioning: nanoWM's own,
     no other tool has it). Returns the paths written.
@@ -87,7 +90,9 @@ def export_lora(model_or_trainable, out_dir, lora_alpha=None, step=None, keep_la
 
     step: also keep this save as lora_step{step:07d}.safetensors (and state_embedder_step...),
     the history musubi-tuner and diffusers' examples keep; lora.safetensors stays the latest.
-    keep_last: keep only the newest keep_last step-numbered files (None: all of them)."""
+    keep_last: keep only the newest keep_last step-numbered files (None: all of them).
+    info: the run's metadata (base_model(config), and the step where step is not given), written in
+    both files with what the LoRA file holds (lora_metadata: rank, alpha, what diffusers and kohya read)."""
     if keep_last is not None and (not isinstance(keep_last, int) or keep_last < 1):
         raise ValueError(f"keep_last={keep_last!r}: a count >= 1 of step-numbered LoRA files to keep (None: all)")
     if isinstance(model_or_trainable, torch.nn.Module):
@@ -117,30 +122,58 @@ def export_lora(model_or_trainable, out_dir, lora_alpha=None, step=None, keep_la
             files['lora'][f'diffusion_model.{name}.alpha'] = torch.tensor(float(A.shape[0]))
     if state:
         files['state_embedder'] = state
+    meta = {k: str(v) for k, v in dict(info or {}, step=step if step is not None else (info or {}).get('step')).items()
+            if v is not None}
     written = []
     for stem, sd in files.items():
+        if stem == 'lora':
+            meta = lora_metadata(loras, meta)
         if step is not None:
-            written.append(save_atomic(sd, out_dir / f'{stem}_step{step:07d}.safetensors'))
+            written.append(save_atomic(sd, out_dir / f'{stem}_step{step:07d}.safetensors', meta))
             if keep_last is not None:   # files of later steps (a run started over here) are left alone
                 history = sorted(p for p in out_dir.glob(f'{stem}_step' + '[0-9]' * 7 + '.safetensors')
                                  if int(p.stem[-7:]) <= step)
                 for old in history[:-keep_last]:
                     old.unlink()
-        written.append(save_atomic(sd, out_dir / f'{stem}.safetensors'))
+        written.append(save_atomic(sd, out_dir / f'{stem}.safetensors', meta))
     return written
 
 
-def save_atomic(sd, path):
+def lora_metadata(loras, meta):
+    """An export's metadata: its rank and alpha (alpha = rank: the run's alpha / rank is folded into B) as
+    nanoWM, diffusers (lora_adapter_metadata: the LoraConfig of the transformer, which diffusers' loader
+    builds from it) and kohya / musubi (ss_*, informative: they apply the .alpha tensors) write them."""
+    rank = next(iter(loras.values()))[0].shape[0]
+    targets = sorted({diffusers_name(f'{n}.weight').split('.', 2)[2][:-len('.weight')] for n in loras})
+    peft = {'transformer.r': rank, 'transformer.lora_alpha': rank, 'transformer.target_modules': targets}
+    return dict(meta, lora_rank=str(rank), lora_alpha=str(rank), lora_adapter_metadata=json.dumps(peft),
+                ss_network_module='networks.lora_wan', ss_network_dim=str(rank), ss_network_alpha=str(rank),
+                **({'ss_base_model_version': meta['base_model']} if 'base_model' in meta else {}))
+
+
+def save_atomic(sd, path, metadata=None):
     """safetensors file written whole or not at all (machinery.written: a kill or a full disk leaves
     the old one, and a full disk is one sentence). Written through open(), so its mode follows the
     umask as ckpt.pt's does (readable by the group under the usual umask; save_file writes 0600)."""
     with written(str(path), then=f"then resume or export again (the previous {os.path.basename(path)}, if any, "
                                  f"is untouched)") as tmp:
         with open(tmp, 'wb') as f:
-            f.write(save(sd, metadata={'format': 'pt'}))
+            f.write(_sorted_metadata(save(sd, metadata={'format': 'pt', **(metadata or {})})))
             f.flush()
             os.fsync(f.fileno())
     return Path(path)
+
+
+def _sorted_metadata(blob):
+    """safetensors bytes with the metadata in sorted order: safetensors writes it in a random order (a Rust
+    HashMap), so that the same export would differ byte for byte. Header: its length (8 bytes), JSON padded
+    with spaces to a multiple of 8, then the tensors' data, whose offsets count from the header's end."""
+    n = int.from_bytes(blob[:8], 'little')
+    header = json.loads(blob[8:8 + n])
+    header['__metadata__'] = dict(sorted(header['__metadata__'].items()))
+    text = json.dumps(header, separators=(',', ':')).encode()
+    text += b' ' * (-len(text) % 8)
+    return len(text).to_bytes(8, 'little') + text + blob[8 + n:]
 
 
 # --- In: a LoRA file of any Wan tool --------------------------------------------------------------
@@ -204,6 +237,48 @@ def read_lora(path_or_state_dict, num_layers):
     return out
 
 
+def _files_of(path):
+    """(LoRA file, state file or None) of a LoRA file or an export_lora folder; FileNotFoundError if neither."""
+    path = Path(path)
+    lora_file, state_file = (path / 'lora.safetensors', path / 'state_embedder.safetensors') if path.is_dir() \
+        else (path, None)
+    if not lora_file.exists() and not (state_file and state_file.exists()):
+        raise FileNotFoundError(f"{path}: no LoRA file (or export_lora folder) there")
+    return lora_file, state_file
+
+
+def _fitting_loras(model, lora_file):
+    """read_lora of a file (none: {}) whose every adapter fits the model's linear; ValueError naming it."""
+    loras = read_lora(lora_file, len(model.blocks)) if lora_file.exists() else {}
+    if lora_file.exists() and not loras:   # loaded, it would change nothing (or, in place of adapters, zero them)
+        raise ValueError(f"{lora_file} holds no LoRA tensors: an empty or unfinished file; give the LoRA itself")
+    for name, (A, B, _) in loras.items():
+        linear = model.get_submodule(name)
+        if (A.shape[1], B.shape[0]) != (linear.in_features, linear.out_features):
+            raise ValueError(f"{lora_file}: {name} has A {tuple(A.shape)} and B {tuple(B.shape)}, but the model's "
+                             f"linear maps {linear.in_features} -> {linear.out_features}: the LoRA is for another "
+                             f"model")
+    return loras
+
+
+def _fitting_states(model, state_file):
+    """An export folder's state_embedder.safetensors checked against the model's state embedder (None: no file)."""
+    if state_file is None or not state_file.exists():
+        return None
+    if not model.state_cond:
+        raise ValueError(f"{state_file}: state conditioning weights, but the model has state_cond=False")
+    state_sd, _ = _read(state_file)
+    embedder = {k: v for k, v in model.state_dict().items() if k.startswith('state_embedder.')}
+    null = 'state_embedder.null'   # the no-state embedding: only a run trained with state dropout has one
+    if (null in state_sd) != (null in embedder):
+        print(f"note: {state_file}: " + (f"{null} left out (this model has no no-state embedding)" if null in
+                                         state_sd else f"no {null} in it: the model keeps its own"))
+        state_sd.pop(null, None)
+        embedder.pop(null, None)
+    check_keys(embedder, state_sd, state_file)
+    return state_sd
+
+
 @torch.no_grad()
 def load_lora(model, path, merge=False, scale=1.0):
     """Load a Wan LoRA of any format above (a file, or export_lora's folder: lora.safetensors and,
@@ -223,20 +298,9 @@ def load_lora(model, path, merge=False, scale=1.0):
         scales the adapters' update only; state_embedder.safetensors loads as it is."""
     if not isinstance(scale, (int, float)) or not math.isfinite(scale):
         raise ValueError(f"LoRA scale {scale!r}: a finite number (1.0 applies the file as written)")
-    path = Path(path)
-    lora_file, state_file = (path / 'lora.safetensors', path / 'state_embedder.safetensors') if path.is_dir() \
-        else (path, None)
-    if not lora_file.exists() and not (state_file and state_file.exists()):
-        raise FileNotFoundError(f"{path}: no LoRA file (or export_lora folder) there")
-    loras = read_lora(lora_file, len(model.blocks)) if lora_file.exists() else {}
-    if lora_file.exists() and not loras:   # loaded, it would change nothing (or, in place of adapters, zero them)
-        raise ValueError(f"{lora_file} holds no LoRA tensors: an empty or unfinished file; give the LoRA itself")
+    lora_file, state_file = _files_of(path)
+    loras = _fitting_loras(model, lora_file)
     # --- checks: nothing below them fails on the file's content
-    for name, (A, B, _) in loras.items():
-        linear = model.get_submodule(name)
-        if (A.shape[1], B.shape[0]) != (linear.in_features, linear.out_features):
-            raise ValueError(f"{lora_file}: {name} has A {tuple(A.shape)} and B {tuple(B.shape)}, but the model's "
-                             f"linear maps {linear.in_features} -> {linear.out_features}: the LoRA is for another model")
     own = {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
     if loras and not merge:
         ranks = sorted({A.shape[0] for A, _, _ in loras.values()})
@@ -252,19 +316,7 @@ def load_lora(model, path, merge=False, scale=1.0):
         lacking = sorted(set(loras) - set(own)) if own else []
         if lacking:
             raise ValueError(f"the model has no adapters on {lacking[:4]}...: add_lora with these targets first")
-    state_sd = None
-    if state_file is not None and state_file.exists():
-        if not model.state_cond:
-            raise ValueError(f"{state_file}: state conditioning weights, but the model has state_cond=False")
-        state_sd, _ = _read(state_file)
-        embedder = {k: v for k, v in model.state_dict().items() if k.startswith('state_embedder.')}
-        null = 'state_embedder.null'   # the no-state embedding: only a run trained with state dropout has one
-        if (null in state_sd) != (null in embedder):
-            print(f"note: {state_file}: " + (f"{null} left out (this model has no no-state embedding)" if null in
-                                             state_sd else f"no {null} in it: the model keeps its own"))
-            state_sd.pop(null, None)
-            embedder.pop(null, None)
-        check_keys(embedder, state_sd, state_file)
+    state_sd = _fitting_states(model, state_file)
     # --- the changes
     if merge:
         for name, (A, B, file_scale) in loras.items():
@@ -282,6 +334,75 @@ def load_lora(model, path, merge=False, scale=1.0):
             A, B, file_scale = loras[name]
             m.lora_A.weight.copy_(A)
             m.lora_B.weight.copy_(B * (file_scale * scale / m.scale))   # B A m.scale = the file's update x scale
+    if state_sd is not None:
+        model.load_state_dict(state_sd, strict=False)
+    return model
+
+
+def lora_rank_alpha(path):
+    """(rank, alpha) of a LoRA file or export_lora folder, read without a model (a new run builds its
+    adapters with them): alpha as read_lora reads it (the rank where a file has none). Every tensor is
+    checked as load_lora checks it; a bad, empty or mixed-rank file is a SystemExit naming it. A folder
+    of state weights alone: (None, None)."""
+    try:
+        lora_file, state_file = _files_of(path)
+        if state_file and state_file.exists():
+            _read(state_file)
+        if not lora_file.exists():
+            return None, None
+        keys = _read(lora_file)[0]   # the block count, from the keys
+        blocks = [int(m[1]) for k in keys if (m := re.search(r'blocks[._](\d+)[._]', k))]
+        loras = read_lora(lora_file, 1 + max(blocks, default=-1))
+    except (ValueError, FileNotFoundError) as err:
+        raise SystemExit(str(err)) from None
+    if not loras:
+        raise SystemExit(f"{lora_file} holds no LoRA tensors: an empty or unfinished file; give the LoRA itself")
+    ranks = sorted({A.shape[0] for A, _, _ in loras.values()})
+    if len(ranks) != 1:
+        raise SystemExit(f"{lora_file}: adapters of ranks {ranks}; trainable adapters need one rank (train_mode full "
+                         f"merges it into the weights)")
+    _, _, scale = next(iter(loras.values()))   # the first module's alpha, as load_lora's add_lora takes it
+    return ranks[0], (scale or 1.0) * ranks[0]
+
+
+@torch.no_grad()
+def stack_loras(model, files):
+    """Several LoRA files or export_lora folders [(path, strength)], stacked as ComfyUI and musubi stack
+    them: the model's adapters (a LoRA run's, if any) are replaced by adapters whose update is the sum
+    of the files' updates, sum_i strength_i B_i A_i alpha_i / rank_i, whatever their ranks. One folder
+    at most brings its state_embedder.safetensors. Everything is checked before the model changes."""
+    # Ranks concatenated, A = [A_1; A_2], B = [s_1 B_1, s_2 B_2] (zeros where a file lacks a module): B A is the
+    # sum exactly, and unmerged it keeps the adapters' numerics (merged into a bf16 base, the sum would round).
+    parts, state_sd = [], None
+    for path, strength in files:
+        if not isinstance(strength, (int, float)) or not math.isfinite(strength):
+            raise ValueError(f"{path}: strength {strength!r}: a finite number (1.0 applies the file as written)")
+        lora_file, state_file = _files_of(path)
+        loras = _fitting_loras(model, lora_file)
+        parts.append((max((A.shape[0] for A, _, _ in loras.values()), default=0), strength, loras))
+        states = _fitting_states(model, state_file)
+        if states is not None and state_sd is not None:
+            raise ValueError(f"{state_file}: a second folder of state weights: give the others' lora.safetensors")
+        state_sd = states if states is not None else state_sd
+    _check_unmerged(model, 'loading adapters')
+    names = sorted({n for _, _, loras in parts for n in loras}, key=lambda n: (int(n.split('.')[1]), n))
+    for name, m in [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]:   # back to the base
+        parent, attr = name.rsplit('.', 1)
+        plain = torch.nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device='meta')
+        plain.weight, plain.bias = m.weight, m.bias
+        setattr(model.get_submodule(parent), attr, plain)
+    if names:
+        rank = sum(r for r, _, _ in parts)
+        add_lora(model, rank=rank, alpha=rank, targets=sorted({n.split('.', 2)[2] for n in names},
+                                                              key=LORA_TARGETS.index))
+    for name, m in [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]:
+        As, Bs = [], []
+        for r, strength, loras in parts:
+            A, B, file_scale = loras.get(name, (torch.zeros(0, m.in_features), torch.zeros(m.out_features, 0), 0.0))
+            As.append(F.pad(A, (0, 0, 0, r - A.shape[0])))   # a file's smaller ranks padded with zeros
+            Bs.append(F.pad(B * (file_scale * strength), (0, r - B.shape[1])))
+        m.lora_A.weight.copy_(torch.cat(As))
+        m.lora_B.weight.copy_(torch.cat(Bs, dim=1))
     if state_sd is not None:
         model.load_state_dict(state_sd, strict=False)
     return model
@@ -311,6 +432,11 @@ def load_trainable(model, path):
     return model
 
 
+def base_model(config):
+    """What a run's adapters were trained on, for an export's metadata: its --pretrained, or its random init."""
+    return config.get('pretrained') or f"random init ({config.get('model')}, init_seed {config.get('init_seed')})"
+
+
 # --- Command line ---------------------------------------------------------------------------------
 
 def main(argv=None):
@@ -331,7 +457,8 @@ def main(argv=None):
         raise SystemExit(f"{there[0]} exists: pass --out with another folder, or --overwrite to replace it")
     ckpt = checkpoints.load_checkpoint(args.ckpt, 'sampling')
     try:
-        written = export_lora(ckpt['trainable'], out, ckpt['config'].get('lora_alpha'))
+        written = export_lora(ckpt['trainable'], out, ckpt['config'].get('lora_alpha'),
+                              info=dict(base_model=base_model(ckpt['config']), step=ckpt.get('step')))
     except ValueError as err:
         raise SystemExit(str(err))
     print('\n'.join(f"wrote {p}" for p in written) or f"{args.ckpt}: no LoRA or state weights to export")

@@ -218,7 +218,9 @@ class RunLog:
                  total=None, log_interval=0):
         self.out_dir, self.path = out_dir, os.path.join(out_dir, 'log.jsonl')
         self.total, self.log_interval = total, log_interval
-        self.bar = tqdm(total=total, initial=start_step, desc='train', dynamic_ncols=True) if total else None
+        # disable=None: a bar on a terminal only (piped to a file, the log_interval lines say it all)
+        self.bar = tqdm(total=total, initial=start_step, desc='train', dynamic_ncols=True,
+                        disable=None) if total else None
         kept = [json.dumps(r) + '\n' for r in read_log(out_dir) if r.get('step', 0) <= start_step] \
             if start_step > 0 and os.path.exists(self.path) else []
         with open(self.path, 'w') as f:

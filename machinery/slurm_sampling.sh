@@ -22,7 +22,7 @@ DATA_DIR=${DATA_DIR:-data/1x}
 OUT_DIR=${OUT_DIR:-out_sampling_paper}
 PORT=${MASTER_PORT:-29500}
 JOIN_TIMEOUT=${JOIN_TIMEOUT:-900}
-MASTER=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+MASTER=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)   # sed reads all: no SIGPIPE under pipefail
 
 # Every rank reads data_dir and rank 0 writes out_dir: a file made here must be seen on every node
 probe=".shared_check_$SLURM_JOB_ID"

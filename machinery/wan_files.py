@@ -6,7 +6,8 @@ checkpoint files  sharded safetensors, config.json; check_keys(expected, got, so
 key names         diffusers_name, official_name, to_diffusers_state_dict: official Wan <-> diffusers
 the DiT           load_dit(repo_or_dir): official or diffusers layout
 text context      null_context(repo_or_dir): umT5's encoding of "", padded to 512 slots (cached)
-a run's model     build_model(...): the DiT a run trains (+ LoRA, + a LoRA file to start from);
+a run's model     build_model(...): the DiT a run trains (+ LoRA, + a LoRA file to start from; its base
+                  Wan 2.2 or an earlier run: run_settings(pretrained));
                   text_context(cfg, text_encoder, device)
 LoRA files in and out, the export command: machinery/lora_files.py.
 """
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from machinery import disk_error
+from machinery import checkpoints, disk_error
 from machinery.hub import resolve
 from wan_state import WanConfig, WanDiT, add_lora, keeps_fp32
 
@@ -291,29 +292,56 @@ def _umt5_one_token(root, token_id):
 
 # --- What a run builds: the DiT it trains and its text context ------------------------------------
 
+def run_settings(pretrained):
+    """The saved settings (model, dim, ..., text_encoder) of the nanoWM sampling run in folder `pretrained`, or None."""
+    path = os.path.join(str(pretrained), checkpoints.CKPT)
+    return checkpoints.load_checkpoint(path, 'sampling')['config'] if os.path.isfile(path) else None
+
+
+def _run_base(pretrained, device, dtype):
+    """(WanConfig, base weights) of a run that trained every weight (the tiny stand-in for Wan's pretraining)."""
+    state = checkpoints.load_checkpoint(os.path.join(pretrained, checkpoints.CKPT), 'sampling')
+    run = state['config']
+    if run['train_mode'] != 'full':   # its base is another model, and its adapters are not a base
+        raise SystemExit(f"--pretrained={pretrained}: a LoRA run (train_mode {run['train_mode']}); a base is a run "
+                         f"that trained every weight (--train_mode=full): pass that one (this run's adapters: "
+                         f"--init_lora={pretrained})")
+    cfg = WanConfig.tiny(**{k: run[k] for k in ('dim', 'num_layers', 'num_heads', 'ffn_dim')}) \
+        if run['model'] == 'tiny' else WanConfig()
+    return cfg, {k: v.to(device, torch.float32 if keeps_fp32(k) else dtype) for k, v in state['trainable'].items()
+                 if not k.startswith('state_embedder.')}
+
+
 def build_model(*, model, pretrained, train_mode, lora_rank, lora_alpha, init_seed, device, dtype, tiny,
-                state_embedder='paper', null_state=True, init_lora=''):
-    """The DiT to fine-tune. pretrained = '' builds random weights from init_seed (tiny demo, timing).
-    train_mode 'lora': frozen base + LoRA + state parameters (the paper); 'full': every weight
-    (the CPU demo, whose base is random: LoRA on a random base has nothing to adapt). null_state:
-    the learned no-state embedding (a run with state dropout). init_lora: a LoRA file or export
-    folder a new run starts from (machinery/lora_files.py): its update in the adapters, or merged
-    into the weights (full). A pretrained checkpoint or a LoRA file that does not fit stops, named."""
+                state_embedder='paper', null_state=True, init_lora='', state_cond=True):
+    """The DiT to fine-tune. pretrained = '' builds random weights from init_seed (tiny demo, timing);
+    a Hub repo or Wan folder loads Wan 2.2; a nanoWM sampling run's folder (train_mode full) loads its
+    weights as the base, with its sizes (the CPU demo's two stages: a base without states, then LoRA
+    and the states on it). train_mode 'lora': frozen base + LoRA + state parameters (the paper);
+    'full': every weight. state_cond=False: no state embedder (a base model). null_state: the learned
+    no-state embedding (a run with state dropout). init_lora: a LoRA file or export folder a new run
+    starts from (machinery/lora_files.py): its update in the adapters, or merged into the weights
+    (full). A pretrained checkpoint or a LoRA file that does not fit stops, named."""
     if model not in ('tiny', 'ti2v-5b'):
         raise ValueError(f"model={model!r}: 'tiny' or 'ti2v-5b'")
     if train_mode not in ('lora', 'full'):
         raise ValueError(f"train_mode={train_mode!r}: 'lora' or 'full'")
     torch.manual_seed(init_seed)
-    if pretrained:
+    states = dict(state_embedder=state_embedder, null_state=null_state)
+    if pretrained and run_settings(pretrained) is not None:
+        cfg, sd = _run_base(pretrained, device, dtype)
         try:
-            net = load_dit(pretrained, state_cond=True, device=device, dtype=dtype, state_embedder=state_embedder,
-                           null_state=null_state)
+            net = WanDiT.from_pretrained(replace(cfg, **states), sd, state_cond, device)
+        except RuntimeError as err:   # keys or shapes that do not fit its own settings: a damaged checkpoint
+            raise SystemExit(f"--pretrained={pretrained}: its ckpt.pt does not fit its settings ({err})") from None
+    elif pretrained:
+        try:
+            net = load_dit(pretrained, state_cond=state_cond, device=device, dtype=dtype, **states)
         except (ValueError, FileNotFoundError) as err:   # a damaged or foreign checkpoint, named by load_dit
             raise SystemExit(f"--pretrained={pretrained}: {err}") from None
     else:
-        cfg = WanConfig.tiny(**tiny, state_embedder=state_embedder, null_state=null_state) if model == 'tiny' \
-            else WanConfig(state_embedder=state_embedder, null_state=null_state)
-        net = WanDiT(cfg, state_cond=True).to(device)
+        cfg = WanConfig.tiny(**tiny, **states) if model == 'tiny' else WanConfig(**states)
+        net = WanDiT(cfg, state_cond=state_cond).to(device)
         if dtype != torch.float32:
             net.set_dtype(dtype)
     if train_mode == 'lora':
@@ -336,6 +364,8 @@ def text_context(cfg, text_encoder, device):
     """The empty-prompt context (paper 2.1: "" as the prompt, cross-attention kept). text_encoder
     'zeros': zeros [1, text_len, text_dim] (the tiny demo has no umT5); otherwise a hub repo or
     folder with Wan's umT5, encoded once by null_context and cached."""
+    base = run_settings(text_encoder) if text_encoder != 'zeros' else None
+    text_encoder = base['text_encoder'] if base else text_encoder   # a base run's folder: the context it trained on
     if text_encoder == 'zeros':
         return torch.zeros(1, cfg.text_len, cfg.text_dim, device=device)
     return null_context(text_encoder, text_len=cfg.text_len).to(device)
