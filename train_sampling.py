@@ -144,7 +144,7 @@ PRESETS = {
     'paper_cfg': {**PAPER, 'state_dropout': 0.1, 'out_dir': 'out_sampling_paper_cfg'},   # sample with --cfg
     'cpu_base': dict(use_states=False, out_dir='out_sampling_base'),
     'cpu_lora': dict(pretrained='out_sampling_base', train_mode='lora', lora_rank=16, lora_alpha=16,
-                     learning_rate=2e-3, max_iters=300, eval_interval=100, ckpt_interval=100,
+                     learning_rate=2e-3, max_iters=1200, eval_interval=400, ckpt_interval=400,
                      out_dir='out_sampling_lora'),
 }
 

@@ -24,10 +24,8 @@ def need(package, what):
                          ) from None
 
 
-# How a failed write reads when the disk is full, a quota is reached, a file size limit (ulimit -f) or a
-# read-only or forbidden folder stops it: an OSError from Python (numpy's "N requested and M written" has no
-# errno), an error of safetensors' Rust code, or a RuntimeError from PyTorch's C++ writer (whose first
-# words, an iostream error, hide behind a later "unexpected pos")
+# A write stopped by a full disk, a quota, ulimit -f or a read-only folder: an OSError from Python (numpy's has
+# no errno), an error of safetensors' Rust code, or PyTorch's RuntimeError (an iostream error behind "unexpected pos")
 DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM)
 DISK_WORDS = ('No space left', 'os error 28', 'Disk quota', 'File too large', 'Read-only file system',
               'requested and', 'file write failed', 'open file failed', 'iostream error', 'unexpected pos')

@@ -1,15 +1,11 @@
 """LPIPS and FID, the image scores paper Table 2 reports beside PSNR and SSIM (metrics.py), for
 sample.py --lpips_fid: each prediction's LPIPS against the real frame 77, and the FID of the
-predicted frames 77 against the real ones over the clips (LpipsFid).
-
-Both score through networks trained elsewhere, taken from the field's reference packages and
-imported only when asked for: `lpips` (Zhang et al. 2018) with AlexNet, the variant video-prediction
-papers report, and torchmetrics' FID (as world-model evaluations use it: NVIDIA Cosmos, cosmos-cookbook's
-scripts/metrics/qualitative/fvd_fid/compute_fid_single_view.py), whose Inception is the TensorFlow FID
-network (Heusel et al. 2017) as torch-fidelity ports it, fed frames resized to 299 x 299 as the original
-does (antialias=False, not torchmetrics' default since 1.8, which moves the features by ~5%). The
-networks' weights download on first use; without them there is no number, and MetricUnavailable says
-what to install or fetch.
+predicted frames 77 against the real ones over the clips (LpipsFid). Through the field's reference
+packages, imported only when asked for: `lpips` (Zhang et al. 2018) with AlexNet, as video-prediction
+papers report it, and torchmetrics' FID (as NVIDIA Cosmos evaluates world models), whose Inception is
+the TensorFlow FID network (Heusel et al. 2017) as torch-fidelity ports it, fed frames resized to 299 x
+299 as the original does (antialias=False; torchmetrics' default since 1.8 antialiases). The weights
+download on first use; without them there is no number, and MetricUnavailable says what to fetch.
 """
 import inspect
 import os
