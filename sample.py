@@ -22,6 +22,7 @@ scores so far are in metrics.partial.csv), clip_{k}.png, counterfactual_{k}.png,
 import csv
 import math
 import os
+import sys
 import time
 
 import numpy as np
@@ -305,6 +306,8 @@ for k in tqdm(range(len(clips)), desc='clips', disable=None):   # a bar on a ter
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
+    if not sys.stderr.isatty():   # no bar in a file: a line a clip
+        print(f"clip {k + 1}/{len(clips)}: ensemble PSNR {row[f'psnr_ensemble_{ensemble}']:.2f} dB, {seconds[-1]:.1f} s")
     if videos:   # the first clip as a video: one sample and the ensemble mean next to the real clip
         members_video = videos[0]
         mean_video = members_video.astype(np.float64).mean(0).round().astype(np.uint8)

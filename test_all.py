@@ -2691,6 +2691,7 @@ def test_sample_py_without_the_metric_weights_says_what_to_fetch(one_step_run, m
     header = next(line for line in out.splitlines() if line.startswith('prediction of frame 77'))
     assert 'PSNR (dB)' in header and 'SSIM' in header and 'LPIPS' not in header and 'FID' not in header
     assert 'ensemble of 2' in out
+    assert re.search(r'^clip 2/2: ensemble PSNR [\d.]+ dB, [\d.]+ s$', out, re.M)   # no bar in a file: a line a clip
     folder = f"{tmp_path / 'torch_home'}/hub/checkpoints/"
     lines = [line for line in out.splitlines() if line.startswith('not computed: ')]
     assert len(lines) == 2
