@@ -76,6 +76,11 @@ configure(globals(), choices=dict(scheduler=('euler', 'unipc'), vae_dtype=('floa
           nonnegative=('max_clips', 'shift', 'png_members'))
 if lora_scale != 1.0 and not lora:
     raise SystemExit(f"--lora_scale={lora_scale} sets the strength of --lora: give the LoRA file with --lora")
+for flag, most, why in (('cfg', 20, 'guidance scales in use lie between 1 (off) and about 7'),
+                        ('shift', 100, 'Wan samples with 5 to 12 (0: the run\'s)'), ('blur_sigma', 64, 'pixels'),
+                        ('lora_scale', 10, '1 applies the file as written, 0 leaves it out, -1 subtracts it')):
+    if not abs(globals()[flag]) <= most:   # a typo (or inf) stops here, not after hours of sampling
+        raise SystemExit(f"--{flag}={globals()[flag]} is out of range: at most {most} in size ({why})")
 loras = []   # --lora: (path, strength) of each file
 for item in filter(None, lora.split(',')):
     path, sep, strength = item.rpartition(':')
@@ -86,11 +91,6 @@ for item in filter(None, lora.split(',')):
     if not abs(loras[-1][1]) <= 10:
         raise SystemExit(f"--lora={lora}: strength {loras[-1][1]} of {loras[-1][0]}: at most 10 in size (1 applies "
                          f"the file as written, 0 leaves it out, -1 subtracts it)")
-for flag, most, why in (('cfg', 20, 'guidance scales in use lie between 1 (off) and about 7'),
-                        ('shift', 100, 'Wan samples with 5 to 12 (0: the run\'s)'), ('blur_sigma', 64, 'pixels'),
-                        ('lora_scale', 10, '1 applies the file as written, 0 leaves it out, -1 subtracts it')):
-    if not abs(globals()[flag]) <= most:   # a typo (or inf) stops here, not after hours of sampling
-        raise SystemExit(f"--{flag}={globals()[flag]} is out of range: at most {most} in size ({why})")
 device = resolve_device(device)
 if device.startswith('cuda') and torch.cuda.device_count() <= int(device[5:] or 0):
     raise SystemExit(f"--device={device}: this torch ({torch.__version__}) sees {torch.cuda.device_count()} CUDA "
