@@ -1643,6 +1643,16 @@ def test_lora_training_changes_only_the_adapters():
         assert torch.equal(model.state_dict()[k], v), k
 
 
+def test_remove_lora_gives_back_the_base_model_sharing_its_weights():
+    model, args, want, base_before = lora_on_a_random_base()
+    lora_step(model, args)
+    weight = model.blocks[0].self_attn.q.weight
+    wan_state.remove_lora(model)
+    assert not lora_modules(model) and model.blocks[0].self_attn.q.weight is weight   # the same W, no copy
+    with torch.no_grad():
+        assert torch.equal(model(*args), want)
+
+
 def test_merge_then_unmerge_keeps_the_lora_models_output():
     model, args, _, base_before = lora_on_a_random_base()
     lora_step(model, args)

@@ -43,7 +43,7 @@ from tqdm import tqdm
 import data
 from configurator import configure
 from flow_matching import diffsynth_weight, flow_matching_loss, predict_frame77, sample_draws
-from machinery import checkpoints, latents, pictures, run_dir, written
+from machinery import checkpoints, latents, pictures, run_dir
 from machinery.distributed import (finish, grad_accum_steps, mean_over_ranks, on_master, resolve_device,
                                    setup_distributed)
 from machinery.speed import StepSpeed
@@ -275,9 +275,9 @@ def evaluate(step):
         scores['val_psnr_ensemble'].append(psnr(mean, truth))
         scores['val_psnr_copy_last'].append(psnr(frames_THWC[data.NUM_CONTEXT_FRAMES - 1].numpy(), truth))
         pngs[f'val/clip_{k}'] = os.path.join(folder, f'clip_{k}.png')
-        with written(pngs[f'val/clip_{k}'], then='then resume with --init_from=resume') as tmp:
-            pictures.clip_figure(frames_THWC[:data.NUM_CONTEXT_FRAMES].numpy(), members, mean, truth,
-                                 title=f'step {step}, val clip {k}').save(tmp, format='PNG')
+        pictures.save_png(pictures.clip_figure(frames_THWC[:data.NUM_CONTEXT_FRAMES].numpy(), members, mean, truth,
+                                               title=f'step {step}, val clip {k}'), pngs[f'val/clip_{k}'],
+                          then='then resume with --init_from=resume')
     return {key: float(np.mean(v)) for key, v in scores.items()}, pngs
 
 

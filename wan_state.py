@@ -557,6 +557,17 @@ def unmerge_lora(model):
         m.merged = False
 
 
+def remove_lora(model):
+    """The adapters dropped: each LoRALinear back to the plain Linear whose W and b it shares (a merged
+    update stays in W)."""
+    for name, m in [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]:
+        parent, attr = name.rsplit('.', 1)
+        plain = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device='meta')
+        plain.weight, plain.bias = m.weight, m.bias
+        setattr(model.get_submodule(parent), attr, plain)
+    return model
+
+
 def is_trainable(name):
     return '.lora_A.' in name or '.lora_B.' in name or name.startswith('state_embedder.')
 

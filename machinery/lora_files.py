@@ -22,7 +22,7 @@ from safetensors.torch import save, save_file
 
 from machinery import written
 from machinery.wan_files import check_finite, check_keys, diffusers_name, official_name
-from wan_state import LORA_TARGETS, LoRALinear, add_lora, lora_modules, trainable_state_dict
+from wan_state import LORA_TARGETS, LoRALinear, add_lora, lora_modules, remove_lora, trainable_state_dict
 
 # The same adapters under four key conventions (module names in the official Wan naming, ours):
 #   ComfyUI / Wan     diffusion_model.blocks.0.self_attn.q.lora_A.weight, .lora_B.weight, .alpha
@@ -386,11 +386,7 @@ def stack_loras(model, files):
         state_sd = states if states is not None else state_sd
     _check_unmerged(model, 'loading adapters')
     names = sorted({n for _, _, loras in parts for n in loras}, key=lambda n: (int(n.split('.')[1]), n))
-    for name, m in [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]:   # back to the base
-        parent, attr = name.rsplit('.', 1)
-        plain = torch.nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device='meta')
-        plain.weight, plain.bias = m.weight, m.bias
-        setattr(model.get_submodule(parent), attr, plain)
+    remove_lora(model)   # back to the base: the new adapters hold every file's update
     if names:
         rank = sum(r for r, _, _ in parts)
         add_lora(model, rank=rank, alpha=rank, targets=sorted({n.split('.', 2)[2] for n in names},
